@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh clone:
+#   make demo   -- creates .venv, installs, runs the main job
+#   make test   -- creates .venv, installs, runs lint, type check and the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch is pinned to the CPU build first so nothing pulls CUDA wheels.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m secondorder spiral --quick
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) -m secondorder bench
+
+clean:
+	rm -rf $(VENV) runs
