@@ -13,3 +13,7 @@ __all__ = [
     "__version__",
     "aslinearoperator",
 ]
+
+from .curvature import GGN, CurvatureOperator, Fisher, Hessian  # noqa: E402
+
+__all__ += ["GGN", "CurvatureOperator", "Fisher", "Hessian"]

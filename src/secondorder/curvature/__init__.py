@@ -1,0 +1,9 @@
+"""Curvature matrices of (model, loss, data) as linear operators on the flat parameter vector."""
+
+from .base import CurvatureOperator
+from .fisher import Fisher
+from .ggn import GGN
+from .hessian import Hessian
+from .model import Batch, FunctionalModel, as_batches
+
+__all__ = ["GGN", "Batch", "CurvatureOperator", "Fisher", "FunctionalModel", "Hessian", "as_batches"]

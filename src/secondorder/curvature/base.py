@@ -1,0 +1,263 @@
+r"""Curvature operators: linear operators on the flat parameter vector built from (model, loss, data).
+
+Every curvature matrix :math:`C` here is a sum over batches,
+
+.. math::
+    C = \sum_b w_b \, C_b, \qquad
+    w_b = \begin{cases} N_b / N & \text{reduction "mean"} \\ 1 & \text{reduction "sum"}\end{cases}
+
+where :math:`C_b` is the curvature of the loss on batch :math:`b` (:math:`N_b` samples out of
+:math:`N`), so that the operator on several batches equals the operator on the concatenated
+batch. The loop over batches lives here; subclasses implement ``_prepare`` (work done once per
+batch: the forward pass and the linearisation) and ``_apply`` (one product on one batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg.operator import BlockDiagonal, LinearOperator
+from .model import Batch, FunctionalModel, as_batches
+
+__all__ = ["CurvatureOperator"]
+
+
+class CurvatureOperator(LinearOperator):
+    """Base class of symmetric curvature operators over a model's trainable parameters.
+
+    Args:
+        model: Any ``nn.Module``; it is called as ``model(*inputs)``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` with reduction ``"mean"`` or ``"sum"``.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        params: Optional subset of the model's parameters (default: all with requires_grad).
+        cache: Keep every batch's linearisation for reuse in all products (default: True for a
+            list of batches or a single batch; False for a re-iterable such as a DataLoader, which
+            is then streamed: one forward pass per batch and product).
+        check_deterministic: For streamed data, apply the operator twice to one vector when it
+            is built and raise if the results differ (data augmentation, shuffling, Dropout or
+            BatchNorm in training mode make the operator ill-defined).
+        engine: How ``J v`` is computed: ``"auto"``, ``"sequential"`` or ``"autograd"``
+            (see :mod:`secondorder.curvature.linearization`).
+
+    Raises:
+        ValueError: For empty data, a model without trainable parameters, or bad arguments.
+    """
+
+    SELF_ADJOINT = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: Sequence[Tensor] | None = None,
+        cache: bool | None = None,
+        check_deterministic: bool = True,
+        engine: str = "auto",
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if engine not in ("auto", "sequential", "autograd"):
+            raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        self.fmodel = FunctionalModel(model, params)
+        super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
+        self.loss_fn = loss_fn
+        self.engine = engine
+        self.reduction = getattr(loss_fn, "reduction", "mean")
+        batches = as_batches(data)
+        self._streamed = not isinstance(batches, list) if cache is None else not cache
+        self._batches = batches
+        self._states: list[tuple[Any, float]] | None = None
+        self._loss: Tensor | None = None
+        self._gradient: Tensor | None = None
+        if not self._streamed:
+            blist = list(batches)
+            sizes = [b.size for b in blist]
+            self.num_samples = sum(sizes)
+            self._states = [
+                (self._prepare(b), self._weight(n)) for b, n in zip(blist, sizes)
+            ]
+        else:
+            self.num_samples = sum(b.size for b in batches)
+            if check_deterministic:
+                self._check_deterministic()
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _prepare(self, batch: Batch) -> Any:
+        """Do the per-batch work shared by all products (forward pass, linearisation)."""
+        raise NotImplementedError
+
+    def _apply(
+        self, state: Any, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
+    ) -> list[Tensor]:
+        """Return the product's blocks ``indices`` (all if None) for one batch, unweighted."""
+        raise NotImplementedError
+
+    def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
+        """Loss value and gradient (parameter shapes) of one batch."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------- batches
+    def _weight(self, batch_size: int) -> float:
+        return batch_size / self.num_samples if self.reduction == "mean" else 1.0
+
+    def _iter_states(self) -> Iterator[tuple[Any, float]]:
+        if self._states is not None:
+            yield from self._states
+            return
+        for batch in self._batches:
+            yield self._prepare(batch), self._weight(batch.size)
+
+    def _check_deterministic(self) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype).to(self.device)
+        first, second = self._matvec(v), self._matvec(v)
+        if not torch.allclose(first, second, rtol=1e-5, atol=1e-7):
+            raise RuntimeError(
+                f"{type(self).__name__}: two products with the same vector differ (max abs "
+                f"difference {(first - second).abs().max().item():.3e}); the data or the model is "
+                "not deterministic. Common causes: data augmentation or shuffling in the data "
+                "loader, drop_last with a shuffled sampler, Dropout or BatchNorm in training mode "
+                "(call model.eval()). Pass check_deterministic=False to skip this check."
+            )
+
+    # ------------------------------------------------------------------- products
+    def _accumulate(
+        self, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
+    ) -> list[Tensor]:
+        total: list[Tensor] | None = None
+        for state, weight in self._iter_states():
+            part = self._apply(state, tangents, indices, batched)
+            if total is None:
+                total = [p * weight if weight != 1.0 else p for p in part]
+            else:
+                for t, p in zip(total, part):
+                    t.add_(p, alpha=weight)
+        assert total is not None
+        return total
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        out = self._accumulate(list(self.fmodel.unflatten(x)), None, batched=False)
+        return torch.cat([o.reshape(-1) for o in out])
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        tangents = [t.movedim(-1, 0) for t in self.fmodel.unflatten(X)]  # (K, *shape) each
+        out = self._accumulate(list(tangents), None, batched=True)
+        return torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1).T
+
+    def matvec(self, x: Any) -> Any:
+        """Apply the operator to a flat vector/matrix, or to a list in parameter shapes.
+
+        Args:
+            x: ``(n,)``, ``(n, k)``, or a list of tensors shaped like the parameters.
+
+        Returns:
+            The product in the same format as ``x``.
+        """
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(self.fmodel.params):
+                raise ValueError(
+                    f"expected a list of {len(self.fmodel.params)} tensors in parameter shapes, "
+                    f"got {len(x)}"
+                )
+            for i, (t, shape) in enumerate(zip(x, self.fmodel.shapes)):
+                if not isinstance(t, Tensor) or t.shape != shape:
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"entry {i}: expected shape {tuple(shape)}, got {got}")
+            y = super().matvec(self.fmodel.flatten(x))
+            return self.fmodel.unflatten(y)
+        return super().matvec(x)
+
+    # ----------------------------------------------------------------- extras
+    @property
+    def loss(self) -> Tensor:
+        """The loss on the operator's data at the operator's parameters (computed once)."""
+        if self._loss is None:
+            self._compute_loss_and_gradient()
+        assert self._loss is not None
+        return self._loss
+
+    def gradient(self) -> Tensor:
+        r"""The flat gradient :math:`\nabla_\theta L` on the operator's data (computed once).
+
+        Returns:
+            The gradient, shape ``(n,)``; reuses the cached forward passes.
+        """
+        if self._gradient is None:
+            self._compute_loss_and_gradient()
+        assert self._gradient is not None
+        return self._gradient
+
+    def _compute_loss_and_gradient(self) -> None:
+        loss: Tensor | None = None
+        grad: list[Tensor] | None = None
+        for state, weight in self._iter_states():
+            value, g = self._batch_loss_and_grad(state)
+            loss = value * weight if loss is None else loss + value * weight
+            if grad is None:
+                grad = [gi * weight for gi in g]
+            else:
+                for t, gi in zip(grad, g):
+                    t.add_(gi, alpha=weight)
+        assert loss is not None and grad is not None
+        self._loss = loss.detach()
+        self._gradient = self.fmodel.flatten(grad)
+
+    def block(self, index: int) -> LinearOperator:
+        """The diagonal block of parameter tensor ``index`` (rows and columns of that tensor).
+
+        Args:
+            index: Position of the parameter in ``self.fmodel.params``.
+
+        Returns:
+            A symmetric operator of size ``numel(param)``; its products only compute what that
+            block needs (zero tangents elsewhere).
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        if not 0 <= index < len(self.fmodel.params):
+            raise IndexError(
+                f"block index must be in [0, {len(self.fmodel.params)}), got {index}"
+            )
+        return _ParameterBlock(self, index)
+
+    def block_diagonal(self) -> BlockDiagonal:
+        """The block-diagonal restriction: one block per parameter tensor, zeros elsewhere.
+
+        Returns:
+            A :class:`~secondorder.linalg.BlockDiagonal` of the blocks :meth:`block`.
+        """
+        return BlockDiagonal([self.block(i) for i in range(len(self.fmodel.params))])
+
+
+class _ParameterBlock(LinearOperator):
+    """Diagonal block of one parameter tensor of a curvature operator."""
+
+    SELF_ADJOINT = True
+
+    def __init__(self, parent: CurvatureOperator, index: int) -> None:
+        n = parent.fmodel.numels[index]
+        super().__init__((n, n), parent.dtype, parent.device)
+        self.parent = parent
+        self.index = index
+        self.IS_PSD = parent.IS_PSD
+
+    def _tangents(self, x: Tensor, batched: bool) -> list[Tensor | None]:
+        shape = self.parent.fmodel.shapes[self.index]
+        tangents: list[Tensor | None] = [None] * len(self.parent.fmodel.params)
+        tangents[self.index] = x.T.reshape(x.shape[1], *shape) if batched else x.view(shape)
+        return tangents
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        (out,) = self.parent._accumulate(self._tangents(x, False), [self.index], batched=False)
+        return out.reshape(-1)
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        (out,) = self.parent._accumulate(self._tangents(X, True), [self.index], batched=True)
+        return out.reshape(X.shape[1], -1).T

@@ -1,0 +1,341 @@
+r"""Output-space second-order quantities of losses.
+
+For a batch with network outputs :math:`z` and a scalar loss :math:`L(z)` we need, without
+materialising any matrix:
+
+- the output Hessian product :math:`U \mapsto \nabla_z^2 L \, U` (GGN, exact Fisher);
+- the output gradient :math:`\nabla_z L` (the parameter gradient is :math:`J^\top \nabla_z L`);
+- for the core losses, which decompose as :math:`L = s \sum_r \ell_r(z_r)` over independent
+  *rows* :math:`z_r \in \mathbb{R}^C` with a likelihood :math:`\ell_r = -\log p(y_r \mid z_r)`
+  (up to constants), the unreduced per-row gradients :math:`\nabla \ell_r` with the true
+  targets (empirical Fisher), gradients with targets sampled from the model's predictive
+  distribution (Monte-Carlo Fisher), and symmetric factors :math:`S_r S_r^\top = \nabla^2 \ell_r`.
+
+Rows are: for ``CrossEntropyLoss`` each position of an output ``(N, C, *d)`` (the class
+dimension moved last), for ``MSELoss`` and ``BCEWithLogitsLoss`` each sample (its outputs
+flattened). The scale :math:`s` follows the loss's ``reduction``: ``"sum"`` gives 1, ``"mean"``
+gives one over the number of rows (cross-entropy, non-ignored rows) or of output entries (MSE,
+BCE), so every quantity is the exact derivative of the loss the user minimises.
+
+Tangents ``U`` have the shape of ``z`` or carry a leading column dimension ``(K, *z.shape)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+__all__ = ["LossTerms", "loss_terms", "supports_likelihood"]
+
+
+class LossTerms:
+    """Output-space quantities of one batch's loss at outputs ``z`` (base class: autograd).
+
+    Works for any callable ``loss_fn(outputs, targets)`` returning a scalar: the output Hessian
+    product is computed by differentiating the output gradient once more.
+
+    Attributes:
+        value: The loss value (detached scalar tensor).
+        grad_output: :math:`\\nabla_z L`, shape of ``z``.
+        is_psd: Whether the output Hessian is known to be positive semi-definite.
+        has_likelihood: Whether per-row gradients, sampling and factors are available.
+    """
+
+    is_psd = False
+    has_likelihood = False
+
+    def __init__(self, loss_fn: Any, z: Tensor, targets: Any) -> None:
+        self.z = z.detach()
+        zleaf = self.z.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(zleaf, targets)
+            _check_scalar(loss, loss_fn)
+            (grad,) = torch.autograd.grad(loss, zleaf, create_graph=True)
+        self.value = loss.detach()
+        self._zleaf = zleaf
+        self._grad_graph = grad
+        self.grad_output = grad.detach()
+
+    def hessian_matmat(self, U: Tensor) -> Tensor:
+        """Apply the output Hessian :math:`\\nabla_z^2 L` to ``U`` (``z``-shaped, or ``(K, *z)``).
+
+        Args:
+            U: Output-space tangent(s).
+
+        Returns:
+            The product, same shape as ``U``.
+        """
+        if not self._grad_graph.requires_grad:  # loss is linear in z
+            return torch.zeros_like(U)
+        if U.shape == self.z.shape:
+            (out,) = torch.autograd.grad(self._grad_graph, self._zleaf, U, retain_graph=True)
+            return out
+        (out,) = torch.autograd.grad(
+            self._grad_graph, self._zleaf, U, retain_graph=True, is_grads_batched=True
+        )
+        return out
+
+    # -- likelihood-based quantities (core losses only) ----------------------------------
+    def _no_likelihood(self, what: str) -> Exception:
+        return ValueError(
+            f"{what} needs a loss with a known likelihood (nn.CrossEntropyLoss, nn.MSELoss or "
+            f"nn.BCEWithLogitsLoss without class weights); got a generic loss function"
+        )
+
+    @property
+    def scale(self) -> float:
+        """The reduction factor :math:`s` in :math:`L = s \\sum_r \\ell_r`."""
+        raise self._no_likelihood("a per-sample decomposition")
+
+    def per_row_gradients(self) -> Tensor:
+        """Unreduced per-row gradients :math:`\\nabla_{z_r} \\ell_r` with the true targets."""
+        raise self._no_likelihood("the empirical Fisher")
+
+    def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        """Per-row gradients with targets drawn from the model, shape ``(S, *z.shape)``."""
+        raise self._no_likelihood("the Monte-Carlo Fisher")
+
+    def symmetric_factor(self) -> Tensor:
+        """Factors :math:`S_r` with :math:`S_r S_r^\\top = \\nabla^2 \\ell_r`, shape (R, C, C')."""
+        raise self._no_likelihood("a symmetric factorization of the loss Hessian")
+
+    def to_rows(self, U: Tensor) -> Tensor:
+        """Reshape ``z``-shaped ``U`` (optionally with a leading K) to rows ``(.., R, C)``."""
+        raise self._no_likelihood("a row decomposition")
+
+    def from_rows(self, rows: Tensor) -> Tensor:
+        """Inverse of :meth:`to_rows`."""
+        raise self._no_likelihood("a row decomposition")
+
+
+def _check_scalar(loss: Any, loss_fn: Any) -> None:
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn {loss_fn!r} must return a scalar tensor (reduction 'mean' or 'sum'), "
+            f"got {shape}"
+        )
+
+
+class _RowLoss(LossTerms):
+    """Shared machinery of losses that decompose over independent rows."""
+
+    is_psd = True
+    has_likelihood = True
+
+    def __init__(self, z: Tensor) -> None:  # noqa: D107 - subclasses set everything
+        self.z = z.detach()
+        self._scale = 1.0
+
+    @property
+    def scale(self) -> float:  # noqa: D102
+        return self._scale
+
+    def to_rows(self, U: Tensor) -> Tensor:  # noqa: D102
+        lead = U.shape[: U.ndim - self.z.ndim]
+        return U.reshape(*lead, self.z.shape[0], -1)
+
+    def from_rows(self, rows: Tensor) -> Tensor:  # noqa: D102
+        lead = rows.shape[:-2]
+        return rows.reshape(*lead, *self.z.shape)
+
+    def per_row_gradients(self) -> Tensor:  # noqa: D102
+        return self._row_grad
+
+    def hessian_matmat(self, U: Tensor) -> Tensor:  # noqa: D102
+        return self.from_rows(self._row_hessian(self.to_rows(U)) * self._scale)
+
+    def _row_hessian(self, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _CrossEntropy(_RowLoss):
+    r"""Softmax cross-entropy: :math:`\nabla^2 \ell_r = t_r(\operatorname{diag} p_r - p_r p_r^\top)`.
+
+    :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows).
+    """
+
+    def __init__(self, loss_fn: nn.CrossEntropyLoss, z: Tensor, targets: Tensor) -> None:
+        super().__init__(z)
+        self._classdim_last = z.ndim > 2
+        rows = self.to_rows(self.z)
+        C = rows.shape[-1]
+        logp = rows.log_softmax(-1)
+        self.p = logp.exp()
+        eps = float(loss_fn.label_smoothing)
+        if targets.dtype.is_floating_point:  # class probabilities
+            t = self.to_rows(targets.to(z.dtype))
+            weight = t.sum(-1, keepdim=True)
+            t = (1 - eps) * t + eps / C * weight
+        else:
+            y = targets.reshape(-1)
+            keep = y != loss_fn.ignore_index
+            weight = keep.to(z.dtype).unsqueeze(-1)
+            t = F.one_hot(torch.where(keep, y, 0), C).to(z.dtype)
+            t = ((1 - eps) * t + eps / C) * weight
+        self.row_weight = weight  # (R, 1)
+        n_rows = float(weight.sum()) if not targets.dtype.is_floating_point else rows.shape[0]
+        self._scale = 1.0 / max(n_rows, 1.0) if loss_fn.reduction == "mean" else 1.0
+        self.value = -(t * logp).sum() * self._scale
+        self._row_grad = self.p * weight - t
+        self.grad_output = self.from_rows(self._row_grad * self._scale)
+
+    def to_rows(self, U: Tensor) -> Tensor:  # noqa: D102
+        if not self._classdim_last:
+            return U
+        lead = U.ndim - self.z.ndim
+        return U.movedim(lead + 1, -1).reshape(*U.shape[:lead], -1, self.z.shape[1])
+
+    def from_rows(self, rows: Tensor) -> Tensor:  # noqa: D102
+        if not self._classdim_last:
+            return rows
+        lead = rows.shape[:-2]
+        shape = (self.z.shape[0], *self.z.shape[2:], self.z.shape[1])
+        return rows.reshape(*lead, *shape).movedim(-1, len(lead) + 1)
+
+    def _row_hessian(self, rows: Tensor) -> Tensor:
+        pu = self.p * rows
+        return (pu - self.p * pu.sum(-1, keepdim=True)) * self.row_weight
+
+    def sampled_gradients(  # noqa: D102
+        self, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        R, C = self.p.shape
+        probs = self.p.to(generator.device) if generator is not None else self.p
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        onehot = F.one_hot(draws.T.to(self.p.device), C).to(self.p.dtype)  # (S, R, C)
+        return self.from_rows((self.p - onehot) * self.row_weight)
+
+    def symmetric_factor(self) -> Tensor:  # noqa: D102
+        sq = self.p.sqrt()
+        return (torch.diag_embed(sq) - self.p.unsqueeze(-1) * sq.unsqueeze(-2)) * (
+            self.row_weight.sqrt().unsqueeze(-1)
+        )
+
+
+class _MSE(_RowLoss):
+    r"""Squared error :math:`\ell_r = \lVert z_r - y_r \rVert^2`, :math:`\nabla^2 \ell_r = 2I`.
+
+    The matching likelihood is :math:`\mathcal{N}(y_r \mid z_r, \tfrac12 I)`.
+    """
+
+    def __init__(self, loss_fn: nn.MSELoss, z: Tensor, targets: Tensor) -> None:
+        super().__init__(z)
+        if targets.shape != z.shape:
+            raise ValueError(
+                f"MSELoss: targets must have the outputs' shape {tuple(z.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        self._scale = 1.0 / z.numel() if loss_fn.reduction == "mean" else 1.0
+        diff = self.z - targets.to(z.dtype)
+        self.value = diff.square().sum() * self._scale
+        self._row_grad = self.to_rows(2 * diff)
+        self.grad_output = 2 * diff * self._scale
+
+    def _row_hessian(self, rows: Tensor) -> Tensor:
+        return 2 * rows
+
+    def sampled_gradients(  # noqa: D102
+        self, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        device = generator.device if generator is not None else self.z.device
+        xi = torch.randn(
+            (num_samples, *self.z.shape), generator=generator, dtype=self.z.dtype, device=device
+        )
+        return xi.to(self.z.device) * math.sqrt(2.0)
+
+    def symmetric_factor(self) -> Tensor:  # noqa: D102
+        R, C = self.to_rows(self.z).shape
+        eye = torch.eye(C, dtype=self.z.dtype, device=self.z.device) * math.sqrt(2.0)
+        return eye.expand(R, C, C)
+
+
+class _BCEWithLogits(_RowLoss):
+    r"""Sigmoid cross-entropy, :math:`\nabla^2 \ell_r = \operatorname{diag}(\sigma(z_r)(1-\sigma(z_r)))`."""
+
+    def __init__(self, loss_fn: nn.BCEWithLogitsLoss, z: Tensor, targets: Tensor) -> None:
+        super().__init__(z)
+        if targets.shape != z.shape:
+            raise ValueError(
+                f"BCEWithLogitsLoss: targets must have the outputs' shape {tuple(z.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        self._scale = 1.0 / z.numel() if loss_fn.reduction == "mean" else 1.0
+        y = targets.to(z.dtype)
+        self.sigma = torch.sigmoid(self.z)
+        self.value = F.binary_cross_entropy_with_logits(self.z, y, reduction="sum") * self._scale
+        self._row_grad = self.to_rows(self.sigma - y)
+        self._curv = self.to_rows(self.sigma * (1 - self.sigma))
+        self.grad_output = (self.sigma - y) * self._scale
+
+    def _row_hessian(self, rows: Tensor) -> Tensor:
+        return self._curv * rows
+
+    def sampled_gradients(  # noqa: D102
+        self, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        device = generator.device if generator is not None else self.z.device
+        u = torch.rand(
+            (num_samples, *self.z.shape), generator=generator, dtype=self.z.dtype, device=device
+        )
+        draws = (u.to(self.z.device) < self.sigma).to(self.z.dtype)
+        return self.sigma - draws
+
+    def symmetric_factor(self) -> Tensor:  # noqa: D102
+        return torch.diag_embed(self._curv.sqrt())
+
+
+def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
+    """Whether ``loss_fn`` is a core loss with a known likelihood (for Fisher kinds).
+
+    Args:
+        loss_fn: The loss.
+        targets: Optional targets of one batch (cross-entropy with class weights is generic).
+
+    Returns:
+        True for ``CrossEntropyLoss`` (no class weights), ``MSELoss`` and ``BCEWithLogitsLoss``
+        (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or ``"sum"``.
+    """
+    if getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
+        return False
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn.weight is None
+    if isinstance(loss_fn, nn.MSELoss):
+        return True
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return loss_fn.weight is None and loss_fn.pos_weight is None
+    return False
+
+
+def loss_terms(loss_fn: Any, z: Tensor, targets: Any) -> LossTerms:
+    """Build the output-space quantities of ``loss_fn`` at outputs ``z``.
+
+    Core losses get closed forms; any other callable falls back to autograd.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        z: The network outputs of the batch.
+        targets: The batch's targets.
+
+    Returns:
+        The :class:`LossTerms` of the batch.
+
+    Raises:
+        ValueError: If the loss uses ``reduction="none"``.
+    """
+    if getattr(loss_fn, "reduction", "mean") == "none":
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction='none') returns per-sample losses; curvature "
+            "needs a scalar loss: use reduction 'mean' or 'sum'"
+        )
+    if supports_likelihood(loss_fn) and isinstance(targets, Tensor):
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            return _CrossEntropy(loss_fn, z, targets)
+        if isinstance(loss_fn, nn.MSELoss):
+            return _MSE(loss_fn, z, targets)
+        return _BCEWithLogits(loss_fn, z, targets)  # type: ignore[arg-type]
+    return LossTerms(loss_fn, z, targets)
