@@ -1,0 +1,292 @@
+"""The ``secondorder`` command: ``secondorder <study> [options]``.
+
+Every study lives in its own module, ``secondorder.experiments.studies.<name>`` (dashes in the
+name become underscores), which is imported only when that study is run or when the top-level
+``--help`` lists the studies. A study module exposes:
+
+* ``NAME: str`` -- the command name, e.g. ``"mnist-cnn"``;
+* ``HELP: str`` -- a one-line description (its first line is shown in ``secondorder --help``);
+* ``add_arguments(parser: argparse.ArgumentParser) -> None`` -- study-specific options;
+* ``run(args: argparse.Namespace) -> dict`` -- runs the study and returns its results.
+
+The CLI handles what all studies share. The common options are ``--quick``, ``--seed N``
+(default 0), ``--out DIR`` (default ``runs/<study>``), ``--device cpu|cuda``, ``--data DIR``,
+``--threads N`` and ``--no-progress``. Before ``run`` it sets torch's thread count, seeds
+torch's and Python's global generators with ``--seed`` (a safety net; studies should still pass
+explicit generators), checks the device, creates the output directory and converts
+``args.out`` (and ``args.data``) to a ``Path``; ``args.progress`` is ``None`` (bars when
+stderr is a terminal) or ``False``, ready for :func:`~secondorder.experiments.report.progress`.
+After ``run`` it writes the returned dict to ``<out>/results.json`` with the config, seed,
+library versions and wall time (:class:`~secondorder.experiments.report.RunRecorder`), so studies
+write only their figures and ``summary.md``, and prints where the outputs are.
+
+Exit codes: 0 success, 1 error (study unavailable, device unavailable, bad result), 2 usage
+error (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import random
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .report import RunRecorder
+
+__all__ = ["STUDIES", "CLIError", "StudyNotFoundError", "build_parser", "load_study", "main"]
+
+STUDIES: Mapping[str, str] = {
+    name: "secondorder.experiments.studies." + name.replace("-", "_")
+    for name in ("spiral", "mnist-cnn", "mnist-mlp", "hessian-free", "directional", "bench")
+}
+"""Study name -> module path. The modules are imported lazily, by name."""
+
+_REQUIRED = ("NAME", "HELP", "add_arguments", "run")
+
+
+class CLIError(Exception):
+    """An error the command reports as one clear line (exit code 1), without a traceback."""
+
+
+class StudyNotFoundError(CLIError):
+    """The module of a registered study does not exist (yet)."""
+
+
+def load_study(name: str, studies: Mapping[str, str] | None = None) -> ModuleType:
+    """Import a study's module and check that it follows the study protocol.
+
+    Args:
+        name: The study's command name, e.g. ``"spiral"``.
+        studies: Registry of name -> module path; default :data:`STUDIES`.
+
+    Returns:
+        The study module.
+
+    Raises:
+        StudyNotFoundError: If the study's module does not exist.
+        CLIError: If the name is not registered, the module (or something it imports) cannot
+            be imported, or the module lacks ``NAME``, ``HELP``, ``add_arguments`` or ``run``
+            or its ``NAME`` differs from ``name``.
+    """
+    studies = STUDIES if studies is None else studies
+    if name not in studies:
+        raise CLIError(f"unknown study {name!r}; expected one of: {', '.join(studies)}")
+    module_path = studies[name]
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if module_path == missing or module_path.startswith(missing + "."):
+            raise StudyNotFoundError(
+                f"study {name!r} is not available: its module {module_path!r} does not exist"
+            ) from err
+        raise CLIError(
+            f"study {name!r} could not be imported: module {module_path!r} needs "
+            f"{missing!r}, which is not installed ({err})"
+        ) from err
+    except ImportError as err:
+        raise CLIError(f"study {name!r} could not be imported from {module_path!r}: {err}") from err
+    absent = [attr for attr in _REQUIRED if not hasattr(module, attr)]
+    if absent:
+        raise CLIError(
+            f"study module {module_path!r} lacks {', '.join(absent)}; a study must define "
+            "NAME, HELP, add_arguments(parser) and run(args)"
+        )
+    if module.NAME != name:
+        raise CLIError(f"study module {module_path!r} has NAME={module.NAME!r}, expected {name!r}")
+    return module
+
+
+def _summary_line(name: str, studies: Mapping[str, str]) -> str:
+    try:
+        help_text = str(load_study(name, studies).HELP)
+    except StudyNotFoundError:
+        return f"(unavailable: no module {studies[name]})"
+    except Exception as err:  # the listing must survive any broken study module
+        return f"(unavailable: {err})"
+    return help_text.strip().splitlines()[0] if help_text.strip() else ""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    common = parser.add_argument_group("common options")
+    common.add_argument(
+        "--quick", action="store_true", help="a small, fast version of the study (smoke test)"
+    )
+    common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    common.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs") / name,
+        metavar="DIR",
+        help=f"output directory, created if missing (default: runs/{name})",
+    )
+    common.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="compute device (default: cpu)"
+    )
+    common.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="data directory (e.g. MNIST IDX files); default: the study's bundled data",
+    )
+    common.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="number of torch CPU threads (default: torch's choice)",
+    )
+    common.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        default=None,
+        help="never show progress bars (default: only when stderr is a terminal)",
+    )
+
+
+def build_parser(
+    studies: Mapping[str, str] | None = None,
+    *,
+    selected: ModuleType | None = None,
+    describe: bool = True,
+) -> argparse.ArgumentParser:
+    """Build the argument parser with one subcommand per registered study.
+
+    Args:
+        studies: Registry of name -> module path; default :data:`STUDIES`.
+        selected: The module of the study being run, whose ``add_arguments`` is called on its
+            subparser and whose ``HELP`` describes it.
+        describe: Whether to import the other studies to show their ``HELP`` in the top-level
+            ``--help`` (a study that fails to import is listed as unavailable).
+
+    Returns:
+        The parser.
+    """
+    studies = STUDIES if studies is None else studies
+    parser = argparse.ArgumentParser(
+        prog="secondorder",
+        description="Run the experiments of secondorder, matrix-free second-order "
+        "optimization for PyTorch. Each study writes results.json, summary.md and figures "
+        "into its output directory.",
+        epilog="Run 'secondorder <study> --help' for the options of one study.",
+    )
+    from secondorder import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="study", metavar="<study>", title="studies", required=True)
+    for name in studies:
+        if selected is not None and selected.NAME == name:
+            text = str(selected.HELP).strip()
+            study_parser = sub.add_parser(
+                name, help=(text.splitlines() or [""])[0], description=text
+            )
+            _add_common_arguments(study_parser, name)
+            selected.add_arguments(study_parser)
+        else:
+            summary = _summary_line(name, studies) if describe else None
+            _add_common_arguments(sub.add_parser(name, help=summary), name)
+    return parser
+
+
+def _selected_name(argv: Sequence[str], studies: Mapping[str, str]) -> str | None:
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in studies else None
+    return None
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was requested but CUDA is not available; use --device cpu")
+    if args.data is not None and not args.data.is_dir():
+        raise CLIError(f"--data {args.data}: expected an existing directory")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {args.out}: cannot create the output directory: {err}") from err
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: value for key, value in vars(args).items() if not callable(value)}
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    _prepare(args)
+    recorder = RunRecorder(args.out, study=args.study, config=_config(args), seed=args.seed)
+    start = time.time()
+    results = module.run(args)
+    if not isinstance(results, Mapping):
+        raise CLIError(
+            f"study {args.study!r}: run(args) must return a dict of results, got "
+            f"{type(results).__name__}"
+        )
+    try:
+        recorder.write_results(results)
+    except TypeError as err:
+        raise CLIError(
+            f"study {args.study!r}: results or config not JSON-serializable: {err}"
+        ) from err
+    files = sorted(
+        p.relative_to(args.out).as_posix()
+        for p in args.out.rglob("*")
+        if p.is_file() and p.stat().st_mtime >= start - 1.0
+    )
+    print(f"secondorder {args.study}: finished in {recorder.elapsed():.1f} s")
+    print(f"outputs written to {args.out}/: {', '.join(files)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``secondorder`` command.
+
+    Args:
+        argv: Command-line arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 success, 1 error, 2 usage error, 130 interrupted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    studies = STUDIES
+    name = _selected_name(argv, studies)
+    # Describe all studies only for the top-level help, when no study (valid or not) is named.
+    describe = not any(not token.startswith("-") for token in argv)
+    try:
+        module = load_study(name, studies) if name is not None else None
+        parser = build_parser(studies, selected=module, describe=describe)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else 2
+        if module is None:  # unreachable: parse_args accepts only a registered study
+            raise CLIError("no study given")
+        return _run(module, args)
+    except CLIError as err:
+        print(f"secondorder: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("secondorder: interrupted", file=sys.stderr)
+        return 130
