@@ -1,0 +1,10 @@
+"""Shared pytest configuration: deterministic, float64-friendly, few threads."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
