@@ -1,0 +1,519 @@
+r"""Preconditioned conjugate gradient for symmetric positive (semi-)definite systems.
+
+:func:`cg` solves :math:`A x = b` for a symmetric positive definite :math:`A` given as a
+:class:`~secondorder.linalg.operator.LinearOperator`, a 2-D tensor or a callable ``v -> A v``.
+It is the inner loop of every Newton-type optimizer in this library, so it is written to cost
+little besides the products with :math:`A`: a handful of in-place vector operations and one
+host synchronisation (one ``.tolist()``) per iteration.
+
+CG minimises the quadratic model
+
+.. math::
+
+    \phi(x) = \tfrac12 x^\top A x - b^\top x,
+
+and every iterate's value :math:`\phi(x_k)` is recorded at the price of two dot products via
+:math:`\phi(x) = -\tfrac12 x^\top (b + r)` with :math:`r = b - A x`. This enables Martens'
+relative-progress stopping rule and the snapshots that Hessian-free optimisation uses for CG
+backtracking.
+
+References:
+    J. Martens, "Deep learning via Hessian-free optimization", ICML 2010, §4.4 (stopping rule)
+    and §4.6 (CG backtracking).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .operator import LinearOperator, aslinearoperator
+
+__all__ = ["CGInfo", "CGStatus", "cg"]
+
+_STOP_RULES = ("residual", "martens")
+
+
+class CGStatus(IntEnum):
+    """Why :func:`cg` stopped; ``0`` means the requested tolerance was met.
+
+    Attributes:
+        CONVERGED: ``norm(r) <= max(rtol * norm(b), atol)``.
+        MAXITER: ``maxiter`` iterations ran without meeting a stopping rule.
+        NEGATIVE_CURVATURE: A search direction ``p`` had numerically non-positive curvature
+            ``p^T A p``: ``A`` is not positive definite (along ``p``).
+        NONFINITE: A NaN or Inf appeared (in ``A p``, the step, the residual or ``M^{-1} r``).
+        MARTENS: Martens' relative-progress rule on the quadratic model stopped the solve.
+        INDEFINITE_PRECONDITIONER: ``r^T M^{-1} r <= 0`` for a non-zero residual: the
+            preconditioner is not positive definite.
+    """
+
+    CONVERGED = 0
+    MAXITER = 1
+    NEGATIVE_CURVATURE = 2
+    NONFINITE = 3
+    MARTENS = 4
+    INDEFINITE_PRECONDITIONER = 5
+
+
+@dataclass
+class CGInfo:
+    r"""What happened in a :func:`cg` solve.
+
+    Attributes:
+        iterations: Number of CG iterations whose iterate was accepted; the returned ``x`` is
+            ``x_iterations`` (``x_0`` is the initial guess).
+        status: Why the solve stopped (a :class:`CGStatus`).
+        message: A sentence saying why it stopped and what to try.
+        residual_norms: ``norm(r_k)`` for ``k = 0 .. iterations`` (the recursively updated
+            residual, as in every CG implementation), including the initial one.
+        quadratic_values: :math:`\phi(x_k) = \tfrac12 x_k^\top A x_k - b^\top x_k` for
+            ``k = 0 .. iterations``.
+        tol: The absolute residual threshold ``max(rtol * norm(b), atol)``.
+        num_matvecs: Number of products with ``A`` (one per iteration, one more for ``x0``).
+        iterates: With ``keep_iterates=True``, snapshots ``(k, x_k, phi(x_k))`` at the
+            iterations ``ceil(gamma**j)`` and at the last iteration, in increasing ``k``.
+    """
+
+    iterations: int
+    status: CGStatus
+    message: str
+    residual_norms: list[float] = field(default_factory=list)
+    quadratic_values: list[float] = field(default_factory=list)
+    tol: float = 0.0
+    num_matvecs: int = 0
+    iterates: list[tuple[int, Tensor, float]] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        """Whether a requested stopping rule was met (``CONVERGED`` or ``MARTENS``)."""
+        return self.status in (CGStatus.CONVERGED, CGStatus.MARTENS)
+
+    @property
+    def residual_norm(self) -> float:
+        """The last recorded residual norm ``norm(r_iterations)``."""
+        return self.residual_norms[-1] if self.residual_norms else math.nan
+
+
+# ----------------------------------------------------------------------- checks
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"tensor of shape {tuple(v.shape)}, dtype {v.dtype}, device {v.device}"
+    return type(v).__name__
+
+
+def _as_apply(
+    op: Any, name: str, n: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """Return a checked function ``v -> op @ v`` for an operator, a 2-D tensor or a callable."""
+    if isinstance(op, Tensor):
+        if op.ndim != 2:
+            raise ValueError(
+                f"{name}: expected a 2-D tensor of shape ({n}, {n}), got {_describe(op)}"
+            )
+        op = aslinearoperator(op.detach())
+    if isinstance(op, LinearOperator):
+        if op.shape != (n, n):
+            raise ValueError(
+                f"{name}: expected shape ({n}, {n}) to match b of length {n}, got shape {op.shape}"
+            )
+        if op.dtype != dtype or op.device != device:
+            raise ValueError(
+                f"{name}: expected dtype {dtype} and device {device} (those of b), "
+                f"got dtype {op.dtype} and device {op.device}"
+            )
+        return op.matvec
+    if callable(op):
+
+        def apply(v: Tensor) -> Tensor:
+            out = op(v)
+            if (
+                not isinstance(out, Tensor)
+                or out.shape != v.shape
+                or out.dtype != dtype
+                or out.device != device
+            ):
+                raise ValueError(
+                    f"{name}: the callable must map a ({n},) tensor of dtype {dtype} on {device} "
+                    f"to one of the same shape, dtype and device, got {_describe(out)}"
+                )
+            return out
+
+        return apply
+    raise ValueError(
+        f"{name}: expected a LinearOperator, a 2-D tensor or a callable v -> {name} v, "
+        f"got {type(op).__name__}"
+    )
+
+
+def _check_nonneg(value: Any, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-negative float, got {value!r}") from None
+    if isinstance(value, bool) or not out >= 0 or math.isinf(out):
+        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
+    return out
+
+
+def _finite_above(value: Any, bound: float) -> bool:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool) and math.isfinite(out) and out > bound
+
+
+def _check_arguments(
+    rtol: float,
+    atol: float,
+    maxiter: int | None,
+    stop_rule: str,
+    martens_eps: float,
+    backtrack_gamma: float,
+    callback: Any,
+) -> tuple[float, float]:
+    rtol_f = _check_nonneg(rtol, "rtol")
+    atol_f = _check_nonneg(atol, "atol")
+    if maxiter is not None and (
+        isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0
+    ):
+        raise ValueError(f"maxiter must be None or an int >= 0, got {maxiter!r}")
+    if stop_rule not in _STOP_RULES:
+        raise ValueError(f"stop_rule must be one of {_STOP_RULES}, got {stop_rule!r}")
+    if rtol_f == 0 and atol_f == 0 and maxiter is None and stop_rule == "residual":
+        raise ValueError(
+            "no stopping criterion: rtol=0, atol=0 and maxiter=None with stop_rule='residual' "
+            "would run the 10*n default iterations for an exact zero residual; give rtol > 0, "
+            "atol > 0, an explicit maxiter, or stop_rule='martens'"
+        )
+    if not _finite_above(martens_eps, 0.0):
+        raise ValueError(f"martens_eps must be a finite float > 0, got {martens_eps!r}")
+    if not _finite_above(backtrack_gamma, 1.0):
+        raise ValueError(f"backtrack_gamma must be a finite float > 1, got {backtrack_gamma!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be None or callable, got {type(callback).__name__}")
+    return rtol_f, atol_f
+
+
+def _check_vector(v: Any, name: str, like: Tensor | None = None) -> Tensor:
+    if not isinstance(v, Tensor):
+        raise ValueError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
+    if like is None:
+        if v.ndim != 1:
+            raise ValueError(
+                f"{name}: expected a 1-D tensor of shape (n,), got shape {tuple(v.shape)}"
+            )
+        if not v.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a real floating dtype, got {v.dtype}")
+        return v
+    if v.shape != like.shape or v.dtype != like.dtype or v.device != like.device:
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)}, dtype {like.dtype} and device "
+            f"{like.device} (those of b), got {_describe(v)}"
+        )
+    return v
+
+
+_MESSAGES = {
+    CGStatus.CONVERGED: "converged: norm(r) <= max(rtol*norm(b), atol) = {tol:.3e} "
+    "after {it} iterations.",
+    CGStatus.MAXITER: "stopped at maxiter={it} with norm(r) = {res:.3e} > tol = {tol:.3e}; "
+    "try a larger maxiter, a preconditioner M, more damping, or a looser rtol/atol.",
+    CGStatus.NEGATIVE_CURVATURE: "non-positive curvature p^T A p = {curv:.3e} in iteration {next}: "
+    "A is not positive definite along p; returned the last iterate x_{it}. Add damping "
+    "(A + lam*I) or use a positive semi-definite curvature (GGN, Fisher).",
+    CGStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
+    "returned the last finite iterate x_{it}. Check the operator and b for NaN/Inf, "
+    "or use float64.",
+    CGStatus.MARTENS: "stopped by Martens' rule: the quadratic model improved by less than "
+    "k*martens_eps relative to its value over the last k={k} iterations (at iteration {it}).",
+    CGStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
+    "iteration {it}: the preconditioner M is not positive definite; returned x_{it}.",
+}
+
+
+def _message(status: CGStatus, **kw: Any) -> str:
+    defaults: dict[str, Any] = {"tol": math.nan, "it": 0, "res": math.nan, "curv": math.nan}
+    defaults.update(k=0, rz=math.nan, where="the computation")
+    defaults.update(kw)
+    defaults.setdefault("next", defaults["it"] + 1)
+    return _MESSAGES[status].format(**defaults)
+
+
+def _martens_k(i: int) -> int:
+    """``k = max(10, ceil(i / 10))`` in exact integer arithmetic."""
+    return max(10, -(-i // 10))
+
+
+# ------------------------------------------------------------------------- cg
+def cg(
+    A: LinearOperator | Tensor | Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    M: LinearOperator | Tensor | Callable[[Tensor], Tensor] | None = None,
+    callback: Callable[[Tensor], Any] | None = None,
+    stop_rule: Literal["residual", "martens"] = "residual",
+    martens_eps: float = 5e-4,
+    keep_iterates: bool = False,
+    backtrack_gamma: float = 1.3,
+) -> tuple[Tensor, CGInfo]:
+    r"""Solve :math:`A x = b` by (preconditioned) conjugate gradient.
+
+    ``A`` must be symmetric and should be positive definite; the solver detects where it is not
+    (see *Breakdowns*). With a preconditioner, ``M`` applies :math:`M^{-1}` (an SPD
+    approximation of :math:`A^{-1}`), as in ``scipy.sparse.linalg.cg``; the iterates are those
+    of scipy's CG up to rounding.
+
+    **Stopping.** With :math:`r_k = b - A x_k` (updated recursively), the solve stops at the
+    first iteration :math:`k` with
+
+    .. math::
+
+        \|r_k\|_2 \le \max(\mathrm{rtol}\,\|b\|_2,\ \mathrm{atol}),
+
+    checked for :math:`k = 0` too, or after ``maxiter`` iterations (``maxiter=None`` means
+    ``10 * n``). ``rtol = atol = 0`` together with ``maxiter=None`` and
+    ``stop_rule="residual"`` is refused as having no stopping criterion; pass ``maxiter`` to
+    run a fixed number of iterations.
+
+    **Martens' rule** (``stop_rule="martens"``; the residual rule still applies). With the
+    quadratic model :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x`, computed for free as
+    :math:`\phi(x_k) = -\tfrac12 x_k^\top (b + r_k)`, the solve stops at iteration :math:`i` if
+
+    .. math::
+
+        i > k, \quad \phi(x_i) < 0 \quad\text{and}\quad
+        \frac{\phi(x_i) - \phi(x_{i-k})}{\phi(x_i)} < k\,\varepsilon,
+        \qquad k = \max(10, \lceil i/10 \rceil),\ \varepsilon = \texttt{martens\_eps}.
+
+    **Breakdowns.** If a search direction has numerically non-positive curvature,
+
+    .. math::
+
+        p_k^\top A p_k \le \epsilon_{\mathrm{mach}}\, \rho_{\max}\, \|p_k\|_2^2,
+        \qquad \rho_{\max} = \max_{j < k} \frac{p_j^\top A p_j}{\|p_j\|_2^2}
+
+    (curvature below the rounding level of the largest curvature seen; :math:`p_0^\top A p_0
+    \le 0` in the first iteration), or a NaN/Inf appears in :math:`A p`, the step or
+    :math:`M^{-1} r`, the solve stops at once and returns the last finite iterate;
+    ``info.status`` says which. No division by zero happens and no NaN enters ``x``.
+
+    **Backtracking snapshots** (``keep_iterates=True``, Martens 2010 §4.6): ``info.iterates``
+    holds ``(k, x_k.clone(), phi(x_k))`` for :math:`k = \lceil \gamma^j \rceil`,
+    :math:`j = 0, 1, \dots` (with :math:`\gamma` = ``backtrack_gamma``) and for the last
+    iterate.
+
+    The solve is not differentiated through: ``b`` and ``x0`` are detached, and neither is
+    modified. Besides one product with ``A`` and one application of ``M``, an iteration costs
+    seven passes over ``n``-vectors (nine with ``M``), all in place, and one host
+    synchronisation.
+
+    Args:
+        A: The symmetric matrix: a square :class:`LinearOperator`, a 2-D tensor, or a callable
+            mapping a vector of shape ``(n,)`` to ``A v`` (same shape, dtype and device).
+        b: Right-hand side, a real floating 1-D tensor of shape ``(n,)``; it sets the dtype and
+            device of the solve.
+        x0: Initial guess (same shape, dtype and device as ``b``); zeros if ``None``.
+        rtol: Relative residual tolerance (``>= 0``).
+        atol: Absolute residual tolerance (``>= 0``).
+        maxiter: Maximal number of iterations (``>= 0``); ``None`` means ``10 * n``.
+        M: Preconditioner applying :math:`M^{-1}` (operator, 2-D tensor or callable), symmetric
+            positive definite; ``None`` for plain CG.
+        callback: Called as ``callback(x_k)`` with a copy of the iterate after each iteration.
+        stop_rule: ``"residual"`` or ``"martens"`` (adds Martens' rule above).
+        martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``).
+        keep_iterates: Keep backtracking snapshots in ``info.iterates``.
+        backtrack_gamma: The grid ratio :math:`\gamma > 1` of the snapshots.
+
+    Returns:
+        ``(x, info)``: the last accepted iterate (a new tensor) and a :class:`CGInfo`.
+        Non-convergence is reported in ``info.status``, never raised.
+
+    Raises:
+        ValueError: If ``b``, ``x0``, ``A`` or ``M`` have the wrong type, shape, dtype or
+            device, if a callable returns the wrong shape, or if a tolerance, ``maxiter``,
+            ``stop_rule``, ``martens_eps`` or ``backtrack_gamma`` is invalid or no stopping
+            criterion is given.
+
+    Example:
+        >>> import torch
+        >>> from secondorder.linalg.cg import cg
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, info = cg(A, b, rtol=1e-12)
+        >>> info.status.name, torch.allclose(A @ x, b)
+        ('CONVERGED', True)
+    """
+    b = _check_vector(b, "b")
+    n = b.shape[0]
+    dtype, device = b.dtype, b.device
+    rtol_f, atol_f = _check_arguments(
+        rtol, atol, maxiter, stop_rule, martens_eps, backtrack_gamma, callback
+    )
+    apply_a = _as_apply(A, "A", n, dtype, device)
+    apply_m = None if M is None else _as_apply(M, "M", n, dtype, device)
+    if x0 is not None:
+        _check_vector(x0, "x0", like=b)
+    max_it = 10 * n if maxiter is None else maxiter
+    martens = stop_rule == "martens"
+    eps_k = float(martens_eps)
+    gamma = float(backtrack_gamma)
+    eps = torch.finfo(dtype).eps
+
+    b = b.detach()
+    num_matvecs = 0
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    else:
+        x = x0.detach().clone()
+        ax = apply_a(x).detach()
+        num_matvecs += 1
+        r = b - ax
+    z = r if apply_m is None else apply_m(r).detach()
+    rz = torch.dot(r, z)
+    p = z.clone()
+    scalars = [torch.dot(b, b), rz, torch.dot(x, b), torch.dot(x, r)]
+    if apply_m is not None:
+        scalars += [torch.dot(r, r), torch.dot(p, p)]
+    values = torch.stack(scalars).tolist()
+    bb_f, rz_f, xb_f, xr_f = values[:4]
+    rr_f, pp_f = (rz_f, rz_f) if apply_m is None else values[4:]
+    phi_f = -0.5 * (xb_f + xr_f)
+
+    tol = max(rtol_f * math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
+    residual_norms = [math.sqrt(rr_f) if rr_f >= 0 else math.nan]
+    phis = [phi_f]
+    iterates: list[tuple[int, Tensor, float]] = []
+    it = 0
+    msg_kw: dict[str, Any] = {}
+    next_keep_j = 0
+    next_keep = 1
+
+    def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
+        if keep_iterates and (not iterates or iterates[-1][0] != it):
+            iterates.append((it, x.clone(), phis[-1]))
+        message = _message(status, tol=tol, it=it, res=residual_norms[-1], **msg_kw)
+        info = CGInfo(
+            iterations=it,
+            status=status,
+            message=message,
+            residual_norms=residual_norms,
+            quadratic_values=phis,
+            tol=tol,
+            num_matvecs=num_matvecs,
+            iterates=iterates,
+        )
+        return x, info
+
+    if not all(math.isfinite(v) for v in (bb_f, rr_f, phi_f)):
+        msg_kw["where"] = "b, the initial residual b - A x0 or its norm"
+        msg_kw["next"] = 0
+        return finish(CGStatus.NONFINITE)
+    if residual_norms[0] <= tol:
+        return finish(CGStatus.CONVERGED)
+    if not (math.isfinite(rz_f) and math.isfinite(pp_f)):
+        msg_kw["where"] = "M^-1 r"
+        msg_kw["next"] = 0
+        return finish(CGStatus.NONFINITE)
+    if rz_f <= 0:
+        msg_kw["rz"] = rz_f
+        return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+
+    zero = torch.zeros((), dtype=dtype, device=device)
+    rho_max = 0.0  # largest Rayleigh quotient p^T A p / p^T p seen so far
+    for i in range(1, max_it + 1):
+        ap = apply_a(p)
+        num_matvecs += 1
+        if ap.requires_grad:
+            ap = ap.detach()
+        pap = torch.dot(p, ap)
+        # alpha = 0 (x stays exactly as it is) when the curvature is refused or NaN
+        alpha = torch.where(pap > eps * rho_max * pp_f, rz / pap, zero)
+        x.addcmul_(p, alpha)
+        r.addcmul_(ap, alpha, value=-1.0)
+        z = r if apply_m is None else apply_m(r).detach()
+        rz_new = torch.dot(r, z)
+        torch.addcmul(z, p, rz_new / rz, out=p)  # p = z + beta p
+        scalars = [alpha, pap, rz_new, torch.dot(x, b), torch.dot(x, r)]
+        if apply_m is not None:
+            scalars += [torch.dot(r, r), torch.dot(p, p)]
+        values = torch.stack(scalars).tolist()  # the one host synchronisation per iteration
+        alpha_f, pap_f, rz_new_f, xb_f, xr_f = values[:5]
+
+        if not (alpha_f > 0 and math.isfinite(alpha_f)):
+            msg_kw["next"] = i
+            if not bool(torch.isfinite(x).all()):  # only after an overflowing step length
+                x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+                del residual_norms[1:], phis[1:], iterates[:]
+                it = 0
+                msg_kw["where"] = "the step length (overflow; x was reset to x0)"
+                return finish(CGStatus.NONFINITE)
+            if math.isfinite(pap_f):
+                msg_kw["curv"] = pap_f
+                return finish(CGStatus.NEGATIVE_CURVATURE)
+            msg_kw["where"] = "A p"
+            return finish(CGStatus.NONFINITE)
+
+        rr_f = rz_new_f if apply_m is None else values[5]
+        phi_f = -0.5 * (xb_f + xr_f)
+        if not (math.isfinite(rr_f) and math.isfinite(phi_f)):
+            # the accepted step overflowed; never hand out a non-finite x
+            it = i
+            residual_norms.append(math.sqrt(rr_f) if rr_f >= 0 else math.nan)
+            phis.append(phi_f)
+            if not bool(torch.isfinite(x).all()):
+                x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+                del residual_norms[1:], phis[1:], iterates[:]
+                it = 0
+                msg_kw["where"] = "the iterate (overflow; x was reset to x0)"
+            else:
+                msg_kw["where"] = "the residual"
+            msg_kw["next"] = i
+            return finish(CGStatus.NONFINITE)
+
+        it = i
+        res = math.sqrt(rr_f)
+        residual_norms.append(res)
+        phis.append(phi_f)
+        if keep_iterates and i == next_keep:
+            iterates.append((i, x.clone(), phi_f))
+            while next_keep <= i:
+                next_keep_j += 1
+                next_keep = math.ceil(gamma**next_keep_j)
+        if callback is not None:
+            callback(x.clone())
+
+        if res <= tol:
+            return finish(CGStatus.CONVERGED)
+        if martens:
+            k = _martens_k(i)
+            if i > k and phi_f < 0 and (phi_f - phis[i - k]) / phi_f < k * eps_k:
+                msg_kw["k"] = k
+                return finish(CGStatus.MARTENS)
+        if apply_m is None:
+            # ||p_new||^2 = ||r||^2 + beta^2 ||p||^2, since r is orthogonal to the old p
+            next_pp = rr_f + (rz_new_f / rz_f) ** 2 * pp_f
+        else:
+            next_pp = values[6]
+        if not (math.isfinite(rz_new_f) and math.isfinite(next_pp)):
+            msg_kw["where"] = "M^-1 r or the search direction"
+            return finish(CGStatus.NONFINITE)
+        if rz_new_f <= 0:
+            msg_kw["rz"] = rz_new_f
+            return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+        rho_max = max(rho_max, pap_f / pp_f)
+        rz, rz_f, pp_f = rz_new, rz_new_f, next_pp
+
+    return finish(CGStatus.MAXITER)
