@@ -8,3 +8,8 @@ import torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # Two workers share two cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)

@@ -1,0 +1,262 @@
+"""Machinery shared by every curvature-based optimizer.
+
+A :class:`CurvatureOptimizer` is a ``torch.optim.Optimizer`` that holds the model and the loss
+and takes the batch: ``loss = opt.step(inputs, targets)``. One call is one training step; it
+returns the loss at the parameters it started from and leaves ``opt.diagnostics``.
+
+The contract implemented once, here, for every subclass:
+
+- hyperparameters live in ``param_groups`` and are read on every step (LR schedulers work);
+  what evolves (step count, damping, CG warm start, random-generator state) lives in ``state``
+  on the first parameter, so ``state_dict()``/``load_state_dict()`` round-trip exactly;
+- a subclass computes a *direction* ``d`` (flat, in the parameters' dtype and device) without
+  touching the parameters; the base applies ``theta_g <- theta_g + lr_g * d_g`` per group;
+- the non-finite guard: a NaN/Inf in the loss, the gradient, a curvature product or the
+  direction leaves the parameters exactly as they were, marks the step rejected, lets the
+  subclass react (raise its damping), warns once, and with ``on_nonfinite="raise"`` raises
+  :class:`NonFiniteError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
+from ..curvature.model import Batch, FunctionalModel
+
+__all__ = ["CurvatureOptimizer", "NonFiniteError", "NonFiniteStepWarning", "check_positive"]
+
+CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
+
+
+class NonFiniteError(FloatingPointError):
+    """A step met a NaN/Inf and ``on_nonfinite="raise"`` was requested."""
+
+
+class NonFiniteStepWarning(UserWarning):
+    """A step met a NaN/Inf; it was rejected and the parameters were left unchanged."""
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite positive (or non-negative) number.
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its value.
+        allow_zero: Accept 0.
+        integer: Require an ``int``.
+
+    Raises:
+        ValueError: If the value is invalid.
+    """
+    kind = "int" if integer else "number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"Invalid {name} value: {value!r} (expected a finite {kind} {bound})")
+
+
+class CurvatureOptimizer(Optimizer):
+    """Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
+
+    Args:
+        model: The ``nn.Module`` to train.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        defaults: Default hyperparameters of the param groups.
+        params: Parameters or param-group dicts (default: every trainable parameter of
+            ``model``). All must belong to ``model``.
+        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        allow_groups: Whether several param groups are supported by the method.
+
+    Raises:
+        ValueError: For invalid arguments or unsupported param groups.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        defaults: dict[str, Any],
+        *,
+        params: Iterable[Any] | None = None,
+        on_nonfinite: str = "skip",
+        allow_groups: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        if params is None:
+            params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        super().__init__(params, defaults)
+        if len(self.param_groups) > 1 and not allow_groups:
+            raise ValueError(
+                f"{type(self).__name__} supports a single param group (its damping adapts "
+                f"globally), got {len(self.param_groups)}"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.on_nonfinite = on_nonfinite
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self.fmodel = FunctionalModel(model, all_params)
+        # flat slices of each group, in the FunctionalModel's order
+        offsets, start = {}, 0
+        for p, n in zip(self.fmodel.params, self.fmodel.numels):
+            offsets[id(p)] = (start, start + n)
+            start += n
+        self._group_slices = [[offsets[id(p)] for p in g["params"]] for g in self.param_groups]
+        self.diagnostics: dict[str, Any] = {}
+        self._warned_nonfinite = False
+
+    # --------------------------------------------------------------------- state
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """State shared by all parameters (kept on the first one, so state_dict carries it)."""
+        return self.state[self.fmodel.params[0]]
+
+    def _group_vector(self, key: str) -> float | Tensor:
+        """A group hyperparameter as a scalar if all groups agree, else a per-coordinate vector."""
+        values = [float(g[key]) for g in self.param_groups]
+        if len(set(values)) == 1:
+            return values[0]
+        out = torch.empty(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device)
+        for value, slices in zip(values, self._group_slices):
+            for a, b in slices:
+                out[a:b] = value
+        return out
+
+    # --------------------------------------------------------------------- helpers
+    @staticmethod
+    def _batch(inputs: Any, targets: Any) -> Batch:
+        return Batch(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), targets)
+
+    def _curvature(
+        self, kind: str, data: Any, *, generator: torch.Generator | None = None, **kw: Any
+    ) -> CurvatureOperator:
+        """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``."""
+        params = self.fmodel.params
+        if kind == "ggn":
+            return GGN(self.model, self.loss_fn, data, params=params, **kw)
+        if kind == "hessian":
+            return Hessian(self.model, self.loss_fn, data, params=params, **kw)
+        if kind == "fisher":
+            return Fisher(self.model, self.loss_fn, data, kind="exact", params=params, **kw)
+        if kind == "fisher_mc":
+            return Fisher(
+                self.model, self.loss_fn, data, kind="mc", params=params, generator=generator, **kw
+            )
+        if kind == "empirical_fisher":
+            return Fisher(self.model, self.loss_fn, data, kind="empirical", params=params, **kw)
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+
+    @torch.no_grad()
+    def loss_at(self, theta: Tensor, batches: Sequence[Batch]) -> Tensor:
+        """The loss at the flat parameters ``theta`` on ``batches`` (weighted as the operators).
+
+        Args:
+            theta: Flat parameter vector (the model's parameters are not modified).
+            batches: The data.
+
+        Returns:
+            The loss (a 0-dim tensor).
+        """
+        tensors = self.fmodel.unflatten(theta)
+        sizes = [b.size for b in batches]
+        total = sum(sizes)
+        mean = getattr(self.loss_fn, "reduction", "mean") == "mean"
+        loss: Tensor | None = None
+        for b, n in zip(batches, sizes):
+            value = self.loss_fn(self.fmodel(tensors, b.inputs), b.targets)
+            value = value * (n / total) if mean else value
+            loss = value if loss is None else loss + value
+        assert loss is not None
+        return loss.detach()
+
+    @torch.no_grad()
+    def _apply_direction(self, direction: Tensor) -> Tensor:
+        """``theta_g += lr_g * d_g`` for every group; returns the applied step (flat)."""
+        step = direction * self._group_vector("lr")
+        for p, part in zip(self.fmodel.params, self.fmodel.unflatten(step)):
+            p.add_(part)
+        return step
+
+    def _reject(self, reason: str) -> None:
+        """Mark the step rejected for a non-finite value; warn once or raise."""
+        self.diagnostics["accepted"] = False
+        self.diagnostics["rejected_reason"] = reason
+        self._on_reject(reason)
+        message = (
+            f"{type(self).__name__}: step {self.global_state.get('step', 0)} rejected: {reason}; "
+            "the parameters were left unchanged"
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message)
+        if not self._warned_nonfinite:
+            warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
+            self._warned_nonfinite = True
+
+    def _on_reject(self, reason: str) -> None:
+        """Hook: react to a rejected step (e.g. raise the damping)."""
+
+    # ----------------------------------------------------------------------- step
+    def step(self, inputs: Any = None, targets: Any = None) -> Tensor:  # type: ignore[override]
+        """Take one training step on the batch ``(inputs, targets)``.
+
+        Args:
+            inputs: A tensor or a tuple of tensors; the model is called as ``model(*inputs)``.
+            targets: The targets handed to ``loss_fn``.
+
+        Returns:
+            The loss at the parameters the step started from.
+        """
+        return self._run_step([self._batch(inputs, targets)])
+
+    def _run_step(self, batches: list[Batch], **kw: Any) -> Tensor:
+        for hook in self._optimizer_step_pre_hooks.values():
+            hook(self, (batches,), kw)
+        start = time.perf_counter()
+        state = self.global_state
+        state["step"] = state.get("step", 0) + 1
+        self.diagnostics = {"step": state["step"], "accepted": True}
+        loss, direction = self._compute_direction(batches, **kw)
+        diag = self.diagnostics
+        diag["loss"] = float(loss)
+        if diag.get("accepted", True) and direction is not None:
+            if not bool(torch.isfinite(direction).all()):
+                self._reject("the step direction is not finite")
+            else:
+                applied = self._apply_direction(direction)
+                diag["step_norm"] = float(applied.norm())
+        if not diag.get("accepted", True):
+            diag["step_norm"] = 0.0
+        diag["time"] = time.perf_counter() - start
+        for hook in self._optimizer_step_post_hooks.values():
+            hook(self, (batches,), kw)
+        return loss
+
+    def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        """Return (loss before the step, flat direction or None if rejected). Subclass hook."""
+        raise NotImplementedError
+
+    def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
+        """Record loss and gradient norm; reject and return False if either is non-finite."""
+        self.diagnostics["grad_norm"] = float(grad.norm())
+        if not math.isfinite(float(loss)):
+            self._reject("the loss is not finite")
+            return False
+        if not bool(torch.isfinite(grad).all()):
+            self._reject("the gradient is not finite")
+            return False
+        return True

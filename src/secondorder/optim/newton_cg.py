@@ -1,0 +1,220 @@
+r"""Damped Newton steps solved by conjugate gradient: Newton-CG, Gauss-Newton, natural gradient.
+
+Each step solves
+
+.. math::
+    (C + \Lambda)\, s = \nabla L(\theta), \qquad \theta \leftarrow \theta - \mathrm{lr}\; s,
+
+with :math:`C` the chosen curvature on the batch, :math:`\Lambda` the Tikhonov damping
+(:math:`\lambda I`, or block-constant when param groups carry their own ``damping``), by
+(preconditioned) CG to ``cg_rtol``/``cg_atol`` in at most ``cg_maxiter`` iterations. The
+forward pass that builds the curvature also gives the loss and the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.model import Batch
+from ..linalg.cg import CGStatus, cg
+from ..linalg.operator import Diagonal, Identity, LinearOperator
+from .base import CURVATURES, CurvatureOptimizer, check_positive
+
+__all__ = ["GaussNewton", "NaturalGradient", "NewtonCG"]
+
+
+class NewtonCG(CurvatureOptimizer):
+    r"""Damped Newton-CG with a chosen curvature matrix.
+
+    Args:
+        model: The model to train.
+        loss_fn: The loss, ``loss_fn(outputs, targets) -> scalar``.
+        lr: Step size applied to the solution (default: 1).
+        damping: Tikhonov damping :math:`\lambda` (default: 1e-3).
+        curvature: ``"ggn"``, ``"hessian"``, ``"fisher"`` (exact), ``"fisher_mc"`` or
+            ``"empirical_fisher"`` (default: ``"ggn"``).
+        cg_maxiter: Maximum CG iterations per step (default: 20).
+        cg_rtol: CG relative residual tolerance (default: 1e-3).
+        cg_atol: CG absolute residual tolerance (default: 0).
+        warm_start: Start CG from the previous step's solution (default: False).
+        preconditioner: ``None`` or a callable ``(curvature_operator, damping) -> M`` returning
+            a :class:`~secondorder.linalg.LinearOperator` that applies :math:`M^{-1}`.
+        num_samples: Samples per row for ``"fisher_mc"``.
+        generator: Random generator for ``"fisher_mc"`` (its state is saved in ``state_dict``).
+        params: Parameters or param-group dicts; groups may set their own ``lr`` and ``damping``.
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        engine: Linearisation engine of the curvature operators (``"auto"``).
+
+    With ``curvature="hessian"`` the matrix may be indefinite: CG stops at the first direction
+    of non-positive curvature and the last iterate (a descent direction) is used; if that
+    happens in the first iteration the step falls back to the gradient. Either way
+    ``diagnostics["cg_status"]`` says so.
+
+    Raises:
+        ValueError: For invalid hyperparameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        *,
+        curvature: str = "ggn",
+        cg_maxiter: int = 20,
+        cg_rtol: float = 1e-3,
+        cg_atol: float = 0.0,
+        warm_start: bool = False,
+        preconditioner: Any = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        params: Any = None,
+        on_nonfinite: str = "skip",
+        engine: str = "auto",
+    ) -> None:
+        check_positive("lr", lr)
+        check_positive("damping", damping, allow_zero=True)
+        check_positive("cg_maxiter", cg_maxiter, integer=True)
+        check_positive("cg_rtol", cg_rtol, allow_zero=True)
+        check_positive("cg_atol", cg_atol, allow_zero=True)
+        check_positive("num_samples", num_samples, integer=True)
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if preconditioner is not None and not callable(preconditioner):
+            raise ValueError(
+                f"preconditioner must be None or a callable (operator, damping) -> M, "
+                f"got {type(preconditioner).__name__}"
+            )
+        defaults = dict(
+            lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
+        )
+        super().__init__(model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite)
+        for group in self.param_groups:
+            check_positive("lr", group["lr"])
+            check_positive("damping", group["damping"], allow_zero=True)
+        self.curvature = curvature
+        self.warm_start = warm_start
+        self.preconditioner = preconditioner
+        self.num_samples = num_samples
+        self.engine = engine
+        self.generator = generator
+        if curvature == "fisher_mc" and generator is None:
+            self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
+
+    # -------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
+        if self.generator is not None:
+            self.global_state["generator_state"] = self.generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        gen_state = self.global_state.get("generator_state")
+        if self.generator is not None and gen_state is not None:
+            self.generator.set_state(gen_state.to("cpu", torch.uint8))
+
+    # -------------------------------------------------------------------- step
+    def _damping_operator(self) -> LinearOperator:
+        lam = self._group_vector("damping")
+        if isinstance(lam, Tensor):
+            return Diagonal(lam)
+        return Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
+
+    def _build(self, batches: list[Batch]) -> Any:
+        kw: dict[str, Any] = {"engine": self.engine, "cache": True}
+        if self.curvature == "fisher_mc":
+            kw.update(generator=self.generator, num_samples=self.num_samples)
+        return self._curvature(self.curvature, batches, **kw)
+
+    def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        C = self._build(batches)
+        loss, grad = C.loss, C.gradient()
+        if not self._check_loss_and_gradient(loss, grad):
+            return loss, None
+        group = self.param_groups[0]
+        A = C + self._damping_operator()
+        M = self.preconditioner(C, self._group_vector("damping")) if self.preconditioner else None
+        state = self.global_state
+        x0 = state.get("cg_x0") if self.warm_start else None
+        s, info = cg(
+            A,
+            grad,
+            x0,
+            rtol=group["cg_rtol"],
+            atol=group["cg_atol"],
+            maxiter=group["cg_maxiter"],
+            M=M,
+        )
+        diag = self.diagnostics
+        diag.update(
+            cg_iterations=info.iterations,
+            cg_residual=info.residual_norm,
+            cg_status=info.status.name.lower(),
+            damping=float(group["damping"]),
+        )
+        if info.status == CGStatus.NONFINITE:
+            self._reject("a curvature product was not finite during CG")
+            return loss, None
+        if info.status == CGStatus.NEGATIVE_CURVATURE and info.iterations == 0 and x0 is None:
+            s = grad.clone()  # no descent direction found: fall back to the gradient
+            diag["fallback"] = "gradient"
+        if self.warm_start:
+            state["cg_x0"] = s.detach().clone()
+        return loss, -s
+
+
+class GaussNewton(NewtonCG):
+    r"""Damped Gauss-Newton: :class:`NewtonCG` with the GGN, :math:`(G + \lambda I) s = g`.
+
+    Args:
+        model: The model to train.
+        loss_fn: The loss.
+        lr: Step size (default: 1).
+        damping: Tikhonov damping (default: 1e-3).
+        **kwargs: Further :class:`NewtonCG` options (``cg_maxiter``, ``cg_rtol``, ...).
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Any, lr: float = 1.0, damping: float = 1e-3, **kwargs: Any
+    ) -> None:
+        if "curvature" in kwargs:
+            raise ValueError("GaussNewton uses the GGN; use NewtonCG to choose another curvature")
+        super().__init__(model, loss_fn, lr, damping, curvature="ggn", **kwargs)
+
+
+class NaturalGradient(NewtonCG):
+    r"""Natural gradient: :class:`NewtonCG` with a Fisher matrix, :math:`(F + \lambda I) s = g`.
+
+    Args:
+        model: The model to train.
+        loss_fn: The loss (cross-entropy, MSE or BCE-with-logits: a likelihood is needed).
+        lr: Step size (default: 1).
+        damping: Tikhonov damping (default: 1e-3).
+        fisher: ``"exact"``, ``"mc"`` (targets sampled from the model) or ``"empirical"``.
+        **kwargs: Further :class:`NewtonCG` options (``num_samples``, ``generator``, ...).
+
+    Raises:
+        ValueError: For an unknown ``fisher`` kind.
+    """
+
+    _KIND = {"exact": "fisher", "mc": "fisher_mc", "empirical": "empirical_fisher"}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        fisher: str = "exact",
+        **kwargs: Any,
+    ) -> None:
+        if fisher not in self._KIND:
+            raise ValueError(f"fisher must be one of {tuple(self._KIND)}, got {fisher!r}")
+        if "curvature" in kwargs:
+            raise ValueError("NaturalGradient takes `fisher=`, not `curvature=`")
+        self.fisher = fisher
+        super().__init__(model, loss_fn, lr, damping, curvature=self._KIND[fisher], **kwargs)
