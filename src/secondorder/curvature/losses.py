@@ -205,6 +205,8 @@ class _CrossEntropy(_RowLoss):
         self, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
         R, C = self.p.shape
+        if not bool(torch.isfinite(self.p).all()):  # non-finite outputs: nothing to sample
+            return self.p.new_full((num_samples, *self.z.shape), float("nan"))
         probs = self.p.to(generator.device) if generator is not None else self.p
         draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
         onehot = F.one_hot(draws.T.to(self.p.device), C).to(self.p.dtype)  # (S, R, C)
