@@ -42,6 +42,10 @@ class CurvatureOperator(LinearOperator):
             BatchNorm in training mode make the operator ill-defined).
         engine: How ``J v`` is computed: ``"auto"``, ``"sequential"`` or ``"autograd"``
             (see :mod:`secondorder.curvature.linearization`).
+        process_group: A ``torch.distributed`` process group for data-parallel use (``None``:
+            one process). Each rank holds its shard of the data; every product, the loss and
+            the gradient are all-reduced (one flat all-reduce each) and normalised by the global
+            number of samples, so every rank sees the operator of the global batch.
 
     Raises:
         ValueError: For empty data, a model without trainable parameters, or bad arguments.
@@ -59,6 +63,7 @@ class CurvatureOperator(LinearOperator):
         cache: bool | None = None,
         check_deterministic: bool = True,
         engine: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -69,6 +74,7 @@ class CurvatureOperator(LinearOperator):
         self.loss_fn = loss_fn
         self.engine = engine
         self.reduction = getattr(loss_fn, "reduction", "mean")
+        self.process_group = process_group
         batches = as_batches(data)
         self._streamed = not isinstance(batches, list) if cache is None else not cache
         self._batches = batches
@@ -78,12 +84,14 @@ class CurvatureOperator(LinearOperator):
         if not self._streamed:
             blist = list(batches)
             sizes = [b.size for b in blist]
-            self.num_samples = sum(sizes)
+            self.local_num_samples = sum(sizes)
+            self.num_samples = self._global_count(self.local_num_samples)
             self._states = [
                 (self._prepare(b), self._weight(n)) for b, n in zip(blist, sizes)
             ]
         else:
-            self.num_samples = sum(b.size for b in batches)
+            self.local_num_samples = sum(b.size for b in batches)
+            self.num_samples = self._global_count(self.local_num_samples)
             if check_deterministic:
                 self._check_deterministic()
 
@@ -101,6 +109,29 @@ class CurvatureOperator(LinearOperator):
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
         """Loss value and gradient (parameter shapes) of one batch."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ distribution
+    def _global_count(self, local: int) -> int:
+        if self.process_group is None:
+            return local
+        count = torch.tensor([float(local)], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(count, group=self.process_group)
+        return int(count.item())
+
+    def _comm_device(self) -> torch.device:
+        backend = torch.distributed.get_backend(self.process_group)
+        return self.device if backend == "nccl" else torch.device("cpu")
+
+    def _allreduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Sum ``tensors`` over the process group with a single flat all-reduce."""
+        if self.process_group is None:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        device = self._comm_device()
+        buf = flat.to(device)
+        torch.distributed.all_reduce(buf, group=self.process_group)
+        flat = buf.to(flat.device)
+        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     # ---------------------------------------------------------------------- batches
     def _weight(self, batch_size: int) -> float:
@@ -138,8 +169,9 @@ class CurvatureOperator(LinearOperator):
             else:
                 for t, p in zip(total, part):
                     t.add_(p, alpha=weight)
-        assert total is not None
-        return total
+        if total is None:  # a rank without data contributes zeros
+            raise ValueError("data: expected at least one batch, got none")
+        return self._allreduce(total)
 
     def _matvec(self, x: Tensor) -> Tensor:
         out = self._accumulate(list(self.fmodel.unflatten(x)), None, batched=False)
@@ -205,8 +237,9 @@ class CurvatureOperator(LinearOperator):
                 for t, gi in zip(grad, g):
                     t.add_(gi, alpha=weight)
         assert loss is not None and grad is not None
-        self._loss = loss.detach()
-        self._gradient = self.fmodel.flatten(grad)
+        loss_and_grad = self._allreduce([loss.detach().reshape(1).to(grad[0].dtype), *grad])
+        self._loss = loss_and_grad[0].reshape(()).to(loss.dtype)
+        self._gradient = self.fmodel.flatten(loss_and_grad[1:])
 
     def block(self, index: int) -> LinearOperator:
         """The diagonal block of parameter tensor ``index`` (rows and columns of that tensor).
