@@ -204,7 +204,7 @@ class SequentialLinearization(Linearization):
         x = inputs[0]
         with torch.enable_grad():
             for prefix, layer in layers:
-                x = self._forward_layer(layer, prefix, x, values, fmodel.alias)
+                x = self._forward_layer(layer, prefix, x, values, leaves, fmodel.alias)
         self._z_graph = x
         self.z = x.detach()
 
@@ -214,6 +214,7 @@ class SequentialLinearization(Linearization):
         prefix: str,
         x: Tensor,
         values: dict[str, Tensor],
+        leaves: list[Tensor],
         alias: dict[str, int],
     ) -> Tensor:
         t = type(layer)
@@ -221,9 +222,9 @@ class SequentialLinearization(Linearization):
 
         def param(name: str) -> tuple[Tensor | None, int | None]:
             full = prefix + name
-            if full in values:
-                return values[full], alias.get(full)
-            return None, None
+            if full in alias:  # trainable (tied names included)
+                return leaves[alias[full]], alias[full]
+            return values.get(full), None  # frozen, or absent (bias=False)
 
         if t is nn.Linear or t in _CONV:
             (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")
