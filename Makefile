@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test test-slow lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m secondorder spiral --quick
+	$(PY) -m secondorder spiral
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 test: lint typecheck pytest
 
@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Acceptance runs of the seed studies (minutes): not part of `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests

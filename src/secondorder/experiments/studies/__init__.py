@@ -1,0 +1,1 @@
+"""One module per study of the ``secondorder`` command (see :mod:`secondorder.experiments.cli`)."""
