@@ -1,0 +1,325 @@
+r"""Exact diagonals of curvature matrices where they are cheap, from per-sample products.
+
+For the core losses (cross-entropy, MSE, BCE-with-logits; see :mod:`.losses`) the loss of a batch
+decomposes over independent rows, :math:`L = s \sum_r \ell_r(z_r)`, and each row's output Hessian
+has a symmetric factor :math:`\nabla^2 \ell_r = S_r S_r^\top` with :math:`C` columns. Then
+
+.. math::
+    \operatorname{diag}(G) = s \sum_r \sum_{c=1}^{C} \big(J_r^\top S_r[:, c]\big)^{\odot 2},
+    \qquad
+    \operatorname{diag}(F_{\mathrm{emp}}) = s \sum_r \big(J_r^\top \nabla \ell_r\big)^{\odot 2},
+
+with :math:`J_r = \partial z_r / \partial \theta` and :math:`\odot 2` the elementwise square. Each
+term is one vector-Jacobian product of a single sample's outputs. They are computed with
+:mod:`torch.func`: a ``vmap`` over the samples of a ``vmap`` over the cotangents of one
+:func:`torch.func.vjp` of the model called (through :func:`torch.func.functional_call`) on that
+sample alone, so any ``nn.Module`` whose samples do not interact works (BatchNorm must be in
+eval mode; Dropout off). The cost is about :math:`C` gradients for the GGN diagonal and one for the
+empirical-Fisher diagonal, in chunks of samples that bound the memory.
+
+Over several batches the diagonals combine like the operators
+(:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`N_b / N` for
+``reduction="mean"`` and 1 for ``"sum"``, so the result equals the diagonal of the operator on
+the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vjp, vmap
+
+from .losses import LossTerms, loss_terms, supports_likelihood
+from .model import Batch, FunctionalModel, as_batches
+
+__all__ = ["empirical_fisher_diagonal", "ggn_diagonal", "per_sample_gradient_diagonal"]
+
+# elements of the largest intermediate (samples x columns x parameters) of one vmap call
+_CHUNK_ELEMENTS = 2**22
+
+
+def _check_likelihood(loss_fn: Any, what: str) -> None:
+    if not supports_likelihood(loss_fn):
+        raise ValueError(
+            f"{what} needs a loss with a likelihood: nn.CrossEntropyLoss (no class weights), "
+            f"nn.MSELoss or nn.BCEWithLogitsLoss (no weights), reduction 'mean' or 'sum'; got "
+            f"{loss_fn!r}. For other losses use per_sample_gradient_diagonal, or the dense "
+            "diagonal of a small operator (GGN(...).to_dense().diagonal())"
+        )
+
+
+def _check_chunk(chunk_size: Any) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def _sample_dims(batch: Batch, n: int) -> tuple[int | None, ...]:
+    """``0`` for inputs with the batch's leading dimension ``n`` (vmapped), ``None`` otherwise."""
+    return tuple(
+        0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == n else None
+        for x in batch.inputs
+    )
+
+
+def _chunks(n: int, per_sample: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    step = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _take(values: tuple[Any, ...], dims: tuple[int | None, ...], a: int, b: int) -> tuple[Any, ...]:
+    return tuple(v[a:b] if d == 0 else v for v, d in zip(values, dims))
+
+
+def _row_factor_diagonal(
+    fmodel: FunctionalModel,
+    loss_fn: Any,
+    batch: Batch,
+    factor: Callable[[LossTerms], Tensor],
+    chunk_size: int | None,
+) -> tuple[Tensor, float]:
+    r""":math:`\sum_r \sum_c (J_r^\top F_r[:, c])^{\odot 2}` on one batch, and the scale :math:`s`.
+
+    ``factor(terms)`` returns :math:`F` of shape ``(R, C, K)`` (rows, output entries per row,
+    columns); rows are ordered sample-major, ``R = N m`` with ``m`` rows per sample.
+    """
+    n = batch.size
+    params = [p.detach() for p in fmodel.params]
+    with torch.no_grad():
+        z = fmodel(params, batch.inputs)
+    if not isinstance(z, Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(z).__name__}")
+    terms = loss_terms(loss_fn, z, batch.targets)
+    if not terms.has_likelihood:
+        raise ValueError(
+            f"{loss_fn!r} has no likelihood on this batch (targets of type "
+            f"{type(batch.targets).__name__}); exact diagonals need tensor targets"
+        )
+    rows = terms.to_rows(z)
+    if z.ndim == 0 or z.shape[0] != n or rows.ndim != 2 or rows.shape[0] % n != 0:
+        raise ValueError(
+            f"per-sample diagonals need outputs with a leading batch dimension of size {n} "
+            f"(the batch size), got outputs of shape {tuple(z.shape)}"
+        )
+    S = factor(terms).detach()  # (R, C, K)
+    m, C, K = rows.shape[0] // n, S.shape[1], S.shape[2]
+    # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
+    # row j of sample i and zeros elsewhere; built for the whole batch via from_rows
+    eye = torch.eye(m, dtype=S.dtype, device=S.device)
+    blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
+    cot = terms.from_rows(blocks.reshape(m * K, n * m, C)).movedim(1, 0)  # (N, mK, *z_i)
+    cot = cot.reshape(n, m * K, 1, *z.shape[1:])
+    dims = _sample_dims(batch, n)
+
+    def one_sample(inputs: tuple[Any, ...], cotangents: Tensor) -> tuple[Tensor, ...]:
+        def f(*ps: Tensor) -> Tensor:
+            xs = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(inputs, dims))
+            return fmodel(ps, xs)
+
+        pullback = vjp(f, *params)[1]
+        return vmap(pullback)(cotangents)  # (mK, *shape) per parameter
+
+    total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
+    for a, b in _chunks(n, m * K * fmodel.dim, chunk_size):
+        grads = vmap(one_sample, in_dims=(dims, 0))(_take(batch.inputs, dims, a, b), cot[a:b])
+        _accumulate_squares(total, grads, fmodel.numels)
+    return total, terms.scale
+
+
+def _accumulate_squares(total: Tensor, grads: Sequence[Tensor], numels: Sequence[int]) -> None:
+    """``total += sum over the leading dimensions of grads**2``, parameter by parameter."""
+    for out, g in zip(total.split(list(numels)), grads):
+        out += g.reshape(-1, out.numel()).square().sum(0)
+
+
+def _combine(loss_fn: Any, data: Any, per_batch: Callable[[Batch], tuple[Tensor, float]]) -> Tensor:
+    """Weight per-batch diagonals like the operators: ``N_b / N`` (mean) or 1 (sum)."""
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    total: Tensor | None = None
+    count = 0
+    for batch in as_batches(data):
+        d, scale = per_batch(batch)
+        d = d * (scale * batch.size if mean else scale)
+        count += batch.size
+        total = d if total is None else total + d
+    assert total is not None
+    return total / count if mean else total
+
+
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""The exact diagonal of the generalised Gauss-Newton matrix (= exact Fisher) for core losses.
+
+    .. math::
+        \operatorname{diag}(G) = \sum_b w_b\, s_b \sum_{r} \sum_{c=1}^{C}
+        \big(J_r^\top S_r[:, c]\big)^{\odot 2},
+        \qquad S_r S_r^\top = \nabla^2_{z_r} \ell_r,
+
+    with :math:`L_b = s_b \sum_r \ell_r` the batch loss over rows (see :mod:`.losses`), the
+    factors from ``LossTerms.symmetric_factor()`` and :math:`w_b` the batch weights of the
+    operators. It equals ``GGN(model, loss_fn, data).to_dense().diagonal()`` at the cost of about
+    :math:`C` gradients (one vector-Jacobian product per output dimension and sample, batched
+    with :func:`torch.func.vmap`).
+
+    Args:
+        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
+            ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        params: Optional subset of the model's parameters (default: all with requires_grad).
+        chunk_size: Samples per vectorised call (default: as many as keep the intermediate
+            ``samples x columns x parameters`` below :math:`2^{22}` elements).
+
+    Returns:
+        The diagonal, shape ``(n,)`` in the order of the flat parameter vector.
+
+    Raises:
+        ValueError: For a loss without a likelihood, outputs without a batch dimension, or an
+            invalid ``chunk_size``.
+
+    Example:
+        >>> import torch, secondorder as so
+        >>> from secondorder.curvature.diagonal import ggn_diagonal
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> d = ggn_diagonal(model, loss_fn, (X, y))
+        >>> bool(torch.allclose(d, so.GGN(model, loss_fn, (X, y)).to_dense().diagonal()))
+        True
+    """
+    _check_likelihood(loss_fn, "ggn_diagonal")
+    _check_chunk(chunk_size)
+    fmodel = FunctionalModel(model, params)
+    return _combine(
+        loss_fn,
+        data,
+        lambda b: _row_factor_diagonal(
+            fmodel, loss_fn, b, lambda t: t.symmetric_factor(), chunk_size
+        ),
+    )
+
+
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""The exact diagonal of the empirical Fisher, the scaled sum of squared per-row gradients.
+
+    .. math::
+        \operatorname{diag}(F_{\mathrm{emp}}) = \sum_b w_b\, s_b \sum_r
+        \big(\nabla_\theta \ell_r\big)^{\odot 2}
+        = \sum_b w_b\, s_b \sum_r \big(J_r^\top \nabla_{z_r} \ell_r(y_r)\big)^{\odot 2},
+
+    with the same normalisation as ``Fisher(model, loss_fn, data, kind="empirical")`` (rows and
+    :math:`s_b` as in :mod:`.losses`; rows are samples except for cross-entropy on ``(N, C, *d)``
+    outputs, where every position is a row). Costs about one gradient.
+
+    Args:
+        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
+            ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        params: Optional subset of the model's parameters (default: all with requires_grad).
+        chunk_size: Samples per vectorised call (default: automatic, see :func:`ggn_diagonal`).
+
+    Returns:
+        The diagonal, shape ``(n,)``.
+
+    Raises:
+        ValueError: For a loss without a likelihood, outputs without a batch dimension, or an
+            invalid ``chunk_size``.
+    """
+    _check_likelihood(loss_fn, "empirical_fisher_diagonal")
+    _check_chunk(chunk_size)
+    fmodel = FunctionalModel(model, params)
+    return _combine(
+        loss_fn,
+        data,
+        lambda b: _row_factor_diagonal(
+            fmodel, loss_fn, b, lambda t: t.per_row_gradients().unsqueeze(-1), chunk_size
+        ),
+    )
+
+
+def per_sample_gradient_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Diagonal of the empirical Fisher of per-sample losses, for any loss callable.
+
+    With :math:`l_i(\theta)` = ``loss_fn(model(x_i[None]), y_i[None])``, the loss of sample
+    :math:`i` evaluated alone,
+
+    .. math::
+        d = \frac{1}{N} \sum_{i=1}^N \big(\nabla_\theta l_i\big)^{\odot 2}
+        \quad (\text{reduction "mean"}), \qquad
+        d = \sum_{i=1}^N \big(\nabla_\theta l_i\big)^{\odot 2} \quad (\text{"sum"}),
+
+    over all :math:`N` samples of all batches (a loss without a ``reduction`` attribute counts as
+    ``"mean"``). This is Martens' (2010, §4.7) preconditioner statistic for losses without a
+    known likelihood (e.g. a model returning an objective value); for the core losses
+    :func:`empirical_fisher_diagonal` gives the scale that matches the GGN. Inputs and targets
+    without the batch's leading dimension (or not tensors) are passed unchanged to every sample.
+
+    Args:
+        model: Any ``nn.Module`` whose samples are independent.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        params: Optional subset of the model's parameters (default: all with requires_grad).
+        chunk_size: Samples per vectorised call (default: automatic).
+
+    Returns:
+        The diagonal, shape ``(n,)``.
+
+    Raises:
+        ValueError: For an invalid ``chunk_size`` or a loss returning a non-scalar.
+    """
+    _check_chunk(chunk_size)
+    fmodel = FunctionalModel(model, params)
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+
+    def per_batch(batch: Batch) -> tuple[Tensor, float]:
+        n = batch.size
+        dims = _sample_dims(batch, n)
+        t = batch.targets
+        tdim = 0 if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == n else None
+        params_ = [p.detach() for p in fmodel.params]
+
+        def one_sample(inputs: tuple[Any, ...], target: Any) -> tuple[Tensor, ...]:
+            def loss(ps: list[Tensor]) -> Tensor:
+                xs = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(inputs, dims))
+                value = loss_fn(fmodel(ps, xs), target.unsqueeze(0) if tdim == 0 else target)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ValueError(f"loss_fn {loss_fn!r} must return a scalar tensor")
+                return value.reshape(())
+
+            return tuple(grad(loss)(params_))
+
+        total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
+        for a, b in _chunks(n, fmodel.dim, chunk_size):
+            tb = t[a:b] if tdim == 0 else t
+            grads = vmap(one_sample, in_dims=(dims, tdim))(_take(batch.inputs, dims, a, b), tb)
+            _accumulate_squares(total, grads, fmodel.numels)
+        # _combine multiplies by N_b (mean) and divides by N: d = (1/N) sum_i
+        return total / n if mean else total, 1.0
+
+    return _combine(loss_fn, data, per_batch)

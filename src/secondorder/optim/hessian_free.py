@@ -1,0 +1,532 @@
+r"""Martens' Hessian-free optimizer: damped curvature, truncated PCG, backtracking, line search.
+
+One step at the parameters :math:`\theta` (Martens 2010; Martens & Sutskever 2012):
+
+1. Build the curvature :math:`C` (the GGN, or the Hessian) on the curvature batch; the same
+   forward pass gives the loss and the gradient :math:`g` when the batches coincide.
+2. Run preconditioned CG on the damped system
+
+   .. math::
+       (C + \lambda I)\, \delta = -g,
+
+   which minimises the damped quadratic model
+   :math:`\phi(\delta) = q(\delta) - q(0) = \tfrac12 \delta^\top (C + \lambda I) \delta
+   + g^\top \delta`, stopped by Martens' relative-progress rule, warm-started from
+   ``cg_decay_x0`` times the previous step's final CG iterate, preconditioned by
+   :math:`(\operatorname{diag}(F_{\mathrm{emp}}) + \lambda)^{3/4}` and keeping snapshots of the
+   iterates at iterations :math:`\lceil 1.3^j \rceil`.
+3. CG backtracking: evaluate the loss at the kept iterates from the last one backwards and
+   keep going while it decreases; the iterate with the lowest loss is the step.
+4. Reduction ratio :math:`\rho = (f(\theta + \delta) - f(\theta)) / \phi(\delta)` and the
+   Levenberg-Marquardt update of :math:`\lambda` (:mod:`.damping`).
+5. Armijo backtracking line search on the chosen step (:mod:`.linesearch`), then
+   :math:`\theta \leftarrow \theta + \alpha\, \mathrm{lr}\, \delta`.
+
+Each piece is a separate, switchable layer: ``adapt_damping``, ``martens_stop``,
+``cg_decay_x0 = 0``, ``preconditioner=None``, ``use_cg_backtracking`` and ``use_linesearch``
+turn them off one at a time.
+
+References:
+    J. Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+    https://www.cs.toronto.edu/~jmartens/docs/Deep_HessianFree.pdf
+
+    J. Martens and I. Sutskever, "Training deep and recurrent networks with Hessian-free
+    optimization", in Neural Networks: Tricks of the Trade, 2012.
+    https://www.cs.utoronto.ca/~jmartens/docs/HF_book_chapter.pdf
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
+from ..curvature.losses import supports_likelihood
+from ..curvature.model import Batch, FunctionalModel, as_batches
+from ..linalg.cg import CGStatus, cg
+from ..linalg.operator import Identity
+from ..linalg.preconditioners import JacobiPreconditioner
+from .base import CurvatureOptimizer, check_positive
+from .damping import levenberg_marquardt, reduction_ratio
+from .linesearch import armijo_backtracking
+
+__all__ = ["HessianFree"]
+
+_CURVATURES = ("ggn", "hessian")
+_PRECONDITIONERS = ("empirical_fisher", None)
+_PRECONDITIONER_EXPONENT = 0.75
+
+
+def _same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
+    """Whether two batch lists hold the very same tensors (identity, not equality)."""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if len(x.inputs) != len(y.inputs) or x.targets is not y.targets:
+            return False
+        if any(p is not q for p, q in zip(x.inputs, y.inputs)):
+            return False
+    return True
+
+
+def _as_batch_list(data: Any, name: str) -> list[Batch]:
+    try:
+        return list(as_batches(data))
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def _loss_and_gradient(
+    fmodel: FunctionalModel, loss_fn: Any, batches: Sequence[Batch]
+) -> tuple[Tensor, Tensor]:
+    r"""Loss and flat gradient over ``batches``, weighted like the curvature operators.
+
+    .. math::
+        L = \sum_b w_b L_b, \quad \nabla L = \sum_b w_b \nabla L_b, \qquad
+        w_b = N_b / N \ (\text{mean}), \quad 1 \ (\text{sum}).
+
+    One forward and one backward pass per batch, without second-order graphs.
+
+    Args:
+        fmodel: The model as a function of its parameters.
+        loss_fn: The loss.
+        batches: The data.
+
+    Returns:
+        ``(loss, gradient)``: a detached 0-dim tensor and a flat vector.
+
+    Raises:
+        ValueError: If the loss is not a scalar.
+    """
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    total = sum(b.size for b in batches)
+    loss: Tensor | None = None
+    flat: Tensor | None = None
+    for batch in batches:
+        weight = batch.size / total if mean else 1.0
+        leaves = fmodel.leaves()
+        with torch.enable_grad():
+            value = loss_fn(fmodel(leaves, batch.inputs), batch.targets)
+            if not isinstance(value, Tensor) or value.ndim != 0:
+                raise ValueError(
+                    f"loss_fn {loss_fn!r} must return a scalar tensor (reduction 'mean' or 'sum')"
+                )
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        g = fmodel.flatten(
+            [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(grads, leaves)]
+        )
+        value = value.detach()
+        if flat is None or loss is None:
+            flat, loss = g * weight, value * weight
+        else:
+            flat.add_(g, alpha=weight)
+            loss = loss + value * weight
+    assert loss is not None and flat is not None
+    return loss, flat
+
+
+class HessianFree(CurvatureOptimizer):
+    r"""Hessian-free optimization (Martens 2010; Martens & Sutskever 2012).
+
+    Each :meth:`step` solves the damped Newton system :math:`(C + \lambda I)\delta = -g` by
+    truncated preconditioned CG, picks the best CG iterate by backtracking on the loss, adapts
+    :math:`\lambda` by the Levenberg-Marquardt rule on the reduction ratio
+
+    .. math::
+        \rho = \frac{f(\theta + \mathrm{lr}\,\delta) - f(\theta)}
+        {q(\mathrm{lr}\,\delta) - q(0)}, \qquad
+        q(\delta) - q(0) = \tfrac12 \delta^\top (C + \lambda I) \delta + g^\top \delta
+
+    (the damped quadratic model that CG minimises, its value read from CG for free), and
+    scales the step by an Armijo line search:
+    :math:`\theta \leftarrow \theta + \alpha\,\mathrm{lr}\,\delta`. All loss evaluations after
+    the curvature is built are forward passes without graphs
+    (:meth:`~secondorder.optim.base.CurvatureOptimizer.loss_at`), and only as many as the
+    backtracking and the line search need (the loss at the chosen iterate is reused as the
+    line search's first trial).
+
+    :meth:`acc_step` takes separate data for the loss (used by :math:`\rho`, backtracking and the
+    line search), the gradient and the curvature, each accumulated exactly over its batches.
+
+    **Negative curvature** (``curvature="hessian"``): CG stops at the first direction of
+    non-positive curvature and returns its last iterate; the kept iterates before it are used
+    as usual. If no kept iterate is a descent direction (negative curvature in the first
+    iteration, or a warm start pointing uphill), the step falls back to the damped gradient
+    step :math:`\delta = -g / \lambda`; ``diagnostics["negative_curvature"]`` and
+    ``diagnostics["fallback"]`` report it. Since :math:`C + \lambda I` was then not positive
+    definite, :math:`\lambda` is raised as for :math:`\rho < 1/4`, whatever :math:`\rho` is
+    (otherwise a short step that the model predicts well would lower the damping that failed
+    to make the system definite).
+
+    **Rejections.** A non-finite loss, gradient, preconditioner or CG product rejects the step
+    through the base class (parameters unchanged, ``on_nonfinite`` applies) and raises
+    :math:`\lambda` by ``3/2`` when it adapts. A failed line search (no step length with
+    sufficient decrease) leaves the parameters unchanged with ``diagnostics["accepted"] = False``.
+
+    The damping adapts globally, so one param group only. State (kept on the first parameter,
+    carried by ``state_dict``): ``"step"``, ``"damping"`` (the current :math:`\lambda`) and
+    ``"x0"`` (the last final CG iterate, the next warm start before decay).
+
+    Args:
+        model: The model to train.
+        loss_fn: The loss, ``loss_fn(outputs, targets) -> scalar``.
+        lr: Scale of the CG step before backtracking, :math:`\rho` and the line search, which
+            all evaluate the loss at the point actually taken (default: 1).
+        damping: The initial Tikhonov damping :math:`\lambda > 0` (default: 1); with
+            ``adapt_damping=False`` the fixed damping, read from the param group every step.
+        curvature: ``"ggn"`` (positive semi-definite, recommended) or ``"hessian"``.
+        adapt_damping: Update :math:`\lambda` by the Levenberg-Marquardt rule (default: True).
+        cg_maxiter: Maximal CG iterations per step (default: 250).
+        cg_rtol: CG relative residual tolerance; small, as Martens' rule does the stopping
+            (default: 1e-6).
+        martens_stop: Stop CG by Martens' relative-progress rule on the quadratic model
+            (default: True); otherwise by the residual rule and ``cg_maxiter`` only.
+        martens_eps: The :math:`\varepsilon` of Martens' rule (default: 5e-4).
+        cg_decay_x0: Warm start :math:`x_0 = \texttt{cg\_decay\_x0} \cdot \delta_{\mathrm{prev}}`
+            with :math:`\delta_{\mathrm{prev}}` the previous final CG iterate; ``0`` starts
+            from zero (default: 0.95).
+        preconditioner: ``"empirical_fisher"``: :math:`M = (\operatorname{diag}(F_{\mathrm{emp}})
+            + \lambda)^{3/4}` with the exact empirical-Fisher diagonal on the gradient data
+            (:func:`~secondorder.curvature.diagonal.empirical_fisher_diagonal`; for losses
+            without a likelihood the squared per-sample gradients,
+            :func:`~secondorder.curvature.diagonal.per_sample_gradient_diagonal`), or ``None``.
+            It costs one vectorised per-sample gradient pass over the gradient data per step
+            and needs a model whose samples are independent (``torch.func.vmap``).
+        use_cg_backtracking: Choose among the kept CG iterates by the loss (default: True);
+            otherwise take the final iterate.
+        use_linesearch: Armijo line search on the chosen step (default: True); otherwise take
+            it with :math:`\alpha = 1` unless the loss there is not finite.
+        ls_c: Armijo constant in ``(0, 1)`` (default: 1e-2).
+        ls_shrink: Line-search backtracking factor in ``(0, 1)`` (default: 0.8).
+        ls_max_steps: Maximal loss evaluations of the line search (default: 30).
+        min_damping: Lower bound of :math:`\lambda` (default: 1e-8).
+        max_damping: Upper bound of :math:`\lambda` (default: 1e8).
+        params: Parameters (one group) of ``model``; default: all trainable ones.
+        on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
+        engine: Linearisation engine of the curvature operators (``"auto"``).
+
+    Raises:
+        ValueError: For an invalid hyperparameter (the message names it and its value), an
+            unknown ``curvature``/``preconditioner``, or several param groups.
+
+    Example:
+        >>> import torch
+        >>> from secondorder.optim.hessian_free import HessianFree
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 2))
+        >>> X, y = torch.randn(32, 4), torch.randn(32, 2)
+        >>> opt = HessianFree(model, torch.nn.MSELoss())
+        >>> before = opt.step(X, y)
+        >>> bool(torch.nn.MSELoss()(model(X), y) < before), opt.diagnostics["accepted"]
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 1.0,
+        damping: float = 1.0,
+        *,
+        curvature: str = "ggn",
+        adapt_damping: bool = True,
+        cg_maxiter: int = 250,
+        cg_rtol: float = 1e-6,
+        martens_stop: bool = True,
+        martens_eps: float = 5e-4,
+        cg_decay_x0: float = 0.95,
+        preconditioner: str | None = "empirical_fisher",
+        use_cg_backtracking: bool = True,
+        use_linesearch: bool = True,
+        ls_c: float = 1e-2,
+        ls_shrink: float = 0.8,
+        ls_max_steps: int = 30,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+        params: Any = None,
+        on_nonfinite: str = "skip",
+        engine: str = "auto",
+    ) -> None:
+        if curvature not in _CURVATURES:
+            raise ValueError(f"curvature must be one of {_CURVATURES}, got {curvature!r}")
+        if preconditioner not in _PRECONDITIONERS:
+            raise ValueError(
+                f"preconditioner must be one of {_PRECONDITIONERS}, got {preconditioner!r}"
+            )
+        for name, flag in (
+            ("adapt_damping", adapt_damping),
+            ("martens_stop", martens_stop),
+            ("use_cg_backtracking", use_cg_backtracking),
+            ("use_linesearch", use_linesearch),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if engine not in ("auto", "sequential", "autograd"):
+            raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            cg_maxiter=cg_maxiter,
+            cg_rtol=cg_rtol,
+            martens_eps=martens_eps,
+            cg_decay_x0=cg_decay_x0,
+            ls_c=ls_c,
+            ls_shrink=ls_shrink,
+            ls_max_steps=ls_max_steps,
+            min_damping=min_damping,
+            max_damping=max_damping,
+        )
+        self._check_hyperparameters(defaults)
+        super().__init__(
+            model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite, allow_groups=False
+        )
+        self._check_hyperparameters(self.param_groups[0])
+        self.curvature = curvature
+        self.adapt_damping = adapt_damping
+        self.martens_stop = martens_stop
+        self.preconditioner = preconditioner
+        self.use_cg_backtracking = use_cg_backtracking
+        self.use_linesearch = use_linesearch
+        self.engine = engine
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_positive("damping", group["damping"])
+        check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
+        check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
+        check_positive("martens_eps", group["martens_eps"])
+        check_positive("cg_decay_x0", group["cg_decay_x0"], allow_zero=True)
+        if group["cg_decay_x0"] > 1:
+            raise ValueError(
+                f"Invalid cg_decay_x0 value: {group['cg_decay_x0']!r} (expected a number in [0, 1])"
+            )
+        for name in ("ls_c", "ls_shrink"):
+            check_positive(name, group[name])
+            if group[name] >= 1:
+                raise ValueError(
+                    f"Invalid {name} value: {group[name]!r} (expected a number in (0, 1))"
+                )
+        check_positive("ls_max_steps", group["ls_max_steps"], integer=True)
+        check_positive("min_damping", group["min_damping"])
+        check_positive("max_damping", group["max_damping"])
+        lo, lam, hi = group["min_damping"], group["damping"], group["max_damping"]
+        if not lo <= lam <= hi:
+            raise ValueError(
+                f"Invalid damping value: {lam!r} (expected min_damping={lo!r} <= damping <= "
+                f"max_damping={hi!r})"
+            )
+
+    # ------------------------------------------------------------------ public steps
+    def acc_step(self, loss_data: Any, grad_data: Any, curvature_data: Any) -> Tensor:
+        """Take one step with separate data for the loss, the gradient and the curvature.
+
+        Each argument is one batch ``(inputs, targets)`` or an iterable of batches (read once
+        into a list); its quantity is accumulated exactly over its batches, weighted like the
+        curvature operators (``N_b / N`` for ``reduction="mean"``). The gradient comes from the
+        curvature's forward pass when ``grad_data`` holds the same tensors as
+        ``curvature_data``, and from one extra forward/backward pass per batch otherwise. The
+        reduction ratio, CG backtracking and the line search use ``loss_data``.
+
+        Args:
+            loss_data: Data of the loss :math:`f`.
+            grad_data: Data of the gradient :math:`g`.
+            curvature_data: Data of the curvature :math:`C`.
+
+        Returns:
+            The loss on ``loss_data`` at the parameters the step started from.
+        """
+        return self._run_step(
+            _as_batch_list(curvature_data, "curvature_data"),
+            loss_batches=_as_batch_list(loss_data, "loss_data"),
+            grad_batches=_as_batch_list(grad_data, "grad_data"),
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _current_damping(self) -> float:
+        group = self.param_groups[0]
+        if not self.adapt_damping:
+            return float(group["damping"])
+        return float(self.global_state.get("damping", group["damping"]))
+
+    def _on_reject(self, reason: str) -> None:
+        if self.adapt_damping:
+            group = self.param_groups[0]
+            self.global_state["damping"] = levenberg_marquardt(
+                self._current_damping(),
+                math.nan,
+                min_damping=group["min_damping"],
+                max_damping=group["max_damping"],
+            )
+            self.diagnostics["next_damping"] = self.global_state["damping"]
+
+    def _preconditioner_diagonal(self, batches: list[Batch]) -> Tensor:
+        params = self.fmodel.params
+        if supports_likelihood(self.loss_fn):
+            return empirical_fisher_diagonal(self.model, self.loss_fn, batches, params=params)
+        return per_sample_gradient_diagonal(self.model, self.loss_fn, batches, params=params)
+
+    def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        loss_batches: list[Batch] = kw.get("loss_batches") or batches
+        grad_batches: list[Batch] = kw.get("grad_batches") or batches
+        group = self.param_groups[0]
+        state = self.global_state
+        diag = self.diagnostics
+        lam = self._current_damping()
+        lr = float(group["lr"])
+        diag.update(damping=lam, rho=math.nan, alpha=0.0, fallback=None, chosen_iterate=None)
+        clock = time.perf_counter
+        tic = clock()
+
+        # 1. curvature, gradient and loss (one forward pass when the data coincide)
+        C = self._curvature(self.curvature, batches, engine=self.engine, cache=True)
+        if _same_batches(grad_batches, batches):
+            grad_loss, grad = C.loss, C.gradient()
+        else:
+            grad_loss, grad = _loss_and_gradient(self.fmodel, self.loss_fn, grad_batches)
+        theta = self.fmodel.current()
+        if _same_batches(loss_batches, grad_batches):
+            f0 = grad_loss
+        elif _same_batches(loss_batches, batches):
+            f0 = C.loss
+        else:
+            f0 = self.loss_at(theta, loss_batches)
+        diag["time_curvature"] = clock() - tic
+        if not self._check_loss_and_gradient(f0, grad):
+            return f0, None
+        if not math.isfinite(float(grad_loss)):
+            self._reject("the loss on the gradient data is not finite")
+            return f0, None
+        f0_f = float(f0)
+        if diag["grad_norm"] == 0.0:  # a stationary point: nothing to do
+            diag.update(cg_iterations=0, cg_residual=0.0, cg_status="zero_gradient")
+            diag.update(next_damping=lam, new_loss=f0_f, loss_evaluations=0)
+            return f0, torch.zeros_like(grad)
+
+        # 2. preconditioned CG on (C + lam I) delta = -g
+        tic = clock()
+        M = None
+        if self.preconditioner == "empirical_fisher":
+            d = self._preconditioner_diagonal(grad_batches)
+            if not bool(torch.isfinite(d).all()):
+                self._reject("the preconditioner's diagonal is not finite")
+                return f0, None
+            M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
+        diag["time_preconditioner"] = clock() - tic
+        tic = clock()
+        A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
+        previous = state.get("x0")
+        decay = float(group["cg_decay_x0"])
+        x0 = previous * decay if previous is not None and decay > 0 else None
+        diag["warm_start"] = x0 is not None
+        x, info = cg(
+            A,
+            -grad,
+            x0,
+            rtol=group["cg_rtol"],
+            atol=0.0,
+            maxiter=group["cg_maxiter"],
+            M=M,
+            stop_rule="martens" if self.martens_stop else "residual",
+            martens_eps=group["martens_eps"],
+            keep_iterates=self.use_cg_backtracking,
+        )
+        diag.update(
+            cg_iterations=info.iterations,
+            cg_residual=info.residual_norm,
+            cg_status=info.status.name.lower(),
+            negative_curvature=info.status == CGStatus.NEGATIVE_CURVATURE,
+            time_cg=clock() - tic,
+        )
+        if info.status == CGStatus.NONFINITE:
+            self._reject("a curvature product was not finite during CG")
+            return f0, None
+        if info.iterations == 0 and x0 is None:
+            state.pop("x0", None)  # CG did not move from zero: nothing to warm-start from
+        else:
+            state["x0"] = x
+
+        # 3. CG backtracking over the kept iterates that descend
+        tic = clock()
+        kept = info.iterates if self.use_cg_backtracking else []
+        if not kept:
+            kept = [(info.iterations, x, info.quadratic_values[-1])]
+        slopes = torch.stack([torch.dot(grad, xk) for _, xk, _ in kept]).tolist()
+        candidates = [(k, xk, phi, s) for (k, xk, phi), s in zip(kept, slopes) if s < 0]
+        if not candidates:  # no descent direction from CG: the damped gradient step
+            delta = grad / -lam
+            phi = float(0.5 * torch.dot(delta, A @ delta) + torch.dot(grad, delta))
+            candidates = [(0, delta, phi, float(torch.dot(grad, delta)))]
+            diag["fallback"] = "gradient"
+        evaluations = 0
+
+        def loss_along(step: Tensor) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            value = float(self.loss_at(theta + step, loss_batches))
+            return value if not math.isnan(value) else math.inf
+
+        k, delta, phi, slope = candidates[-1]
+        f_new = loss_along(lr * delta)
+        for cand in reversed(candidates[:-1]):
+            value = loss_along(lr * cand[1])
+            if not value < f_new:
+                break
+            (k, delta, phi, slope), f_new = cand, value
+        diag["chosen_iterate"] = k if diag["fallback"] is None else None
+        diag["time_backtracking"] = clock() - tic
+
+        # 4. reduction ratio and Levenberg-Marquardt
+        predicted = lr * lr * (phi - slope) + lr * slope  # q(lr delta) - q(0)
+        rho = reduction_ratio(f0_f, f_new, predicted)
+        new_lam = lam
+        if self.adapt_damping:
+            new_lam = levenberg_marquardt(
+                lam,
+                math.nan if diag["negative_curvature"] else rho,
+                min_damping=group["min_damping"],
+                max_damping=group["max_damping"],
+            )
+            state["damping"] = new_lam
+        diag.update(rho=rho, predicted_change=predicted, next_damping=new_lam)
+
+        # 5. line search
+        tic = clock()
+        alpha = 1.0
+        if self.use_linesearch:
+
+            def along(a: float) -> float:
+                return f_new if a == 1.0 else loss_along(a * lr * delta)
+
+            alpha, f_new, ls = armijo_backtracking(
+                along,
+                f0_f,
+                lr * slope,
+                c=group["ls_c"],
+                shrink=group["ls_shrink"],
+                max_steps=group["ls_max_steps"],
+            )
+            diag["linesearch"] = ls.message
+        diag.update(
+            alpha=alpha,
+            new_loss=f_new,
+            loss_evaluations=evaluations,
+            time_linesearch=clock() - tic,
+        )
+        if self.use_linesearch and alpha == 0.0:
+            diag.update(accepted=False, rejected_reason="the line search found no decrease")
+            return f0, None
+        if not math.isfinite(f_new):
+            self._reject("the loss at the new parameters is not finite")
+            return f0, None
+        return f0, delta * alpha

@@ -1,0 +1,166 @@
+"""Exact GGN / empirical-Fisher diagonals against the dense operators and torch.func (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASE_IDS, CASES, DT, LOSSES, targets
+from torch import nn
+from torch.func import functional_call, grad
+
+import secondorder as so
+from secondorder.curvature.diagonal import (
+    empirical_fisher_diagonal,
+    ggn_diagonal,
+    per_sample_gradient_diagonal,
+)
+
+RTOL = 1e-10
+N = 6
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def build(case, loss_name, red, n=N):
+    model, inputs = case.make(n)
+    return model, LOSSES[loss_name](red), inputs, targets(loss_name, n)
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_ggn_and_empirical_fisher_diagonals_match_dense(case, loss_name, red):
+    model, loss_fn, inputs, y = build(case, loss_name, red)
+    data = (inputs, y)
+    expected = so.GGN(model, loss_fn, data).to_dense().diagonal()
+    assert rel_err(ggn_diagonal(model, loss_fn, data), expected) <= RTOL
+    dense_ef = so.Fisher(model, loss_fn, data, kind="empirical").to_dense().diagonal()
+    assert rel_err(empirical_fisher_diagonal(model, loss_fn, data), dense_ef) <= RTOL
+
+
+class SpatialNet(nn.Module):
+    """Outputs (N, C, L): cross-entropy rows are positions, several per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.mix = nn.Conv1d(3, 3, 1)
+
+    def forward(self, x):
+        return self.mix(torch.tanh(self.conv(x)))
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_cross_entropy_with_positions_and_ignored_rows(red):
+    torch.manual_seed(3)
+    model = SpatialNet().to(DT)
+    x = torch.randn(4, 2, 5, dtype=DT)
+    y = torch.randint(0, 3, (4, 5))
+    y[1, 2] = y[3, 0] = -100  # ignored positions
+    loss_fn = nn.CrossEntropyLoss(reduction=red)
+    data = (x, y)
+    expected = so.GGN(model, loss_fn, data).to_dense().diagonal()
+    assert rel_err(ggn_diagonal(model, loss_fn, data), expected) <= RTOL
+    dense_ef = so.Fisher(model, loss_fn, data, kind="empirical").to_dense().diagonal()
+    assert rel_err(empirical_fisher_diagonal(model, loss_fn, data), dense_ef) <= RTOL
+
+
+def test_probability_targets_and_label_smoothing():
+    model, inputs = CASES[0].make(N)
+    probs = torch.softmax(torch.randn(N, 3, dtype=DT), -1)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    for y in (probs, targets("ce", N)):
+        expected = so.GGN(model, loss_fn, (inputs, y)).to_dense().diagonal()
+        assert rel_err(ggn_diagonal(model, loss_fn, (inputs, y)), expected) <= RTOL
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_several_batches_weighted_like_the_operators(red):
+    model, loss_fn, inputs, y = build(CASES[0], "mse", red, n=9)
+    (x,) = inputs
+    batches = [(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])]
+    whole = (x, y)
+    assert (
+        rel_err(ggn_diagonal(model, loss_fn, batches), ggn_diagonal(model, loss_fn, whole)) <= RTOL
+    )
+    dense = so.GGN(model, loss_fn, batches).to_dense().diagonal()
+    assert rel_err(ggn_diagonal(model, loss_fn, batches), dense) <= RTOL
+    ef_parts = empirical_fisher_diagonal(model, loss_fn, iter(batches))  # a one-shot iterator
+    assert rel_err(ef_parts, empirical_fisher_diagonal(model, loss_fn, whole)) <= RTOL
+
+
+def test_parameter_subset_and_chunking():
+    model, loss_fn, inputs, y = build(CASES[0], "ce", "mean")
+    params = [model[2].weight, model[4].bias]
+    data = (inputs, y)
+    expected = so.GGN(model, loss_fn, data, params=params).to_dense().diagonal()
+    got = ggn_diagonal(model, loss_fn, data, params=params)
+    assert got.shape == (model[2].weight.numel() + model[4].bias.numel(),)
+    assert rel_err(got, expected) <= RTOL
+    full = ggn_diagonal(model, loss_fn, data)
+    assert rel_err(ggn_diagonal(model, loss_fn, data, chunk_size=1), full) <= RTOL
+    assert rel_err(ggn_diagonal(model, loss_fn, data, chunk_size=4), full) <= RTOL
+
+
+def test_losses_without_a_likelihood_are_refused():
+    model, inputs = CASES[0].make(N)
+    y = targets("mse", N)
+
+    def custom(out, t):
+        return ((out - t) ** 4).mean()
+
+    with pytest.raises(ValueError, match="needs a loss with a likelihood"):
+        ggn_diagonal(model, custom, (inputs, y))
+    with pytest.raises(ValueError, match="needs a loss with a likelihood"):
+        empirical_fisher_diagonal(model, nn.L1Loss(), (inputs, y))
+    with pytest.raises(ValueError, match="needs a loss with a likelihood"):
+        ggn_diagonal(model, nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), (inputs, y))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ggn_diagonal(model, nn.MSELoss(), (inputs, y), chunk_size=0)
+
+
+def test_outputs_without_a_batch_dimension_are_refused():
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).sum(0, keepdim=True)  # (1, 3) for a batch of 5: samples interact
+
+    model = Summed().to(DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(1, 3, dtype=DT)
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        ggn_diagonal(model, nn.MSELoss(), (x, y))
+
+
+def _reference_per_sample(model, loss_fn, x, y, mean):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    values = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    total = None
+    for i in range(x.shape[0]):
+        g = grad(lambda v, i=i: loss_fn(functional_call(model, v, (x[i : i + 1],)), y[i : i + 1]))(
+            values
+        )
+        sq = torch.cat([g[n].reshape(-1) for n in names]).square()
+        total = sq if total is None else total + sq
+    return total / x.shape[0] if mean else total
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_per_sample_gradient_diagonal_against_a_loop(red):
+    model, loss_fn, (x,), y = build(CASES[0], "mse", red, n=7)
+    expected = _reference_per_sample(model, loss_fn, x, y, red == "mean")
+    got = per_sample_gradient_diagonal(model, loss_fn, [(x[:3], y[:3]), (x[3:], y[3:])])
+    assert rel_err(got, expected) <= RTOL
+
+
+def test_per_sample_gradient_diagonal_of_a_value_model():
+    from secondorder.experiments.models import Rosenbrock, value_loss
+
+    model = Rosenbrock(dtype=DT)
+    d = per_sample_gradient_diagonal(model, value_loss, (torch.zeros(1, dtype=DT), None))
+    g = torch.autograd.grad(model(), model.x)[0]
+    assert rel_err(d, g.square()) <= RTOL
