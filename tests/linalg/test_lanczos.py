@@ -163,6 +163,18 @@ def test_small_problem_is_solved_densely() -> None:
     assert info.converged and info.num_matvecs == 12
 
 
+def test_hopeless_small_problem_falls_back_to_dense() -> None:
+    # the 3 smallest of a rank-60 PSD matrix of size 120 lie in a 60-fold zero eigenvalue:
+    # a single Krylov vector sees one direction of it, so n products do not suffice
+    U = torch.randn(120, 60, generator=torch.Generator().manual_seed(0), dtype=F64)
+    A = Counting(U @ U.T)
+    evals, evecs, info = lanczos(A, 3, "smallest", return_info=True)
+    assert info.converged and "densely" in info.message
+    assert info.num_matvecs == A.count == 240
+    torch.testing.assert_close(evals, torch.zeros(3, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(evecs.T @ evecs, torch.eye(3, dtype=F64))
+
+
 def test_invariant_subspace_stops_exactly() -> None:
     # 4 distinct eigenvalues: the Krylov space of any vector is invariant after 4 steps
     spec = torch.tensor([1.0, 2.0, 3.0, 7.0], dtype=F64).repeat_interleave(25)

@@ -311,7 +311,9 @@ def _orthonormalize_block(
     return V, B
 
 
-def _dense_eigh(op: LinearOperator, k: int, which: str) -> tuple[Tensor, Tensor, LanczosInfo]:
+def _dense_eigh(
+    op: LinearOperator, k: int, which: str, matvecs: int = 0, restarts: int = 0
+) -> tuple[Tensor, Tensor, LanczosInfo]:
     n = op.shape[0]
     D = op.to_dense()
     D64 = ((D + D.T) / 2).to(torch.float64)
@@ -322,10 +324,13 @@ def _dense_eigh(op: LinearOperator, k: int, which: str) -> tuple[Tensor, Tensor,
     info = LanczosInfo(
         converged=True,
         num_converged=k,
-        num_matvecs=n,
-        num_restarts=0,
+        num_matvecs=matvecs + n,
+        num_restarts=restarts,
         residual_bounds=bounds,
-        message=f"n={n} is small: solved densely after {n} products",
+        message=(
+            f"n={n} is small: solved densely with {n} products"
+            + (f" after {matvecs} Lanczos products did not converge" if matvecs else "")
+        ),
     )
     return evals.to(op.dtype), evecs.to(op.dtype), info
 
@@ -398,7 +403,8 @@ def lanczos(
     direction while fewer than ``k`` Ritz values exist. (A random start vector touches every
     eigenspace, so its invariant subspace holds all distinct eigenvalues; a ``v0`` of your
     own that lies in a small invariant subspace yields exact but not necessarily extreme
-    eigenpairs.)
+    eigenpairs.) For small ``n``, if ``n`` products have not sufficed and ``maxiter`` allows
+    ``n`` more, the operator is materialized and solved densely instead.
 
     Symmetry of ``A`` is assumed, not checked. A single start vector cannot reliably resolve
     the multiplicity of a repeated eigenvalue (neither can ARPACK's): in exact arithmetic its
@@ -524,6 +530,10 @@ def lanczos(
                     break
                 if matvecs + b > maxiter:
                     break
+                if matvecs >= n and matvecs + n <= maxiter:
+                    # n products did not suffice: materializing A is cheaper from here on
+                    evals, evecs, info = _dense_eigh(op, k, which, matvecs, restarts)
+                    return (evals, evecs, info) if return_info else (evals, evecs)
             if M + b > ncv:
                 kept = _kept(M, k, keep, which)
                 S_keep = S[:, kept].to(device=op.device, dtype=op.dtype)
