@@ -77,6 +77,10 @@ class CurvatureOptimizer(Optimizer):
             ``model``). All must belong to ``model``.
         on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
         allow_groups: Whether several param groups are supported by the method.
+        process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
+            process). Each rank passes its shard of the batch; curvature products, gradients
+            and losses are all-reduced, so every rank computes the same step and the
+            parameters stay identical without being broadcast.
 
     Raises:
         ValueError: For invalid arguments or unsupported param groups.
@@ -91,6 +95,7 @@ class CurvatureOptimizer(Optimizer):
         params: Iterable[Any] | None = None,
         on_nonfinite: str = "skip",
         allow_groups: bool = True,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -109,6 +114,7 @@ class CurvatureOptimizer(Optimizer):
         self.model = model
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
+        self.process_group = process_group
         all_params = [p for g in self.param_groups for p in g["params"]]
         self.fmodel = FunctionalModel(model, all_params)
         # flat slices of each group, in the FunctionalModel's order
@@ -147,6 +153,7 @@ class CurvatureOptimizer(Optimizer):
     ) -> CurvatureOperator:
         """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``."""
         params = self.fmodel.params
+        kw.setdefault("process_group", self.process_group)
         if kind == "ggn":
             return GGN(self.model, self.loss_fn, data, params=params, **kw)
         if kind == "hessian":
@@ -174,7 +181,7 @@ class CurvatureOptimizer(Optimizer):
         """
         tensors = self.fmodel.unflatten(theta)
         sizes = [b.size for b in batches]
-        total = sum(sizes)
+        total = self._allreduce_sum(torch.tensor(float(sum(sizes)), dtype=torch.float64)).item()
         mean = getattr(self.loss_fn, "reduction", "mean") == "mean"
         loss: Tensor | None = None
         for b, n in zip(batches, sizes):
@@ -182,7 +189,16 @@ class CurvatureOptimizer(Optimizer):
             value = value * (n / total) if mean else value
             loss = value if loss is None else loss + value
         assert loss is not None
-        return loss.detach()
+        return self._allreduce_sum(loss.detach())
+
+    def _allreduce_sum(self, value: Tensor) -> Tensor:
+        """Sum a tensor over the process group (identity with one process)."""
+        if self.process_group is None:
+            return value
+        backend = torch.distributed.get_backend(self.process_group)
+        buf = value.reshape(-1).clone() if backend == "nccl" else value.reshape(-1).cpu().clone()
+        torch.distributed.all_reduce(buf, group=self.process_group)
+        return buf.to(value.device).view(value.shape)
 
     @torch.no_grad()
     def _apply_direction(self, direction: Tensor) -> Tensor:

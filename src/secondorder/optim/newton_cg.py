@@ -47,6 +47,10 @@ class NewtonCG(CurvatureOptimizer):
         params: Parameters or param-group dicts; groups may set their own ``lr`` and ``damping``.
         on_nonfinite: ``"skip"`` or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
+        process_group: ``torch.distributed`` group for data-parallel training (see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`). With ``"fisher_mc"`` and no
+            ``generator``, rank ``r`` draws from a generator seeded with ``r``, so ranks draw
+            different targets, reproducibly.
 
     With ``curvature="hessian"`` the matrix may be indefinite: CG stops at the first direction
     of non-positive curvature and the last iterate (a descent direction) is used; if that
@@ -75,6 +79,7 @@ class NewtonCG(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        process_group: Any = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("damping", damping, allow_zero=True)
@@ -92,7 +97,14 @@ class NewtonCG(CurvatureOptimizer):
         defaults = dict(
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
         )
-        super().__init__(model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            loss_fn,
+            defaults,
+            params=params,
+            on_nonfinite=on_nonfinite,
+            process_group=process_group,
+        )
         for group in self.param_groups:
             check_positive("lr", group["lr"])
             check_positive("damping", group["damping"], allow_zero=True)
@@ -103,7 +115,8 @@ class NewtonCG(CurvatureOptimizer):
         self.engine = engine
         self.generator = generator
         if curvature == "fisher_mc" and generator is None:
-            self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
+            rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
+            self.generator = torch.Generator(device=self.fmodel.device).manual_seed(rank)
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
