@@ -5,7 +5,15 @@ preconditioners) <- ``curvature`` (Hessian, GGN, Fisher as operators) <- ``optim
 (torch.optim optimizers) <- ``experiments`` (the command line; nothing imports it).
 """
 
-from .curvature import GGN, CurvatureOperator, Fisher, FunctionalModel, Hessian
+from .curvature import (
+    GGN,
+    CurvatureOperator,
+    Fisher,
+    FunctionalModel,
+    Hessian,
+    empirical_fisher_diagonal,
+    ggn_diagonal,
+)
 from .linalg import (
     BlockDiagonal,
     CGInfo,
@@ -14,15 +22,24 @@ from .linalg import (
     Diagonal,
     Identity,
     JacobiPreconditioner,
+    LanczosInfo,
     LinearOperator,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
     aslinearoperator,
     cg,
+    diagonal_estimate,
+    eigmax,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    lanczos_tridiag,
+    spectral_density,
 )
 from .optim import (
     CurvatureOptimizer,
     GaussNewton,
+    HessianFree,
     NaturalGradient,
     NewtonCG,
     NonFiniteError,
@@ -45,10 +62,21 @@ __all__ = [
     "Fisher",
     "FunctionalModel",
     "Hessian",
+    "empirical_fisher_diagonal",
+    "ggn_diagonal",
     # solvers and spectral tools
     "CGInfo",
     "CGStatus",
     "cg",
+    "LanczosInfo",
+    "eigmax",
+    "lanczos",
+    "lanczos_tridiag",
+    # estimators
+    "diagonal_estimate",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "spectral_density",
     # preconditioners
     "JacobiPreconditioner",
     "NystromPreconditioner",
@@ -56,6 +84,7 @@ __all__ = [
     # optimizers
     "CurvatureOptimizer",
     "GaussNewton",
+    "HessianFree",
     "NaturalGradient",
     "NewtonCG",
     "NonFiniteError",

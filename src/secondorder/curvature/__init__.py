@@ -1,9 +1,21 @@
 """Curvature matrices of (model, loss, data) as linear operators on the flat parameter vector."""
 
 from .base import CurvatureOperator
+from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradient_diagonal
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
 from .model import Batch, FunctionalModel, as_batches
 
-__all__ = ["GGN", "Batch", "CurvatureOperator", "Fisher", "FunctionalModel", "Hessian", "as_batches"]
+__all__ = [
+    "GGN",
+    "Batch",
+    "CurvatureOperator",
+    "Fisher",
+    "FunctionalModel",
+    "Hessian",
+    "as_batches",
+    "empirical_fisher_diagonal",
+    "ggn_diagonal",
+    "per_sample_gradient_diagonal",
+]

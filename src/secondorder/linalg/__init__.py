@@ -4,6 +4,14 @@ This layer knows nothing of neural networks; it imports only torch (and scipy la
 """
 
 from .cg import CGInfo, CGStatus, cg
+from .estimators import (
+    diagonal_estimate,
+    hutchinson_trace,
+    hutchpp_trace,
+    slq_nodes_weights,
+    spectral_density,
+)
+from .lanczos import LanczosDecomposition, LanczosInfo, eigmax, lanczos, lanczos_tridiag
 from .operator import BlockDiagonal, Dense, Diagonal, Identity, LinearOperator, aslinearoperator
 from .preconditioners import (
     JacobiPreconditioner,
@@ -23,6 +31,18 @@ __all__ = [
     "CGInfo",
     "CGStatus",
     "cg",
+    # spectral tools
+    "LanczosDecomposition",
+    "LanczosInfo",
+    "eigmax",
+    "lanczos",
+    "lanczos_tridiag",
+    # estimators
+    "diagonal_estimate",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "slq_nodes_weights",
+    "spectral_density",
     # preconditioners
     "JacobiPreconditioner",
     "NystromPreconditioner",
