@@ -106,6 +106,21 @@ class CurvatureOperator(LinearOperator):
         """Return the product's blocks ``indices`` (all if None) for one batch, unweighted."""
         raise NotImplementedError
 
+    def _apply_into(
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        out: list[Tensor],
+        weight: float,
+    ) -> None:
+        """Add ``weight`` times one batch's product (blocks ``indices``) into the views ``out``.
+
+        The default calls :meth:`_apply`; subclasses accumulate in place (no extra copies).
+        """
+        for o, p in zip(out, self._apply(state, tangents, indices, False)):
+            o.add_(p, alpha=weight)
+
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
         """Loss value and gradient (parameter shapes) of one batch."""
         raise NotImplementedError
@@ -161,6 +176,9 @@ class CurvatureOperator(LinearOperator):
     def _accumulate(
         self, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
     ) -> list[Tensor]:
+        """Sum the weighted per-batch products (blocks ``indices``; all if None), all-reduced."""
+        if not batched:
+            return self.fmodel_views(self._accumulate_flat(tangents, indices), indices)
         total: list[Tensor] | None = None
         for state, weight in self._iter_states():
             part = self._apply(state, tangents, indices, batched)
@@ -173,9 +191,26 @@ class CurvatureOperator(LinearOperator):
             raise ValueError("data: expected at least one batch, got none")
         return self._allreduce(total)
 
+    def _accumulate_flat(self, tangents: list[Tensor | None], indices: Sequence[int] | None) -> Tensor:
+        """Like :meth:`_accumulate` for one vector, written into one flat buffer in place."""
+        idx = range(len(self.fmodel.params)) if indices is None else indices
+        sizes = [self.fmodel.numels[i] for i in idx]
+        flat = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
+        views = [v.view(self.fmodel.shapes[i]) for v, i in zip(flat.split(sizes), idx)]
+        for state, weight in self._iter_states():
+            self._apply_into(state, tangents, indices, views, weight)
+        if self.process_group is not None:
+            (flat,) = self._allreduce([flat])
+        return flat
+
+    def fmodel_views(self, flat: Tensor, indices: Sequence[int] | None) -> list[Tensor]:
+        """Split a flat vector over the blocks ``indices`` (all if None) into parameter shapes."""
+        idx = range(len(self.fmodel.params)) if indices is None else indices
+        sizes = [self.fmodel.numels[i] for i in idx]
+        return [v.view(self.fmodel.shapes[i]) for v, i in zip(flat.split(sizes), idx)]
+
     def _matvec(self, x: Tensor) -> Tensor:
-        out = self._accumulate(list(self.fmodel.unflatten(x)), None, batched=False)
-        return torch.cat([o.reshape(-1) for o in out])
+        return self._accumulate_flat(list(self.fmodel.unflatten(x)), None)
 
     def _matmat(self, X: Tensor) -> Tensor:
         tangents = [t.movedim(-1, 0) for t in self.fmodel.unflatten(X)]  # (K, *shape) each
@@ -288,8 +323,7 @@ class _ParameterBlock(LinearOperator):
         return tangents
 
     def _matvec(self, x: Tensor) -> Tensor:
-        (out,) = self.parent._accumulate(self._tangents(x, False), [self.index], batched=False)
-        return out.reshape(-1)
+        return self.parent._accumulate_flat(self._tangents(x, False), [self.index])
 
     def _matmat(self, X: Tensor) -> Tensor:
         (out,) = self.parent._accumulate(self._tangents(X, True), [self.index], batched=True)

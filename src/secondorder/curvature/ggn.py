@@ -74,5 +74,19 @@ class GGN(CurvatureOperator):
             )
         return state.lin.vjp(self._output_matmat(state, jv), indices, batched)
 
+    def _apply_into(
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        out: list[Tensor],
+        weight: float,
+    ) -> None:
+        jv = state.lin.jvp(tangents, False)
+        if jv is None:  # the tangent does not reach the outputs: nothing to add
+            return
+        u = self._output_matmat(state, jv)
+        state.lin.vjp_into(u * weight if weight != 1.0 else u, out, indices)
+
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
         return state.terms.value, state.lin.vjp(state.terms.grad_output)

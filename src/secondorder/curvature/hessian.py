@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
+from .linearization import backward_into
 from .losses import _check_scalar
 from .model import Batch
 
@@ -71,6 +72,24 @@ class Hessian(CurvatureOperator):
             outs, wrt, tans, retain_graph=True, allow_unused=True, is_grads_batched=batched
         )
         return [g if g is not None else z for g, z in zip(grads, zeros)]
+
+    def _apply_into(
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        out: list[Tensor],
+        weight: float,
+    ) -> None:
+        outs, tans = [], []
+        for g, t in zip(state.grad, tangents):
+            if g is not None and t is not None and g.requires_grad:
+                outs.append(g)
+                tans.append(t * weight if weight != 1.0 else t)
+        if not outs:
+            return
+        wrt = state.leaves if indices is None else [state.leaves[i] for i in indices]
+        backward_into(outs, tans, wrt, out)
 
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
         grads = [

@@ -30,7 +30,13 @@ from torch.nn import functional as F  # noqa: N812
 
 from .model import FunctionalModel
 
-__all__ = ["AutogradLinearization", "SequentialLinearization", "linearize", "sequential_layers"]
+__all__ = [
+    "AutogradLinearization",
+    "SequentialLinearization",
+    "backward_into",
+    "linearize",
+    "sequential_layers",
+]
 
 Tangents = Sequence[Tensor | None]
 
@@ -76,6 +82,48 @@ class Linearization:
         ]
 
 
+    def vjp_into(
+        self, cotangent: Tensor, out: Sequence[Tensor], indices: Sequence[int] | None = None
+    ) -> None:
+        r"""Add :math:`J^\top u` into the tensors ``out`` (parameter shapes) in place.
+
+        Autograd accumulates straight into ``out`` (set as the leaves' ``.grad``), so no
+        parameter-sized result is allocated and copied.
+
+        Args:
+            cotangent: ``u``, shape of ``z``.
+            out: One tensor per requested parameter, accumulated into.
+            indices: Parameters to compute (default all).
+        """
+        wrt = self.leaves if indices is None else [self.leaves[i] for i in indices]
+        backward_into(self._z_graph, cotangent, wrt, out)
+
+
+def backward_into(
+    outputs: Tensor | Sequence[Tensor],
+    cotangents: Tensor | Sequence[Tensor],
+    leaves: Sequence[Tensor],
+    out: Sequence[Tensor],
+) -> None:
+    """Run a retained backward pass that accumulates the leaves' gradients into ``out``.
+
+    Args:
+        outputs: Tensors to differentiate.
+        cotangents: Their cotangents.
+        leaves: Leaf tensors (``requires_grad``) to differentiate with respect to.
+        out: Buffers in the leaves' shapes; the gradients are added to them in place.
+    """
+    saved = [leaf.grad for leaf in leaves]
+    try:
+        for leaf, buf in zip(leaves, out):
+            leaf.grad = buf
+        with torch.no_grad():  # grad mode off: AccumulateGrad adds in place
+            torch.autograd.backward(outputs, cotangents, retain_graph=True, inputs=list(leaves))
+    finally:
+        for leaf, grad in zip(leaves, saved):
+            leaf.grad = grad
+
+
 class AutogradLinearization(Linearization):
     """Linearisation of any module by autograd (see the module docstring).
 
@@ -116,7 +164,7 @@ _ELEMENTWISE: dict[type[nn.Module], Callable[[nn.Module, Tensor, Tensor], Tensor
     # derivative of the activation from its input a and output s
     nn.Sigmoid: lambda m, a, s: s * (1 - s),
     nn.Tanh: lambda m, a, s: 1 - s * s,
-    nn.ReLU: lambda m, a, s: (a > 0).to(a.dtype),
+    nn.ReLU: lambda m, a, s: a > 0,  # a bool mask: 1 byte per entry
     nn.SiLU: lambda m, a, s: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))),
     nn.LeakyReLU: lambda m, a, s: torch.where(a > 0, 1.0, m.negative_slope).to(a.dtype),  # type: ignore[attr-defined]
     nn.ELU: lambda m, a, s: torch.where(a > 0, torch.ones_like(a), s + m.alpha),  # type: ignore[attr-defined]

@@ -1,0 +1,959 @@
+r"""Exact diagonal blocks of the GGN, the Hessian and the positive-curvature Hessian (PCH).
+
+For an ``nn.Sequential`` :math:`z_0 = x,\ z_j = f_j(z_{j-1}; \theta_j)` with loss
+:math:`L(z_m)`, the Hessian of the loss with respect to an intermediate output obeys the
+backward recursion of *Hessian backpropagation* (Dangel et al., 2020),
+
+.. math::
+
+    H_{z_{j-1}} = J_j^\top H_{z_j} J_j
+        + \rho\Big(\sum_k (\delta_j)_k \, \nabla^2_{z_{j-1}} (f_j)_k\Big),
+    \qquad H_{z_m} = \nabla^2_{z_m} L, \quad \delta_j = \nabla_{z_j} L,
+
+with :math:`J_j = \partial z_j / \partial z_{j-1}`, and the diagonal block of a parameter
+tensor :math:`\theta_j` is
+
+.. math::
+
+    C_{\theta_j} = J_{\theta_j}^\top H_{z_j} J_{\theta_j},
+    \qquad J_{\theta_j} = \partial z_j / \partial \theta_j .
+
+The residual term vanishes for layers that are linear in their input (``Linear``, ``Conv``,
+pooling, ``Flatten``) and for piecewise-linear ones (``ReLU``, ``MaxPool``); for an elementwise
+activation :math:`f` it is the diagonal :math:`\operatorname{diag}(\delta_j \odot f''(z_{j-1}))`.
+Since :math:`\partial^2 z_j / \partial \theta_j^2 = 0` for ``Linear`` and ``Conv`` layers, the
+choice of :math:`\rho` gives
+
+- ``"hessian"``: :math:`\rho(R) = R` -- the exact diagonal blocks of the Hessian;
+- ``"ggn"``: :math:`\rho(R) = 0` -- the diagonal blocks of the generalized Gauss-Newton matrix;
+- ``"pch_clip"``: :math:`\rho(R) = \max(R, 0)` and ``"pch_abs"``: :math:`\rho(R) = |R|`
+  (elementwise on the diagonal) -- the positive-curvature Hessian, positive semi-definite
+  whenever the loss is convex in :math:`z_m`, and equal to the Hessian blocks where every
+  residual is non-negative.
+
+Nothing is materialised: :math:`H_{z_j}` is a closure. A product with a block pushes the
+tangent :math:`J_{\theta_j} v` forward through the layers above (forward mode on the values
+stored by one forward pass), applies the loss Hessian in closed form, and pulls it back,
+adding :math:`\rho(R)` times the stored forward tangent at every activation. Products with
+several blocks share one sweep: tangents of lower blocks are pushed through the layers above
+them together with the tangents of the blocks they meet, as columns of one batch, and peeled
+off on the way back; :func:`block_cg` uses this to run one CG per block in lock-step.
+
+References:
+    F. Dangel, S. Harmeling, P. Hennig, "Modular block-diagonal curvature approximations for
+    feedforward architectures", AISTATS 2020 (Hessian backpropagation, PCH).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from ..linalg.operator import LinearOperator
+from .losses import LossTerms, loss_terms
+from .model import Batch, FunctionalModel, as_batches
+
+__all__ = [
+    "CURVATURES",
+    "BlockCGInfo",
+    "BlockDiagonalCurvature",
+    "block_cg",
+    "sequential_blocks",
+]
+
+CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
+
+# ------------------------------------------------------------------------ activations
+# first and second derivative of an elementwise activation from its input a and output s
+_Derivatives = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+
+
+def _sigmoid_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    d1 = s * (1 - s)
+    return d1, d1 * (1 - 2 * s)
+
+
+def _tanh_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    d1 = 1 - s * s
+    return d1, -2 * s * d1
+
+
+def _relu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    return (a > 0).to(a.dtype), None
+
+
+def _leaky_relu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    slope = float(m.negative_slope)  # type: ignore[arg-type]
+    return torch.where(a > 0, 1.0, slope).to(a.dtype), None
+
+
+def _silu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+    sig = torch.sigmoid(a)
+    return sig * (1 + a * (1 - sig)), sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+
+
+_CLOSED_FORM: dict[type[nn.Module], _Derivatives] = {
+    nn.Sigmoid: _sigmoid_d,
+    nn.Tanh: _tanh_d,
+    nn.ReLU: _relu_d,
+    nn.LeakyReLU: _leaky_relu_d,
+    nn.SiLU: _silu_d,
+}
+# elementwise activations whose derivatives come from autograd (two backward passes)
+_AUTOGRAD_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Softsign,
+    nn.Hardtanh,  # includes ReLU6
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.LogSigmoid,
+)
+_CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MAXPOOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_LINEAR_PARAM_FREE = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+SUPPORTED_LAYERS = (
+    "Linear, Conv1d/2d/3d (zero padding), MaxPool1d/2d/3d, AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, "
+    "Flatten, Unflatten, Identity, Dropout (eval mode or p=0), Sigmoid, Tanh, ReLU, LeakyReLU, "
+    "SiLU, ELU, CELU, SELU, GELU, Softplus, Mish, Softsign, Hardtanh, ReLU6, Hardsigmoid, "
+    "Hardswish, LogSigmoid"
+)
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Return why ``module`` cannot be a layer of the engine, or None if it can."""
+    t = type(module)
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks"
+    if t is nn.Linear or t in _CLOSED_FORM or t in _MAXPOOL or t in _RESHAPES:
+        return None
+    if t in _AUTOGRAD_ELEMENTWISE or t in _LINEAR_PARAM_FREE:
+        return None
+    if t in _CONV:
+        if module.padding_mode != "zeros":  # type: ignore[attr-defined]
+            return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"  # type: ignore[attr-defined]
+        return None
+    if isinstance(module, nn.Dropout) and t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+        if module.training and module.p > 0:
+            return "it is a Dropout in training mode (call model.eval() or use p=0)"
+        return None
+    return "its type is not supported"
+
+
+def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The leaf layers of a (nested) ``nn.Sequential`` with their parameter-name prefixes.
+
+    Args:
+        model: The network.
+
+    Returns:
+        ``(prefix, layer)`` pairs in execution order; a layer's parameters are named
+        ``prefix + "weight"`` and ``prefix + "bias"``.
+
+    Raises:
+        ValueError: If ``model`` is not an ``nn.Sequential``, or a layer is not supported (the
+            message names the layer, its type and the supported types).
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        raise ValueError(
+            f"the block-diagonal curvature engine needs an nn.Sequential of supported layers, "
+            f"got {type(model).__name__}; supported layers: {SUPPORTED_LAYERS}"
+        )
+    layers: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise ValueError(f"nested Sequential {prefix.rstrip('.')!r} has forward hooks")
+            for name, child in module.named_children():
+                visit(child, f"{prefix}{name}.")
+            return
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(
+                f"layer {prefix.rstrip('.')!r} ({type(module).__name__}) is not supported by the "
+                f"block-diagonal curvature engine: {reason}. Supported layers: {SUPPORTED_LAYERS}"
+            )
+        layers.append((prefix, module))
+
+    visit(model, "")
+    if not layers:
+        raise ValueError("the nn.Sequential has no layers")
+    return layers
+
+
+# ------------------------------------------------------------------------------ layers
+# Tangents carry a leading column dimension K: an input tangent has shape (K, N, *in).
+class _Layer:
+    """One layer during one forward pass: the values it stored and its local derivatives."""
+
+    roles: dict[str, int]  # trainable parameter role ("weight"/"bias") -> parameter index
+    residual_capable = False
+
+    def __init__(self, module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> None:
+        self.module = module
+        self.weight = weight
+        self.bias = bias
+        self.roles = {}
+
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        raise NotImplementedError
+
+    def jvp(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def vjp(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def param_jvp(self, role: str, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def param_vjp(self, role: str, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def residual(self, delta: Tensor) -> Tensor | None:
+        """Diagonal of the residual term for the output gradient ``delta`` (None if zero)."""
+        return None
+
+
+class _Linear(_Layer):
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        assert self.weight is not None
+        self.x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = N * prod(middle dims)
+        self.mid = x.shape[1:-1]
+        return F.linear(x, self.weight, self.bias)
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return F.linear(t, self.weight)  # type: ignore[arg-type]
+
+    def vjp(self, u: Tensor) -> Tensor:
+        return u @ self.weight
+
+    def param_jvp(self, role: str, v: Tensor) -> Tensor:
+        K = v.shape[0]
+        if role == "weight":  # v: (K, out, in) -> (K, M, out)
+            out = torch.matmul(self.x2, v.transpose(1, 2))
+            return out.view(K, -1, *self.mid, v.shape[1])
+        n = self.x2.shape[0] // max(1, math.prod(self.mid))
+        return v.view(K, 1, *([1] * len(self.mid)), -1).expand(K, n, *self.mid, v.shape[1])
+
+    def param_vjp(self, role: str, u: Tensor) -> Tensor:
+        u2 = u.reshape(u.shape[0], -1, u.shape[-1])  # (K, M, out)
+        if role == "weight":
+            return u2.transpose(1, 2) @ self.x2
+        return u2.sum(1)
+
+
+class _Conv(_Layer):
+    def __init__(self, module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> None:
+        super().__init__(module, weight, bias)
+        m: Any = module
+        self.d = _CONV[type(module)]
+        self.conv = (F.conv1d, F.conv2d, F.conv3d)[self.d - 1]
+        self.conv_input = (
+            torch.nn.grad.conv1d_input,
+            torch.nn.grad.conv2d_input,
+            torch.nn.grad.conv3d_input,
+        )[self.d - 1]
+        self.conv_weight = (
+            torch.nn.grad.conv1d_weight,
+            torch.nn.grad.conv2d_weight,
+            torch.nn.grad.conv3d_weight,
+        )[self.d - 1]
+        padding = m.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0,) * self.d
+            else:  # "same" (stride 1): symmetric only
+                total = [dl * (k - 1) for dl, k in zip(m.dilation, m.kernel_size)]
+                if any(t % 2 for t in total):
+                    raise ValueError(
+                        f"{type(module).__name__} with padding='same' and an even effective "
+                        f"kernel size pads asymmetrically, which is not supported; pad "
+                        f"explicitly instead"
+                    )
+                padding = tuple(t // 2 for t in total)
+        self.kw = dict(stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
+
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        if x.ndim != self.d + 2:
+            raise ValueError(
+                f"{type(self.module).__name__} needs batched inputs of {self.d + 2} dimensions, "
+                f"got shape {tuple(x.shape)}"
+            )
+        self.x = x
+        y = self.conv(x, self.weight, self.bias, **self.kw)
+        self.in_shape = x.shape
+        self.out_shape = y.shape
+        return y
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return self.conv(t.flatten(0, 1), self.weight, None, **self.kw).unflatten(0, t.shape[:2])
+
+    def vjp(self, u: Tensor) -> Tensor:
+        assert self.weight is not None
+        K = u.shape[0]
+        size = (K * self.in_shape[0], *self.in_shape[1:])
+        out = self.conv_input(size, self.weight, u.flatten(0, 1), **self.kw)
+        return out.unflatten(0, (K, -1))
+
+    def param_jvp(self, role: str, v: Tensor) -> Tensor:
+        K = v.shape[0]
+        if role == "bias":
+            shape = (K, 1, v.shape[1]) + (1,) * self.d
+            return v.view(shape).expand(K, *self.out_shape)
+        if self.kw["groups"] == 1:
+            y = self.conv(self.x, v.flatten(0, 1), None, **self.kw)  # (N, K*out, *o)
+            return y.unflatten(1, (K, -1)).transpose(0, 1)
+        return torch.stack([self.conv(self.x, v[k], None, **self.kw) for k in range(K)])
+
+    def param_vjp(self, role: str, u: Tensor) -> Tensor:
+        K = u.shape[0]
+        if role == "bias":
+            return u.sum(dim=(1, *range(3, u.ndim)))
+        assert self.weight is not None
+        wshape = tuple(self.weight.shape)
+        if self.kw["groups"] == 1:
+            g = self.conv_weight(
+                self.x, (K * wshape[0], *wshape[1:]), u.transpose(0, 1).flatten(1, 2), **self.kw
+            )
+            return g.view(K, *wshape)
+        return torch.stack([self.conv_weight(self.x, wshape, u[k], **self.kw) for k in range(K)])
+
+
+class _Elementwise(_Layer):
+    residual_capable = True
+
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        t = type(self.module)
+        if t in _CLOSED_FORM:
+            y = self.module(x)
+            self.d1, d2 = _CLOSED_FORM[t](self.module, x, y)
+        else:
+            with torch.enable_grad():
+                a = x.detach().requires_grad_(True)
+                out = self.module(a)
+                (d1,) = torch.autograd.grad(out.sum(), a, create_graph=second)
+                d2 = None
+                if second and d1.requires_grad:
+                    (d2,) = torch.autograd.grad(d1.sum(), a)
+            y, self.d1 = out.detach(), d1.detach()
+        self.d2 = d2 if second else None
+        return y
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return t * self.d1
+
+    vjp = jvp
+
+    def residual(self, delta: Tensor) -> Tensor | None:
+        return None if self.d2 is None else delta * self.d2
+
+
+class _MaxPool(_Layer):
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        m: Any = self.module
+        d = _MAXPOOL[type(m)]
+        if x.ndim != d + 2:
+            raise ValueError(
+                f"{type(m).__name__} needs batched inputs of {d + 2} dimensions, "
+                f"got shape {tuple(x.shape)}"
+            )
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
+        y, idx = pool(
+            x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode,
+            return_indices=True,
+        )  # fmt: skip
+        self.idx = idx.flatten(2)  # (N, C, P_out) into the flattened input positions
+        self.in_shape = x.shape
+        self.out_shape = y.shape
+        return y
+
+    def jvp(self, t: Tensor) -> Tensor:
+        K = t.shape[0]
+        out = t.flatten(3).gather(3, self.idx.expand(K, *self.idx.shape))
+        return out.view(K, *self.out_shape)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        K = u.shape[0]
+        n, c = self.in_shape[:2]
+        out = u.new_zeros(K, n, c, math.prod(self.in_shape[2:]))
+        out.scatter_add_(3, self.idx.expand(K, *self.idx.shape), u.flatten(3))
+        return out.view(K, *self.in_shape)
+
+
+class _Reshape(_Layer):
+    """Flatten, Unflatten, Identity and inactive Dropout: a per-sample reshape."""
+
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        m = self.module
+        dim = getattr(m, "start_dim", getattr(m, "dim", None))
+        if isinstance(m, (nn.Flatten, nn.Unflatten)) and dim is not None and dim % x.ndim == 0:
+            raise ValueError(
+                f"{type(m).__name__} acting on dimension 0 mixes the samples of a batch; "
+                f"the block-diagonal engine needs per-sample layers"
+            )
+        y = x if isinstance(m, (nn.Identity, nn.Dropout)) else m(x)
+        self.in_shape = x.shape[1:]
+        self.out_shape = y.shape[1:]
+        return y
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:2], *self.out_shape)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        return u.reshape(*u.shape[:2], *self.in_shape)
+
+
+class _LinearParamFree(_Layer):
+    """Average pooling: linear, so its Jacobian is the layer itself (adjoint by autograd)."""
+
+    def forward(self, x: Tensor, second: bool) -> Tensor:
+        y = self.module(x)
+        self.in_shape = x.shape
+        return y
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return self.module(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+    def vjp(self, u: Tensor) -> Tensor:
+        K = u.shape[0]
+        with torch.enable_grad():
+            z = u.new_zeros(K * self.in_shape[0], *self.in_shape[1:]).requires_grad_(True)
+            (g,) = torch.autograd.grad(self.module(z), z, u.flatten(0, 1))
+        return g.unflatten(0, (K, -1))
+
+
+def _make_layer(module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> _Layer:
+    t = type(module)
+    if t is nn.Linear:
+        return _Linear(module, weight, bias)
+    if t in _CONV:
+        return _Conv(module, weight, bias)
+    if t in _MAXPOOL:
+        return _MaxPool(module, weight, bias)
+    if t in _CLOSED_FORM or t in _AUTOGRAD_ELEMENTWISE:
+        return _Elementwise(module, weight, bias)
+    if t in _LINEAR_PARAM_FREE:
+        return _LinearParamFree(module, weight, bias)
+    return _Reshape(module, weight, bias)
+
+
+# ------------------------------------------------------------------------------- engine
+@dataclass
+class _Pass:
+    """The stored forward pass of one batch."""
+
+    layers: list[_Layer]
+    terms: LossTerms
+    weight: float
+    residuals: list[Tensor | None]
+    gradient: list[Tensor]
+    loss: Tensor
+
+
+class BlockDiagonalCurvature(LinearOperator):
+    r"""The block-diagonal GGN, Hessian or PCH of an ``nn.Sequential``: one block per parameter.
+
+    The operator is :math:`\operatorname{diag}(C_{\theta_1}, \dots, C_{\theta_P})` on the flat
+    parameter vector, with one exact diagonal block
+
+    .. math::
+
+        C_{\theta_j} = \sum_b w_b\, J_{\theta_j,b}^\top H^{\rho}_{z_j,b} J_{\theta_j,b}
+
+    per trainable parameter tensor (weight and bias of a layer are separate blocks), where
+    :math:`H^{\rho}_{z_j,b}` is the output Hessian of layer :math:`j` on batch :math:`b`
+    backpropagated with the residual terms modified by :math:`\rho` (module docstring) and
+    :math:`w_b` the batch weight (:math:`N_b/N` for reduction ``"mean"``, 1 for ``"sum"``), so
+    several batches sum to the full-batch blocks. ``"hessian"`` blocks equal the diagonal blocks
+    of :class:`~secondorder.Hessian`, ``"ggn"`` blocks those of :class:`~secondorder.GGN`.
+
+    Building the operator runs one forward and one backward pass per batch (which also give
+    :attr:`loss` and :meth:`gradient`); every product then sweeps only through the layers above
+    the lowest requested block. :meth:`apply_blocks` applies any subset of blocks to one or
+    several vectors each in a single sweep.
+
+    Args:
+        model: An ``nn.Sequential`` (nested ones are flattened) of supported layers, called
+            on one input tensor; see :func:`sequential_blocks`. Parameters shared between
+            layers are not supported.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` with reduction ``"mean"`` or
+            ``"sum"``; closed forms for cross-entropy, MSE and BCE-with-logits, autograd for
+            any other callable.
+        data: One batch ``(inputs, targets)`` or an iterable of batches.
+        curvature: ``"ggn"``, ``"hessian"``, ``"pch_clip"`` or ``"pch_abs"``.
+        params: Optional subset of the model's parameters (default: all with
+            ``requires_grad``); the others are held fixed and get no block.
+
+    Raises:
+        ValueError: For an unknown curvature, an unsupported model or layer (the message names
+            it), shared parameters, or inputs that are not one tensor.
+
+    Example:
+        >>> import torch, secondorder as so
+        >>> from secondorder.curvature.blockwise import BlockDiagonalCurvature
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> data, loss_fn = (X, y), torch.nn.CrossEntropyLoss()
+        >>> B = BlockDiagonalCurvature(model, loss_fn, data, curvature="hessian")
+        >>> H = so.Hessian(model, loss_fn, data).to_dense()
+        >>> bool(torch.allclose(B.block(0).to_dense(), H[:12, :12]))
+        True
+    """
+
+    SELF_ADJOINT = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        curvature: str = "ggn",
+        params: Sequence[Tensor] | None = None,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        self.fmodel = FunctionalModel(model, params)
+        super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
+        self.curvature = curvature
+        self.loss_fn = loss_fn
+        self._specs = sequential_blocks(model)
+        self._layer_of: list[tuple[int, str]] = [(-1, "")] * len(self.fmodel.params)
+        names: dict[str, list[str]] = {}
+        for name, index in self.fmodel.alias.items():
+            names.setdefault(self.fmodel.names[index], []).append(name)
+        shared = [v for v in names.values() if len(v) > 1]
+        if shared:
+            raise ValueError(
+                f"parameters shared between layers are not supported by the block-diagonal "
+                f"engine, got {shared[0]}"
+            )
+        for j, (prefix, _) in enumerate(self._specs):
+            for role in ("weight", "bias"):
+                index = self.fmodel.alias.get(prefix + role)
+                if index is not None:
+                    self._layer_of[index] = (j, role)
+        self._lowest = min(j for j, _ in self._layer_of)
+        reduction = getattr(loss_fn, "reduction", "mean")
+        batches = list(as_batches(data))
+        sizes = [b.size for b in batches]
+        self.num_samples = sum(sizes)
+        self._passes = [
+            self._forward(b, n / self.num_samples if reduction == "mean" else 1.0)
+            for b, n in zip(batches, sizes)
+        ]
+        self.IS_PSD = curvature != "hessian" and all(p.terms.is_psd for p in self._passes)
+        self._loss = torch.stack([p.loss * p.weight for p in self._passes]).sum()
+        grads = [sum(p.gradient[i] * p.weight for p in self._passes) for i in range(self.num_blocks)]
+        self._gradient = self.fmodel.flatten(grads)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- forward/backward
+    @torch.no_grad()
+    def _forward(self, batch: Batch, weight: float) -> _Pass:
+        if len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
+            raise ValueError(
+                f"the block-diagonal engine calls the Sequential on one input tensor, got "
+                f"{len(batch.inputs)} inputs"
+            )
+        values = self.fmodel.parameter_dict([p.detach() for p in self.fmodel.params])
+        second = self.curvature != "ggn"
+        layers: list[_Layer] = []
+        x = batch.inputs[0]
+        for prefix, module in self._specs:
+            layer = _make_layer(module, values.get(prefix + "weight"), values.get(prefix + "bias"))
+            for role in ("weight", "bias"):
+                if prefix + role in self.fmodel.alias:
+                    layer.roles[role] = self.fmodel.alias[prefix + role]
+            x = layer.forward(x, second)
+            layers.append(layer)
+        terms = loss_terms(self.loss_fn, x, batch.targets)
+        # backward: the gradient, and the residual terms rho(delta * f'') of the activations
+        gradient: list[Tensor] = [torch.empty(0)] * self.num_blocks
+        residuals: list[Tensor | None] = [None] * len(layers)
+        u = terms.grad_output.unsqueeze(0).to(x.dtype)
+        for j in range(len(layers) - 1, self._lowest - 1, -1):
+            layer = layers[j]
+            for role, index in layer.roles.items():
+                gradient[index] = layer.param_vjp(role, u)[0]
+            if j == self._lowest:
+                break
+            if second and layer.residual_capable:
+                residuals[j] = self._modify(layer.residual(u[0]))
+            u = layer.vjp(u)
+        return _Pass(layers, terms, weight, residuals, gradient, terms.value.detach())
+
+    def _modify(self, r: Tensor | None) -> Tensor | None:
+        if r is None:
+            return None
+        if self.curvature == "pch_clip":
+            return r.clamp_min(0)
+        if self.curvature == "pch_abs":
+            return r.abs()
+        return r
+
+    # ---------------------------------------------------------------------- products
+    @property
+    def num_blocks(self) -> int:
+        """Number of diagonal blocks (trainable parameter tensors)."""
+        return len(self.fmodel.params)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Size of each block (``numel`` of its parameter)."""
+        return list(self.fmodel.numels)
+
+    def _sweep(self, p: _Pass, entries: dict[int, list[tuple[int, Tensor]]]) -> dict[int, Tensor]:
+        """Apply the blocks in ``entries`` (layer -> [(block, (k, *shape))]) in one sweep."""
+        lo = min(entries)
+        layers = p.layers
+        cols: Tensor | None = None
+        taps: dict[int, Tensor] = {}
+        counts: dict[int, list[int]] = {}
+        for j in range(lo, len(layers)):
+            layer = layers[j]
+            if cols is not None:
+                if p.residuals[j] is not None:
+                    taps[j] = cols
+                cols = layer.jvp(cols)
+            if j in entries:
+                role_of = self._layer_of
+                new = [layer.param_jvp(role_of[i][1], v) for i, v in entries[j]]
+                counts[j] = [t.shape[0] for t in new]
+                cols = torch.cat(new if cols is None else [cols, *new])
+        assert cols is not None
+        u = p.terms.hessian_matmat(cols)
+        out: dict[int, Tensor] = {}
+        for j in range(len(layers) - 1, lo - 1, -1):
+            layer = layers[j]
+            if j in counts:
+                k_old = u.shape[0] - sum(counts[j])
+                parts = u[k_old:].split(counts[j])
+                for (i, _), part in zip(entries[j], parts):
+                    out[i] = layer.param_vjp(self._layer_of[i][1], part)
+                if k_old == 0:
+                    break
+                u = u[:k_old]
+            u_in = layer.vjp(u)
+            if j in taps:
+                u_in = u_in + p.residuals[j] * taps[j]  # type: ignore[operator]
+            u = u_in
+        return out
+
+    @torch.no_grad()
+    def apply_blocks(self, indices: Sequence[int], vectors: Sequence[Tensor]) -> list[Tensor]:
+        r"""Apply the blocks ``indices`` to ``vectors`` in one sweep per batch.
+
+        Args:
+            indices: Distinct block indices (positions in ``self.fmodel.params``).
+            vectors: One tensor per index: ``(p_i,)`` or ``(p_i, k_i)`` for ``k_i`` columns,
+                with ``p_i`` the block's size.
+
+        Returns:
+            :math:`C_{\theta_i} v_i` for every index, shaped like the vector.
+
+        Raises:
+            ValueError: If the lengths differ, an index repeats or is out of range, or a
+                vector has the wrong shape.
+        """
+        if len(indices) != len(vectors):
+            raise ValueError(f"got {len(indices)} indices but {len(vectors)} vectors")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"block indices must be distinct, got {list(indices)}")
+        if not indices:
+            return []
+        entries: dict[int, list[tuple[int, Tensor]]] = {}
+        for i, v in zip(indices, vectors):
+            if not 0 <= i < self.num_blocks:
+                raise ValueError(f"block index must be in [0, {self.num_blocks}), got {i}")
+            n = self.fmodel.numels[i]
+            if v.ndim not in (1, 2) or v.shape[0] != n:
+                raise ValueError(
+                    f"block {i} ({self.fmodel.names[i]}): expected a vector of shape ({n},) or "
+                    f"({n}, k), got {tuple(v.shape)}"
+                )
+            cols = v.unsqueeze(0) if v.ndim == 1 else v.T
+            tangent = cols.reshape(cols.shape[0], *self.fmodel.shapes[i]).to(self.dtype)
+            entries.setdefault(self._layer_of[i][0], []).append((i, tangent))
+        total: dict[int, Tensor] = {}
+        for p in self._passes:
+            part = self._sweep(p, entries)
+            for i, t in part.items():
+                t = t * p.weight if p.weight != 1.0 else t
+                total[i] = total[i] + t if i in total else t
+        results = []
+        for i, v in zip(indices, vectors):
+            r = total[i].reshape(total[i].shape[0], -1)
+            results.append(r[0] if v.ndim == 1 else r.T)
+        return results
+
+    def _split(self, X: Tensor) -> list[Tensor]:
+        return list(X.split(self.fmodel.numels, dim=0))
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        parts = self._split(X)
+        return torch.cat(self.apply_blocks(range(self.num_blocks), parts), dim=0)  # type: ignore[arg-type]
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        parts = self._split(x)
+        return torch.cat(self.apply_blocks(range(self.num_blocks), parts))  # type: ignore[arg-type]
+
+    def block(self, index: int) -> LinearOperator:
+        """The diagonal block of parameter tensor ``index`` as a symmetric operator.
+
+        Args:
+            index: Position of the parameter in ``self.fmodel.params``.
+
+        Returns:
+            An operator of size ``numel(param)`` whose products sweep only from its layer up.
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block index must be in [0, {self.num_blocks}), got {index}")
+        return _Block(self, index)
+
+    def to_dense(self, chunk_size: int = 256) -> Tensor:
+        """Return the dense block-diagonal matrix, built block by block.
+
+        Args:
+            chunk_size: Number of identity columns applied at once.
+
+        Returns:
+            The ``(n, n)`` matrix (zero outside the diagonal blocks).
+        """
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        start = 0
+        for i in range(self.num_blocks):
+            n = self.fmodel.numels[i]
+            out[start : start + n, start : start + n] = self.block(i).to_dense(chunk_size)
+            start += n
+        return out
+
+    # ------------------------------------------------------------------------ extras
+    @property
+    def loss(self) -> Tensor:
+        """The loss on the operator's data at the operator's parameters."""
+        return self._loss
+
+    def gradient(self) -> Tensor:
+        r"""The flat gradient :math:`\nabla_\theta L` on the operator's data.
+
+        Returns:
+            The gradient, shape ``(n,)``, from the backward pass made when building.
+        """
+        return self._gradient
+
+
+class _Block(LinearOperator):
+    """One diagonal block of a :class:`BlockDiagonalCurvature`."""
+
+    SELF_ADJOINT = True
+
+    def __init__(self, parent: BlockDiagonalCurvature, index: int) -> None:
+        n = parent.fmodel.numels[index]
+        super().__init__((n, n), parent.dtype, parent.device)
+        self.parent = parent
+        self.index = index
+        self.IS_PSD = parent.IS_PSD
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        return self.parent.apply_blocks([self.index], [x])[0]
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.parent.apply_blocks([self.index], [X])[0]
+
+
+# -------------------------------------------------------------------------- lock-step CG
+@dataclass
+class BlockCGInfo:
+    """What happened in a :func:`block_cg` solve, one entry per system.
+
+    Attributes:
+        iterations: CG iterations per system.
+        residual_norms: The last (recursively updated) residual norm per system.
+        tolerances: ``max(rtol * norm(b_i), atol)`` per system.
+        status: Why each system stopped: ``"converged"`` (``norm(r) <= tol``), ``"maxiter"``,
+            ``"negative_curvature"`` (``p^T A p <= 0`` with ``negative_curvature="stop"``),
+            ``"breakdown"`` (``p^T A p == 0``) or ``"nonfinite"`` (a NaN/Inf appeared).
+        sweeps: Number of batched operator applications (the largest iteration count).
+        negative_curvature: Per system, whether any search direction had ``p^T A p <= 0``.
+    """
+
+    iterations: list[int]
+    residual_norms: list[float]
+    tolerances: list[float]
+    status: list[str]
+    sweeps: int = 0
+    negative_curvature: list[bool] = field(default_factory=list)
+
+    @property
+    def converged(self) -> list[bool]:
+        """Per system, whether the residual tolerance was met."""
+        return [s == "converged" for s in self.status]
+
+
+def _per_system(value: Any, n: int, name: str) -> list[Any]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name}: expected one value per system ({n}), got {len(values)}")
+    return values
+
+
+def block_cg(
+    apply: Callable[[list[int], list[Tensor]], list[Tensor]],
+    b: Sequence[Tensor],
+    *,
+    shift: float | Sequence[float] = 0.0,
+    rtol: float | Sequence[float] = 1e-5,
+    atol: float | Sequence[float] = 0.0,
+    maxiter: int | Sequence[int] = 20,
+    negative_curvature: str = "continue",
+) -> tuple[list[Tensor], BlockCGInfo]:
+    r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
+
+    Every iteration makes one call ``apply(indices, vectors)`` that returns
+    :math:`A_i p_i` for all systems still running (with
+    :meth:`BlockDiagonalCurvature.apply_blocks`, one sweep through the network serves every
+    block), while each system keeps its own step lengths, stops on its own rule
+
+    .. math::
+
+        \|r_i\|_2 \le \max(\mathrm{rtol}_i \|b_i\|_2,\ \mathrm{atol}_i)
+        \quad\text{(checked before the first iteration too)}
+
+    or after ``maxiter_i`` iterations, and then drops out of the calls. The iterates equal
+    those of :func:`~secondorder.linalg.cg` on each system separately (up to rounding).
+
+    With ``negative_curvature="continue"`` (plain CG, as BackPACK's CG-Newton example) a
+    direction with :math:`p^\top (A + \lambda I) p \le 0` is still stepped along with the
+    (negative) step length :math:`r^\top r / p^\top A p`; with ``"stop"`` the system stops and
+    keeps its last iterate. A zero or non-finite curvature stops the system either way.
+
+    Args:
+        apply: ``apply(indices, vectors) -> products`` for lists of system indices and
+            vectors (without the shift).
+        b: Right-hand sides, 1-D tensors.
+        shift: :math:`\lambda_i` (a float for all systems, or one per system).
+        rtol: Relative tolerance(s), ``>= 0``.
+        atol: Absolute tolerance(s), ``>= 0``.
+        maxiter: Maximal iterations (``>= 0``), for all or per system.
+        negative_curvature: ``"continue"`` or ``"stop"``.
+
+    Returns:
+        ``(x, info)``: the solutions (new tensors) and a :class:`BlockCGInfo`.
+
+    Raises:
+        ValueError: For invalid tolerances, ``maxiter``, ``negative_curvature``, or lists of
+            the wrong length.
+
+    Example:
+        >>> import torch
+        >>> from secondorder.curvature.blockwise import block_cg
+        >>> A = [torch.tensor([[4.0, 1.0], [1.0, 3.0]]), torch.tensor([[2.0]])]
+        >>> b = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]
+        >>> x, info = block_cg(lambda idx, vs: [A[i] @ v for i, v in zip(idx, vs)], b, rtol=1e-8)
+        >>> info.status, torch.allclose(x[1], torch.tensor([2.0]))
+        (['converged', 'converged'], True)
+    """
+    n = len(b)
+    if negative_curvature not in ("continue", "stop"):
+        raise ValueError(
+            f"negative_curvature must be 'continue' or 'stop', got {negative_curvature!r}"
+        )
+    shifts = [float(s) for s in _per_system(shift, n, "shift")]
+    rtols = [float(s) for s in _per_system(rtol, n, "rtol")]
+    atols = [float(s) for s in _per_system(atol, n, "atol")]
+    maxiters = _per_system(maxiter, n, "maxiter")
+    for name, vals in (("rtol", rtols), ("atol", atols)):
+        if any(not (v >= 0 and math.isfinite(v)) for v in vals):
+            raise ValueError(f"{name} must be finite and >= 0, got {vals}")
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
+        raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
+    stop_negative = negative_curvature == "stop"
+    x = [torch.zeros_like(bi) for bi in b]
+    r = [bi.detach().clone() for bi in b]
+    p = [ri.clone() for ri in r]
+    rr = torch.stack([torch.dot(ri, ri) for ri in r]).tolist() if n else []
+    tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
+    iterations = [0] * n
+    status = ["running"] * n
+    negative = [False] * n
+    for i in range(n):
+        if not math.isfinite(rr[i]):
+            status[i] = "nonfinite"
+        elif math.sqrt(rr[i]) <= tol[i]:
+            status[i] = "converged"
+        elif maxiters[i] == 0:
+            status[i] = "maxiter"
+    active = [i for i in range(n) if status[i] == "running"]
+    sweeps = 0
+    while active:
+        sweeps += 1
+        ap = apply(active, [p[i] for i in active])
+        for i, a in zip(active, ap):
+            if shifts[i] != 0.0:
+                a.add_(p[i], alpha=shifts[i])
+        pap = torch.stack([torch.dot(p[i], a) for i, a in zip(active, ap)]).tolist()
+        stepped = []
+        for i, a, curv in zip(active, ap, pap):
+            if curv <= 0:
+                negative[i] = True
+            if not math.isfinite(curv):
+                status[i] = "nonfinite"
+            elif curv == 0.0:
+                status[i] = "breakdown"
+            elif curv < 0 and stop_negative:
+                status[i] = "negative_curvature"
+            else:
+                alpha = rr[i] / curv
+                x[i].add_(p[i], alpha=alpha)
+                r[i].sub_(a, alpha=alpha)
+                stepped.append(i)
+        if stepped:
+            rr_new = torch.stack([torch.dot(r[i], r[i]) for i in stepped]).tolist()
+            for i, value in zip(stepped, rr_new):
+                iterations[i] += 1
+                if not math.isfinite(value):
+                    status[i] = "nonfinite"
+                elif math.sqrt(value) <= tol[i]:
+                    status[i] = "converged"
+                elif iterations[i] >= maxiters[i]:
+                    status[i] = "maxiter"
+                else:
+                    p[i].mul_(value / rr[i]).add_(r[i])
+                rr[i] = value
+        active = [i for i in active if status[i] == "running"]
+    info = BlockCGInfo(
+        iterations=iterations,
+        residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],
+        tolerances=tol,
+        status=status,
+        sweeps=sweeps,
+        negative_curvature=negative,
+    )
+    return x, info
