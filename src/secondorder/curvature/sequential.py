@@ -1,0 +1,403 @@
+r"""Hand-written linearisation of ``nn.Sequential`` stacks: :math:`Jv` and :math:`J^\top u` without autograd.
+
+One forward pass under ``torch.no_grad()`` stores, per layer, only what its derivatives need:
+the input of each linear/convolution layer (a view of the previous output, no copy), the
+derivative :math:`\sigma'(a)` of each activation (a bool mask for ReLU), the max-pooling
+indices. Then
+
+- :math:`Jv` is forward mode by hand: per linear layer :math:`W\,dx + dW\,x + db` (two matrix
+  products, one for the first layer), per activation :math:`\sigma'(a) \odot dx`;
+- :math:`J^\top u` is reverse mode by hand: per linear layer :math:`dW \mathrel{+}= u^\top x`,
+  :math:`db \mathrel{+}= \sum u`, :math:`u \leftarrow u W`; it stops below the lowest requested
+  parameter and writes the parameter blocks straight into the caller's buffer.
+
+No autograd graph is kept, so the operator holds less than a gradient's saved activations, and
+no product pays the autograd engine's dispatch or the slow CPU double backward of convolutions.
+Every other module goes through :class:`~secondorder.curvature.linearization.AutogradLinearization`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from .model import FunctionalModel
+
+__all__ = ["SequentialLinearization", "sequential_layers"]
+
+_ELEMENTWISE: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
+    # derivative of the activation from its input a and output s
+    nn.Sigmoid: lambda m, a, s: s * (1 - s),
+    nn.Tanh: lambda m, a, s: 1 - s * s,
+    nn.ReLU: lambda m, a, s: a > 0,  # a bool mask: one byte per entry
+    nn.SiLU: lambda m, a, s: _silu_derivative(a),
+    nn.LeakyReLU: lambda m, a, s: torch.where(a > 0, 1.0, m.negative_slope).to(a.dtype),
+    nn.ELU: lambda m, a, s: torch.where(a > 0, torch.ones_like(a), s + m.alpha),
+    nn.Softplus: lambda m, a, s: torch.sigmoid(a * m.beta),
+    nn.GELU: lambda m, a, s: _gelu_derivative(m, a),
+}
+_CONV: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
+_MAXPOOL: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.MaxPool1d: F.max_pool1d,
+    nn.MaxPool2d: F.max_pool2d,
+    nn.MaxPool3d: F.max_pool3d,
+}
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_LINEAR_NO_PARAMS = (*_RESHAPES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout)
+
+
+def _silu_derivative(a: Tensor) -> Tensor:
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def _gelu_derivative(m: Any, a: Tensor) -> Tensor:
+    with torch.enable_grad():
+        a = a.detach().requires_grad_(True)
+        (d,) = torch.autograd.grad(F.gelu(a, approximate=m.approximate).sum(), a)
+    return d
+
+
+def _supported(module: nn.Module) -> bool:
+    t = type(module)
+    if t in _CONV:
+        m: Any = module
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if t in _ELEMENTWISE or t in _MAXPOOL or t is nn.Linear:
+        return True
+    if isinstance(module, nn.Dropout):
+        return not module.training or module.p == 0
+    if isinstance(module, _LINEAR_NO_PARAMS):
+        return True
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return not module.training and module.track_running_stats
+    return False
+
+
+def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """Flatten nested ``nn.Sequential`` into ``(prefix, layer)`` pairs, or None if unsupported.
+
+    Args:
+        model: The module.
+
+    Returns:
+        The leaf layers with their parameter-name prefixes, or ``None`` when ``model`` is not a
+        (nested) ``nn.Sequential`` of layers the hand-written engine supports, or a layer
+        carries hooks.
+    """
+    if not isinstance(model, nn.Sequential):
+        return None
+    layers: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> bool:
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            return all(visit(child, f"{prefix}{name}.") for name, child in module.named_children())
+        hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        if hooks or not _supported(module):
+            return False
+        layers.append((prefix, module))
+        return True
+
+    return layers if visit(model, "") else None
+
+
+class SequentialLinearization:
+    """Linearisation of an ``nn.Sequential`` of supported layers (see the module docstring).
+
+    Args:
+        fmodel: The model as a function of its parameters (an ``nn.Sequential``).
+        layers: Its leaf layers from :func:`sequential_layers`.
+        inputs: A single input tensor in a tuple.
+        leaves: Tensors holding the parameter values.
+    """
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        layers: list[tuple[str, nn.Module]],
+        inputs: tuple[Any, ...],
+        leaves: list[Tensor],
+    ) -> None:
+        self.leaves = leaves
+        self._numels = fmodel.numels
+        frozen = fmodel.parameter_dict(leaves)
+        self._steps: list[tuple[nn.Module, dict[str, Any]]] = []
+        x = inputs[0]
+        with torch.no_grad():
+            for prefix, layer in layers:
+                x = self._forward_layer(layer, prefix, x, frozen, leaves, fmodel.alias)
+        self.z = x
+        # the lowest step that holds each parameter: vjp stops below the requested ones
+        self._lowest_step = [len(self._steps)] * len(leaves)
+        for k, (_, rec) in enumerate(self._steps):
+            for key in ("iw", "ib"):
+                i = rec.get(key)
+                if i is not None:
+                    self._lowest_step[i] = min(self._lowest_step[i], k)
+
+    # ------------------------------------------------------------------ forward
+    def _forward_layer(
+        self,
+        layer: nn.Module,
+        prefix: str,
+        x: Tensor,
+        frozen: dict[str, Tensor],
+        leaves: list[Tensor],
+        alias: dict[str, int],
+    ) -> Tensor:
+        t = type(layer)
+        rec: dict[str, Any] = {"in_shape": x.shape}
+
+        def param(name: str) -> tuple[Tensor | None, int | None]:
+            full = prefix + name
+            if full in alias:  # trainable (tied names included)
+                return leaves[alias[full]].detach(), alias[full]
+            value = frozen.get(full)  # frozen, or absent (bias=False)
+            return (value.detach() if value is not None else None), None
+
+        if t is nn.Linear or t in _CONV:
+            (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")
+            rec["x"], rec["w"], rec["has_bias"] = x, w, b is not None
+            if t is nn.Linear:
+                out = F.linear(x, w, b)  # type: ignore[arg-type]
+            else:
+                rec["kw"] = dict(
+                    stride=layer.stride,
+                    padding=layer.padding,
+                    dilation=layer.dilation,
+                    groups=layer.groups,
+                )
+                out = _CONV[t](x, w, b, **rec["kw"])
+        elif t in _ELEMENTWISE:
+            out = layer(x)
+            rec["d"] = _ELEMENTWISE[t](layer, x, out)
+        elif t in _MAXPOOL:
+            m: Any = layer
+            out, rec["idx"] = _MAXPOOL[t](
+                x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+            )
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")
+            mean, var = layer.running_mean, layer.running_var
+            assert mean is not None and var is not None
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            inv = (var + layer.eps).rsqrt().view(shape)
+            rec["xhat"] = (x - mean.view(shape)) * inv
+            rec["scale"] = inv * w.view(shape) if w is not None else inv
+            rec["shape"] = shape
+            out = rec["xhat"] * (w.view(shape) if w is not None else 1.0)
+            out = out + b.view(shape) if b is not None else out
+        else:  # parameter-free linear layers, eval-mode dropout
+            out = layer(x)
+        rec["out_shape"] = out.shape
+        self._steps.append((layer, rec))
+        return out
+
+    # ------------------------------------------------------------------ J v
+    def jvp(self, tangents: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
+        r"""Return :math:`Jv` (shape of ``z``; ``(K, *z.shape)`` when batched), or None if zero."""
+        dx: Tensor | None = None
+        K = next(t.shape[0] for t in tangents if t is not None) if batched else 0
+        with torch.no_grad():
+            for layer, rec in self._steps:
+                dx = self._jvp_layer(layer, rec, dx, tangents, K, batched)
+        return dx
+
+    def _jvp_layer(
+        self,
+        layer: nn.Module,
+        rec: dict[str, Any],
+        dx: Tensor | None,
+        tangents: Sequence[Tensor | None],
+        K: int,
+        batched: bool,
+    ) -> Tensor | None:
+        t = type(layer)
+        if t is nn.Linear or t in _CONV:
+            dw = tangents[rec["iw"]] if rec["iw"] is not None else None
+            db = tangents[rec["ib"]] if rec["ib"] is not None else None
+            out: Tensor | None = None
+            if t is nn.Linear:
+                if dx is not None:
+                    out = F.linear(dx, rec["w"])
+                if dw is not None:
+                    x = rec["x"]
+                    if out is not None and not batched and x.ndim == 2:
+                        out.addmm_(x, dw.T)  # no temporary
+                    else:
+                        term = x @ dw.transpose(-1, -2)
+                        out = term if out is None else out.add_(term)
+            else:
+                conv, kw = _CONV[t], rec["kw"]
+                if dx is not None:
+                    out = conv(dx.flatten(0, 1) if batched else dx, rec["w"], None, **kw)
+                    if batched:
+                        out = out.unflatten(0, (K, -1))
+                if dw is not None:
+                    term = _conv_weight_jvp(conv, kw, rec["x"], dw, K, batched)
+                    out = term if out is None else out.add_(term)
+            if db is not None:
+                shape = rec["out_shape"]
+                lead = (K,) if batched else ()
+                channel_dim = len(shape) - 1 if t is nn.Linear else 1
+                view = [1] * len(shape)
+                view[channel_dim] = -1
+                bias = db.view(*lead, *view)
+                out = bias.expand(*lead, *shape).clone() if out is None else out.add_(bias)
+            return out
+        if dx is None:
+            return None
+        if t in _ELEMENTWISE:
+            return dx.mul_(rec["d"])
+        if t in _MAXPOOL:
+            idx = rec["idx"]
+            if batched:
+                dx, idx = dx.flatten(0, 1), idx.repeat(K, *([1] * (idx.ndim - 1)))
+            out = dx.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+            return out.unflatten(0, (K, -1)) if batched else out
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            shape = rec["shape"]
+            out = dx * rec["scale"]
+            dw = tangents[rec["iw"]] if rec["iw"] is not None else None
+            db = tangents[rec["ib"]] if rec["ib"] is not None else None
+            if dw is not None:
+                out.add_(rec["xhat"] * (dw.view(K, *shape) if batched else dw.view(shape)))
+            if db is not None:
+                out.add_(db.view(K, *shape) if batched else db.view(shape))
+            return out
+        if batched:  # parameter-free linear layers act per sample
+            return layer(dx.flatten(0, 1)).unflatten(0, (K, -1))
+        return layer(dx)
+
+    # ------------------------------------------------------------------ J^T u
+    def vjp_into(
+        self, cotangent: Tensor, out: Sequence[Tensor], indices: Sequence[int] | None = None
+    ) -> None:
+        r"""Add :math:`J^\top u` into ``out`` (one tensor per requested parameter) in place.
+
+        Args:
+            cotangent: ``u``, shape of ``z``.
+            out: Buffers in the requested parameters' shapes, accumulated into.
+            indices: Requested parameters (default all).
+        """
+        idx = list(range(len(self.leaves))) if indices is None else list(indices)
+        target = {i: buf for i, buf in zip(idx, out)}
+        stop = min((self._lowest_step[i] for i in idx), default=len(self._steps))
+        u = cotangent
+        owned = False  # whether u may be modified in place
+        with torch.no_grad():
+            for k in range(len(self._steps) - 1, stop - 1, -1):
+                layer, rec = self._steps[k]
+                u, owned = self._vjp_layer(layer, rec, u, owned, target, need_input=k > stop)
+
+    def vjp(
+        self, cotangent: Tensor, indices: Sequence[int] | None = None, batched: bool = False
+    ) -> list[Tensor]:
+        r"""Return :math:`J^\top u` as new tensors in parameter shapes (``(K, ...)`` if batched).
+
+        Args:
+            cotangent: ``u``, shape of ``z`` (or ``(K, *z.shape)``).
+            indices: Parameters to return (default all).
+            batched: Whether ``cotangent`` carries a leading column dimension.
+
+        Returns:
+            One tensor per requested parameter.
+        """
+        idx = list(range(len(self.leaves))) if indices is None else list(indices)
+        if not batched:
+            bufs = [torch.zeros_like(self.leaves[i]) for i in idx]
+            self.vjp_into(cotangent, bufs, idx)
+            return bufs
+        K = cotangent.shape[0]
+        bufs = [self.leaves[i].new_zeros(K, *self.leaves[i].shape) for i in idx]
+        for k in range(K):
+            self.vjp_into(cotangent[k], [b[k] for b in bufs], idx)
+        return bufs
+
+    def _vjp_layer(
+        self,
+        layer: nn.Module,
+        rec: dict[str, Any],
+        u: Tensor,
+        owned: bool,
+        target: dict[int, Tensor],
+        need_input: bool,
+    ) -> tuple[Tensor, bool]:
+        t = type(layer)
+        if t is nn.Linear:
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            u2 = u.reshape(-1, u.shape[-1])
+            if gw is not None:
+                x = rec["x"]
+                gw.addmm_(u2.T, x.reshape(-1, x.shape[-1]))
+            if gb is not None:
+                gb.add_(u2.sum(0))
+            return (u @ rec["w"], True) if need_input else (u, owned)
+        if t in _CONV:
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            kw = rec["kw"]
+            w = rec["w"]
+            nd = w.ndim - 2
+            grads = torch.ops.aten.convolution_backward(
+                u,
+                rec["x"],
+                w,
+                [w.shape[0]] if rec["has_bias"] else None,
+                list(kw["stride"]),
+                list(kw["padding"]),
+                list(kw["dilation"]),
+                False,
+                [0] * nd,
+                kw["groups"],
+                [need_input, gw is not None, gb is not None and rec["has_bias"]],
+            )
+            if gw is not None:
+                gw.add_(grads[1])
+            if gb is not None:
+                gb.add_(grads[2])
+            return (grads[0], True) if need_input else (u, owned)
+        if not need_input:
+            return u, owned
+        if t in _ELEMENTWISE:
+            return (u.mul_(rec["d"]) if owned else u * rec["d"]), True
+        if t in _MAXPOOL:
+            idx = rec["idx"]
+            grad = u.new_zeros(rec["in_shape"])
+            grad.flatten(2).scatter_add_(2, idx.flatten(2), u.flatten(2))
+            return grad, True
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            dims = [d for d in range(u.ndim) if d != 1]
+            if gw is not None:
+                gw.add_((u * rec["xhat"]).sum(dims))
+            if gb is not None:
+                gb.add_(u.sum(dims))
+            return u * rec["scale"], True
+        if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
+            return u.reshape(rec["in_shape"]), owned
+        # other parameter-free linear layers (average pooling): differentiate the layer alone
+        with torch.enable_grad():
+            probe = u.new_zeros(rec["in_shape"], requires_grad=True)
+            (grad,) = torch.autograd.grad(layer(probe), probe, u)
+        return grad, True
+
+
+def _conv_weight_jvp(
+    conv: Callable[..., Tensor], kw: dict[str, Any], x: Tensor, dw: Tensor, K: int, batched: bool
+) -> Tensor:
+    """``conv(x, dW)`` for one tangent, or for K tangents at once (stacked output channels)."""
+    if not batched:
+        return conv(x, dw, None, **kw)
+    if kw["groups"] == 1:
+        out_ch = dw.shape[1]
+        y = conv(x, dw.flatten(0, 1), None, **kw)
+        return y.unflatten(1, (K, out_ch)).transpose(0, 1).contiguous()
+    return torch.stack([conv(x, dw[k], None, **kw) for k in range(K)])
