@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .linearization import Linearization, linearize
+from .sequential import SequentialLinearization
 from .losses import LossTerms, loss_terms
 from .model import Batch
 
@@ -18,8 +19,10 @@ __all__ = ["GGN"]
 
 @dataclass
 class _GGNState:
-    lin: Linearization
+    lin: Linearization | SequentialLinearization
     terms: LossTerms
+    factor: Tensor | None = None  # (S, R, C) gradients for the Monte-Carlo/empirical Fisher
+    factor_scale: float = 1.0
 
 
 class GGN(CurvatureOperator):

@@ -162,7 +162,7 @@ def linearize(
     inputs: tuple[Any, ...],
     leaves: list[Tensor],
     engine: str = "auto",
-) -> Linearization:
+) -> Linearization | SequentialLinearization:
     """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the chosen engine.
 
     Args:

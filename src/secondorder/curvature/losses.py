@@ -126,6 +126,7 @@ class _RowLoss(LossTerms):
 
     is_psd = True
     has_likelihood = True
+    _row_grad: Tensor
 
     def __init__(self, z: Tensor) -> None:  # noqa: D107 - subclasses set everything
         self.z = z.detach()

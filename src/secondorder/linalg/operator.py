@@ -374,6 +374,8 @@ def _check_compatible(ops: Sequence[LinearOperator], what: str) -> None:
 
 
 class _Sum(LinearOperator):
+    ops: list[LinearOperator]
+
     def __init__(self, ops: Sequence[LinearOperator]) -> None:
         flat: list[LinearOperator] = []
         for op in ops:
@@ -407,6 +409,9 @@ class _Sum(LinearOperator):
 
 
 class _Scaled(LinearOperator):
+    op: LinearOperator
+    scalar: float
+
     def __init__(self, op: LinearOperator, scalar: float) -> None:
         super().__init__(op.shape, op.dtype, op.device)
         if isinstance(op, _Scaled):
@@ -428,6 +433,8 @@ class _Scaled(LinearOperator):
 
 class _Product(LinearOperator):
     """``A_1 @ A_2 @ ... @ A_p`` applied right to left."""
+
+    ops: list[LinearOperator]
 
     def __init__(self, ops: Sequence[LinearOperator]) -> None:
         flat: list[LinearOperator] = []
