@@ -414,8 +414,9 @@ class _Scaled(LinearOperator):
 
     def __init__(self, op: LinearOperator, scalar: float) -> None:
         super().__init__(op.shape, op.dtype, op.device)
-        if isinstance(op, _Scaled):
-            op, scalar = op.op, op.scalar * scalar
+        if isinstance(op, _Scaled):  # fold nested scalings
+            inner: _Scaled = op
+            op, scalar = inner.op, inner.scalar * scalar
         self.op = op
         self.scalar = scalar
         self.SELF_ADJOINT = op.SELF_ADJOINT
