@@ -1,0 +1,96 @@
+"""Run the benchmark scripts of the source tree and collect their tables.
+
+The benchmarks live beside the package in ``benchmarks/`` (they are measurement scripts, not
+library code). Each is run in its own process with ``--markdown`` into the output folder; the
+tables are concatenated into ``summary.md``. With ``--python`` (or a ``.refenv`` beside the
+source tree, see ``benchmarks/README.md``) they run under an interpreter that also has the
+reference libraries, so their columns appear in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..report import write_markdown
+
+NAME = "bench"
+HELP = "Run the benchmark scripts (operators, solvers, optimizers, distributed) and collect tables."
+
+SCRIPTS = ("operators", "solvers", "optimizers", "distributed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the study's options.
+
+    Args:
+        parser: The study's argument parser.
+    """
+    parser.add_argument(
+        "--only", default=",".join(SCRIPTS), help=f"comma-separated subset of {','.join(SCRIPTS)}"
+    )
+    parser.add_argument(
+        "--python", default=None, help="interpreter to run them with (default: .refenv if present)"
+    )
+
+
+def _source_root() -> Path:
+    return Path(__file__).resolve().parents[4]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the selected benchmark scripts and write their tables to ``args.out``.
+
+    Args:
+        args: Parsed command-line arguments.
+
+    Returns:
+        Per script: the command, exit code, wall time and the path of its table.
+
+    Raises:
+        FileNotFoundError: If the benchmark scripts are not beside the package.
+        ValueError: For an unknown script name.
+    """
+    root = _source_root()
+    bench_dir = root / "benchmarks"
+    if not bench_dir.is_dir():
+        raise FileNotFoundError(
+            f"benchmark scripts not found in {bench_dir}: `secondorder bench` needs the source "
+            "tree (a git clone), not an installed wheel"
+        )
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCRIPTS]
+    if unknown:
+        raise ValueError(f"--only: unknown benchmark(s) {unknown}; expected some of {SCRIPTS}")
+    refenv = root / ".refenv" / "bin" / "python"
+    python = args.python or (str(refenv) if refenv.exists() else sys.executable)
+    results: dict[str, Any] = {}
+    sections = ["# Benchmarks", "", f"Interpreter: `{python}`; threads: {args.threads or 2}.", ""]
+    for name in names:
+        script = bench_dir / f"{name}.py"
+        if not script.exists():
+            results[name] = {"skipped": f"{script} not found"}
+            continue
+        table = args.out / f"{name}.md"
+        cmd = [python, str(script), "--markdown", str(table)]
+        if args.quick and name == "operators":
+            cmd += ["--repeats", "10", "--problems", "A"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        results[name] = {"command": cmd, "returncode": proc.returncode, "wall_s": wall}
+        sections += [f"## {name} (exit {proc.returncode}, {wall:.0f} s)", ""]
+        if table.exists():
+            results[name]["table"] = table.name
+            sections.append(table.read_text())
+        else:
+            sections.append("```\n" + (proc.stdout + proc.stderr)[-3000:] + "\n```")
+        sections.append("")
+    write_markdown(args.out / "summary.md", "\n".join(sections) + "\n")
+    print("\n".join(sections))
+    return results
