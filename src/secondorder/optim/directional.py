@@ -1,0 +1,340 @@
+r"""Directionally damped Newton steps along chosen GGN eigendirections (ViViT).
+
+For every param group :math:`g` the GGN block :math:`G_g = V_g V_g^\top` is diagonalised
+through its Gram matrix (:class:`~secondorder.curvature.lowrank.LowRankGGN`); the group's
+``criterion`` picks eigenpairs :math:`(\lambda_k, e_k)`, its ``damping`` gives a damping
+:math:`\delta_k` per direction, and the step is
+
+.. math::
+    s_g = \sum_k \frac{-\gamma_k}{\lambda_k + \delta_k}\, e_k, \qquad
+    \theta_g \leftarrow \theta_g + \mathrm{lr}_g\, s_g,
+
+with :math:`\gamma_k = \frac1N \sum_n \gamma_{nk} = \nabla L^\top e_k` and
+:math:`\lambda_k = \frac1N \sum_n \lambda_{nk}` the batch means of the per-sample directional
+derivatives. Outside the chosen directions the parameters do not move. The damping callable sees
+the per-sample :math:`\gamma_{nk}, \lambda_{nk}`, so it can adapt to their noise.
+
+References:
+    Dangel, Tatzel, Hennig. ViViT: Curvature access through the generalized Gauss-Newton's
+    low-rank structure. TMLR 2022. https://arxiv.org/abs/2106.02624
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature.losses import supports_likelihood
+from ..curvature.lowrank import LowRankGGN
+from ..curvature.model import Batch
+from .base import CurvatureOptimizer, check_positive
+
+__all__ = ["ConstantDamping", "DirectionalDampedNewton", "TopK", "constant_damping", "top_k"]
+
+Criterion = Callable[[Tensor], Any]
+Damping = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class TopK:
+    """Criterion choosing the ``k`` largest eigenvalues (all of them if there are fewer).
+
+    Args:
+        k: Number of directions.
+
+    Raises:
+        ValueError: If ``k`` is not a positive int.
+    """
+
+    def __init__(self, k: int) -> None:
+        check_positive("k", k, integer=True)
+        self.k = k
+
+    def __call__(self, evals: Tensor) -> list[int]:
+        """Return the positions of the ``k`` largest of the ascending ``evals``.
+
+        Args:
+            evals: Gram eigenvalues in ascending order, shape ``(D,)``.
+
+        Returns:
+            Indices into ``evals``.
+        """
+        D = evals.numel()
+        return list(range(D - min(self.k, D), D))
+
+    def __repr__(self) -> str:
+        return f"top_k({self.k})"
+
+
+class ConstantDamping:
+    r"""Damping :math:`\delta_k = \delta` for every direction.
+
+    Args:
+        delta: The damping, a finite number >= 0.
+
+    Raises:
+        ValueError: If ``delta`` is negative or not finite.
+    """
+
+    def __init__(self, delta: float) -> None:
+        check_positive("damping", delta, allow_zero=True)
+        self.delta = float(delta)
+
+    def __call__(self, evals: Tensor, evecs: Tensor, gammas: Tensor, lambdas: Tensor) -> Tensor:
+        """Return the damping of each direction.
+
+        Args:
+            evals: Chosen GGN eigenvalues, shape ``(K,)``.
+            evecs: Their Gram-matrix eigenvectors, shape ``(D, K)``.
+            gammas: Per-sample directional gradients, shape ``(N, K)``.
+            lambdas: Per-sample directional curvatures, shape ``(N, K)``.
+
+        Returns:
+            Shape ``(K,)``.
+        """
+        return torch.full_like(evals, self.delta)
+
+    def __repr__(self) -> str:
+        return f"constant_damping({self.delta})"
+
+
+def top_k(k: int) -> TopK:
+    """Criterion choosing the ``k`` largest eigenvalues (see :class:`TopK`).
+
+    Args:
+        k: Number of directions.
+
+    Returns:
+        The criterion.
+    """
+    return TopK(k)
+
+
+def constant_damping(delta: float) -> ConstantDamping:
+    """Constant damping ``delta`` along every direction (see :class:`ConstantDamping`).
+
+    Args:
+        delta: The damping.
+
+    Returns:
+        The damping callable.
+    """
+    return ConstantDamping(delta)
+
+
+def _as_damping(value: Any, where: str) -> Damping:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return constant_damping(value)
+    if not callable(value):
+        raise TypeError(
+            f"{where}: damping must be a number or a callable (evals, evecs, gammas, lambdas) "
+            f"-> (K,) tensor, got {type(value).__name__}"
+        )
+    return value
+
+
+class DirectionalDampedNewton(CurvatureOptimizer):
+    r"""Newton steps along chosen GGN eigendirections, damped per direction (ViViT).
+
+    See the module docstring for the step. Each param group carries
+
+    - ``criterion(evals) -> indices``: ``evals`` are the group's Gram eigenvalues in ascending
+      order, shape ``(D,)``; it returns positions into them (a sequence of ints or a 1-D
+      integer tensor, distinct, in range). Eigenvalues that are numerically zero
+      (:meth:`~secondorder.curvature.lowrank.LowRankGGN.tolerance`) have no GGN eigenvector and
+      are dropped (counted in ``diagnostics["num_dropped"]``).
+    - ``damping(evals, evecs, gammas, lambdas) -> deltas``: with the chosen eigenvalues
+      ``(K,)``, their Gram eigenvectors ``(D, K)`` and the per-sample directional gradients
+      and curvatures ``(N, K)`` (normalised so that their means are :math:`\gamma_k` and
+      :math:`\lambda_k`, see :mod:`secondorder.curvature.lowrank`), it returns a tensor of
+      shape ``(K,)``. A number means :func:`constant_damping`.
+
+    A step with a non-finite damping or a denominator :math:`\lambda_k + \delta_k \le 0` is
+    rejected (the parameters stay, ``diagnostics["rejected_reason"]`` says why).
+
+    Args:
+        model: The model to train (any ``nn.Module``).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (reduction
+            ``"mean"`` or ``"sum"``, no weights): the GGN's low-rank factor needs a likelihood.
+        lr: Step size (default: 1).
+        criterion: Default criterion of the groups (default: ``top_k(10)``).
+        damping: Default damping of the groups, a callable or a number (default: 1.0).
+        params: Parameters or param-group dicts; groups may set ``lr``, ``criterion`` and
+            ``damping``. Each group gets its own GGN block (cross-group curvature is ignored).
+        mc_samples: 0 for the exact GGN, else the number of targets sampled per sample for a
+            Monte-Carlo factor (the Gram matrix then has size :math:`N M`).
+        generator: Random generator for ``mc_samples > 0`` (default: seeded with 0; its state
+            is saved in ``state_dict``).
+        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        engine: ``"auto"``, ``"kron"`` or ``"autograd"``
+            (see :class:`~secondorder.curvature.lowrank.LowRankGGN`).
+
+    Raises:
+        ValueError: For invalid hyperparameters or a loss without a likelihood.
+        TypeError: For a criterion or damping that is not callable.
+
+    Example:
+        >>> import torch, secondorder as so
+        >>> from secondorder.optim.directional import DirectionalDampedNewton, top_k
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2))
+        >>> opt = DirectionalDampedNewton(model, torch.nn.MSELoss(), criterion=top_k(3))
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> loss = opt.step(X, y)
+        >>> len(opt.diagnostics["evals"][0])
+        3
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 1.0,
+        *,
+        criterion: Criterion | None = None,
+        damping: Damping | float = 1.0,
+        params: Any = None,
+        mc_samples: int = 0,
+        generator: torch.Generator | None = None,
+        on_nonfinite: str = "skip",
+        engine: str = "auto",
+    ) -> None:
+        check_positive("lr", lr)
+        check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
+        if engine not in ("auto", "kron", "autograd"):
+            raise ValueError(f"engine must be 'auto', 'kron' or 'autograd', got {engine!r}")
+        if not supports_likelihood(loss_fn):
+            raise ValueError(
+                "DirectionalDampedNewton needs a loss with a likelihood: nn.CrossEntropyLoss, "
+                "nn.MSELoss or nn.BCEWithLogitsLoss with reduction 'mean' or 'sum' and no "
+                f"weights; got {loss_fn!r}"
+            )
+        defaults = dict(
+            lr=lr,
+            criterion=top_k(10) if criterion is None else criterion,
+            damping=_as_damping(damping, "damping"),
+        )
+        super().__init__(model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite)
+        for i, group in enumerate(self.param_groups):
+            check_positive("lr", group["lr"])
+            if not callable(group["criterion"]):
+                raise TypeError(
+                    f"param group {i}: criterion must be a callable evals -> indices, got "
+                    f"{type(group['criterion']).__name__}"
+                )
+            group["damping"] = _as_damping(group["damping"], f"param group {i}")
+        self.mc_samples = mc_samples
+        self.engine = engine
+        self.generator = generator
+        if mc_samples > 0 and generator is None:
+            self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
+
+    # -------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
+        if self.generator is not None:
+            self.global_state["generator_state"] = self.generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        gen_state = self.global_state.get("generator_state")
+        if self.generator is not None and gen_state is not None:
+            self.generator.set_state(gen_state.to("cpu", torch.uint8))
+
+    # -------------------------------------------------------------------- step
+    @staticmethod
+    def _check_indices(raw: Any, D: int, group: int) -> list[int]:
+        where = f"param group {group}: criterion"
+        if isinstance(raw, Tensor):
+            if raw.ndim != 1 or raw.dtype.is_floating_point or raw.dtype.is_complex:
+                raise ValueError(
+                    f"{where} must return a 1-D integer tensor or a sequence of ints, got a "
+                    f"tensor of dtype {raw.dtype} and shape {tuple(raw.shape)}"
+                )
+            indices = [int(i) for i in raw.tolist()]
+        else:
+            try:
+                items = list(raw)
+            except TypeError:
+                raise ValueError(
+                    f"{where} must return a sequence of ints, got {type(raw).__name__}"
+                ) from None
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                got = sorted({type(i).__name__ for i in items})
+                raise ValueError(f"{where} must return ints, got elements of type {got}")
+            indices = [int(i) for i in items]
+        bad = [i for i in indices if not 0 <= i < D]
+        if bad:
+            raise ValueError(f"{where} returned indices {bad} outside [0, {D}) (D eigenvalues)")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{where} returned repeated indices: {indices}")
+        return indices
+
+    def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        lowrank = LowRankGGN(
+            self.model,
+            self.loss_fn,
+            batches,
+            params=self.fmodel.params,
+            mc_samples=self.mc_samples,
+            generator=self.generator,
+            engine=self.engine,
+        )
+        loss, grad = lowrank.loss, lowrank.gradient()
+        if not self._check_loss_and_gradient(loss, grad):
+            return loss, None
+        fm = self.fmodel
+        direction = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
+        diag = self.diagnostics
+        for key in ("indices", "evals", "gammas", "lambdas", "dampings", "num_dropped"):
+            diag[key] = []
+        for gi, (group, slices) in enumerate(zip(self.param_groups, self._group_slices)):
+            params = group["params"]
+            try:
+                evals = lowrank.eigvalsh(params)
+            except (FloatingPointError, torch.linalg.LinAlgError) as err:
+                self._reject(f"param group {gi}: {err}")
+                return loss, None
+            chosen = self._check_indices(group["criterion"](evals), evals.numel(), gi)
+            tol = lowrank.tolerance(params)
+            keep = [i for i in chosen if float(evals[i]) > tol]
+            diag["num_dropped"].append(len(chosen) - len(keep))
+            diag["indices"].append(keep)
+            if not keep:
+                for key in ("evals", "gammas", "lambdas", "dampings"):
+                    diag[key].append([])
+                continue
+            gammas, lambdas = lowrank.directional_derivatives(keep, params)
+            U = lowrank.gram_eigenvectors(keep, params)
+            lam = evals[keep]
+            delta = group["damping"](lam, U, gammas, lambdas)
+            if not isinstance(delta, Tensor) or delta.shape != lam.shape:
+                got = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
+                raise ValueError(
+                    f"param group {gi}: damping must return a tensor of shape ({len(keep)},), "
+                    f"got {got}"
+                )
+            delta = delta.detach().to(device=lam.device, dtype=lam.dtype)
+            gamma_k, lambda_k = gammas.mean(0), lambdas.mean(0)
+            denom = lambda_k + delta
+            diag["evals"].append(lam.tolist())
+            diag["gammas"].append(gamma_k.tolist())
+            diag["lambdas"].append(lambda_k.tolist())
+            diag["dampings"].append(delta.tolist())
+            if not bool(torch.isfinite(delta).all()):
+                self._reject(f"param group {gi}: the damping is not finite")
+                return loss, None
+            if bool((denom <= 0).any()):
+                bad = [i for i, d in zip(keep, denom.tolist()) if d <= 0]
+                self._reject(
+                    f"param group {gi}: lambda_k + delta_k <= 0 for eigenvalues {bad} (the step "
+                    "would be infinite or point uphill)"
+                )
+                return loss, None
+            coeffs = U @ (-gamma_k / (denom * lam.sqrt()))  # s = V (sum_k c_k u_k / sqrt(lam_k))
+            step = lowrank.factor_matmul(coeffs, params)
+            for (a, b), part in zip(slices, step.split([b - a for a, b in slices])):
+                direction[a:b] = part
+        return loss, direction
