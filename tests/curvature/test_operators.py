@@ -301,3 +301,17 @@ def test_bad_batch_format():
     model, loss_fn, inputs, _ = build(CASES[0], "ce", "mean")
     with pytest.raises(ValueError, match=r"expected a batch \(inputs, targets\)"):
         so.GGN(model, loss_fn, [inputs[0]])
+
+
+def test_module_instance_applied_twice():
+    """A module reused inside a Sequential is applied (and differentiated) every time."""
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), act, lin, act, lin, act, nn.Linear(4, 2)).to(DT)
+    X, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    for engine in ("auto", "autograd"):
+        G = so.GGN(model, loss_fn, (X, y), engine=engine)
+        assert rel_err(G.to_dense(), dense_ggn(model, loss_fn, (X,), y)) <= RTOL
+        assert torch.allclose(G.loss, loss_fn(model(X), y))

@@ -99,7 +99,9 @@ def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
     def visit(module: nn.Module, prefix: str) -> bool:
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            return all(visit(child, f"{prefix}{name}.") for name, child in module.named_children())
+            # every entry, as Sequential.forward applies them (named_children skips repeats)
+            children = [(name, child) for name, child in module._modules.items() if child is not None]
+            return all(visit(child, f"{prefix}{name}.") for name, child in children)
         hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         if hooks or not _supported(module):
             return False
