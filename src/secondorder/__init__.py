@@ -11,6 +11,7 @@ from .curvature import (
     Fisher,
     FunctionalModel,
     Hessian,
+    LowRankGGN,
     empirical_fisher_diagonal,
     ggn_diagonal,
 )
@@ -38,6 +39,7 @@ from .linalg import (
 )
 from .optim import (
     CurvatureOptimizer,
+    DirectionalDampedNewton,
     GaussNewton,
     HessianFree,
     NaturalGradient,
@@ -62,6 +64,7 @@ __all__ = [
     "Fisher",
     "FunctionalModel",
     "Hessian",
+    "LowRankGGN",
     "empirical_fisher_diagonal",
     "ggn_diagonal",
     # solvers and spectral tools
@@ -83,6 +86,7 @@ __all__ = [
     "PivotedCholeskyPreconditioner",
     # optimizers
     "CurvatureOptimizer",
+    "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",
     "NaturalGradient",

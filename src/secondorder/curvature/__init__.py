@@ -5,6 +5,7 @@ from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradie
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
+from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "Fisher",
     "FunctionalModel",
     "Hessian",
+    "LowRankGGN",
     "as_batches",
     "empirical_fisher_diagonal",
     "ggn_diagonal",

@@ -2,12 +2,15 @@
 
 from .base import CurvatureOptimizer, NonFiniteError, NonFiniteStepWarning
 from .damping import levenberg_marquardt, reduction_ratio
+from .directional import ConstantDamping, DirectionalDampedNewton, TopK, constant_damping, top_k
 from .hessian_free import HessianFree
 from .linesearch import LineSearchInfo, armijo_backtracking
 from .newton_cg import GaussNewton, NaturalGradient, NewtonCG
 
 __all__ = [
+    "ConstantDamping",
     "CurvatureOptimizer",
+    "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",
     "LineSearchInfo",
@@ -17,5 +20,8 @@ __all__ = [
     "NonFiniteStepWarning",
     "armijo_backtracking",
     "levenberg_marquardt",
+    "TopK",
+    "constant_damping",
     "reduction_ratio",
+    "top_k",
 ]
