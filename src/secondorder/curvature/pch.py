@@ -1,0 +1,207 @@
+r"""The positive-curvature Hessian (PCH) for any architecture, through a modified double backward.
+
+The Hessian of a loss differs from the GGN by *residual* terms
+:math:`\sum_k \delta_k \nabla^2 (f)_k` of every nonlinearity :math:`f` in the network, weighted by
+the gradient :math:`\delta = \nabla_{f} L` of its output. For an elementwise activation the
+residual is diagonal, :math:`\operatorname{diag}(\delta \odot f''(a))`, and the PCH (Dangel et
+al., 2020) replaces it by :math:`\operatorname{diag}(\rho(\delta \odot f''(a)))` with
+:math:`\rho(r) = \max(r, 0)` (``"clip"``) or :math:`|r|` (``"abs"``).
+
+A Hessian-vector product by double backward meets that residual at exactly one place: when it
+differentiates the activation's backward :math:`g \mapsto g \odot f'(a)` with respect to
+:math:`a`, which gives :math:`\cdot \odot g \odot f''(a)`, and :math:`g` there is
+:math:`\delta`. :func:`positive_curvature_mode` is a ``TorchFunctionMode`` that, while a graph
+is recorded, replaces the elementwise activations it knows by autograd functions whose backward
+is itself an autograd function with that derivative modified. Hessian-vector products through
+the recorded graph then apply the modified Hessian; its diagonal block of a parameter tensor
+equals the PCH block that :mod:`~secondorder.curvature.blockwise` backpropagates module by module
+(the bilinear terms that the modification leaves untouched only couple different blocks).
+
+Intercepted: ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``softplus``, ``elu``, ``celu``,
+``selu``, ``mish``, ``softsign``, ``logsigmoid``, ``hardswish`` (functions, tensor methods and
+the modules that call them). Piecewise-linear activations (ReLU, max-pooling) have no residual.
+Any other nonlinearity (products of activations, normalisation, attention) keeps its exact
+second-order term, so the PSD guarantee only holds for networks whose nonlinearities are all
+intercepted, with a convex loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .blockwise import BlockDiagonalCurvature
+
+__all__ = ["MODIFICATIONS", "PCH", "positive_curvature_mode"]
+
+MODIFICATIONS = ("clip", "abs")
+
+_INTERCEPTED: set[Any] = {
+    torch.sigmoid,
+    torch.Tensor.sigmoid,
+    torch.special.expit,
+    torch.tanh,
+    torch.Tensor.tanh,
+    F.sigmoid,
+    F.tanh,
+    F.silu,
+    F.gelu,
+    F.softplus,
+    F.elu,
+    F.celu,
+    F.selu,
+    F.mish,
+    F.softsign,
+    F.logsigmoid,
+    F.hardswish,
+}
+
+
+def _modify(r: Tensor, modify: str) -> Tensor:
+    return r.clamp_min(0) if modify == "clip" else r.abs()
+
+
+def _derivatives(fn: Callable[[Tensor], Tensor], a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Value, first and second derivative of the elementwise function ``fn`` at ``a``."""
+    with torch.enable_grad():
+        leaf = a.detach().requires_grad_(True)
+        y = fn(leaf)
+        (d1,) = torch.autograd.grad(y.sum(), leaf, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), leaf)
+        else:
+            d2 = torch.zeros_like(leaf)
+    return y.detach(), d1.detach(), d2.detach()
+
+
+class _ModifiedActivation(torch.autograd.Function):
+    """``y = fn(a)`` whose backward's derivative with respect to ``a`` is modified."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, fn: Callable[[Tensor], Tensor], modify: str) -> Tensor:
+        y, d1, d2 = _derivatives(fn, a)
+        ctx.save_for_backward(a, d1, d2)
+        ctx.modify = modify
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        a, d1, d2 = ctx.saved_tensors
+        return _ModifiedBackward.apply(g, a, d1, d2, ctx.modify), None, None
+
+
+class _ModifiedBackward(torch.autograd.Function):
+    r"""``(g, a) -> g * f'(a)`` with the derivative in ``a`` replaced by :math:`\rho(g f''(a))`."""
+
+    generate_vmap_rule = True  # batched products (is_grads_batched) vmap the double backward
+
+    @staticmethod
+    def forward(g: Tensor, a: Tensor, d1: Tensor, d2: Tensor, modify: str) -> Tensor:
+        return g * d1
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        g, _, d1, d2, modify = inputs
+        ctx.save_for_backward(g, d1, d2)
+        ctx.modify = modify
+
+    @staticmethod
+    def backward(ctx: Any, gg: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
+        g, d1, d2 = ctx.saved_tensors
+        return gg * d1, gg * _modify(g * d2, ctx.modify), None, None, None
+
+
+_INPLACE = {torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_, torch.Tensor.tanh_}
+
+
+class positive_curvature_mode(TorchFunctionMode):
+    """Record graphs whose double backward applies the PCH residuals (module docstring).
+
+    Use it around the forward pass (and the first backward with ``create_graph=True``) of a
+    Hessian-vector product; products through the recorded graph apply the modified Hessian.
+
+    Args:
+        modify: ``"clip"`` or ``"abs"``.
+
+    Raises:
+        ValueError: For another ``modify``; in-place activations met while recording raise
+            ``ValueError`` too (their residual could not be modified).
+
+    Example:
+        >>> import torch
+        >>> from secondorder.curvature.pch import positive_curvature_mode
+        >>> x = torch.tensor([0.5, -2.0], requires_grad=True)
+        >>> with positive_curvature_mode("abs"):
+        ...     (g,) = torch.autograd.grad(torch.sigmoid(x).sum(), x, create_graph=True)
+        >>> (hv,) = torch.autograd.grad(g, x, torch.ones(2))  # |sigma''(x)| instead of sigma''
+        >>> bool((hv >= 0).all())
+        True
+    """
+
+    def __init__(self, modify: str) -> None:
+        if modify not in MODIFICATIONS:
+            raise ValueError(f"modify must be one of {MODIFICATIONS}, got {modify!r}")
+        super().__init__()
+        self.modify = modify
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        inplace = func in _INPLACE or (
+            func in _INTERCEPTED
+            and (kwargs.get("inplace", False) or any(v is True for v in args[1:]))
+        )
+        if inplace:
+            raise ValueError(
+                f"the positive-curvature Hessian cannot modify the in-place activation "
+                f"{getattr(func, '__name__', func)}; use its out-of-place version "
+                f"(inplace=False)"
+            )
+        if func in _INTERCEPTED and args and isinstance(args[0], Tensor):
+            a, rest = args[0], tuple(args[1:])
+            if a.dtype.is_floating_point:
+
+                def fn(t: Tensor) -> Tensor:
+                    return func(t, *rest, **kwargs)
+
+                return _ModifiedActivation.apply(a, fn, self.modify)
+        return func(*args, **kwargs)
+
+
+class PCH(BlockDiagonalCurvature):
+    r"""The positive-curvature Hessian: block-diagonal, one exact block per parameter tensor.
+
+    .. math::
+
+        C_{\theta_j} = \sum_b w_b\, J_{\theta_j,b}^\top H^{\rho}_{z_j,b} J_{\theta_j,b},
+
+    the Hessian's diagonal blocks with every activation's residual
+    :math:`\operatorname{diag}(\delta \odot f'')` replaced by its positive part (``"clip"``)
+    or its absolute value (``"abs"``); positive semi-definite for a convex loss. This is
+    :class:`~secondorder.curvature.blockwise.BlockDiagonalCurvature` with
+    ``curvature="pch_" + modify``: the module-wise engine for an ``nn.Sequential``, the
+    modified double backward of :func:`positive_curvature_mode` for other modules.
+
+    Args:
+        model: The network.
+        loss_fn: The loss.
+        data: One batch or an iterable of batches.
+        modify: ``"clip"`` or ``"abs"`` (default: ``"clip"``).
+        **kwargs: ``params`` and ``engine`` of ``BlockDiagonalCurvature``.
+
+    Raises:
+        ValueError: For another ``modify``.
+    """
+
+    def __init__(
+        self, model: Any, loss_fn: Any, data: Any, *, modify: str = "clip", **kwargs: Any
+    ) -> None:
+        if modify not in MODIFICATIONS:
+            raise ValueError(f"modify must be one of {MODIFICATIONS}, got {modify!r}")
+        super().__init__(model, loss_fn, data, curvature=f"pch_{modify}", **kwargs)
