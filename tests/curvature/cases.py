@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -70,9 +70,16 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     # seed 001's sigmoid CNN, shrunk to a 12x12 input
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(2, 3, 3), nn.Sigmoid(), nn.MaxPool2d(2, 2),
-        nn.Flatten(), nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, C),
+        nn.Conv2d(1, 2, 3),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(2, 3, 3),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+        nn.Sigmoid(),
+        nn.Linear(4, C),
     )
 
 

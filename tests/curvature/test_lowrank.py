@@ -226,14 +226,14 @@ def test_kron_and_autograd_engines_agree(loss_name):
     )
 
 
-def test_reused_module_instance_falls_back_to_autograd():
+def test_reused_module_instance():
     torch.manual_seed(0)
     act = nn.Tanh()  # one instance applied twice
     model = nn.Sequential(nn.Linear(7, 5), act, nn.Linear(5, 5), act, nn.Linear(5, C)).to(DT)
     x, y = torch.randn(N, 7, dtype=DT), torch.randn(N, C, dtype=DT)
-    lr = LowRankGGN(model, nn.MSELoss(), ((x,), y))
-    assert lr.engine == "autograd"
-    assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
+    for engine in ("auto", "autograd"):
+        lr = LowRankGGN(model, nn.MSELoss(), ((x,), y), engine=engine)
+        assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
 
 
 def test_blocks_of_parameter_groups():

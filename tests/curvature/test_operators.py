@@ -61,7 +61,11 @@ def test_dense_matches_reference(case, loss_name, red, op_name):
 
 
 @pytest.mark.parametrize("engine", ["autograd", "sequential"])
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("mlp", "cnn", "bn_sequential", "tied_sequential")], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.name in ("mlp", "cnn", "bn_sequential", "tied_sequential")],
+    ids=lambda c: c.name,
+)
 def test_engines_agree(case, engine):
     model, loss_fn, inputs, y = build(case, "ce", "mean")
     dense = so.GGN(model, loss_fn, (inputs, y), engine=engine).to_dense()
@@ -145,8 +149,12 @@ def test_mc_fisher_converges_to_exact(loss_name):
 
 def test_mc_fisher_reproducible_and_psd():
     model, loss_fn, inputs, y = build(CASES[1], "ce", "mean")
-    a = so.Fisher(model, loss_fn, (inputs, y), kind="mc", generator=torch.Generator().manual_seed(3))
-    b = so.Fisher(model, loss_fn, (inputs, y), kind="mc", generator=torch.Generator().manual_seed(3))
+    a = so.Fisher(
+        model, loss_fn, (inputs, y), kind="mc", generator=torch.Generator().manual_seed(3)
+    )
+    b = so.Fisher(
+        model, loss_fn, (inputs, y), kind="mc", generator=torch.Generator().manual_seed(3)
+    )
     da, db = a.to_dense(), b.to_dense()
     assert torch.equal(da, db)
     assert rel_err(da, da.T) <= RTOL
@@ -202,7 +210,11 @@ def test_cross_entropy_options_and_spatial_outputs():
 def test_loss_and_gradient(op_name):
     model, loss_fn, inputs, y = build(CASES[6], "ce", "mean")
     make, _ = OPERATORS[op_name]
-    op = make(model, loss_fn, [((inputs[0][:2], inputs[1][:2]), y[:2]), ((inputs[0][2:], inputs[1][2:]), y[2:])])
+    op = make(
+        model,
+        loss_fn,
+        [((inputs[0][:2], inputs[1][:2]), y[:2]), ((inputs[0][2:], inputs[1][2:]), y[2:])],
+    )
     loss = loss_fn(model(*inputs), y)
     grads = torch.autograd.grad(loss, [p for p in model.parameters()])
     assert torch.allclose(op.loss, loss.detach(), rtol=1e-12)
@@ -255,7 +267,7 @@ def test_wrong_length(ggn):
 
 
 def test_wrong_dtype(ggn):
-    with pytest.raises(ValueError, match="expected dtype torch.float64, got torch.float32"):
+    with pytest.raises(ValueError, match=r"expected dtype torch\.float64, got torch\.float32"):
         ggn @ torch.zeros(ggn.shape[0], dtype=torch.float32)
 
 

@@ -39,7 +39,11 @@ OPERATORS = {
 
 
 OPERATOR_CASES = [
-    ("ggn", "ce"), ("hessian", "ce"), ("fisher", "ce"), ("fisher_empirical", "ce"), ("ggn", "mse_sum")
+    ("ggn", "ce"),
+    ("hessian", "ce"),
+    ("fisher", "ce"),
+    ("fisher_empirical", "ce"),
+    ("ggn", "mse_sum"),
 ]
 
 
@@ -70,7 +74,9 @@ OPTIMIZERS = {
     "newton_cg_hessian": lambda m, l, **kw: so.NewtonCG(
         m, l, lr=0.5, damping=1.0, curvature="hessian", **CG, **kw
     ),
-    "natural_gradient": lambda m, l, **kw: so.NaturalGradient(m, l, lr=0.5, damping=0.1, **CG, **kw),
+    "natural_gradient": lambda m, l, **kw: so.NaturalGradient(
+        m, l, lr=0.5, damping=0.1, **CG, **kw
+    ),
     "natural_gradient_empirical": lambda m, l, **kw: so.NaturalGradient(
         m, l, lr=0.5, damping=0.1, fisher="empirical", **CG, **kw
     ),

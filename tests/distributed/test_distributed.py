@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawned processes import the jobs by name
 
-import dist_jobs  # noqa: E402
-from worlds import run_world  # noqa: E402
+import dist_jobs
+from worlds import run_world
 
-import secondorder as so  # noqa: E402
+import secondorder as so
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed not available"

@@ -32,8 +32,12 @@ def all_numbers(obj):
 
 def test_spiral_quick(tmp_path):
     out, results = run_study("spiral", tmp_path)
-    for fig in ("loss.png", "decision_boundary_adam.png", "decision_boundary_gauss_newton.png",
-                "decision_boundary_natural_gradient.png"):
+    for fig in (
+        "loss.png",
+        "decision_boundary_adam.png",
+        "decision_boundary_gauss_newton.png",
+        "decision_boundary_natural_gradient.png",
+    ):
         assert (out / fig).stat().st_size > 1000
     res = results["results"] if "results" in results else results
     losses = res["losses"]
@@ -58,11 +62,11 @@ def test_mnist_mlp_quick(tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist-cnn", "directional"])
 def test_other_studies_quick(tmp_path, name):
-    from secondorder.experiments.cli import STUDIES
-
     import importlib.util
+
+    from secondorder.experiments.cli import STUDIES
 
     if importlib.util.find_spec(STUDIES[name]) is None:
         pytest.skip(f"study {name} not written yet")
-    out, results = run_study(name, tmp_path)
+    out, _ = run_study(name, tmp_path)
     assert list(out.glob("*.png")), "the study writes figures"

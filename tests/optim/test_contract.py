@@ -55,7 +55,9 @@ def make_problem(seed=0, n=16):
 def make_opt(name, model, loss_fn, **override):
     cls_name, kwargs = OPTIMIZERS[name]
     cls = _get(cls_name)
-    kwargs = {k: (copy.deepcopy(v) if isinstance(v, torch.Generator) else v) for k, v in kwargs.items()}
+    kwargs = {
+        k: (copy.deepcopy(v) if isinstance(v, torch.Generator) else v) for k, v in kwargs.items()
+    }
     if "generator" in kwargs:
         kwargs["generator"] = torch.Generator().manual_seed(1)
     kwargs.update(override)

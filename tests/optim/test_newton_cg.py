@@ -25,9 +25,7 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize(
-    "curvature", ["ggn", "hessian", "fisher", "empirical_fisher"]
-)
+@pytest.mark.parametrize("curvature", ["ggn", "hessian", "fisher", "empirical_fisher"])
 def test_step_is_the_damped_newton_step(curvature):
     model, loss_fn, X, y = problem()
     op = {
@@ -40,8 +38,9 @@ def test_step_is_the_damped_newton_step(curvature):
     A = op.to_dense() + lam * torch.eye(op.shape[0], dtype=DT)
     expected = -0.7 * torch.linalg.solve(A, op.gradient())
     theta0 = flat(model)
-    opt = so.NewtonCG(model, loss_fn, lr=0.7, damping=lam, curvature=curvature,
-                      cg_maxiter=200, cg_rtol=1e-12)
+    opt = so.NewtonCG(
+        model, loss_fn, lr=0.7, damping=lam, curvature=curvature, cg_maxiter=200, cg_rtol=1e-12
+    )
     opt.step(X, y)
     assert torch.allclose(flat(model) - theta0, expected, rtol=1e-7, atol=1e-10)
     assert opt.diagnostics["cg_status"] == "converged"
@@ -57,7 +56,12 @@ def test_param_groups_with_own_lr_and_damping():
     expected = -lr * torch.linalg.solve(G.to_dense() + torch.diag(lam), G.gradient())
     theta0 = flat(model)
     opt = so.GaussNewton(
-        model, loss_fn, lr=1.0, damping=0.1, cg_maxiter=200, cg_rtol=1e-12,
+        model,
+        loss_fn,
+        lr=1.0,
+        damping=0.1,
+        cg_maxiter=200,
+        cg_rtol=1e-12,
         params=[{"params": first}, {"params": second, "lr": 0.5, "damping": 0.01}],
     )
     opt.step(X, y)
@@ -87,8 +91,14 @@ def test_mc_fisher_generator_makes_runs_reproducible():
     runs = []
     for _ in range(2):
         model, loss_fn, X, y = problem()
-        opt = so.NaturalGradient(model, loss_fn, lr=0.5, fisher="mc", num_samples=2,
-                                 generator=torch.Generator().manual_seed(7))
+        opt = so.NaturalGradient(
+            model,
+            loss_fn,
+            lr=0.5,
+            fisher="mc",
+            num_samples=2,
+            generator=torch.Generator().manual_seed(7),
+        )
         for _ in range(3):
             opt.step(X, y)
         runs.append(flat(model))
@@ -145,8 +155,12 @@ def test_seed_000_spiral_acceptance():
     loss_fn = nn.CrossEntropyLoss()
     results = {}
     for name, make in {
-        "gn": lambda m: so.GaussNewton(m, loss_fn, lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3),
-        "ng": lambda m: so.NaturalGradient(m, loss_fn, lr=0.5, damping=1e-3, cg_maxiter=20, cg_rtol=1e-3),
+        "gn": lambda m: so.GaussNewton(
+            m, loss_fn, lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3
+        ),
+        "ng": lambda m: so.NaturalGradient(
+            m, loss_fn, lr=0.5, damping=1e-3, cg_maxiter=20, cg_rtol=1e-3
+        ),
     }.items():
         model = spiral_mlp(seed=0)
         opt = make(model)

@@ -1,4 +1,4 @@
-r"""Curvature operators: linear operators on the flat parameter vector built from (model, loss, data).
+r"""Curvature operators: linear operators on the flat parameters, built from (model, loss, data).
 
 Every curvature matrix :math:`C` here is a sum over batches,
 
@@ -86,9 +86,7 @@ class CurvatureOperator(LinearOperator):
             sizes = [b.size for b in blist]
             self.local_num_samples = sum(sizes)
             self.num_samples = self._global_count(self.local_num_samples)
-            self._states = [
-                (self._prepare(b), self._weight(n)) for b, n in zip(blist, sizes)
-            ]
+            self._states = [(self._prepare(b), self._weight(n)) for b, n in zip(blist, sizes)]
         else:
             self.local_num_samples = sum(b.size for b in batches)
             self.num_samples = self._global_count(self.local_num_samples)
@@ -101,7 +99,11 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     def _apply(
-        self, state: Any, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        batched: bool,
     ) -> list[Tensor]:
         """Return the product's blocks ``indices`` (all if None) for one batch, unweighted."""
         raise NotImplementedError
@@ -146,7 +148,9 @@ class CurvatureOperator(LinearOperator):
         buf = flat.to(device)
         torch.distributed.all_reduce(buf, group=self.process_group)
         flat = buf.to(flat.device)
-        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return [
+            part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        ]
 
     # ---------------------------------------------------------------------- batches
     def _weight(self, batch_size: int) -> float:
@@ -191,7 +195,9 @@ class CurvatureOperator(LinearOperator):
             raise ValueError("data: expected at least one batch, got none")
         return self._allreduce(total)
 
-    def _accumulate_flat(self, tangents: list[Tensor | None], indices: Sequence[int] | None) -> Tensor:
+    def _accumulate_flat(
+        self, tangents: list[Tensor | None], indices: Sequence[int] | None
+    ) -> Tensor:
         """Like :meth:`_accumulate` for one vector, written into one flat buffer in place."""
         idx = range(len(self.fmodel.params)) if indices is None else indices
         sizes = [self.fmodel.numels[i] for i in idx]
@@ -290,9 +296,7 @@ class CurvatureOperator(LinearOperator):
             IndexError: If ``index`` is out of range.
         """
         if not 0 <= index < len(self.fmodel.params):
-            raise IndexError(
-                f"block index must be in [0, {len(self.fmodel.params)}), got {index}"
-            )
+            raise IndexError(f"block index must be in [0, {len(self.fmodel.params)}), got {index}")
         return _ParameterBlock(self, index)
 
     def block_diagonal(self) -> BlockDiagonal:

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .linearization import Linearization, linearize
-from .sequential import SequentialLinearization
 from .losses import LossTerms, loss_terms
 from .model import Batch
+from .sequential import SequentialLinearization
 
 __all__ = ["GGN"]
 
@@ -26,7 +26,7 @@ class _GGNState:
 
 
 class GGN(CurvatureOperator):
-    r"""Generalised Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top H_b J_b` (PSD for convex losses).
+    r"""Generalised Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top H_b J_b` (PSD, convex loss).
 
     .. math::
         G v = \sum_b w_b\, J_b^\top \big(\nabla_z^2 L_b\big) J_b v,
@@ -66,7 +66,11 @@ class GGN(CurvatureOperator):
         return state.terms.hessian_matmat(jv)
 
     def _apply(
-        self, state: Any, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        batched: bool,
     ) -> list[Tensor]:
         jv = state.lin.jvp(tangents, batched)
         if jv is None:  # the requested tangent does not reach the outputs

@@ -52,7 +52,11 @@ class Hessian(CurvatureOperator):
         return _HessianState(leaves, list(grad), loss.detach())
 
     def _apply(
-        self, state: Any, tangents: list[Tensor | None], indices: Sequence[int] | None, batched: bool
+        self,
+        state: Any,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        batched: bool,
     ) -> list[Tensor]:
         idx = list(range(len(state.leaves))) if indices is None else list(indices)
         outs, tans = [], []
@@ -63,7 +67,9 @@ class Hessian(CurvatureOperator):
         wrt = [state.leaves[i] for i in idx]
         lead = next(t.shape[0] for t in tangents if t is not None) if batched else None
         zeros = [
-            torch.zeros(*(() if lead is None else (lead,)), *p.shape, dtype=p.dtype, device=p.device)
+            torch.zeros(
+                *(() if lead is None else (lead,)), *p.shape, dtype=p.dtype, device=p.device
+            )
             for p in wrt
         ]
         if not outs:

@@ -1,4 +1,4 @@
-r"""The network linearised at one point on one batch: :math:`v \mapsto Jv` and :math:`u \mapsto J^\top u`.
+r"""The network linearised at one point on one batch: :math:`v \mapsto Jv`, :math:`u \mapsto J^\top u`.
 
 :math:`J = \partial z / \partial \theta` is the Jacobian of the outputs ``z`` (all samples) with
 respect to the parameters. One forward pass builds a linearisation; every product reuses it.
@@ -78,7 +78,6 @@ class Linearization:
             g if g is not None else torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)
             for g, p in zip(grads, wrt)
         ]
-
 
     def vjp_into(
         self, cotangent: Tensor, out: Sequence[Tensor], indices: Sequence[int] | None = None

@@ -27,20 +27,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 __all__ = ["LossTerms", "loss_terms", "supports_likelihood"]
 
 
 class LossTerms:
-    """Output-space quantities of one batch's loss at outputs ``z`` (base class: autograd).
+    r"""Output-space quantities of one batch's loss at outputs ``z`` (base class: autograd).
 
     Works for any callable ``loss_fn(outputs, targets)`` returning a scalar: the output Hessian
     product is computed by differentiating the output gradient once more.
 
     Attributes:
         value: The loss value (detached scalar tensor).
-        grad_output: :math:`\\nabla_z L`, shape of ``z``.
+        grad_output: :math:`\nabla_z L`, shape of ``z``.
         is_psd: Whether the output Hessian is known to be positive semi-definite.
         has_likelihood: Whether per-row gradients, sampling and factors are available.
     """
@@ -61,7 +61,7 @@ class LossTerms:
         self.grad_output = grad.detach()
 
     def hessian_matmat(self, U: Tensor) -> Tensor:
-        """Apply the output Hessian :math:`\\nabla_z^2 L` to ``U`` (``z``-shaped, or ``(K, *z)``).
+        r"""Apply the output Hessian :math:`\nabla_z^2 L` to ``U`` (``z``-shaped, or ``(K, *z)``).
 
         Args:
             U: Output-space tangent(s).
@@ -88,11 +88,11 @@ class LossTerms:
 
     @property
     def scale(self) -> float:
-        """The reduction factor :math:`s` in :math:`L = s \\sum_r \\ell_r`."""
+        r"""The reduction factor :math:`s` in :math:`L = s \sum_r \ell_r`."""
         raise self._no_likelihood("a per-sample decomposition")
 
     def per_row_gradients(self) -> Tensor:
-        """Unreduced per-row gradients :math:`\\nabla_{z_r} \\ell_r` with the true targets."""
+        r"""Unreduced per-row gradients :math:`\nabla_{z_r} \ell_r` with the true targets."""
         raise self._no_likelihood("the empirical Fisher")
 
     def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
@@ -100,7 +100,7 @@ class LossTerms:
         raise self._no_likelihood("the Monte-Carlo Fisher")
 
     def symmetric_factor(self) -> Tensor:
-        """Factors :math:`S_r` with :math:`S_r S_r^\\top = \\nabla^2 \\ell_r`, shape (R, C, C')."""
+        r"""Factors :math:`S_r` with :math:`S_r S_r^\top = \nabla^2 \ell_r`, shape (R, C, C')."""
         raise self._no_likelihood("a symmetric factorization of the loss Hessian")
 
     def to_rows(self, U: Tensor) -> Tensor:
@@ -128,26 +128,26 @@ class _RowLoss(LossTerms):
     has_likelihood = True
     _row_grad: Tensor
 
-    def __init__(self, z: Tensor) -> None:  # noqa: D107 - subclasses set everything
+    def __init__(self, z: Tensor) -> None:
         self.z = z.detach()
         self._scale = 1.0
 
     @property
-    def scale(self) -> float:  # noqa: D102
+    def scale(self) -> float:
         return self._scale
 
-    def to_rows(self, U: Tensor) -> Tensor:  # noqa: D102
+    def to_rows(self, U: Tensor) -> Tensor:
         lead = U.shape[: U.ndim - self.z.ndim]
         return U.reshape(*lead, self.z.shape[0], -1)
 
-    def from_rows(self, rows: Tensor) -> Tensor:  # noqa: D102
+    def from_rows(self, rows: Tensor) -> Tensor:
         lead = rows.shape[:-2]
         return rows.reshape(*lead, *self.z.shape)
 
-    def per_row_gradients(self) -> Tensor:  # noqa: D102
+    def per_row_gradients(self) -> Tensor:
         return self._row_grad
 
-    def hessian_matmat(self, U: Tensor) -> Tensor:  # noqa: D102
+    def hessian_matmat(self, U: Tensor) -> Tensor:
         return self.from_rows(self._row_hessian(self.to_rows(U)) * self._scale)
 
     def _row_hessian(self, rows: Tensor) -> Tensor:
@@ -155,7 +155,7 @@ class _RowLoss(LossTerms):
 
 
 class _CrossEntropy(_RowLoss):
-    r"""Softmax cross-entropy: :math:`\nabla^2 \ell_r = t_r(\operatorname{diag} p_r - p_r p_r^\top)`.
+    r"""Softmax cross-entropy, :math:`\nabla^2\ell_r = t_r(\operatorname{diag}p_r - p_r p_r^\top)`.
 
     :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows).
     """
@@ -185,13 +185,13 @@ class _CrossEntropy(_RowLoss):
         self._row_grad = self.p * weight - t
         self.grad_output = self.from_rows(self._row_grad * self._scale)
 
-    def to_rows(self, U: Tensor) -> Tensor:  # noqa: D102
+    def to_rows(self, U: Tensor) -> Tensor:
         if not self._classdim_last:
             return U
         lead = U.ndim - self.z.ndim
         return U.movedim(lead + 1, -1).reshape(*U.shape[:lead], -1, self.z.shape[1])
 
-    def from_rows(self, rows: Tensor) -> Tensor:  # noqa: D102
+    def from_rows(self, rows: Tensor) -> Tensor:
         if not self._classdim_last:
             return rows
         lead = rows.shape[:-2]
@@ -202,10 +202,8 @@ class _CrossEntropy(_RowLoss):
         pu = self.p * rows
         return (pu - self.p * pu.sum(-1, keepdim=True)) * self.row_weight
 
-    def sampled_gradients(  # noqa: D102
-        self, num_samples: int, generator: torch.Generator | None
-    ) -> Tensor:
-        R, C = self.p.shape
+    def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        C = self.p.shape[-1]
         if not bool(torch.isfinite(self.p).all()):  # non-finite outputs: nothing to sample
             return self.p.new_full((num_samples, *self.z.shape), float("nan"))
         probs = self.p.to(generator.device) if generator is not None else self.p
@@ -213,7 +211,7 @@ class _CrossEntropy(_RowLoss):
         onehot = F.one_hot(draws.T.to(self.p.device), C).to(self.p.dtype)  # (S, R, C)
         return self.from_rows((self.p - onehot) * self.row_weight)
 
-    def symmetric_factor(self) -> Tensor:  # noqa: D102
+    def symmetric_factor(self) -> Tensor:
         sq = self.p.sqrt()
         return (torch.diag_embed(sq) - self.p.unsqueeze(-1) * sq.unsqueeze(-2)) * (
             self.row_weight.sqrt().unsqueeze(-1)
@@ -242,23 +240,21 @@ class _MSE(_RowLoss):
     def _row_hessian(self, rows: Tensor) -> Tensor:
         return 2 * rows
 
-    def sampled_gradients(  # noqa: D102
-        self, num_samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         device = generator.device if generator is not None else self.z.device
         xi = torch.randn(
             (num_samples, *self.z.shape), generator=generator, dtype=self.z.dtype, device=device
         )
         return xi.to(self.z.device) * math.sqrt(2.0)
 
-    def symmetric_factor(self) -> Tensor:  # noqa: D102
+    def symmetric_factor(self) -> Tensor:
         R, C = self.to_rows(self.z).shape
         eye = torch.eye(C, dtype=self.z.dtype, device=self.z.device) * math.sqrt(2.0)
         return eye.expand(R, C, C)
 
 
 class _BCEWithLogits(_RowLoss):
-    r"""Sigmoid cross-entropy, :math:`\nabla^2 \ell_r = \operatorname{diag}(\sigma(z_r)(1-\sigma(z_r)))`."""
+    r"""Sigmoid cross-entropy: :math:`\nabla^2\ell_r = \operatorname{diag}(\sigma_r(1-\sigma_r))`."""
 
     def __init__(self, loss_fn: nn.BCEWithLogitsLoss, z: Tensor, targets: Tensor) -> None:
         super().__init__(z)
@@ -278,9 +274,7 @@ class _BCEWithLogits(_RowLoss):
     def _row_hessian(self, rows: Tensor) -> Tensor:
         return self._curv * rows
 
-    def sampled_gradients(  # noqa: D102
-        self, num_samples: int, generator: torch.Generator | None
-    ) -> Tensor:
+    def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         device = generator.device if generator is not None else self.z.device
         u = torch.rand(
             (num_samples, *self.z.shape), generator=generator, dtype=self.z.dtype, device=device
@@ -288,7 +282,7 @@ class _BCEWithLogits(_RowLoss):
         draws = (u.to(self.z.device) < self.sigma).to(self.z.dtype)
         return self.sigma - draws
 
-    def symmetric_factor(self) -> Tensor:  # noqa: D102
+    def symmetric_factor(self) -> Tensor:
         return torch.diag_embed(self._curv.sqrt())
 
 

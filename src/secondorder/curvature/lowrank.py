@@ -152,13 +152,6 @@ class _LinearColumns(_Columns):
         return self.H.T @ self.X / self.H.shape[0]
 
 
-def _applied_layers(module: nn.Module) -> int:
-    """Number of leaf layers a (nested) ``nn.Sequential`` applies, repeated instances included."""
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        return sum(_applied_layers(child) for child in module)
-    return 1
-
-
 def _drop_softmax_null_column(S: Tensor, p: Tensor) -> Tensor:
     r"""A ``(C-1)``-column factor of the softmax cross-entropy Hessian from the square one.
 
@@ -391,8 +384,8 @@ class LowRankGGN:
 
     def _kron_layers(self) -> list[tuple[str, nn.Module]] | None:
         layers = sequential_layers(self.fmodel.model)
-        if layers is None or len(layers) != _applied_layers(self.fmodel.model):
-            return None  # a module instance used twice would be skipped by `sequential_layers`
+        if layers is None:
+            return None
         counts: dict[int, int] = {}
         for i in self.fmodel.alias.values():
             counts[i] = counts.get(i, 0) + 1

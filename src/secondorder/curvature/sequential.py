@@ -1,4 +1,4 @@
-r"""Hand-written linearisation of ``nn.Sequential`` stacks: :math:`Jv` and :math:`J^\top u` without autograd.
+r"""Hand-written linearisation of ``nn.Sequential`` stacks: :math:`Jv`, :math:`J^\top u` by hand.
 
 One forward pass under ``torch.no_grad()`` stores, per layer, only what its derivatives need:
 the input of each linear/convolution layer (a view of the previous output, no copy), the
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from .model import FunctionalModel
 
@@ -100,7 +100,9 @@ def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     def visit(module: nn.Module, prefix: str) -> bool:
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             # every entry, as Sequential.forward applies them (named_children skips repeats)
-            children = [(name, child) for name, child in module._modules.items() if child is not None]
+            children = [
+                (name, child) for name, child in module._modules.items() if child is not None
+            ]
             return all(visit(child, f"{prefix}{name}.") for name, child in children)
         hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         if hooks or not _supported(module):
@@ -184,7 +186,13 @@ class SequentialLinearization:
         elif t in _MAXPOOL:
             m: Any = layer
             out, rec["idx"] = _MAXPOOL[t](
-                x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode, return_indices=True
+                x,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                ceil_mode=m.ceil_mode,
+                return_indices=True,
             )
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
             (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")

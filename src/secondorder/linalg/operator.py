@@ -14,6 +14,7 @@ device and raises ``ValueError`` naming what it expected and what it got.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,17 +113,22 @@ class LinearOperator:
         return NotImplemented
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Return ``A @ x`` (same as :meth:`matvec`)."""
         return self.matvec(x)
 
     # Subclass hooks --------------------------------------------------------
     def _matvec(self, x: Tensor) -> Tensor:
         if type(self)._matmat is LinearOperator._matmat:
-            raise NotImplementedError(f"{type(self).__name__} implements neither _matvec nor _matmat")
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither _matvec nor _matmat"
+            )
         return self._matmat(x.unsqueeze(1)).squeeze(1)
 
     def _matmat(self, X: Tensor) -> Tensor:
         if type(self)._matvec is LinearOperator._matvec:
-            raise NotImplementedError(f"{type(self).__name__} implements neither _matvec nor _matmat")
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither _matvec nor _matmat"
+            )
         out = torch.empty(self.shape[0], X.shape[1], dtype=self.dtype, device=self.device)
         for j in range(X.shape[1]):
             out[:, j] = self._matvec(X[:, j])
@@ -135,7 +141,7 @@ class LinearOperator:
 
     # ----------------------------------------------------------------- algebra
     @property
-    def T(self) -> LinearOperator:  # noqa: N802
+    def T(self) -> LinearOperator:
         """The adjoint (transpose) operator."""
         return self.adjoint()
 
@@ -261,7 +267,11 @@ class Diagonal(LinearOperator):
         if not isinstance(diagonal, Tensor) or diagonal.ndim != 1:
             raise ValueError(
                 "Diagonal expects a 1-D tensor, got "
-                + (f"shape {tuple(diagonal.shape)}" if isinstance(diagonal, Tensor) else type(diagonal).__name__)
+                + (
+                    f"shape {tuple(diagonal.shape)}"
+                    if isinstance(diagonal, Tensor)
+                    else type(diagonal).__name__
+                )
             )
         super().__init__((diagonal.numel(),) * 2, diagonal.dtype, diagonal.device)
         self.diagonal = diagonal
@@ -290,7 +300,11 @@ class Dense(LinearOperator):
         if not isinstance(matrix, Tensor) or matrix.ndim != 2:
             raise ValueError(
                 "Dense expects a 2-D tensor, got "
-                + (f"shape {tuple(matrix.shape)}" if isinstance(matrix, Tensor) else type(matrix).__name__)
+                + (
+                    f"shape {tuple(matrix.shape)}"
+                    if isinstance(matrix, Tensor)
+                    else type(matrix).__name__
+                )
             )
         super().__init__(tuple(matrix.shape), matrix.dtype, matrix.device)  # type: ignore[arg-type]
         self.matrix = matrix
@@ -366,7 +380,9 @@ def _check_compatible(ops: Sequence[LinearOperator], what: str) -> None:
     first = ops[0]
     for op in ops[1:]:
         if op.dtype != first.dtype:
-            raise ValueError(f"{what}: operators must share a dtype, got {first.dtype} and {op.dtype}")
+            raise ValueError(
+                f"{what}: operators must share a dtype, got {first.dtype} and {op.dtype}"
+            )
         if op.device != first.device:
             raise ValueError(
                 f"{what}: operators must share a device, got {first.device} and {op.device}"
@@ -441,7 +457,7 @@ class _Product(LinearOperator):
         flat: list[LinearOperator] = []
         for op in ops:
             flat.extend(op.ops if isinstance(op, _Product) else [op])
-        for left, right in zip(flat[:-1], flat[1:]):
+        for left, right in itertools.pairwise(flat):
             if left.shape[1] != right.shape[0]:
                 raise ValueError(
                     f"cannot compose a {left.shape} operator with a {right.shape} operator"
@@ -477,5 +493,5 @@ class _Adjoint(LinearOperator):
     def _rmatmat(self, X: Tensor) -> Tensor:
         return self.op._matmat(X)
 
-    def adjoint(self) -> LinearOperator:  # noqa: D102
+    def adjoint(self) -> LinearOperator:
         return self.op

@@ -18,10 +18,10 @@ __all__ = [
     "NewtonCG",
     "NonFiniteError",
     "NonFiniteStepWarning",
-    "armijo_backtracking",
-    "levenberg_marquardt",
     "TopK",
+    "armijo_backtracking",
     "constant_damping",
+    "levenberg_marquardt",
     "reduction_ratio",
     "top_k",
 ]

@@ -45,7 +45,9 @@ class NonFiniteStepWarning(UserWarning):
     """A step met a NaN/Inf; it was rejected and the parameters were left unchanged."""
 
 
-def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+def check_positive(
+    name: str, value: Any, *, allow_zero: bool = False, integer: bool = False
+) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite positive (or non-negative) number.
 
     Args:

@@ -13,7 +13,7 @@ forward pass that builds the curvature also gives the loss and the gradient.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +214,11 @@ class NaturalGradient(NewtonCG):
         ValueError: For an unknown ``fisher`` kind.
     """
 
-    _KIND = {"exact": "fisher", "mc": "fisher_mc", "empirical": "empirical_fisher"}
+    _KIND: ClassVar[dict[str, str]] = {
+        "exact": "fisher",
+        "mc": "fisher_mc",
+        "empirical": "empirical_fisher",
+    }
 
     def __init__(
         self,

@@ -117,13 +117,18 @@ def _train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             opt = torch.optim.SGD(model.parameters(), lr=args.sgd_lr)
         else:
             opt = DirectionalDampedNewton(
-                model, loss_fn, lr=args.lr, criterion=top_k(args.k),
+                model,
+                loss_fn,
+                lr=args.lr,
+                criterion=top_k(args.k),
                 damping=constant_damping(args.damping),
             )
         gen = torch.Generator().manual_seed(args.seed)
         stream = batches(train_x, train_y, 64, generator=gen, epochs=None)
         losses, times = [], []
-        for _, (xb, yb) in progress(zip(range(steps), stream), name, enabled=args.progress, total=steps):
+        for _, (xb, yb) in progress(
+            zip(range(steps), stream), name, enabled=args.progress, total=steps
+        ):
             start = time.perf_counter()
             if name == "SGD":
                 opt.zero_grad()
@@ -180,8 +185,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         [
             lambda ax: _draw_directions(ax, rows),
             lambda ax: draw_curves(
-                ax, {k: v["losses"] for k, v in training["runs"].items()},
-                xlabel="step", ylabel="minibatch loss", title="MNIST MLP 784-64-10", logy=True,
+                ax,
+                {k: v["losses"] for k, v in training["runs"].items()},
+                xlabel="step",
+                ylabel="minibatch loss",
+                title="MNIST MLP 784-64-10",
+                logy=True,
             ),
         ],
         out / "directional.png",
