@@ -254,7 +254,8 @@ class _MSE(_RowLoss):
 
 
 class _BCEWithLogits(_RowLoss):
-    r"""Sigmoid cross-entropy: :math:`\nabla^2\ell_r = \operatorname{diag}(\sigma_r(1-\sigma_r))`."""
+    r"""Sigmoid cross-entropy: :math:`\nabla^2\ell_r = \operatorname{diag}(\sigma_r(1-\sigma_r))`.
+    """
 
     def __init__(self, loss_fn: nn.BCEWithLogitsLoss, z: Tensor, targets: Tensor) -> None:
         super().__init__(z)
