@@ -254,7 +254,9 @@ class _MSE(_RowLoss):
 
 
 class _BCEWithLogits(_RowLoss):
-    r"""Sigmoid cross-entropy: :math:`\nabla^2\ell_r = \operatorname{diag}(\sigma_r(1-\sigma_r))`.
+    r"""Sigmoid cross-entropy with logits.
+
+    :math:`\nabla^2 \ell_r = \operatorname{diag}(\sigma(z_r)(1 - \sigma(z_r)))`.
     """
 
     def __init__(self, loss_fn: nn.BCEWithLogitsLoss, z: Tensor, targets: Tensor) -> None:
