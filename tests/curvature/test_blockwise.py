@@ -48,14 +48,14 @@ def _cnn_patches():  # >= 64 input features per output: weight products by im2co
         nn.Conv2d(2, 8, 3, padding=1),
         nn.Tanh(),
         nn.MaxPool2d(3, stride=2, padding=1),  # overlapping windows
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
         nn.Softplus(),
-        nn.Conv2d(16, 8, 2, dilation=2, padding=1),
+        nn.Conv2d(8, 4, 3, dilation=2, padding=2),
         nn.Identity(),
         nn.Mish(),
         nn.AvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(8, 3),
+        nn.Linear(4, 3),
     )
 
 
@@ -70,6 +70,13 @@ def _conv1d():
         nn.Dropout(0.0),
         nn.Flatten(),
         nn.Linear(8, 3, bias=False),
+    )
+
+
+def _shared_activation():  # one module instance applied twice, as nn.Sequential does
+    act = nn.Tanh()
+    return nn.Sequential(
+        nn.Linear(3, 4), act, nn.Dropout2d(0.5).eval(), nn.Linear(4, 4), act, nn.Linear(4, 3)
     )
 
 
@@ -91,6 +98,7 @@ CASES = {
     "cnn_patches": (_cnn_patches, (2, 8, 8)),
     "conv1d": (_conv1d, (16, 9)),
     "relu_cnn": (_relu_cnn, (2, 8, 8)),
+    "shared_activation": (_shared_activation, (3,)),
 }
 
 
@@ -153,7 +161,7 @@ def full_hessian(model, loss_fn, X, y):
 
 def _leaf_layers(model):
     out = []
-    for m in model.children():
+    for m in model._modules.values():  # repeated instances too, as nn.Sequential runs them
         out.extend(_leaf_layers(m) if isinstance(m, nn.Sequential) else [m])
     return out
 
@@ -163,6 +171,10 @@ def _modify_symmetric(R, rule):
         return R
     if rule == "ggn":
         return torch.zeros_like(R)
+    diagonal = torch.diag(torch.diagonal(R))
+    if torch.equal(R, diagonal):  # elementwise layers: modify the diagonal directly
+        d = torch.diagonal(R)
+        return torch.diag(d.clamp_min(0) if rule == "pch_clip" else d.abs())
     evals, Q = torch.linalg.eigh((R + R.T) / 2)
     evals = evals.clamp_min(0) if rule == "pch_clip" else evals.abs()
     return Q @ torch.diag(evals) @ Q.T

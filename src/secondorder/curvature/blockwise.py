@@ -133,6 +133,7 @@ _LINEAR_PARAM_FREE = (
     nn.AdaptiveAvgPool3d,
 )
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # a convolution's weight products use an im2col matrix of its input if it has at least this many
 # input features per output (below, the convolution backward is faster on CPU) and fits this size
 _PATCH_MIN_FEATURES = 64
@@ -159,8 +160,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":  # type: ignore[attr-defined]
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"  # type: ignore[attr-defined]
         return None
-    if isinstance(module, nn.Dropout) and t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d):
-        if module.training and module.p > 0:
+    if t in _DROPOUT:
+        if module.training and module.p > 0:  # type: ignore[operator]
             return "it is a Dropout in training mode (call model.eval() or use p=0)"
         return None
     return "its type is not supported"
@@ -191,8 +192,9 @@ def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             if module._forward_hooks or module._forward_pre_hooks:
                 raise ValueError(f"nested Sequential {prefix.rstrip('.')!r} has forward hooks")
-            for name, child in module.named_children():
-                visit(child, f"{prefix}{name}.")
+            for name, child in module._modules.items():  # repeated instances run repeatedly
+                if child is not None:
+                    visit(child, f"{prefix}{name}.")
             return
         reason = _unsupported_reason(module)
         if reason is not None:
@@ -460,7 +462,7 @@ class _Reshape(_Layer):
                 f"{type(m).__name__} acting on dimension 0 mixes the samples of a batch; "
                 f"the block-diagonal engine needs per-sample layers"
             )
-        y = x if isinstance(m, (nn.Identity, nn.Dropout)) else m(x)
+        y = x if isinstance(m, (nn.Identity, *_DROPOUT)) else m(x)
         self.in_shape = x.shape[1:]
         self.out_shape = y.shape[1:]
         return y
