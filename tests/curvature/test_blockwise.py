@@ -500,8 +500,14 @@ def test_other_refusals():
         sequential_blocks(reflect)
     lin = nn.Linear(3, 3)
     tied = nn.Sequential(lin, nn.Tanh(), lin)
+    tied_data = (torch.randn(4, 3), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match="shared between layers"):
-        BlockDiagonalCurvature(tied, loss_fn, (torch.randn(4, 3), torch.randint(0, 3, (4,))))
+        BlockDiagonalCurvature(tied, loss_fn, tied_data, engine="sequential")
+    assert BlockDiagonalCurvature(tied, loss_fn, tied_data).engine == "autograd"
+    stray = nn.Sequential(nn.Linear(3, 2))
+    stray.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    with pytest.raises(ValueError, match=r"\['scale'\] are not the weight or bias"):
+        BlockDiagonalCurvature(stray, loss_fn, data, engine="sequential")
     flat0 = nn.Sequential(nn.Flatten(0), nn.Linear(12, 2))
     with pytest.raises(ValueError, match="dimension 0 mixes the samples"):
         BlockDiagonalCurvature(flat0, loss_fn, data, engine="sequential")

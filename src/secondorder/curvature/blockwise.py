@@ -210,6 +210,38 @@ def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def _parameter_layers(
+    specs: list[tuple[str, nn.Module]], fmodel: FunctionalModel
+) -> list[tuple[int, str]]:
+    """The layer and role (``"weight"``/``"bias"``) of every trainable parameter.
+
+    Raises:
+        ValueError: If a parameter is shared between layers or belongs to no layer.
+    """
+    names: dict[int, list[str]] = {}
+    for name, index in fmodel.alias.items():
+        names.setdefault(index, []).append(name)
+    shared = [v for v in names.values() if len(v) > 1]
+    if shared:
+        raise ValueError(
+            f"parameters shared between layers are not supported by the module-wise engine, "
+            f"got {shared[0]} (engine='autograd' handles them)"
+        )
+    layer_of: list[tuple[int, str] | None] = [None] * len(fmodel.params)
+    for j, (prefix, _) in enumerate(specs):
+        for role in ("weight", "bias"):
+            position = fmodel.alias.get(prefix + role)
+            if position is not None:
+                layer_of[position] = (j, role)
+    stray = [fmodel.names[i] for i, where in enumerate(layer_of) if where is None]
+    if stray:
+        raise ValueError(
+            f"parameters {stray} are not the weight or bias of a layer of the Sequential "
+            f"(engine='autograd' handles them)"
+        )
+    return [where for where in layer_of if where is not None]
+
+
 # ------------------------------------------------------------------------------ layers
 # Tangents carry a leading column dimension K: an input tangent has shape (K, N, *in).
 class _Layer:
@@ -612,9 +644,11 @@ class BlockDiagonalCurvature(LinearOperator):
         if engine != "autograd" and one_tensor:
             try:
                 specs = sequential_blocks(model)
+                self._layer_of = _parameter_layers(specs, self.fmodel)
             except ValueError:
                 if engine == "sequential":
                     raise
+                specs = None
         self.engine = "sequential" if specs is not None else "autograd"
         if specs is None:
             self._build_autograd(model, batches)
@@ -643,21 +677,6 @@ class BlockDiagonalCurvature(LinearOperator):
 
     def _build_sequential(self, specs: list[tuple[str, nn.Module]], batches: list[Batch]) -> None:
         self._specs = specs
-        self._layer_of: list[tuple[int, str]] = [(-1, "")] * len(self.fmodel.params)
-        names: dict[str, list[str]] = {}
-        for name, index in self.fmodel.alias.items():
-            names.setdefault(self.fmodel.names[index], []).append(name)
-        shared = [v for v in names.values() if len(v) > 1]
-        if shared:
-            raise ValueError(
-                f"parameters shared between layers are not supported by the block-diagonal "
-                f"engine, got {shared[0]}"
-            )
-        for j, (prefix, _) in enumerate(self._specs):
-            for role in ("weight", "bias"):
-                position = self.fmodel.alias.get(prefix + role)
-                if position is not None:
-                    self._layer_of[position] = (j, role)
         self._lowest = min(j for j, _ in self._layer_of)
         reduction = getattr(self.loss_fn, "reduction", "mean")
         sizes = [b.size for b in batches]
