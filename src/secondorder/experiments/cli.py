@@ -20,14 +20,28 @@ After ``run`` it writes the returned dict to ``<out>/results.json`` with the con
 library versions and wall time (:class:`~secondorder.experiments.report.RunRecorder`), so studies
 write only their figures and ``summary.md``, and prints where the outputs are.
 
-Exit codes: 0 success, 1 error (study unavailable, device unavailable, bad result), 2 usage
-error (argparse), 130 interrupted.
+**Data-parallel runs.** ``torchrun --nproc-per-node N -m secondorder <study> ...`` starts N
+processes. Each joins one process group before the study runs (gloo on CPU, NCCL with
+``--device cuda``; every collective times out after ``--dist-timeout`` seconds, default 120),
+prints ``rank r of N`` and hands the study ``args.dist``, a
+:class:`~secondorder.experiments.distributed.DistContext` (``None`` when not launched by
+torchrun). Studies that support it (module attribute ``DISTRIBUTED = True``) shard their
+training data across the ranks and pass ``args.dist.group`` to the optimizers; other studies
+are refused on more than one process. Only rank 0 shows progress bars, creates the output
+directory and writes ``results.json``, the summary and the figures. An exception on any rank
+is printed as ``secondorder: rank r: <error>`` and ends that process at once with exit code 1;
+its peers' collectives then fail (or time out), they exit the same way, and torchrun exits
+non-zero: a failing rank never leaves the others hanging.
+
+Exit codes: 0 success, 1 error (study unavailable, device unavailable, bad result, a failed
+rank), 2 usage error (argparse), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import random
 import sys
 import time
@@ -38,6 +52,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .report import RunRecorder
 
 __all__ = ["STUDIES", "CLIError", "StudyNotFoundError", "build_parser", "load_study", "main"]
@@ -124,6 +139,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common = parser.add_argument_group("common options")
     common.add_argument(
@@ -153,6 +178,14 @@ def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         default=None,
         metavar="N",
         help="number of torch CPU threads (default: torch's choice)",
+    )
+    common.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: timeout of every collective, after which the ranks waiting on "
+        f"a failed or hung rank stop with an error (default: {distributed.DEFAULT_TIMEOUT_S:g})",
     )
     common.add_argument(
         "--no-progress",
@@ -215,15 +248,21 @@ def _selected_name(argv: Sequence[str], studies: Mapping[str, str]) -> str | Non
     return None
 
 
-def _prepare(args: argparse.Namespace) -> None:
+def _check_device(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was requested but CUDA is not available; use --device cpu")
     if args.data is not None and not args.data.is_dir():
         raise CLIError(f"--data {args.data}: expected an existing directory")
+
+
+def _prepare(args: argparse.Namespace, main_rank: bool) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if not main_rank:
+        args.progress = False
+        return
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -231,12 +270,58 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: value for key, value in vars(args).items() if not callable(value)}
+    config = {key: value for key, value in vars(args).items() if not callable(value)}
+    if isinstance(config.get("dist"), distributed.DistContext):
+        config["dist"] = config["dist"].describe()
+    return config
+
+
+def _init_distributed(module: ModuleType, args: argparse.Namespace) -> Any:
+    """Join the torchrun process group, or return None when not launched by torchrun."""
+    if not distributed.launched_by_torchrun():
+        return None
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size.isdigit() and int(world_size) > 1 and not getattr(module, "DISTRIBUTED", False):
+        raise CLIError(
+            f"study {args.study!r} does not support data-parallel runs (torchrun with "
+            f"{world_size} processes); run it on one process"
+        )
+    try:
+        ctx = distributed.init_distributed(args.device, args.dist_timeout)
+    except distributed.DistributedError as err:
+        raise CLIError(str(err)) from err
+    if ctx is not None:
+        print(
+            f"secondorder {args.study}: rank {ctx.rank} of {ctx.world_size} "
+            f"({ctx.backend}, timeout {ctx.timeout_s:g} s)",
+            flush=True,
+        )
+    return ctx
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
-    _prepare(args)
-    recorder = RunRecorder(args.out, study=args.study, config=_config(args), seed=args.seed)
+    _check_device(args)
+    ctx = _init_distributed(module, args)
+    args.dist = ctx
+    if ctx is None:
+        return _run_study(module, args, main_rank=True)
+    try:
+        code = _run_study(module, args, main_rank=ctx.is_main)
+        distributed.finish(ctx)
+    except KeyboardInterrupt as err:
+        distributed.abort(ctx, err, exit_code=130, show_traceback=False)
+    except CLIError as err:
+        distributed.abort(ctx, err, show_traceback=False)
+    except BaseException as err:  # any failure on this rank must stop every rank
+        distributed.abort(ctx, err)
+    distributed.exit_now(code)  # see exit_now: the interpreter's teardown may abort
+
+
+def _run_study(module: ModuleType, args: argparse.Namespace, *, main_rank: bool) -> int:
+    _prepare(args, main_rank)
+    recorder = None
+    if main_rank:
+        recorder = RunRecorder(args.out, study=args.study, config=_config(args), seed=args.seed)
     start = time.time()
     results = module.run(args)
     if not isinstance(results, Mapping):
@@ -244,6 +329,8 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
             f"study {args.study!r}: run(args) must return a dict of results, got "
             f"{type(results).__name__}"
         )
+    if recorder is None:  # not rank 0: rank 0 writes the outputs
+        return 0
     try:
         recorder.write_results(results)
     except TypeError as err:

@@ -9,6 +9,15 @@ Note on scaling: the seed builds its Gauss-Newton matrix from the loss *times n_
 solves ``(5 G + 1e-3 I) s = g``. That is exactly ``0.2 (G + 2e-4 I)^{-1} g`` (and CG's relative
 tolerance is scale free), so we run :class:`~secondorder.GaussNewton` with ``lr=0.2`` and
 ``damping=2e-4`` on the true GGN and report both eigenvalue scales.
+
+Data-parallel (``torchrun --nproc-per-node N -m secondorder spiral``): every rank generates the
+same 500 points and trains on its contiguous shard of them. Gauss-Newton, natural gradient and
+the eigenvalue estimates pass the process group to the operators and optimizers, which
+all-reduce every product, gradient and loss; Adam all-reduces its gradient by hand
+(:meth:`~secondorder.experiments.distributed.DistContext.sync_gradients`). Losses are the
+weighted sums of the shards' losses, so every number equals the single-process run's up to
+floating-point summation order. Rank 0 computes the accuracies and writes the figures and the
+summary.
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import Fisher, GaussNewton, GGN, NaturalGradient
+from ... import GGN, Fisher, GaussNewton, NaturalGradient
 from ...linalg.lanczos import eigmax
 from ..data import make_spiral
+from ..distributed import DistContext
 from ..models import spiral_mlp
 from ..report import markdown_table, plot_curves, plot_decision_boundary, progress, write_markdown
 
 NAME = "spiral"
 HELP = "Seed 000: Gauss-Newton and natural gradient vs Adam on the spiral data (MLP, SiLU)."
+DISTRIBUTED = True
 
 TARGET = 0.02
 
@@ -60,19 +71,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.adam_epochs or (75 if args.quick else 500)
     width = args.width or (64 if args.quick else 200)
     device = torch.device(args.device)
+    ctx: DistContext = getattr(args, "dist", None) or DistContext.single()
+    group, main = ctx.group, ctx.is_main
     X_np, y_np = make_spiral(100, 5, 0.02, generator=args.seed)
     X = torch.as_tensor(X_np, device=device)
     y = torch.as_tensor(y_np, device=device)
+    Xs, ys = ctx.shard(X), ctx.shard(y)  # this rank's points (all of them on one process)
+    share = len(ys) / len(y)
     loss_fn = nn.CrossEntropyLoss()
 
     def fresh() -> nn.Module:
-        return spiral_mlp(width=width, n_classes=5, seed=args.seed).to(device)
+        model = spiral_mlp(width=width, n_classes=5, seed=args.seed).to(device)
+        ctx.broadcast_module(model)
+        return model
+
+    def full_loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return ctx.weighted_sum(loss_fn(model(Xs), ys), share)
 
     # curvature scale at the initial weights
     model = fresh()
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    ggn_max = eigmax(GGN(model, loss_fn, (X, y)), generator=gen)
-    fisher_max = eigmax(Fisher(model, loss_fn, (X, y)), generator=gen)
+    ggn_max = eigmax(GGN(model, loss_fn, (Xs, ys), process_group=group), generator=gen)
+    fisher_max = eigmax(Fisher(model, loss_fn, (Xs, ys), process_group=group), generator=gen)
     n_params = sum(p.numel() for p in model.parameters())
 
     histories: dict[str, list[float]] = {}
@@ -86,17 +107,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     for _ in progress(range(epochs), "Adam", enabled=args.progress):
         adam.zero_grad()
-        loss = loss_fn(model(X), y)
+        loss = loss_fn(model(Xs), ys)
         loss.backward()
+        losses.append(ctx.sync_gradients(model.parameters(), loss, share))
         adam.step()
-        losses.append(loss.item())
     times["Adam"] = (time.perf_counter() - start) / epochs
     histories["Adam"], models["Adam"] = losses, model
 
+    cg = dict(cg_maxiter=20, cg_rtol=1e-3, process_group=group)
     optimizers = {
-        "Gauss-Newton": lambda m: GaussNewton(m, loss_fn, lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3),
+        "Gauss-Newton": lambda m: GaussNewton(m, loss_fn, lr=0.2, damping=2e-4, **cg),
         "Natural gradient": lambda m: NaturalGradient(
-            m, loss_fn, lr=0.5, damping=1e-3, fisher="exact", cg_maxiter=20, cg_rtol=1e-3
+            m, loss_fn, lr=0.5, damping=1e-3, fisher="exact", **cg
         ),
     }
     cg_iters: dict[str, float] = {}
@@ -106,13 +128,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         losses, iters = [], []
         start = time.perf_counter()
         for _ in progress(range(iterations), name, enabled=args.progress):
-            opt.step(X, y)
+            opt.step(Xs, ys)
             iters.append(opt.diagnostics.get("cg_iterations", 0))
-            with torch.no_grad():
-                losses.append(loss_fn(model(X), y).item())
+            losses.append(full_loss(model))
         times[name] = (time.perf_counter() - start) / iterations
         histories[name], models[name] = losses, model
         cg_iters[name] = sum(iters) / len(iters)
+
+    results: dict[str, Any] = {
+        "config": {"iterations": iterations, "adam_epochs": epochs, "width": width},
+        "num_parameters": n_params,
+        "world_size": ctx.world_size,
+        "eigmax": {"ggn": ggn_max, "seed_gn_x5": 5 * ggn_max, "fisher": fisher_max},
+        "losses": histories,
+        "time_per_iteration_s": times,
+        "mean_cg_iterations": cg_iters,
+        "first_below_target": {k: _first_below(v, TARGET) for k, v in histories.items()},
+    }
+    if not main:  # rank 0 evaluates and writes the outputs
+        return results
 
     # figures
     out = args.out
@@ -121,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out / "loss.png",
         xlabel="iteration (Adam: epoch)",
         ylabel="training loss",
-        title="Spiral: MLP(%d), SiLU" % width,
+        title=f"Spiral: MLP({width}), SiLU",
         logy=True,
     )
     boundaries = {}
@@ -134,7 +168,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         slug = name.lower().replace(" ", "_").replace("-", "_")
         path = plot_decision_boundary(
-            predict, X.cpu(), y.cpu(), out / f"decision_boundary_{slug}.png",
+            predict,
+            X.cpu(),
+            y.cpu(),
+            out / f"decision_boundary_{slug}.png",
             title=f"Decision boundaries: {name}",
         )
         with torch.no_grad():
@@ -157,26 +194,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "# Spiral (seed 000)",
             "",
             f"MLP(2-{width}-{width}-5, SiLU), {n_params} parameters, {len(y)} points; "
-            f"Adam {epochs} epochs, Gauss-Newton and natural gradient {iterations} iterations.",
+            f"Adam {epochs} epochs, Gauss-Newton and natural gradient {iterations} iterations"
+            + (f"; data-parallel on {ctx.world_size} processes." if group is not None else "."),
             "",
             markdown_table(rows),
             "",
             f"Largest eigenvalue at the initial weights: GGN {ggn_max:.4g} (the seed's "
             f"GN matrix, built from the loss x 5: {5 * ggn_max:.4g}), Fisher {fisher_max:.4g}.",
             "",
-            "Figures: `loss.png`, "
-            + ", ".join(f"`{b['figure']}`" for b in boundaries.values()),
+            "Figures: `loss.png`, " + ", ".join(f"`{b['figure']}`" for b in boundaries.values()),
         ]
     )
     write_markdown(out / "summary.md", summary + "\n")
     print(summary)
-    return {
-        "config": {"iterations": iterations, "adam_epochs": epochs, "width": width},
-        "num_parameters": n_params,
-        "eigmax": {"ggn": ggn_max, "seed_gn_x5": 5 * ggn_max, "fisher": fisher_max},
-        "losses": histories,
-        "time_per_iteration_s": times,
-        "mean_cg_iterations": cg_iters,
-        "first_below_target": {k: _first_below(v, TARGET) for k, v in histories.items()},
-        "decision_boundaries": boundaries,
-    }
+    results["decision_boundaries"] = boundaries
+    return results
