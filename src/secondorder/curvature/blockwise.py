@@ -759,7 +759,8 @@ class BlockDiagonalCurvature(LinearOperator):
                 role_of = self._layer_of
                 new = [layer.param_jvp(role_of[i][1], v) for i, v in entries[j]]
                 counts[j] = [t.shape[0] for t in new]
-                cols = torch.cat(new if cols is None else [cols, *new])
+                parts = new if cols is None else [cols, *new]
+                cols = parts[0] if len(parts) == 1 else torch.cat(parts)
         assert cols is not None
         u = p.terms.hessian_matmat(cols)
         out: dict[int, Tensor] = {}

@@ -13,9 +13,11 @@ differentiates the activation's backward :math:`g \mapsto g \odot f'(a)` with re
 :math:`\delta`. :func:`positive_curvature_mode` is a ``TorchFunctionMode`` that, while a graph
 is recorded, replaces the elementwise activations it knows by autograd functions whose backward
 is itself an autograd function with that derivative modified. Hessian-vector products through
-the recorded graph then apply the modified Hessian; its diagonal block of a parameter tensor
-equals the PCH block that :mod:`~secondorder.curvature.blockwise` backpropagates module by module
-(the bilinear terms that the modification leaves untouched only couple different blocks).
+the recorded graph then apply the modified Hessian. Where every parameter tensor enters one
+layer that is linear in it (``Linear``, convolutions, affine maps), the diagonal block of a
+parameter tensor equals the PCH block that :mod:`~secondorder.curvature.blockwise`
+backpropagates module by module: the bilinear parameter-input terms, which the modification
+leaves untouched, only couple different blocks.
 
 Intercepted: ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``softplus``, ``elu``, ``celu``,
 ``selu``, ``mish``, ``softsign``, ``logsigmoid``, ``hardswish`` (functions, tensor methods and
