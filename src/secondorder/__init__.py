@@ -7,6 +7,8 @@ preconditioners) <- ``curvature`` (Hessian, GGN, Fisher as operators) <- ``optim
 
 from .curvature import (
     GGN,
+    PCH,
+    BlockDiagonalCurvature,
     CurvatureOperator,
     Fisher,
     FunctionalModel,
@@ -38,6 +40,7 @@ from .linalg import (
     spectral_density,
 )
 from .optim import (
+    BlockDiagonalNewtonCG,
     CurvatureOptimizer,
     DirectionalDampedNewton,
     GaussNewton,
@@ -65,6 +68,8 @@ __all__ = [
     "FunctionalModel",
     "Hessian",
     "LowRankGGN",
+    "PCH",
+    "BlockDiagonalCurvature",
     "empirical_fisher_diagonal",
     "ggn_diagonal",
     # solvers and spectral tools
@@ -85,6 +90,7 @@ __all__ = [
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     # optimizers
+    "BlockDiagonalNewtonCG",
     "CurvatureOptimizer",
     "DirectionalDampedNewton",
     "GaussNewton",

@@ -1,6 +1,8 @@
 """Curvature matrices of (model, loss, data) as linear operators on the flat parameter vector."""
 
 from .base import CurvatureOperator
+from .blockwise import BlockDiagonalCurvature
+from .pch import PCH
 from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradient_diagonal
 from .fisher import Fisher
 from .ggn import GGN
@@ -9,6 +11,8 @@ from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
 
 __all__ = [
+    "PCH",
+    "BlockDiagonalCurvature",
     "GGN",
     "Batch",
     "CurvatureOperator",

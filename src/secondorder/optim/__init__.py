@@ -1,6 +1,7 @@
 """torch.optim optimizers built from curvature operators and Krylov solvers."""
 
 from .base import CurvatureOptimizer, NonFiniteError, NonFiniteStepWarning
+from .block_newton import BlockDiagonalNewtonCG
 from .damping import levenberg_marquardt, reduction_ratio
 from .directional import ConstantDamping, DirectionalDampedNewton, TopK, constant_damping, top_k
 from .hessian_free import HessianFree
@@ -8,6 +9,7 @@ from .linesearch import LineSearchInfo, armijo_backtracking
 from .newton_cg import GaussNewton, NaturalGradient, NewtonCG
 
 __all__ = [
+    "BlockDiagonalNewtonCG",
     "ConstantDamping",
     "CurvatureOptimizer",
     "DirectionalDampedNewton",
