@@ -16,7 +16,9 @@ lock-step (:func:`~secondorder.curvature.blockwise.block_cg`): one sweep through
 iteration serves every block still running, and each block stops on its own tolerance.
 
 This is the CG-Newton optimizer of BackPACK's example "Matrix-free second-order optimization"
-(Dangel et al., 2020) with the same hyperparameters and the same CG.
+(Dangel et al., 2020) with its hyperparameters as defaults and its plain CG: stop when
+``norm(r) <= max(cg_rtol * norm(g), cg_atol)`` or after ``cg_maxiter`` iterations, and step
+along directions of negative curvature too (``negative_curvature="continue"``).
 """
 
 from __future__ import annotations
