@@ -12,8 +12,11 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev
 
 from secondorder.experiments.models import Rosenbrock, RosenbrockResiduals, value_loss
+from secondorder.linalg.cg import CGStatus, cg
+from secondorder.linalg.operator import aslinearoperator
+from secondorder.linalg.preconditioners import JacobiPreconditioner
 from secondorder.optim.base import NonFiniteError, NonFiniteStepWarning
-from secondorder.optim.hessian_free import HessianFree
+from secondorder.optim.hessian_free import HessianFree, _cg_through_negative_curvature
 
 DT = torch.float64
 
@@ -103,6 +106,65 @@ def test_rosenbrock_residuals_ggn_reaches_1e_6_within_20_steps():
     assert all(b < a for a, b in zip([404.0, *values[:-1]], values))
 
 
+# The settings of the reference implementation's Rosenbrock example (PyTorchHessianFree,
+# examples/run_rosenbrock.py): the Hessian, damping 1 adapted, CG backtracking, line search, no
+# preconditioner, and its CG, which continues through negative curvature. It reaches 3.9e-8
+# (float32) / 5.1e-7 (float64) after 20 steps.
+REFERENCE_EXAMPLE = dict(curvature="hessian", negative_curvature="continue", preconditioner=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "settings",
+    [REFERENCE_EXAMPLE, {**REFERENCE_EXAMPLE, "preconditioner": "empirical_fisher"}],
+    ids=["reference_example", "with_preconditioner"],
+)
+def test_rosenbrock_hessian_reaches_1e_6_within_20_steps_like_the_reference(dtype, settings):
+    values, _ = rosenbrock_run(Rosenbrock(dtype=dtype), value_loss, None, 20, **settings)
+    assert values[-1] < 1e-6
+    assert all(b < a for a, b in zip([404.0, *values[:-1]], values))  # Armijo: monotone
+
+
+def test_continue_takes_the_damped_newton_step_through_negative_curvature():
+    # At (-1, 3) the Hessian [[2, 400], [400, 200]] is indefinite; with lambda = 1 the damped
+    # model has a saddle at -(H + I)^-1 g = (-2.5e-5, -1.99), in the valley: f = 4.01.
+    model = Rosenbrock(dtype=DT)
+    opt = HessianFree(model, value_loss, **REFERENCE_EXAMPLE)
+    opt.step(torch.zeros(1, dtype=DT), None)
+    H = torch.tensor([[2.0, 400.0], [400.0, 200.0]], dtype=DT)
+    g = torch.tensor([796.0, 400.0], dtype=DT)
+    newton = torch.tensor([-1.0, 3.0], dtype=DT) - torch.linalg.solve(H + torch.eye(2, dtype=DT), g)
+    assert torch.allclose(model.x.detach(), newton, rtol=0, atol=1e-12)
+    d = opt.diagnostics
+    assert d["negative_curvature"] and d["cg_negative_directions"] == 1
+    assert d["cg_status"] == "converged" and d["alpha"] == 1.0 and d["chosen_iterate"] == 2
+    assert d["new_loss"] == pytest.approx(4.01, rel=1e-3)
+    assert d["next_damping"] == pytest.approx(2 / 3)  # rho ~ 1: no bump in "continue" mode
+    # "stop" (the default) ends CG before that direction: a short step, more damping
+    stop = HessianFree(Rosenbrock(dtype=DT), value_loss, curvature="hessian", preconditioner=None)
+    stop.step(torch.zeros(1, dtype=DT), None)
+    assert stop.diagnostics["cg_status"] == "negative_curvature"
+    assert stop.diagnostics["new_loss"] > 100 and stop.diagnostics["next_damping"] == 1.5
+
+
+def test_continue_never_takes_an_ascent_step():
+    # -|x|^2/2 + x_0 with lambda = 0.5: C + lambda I = -I/2, whose "Newton step" 2 g points
+    # uphill; it is no candidate, and the damped gradient step is taken instead.
+    model = Concave()
+    opt = HessianFree(
+        model,
+        value_loss,
+        damping=0.5,
+        curvature="hessian",
+        negative_curvature="continue",
+        preconditioner=None,
+    )
+    before = opt.step(torch.zeros(1, dtype=DT), None)
+    d = opt.diagnostics
+    assert d["cg_negative_directions"] == 1 and d["fallback"] == "gradient"
+    assert float(model().detach()) < float(before)
+
+
 def test_negative_curvature_is_reported_and_raises_the_damping():
     opt = HessianFree(Rosenbrock(dtype=DT), value_loss, curvature="hessian")
     opt.step(torch.zeros(1, dtype=DT), None)
@@ -152,6 +214,69 @@ def test_quadratic_is_solved_in_one_step_and_rho_is_one():
     assert opt.diagnostics["rho"] == pytest.approx(1.0, abs=1e-8)
 
 
+# --------------------------------------------------------- CG through negative curvature
+def _symmetric(eigenvalues, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=DT))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=DT)) @ Q.T
+
+
+def _solve_through(A, b, x0=None, M=None, **kw):
+    kw = {"rtol": 1e-12, "maxiter": 50, "martens": False, "martens_eps": 5e-4, **kw}
+    kw.setdefault("keep_iterates", True)
+    return _cg_through_negative_curvature(aslinearoperator(A), b, x0, M=M, **kw)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_cg_through_negative_curvature_solves_indefinite_systems(preconditioned):
+    A = _symmetric([-3.0, -1.0, 0.5, 2.0, 5.0, 9.0])
+    b = torch.arange(1.0, 7.0, dtype=DT)
+    M = JacobiPreconditioner(torch.linspace(1, 3, 6, dtype=DT)) if preconditioned else None
+    x0 = torch.full((6,), 0.1, dtype=DT)
+    x, info, negative = _solve_through(A, b, x0=x0, M=M)
+    assert info.status == CGStatus.CONVERGED and negative >= 1
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=0, atol=1e-9)
+    assert info.num_matvecs == info.iterations + 1  # one more for x0
+    # quadratic values phi(x_k) = x^T A x / 2 - b^T x, recorded for free
+    assert info.quadratic_values[-1] == pytest.approx(float(0.5 * x @ A @ x - b @ x), rel=1e-10)
+
+
+def test_cg_through_negative_curvature_equals_cg_without_negative_curvature():
+    A = _symmetric([0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], seed=1)
+    b = torch.linspace(-1, 1, 8, dtype=DT)
+    kw = dict(rtol=1e-9, maxiter=40, martens=True, martens_eps=5e-4, keep_iterates=True)
+    x, info, negative = _solve_through(A, b, **kw)
+    y, ref = cg(A, b, rtol=1e-9, maxiter=40, stop_rule="martens", keep_iterates=True)
+    assert negative == 0 and info.status == ref.status and info.iterations == ref.iterations
+    assert torch.allclose(x, y, rtol=0, atol=1e-12)
+    assert [k for k, _, _ in info.iterates] == [k for k, _, _ in ref.iterates]
+    for (_, a, pa), (_, c, pc) in zip(info.iterates, ref.iterates):
+        assert torch.allclose(a, c, rtol=0, atol=1e-12) and pa == pytest.approx(pc, rel=1e-10)
+
+
+def test_cg_through_negative_curvature_keeps_the_iterate_before_it():
+    # this system (seed 2) has negative curvature first in CG iteration 7, so cg stops at x_6,
+    # which is off the snapshot grid ceil(1.3^j) = 1, 2, 3, 4, 5, 7, 9, ... but kept anyway
+    A = _symmetric([-0.2, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0, 11.0, 14.0], seed=2)
+    b = torch.ones(10, dtype=DT)
+    y, ref = cg(A, b, rtol=1e-12, maxiter=50)
+    assert ref.status == CGStatus.NEGATIVE_CURVATURE and ref.iterations == 6
+    x, info, negative = _solve_through(A, b)
+    kept = {k: xk for k, xk, _ in info.iterates}
+    assert 6 in kept and negative >= 1
+    assert [k for k, _, _ in info.iterates][:6] == [1, 2, 3, 4, 5, 6]
+    assert torch.allclose(kept[6], y, rtol=0, atol=1e-12)
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=0, atol=1e-8)
+
+
+def test_cg_through_negative_curvature_stops_at_a_breakdown():
+    # p_0 = b with p^T A p = 0: no Galerkin iterate exists
+    A = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=DT)
+    x, info, negative = _solve_through(A, torch.tensor([1.0, 0.0], dtype=DT))
+    assert info.status == CGStatus.NEGATIVE_CURVATURE and info.iterations == 0
+    assert torch.equal(x, torch.zeros(2, dtype=DT)) and negative == 0
+
+
 # ------------------------------------------------------------------------------ switches
 def run_steps(model, n_steps=3, **kw):
     opt = HessianFree(model, nn.MSELoss(), **kw)
@@ -173,6 +298,7 @@ def run_steps(model, n_steps=3, **kw):
         dict(use_cg_backtracking=False),
         dict(use_linesearch=False),
         dict(curvature="hessian"),
+        dict(curvature="hessian", negative_curvature="continue", damping=1e-2),
         dict(lr=0.5),
         dict(engine="autograd"),
         {**EXACT, "damping": 0.1},
@@ -368,6 +494,7 @@ def test_several_param_groups_are_refused():
         (dict(min_damping=0.0), "Invalid min_damping value: 0.0"),
         (dict(max_damping=math.inf), "Invalid max_damping value: inf"),
         (dict(curvature="fisher"), "curvature must be one of"),
+        (dict(negative_curvature="ignore"), "negative_curvature must be one of"),
         (dict(preconditioner="jacobi"), "preconditioner must be one of"),
         (dict(use_linesearch=1), "use_linesearch must be a bool"),
         (dict(engine="fast"), "engine must be"),

@@ -20,7 +20,10 @@ empirical-Fisher diagonal, in chunks of samples that bound the memory.
 Over several batches the diagonals combine like the operators
 (:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`N_b / N` for
 ``reduction="mean"`` and 1 for ``"sum"``, so the result equals the diagonal of the operator on
-the concatenated batch.
+the concatenated batch. With a ``process_group`` (data-parallel training), each rank passes its
+shard; the weighted sums and the sample counts are all-reduced (one flat all-reduce) and the
+result is normalised by the global number of samples, so every rank gets the diagonal of the
+global batch.
 """
 
 from __future__ import annotations
@@ -136,8 +139,34 @@ def _accumulate_squares(total: Tensor, grads: Sequence[Tensor], numels: Sequence
         out += g.reshape(-1, out.numel()).square().sum(0)
 
 
-def _combine(loss_fn: Any, data: Any, per_batch: Callable[[Batch], tuple[Tensor, float]]) -> Tensor:
-    """Weight per-batch diagonals like the operators: ``N_b / N`` (mean) or 1 (sum)."""
+def _allreduce_sum(tensor: Tensor, process_group: Any) -> Tensor:
+    """Sum a 1-D tensor over the process group (on the CPU for gloo, in place for NCCL)."""
+    if process_group is None:
+        return tensor
+    backend = torch.distributed.get_backend(process_group)
+    buf = tensor.clone() if backend == "nccl" else tensor.cpu().clone()
+    torch.distributed.all_reduce(buf, group=process_group)
+    return buf.to(tensor.device)
+
+
+def _combine(
+    loss_fn: Any,
+    data: Any,
+    per_batch: Callable[[Batch], tuple[Tensor, float]],
+    process_group: Any = None,
+) -> Tensor:
+    r"""Weight per-batch diagonals like the operators: ``N_b / N`` (mean) or 1 (sum).
+
+    .. math::
+        d = \frac{1}{N} \sum_{\text{ranks}} \sum_b N_b\, s_b\, d_b \ (\text{mean}), \qquad
+        d = \sum_{\text{ranks}} \sum_b s_b\, d_b \ (\text{sum}),
+
+    with :math:`N` the number of samples on all ranks of ``process_group`` (one flat
+    all-reduce of the sums and the count).
+
+    Raises:
+        ValueError: If ``data`` holds no batch.
+    """
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     total: Tensor | None = None
     count = 0
@@ -146,7 +175,12 @@ def _combine(loss_fn: Any, data: Any, per_batch: Callable[[Batch], tuple[Tensor,
         d = d * (scale * batch.size if mean else scale)
         count += batch.size
         total = d if total is None else total + d
-    assert total is not None
+    if total is None:
+        raise ValueError("data: expected at least one batch, got none")
+    if process_group is not None:
+        counted = torch.tensor([float(count)], dtype=total.dtype, device=total.device)
+        reduced = _allreduce_sum(torch.cat([total, counted]), process_group)
+        total, count = reduced[:-1], round(float(reduced[-1]))
     return total / count if mean else total
 
 
@@ -157,6 +191,7 @@ def ggn_diagonal(
     *,
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     r"""The exact diagonal of the generalised Gauss-Newton matrix (= exact Fisher) for core losses.
 
@@ -179,13 +214,15 @@ def ggn_diagonal(
         params: Optional subset of the model's parameters (default: all with requires_grad).
         chunk_size: Samples per vectorised call (default: as many as keep the intermediate
             ``samples x columns x parameters`` below :math:`2^{22}` elements).
+        process_group: A ``torch.distributed`` process group (default: ``None``, one
+            process); each rank passes its shard and gets the diagonal of the global batch.
 
     Returns:
         The diagonal, shape ``(n,)`` in the order of the flat parameter vector.
 
     Raises:
-        ValueError: For a loss without a likelihood, outputs without a batch dimension, or an
-            invalid ``chunk_size``.
+        ValueError: For a loss without a likelihood, outputs without a batch dimension, no
+            batch at all, or an invalid ``chunk_size``.
 
     Example:
         >>> import torch, secondorder as so
@@ -207,6 +244,7 @@ def ggn_diagonal(
         lambda b: _row_factor_diagonal(
             fmodel, loss_fn, b, lambda t: t.symmetric_factor(), chunk_size
         ),
+        process_group,
     )
 
 
@@ -217,6 +255,7 @@ def empirical_fisher_diagonal(
     *,
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     r"""The exact diagonal of the empirical Fisher, the scaled sum of squared per-row gradients.
 
@@ -236,13 +275,15 @@ def empirical_fisher_diagonal(
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         params: Optional subset of the model's parameters (default: all with requires_grad).
         chunk_size: Samples per vectorised call (default: automatic, see :func:`ggn_diagonal`).
+        process_group: A ``torch.distributed`` process group (default: ``None``, one
+            process); each rank passes its shard and gets the diagonal of the global batch.
 
     Returns:
         The diagonal, shape ``(n,)``.
 
     Raises:
-        ValueError: For a loss without a likelihood, outputs without a batch dimension, or an
-            invalid ``chunk_size``.
+        ValueError: For a loss without a likelihood, outputs without a batch dimension, no
+            batch at all, or an invalid ``chunk_size``.
     """
     _check_likelihood(loss_fn, "empirical_fisher_diagonal")
     _check_chunk(chunk_size)
@@ -253,6 +294,7 @@ def empirical_fisher_diagonal(
         lambda b: _row_factor_diagonal(
             fmodel, loss_fn, b, lambda t: t.per_row_gradients().unsqueeze(-1), chunk_size
         ),
+        process_group,
     )
 
 
@@ -263,6 +305,7 @@ def per_sample_gradient_diagonal(
     *,
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
+    process_group: Any = None,
 ) -> Tensor:
     r"""Diagonal of the empirical Fisher of per-sample losses, for any loss callable.
 
@@ -286,12 +329,15 @@ def per_sample_gradient_diagonal(
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         params: Optional subset of the model's parameters (default: all with requires_grad).
         chunk_size: Samples per vectorised call (default: automatic).
+        process_group: A ``torch.distributed`` process group (default: ``None``, one
+            process); each rank passes its shard and gets the diagonal of the global batch.
 
     Returns:
         The diagonal, shape ``(n,)``.
 
     Raises:
-        ValueError: For an invalid ``chunk_size`` or a loss returning a non-scalar.
+        ValueError: For an invalid ``chunk_size``, no batch at all, or a loss returning a
+            non-scalar.
     """
     _check_chunk(chunk_size)
     fmodel = FunctionalModel(model, params)
@@ -322,4 +368,4 @@ def per_sample_gradient_diagonal(
         # _combine multiplies by N_b (mean) and divides by N: d = (1/N) sum_i
         return total / n if mean else total, 1.0
 
-    return _combine(loss_fn, data, per_batch)
+    return _combine(loss_fn, data, per_batch, process_group)
