@@ -191,7 +191,7 @@ class CurvatureOperator(LinearOperator):
             else:
                 for t, p in zip(total, part):
                     t.add_(p, alpha=weight)
-        if total is None:  # a rank without data contributes zeros
+        if total is None:  # unreachable: as_batches refuses empty data
             raise ValueError("data: expected at least one batch, got none")
         return self._allreduce(total)
 
