@@ -35,7 +35,7 @@ _ELEMENTWISE: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
     nn.Tanh: lambda m, a, s: 1 - s * s,
     nn.ReLU: lambda m, a, s: a > 0,  # a bool mask: one byte per entry
     nn.SiLU: lambda m, a, s: _silu_derivative(a),
-    nn.LeakyReLU: lambda m, a, s: torch.where(a > 0, 1.0, m.negative_slope).to(a.dtype),
+    nn.LeakyReLU: lambda m, a, s: (a > 0).to(a.dtype) * (1 - m.negative_slope) + m.negative_slope,
     nn.ELU: lambda m, a, s: torch.where(a > 0, torch.ones_like(a), s + m.alpha),
     nn.Softplus: lambda m, a, s: torch.sigmoid(a * m.beta),
     nn.GELU: lambda m, a, s: _gelu_derivative(m, a),

@@ -79,6 +79,8 @@ class CGInfo:
         num_matvecs: Number of products with ``A`` (one per iteration, one more for ``x0``).
         iterates: With ``keep_iterates=True``, snapshots ``(k, x_k, phi(x_k))`` at the
             iterations ``ceil(gamma**j)`` and at the last iteration, in increasing ``k``.
+        negative_curvature_directions: With ``negative_curvature="continue"``, how many
+            directions of negative curvature the solve stepped along.
     """
 
     iterations: int
@@ -89,6 +91,7 @@ class CGInfo:
     tol: float = 0.0
     num_matvecs: int = 0
     iterates: list[tuple[int, Tensor, float]] = field(default_factory=list)
+    negative_curvature_directions: int = 0
 
     @property
     def converged(self) -> bool:
@@ -267,6 +270,7 @@ def cg(
     martens_eps: float = 5e-4,
     keep_iterates: bool = False,
     backtrack_gamma: float = 1.3,
+    negative_curvature: Literal["stop", "continue"] = "stop",
 ) -> tuple[Tensor, CGInfo]:
     r"""Solve :math:`A x = b` by (preconditioned) conjugate gradient.
 
@@ -309,6 +313,19 @@ def cg(
     :math:`M^{-1} r`, the solve stops at once and returns the last finite iterate;
     ``info.status`` says which. No division by zero happens and no NaN enters ``x``.
 
+    **Through negative curvature** (``negative_curvature="continue"``): a direction with
+    :math:`p_k^\top A p_k < 0` is taken with its negative step length
+    :math:`\alpha_k = r_k^\top z_k / p_k^\top A p_k`. The iterates stay the Galerkin
+    approximations of :math:`A x = b` on :math:`x_0 + \mathcal{K}_k` (residual orthogonal to the
+    Krylov space; Paige & Saunders 1975), i.e. stationary points of :math:`\phi` there, which
+    reach :math:`A^{-1}b` for an indefinite but invertible :math:`A` (PyTorchHessianFree's rule
+    for Hessian-free with the Hessian). Only curvature at the rounding level,
+    :math:`|p_k^\top A p_k| \le \epsilon_{\mathrm{mach}} \rho_{\max} \|p_k\|^2` with
+    :math:`\rho_{\max}` now the largest :math:`|p_j^\top A p_j| / \|p_j\|^2`, stops the solve
+    (``NEGATIVE_CURVATURE``). With ``keep_iterates`` the last iterate before the first negative
+    direction (what ``"stop"`` would return) is kept as a snapshot too;
+    ``info.negative_curvature_directions`` counts the negative directions taken.
+
     **Backtracking snapshots** (``keep_iterates=True``, Martens 2010 §4.6): ``info.iterates``
     holds ``(k, x_k.clone(), phi(x_k))`` for :math:`k = \lceil \gamma^j \rceil`,
     :math:`j = 0, 1, \dots` (with :math:`\gamma` = ``backtrack_gamma``) and for the last
@@ -335,6 +352,7 @@ def cg(
         martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``).
         keep_iterates: Keep backtracking snapshots in ``info.iterates``.
         backtrack_gamma: The grid ratio :math:`\gamma > 1` of the snapshots.
+        negative_curvature: ``"stop"`` (default) or ``"continue"`` (see above).
 
     Returns:
         ``(x, info)``: the last accepted iterate (a new tensor) and a :class:`CGInfo`.
@@ -365,6 +383,11 @@ def cg(
     apply_m = None if M is None else _as_apply(M, "M", n, dtype, device)
     if x0 is not None:
         _check_vector(x0, "x0", like=b)
+    if negative_curvature not in ("stop", "continue"):
+        raise ValueError(
+            f"negative_curvature must be 'stop' or 'continue', got {negative_curvature!r}"
+        )
+    through = negative_curvature == "continue"
     max_it = 10 * n if maxiter is None else maxiter
     martens = stop_rule == "martens"
     eps_k = float(martens_eps)
@@ -400,10 +423,15 @@ def cg(
     msg_kw: dict[str, Any] = {}
     next_keep_j = 0
     next_keep = 1
+    negatives = 0
+    before_negative: tuple[int, Tensor, float] | None = None
 
     def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
         if keep_iterates and (not iterates or iterates[-1][0] != it):
             iterates.append((it, x.clone(), phis[-1]))
+        if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
+            iterates.append(before_negative)
+            iterates.sort(key=lambda item: item[0])
         message = _message(status, tol=tol, it=it, res=residual_norms[-1], **msg_kw)
         info = CGInfo(
             iterations=it,
@@ -414,6 +442,7 @@ def cg(
             tol=tol,
             num_matvecs=num_matvecs,
             iterates=iterates,
+            negative_curvature_directions=negatives,
         )
         return x, info
 
@@ -440,7 +469,10 @@ def cg(
             ap = ap.detach()
         pap = torch.dot(p, ap)
         # alpha = 0 (x stays exactly as it is) when the curvature is refused or NaN
-        alpha = torch.where(pap > eps * rho_max * pp_f, rz / pap, zero)
+        threshold = eps * rho_max * pp_f
+        accept = (pap.abs() > threshold) & (pap != 0) if through else pap > threshold
+        alpha = torch.where(accept, rz / pap, zero)
+        x_before = x.clone() if through and keep_iterates and before_negative is None else None
         x.addcmul_(p, alpha)
         r.addcmul_(ap, alpha, value=-1.0)
         z = r if apply_m is None else apply_m(r).detach()
@@ -452,7 +484,11 @@ def cg(
         values = torch.stack(scalars).tolist()  # the one host synchronisation per iteration
         alpha_f, pap_f, rz_new_f, xb_f, xr_f = values[:5]
 
-        if not (alpha_f > 0 and math.isfinite(alpha_f)):
+        if through and alpha_f < 0 and math.isfinite(alpha_f):
+            negatives += 1
+            if x_before is not None and it > 0:
+                before_negative = (it, x_before, phis[-1])
+        if not ((alpha_f != 0 if through else alpha_f > 0) and math.isfinite(alpha_f)):
             msg_kw["next"] = i
             if not bool(torch.isfinite(x).all()):  # only after an overflowing step length
                 x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
@@ -513,7 +549,7 @@ def cg(
         if rz_new_f <= 0:
             msg_kw["rz"] = rz_new_f
             return finish(CGStatus.INDEFINITE_PRECONDITIONER)
-        rho_max = max(rho_max, pap_f / pp_f)
+        rho_max = max(rho_max, abs(pap_f) / pp_f)
         rz, rz_f, pp_f = rz_new, rz_new_f, next_pp
 
     return finish(CGStatus.MAXITER)

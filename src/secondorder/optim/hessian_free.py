@@ -192,144 +192,6 @@ def _loss_and_gradient(
     return reduced[0].to(loss.dtype), reduced[1:]
 
 
-def _cg_through_negative_curvature(
-    A: LinearOperator,
-    b: Tensor,
-    x0: Tensor | None,
-    *,
-    rtol: float,
-    maxiter: int,
-    M: LinearOperator | None,
-    martens: bool,
-    martens_eps: float,
-    keep_iterates: bool,
-) -> tuple[Tensor, CGInfo, int]:
-    r"""Preconditioned CG that keeps going through directions of negative curvature.
-
-    The recurrence, stopping rules and snapshots of :func:`~secondorder.linalg.cg.cg`
-    (residual rule ``norm(r) <= rtol * norm(b)``, Martens' rule, ``maxiter``; snapshots at
-    :math:`\lceil 1.3^j \rceil` and the last iteration), except that a direction with
-    :math:`p^\top A p < 0` is used with its negative step length
-    :math:`\alpha = r^\top z / p^\top A p`. The iterates are then still the Galerkin
-    approximations of :math:`A x = b` (Paige & Saunders 1975): :math:`x_k \in x_0 +
-    \mathcal{K}_k` with residual orthogonal to the Krylov space, i.e. the stationary points of
-    :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x` on :math:`x_0 + \mathcal{K}_k`, which
-    converge to :math:`A^{-1} b`. The solve stops with ``NEGATIVE_CURVATURE`` only where that
-    approximation does not exist, :math:`|p^\top A p|` at the rounding level
-    :math:`\epsilon_{\mathrm{mach}} \max_j |p_j^\top A p_j| / \|p_j\|^2 \cdot \|p\|^2`.
-
-    With ``keep_iterates`` the last iterate before the first negative direction (what
-    ``cg`` would have returned) is kept as a snapshot too.
-
-    Args:
-        A: The symmetric (possibly indefinite) operator.
-        b: The right-hand side.
-        x0: Initial guess, or ``None`` for zeros.
-        rtol: Relative residual tolerance.
-        maxiter: Maximal number of iterations.
-        M: Symmetric positive definite preconditioner applying :math:`M^{-1}`, or ``None``.
-        martens: Whether Martens' relative-progress rule applies.
-        martens_eps: Its :math:`\varepsilon`.
-        keep_iterates: Keep backtracking snapshots in ``info.iterates``.
-
-    Returns:
-        ``(x, info, negative)``: the last iterate, a :class:`~secondorder.linalg.cg.CGInfo`,
-        and the number of directions of negative curvature that were passed.
-    """
-    eps = torch.finfo(b.dtype).eps
-    matvecs = 0
-    if x0 is None:
-        x, r = torch.zeros_like(b), b.clone()
-    else:
-        x = x0.clone()
-        r = b - A @ x
-        matvecs += 1
-    z = r if M is None else M @ r
-    bb, rz, xb, xr, rr = torch.stack([b @ b, r @ z, x @ b, x @ r, r @ r]).tolist()
-    tol = rtol * math.sqrt(bb)
-    phis, norms = [-0.5 * (xb + xr)], [math.sqrt(max(rr, 0.0))]
-    iterates: list[tuple[int, Tensor, float]] = []
-    before_negative: tuple[int, Tensor, float] | None = None
-    negative, it, keep_j, next_keep = 0, 0, 0, 1
-    curvature_scale = 0.0
-    p = z.clone()
-    status = CGStatus.MAXITER
-    if not all(math.isfinite(v) for v in (bb, rz, phis[0], rr)):
-        status = CGStatus.NONFINITE
-    elif norms[0] <= tol:
-        status = CGStatus.CONVERGED
-    elif rz <= 0:
-        status = CGStatus.INDEFINITE_PRECONDITIONER
-    else:
-        for i in range(1, maxiter + 1):
-            ap = A @ p
-            matvecs += 1
-            pap, pp = torch.stack([p @ ap, p @ p]).tolist()
-            if not math.isfinite(pap):
-                status = CGStatus.NONFINITE
-                break
-            if abs(pap) <= eps * curvature_scale * pp or pap == 0.0:
-                status = CGStatus.NEGATIVE_CURVATURE  # no Galerkin iterate: a breakdown
-                break
-            if pap < 0:
-                negative += 1
-                if before_negative is None and it > 0 and keep_iterates:
-                    before_negative = (it, x.clone(), phis[-1])
-            alpha = rz / pap
-            x_new = x.add(p, alpha=alpha)
-            r_new = r.add(ap, alpha=-alpha)
-            z = r_new if M is None else M @ r_new
-            rz_new, xb, xr, rr = torch.stack(
-                [r_new @ z, x_new @ b, x_new @ r_new, r_new @ r_new]
-            ).tolist()
-            phi = -0.5 * (xb + xr)
-            if not all(math.isfinite(v) for v in (rz_new, phi, rr)):
-                status = CGStatus.NONFINITE
-                break
-            x, r, it = x_new, r_new, i
-            phis.append(phi)
-            norms.append(math.sqrt(rr))
-            if keep_iterates and i == next_keep:
-                iterates.append((i, x.clone(), phi))
-                while next_keep <= i:
-                    keep_j += 1
-                    next_keep = math.ceil(_BACKTRACK_GAMMA**keep_j)
-            if norms[-1] <= tol:
-                status = CGStatus.CONVERGED
-                break
-            k = max(10, -(-i // 10))
-            if martens and i > k and phi < 0 and (phi - phis[i - k]) / phi < k * martens_eps:
-                status = CGStatus.MARTENS
-                break
-            if rz_new <= 0:
-                status = CGStatus.INDEFINITE_PRECONDITIONER
-                break
-            p = z.add(p, alpha=rz_new / rz)
-            curvature_scale = max(curvature_scale, abs(pap) / pp)
-            rz = rz_new
-    if keep_iterates:
-        if not iterates or iterates[-1][0] != it:
-            iterates.append((it, x.clone(), phis[-1]))
-        if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
-            iterates.append(before_negative)
-            iterates.sort(key=lambda item: item[0])
-    message = (
-        f"CG through negative curvature stopped ({status.name.lower()}) after {it} iterations, "
-        f"having passed {negative} direction(s) of negative curvature"
-    )
-    info = CGInfo(
-        iterations=it,
-        status=status,
-        message=message,
-        residual_norms=norms,
-        quadratic_values=phis,
-        tol=tol,
-        num_matvecs=matvecs,
-        iterates=iterates,
-    )
-    return x, info, negative
-
-
 class HessianFree(CurvatureOptimizer):
     r"""Hessian-free optimization (Martens 2010; Martens & Sutskever 2012).
 
@@ -624,18 +486,6 @@ class HessianFree(CurvatureOptimizer):
     ) -> tuple[Tensor, CGInfo, int]:
         """Run PCG on ``A x = b``; returns ``(x, info, negative directions passed)``."""
         group = self.param_groups[0]
-        if self.negative_curvature == "continue":
-            return _cg_through_negative_curvature(
-                A,
-                b,
-                x0,
-                rtol=group["cg_rtol"],
-                maxiter=group["cg_maxiter"],
-                M=M,
-                martens=self.martens_stop,
-                martens_eps=group["martens_eps"],
-                keep_iterates=self.use_cg_backtracking,
-            )
         x, info = cg(
             A,
             b,
@@ -648,8 +498,9 @@ class HessianFree(CurvatureOptimizer):
             martens_eps=group["martens_eps"],
             keep_iterates=self.use_cg_backtracking,
             backtrack_gamma=_BACKTRACK_GAMMA,
+            negative_curvature=self.negative_curvature,
         )
-        return x, info, 0
+        return x, info, info.negative_curvature_directions
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss_batches: list[Batch] = kw.get("loss_batches") or batches
