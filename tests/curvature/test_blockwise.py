@@ -15,10 +15,10 @@ import secondorder as so
 from secondorder.curvature.blockwise import (
     CURVATURES,
     BlockDiagonalCurvature,
-    block_cg,
     sequential_blocks,
 )
 from secondorder.curvature.pch import PCH, positive_curvature_mode
+from secondorder.linalg.block_cg import block_cg
 
 DT = torch.float64
 TOL = 1e-10

@@ -2,13 +2,13 @@
 
 from .base import CurvatureOperator
 from .blockwise import BlockDiagonalCurvature
-from .pch import PCH
 from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradient_diagonal
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
 from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
+from .pch import PCH
 
 __all__ = [
     "PCH",

@@ -37,7 +37,8 @@ stored by one forward pass), applies the loss Hessian in closed form, and pulls 
 adding :math:`\rho(R)` times the stored forward tangent at every activation. Products with
 several blocks share one sweep: tangents of lower blocks are pushed through the layers above
 them together with the tangents of the blocks they meet, as columns of one batch, and peeled
-off on the way back; :func:`block_cg` uses this to run one CG per block in lock-step.
+off on the way back; :func:`~secondorder.linalg.block_cg.block_cg` uses this to run one CG
+per block in lock-step.
 
 References:
     F. Dangel, S. Harmeling, P. Hennig, "Modular block-diagonal curvature approximations for
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,9 +64,7 @@ from .model import Batch, FunctionalModel, as_batches
 __all__ = [
     "CURVATURES",
     "ENGINES",
-    "BlockCGInfo",
     "BlockDiagonalCurvature",
-    "block_cg",
     "sequential_blocks",
 ]
 
@@ -909,171 +908,3 @@ class _Block(LinearOperator):
 
 
 # -------------------------------------------------------------------------- lock-step CG
-@dataclass
-class BlockCGInfo:
-    """What happened in a :func:`block_cg` solve, one entry per system.
-
-    Attributes:
-        iterations: CG iterations per system.
-        residual_norms: The last (recursively updated) residual norm per system.
-        tolerances: ``max(rtol * norm(b_i), atol)`` per system.
-        status: Why each system stopped: ``"converged"`` (``norm(r) <= tol``), ``"maxiter"``,
-            ``"negative_curvature"`` (``p^T A p <= 0`` with ``negative_curvature="stop"``),
-            ``"breakdown"`` (``p^T A p == 0``) or ``"nonfinite"`` (a NaN/Inf appeared).
-        sweeps: Number of batched operator applications (the largest iteration count).
-        negative_curvature: Per system, whether any search direction had ``p^T A p <= 0``.
-    """
-
-    iterations: list[int]
-    residual_norms: list[float]
-    tolerances: list[float]
-    status: list[str]
-    sweeps: int = 0
-    negative_curvature: list[bool] = field(default_factory=list)
-
-    @property
-    def converged(self) -> list[bool]:
-        """Per system, whether the residual tolerance was met."""
-        return [s == "converged" for s in self.status]
-
-
-def _per_system(value: Any, n: int, name: str) -> list[Any]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"{name}: expected one value per system ({n}), got {len(values)}")
-    return values
-
-
-def block_cg(
-    apply: Callable[[list[int], list[Tensor]], list[Tensor]],
-    b: Sequence[Tensor],
-    *,
-    shift: float | Sequence[float] = 0.0,
-    rtol: float | Sequence[float] = 1e-5,
-    atol: float | Sequence[float] = 0.0,
-    maxiter: int | Sequence[int] = 20,
-    negative_curvature: str = "continue",
-) -> tuple[list[Tensor], BlockCGInfo]:
-    r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
-
-    Every iteration makes one call ``apply(indices, vectors)`` that returns
-    :math:`A_i p_i` for all systems still running (with
-    :meth:`BlockDiagonalCurvature.apply_blocks`, one sweep through the network serves every
-    block), while each system keeps its own step lengths, stops on its own rule
-
-    .. math::
-
-        \|r_i\|_2 \le \max(\mathrm{rtol}_i \|b_i\|_2,\ \mathrm{atol}_i)
-        \quad\text{(checked before the first iteration too)}
-
-    or after ``maxiter_i`` iterations, and then drops out of the calls. The iterates equal
-    those of :func:`~secondorder.linalg.cg` on each system separately (up to rounding).
-
-    With ``negative_curvature="continue"`` (plain CG, as BackPACK's CG-Newton example) a
-    direction with :math:`p^\top (A + \lambda I) p \le 0` is still stepped along with the
-    (negative) step length :math:`r^\top r / p^\top A p`; with ``"stop"`` the system stops and
-    keeps its last iterate. A zero or non-finite curvature stops the system either way.
-
-    Args:
-        apply: ``apply(indices, vectors) -> products`` for lists of system indices and
-            vectors (without the shift).
-        b: Right-hand sides, 1-D tensors.
-        shift: :math:`\lambda_i` (a float for all systems, or one per system).
-        rtol: Relative tolerance(s), ``>= 0``.
-        atol: Absolute tolerance(s), ``>= 0``.
-        maxiter: Maximal iterations (``>= 0``), for all or per system.
-        negative_curvature: ``"continue"`` or ``"stop"``.
-
-    Returns:
-        ``(x, info)``: the solutions (new tensors) and a :class:`BlockCGInfo`.
-
-    Raises:
-        ValueError: For invalid tolerances, ``maxiter``, ``negative_curvature``, or lists of
-            the wrong length.
-
-    Example:
-        >>> import torch
-        >>> from secondorder.curvature.blockwise import block_cg
-        >>> A = [torch.tensor([[4.0, 1.0], [1.0, 3.0]]), torch.tensor([[2.0]])]
-        >>> b = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]
-        >>> x, info = block_cg(lambda idx, vs: [A[i] @ v for i, v in zip(idx, vs)], b, rtol=1e-8)
-        >>> info.status, torch.allclose(x[1], torch.tensor([2.0]))
-        (['converged', 'converged'], True)
-    """
-    n = len(b)
-    if negative_curvature not in ("continue", "stop"):
-        raise ValueError(
-            f"negative_curvature must be 'continue' or 'stop', got {negative_curvature!r}"
-        )
-    shifts = [float(s) for s in _per_system(shift, n, "shift")]
-    rtols = [float(s) for s in _per_system(rtol, n, "rtol")]
-    atols = [float(s) for s in _per_system(atol, n, "atol")]
-    maxiters = _per_system(maxiter, n, "maxiter")
-    for name, vals in (("rtol", rtols), ("atol", atols)):
-        if any(not (v >= 0 and math.isfinite(v)) for v in vals):
-            raise ValueError(f"{name} must be finite and >= 0, got {vals}")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
-        raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
-    stop_negative = negative_curvature == "stop"
-    x = [torch.zeros_like(bi) for bi in b]
-    r = [bi.detach().clone() for bi in b]
-    p = [ri.clone() for ri in r]
-    rr = torch.stack([torch.dot(ri, ri) for ri in r]).tolist() if n else []
-    tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
-    iterations = [0] * n
-    status = ["running"] * n
-    negative = [False] * n
-    for i in range(n):
-        if not math.isfinite(rr[i]):
-            status[i] = "nonfinite"
-        elif math.sqrt(rr[i]) <= tol[i]:
-            status[i] = "converged"
-        elif maxiters[i] == 0:
-            status[i] = "maxiter"
-    active = [i for i in range(n) if status[i] == "running"]
-    sweeps = 0
-    while active:
-        sweeps += 1
-        ap = apply(active, [p[i] for i in active])
-        for i, a in zip(active, ap):
-            if shifts[i] != 0.0:
-                a.add_(p[i], alpha=shifts[i])
-        pap = torch.stack([torch.dot(p[i], a) for i, a in zip(active, ap)]).tolist()
-        stepped = []
-        for i, a, curv in zip(active, ap, pap):
-            if curv <= 0:
-                negative[i] = True
-            if not math.isfinite(curv):
-                status[i] = "nonfinite"
-            elif curv == 0.0:
-                status[i] = "breakdown"
-            elif curv < 0 and stop_negative:
-                status[i] = "negative_curvature"
-            else:
-                alpha = rr[i] / curv
-                x[i].add_(p[i], alpha=alpha)
-                r[i].sub_(a, alpha=alpha)
-                stepped.append(i)
-        if stepped:
-            rr_new = torch.stack([torch.dot(r[i], r[i]) for i in stepped]).tolist()
-            for i, value in zip(stepped, rr_new):
-                iterations[i] += 1
-                if not math.isfinite(value):
-                    status[i] = "nonfinite"
-                elif math.sqrt(value) <= tol[i]:
-                    status[i] = "converged"
-                elif iterations[i] >= maxiters[i]:
-                    status[i] = "maxiter"
-                else:
-                    p[i].mul_(value / rr[i]).add_(r[i])
-                rr[i] = value
-        active = [i for i in active if status[i] == "running"]
-    info = BlockCGInfo(
-        iterations=iterations,
-        residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],
-        tolerances=tol,
-        status=status,
-        sweeps=sweeps,
-        negative_curvature=negative,
-    )
-    return x, info

@@ -1,4 +1,4 @@
-r"""The network linearised at one point on one batch: :math:`v \mapsto Jv`, :math:`u \mapsto J^\top u`.
+r"""The network linearised at a point, on one batch: :math:`Jv` and :math:`J^\top u`.
 
 :math:`J = \partial z / \partial \theta` is the Jacobian of the outputs ``z`` (all samples) with
 respect to the parameters. One forward pass builds a linearisation; every product reuses it.

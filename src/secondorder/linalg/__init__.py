@@ -3,6 +3,7 @@
 This layer knows nothing of neural networks; it imports only torch (and scipy lazily).
 """
 
+from .block_cg import BlockCGInfo, block_cg
 from .cg import CGInfo, CGStatus, cg
 from .estimators import (
     diagonal_estimate,
@@ -31,6 +32,8 @@ __all__ = [
     "CGInfo",
     "CGStatus",
     "cg",
+    "BlockCGInfo",
+    "block_cg",
     # spectral tools
     "LanczosDecomposition",
     "LanczosInfo",

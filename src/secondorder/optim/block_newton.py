@@ -12,7 +12,7 @@ with :math:`C_{\theta_i}` the exact diagonal block of the GGN, the Hessian or th
 positive-curvature Hessian on the batch
 (:class:`~secondorder.curvature.blockwise.BlockDiagonalCurvature`) and :math:`\lambda_i`,
 :math:`\mathrm{lr}_i` taken from the parameter's group. The systems are solved by CG in
-lock-step (:func:`~secondorder.curvature.blockwise.block_cg`): one sweep through the network per
+lock-step (:func:`~secondorder.linalg.block_cg.block_cg`): one sweep through the network per
 iteration serves every block still running, and each block stops on its own tolerance.
 
 This is the CG-Newton optimizer of BackPACK's example "Matrix-free second-order optimization"
@@ -32,10 +32,10 @@ from ..curvature.blockwise import (
     CURVATURES,
     ENGINES,
     BlockDiagonalCurvature,
-    block_cg,
     sequential_blocks,
 )
 from ..curvature.model import Batch
+from ..linalg.block_cg import block_cg
 from .base import CurvatureOptimizer, check_positive
 
 __all__ = ["BlockDiagonalNewtonCG"]
