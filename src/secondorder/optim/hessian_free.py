@@ -498,7 +498,7 @@ class HessianFree(CurvatureOptimizer):
             martens_eps=group["martens_eps"],
             keep_iterates=self.use_cg_backtracking,
             backtrack_gamma=_BACKTRACK_GAMMA,
-            negative_curvature=self.negative_curvature,
+            negative_curvature="continue" if self.negative_curvature == "continue" else "stop",
         )
         return x, info, info.negative_curvature_directions
 
