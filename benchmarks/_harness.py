@@ -37,6 +37,7 @@ __all__ = [
     "Ratio",
     "Timing",
     "check_peak_memory",
+    "ensure_environment",
     "ensure_omp_wait_policy",
     "format_bytes",
     "markdown_table",
@@ -69,6 +70,24 @@ def ensure_omp_wait_policy(policy: str, script: str, argv: Sequence[str]) -> Non
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == policy:
         return
     os.environ["OMP_WAIT_POLICY"] = policy
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, script, *argv])
+
+
+def ensure_environment(updates: Mapping[str, str], script: str, argv: Sequence[str]) -> None:
+    """Re-run ``script argv`` with the variables ``updates`` set, unless they already are.
+
+    Like :func:`ensure_omp_wait_policy`, for any set of variables that a library reads once,
+    when it loads. ``OPENBLAS_NUM_THREADS=1``: scipy's and numpy's bundled OpenBLAS (used by
+    ``scipy.sparse.linalg.eigsh`` and ``scipy.linalg.lapack``) otherwise starts a pool of its
+    own threads beside torch's OpenMP pool; on the shared 2-core machine a step that called a
+    scipy LAPACK routine then took 3-6 s instead of 20-100 ms.
+    """
+    changed = {k: v for k, v in updates.items() if os.environ.get(k, "").upper() != v.upper()}
+    if not changed:
+        return
+    os.environ.update(changed)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, script, *argv])
