@@ -51,34 +51,26 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-@pytest.fixture(scope="module")
-def spiral_runs(tmp_path_factory):
-    """The quick spiral study on one process (one thread) and on two processes (torchrun)."""
-    base = tmp_path_factory.mktemp("spiral")
-    single, _ = run([sys.executable, *SPIRAL, "--threads", "1", "--out", str(base / "single")])
+def test_torchrun_spiral_writes_once_and_matches_single_process(tmp_path):
+    # one test (not a shared fixture), so that pytest-xdist runs the two studies only once
+    single, _ = run([sys.executable, *SPIRAL, "--threads", "1", "--out", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-3000:]
-    multi, _ = run([*TORCHRUN, *SPIRAL, "--out", str(base / "multi")])
+    multi, _ = run([*TORCHRUN, *SPIRAL, "--out", str(tmp_path / "multi")])
     assert multi.returncode == 0, multi.stdout[-2000:] + multi.stderr[-3000:]
-    return base, single, multi
 
-
-def test_torchrun_writes_outputs_once_on_rank_zero(spiral_runs):
-    base, _, multi = spiral_runs
+    # rank 0 alone prints the summary and writes the outputs
     assert "rank 0 of 2" in multi.stdout and "rank 1 of 2" in multi.stdout
     assert multi.stdout.count("outputs written to") == 1
-    assert multi.stdout.count("# Spiral (seed 000)") == 1  # the summary is printed by rank 0
-    # one results.json per run: rank 1 wrote nothing
-    assert sorted(p.parent.name for p in base.rglob("results.json")) == ["multi", "single"]
-    assert (base / "multi" / "summary.md").is_file() and (base / "multi" / "loss.png").is_file()
-    data = json.loads((base / "multi" / "results.json").read_text())
+    assert multi.stdout.count("# Spiral (seed 000)") == 1
+    assert sorted(p.parent.name for p in tmp_path.rglob("results.json")) == ["multi", "single"]
+    assert (tmp_path / "multi" / "summary.md").is_file()
+    assert (tmp_path / "multi" / "loss.png").is_file()
+    data = json.loads((tmp_path / "multi" / "results.json").read_text())
     assert data["config"]["dist"]["world_size"] == 2 and data["config"]["dist"]["backend"] == "gloo"
     assert data["results"]["world_size"] == 2
 
-
-def test_torchrun_matches_single_process(spiral_runs):
-    base, _, _ = spiral_runs
     one, two = (
-        json.loads((base / name / "results.json").read_text())["results"]
+        json.loads((tmp_path / name / "results.json").read_text())["results"]
         for name in ("single", "multi")
     )
     for key in ("ggn", "fisher"):
@@ -88,11 +80,13 @@ def test_torchrun_matches_single_process(spiral_runs):
         assert rel(a, b) <= 1e-5
     # Gauss-Newton / natural gradient: 20 truncated CG iterations with damping 2e-4 amplify
     # rounding differences (summation order) far beyond float32's 1e-7: the single-process
-    # run with the points permuted, in float64, differs by 2e-4 after one step and by ~1% at
-    # the end. So: the first step to 1e-3, the end to a few percent, similar CG counts.
+    # run itself moves by 0.7 % with 2 threads instead of 1, and with the points permuted, in
+    # float64, by 2e-4 after one step and ~1 % at the end; the data-parallel run differs from
+    # the 1-thread run by 5e-5 (GN) and 8e-4 (NG) after one step. The sharp checks are the
+    # eigenvalues and Adam above; these bounds catch a wrong reduction or normalisation.
     for name in ("Gauss-Newton", "Natural gradient"):
         first, last = two["losses"][name], one["losses"][name]
-        assert rel(first[0], last[0]) <= 1e-3
+        assert rel(first[0], last[0]) <= 5e-3
         assert rel(first[-1], last[-1]) <= 5e-2
         assert abs(two["mean_cg_iterations"][name] - one["mean_cg_iterations"][name]) <= 1
     assert two["first_below_target"] == one["first_below_target"]
