@@ -286,6 +286,10 @@ class LowRankGGN:
         generator: Random generator for the Monte-Carlo factor (default: a fresh one seeded 0).
         engine: ``"auto"`` (``"kron"`` where it applies, else ``"autograd"``), ``"kron"`` or
             ``"autograd"``.
+        eigensolver: ``"torch"`` (default: ``torch.linalg.eigh`` of the Gram matrix) or
+            ``"lapack"`` (SciPy's tridiagonal reduction with eigenvectors only for the chosen
+            directions; faster alone, but SciPy's OpenBLAS threads contend with torch's unless
+            ``OPENBLAS_NUM_THREADS=1``, which made steps 100x slower in our benchmark).
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,
@@ -317,7 +321,11 @@ class LowRankGGN:
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
         engine: str = "auto",
+        eigensolver: str = "torch",
     ) -> None:
+        if eigensolver not in ("torch", "lapack"):
+            raise ValueError(f"eigensolver must be 'torch' or 'lapack', got {eigensolver!r}")
+        self.eigensolver = eigensolver
         if not supports_likelihood(loss_fn):
             raise ValueError(
                 "LowRankGGN needs a loss with a likelihood (a symmetric factor of its Hessian): "
@@ -549,7 +557,7 @@ class LowRankGGN:
             gram = entry["gram"]
             if not bool(torch.isfinite(gram).all()):
                 raise FloatingPointError("LowRankGGN: the Gram matrix has non-finite entries")
-            tri = _Tridiagonal.create(gram)
+            tri = _Tridiagonal.create(gram) if self.eigensolver == "lapack" else None
             if tri is None:
                 entry["evals"], entry["evecs"] = torch.linalg.eigh(gram)
             else:

@@ -404,24 +404,49 @@ class _Sum(LinearOperator):
         self.ops = flat
         self.SELF_ADJOINT = all(op.SELF_ADJOINT for op in flat)
         self.IS_PSD = all(op.IS_PSD for op in flat)
+        # multiples of the identity (damping) are added in place: no product, no temporary
+        self._shift = sum(_identity_multiple(op) or 0.0 for op in flat)
+        self._general = [op for op in flat if _identity_multiple(op) is None]
 
     def _matvec(self, x: Tensor) -> Tensor:
-        out = self.ops[0]._matvec(x)
-        for op in self.ops[1:]:
+        if not self._general:
+            return x * self._shift
+        out = self._general[0]._matvec(x)
+        for op in self._general[1:]:
             out = out + op._matvec(x)
-        return out
+        return _add_shift(out, x, self._shift)
 
     def _matmat(self, X: Tensor) -> Tensor:
-        out = self.ops[0]._matmat(X)
-        for op in self.ops[1:]:
+        if not self._general:
+            return X * self._shift
+        out = self._general[0]._matmat(X)
+        for op in self._general[1:]:
             out = out + op._matmat(X)
-        return out
+        return _add_shift(out, X, self._shift)
 
     def _rmatmat(self, X: Tensor) -> Tensor:
         out = self.ops[0]._rmatmat(X)
         for op in self.ops[1:]:
             out = out + op._rmatmat(X)
         return out
+
+
+def _add_shift(out: Tensor, x: Tensor, shift: float) -> Tensor:
+    """``out + shift * x``, in place unless ``out`` shares memory with the input ``x``."""
+    if not shift:
+        return out
+    if out.data_ptr() == x.data_ptr():
+        return out + shift * x
+    return out.add_(x, alpha=shift)
+
+
+def _identity_multiple(op: LinearOperator) -> float | None:
+    """``c`` if ``op`` is ``c * Identity``, else None."""
+    if isinstance(op, Identity):
+        return 1.0
+    if isinstance(op, _Scaled) and isinstance(op.op, Identity):
+        return op.scalar
+    return None
 
 
 class _Scaled(LinearOperator):
