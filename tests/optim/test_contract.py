@@ -180,3 +180,14 @@ def test_float32_parameters(name):
     opt.step(X.float(), y)
     assert opt.diagnostics["accepted"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_step_hooks_run_once_per_step(name):
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt(name, model, loss_fn)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    opt.step(X, y)
+    assert calls == ["pre", "post"]

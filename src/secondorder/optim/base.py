@@ -242,8 +242,7 @@ class CurvatureOptimizer(Optimizer):
         return self._run_step([self._batch(inputs, targets)])
 
     def _run_step(self, batches: list[Batch], **kw: Any) -> Tensor:
-        for hook in self._optimizer_step_pre_hooks.values():
-            hook(self, (batches,), kw)
+        # step pre/post hooks run in torch.optim.Optimizer's wrapper of `step`
         start = time.perf_counter()
         state = self.global_state
         state["step"] = state.get("step", 0) + 1
@@ -260,8 +259,6 @@ class CurvatureOptimizer(Optimizer):
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
         diag["time"] = time.perf_counter() - start
-        for hook in self._optimizer_step_post_hooks.values():
-            hook(self, (batches,), kw)
         return loss
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
