@@ -129,6 +129,20 @@ class CurvatureOptimizer(Optimizer):
         self._warned_nonfinite = False
 
     # --------------------------------------------------------------------- state
+    generator: torch.Generator | None = None
+    """Random generator of a stochastic method; its state travels in ``state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
+        if self.generator is not None:
+            self.global_state["generator_state"] = self.generator.get_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        gen_state = self.global_state.get("generator_state")
+        if self.generator is not None and gen_state is not None:
+            self.generator.set_state(gen_state.to("cpu", torch.uint8))
+
     @property
     def global_state(self) -> dict[str, Any]:
         """State shared by all parameters (kept on the first one, so state_dict carries it)."""

@@ -231,18 +231,6 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         if mc_samples > 0 and generator is None:
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
 
-    # -------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
-        if self.generator is not None:
-            self.global_state["generator_state"] = self.generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
-        super().load_state_dict(state_dict)
-        gen_state = self.global_state.get("generator_state")
-        if self.generator is not None and gen_state is not None:
-            self.generator.set_state(gen_state.to("cpu", torch.uint8))
-
     # -------------------------------------------------------------------- step
     @staticmethod
     def _check_indices(raw: Any, D: int, group: int) -> list[int]:

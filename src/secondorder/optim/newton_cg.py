@@ -118,18 +118,6 @@ class NewtonCG(CurvatureOptimizer):
             rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(rank)
 
-    # -------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
-        if self.generator is not None:
-            self.global_state["generator_state"] = self.generator.get_state()
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
-        super().load_state_dict(state_dict)
-        gen_state = self.global_state.get("generator_state")
-        if self.generator is not None and gen_state is not None:
-            self.generator.set_state(gen_state.to("cpu", torch.uint8))
-
     # -------------------------------------------------------------------- step
     def _damping_operator(self) -> LinearOperator:
         lam = self._group_vector("damping")
