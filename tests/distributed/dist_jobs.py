@@ -80,6 +80,20 @@ OPTIMIZERS = {
     "natural_gradient_empirical": lambda m, l, **kw: so.NaturalGradient(
         m, l, lr=0.5, damping=0.1, fisher="empirical", **CG, **kw
     ),
+    "block_newton_ggn": lambda m, l, **kw: so.BlockDiagonalNewtonCG(
+        m, l, lr=0.5, damping=0.1, curvature="ggn", cg_rtol=1e-10, cg_atol=0.0, cg_maxiter=100, **kw
+    ),
+    "block_newton_pch": lambda m, l, **kw: so.BlockDiagonalNewtonCG(
+        m,
+        l,
+        lr=0.5,
+        damping=0.1,
+        curvature="pch_abs",
+        cg_rtol=1e-10,
+        cg_atol=0.0,
+        cg_maxiter=100,
+        **kw,
+    ),
 }
 
 

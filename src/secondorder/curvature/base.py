@@ -23,7 +23,44 @@ from torch import Tensor, nn
 from ..linalg.operator import BlockDiagonal, LinearOperator
 from .model import Batch, FunctionalModel, as_batches
 
-__all__ = ["CurvatureOperator"]
+__all__ = ["CurvatureOperator", "allreduce_sum", "global_count"]
+
+
+def allreduce_sum(tensors: list[Tensor], group: Any) -> list[Tensor]:
+    """Sum ``tensors`` over a process group with one flat all-reduce (identity for None).
+
+    Args:
+        tensors: Tensors of one dtype and device.
+        group: A ``torch.distributed`` process group, or None.
+
+    Returns:
+        The summed tensors (new tensors with the input shapes) or ``tensors`` unchanged.
+    """
+    if group is None or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    nccl = torch.distributed.get_backend(group) == "nccl"
+    buf = flat if nccl else flat.cpu().clone()
+    torch.distributed.all_reduce(buf, group=group)
+    flat = buf.to(flat.device)
+    sizes = [t.numel() for t in tensors]
+    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
+
+
+def global_count(local: int, group: Any) -> int:
+    """The sum of ``local`` over a process group (``local`` itself if ``group`` is None).
+
+    Args:
+        local: This rank's count.
+        group: A ``torch.distributed`` process group, or None.
+
+    Returns:
+        The global count.
+    """
+    if group is None:
+        return local
+    (total,) = allreduce_sum([torch.tensor([float(local)], dtype=torch.float64)], group)
+    return int(total.item())
 
 
 class CurvatureOperator(LinearOperator):
@@ -129,28 +166,11 @@ class CurvatureOperator(LinearOperator):
 
     # ------------------------------------------------------------------ distribution
     def _global_count(self, local: int) -> int:
-        if self.process_group is None:
-            return local
-        count = torch.tensor([float(local)], dtype=torch.float64, device=self._comm_device())
-        torch.distributed.all_reduce(count, group=self.process_group)
-        return int(count.item())
-
-    def _comm_device(self) -> torch.device:
-        backend = torch.distributed.get_backend(self.process_group)
-        return self.device if backend == "nccl" else torch.device("cpu")
+        return global_count(local, self.process_group)
 
     def _allreduce(self, tensors: list[Tensor]) -> list[Tensor]:
         """Sum ``tensors`` over the process group with a single flat all-reduce."""
-        if self.process_group is None:
-            return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        device = self._comm_device()
-        buf = flat.to(device)
-        torch.distributed.all_reduce(buf, group=self.process_group)
-        flat = buf.to(flat.device)
-        return [
-            part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
-        ]
+        return allreduce_sum(tensors, self.process_group)
 
     # ---------------------------------------------------------------------- batches
     def _weight(self, batch_size: int) -> float:

@@ -58,6 +58,7 @@ from torch.nn import functional as F
 from torch.nn import grad as nn_grad
 
 from ..linalg.operator import LinearOperator
+from .base import allreduce_sum, global_count
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel, as_batches
 
@@ -592,6 +593,9 @@ class BlockDiagonalCurvature(LinearOperator):
             :func:`~secondorder.curvature.pch.positive_curvature_mode`), at the price of about
             one full curvature product per block product. ``"auto"`` (default): sequential
             where supported, else autograd. The engine used is in :attr:`engine`.
+        process_group: ``torch.distributed`` group (``None``: one process); each rank holds
+            its shard of the data, and block products, loss and gradient are all-reduced (one
+            flat all-reduce per sweep) and normalised by the global sample count.
 
     Raises:
         ValueError: For an unknown curvature or engine, an unsupported model or layer with
@@ -621,7 +625,9 @@ class BlockDiagonalCurvature(LinearOperator):
         curvature: str = "ggn",
         params: Sequence[Tensor] | None = None,
         engine: str = "auto",
+        process_group: Any = None,
     ) -> None:
+        self.process_group = process_group
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if engine not in ENGINES:
@@ -662,13 +668,14 @@ class BlockDiagonalCurvature(LinearOperator):
 
         params = self.fmodel.params
         op: GGN | Hessian
+        pg = self.process_group
         if self.curvature == "ggn":
-            op = GGN(model, self.loss_fn, batches, params=params)
+            op = GGN(model, self.loss_fn, batches, params=params, process_group=pg)
         elif self.curvature == "hessian":
-            op = Hessian(model, self.loss_fn, batches, params=params)
+            op = Hessian(model, self.loss_fn, batches, params=params, process_group=pg)
         else:
             with positive_curvature_mode(self.curvature[len("pch_") :]):
-                op = Hessian(model, self.loss_fn, batches, params=params)
+                op = Hessian(model, self.loss_fn, batches, params=params, process_group=pg)
         self._op = op
         self.IS_PSD = self.curvature == "ggn" and op.IS_PSD
         self._loss = op.loss
@@ -679,7 +686,7 @@ class BlockDiagonalCurvature(LinearOperator):
         self._lowest = min(j for j, _ in self._layer_of)
         reduction = getattr(self.loss_fn, "reduction", "mean")
         sizes = [b.size for b in batches]
-        self.num_samples = sum(sizes)
+        self.num_samples = global_count(sum(sizes), self.process_group)
         self._passes = [
             self._forward(b, n / self.num_samples if reduction == "mean" else 1.0)
             for b, n in zip(batches, sizes)
@@ -689,7 +696,12 @@ class BlockDiagonalCurvature(LinearOperator):
         grads = [
             sum(p.gradient[i] * p.weight for p in self._passes) for i in range(self.num_blocks)
         ]
-        self._gradient = self.fmodel.flatten(grads)  # type: ignore[arg-type]
+        loss_and_grad = allreduce_sum(
+            [self._loss.reshape(1), self.fmodel.flatten(grads)],  # type: ignore[arg-type]
+            self.process_group,
+        )
+        self._loss = loss_and_grad[0].reshape(())
+        self._gradient = loss_and_grad[1]
 
     # ---------------------------------------------------------------- forward/backward
     @torch.no_grad()
@@ -823,6 +835,8 @@ class BlockDiagonalCurvature(LinearOperator):
             for i, t in part.items():
                 t = t * p.weight if p.weight != 1.0 else t
                 total[i] = total[i] + t if i in total else t
+        reduced = allreduce_sum([total[i] for i in indices], self.process_group)
+        total = dict(zip(indices, reduced))
         results = []
         for i, v in zip(indices, vectors):
             r = total[i].reshape(total[i].shape[0], -1)

@@ -69,6 +69,9 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             computed (see :class:`~secondorder.curvature.blockwise.BlockDiagonalCurvature`);
             the fast module-wise engine serves ``nn.Sequential`` models of supported layers,
             ``"sequential"`` refuses other models with an error naming the layer.
+        process_group: ``torch.distributed`` group for data-parallel training (see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`): block products, loss and
+            gradient are all-reduced, so every rank runs the same lock-step CG.
 
     After each step ``diagnostics`` holds ``loss``, ``grad_norm``; per block (lists in
     parameter order, the names in ``blocks``) ``cg_block_iterations``, ``cg_residuals``,
@@ -107,6 +110,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -123,7 +127,14 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         defaults = dict(
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
         )
-        super().__init__(model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            loss_fn,
+            defaults,
+            params=params,
+            on_nonfinite=on_nonfinite,
+            process_group=process_group,
+        )
         for group in self.param_groups:
             _check_group(group)
         self.curvature = curvature
@@ -143,6 +154,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             curvature=self.curvature,
             params=self.fmodel.params,
             engine=self.engine,
+            process_group=self.process_group,
         )
         loss, grad = C.loss, C.gradient()
         if not self._check_loss_and_gradient(loss, grad):
