@@ -83,6 +83,7 @@ OPTIMIZERS = {
     "block_newton_ggn": lambda m, l, **kw: so.BlockDiagonalNewtonCG(
         m, l, lr=0.5, damping=0.1, curvature="ggn", cg_rtol=1e-10, cg_atol=0.0, cg_maxiter=100, **kw
     ),
+    "directional": lambda m, l, **kw: so.DirectionalDampedNewton(m, l, lr=0.5, **kw),
     "block_newton_pch": lambda m, l, **kw: so.BlockDiagonalNewtonCG(
         m,
         l,

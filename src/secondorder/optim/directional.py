@@ -135,6 +135,32 @@ def _as_damping(value: Any, where: str) -> Damping:
     return value
 
 
+def _gather_batches(batches: list[Batch], group: Any) -> list[Batch]:
+    """Every rank's batches, in rank order (the global batch), on this rank's device.
+
+    The directional step needs the eigenpairs of the Gram matrix of the *global* batch, which
+    couples samples across ranks; the batches (inputs and targets, small beside the model's
+    work) are gathered instead, so every rank computes the identical step.
+    """
+    gathered: list[Any] = [None] * torch.distributed.get_world_size(group)
+    cpu = [Batch(tuple(_to_cpu(x) for x in b.inputs), _to_cpu(b.targets)) for b in batches]
+    torch.distributed.all_gather_object(gathered, cpu, group=group)
+    device = next((x.device for b in batches for x in b.inputs if isinstance(x, Tensor)), None)
+    return [
+        Batch(tuple(_to(x, device) for x in b.inputs), _to(b.targets, device))
+        for rank_batches in gathered
+        for b in rank_batches
+    ]
+
+
+def _to_cpu(x: Any) -> Any:
+    return x.detach().cpu() if isinstance(x, Tensor) else x
+
+
+def _to(x: Any, device: Any) -> Any:
+    return x.to(device) if isinstance(x, Tensor) and device is not None else x
+
+
 class DirectionalDampedNewton(CurvatureOptimizer):
     r"""Newton steps along chosen GGN eigendirections, damped per direction (ViViT).
 
@@ -170,6 +196,12 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
         engine: ``"auto"``, ``"kron"`` or ``"autograd"``
             (see :class:`~secondorder.curvature.lowrank.LowRankGGN`).
+        process_group: ``torch.distributed`` group (``None``: one process). The Gram matrix
+            couples all samples of the global batch, so each step gathers the ranks' batches
+            (inputs and targets) and every rank computes the same step on the global batch:
+            correct and identical across ranks, but not split across them. With
+            ``mc_samples > 0`` give every rank the same generator seed (the default does), so
+            all ranks draw the same targets for the global batch.
 
     Raises:
         ValueError: For invalid hyperparameters or a loss without a likelihood.
@@ -200,6 +232,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        process_group: Any = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
@@ -216,7 +249,14 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             criterion=top_k(10) if criterion is None else criterion,
             damping=_as_damping(damping, "damping"),
         )
-        super().__init__(model, loss_fn, defaults, params=params, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            loss_fn,
+            defaults,
+            params=params,
+            on_nonfinite=on_nonfinite,
+            process_group=process_group,
+        )
         for i, group in enumerate(self.param_groups):
             check_positive("lr", group["lr"])
             if not callable(group["criterion"]):
@@ -261,6 +301,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         return indices
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        if self.process_group is not None:
+            batches = _gather_batches(batches, self.process_group)
         lowrank = LowRankGGN(
             self.model,
             self.loss_fn,
