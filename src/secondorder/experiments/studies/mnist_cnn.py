@@ -20,9 +20,11 @@ from torch import nn
 
 from ... import BlockDiagonalNewtonCG
 from ..data import batches, load_mnist
+from ..distributed import DistContext
 from ..models import sigmoid_cnn
 from ..report import draw_curves, markdown_table, plot_panels, progress, write_markdown
 
+DISTRIBUTED = True
 NAME = "mnist-cnn"
 HELP = "Seed 001: block-diagonal CG-Newton (GGN, Hessian, PCH) vs SGD on a sigmoid CNN, MNIST."
 
@@ -58,9 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cg-atol", type=float, default=1e-6, help="CG atol (1e-6)")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> float:
+    """Accuracy on ``(x, y)``, each rank counting on its shard."""
+    xs, ys = ctx.shard(x), ctx.shard(y)
     with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+        correct = (model(xs).argmax(1) == ys).sum()
+    return ctx.weighted_sum(correct) / len(y)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Every number of the study.
     """
     device = torch.device(args.device)
+    ctx: DistContext = getattr(args, "dist", None) or DistContext.single()
     data = load_mnist(args.data, seed=args.seed)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cg_maxiter=args.cg_maxiter,
                 cg_rtol=args.cg_rtol,
                 cg_atol=args.cg_atol,
+                process_group=ctx.group,
             )
         )
         for name, curv in CURVATURES.items()
@@ -107,33 +114,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for name, make in methods.items():
         model = sigmoid_cnn(seed=args.seed).to(device)
+        ctx.broadcast_module(model)
         opt = make(model)
         losses, accs, times, cg_iters = [], [], [], []
         for xb, yb in progress(minibatches, name, enabled=args.progress):
             start = time.perf_counter()
+            xs, ys = ctx.shard(xb), ctx.shard(yb)  # this rank's part of the minibatch
+            with torch.no_grad():
+                correct = (model(xs).argmax(1) == ys).sum()
+            accs.append(ctx.weighted_sum(correct) / len(yb))
             if isinstance(opt, torch.optim.SGD):
                 opt.zero_grad()
-                out = model(xb)
-                loss = loss_fn(out, yb)
+                loss = loss_fn(model(xs), ys)
                 loss.backward()
+                losses.append(ctx.sync_gradients(model.parameters(), loss, len(ys) / len(yb)))
                 opt.step()
-                acc = (out.argmax(1) == yb).float().mean().item()
             else:
-                with torch.no_grad():
-                    acc = (model(xb).argmax(1) == yb).float().mean().item()
-                loss = opt.step(xb, yb)
+                losses.append(float(opt.step(xs, ys)))
                 cg_iters.append(opt.diagnostics.get("cg_iterations", 0))
             times.append(time.perf_counter() - start)
-            losses.append(float(loss.detach()))
-            accs.append(acc)
         runs[name] = {
             "losses": losses,
             "accuracies": accs,
-            "test_accuracy": _accuracy(model, test_x, test_y),
+            "test_accuracy": _accuracy(model, test_x, test_y, ctx),
             "median_step_ms": 1e3 * sorted(times)[len(times) // 2],
             "mean_cg_iterations": sum(cg_iters) / len(cg_iters) if cg_iters else None,
         }
 
+    if not ctx.is_main:  # rank 0 writes the outputs
+        return {"steps": steps, "data": data.source, "runs": runs}
     colours = dict(COLOURS)
     colours.update({f"SGD lr={lr:g}": c for lr, c in zip(SGD_LRS, SGD_COLOURS)})
 
