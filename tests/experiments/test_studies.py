@@ -74,3 +74,11 @@ def test_directional_quick(tmp_path):
     res = results["results"]
     assert res["check"]["step_relative_error"] <= 1e-6
     assert res["matches_dense"] is True
+
+
+def test_bench_quick(tmp_path):
+    out, results = run_study("bench", tmp_path)
+    res = results["results"]
+    assert res["operators"]["returncode"] == 0
+    table = (out / "operators.md").read_text()
+    assert "GGN·v" in table

@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: The study's argument parser.
     """
     parser.add_argument(
-        "--only", default=",".join(SCRIPTS), help=f"comma-separated subset of {','.join(SCRIPTS)}"
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(SCRIPTS)} (default: all; --quick: operators "
+        "on problem A with 10 samples)",
     )
     parser.add_argument(
         "--python", default=None, help="interpreter to run them with (default: .refenv if present)"
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"benchmark scripts not found in {bench_dir}: `secondorder bench` needs the source "
             "tree (a git clone), not an installed wheel"
         )
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    only = args.only or ("operators" if args.quick else ",".join(SCRIPTS))
+    names = [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
         raise ValueError(f"--only: unknown benchmark(s) {unknown}; expected some of {SCRIPTS}")
