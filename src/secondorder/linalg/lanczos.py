@@ -503,7 +503,8 @@ def lanczos(
         anorm = 0.0
         converged = False
         while True:
-            W = op @ Qt[M : M + b].T.contiguous()
+            # one vector: the operator's matvec path (no column-batching overhead)
+            W = (op @ Qt[M]).unsqueeze(1) if b == 1 else op @ Qt[M : M + b].T.contiguous()
             matvecs += b
             anorm = max(anorm, float(W.norm(dim=0).max()))
             basis = Qt[: M + b]
