@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from .base import allreduce_sum
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
 
@@ -139,16 +140,6 @@ def _accumulate_squares(total: Tensor, grads: Sequence[Tensor], numels: Sequence
         out += g.reshape(-1, out.numel()).square().sum(0)
 
 
-def _allreduce_sum(tensor: Tensor, process_group: Any) -> Tensor:
-    """Sum a 1-D tensor over the process group (on the CPU for gloo, in place for NCCL)."""
-    if process_group is None:
-        return tensor
-    backend = torch.distributed.get_backend(process_group)
-    buf = tensor.clone() if backend == "nccl" else tensor.cpu().clone()
-    torch.distributed.all_reduce(buf, group=process_group)
-    return buf.to(tensor.device)
-
-
 def _combine(
     loss_fn: Any,
     data: Any,
@@ -179,7 +170,7 @@ def _combine(
         raise ValueError("data: expected at least one batch, got none")
     if process_group is not None:
         counted = torch.tensor([float(count)], dtype=total.dtype, device=total.device)
-        reduced = _allreduce_sum(torch.cat([total, counted]), process_group)
+        (reduced,) = allreduce_sum([torch.cat([total, counted])], process_group)
         total, count = reduced[:-1], round(float(reduced[-1]))
     return total / count if mean else total
 

@@ -179,6 +179,22 @@ class DistContext:
         torch.distributed.all_reduce(buf, group=self.group)
         return float(buf.item())
 
+    def accuracy(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
+        """Classification accuracy of ``model`` on ``(x, y)``, each rank counting its shard.
+
+        Args:
+            model: A classifier returning scores ``(N, C)``.
+            x: Inputs of the whole set.
+            y: Its labels.
+
+        Returns:
+            The fraction of correct predictions over the whole set (identical on every rank).
+        """
+        xs, ys = self.shard(x), self.shard(y)
+        with torch.no_grad():
+            correct = (model(xs).argmax(1) == ys).sum()
+        return self.weighted_sum(correct) / len(y)
+
     def sync_gradients(
         self, params: Iterable[Tensor], loss: Tensor | float, weight: float
     ) -> float:

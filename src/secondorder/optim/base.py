@@ -30,9 +30,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
+from ..curvature.base import allreduce_sum, global_count
 from ..curvature.model import Batch, FunctionalModel
 
-__all__ = ["CurvatureOptimizer", "NonFiniteError", "NonFiniteStepWarning", "check_positive"]
+__all__ = [
+    "CurvatureOptimizer",
+    "NonFiniteError",
+    "NonFiniteStepWarning",
+    "check_cg_group",
+    "check_positive",
+]
 
 CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
 
@@ -66,6 +73,22 @@ def check_positive(
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"Invalid {name} value: {value!r} (expected a finite {kind} {bound})")
+
+
+def check_cg_group(group: dict[str, Any]) -> None:
+    """Check the hyperparameters of a damped Newton-CG param group (or of the defaults).
+
+    Args:
+        group: Holds ``lr``, ``damping``, ``cg_maxiter``, ``cg_rtol`` and ``cg_atol``.
+
+    Raises:
+        ValueError: Naming the first invalid value.
+    """
+    check_positive("lr", group["lr"])
+    check_positive("damping", group["damping"], allow_zero=True)
+    check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
+    check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
+    check_positive("cg_atol", group["cg_atol"], allow_zero=True)
 
 
 class CurvatureOptimizer(Optimizer):
@@ -197,7 +220,7 @@ class CurvatureOptimizer(Optimizer):
         """
         tensors = self.fmodel.unflatten(theta)
         sizes = [b.size for b in batches]
-        total = self._allreduce_sum(torch.tensor(float(sum(sizes)), dtype=torch.float64)).item()
+        total = global_count(sum(sizes), self.process_group)
         mean = getattr(self.loss_fn, "reduction", "mean") == "mean"
         loss: Tensor | None = None
         for b, n in zip(batches, sizes):
@@ -209,12 +232,7 @@ class CurvatureOptimizer(Optimizer):
 
     def _allreduce_sum(self, value: Tensor) -> Tensor:
         """Sum a tensor over the process group (identity with one process)."""
-        if self.process_group is None:
-            return value
-        backend = torch.distributed.get_backend(self.process_group)
-        buf = value.reshape(-1).clone() if backend == "nccl" else value.reshape(-1).cpu().clone()
-        torch.distributed.all_reduce(buf, group=self.process_group)
-        return buf.to(value.device).view(value.shape)
+        return allreduce_sum([value], self.process_group)[0]
 
     @torch.no_grad()
     def _apply_direction(self, direction: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from ..curvature.blockwise import (
 )
 from ..curvature.model import Batch
 from ..linalg.block_cg import block_cg
-from .base import CurvatureOptimizer, check_positive
+from .base import CurvatureOptimizer, check_cg_group
 
 __all__ = ["BlockDiagonalNewtonCG"]
 
@@ -118,15 +118,14 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             raise ValueError(
                 f"negative_curvature must be one of {_NEGATIVE}, got {negative_curvature!r}"
             )
-        _check_group(dict(lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol,
-                          cg_atol=cg_atol))  # fmt: skip
+        defaults = dict(
+            lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
+        )
+        check_cg_group(defaults)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if engine == "sequential":
             sequential_blocks(model)  # raises for unsupported models, naming the layer
-        defaults = dict(
-            lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
-        )
         super().__init__(
             model,
             loss_fn,
@@ -136,7 +135,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             process_group=process_group,
         )
         for group in self.param_groups:
-            _check_group(group)
+            check_cg_group(group)
         self.curvature = curvature
         self.negative_curvature = negative_curvature
         self.engine = engine
@@ -192,11 +191,3 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
             return loss, None
         return loss, -torch.cat(solutions)
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    check_positive("lr", group["lr"])
-    check_positive("damping", group["damping"], allow_zero=True)
-    check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
-    check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
-    check_positive("cg_atol", group["cg_atol"], allow_zero=True)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..curvature.model import Batch
 from ..linalg.cg import CGStatus, cg
 from ..linalg.operator import Diagonal, Identity, LinearOperator
-from .base import CURVATURES, CurvatureOptimizer, check_positive
+from .base import CURVATURES, CurvatureOptimizer, check_cg_group, check_positive
 
 __all__ = ["GaussNewton", "NaturalGradient", "NewtonCG"]
 
@@ -81,11 +81,10 @@ class NewtonCG(CurvatureOptimizer):
         engine: str = "auto",
         process_group: Any = None,
     ) -> None:
-        check_positive("lr", lr)
-        check_positive("damping", damping, allow_zero=True)
-        check_positive("cg_maxiter", cg_maxiter, integer=True)
-        check_positive("cg_rtol", cg_rtol, allow_zero=True)
-        check_positive("cg_atol", cg_atol, allow_zero=True)
+        defaults = dict(
+            lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
+        )
+        check_cg_group(defaults)
         check_positive("num_samples", num_samples, integer=True)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -94,9 +93,6 @@ class NewtonCG(CurvatureOptimizer):
                 f"preconditioner must be None or a callable (operator, damping) -> M, "
                 f"got {type(preconditioner).__name__}"
             )
-        defaults = dict(
-            lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
-        )
         super().__init__(
             model,
             loss_fn,
@@ -106,8 +102,7 @@ class NewtonCG(CurvatureOptimizer):
             process_group=process_group,
         )
         for group in self.param_groups:
-            check_positive("lr", group["lr"])
-            check_positive("damping", group["damping"], allow_zero=True)
+            check_cg_group(group)
         self.curvature = curvature
         self.warm_start = warm_start
         self.preconditioner = preconditioner

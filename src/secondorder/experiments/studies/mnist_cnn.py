@@ -60,14 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cg-atol", type=float, default=1e-6, help="CG atol (1e-6)")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> float:
-    """Accuracy on ``(x, y)``, each rank counting on its shard."""
-    xs, ys = ctx.shard(x), ctx.shard(y)
-    with torch.no_grad():
-        correct = (model(xs).argmax(1) == ys).sum()
-    return ctx.weighted_sum(correct) / len(y)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every method and write the figures and summary to ``args.out``.
 
@@ -119,10 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         losses, accs, times, cg_iters = [], [], [], []
         for xb, yb in progress(minibatches, name, enabled=args.progress):
             start = time.perf_counter()
+            accs.append(ctx.accuracy(model, xb, yb))
             xs, ys = ctx.shard(xb), ctx.shard(yb)  # this rank's part of the minibatch
-            with torch.no_grad():
-                correct = (model(xs).argmax(1) == ys).sum()
-            accs.append(ctx.weighted_sum(correct) / len(yb))
             if isinstance(opt, torch.optim.SGD):
                 opt.zero_grad()
                 loss = loss_fn(model(xs), ys)
@@ -136,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = {
             "losses": losses,
             "accuracies": accs,
-            "test_accuracy": _accuracy(model, test_x, test_y, ctx),
+            "test_accuracy": ctx.accuracy(model, test_x, test_y),
             "median_step_ms": 1e3 * sorted(times)[len(times) // 2],
             "mean_cg_iterations": sum(cg_iters) / len(cg_iters) if cg_iters else None,
         }

@@ -59,14 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cg-rtol", type=float, default=1e-2, help="CG tolerance (1e-2)")
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContext) -> float:
-    """Accuracy on ``(x, y)``, each rank counting on its shard."""
-    xs, ys = ctx.shard(x), ctx.shard(y)
-    with torch.no_grad():
-        correct = (model(xs).argmax(1) == ys).sum()
-    return ctx.weighted_sum(correct) / len(y)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study and write its figures and summary to ``args.out``.
 
@@ -130,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     opt.step()
                 else:
                     losses.append(float(opt.step(xs, ys)))
-            accs.append(_accuracy(model, test_x, test_y, ctx))
+            accs.append(ctx.accuracy(model, test_x, test_y))
         results[name] = {
             "test_accuracy_per_epoch": accs,
             "train_loss_per_step": losses,
