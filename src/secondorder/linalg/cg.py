@@ -3,8 +3,9 @@ r"""Preconditioned conjugate gradient for symmetric positive (semi-)definite sys
 :func:`cg` solves :math:`A x = b` for a symmetric positive definite :math:`A` given as a
 :class:`~secondorder.linalg.operator.LinearOperator`, a 2-D tensor or a callable ``v -> A v``.
 It is the inner loop of every Newton-type optimizer in this library, so it is written to cost
-little besides the products with :math:`A`: a handful of in-place vector operations and one
-host synchronisation (one ``.tolist()``) per iteration.
+little besides the products with :math:`A`: five in-place passes over the vectors and two
+host synchronisations per iteration; the step lengths are Python floats, so no tiny scalar
+tensor operations are dispatched.
 
 CG minimises the quadratic model
 
@@ -12,8 +13,9 @@ CG minimises the quadratic model
 
     \phi(x) = \tfrac12 x^\top A x - b^\top x,
 
-and every iterate's value :math:`\phi(x_k)` is recorded at the price of two dot products via
-:math:`\phi(x) = -\tfrac12 x^\top (b + r)` with :math:`r = b - A x`. This enables Martens'
+and every iterate's value :math:`\phi(x_k)` is recorded for free by the recurrence
+:math:`\phi(x_k + \alpha_k p_k) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
+p_k^\top A p_k` (CG's :math:`p_k^\top r_k = r_k^\top z_k`). This enables Martens'
 relative-progress stopping rule and the snapshots that Hessian-free optimisation uses for CG
 backtracking.
 
@@ -292,8 +294,10 @@ def cg(
     run a fixed number of iterations.
 
     **Martens' rule** (``stop_rule="martens"``; the residual rule still applies). With the
-    quadratic model :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x`, computed for free as
-    :math:`\phi(x_k) = -\tfrac12 x_k^\top (b + r_k)`, the solve stops at iteration :math:`i` if
+    quadratic model :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x`, computed for free by the
+    recurrence :math:`\phi(x_{k+1}) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
+    p_k^\top A p_k` from :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r_0)`, the solve stops at
+    iteration :math:`i` if
 
     .. math::
 
@@ -333,8 +337,8 @@ def cg(
 
     The solve is not differentiated through: ``b`` and ``x0`` are detached, and neither is
     modified. Besides one product with ``A`` and one application of ``M``, an iteration costs
-    seven passes over ``n``-vectors (nine with ``M``), all in place, and one host
-    synchronisation.
+    five passes over ``n``-vectors (seven with ``M``), all in place, and two host
+    synchronisations (the step length is computed on the host).
 
     Args:
         A: The symmetric matrix: a square :class:`LinearOperator`, a 2-D tensor, or a callable
@@ -427,6 +431,15 @@ def cg(
     before_negative: tuple[int, Tensor, float] | None = None
 
     def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
+        nonlocal x, it
+        if it > 0 and not bool(torch.isfinite(x).all()):
+            # a step overflowed (alpha * p beyond the dtype's range): never hand out Inf/NaN
+            x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+            del residual_norms[1:], phis[1:], iterates[:]
+            msg_kw["where"] = "the iterate (a step overflowed; x was reset to x0)"
+            msg_kw["next"] = it
+            it = 0
+            status = CGStatus.NONFINITE
         if keep_iterates and (not iterates or iterates[-1][0] != it):
             iterates.append((it, x.clone(), phis[-1]))
         if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
@@ -460,62 +473,51 @@ def cg(
         msg_kw["rz"] = rz_f
         return finish(CGStatus.INDEFINITE_PRECONDITIONER)
 
-    zero = torch.zeros((), dtype=dtype, device=device)
     rho_max = 0.0  # largest Rayleigh quotient p^T A p / p^T p seen so far
     for i in range(1, max_it + 1):
         ap = apply_a(p)
         num_matvecs += 1
         if ap.requires_grad:
             ap = ap.detach()
-        pap = torch.dot(p, ap)
-        # alpha = 0 (x stays exactly as it is) when the curvature is refused or NaN
+        if apply_m is None:  # ||p||^2 is known from the recurrence below
+            pap_f = torch.dot(p, ap).item()  # host synchronisation 1 of 2
+        else:
+            pap_f, pp_f = torch.stack([torch.dot(p, ap), torch.dot(p, p)]).tolist()
+        # the step is refused (x stays exactly as it is) for rounding-level or NaN curvature
         threshold = eps * rho_max * pp_f
-        accept = (pap.abs() > threshold) & (pap != 0) if through else pap > threshold
-        alpha = torch.where(accept, rz / pap, zero)
-        x_before = x.clone() if through and keep_iterates and before_negative is None else None
-        x.addcmul_(p, alpha)
-        r.addcmul_(ap, alpha, value=-1.0)
-        z = r if apply_m is None else apply_m(r).detach()
-        rz_new = torch.dot(r, z)
-        torch.addcmul(z, p, rz_new / rz, out=p)  # p = z + beta p
-        scalars = [alpha, pap, rz_new, torch.dot(x, b), torch.dot(x, r)]
-        if apply_m is not None:
-            scalars += [torch.dot(r, r), torch.dot(p, p)]
-        values = torch.stack(scalars).tolist()  # the one host synchronisation per iteration
-        alpha_f, pap_f, rz_new_f, xb_f, xr_f = values[:5]
-
-        if through and alpha_f < 0 and math.isfinite(alpha_f):
-            negatives += 1
-            if x_before is not None and it > 0:
-                before_negative = (it, x_before, phis[-1])
-        if not ((alpha_f != 0 if through else alpha_f > 0) and math.isfinite(alpha_f)):
+        if through:
+            accept = abs(pap_f) > threshold and pap_f != 0
+        else:
+            accept = pap_f > threshold
+        alpha_f = rz_f / pap_f if accept else 0.0
+        if not (accept and math.isfinite(alpha_f)):
             msg_kw["next"] = i
-            if not bool(torch.isfinite(x).all()):  # only after an overflowing step length
-                x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-                del residual_norms[1:], phis[1:], iterates[:]
-                it = 0
-                msg_kw["where"] = "the step length (overflow; x was reset to x0)"
-                return finish(CGStatus.NONFINITE)
             if math.isfinite(pap_f):
                 msg_kw["curv"] = pap_f
                 return finish(CGStatus.NEGATIVE_CURVATURE)
             msg_kw["where"] = "A p"
             return finish(CGStatus.NONFINITE)
-
-        rr_f = rz_new_f if apply_m is None else values[5]
-        phi_f = -0.5 * (xb_f + xr_f)
+        if pp_f > 0:
+            rho_max = max(rho_max, abs(pap_f) / pp_f)
+        if through and alpha_f < 0:
+            negatives += 1
+            if keep_iterates and before_negative is None and it > 0:
+                before_negative = (it, x.clone(), phis[-1])
+        x.add_(p, alpha=alpha_f)
+        r.add_(ap, alpha=-alpha_f)
+        z = r if apply_m is None else apply_m(r).detach()
+        if apply_m is None:
+            rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
+        else:
+            rz_new_f, rr_f = torch.stack([torch.dot(r, z), torch.dot(r, r)]).tolist()
+        # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
+        phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f
         if not (math.isfinite(rr_f) and math.isfinite(phi_f)):
             # the accepted step overflowed; never hand out a non-finite x
             it = i
             residual_norms.append(math.sqrt(rr_f) if rr_f >= 0 else math.nan)
             phis.append(phi_f)
-            if not bool(torch.isfinite(x).all()):
-                x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-                del residual_norms[1:], phis[1:], iterates[:]
-                it = 0
-                msg_kw["where"] = "the iterate (overflow; x was reset to x0)"
-            else:
-                msg_kw["where"] = "the residual"
+            msg_kw["where"] = "the residual"
             msg_kw["next"] = i
             return finish(CGStatus.NONFINITE)
 
@@ -538,18 +540,20 @@ def cg(
             if i > k and phi_f < 0 and (phi_f - phis[i - k]) / phi_f < k * eps_k:
                 msg_kw["k"] = k
                 return finish(CGStatus.MARTENS)
-        if apply_m is None:
-            # ||p_new||^2 = ||r||^2 + beta^2 ||p||^2, since r is orthogonal to the old p
-            next_pp = rr_f + (rz_new_f / rz_f) ** 2 * pp_f
-        else:
-            next_pp = values[6]
-        if not (math.isfinite(rz_new_f) and math.isfinite(next_pp)):
+        if not math.isfinite(rz_new_f):
             msg_kw["where"] = "M^-1 r or the search direction"
             return finish(CGStatus.NONFINITE)
         if rz_new_f <= 0:
             msg_kw["rz"] = rz_new_f
             return finish(CGStatus.INDEFINITE_PRECONDITIONER)
-        rho_max = max(rho_max, abs(pap_f) / pp_f)
-        rz, rz_f, pp_f = rz_new, rz_new_f, next_pp
+        beta = rz_new_f / rz_f
+        torch.add(z, p, alpha=beta, out=p)  # p = z + beta p
+        if apply_m is None:
+            # ||p_new||^2 = ||r||^2 + beta^2 ||p||^2, since r is orthogonal to the old p
+            pp_f = rr_f + beta * beta * pp_f
+            if not math.isfinite(pp_f):
+                msg_kw["where"] = "the search direction"
+                return finish(CGStatus.NONFINITE)
+        rz_f = rz_new_f
 
     return finish(CGStatus.MAXITER)
