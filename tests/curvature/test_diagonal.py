@@ -164,3 +164,81 @@ def test_per_sample_gradient_diagonal_of_a_value_model():
     d = per_sample_gradient_diagonal(model, value_loss, (torch.zeros(1, dtype=DT), None))
     g = torch.autograd.grad(model(), model.x)[0]
     assert rel_err(d, g.square()) <= RTOL
+
+
+# ------------------------------------------------ Kronecker fast path (nn.Linear layers)
+def _spy_fast_path(monkeypatch):
+    from secondorder.curvature import diagonal
+
+    calls = {"fast": 0}
+    real = diagonal._kron_diagonal
+
+    def spy(*args):
+        out = real(*args)
+        calls["fast"] += out is not None
+        return out
+
+    monkeypatch.setattr(diagonal, "_kron_diagonal", spy)
+    return calls
+
+
+def _without_fast_path(monkeypatch, fn):
+    from secondorder.curvature import diagonal
+
+    with monkeypatch.context() as m:
+        m.setattr(diagonal, "_kron_diagonal", lambda *args: None)
+        return fn()
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_kronecker_path_is_taken_and_equals_the_vmap_path(monkeypatch, loss_name, red):
+    # an MLP with a frozen BatchNorm between its Linear layers and a parameter subset
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5)
+    model = nn.Sequential(nn.Linear(4, 5), bn, nn.Tanh(), nn.Linear(5, 3)).to(DT).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.weight.uniform_(0.5, 1.5)
+    bn.requires_grad_(False)
+    loss_fn = LOSSES[loss_name](red)
+    data = [((torch.randn(5, 4, dtype=DT),), targets(loss_name, 5, seed=s)) for s in (1, 2)]
+    data = [(x, y) for (x,), y in data]
+    for params in (None, [model[3].weight, model[0].bias]):
+        calls = _spy_fast_path(monkeypatch)
+        got_ggn = ggn_diagonal(model, loss_fn, data, params=params)
+        got_ef = empirical_fisher_diagonal(model, loss_fn, data, params=params)
+        assert calls["fast"] == 4  # two batches, two diagonals
+        ref_ggn = so.GGN(model, loss_fn, data, params=params).to_dense().diagonal()
+        ref_ef = so.Fisher(model, loss_fn, data, params=params, kind="empirical")
+        assert rel_err(got_ggn, ref_ggn) <= RTOL
+        assert rel_err(got_ef, ref_ef.to_dense().diagonal()) <= RTOL
+        slow = _without_fast_path(
+            monkeypatch, lambda p=params: ggn_diagonal(model, loss_fn, data, params=p)
+        )
+        assert rel_err(got_ggn, slow) <= RTOL
+
+
+def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
+    # Linear on (N, T, d) inputs: per-sample gradients are sums over T, not outer products
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 3, 2, dtype=DT)
+    calls = _spy_fast_path(monkeypatch)
+    got = empirical_fisher_diagonal(model, nn.MSELoss(), (x, y))
+
+    class Wrapped(nn.Module):  # the same function through the autograd linearisation
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = model
+
+        def forward(self, x):
+            return self.seq(x)
+
+    ref = so.Fisher(Wrapped(), nn.MSELoss(), (x, y), kind="empirical").to_dense().diagonal()
+    assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL
+    tied_model, inputs = CASES[CASE_IDS.index("tied_sequential")].make(5)
+    data = (inputs, targets("ce", 5))
+    got = ggn_diagonal(tied_model, nn.CrossEntropyLoss(), data)
+    ref = so.GGN(tied_model, nn.CrossEntropyLoss(), data).to_dense().diagonal()
+    assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL

@@ -17,6 +17,20 @@ sample alone, so any ``nn.Module`` whose samples do not interact works (BatchNor
 eval mode; Dropout off). The cost is about :math:`C` gradients for the GGN diagonal and one for the
 empirical-Fisher diagonal, in chunks of samples that bound the memory.
 
+**Kronecker fast path.** When the model is an ``nn.Sequential`` whose selected parameters all
+belong to ``nn.Linear`` layers with inputs of shape ``(N, d)`` (one row per sample, no tied
+parameters), the per-sample gradient of a weight is an outer product, :math:`J_n^\top s =
+g_n x_n^\top` with :math:`g_n` the gradient with respect to the layer's output and
+:math:`x_n` its input, so
+
+.. math::
+    \sum_n \sum_c \big(g_{nc} x_n^\top\big)^{\odot 2}
+    = \Big(\sum_c g_{\cdot c}^{\odot 2}\Big)^\top x^{\odot 2},
+    \qquad \text{bias: } \sum_n \sum_c g_{nc}^{\odot 2},
+
+one matrix product per layer after one batched backward of the :math:`C` (GGN) or one
+(empirical Fisher) cotangents: per-sample gradients are never formed.
+
 Over several batches the diagonals combine like the operators
 (:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`N_b / N` for
 ``reduction="mean"`` and 1 for ``"sum"``, so the result equals the diagonal of the operator on
@@ -36,6 +50,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from .base import allreduce_sum
+from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
 
@@ -111,6 +126,10 @@ def _row_factor_diagonal(
         )
     S = factor(terms).detach()  # (R, C, K)
     m, C, K = rows.shape[0] // n, S.shape[1], S.shape[2]
+    if m == 1:
+        fast = _kron_diagonal(fmodel, batch, terms, S)
+        if fast is not None:
+            return fast, terms.scale
     # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
     # row j of sample i and zeros elsewhere; built for the whole batch via from_rows
     eye = torch.eye(m, dtype=S.dtype, device=S.device)
@@ -132,6 +151,72 @@ def _row_factor_diagonal(
         grads = vmap(one_sample, in_dims=(dims, 0))(_take(batch.inputs, dims, a, b), cot[a:b])
         _accumulate_squares(total, grads, fmodel.numels)
     return total, terms.scale
+
+
+def _linear_layers(fmodel: FunctionalModel) -> list[tuple[str, nn.Module]] | None:
+    """The Sequential's layers if every selected parameter belongs to an ``nn.Linear``.
+
+    ``None`` for other models, other parameters, or tied parameters.
+    """
+    layers = sequential_layers(fmodel.model)
+    if layers is None or len(fmodel.alias) != len(fmodel.params):  # tied names share an index
+        return None
+    covered = {
+        fmodel.alias[prefix + name]
+        for prefix, layer in layers
+        if type(layer) is nn.Linear
+        for name in ("weight", "bias")
+        if prefix + name in fmodel.alias
+    }
+    return layers if covered == set(range(len(fmodel.params))) else None
+
+
+def _kron_diagonal(
+    fmodel: FunctionalModel, batch: Batch, terms: LossTerms, S: Tensor
+) -> Tensor | None:
+    r""":math:`\sum_n \sum_k (J_n^\top S_n[:, k])^{\odot 2}` from ``nn.Linear`` Kronecker factors.
+
+    See the module docstring; ``None`` where it does not apply. ``S`` has shape ``(N, C, K)``
+    (one row per sample).
+    """
+    layers = _linear_layers(fmodel)
+    if layers is None or len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
+        return None
+    values = fmodel.parameter_dict([p.detach() for p in fmodel.params])
+    x = batch.inputs[0]
+    probes: list[Tensor] = []
+    recorded: list[tuple[str, Tensor]] = []
+    with torch.enable_grad():
+        for prefix, layer in layers:
+            if type(layer) is not nn.Linear:
+                x = layer(x)
+                continue
+            w, b = values[prefix + "weight"], values.get(prefix + "bias")
+            out = torch.nn.functional.linear(x, w, b)
+            if prefix + "weight" in fmodel.alias or prefix + "bias" in fmodel.alias:
+                if x.ndim != 2:
+                    return None
+                probe = torch.zeros_like(out, requires_grad=True)  # d out / d probe = I
+                out = out + probe
+                probes.append(probe)
+                recorded.append((prefix, x.detach()))
+            x = out
+    z = x
+    cot = terms.from_rows(S.permute(2, 0, 1))  # (K, *z.shape)
+    if cot.shape[0] == 1:
+        grads = [g.unsqueeze(0) for g in torch.autograd.grad(z, probes, cot[0])]
+    else:
+        grads = list(torch.autograd.grad(z, probes, cot, is_grads_batched=True))
+    total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
+    parts = total.split(list(fmodel.numels))
+    for (prefix, xin), g in zip(recorded, grads):
+        g2 = g.square().sum(0)  # (N, out): sum over the K cotangent columns
+        iw, ib = fmodel.alias.get(prefix + "weight"), fmodel.alias.get(prefix + "bias")
+        if iw is not None:
+            parts[iw].view(g2.shape[1], xin.shape[1]).addmm_(g2.T, xin.square())
+        if ib is not None:
+            parts[ib].add_(g2.sum(0))
+    return total
 
 
 def _accumulate_squares(total: Tensor, grads: Sequence[Tensor], numels: Sequence[int]) -> None:
