@@ -75,6 +75,15 @@ def check_positive(
         raise ValueError(f"Invalid {name} value: {value!r} (expected a finite {kind} {bound})")
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, at the cost of one reduction.
+
+    A finite sum proves it (NaN and Inf propagate through a sum); only a non-finite sum, which
+    may also be an overflow of finite entries, is confirmed entry by entry.
+    """
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_cg_group(group: dict[str, Any]) -> None:
     """Check the hyperparameters of a damped Newton-CG param group (or of the defaults).
 
@@ -283,7 +292,7 @@ class CurvatureOptimizer(Optimizer):
         diag = self.diagnostics
         diag["loss"] = float(loss)
         if diag.get("accepted", True) and direction is not None:
-            if not bool(torch.isfinite(direction).all()):
+            if not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
                 applied = self._apply_direction(direction)
@@ -299,11 +308,13 @@ class CurvatureOptimizer(Optimizer):
 
     def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
         """Record loss and gradient norm; reject and return False if either is non-finite."""
-        self.diagnostics["grad_norm"] = float(grad.norm())
+        grad_norm = float(grad.norm())
+        self.diagnostics["grad_norm"] = grad_norm
         if not math.isfinite(float(loss)):
             self._reject("the loss is not finite")
             return False
-        if not bool(torch.isfinite(grad).all()):
+        # a finite norm proves every entry finite; an infinite one may be an overflow
+        if not math.isfinite(grad_norm) and not bool(torch.isfinite(grad).all()):
             self._reject("the gradient is not finite")
             return False
         return True

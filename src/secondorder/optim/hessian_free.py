@@ -98,7 +98,7 @@ from ..curvature.model import Batch, FunctionalModel, as_batches
 from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
-from .base import CurvatureOptimizer, check_positive
+from .base import CurvatureOptimizer, all_finite, check_positive
 from .damping import levenberg_marquardt, reduction_ratio
 from .linesearch import armijo_backtracking
 
@@ -547,7 +547,7 @@ class HessianFree(CurvatureOptimizer):
         M = None
         if self.preconditioner == "empirical_fisher":
             d = self._preconditioner_diagonal(grad_batches)
-            if not bool(torch.isfinite(d).all()):
+            if not all_finite(d):
                 self._reject("the preconditioner's diagonal is not finite")
                 return f0, None
             M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
