@@ -73,32 +73,34 @@ CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
 ENGINES = ("auto", "sequential", "autograd")
 
 # ------------------------------------------------------------------------ activations
-# first and second derivative of an elementwise activation from its input a and output s
-_Derivatives = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+# first and (if `second`) second derivative of an elementwise activation from its input a and
+# output s; the GGN needs only the first
+_Derivatives = Callable[[nn.Module, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
-def _sigmoid_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+def _sigmoid_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     d1 = s * (1 - s)
-    return d1, d1 * (1 - 2 * s)
+    return d1, (d1 * (1 - 2 * s) if second else None)
 
 
-def _tanh_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+def _tanh_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     d1 = 1 - s * s
-    return d1, -2 * s * d1
+    return d1, (-2 * s * d1 if second else None)
 
 
-def _relu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+def _relu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     return (a > 0).to(a.dtype), None
 
 
-def _leaky_relu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+def _leaky_relu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     slope = float(m.negative_slope)  # type: ignore[arg-type]
     return (a > 0).to(a.dtype) * (1.0 - slope) + slope, None
 
 
-def _silu_d(m: nn.Module, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor | None]:
+def _silu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     sig = torch.sigmoid(a)
-    return sig * (1 + a * (1 - sig)), sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+    d1 = sig * (1 + a * (1 - sig))
+    return d1, (sig * (1 - sig) * (2 + a * (1 - 2 * sig)) if second else None)
 
 
 _CLOSED_FORM: dict[type[nn.Module], _Derivatives] = {
@@ -422,7 +424,7 @@ class _Elementwise(_Layer):
         t = type(self.module)
         if t in _CLOSED_FORM:
             y = self.module(x)
-            self.d1, d2 = _CLOSED_FORM[t](self.module, x, y)
+            self.d1, d2 = _CLOSED_FORM[t](self.module, x, y, second)
         else:
             with torch.enable_grad():
                 a = x.detach().requires_grad_(True)
