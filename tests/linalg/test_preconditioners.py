@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from secondorder.linalg.cg import CGStatus, cg
-from secondorder.linalg.operator import Dense, Identity, LinearOperator
+from secondorder.linalg.operator import Dense, Diagonal, Identity, LinearOperator
 from secondorder.linalg.preconditioners import (
     JacobiPreconditioner,
     NystromPreconditioner,
@@ -271,3 +271,91 @@ def test_low_rank_preconditioners_reduce_iterations(kind: str) -> None:
     assert info.iterations * 4 < plain.iterations
     expected = torch.linalg.solve(a + mu * torch.eye(n, dtype=F64), b)
     torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+# ------------------------------------------- pivoted Cholesky: stopping rule
+def _dense_pivoted_cholesky(a: Tensor, rank: int) -> tuple[Tensor, list[int]]:
+    """Reference: ``rank`` steps of greedy pivoted Cholesky on the dense Schur complement."""
+    s = a.clone()
+    n = a.shape[0]
+    factor = torch.zeros(n, rank, dtype=a.dtype)
+    pivots = []
+    for k in range(rank):
+        i = int(torch.argmax(s.diagonal()))
+        factor[:, k] = s[:, i] / s[i, i].sqrt()
+        s = s - torch.outer(factor[:, k], factor[:, k])
+        pivots.append(i)
+    return factor, pivots
+
+
+@pytest.mark.parametrize("rank", [1, 5, 20, 60])
+def test_pivoted_cholesky_matches_the_dense_reference(rank: int) -> None:
+    # full rank, known spectrum (geometric from 1 down to 1e-8): every rank up to n is reached
+    n = 80
+    a = _spd(torch.logspace(0, -8, n, dtype=F64), seed=4)
+    p = PivotedCholeskyPreconditioner(a, rank, 1e-3)
+    factor, pivots = _dense_pivoted_cholesky(a, rank)
+    assert p.rank == rank and p.pivots == pivots
+    torch.testing.assert_close(p.factor, factor, rtol=0, atol=1e-10)
+    # the residual diagonal decreases and stays nonnegative
+    res = (a - p.factor @ p.factor.T).diagonal()
+    assert float(res.min()) > -1e-12
+    inverse = torch.linalg.inv(p.factor @ p.factor.T + 1e-3 * torch.eye(n, dtype=F64))
+    torch.testing.assert_close(p.to_dense(), inverse, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pivoted_cholesky_reaches_the_rank_for_large_n(dtype: torch.dtype) -> None:
+    # the old rule (stop when max d <= n eps tr(A)) stopped here at rank 0 in float32:
+    # n eps tr(A) = 1e5 * 1.2e-7 * 7.5e4 ~ 900 > max A_ii = 1
+    n, rank = 100_000, 10
+    d = torch.linspace(1.0, 0.5, n, dtype=dtype)
+    p = PivotedCholeskyPreconditioner(Diagonal(d), rank, 1e-3)
+    assert p.rank == rank and p.pivots == list(range(rank))
+    torch.testing.assert_close(p.factor.square().sum(dim=0), d[:rank])
+
+
+def test_pivoted_cholesky_stops_on_the_relative_diagonal() -> None:
+    # diagonal with entries 1, 1e-1, ..., 1e-9: the rule max d <= tol max A_ii stops where said
+    d = torch.logspace(0, -9, 10, dtype=F64)
+    for tol, expected in [(0.0, 10), (1e-12, 10), (0.5e-4, 5), (0.5, 1), (2.0, 0)]:
+        p = PivotedCholeskyPreconditioner(torch.diag(d), 10, 1e-3, tol=tol)
+        assert p.rank == expected, (tol, p.rank)
+        assert p.tol == tol
+        assert p.pivots == list(range(expected))
+    # rank 0 (nothing above the threshold): the preconditioner is 1 / damping
+    torch.testing.assert_close(p.to_dense(), torch.eye(10, dtype=F64) / 1e-3)
+    # the default is 100 eps, whatever the rank asked for
+    for rank in (4, 10):
+        p = PivotedCholeskyPreconditioner(torch.diag(d), rank, 1.0)
+        assert p.tol == 100 * torch.finfo(F64).eps and p.rank == rank
+
+
+@pytest.mark.parametrize("tol", [-1.0, float("nan"), float("inf"), "x"])
+def test_pivoted_cholesky_rejects_bad_tol(tol: object) -> None:
+    with pytest.raises(ValueError, match="tol must be"):
+        PivotedCholeskyPreconditioner(torch.eye(4, dtype=F64), 2, 1.0, tol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pivoted_cholesky_reduces_cg_iterations_at_every_rank(dtype: torch.dtype) -> None:
+    # a known ill-conditioned spectrum: 30 eigenvalues from 1e3 down to 1, a bulk at 1e-3
+    n, mu = 400, 1e-3
+    spec = torch.cat([torch.logspace(3, 0, 30, dtype=F64), torch.full((n - 30,), 1e-3, dtype=F64)])
+    a = _spd(spec, seed=5)
+    op = Dense(a.to(dtype), psd=True) + mu * Identity(n, dtype=dtype)
+    b = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    _, plain = cg(op, b, rtol=1e-4, maxiter=2000)
+    previous = plain.iterations
+    for rank in (30, 40):  # (in float32 the residual is at rounding level after ~43 steps)
+        p = PivotedCholeskyPreconditioner(a.to(dtype), rank, mu)
+        assert p.rank == rank
+        dense = p.to_dense().double()
+        scale = float(dense.abs().max())
+        torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-5 * scale)
+        assert float(torch.linalg.eigvalsh(0.5 * (dense + dense.T)).min()) > 0  # SPD
+        _, info = cg(op, b, rtol=1e-4, maxiter=2000, M=p)
+        assert info.status == CGStatus.CONVERGED
+        assert info.iterations <= previous, (rank, info.iterations, previous)
+        previous = info.iterations
+    assert previous * 4 < plain.iterations

@@ -301,6 +301,54 @@ class NystromPreconditioner(LinearOperator):
         return X + u @ (self._scale.unsqueeze(1) * (u.T @ X))
 
 
+def _check_tol(tol: Any, default: float, name: str) -> float:
+    if tol is None:
+        return default
+    try:
+        tau = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: tol must be a float or None, got {tol!r}") from None
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"{name}: tol must be a finite float >= 0, got {tol!r}")
+    return tau
+
+
+def _pivoted_cholesky(
+    op: LinearOperator, d: Tensor, rank: int, stop: float
+) -> tuple[Tensor, list[int]]:
+    r"""Greedy pivoted Cholesky :math:`A \approx L L^\top` from the diagonal ``d`` (overwritten).
+
+    Step :math:`k` pivots on :math:`i_k = \arg\max_i d_i`, computes
+    :math:`L_{:,k} = (A e_{i_k} - L_{:,<k} L_{i_k,<k}^\top) / \sqrt{d_{i_k}}` with one product
+    and updates :math:`d \leftarrow d - L_{:,k}^{\odot 2}` (clamped at 0, pivots set to 0).
+    It stops after ``rank`` columns or before a step whose :math:`\max_i d_i \le`
+    ``stop`` (or :math:`\le 0`).
+
+    Returns:
+        ``(L, pivots)`` with ``L`` of shape ``(n, k)``, ``k <= rank``.
+    """
+    n = op.shape[0]
+    L = torch.zeros(n, rank, dtype=op.dtype, device=op.device)
+    e = torch.zeros(n, dtype=op.dtype, device=op.device)
+    pivots: list[int] = []
+    for k in range(rank):
+        dmax, idx = torch.max(d, 0)
+        i, dmax_f = int(idx), float(dmax)
+        if dmax_f <= stop or dmax_f <= 0:
+            break
+        e[i] = 1.0
+        col = op.matvec(e).detach()
+        e[i] = 0.0
+        if k:
+            col = col - L[:, :k] @ L[i, :k]
+        col = col / math.sqrt(dmax_f)
+        L[:, k] = col
+        pivots.append(i)
+        d.sub_(col.square()).clamp_min_(0.0)
+        d[pivots] = 0.0
+    return L[:, : len(pivots)].contiguous(), pivots
+
+
 class PivotedCholeskyPreconditioner(LinearOperator):
     r"""Partial pivoted Cholesky preconditioner :math:`(L L^\top + \mu I)^{-1}`.
 
@@ -312,10 +360,26 @@ class PivotedCholeskyPreconditioner(LinearOperator):
         L_{:,k} = \frac{A e_{i_k} - L_{:,<k} L_{i_k,<k}^\top}{\sqrt{d_{i_k}}},
         \qquad d \leftarrow d - L_{:,k}^{\odot 2},
 
-    so it needs the diagonal of :math:`A` and :math:`r` columns :math:`A e_{i_k}`. It stops
-    early when the remaining diagonal is below :math:`n\,\epsilon_{\mathrm{mach}}
-    \operatorname{tr}(A)` (then :math:`A = L L^\top` to rounding). The inverse is applied by
-    the Woodbury identity with an :math:`r \times r` Cholesky factor:
+    so it needs the diagonal of :math:`A` and :math:`r` columns :math:`A e_{i_k}`. The vector
+    :math:`d` is the diagonal of the residual :math:`A - L L^\top` (which is SPSD), and the
+    factorization stops before step :math:`k < r` if its largest entry is small relative to
+    the largest diagonal entry of :math:`A`:
+
+    .. math::
+
+        \max_i d_i^{(k)} \le \tau \max_i A_{ii}, \qquad
+        \tau = 100\, \epsilon_{\mathrm{mach}} \ \text{by default},
+
+    since then :math:`|(A - L L^\top)_{ij}| \le \sqrt{d_i d_j} \le \tau \max_i A_{ii}`
+    entrywise (Cauchy-Schwarz for the SPSD residual). The default :math:`\tau` is the rounding
+    level of :math:`d`: the rounded updates :math:`d_i - \sum_{j<k} L_{ij}^2` carry errors up
+    to about :math:`k\,\epsilon_{\mathrm{mach}} A_{ii}` (a partial-factorization analogue of
+    LAPACK ``xPSTRF``'s :math:`n\,\epsilon_{\mathrm{mach}} \max_i A_{ii}`), so a low-rank
+    :math:`A` stops at its numerical rank, while the requested rank is reached whenever the
+    residual is still resolved. The threshold does not grow with :math:`n` or with the
+    requested rank (an older rule, :math:`n\,\epsilon_{\mathrm{mach}} \operatorname{tr}(A)`,
+    stopped a float32 GGN with :math:`n = 41{,}805` at rank 4). The inverse is applied by the
+    Woodbury identity with an :math:`r \times r` Cholesky factor:
 
     .. math::
 
@@ -331,15 +395,20 @@ class PivotedCholeskyPreconditioner(LinearOperator):
             ``None`` it is read from a :class:`Dense` or :class:`Diagonal` operator, and
             otherwise computed with :math:`n` products (``A @ I`` in chunks), which is only
             sensible for small :math:`n`.
+        tol: The relative tolerance :math:`\tau \ge 0` of the stopping rule above (``None``:
+            :math:`100\, \epsilon_{\mathrm{mach}}` of ``A``'s dtype; ``0``: stop only at
+            rank :math:`r` or when the residual diagonal is exactly zero).
 
     Attributes:
         factor: :math:`L`, shape ``(n, k)`` with ``k <= rank``.
         pivots: The chosen indices :math:`i_0, \dots, i_{k-1}`.
+        tol: The relative tolerance :math:`\tau` used.
 
     Raises:
         ValueError: If ``A`` is not a square floating operator, ``rank`` is out of range,
-            ``damping <= 0``, or ``diagonal`` has the wrong shape, dtype or device, or
-            contains NaN, Inf or entries below :math:`-\sqrt{\epsilon}\max_i |A_{ii}|`.
+            ``damping <= 0``, ``tol`` is negative or not finite, or ``diagonal`` has the wrong
+            shape, dtype or device, or contains NaN, Inf or entries below
+            :math:`-\sqrt{\epsilon}\max_i |A_{ii}|`.
 
     References:
         H. Harbrecht, M. Peters, R. Schneider, "On the low-rank approximation by the pivoted
@@ -357,15 +426,16 @@ class PivotedCholeskyPreconditioner(LinearOperator):
         rank: int,
         damping: float,
         diagonal: Tensor | None = None,
+        tol: float | None = None,
     ) -> None:
         name = "PivotedCholeskyPreconditioner"
         op = _check_operator(A, name)
         n = op.shape[0]
         r = _check_rank(rank, n, name)
         mu = _check_damping(damping, name, positive=True)
+        tau = _check_tol(tol, 100.0 * torch.finfo(op.dtype).eps, name)
         super().__init__(op.shape, op.dtype, op.device)
-        dtype, device = op.dtype, op.device
-        eps = torch.finfo(dtype).eps
+        eps = torch.finfo(op.dtype).eps
 
         d = self._diagonal(op, diagonal, name)
         scale = float(d.abs().max()) if n else 0.0
@@ -375,28 +445,9 @@ class PivotedCholeskyPreconditioner(LinearOperator):
                 f"{float(d.min()):.3e}"
             )
         d = d.clamp_min(0.0)
-        stop = n * eps * float(d.sum())
-
-        L = torch.zeros(n, r, dtype=dtype, device=device)
-        e = torch.zeros(n, dtype=dtype, device=device)
-        pivots: list[int] = []
-        for k in range(r):
-            dmax, idx = torch.max(d, 0)
-            i, dmax_f = int(idx), float(dmax)
-            if dmax_f <= stop or dmax_f <= 0:
-                break
-            e[i] = 1.0
-            col = op.matvec(e).detach()
-            e[i] = 0.0
-            if k:
-                col = col - L[:, :k] @ L[i, :k]
-            col = col / math.sqrt(dmax_f)
-            L[:, k] = col
-            pivots.append(i)
-            d.sub_(col.square()).clamp_min_(0.0)
-            d[pivots] = 0.0
-        L = L[:, : len(pivots)].contiguous()
+        L, pivots = _pivoted_cholesky(op, d, r, tau * float(d.max()) if n else 0.0)
         self.damping = mu
+        self.tol = tau
         self.factor = L
         self.pivots = pivots
         core = L.T @ L
