@@ -39,6 +39,7 @@ from .linalg import (
     lanczos_tridiag,
     spectral_density,
 )
+from .linalg import top_eigh as top_eigh
 from .optim import (
     BlockDiagonalNewtonCG,
     CurvatureOptimizer,

@@ -375,3 +375,53 @@ def test_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         LowRankGGN(model, loss_fn, ((bad,), y)).eigvalsh()
+
+
+def test_leading_eigenpairs_by_krylov_equal_the_full_decomposition():
+    model, loss_fn, x, y, _ = make("relu_mlp", "mse", "mean", n=64)  # D = 192
+    fast = LowRankGGN(model, loss_fn, (x, y))
+    full = LowRankGGN(model, loss_fn, (x, y), eigensolver="torch")
+    D = fast.num_columns
+    evals, U = fast.leading_eigh(4)
+    assert fast.eigensolver_used() == "krylov" and "evals" not in fast._entry(None)
+    expected, W = full.eigh()
+    assert full.eigensolver_used() == "eigh"
+    assert rel_err(evals, expected[-4:]) <= 1e-12
+    assert rel_err((U.T @ W[:, -4:]).abs().diagonal(), torch.ones(4, dtype=DT)) <= 1e-10
+    assert rel_err(fast.gram() @ U, U * evals) <= 1e-12
+    assert fast.tolerance() == pytest.approx(full.tolerance(), rel=1e-12)
+    # position-based methods among the leading pairs reuse them, with the same signs
+    idx = [D - 1, D - 3]
+    assert torch.equal(fast.gram_eigenvectors(idx), U[:, [3, 1]])
+    gammas, lambdas = fast.directional_derivatives(idx)
+    g_full, l_full = full.directional_derivatives(idx)
+    sign = torch.sign((U[:, [3, 1]] * full.gram_eigenvectors(idx)).sum(0))
+    assert rel_err(gammas, g_full * sign) <= 1e-10 and rel_err(lambdas, l_full) <= 1e-10
+    dense = dense_ggn(model, loss_fn, x, y)
+    E = fast.eigenvectors(idx)
+    assert rel_err(dense @ E, E * evals[[3, 1]]) <= 1e-10
+    # the full spectrum is computed on request and serves from then on
+    assert rel_err(fast.eigvalsh(), expected) <= 1e-12
+    assert fast.eigensolver_used() == "eigh"
+    assert rel_err(fast.leading_eigh(4)[0], evals) <= 1e-12
+    # a request beyond the leading pairs, or many of them, decomposes fully
+    other = LowRankGGN(model, loss_fn, (x, y))
+    U_other = other.gram_eigenvectors([0, D - 1])
+    assert other.eigensolver_used() == "eigh" and torch.equal(U_other, full.eigh()[1][:, [0, -1]])
+    wide = LowRankGGN(model, loss_fn, (x, y))
+    assert wide.leading_eigh(D // 2)[0].shape == (D // 2,) and wide.eigensolver_used() == "eigh"
+    assert wide.leading_eigh(10 * D)[0].shape == (D,)
+    with pytest.raises(ValueError, match="positive int"):
+        wide.leading_eigh(0)
+
+
+def test_eigensolver_choices():
+    model, loss_fn, x, y, _ = make("relu_mlp", "mse", "mean", n=64)
+    lapack = LowRankGGN(model, loss_fn, (x, y), eigensolver="lapack")
+    torch_ = LowRankGGN(model, loss_fn, (x, y), eigensolver="torch")
+    for lr in (lapack, torch_):
+        evals, U = lr.leading_eigh(3)
+        assert lr.eigensolver_used() in ("lapack", "eigh")
+        assert rel_err(lr.gram() @ U, U * evals) <= 1e-10
+    with pytest.raises(ValueError, match="eigensolver"):
+        LowRankGGN(model, loss_fn, (x, y), eigensolver="arpack")

@@ -311,3 +311,69 @@ def test_bad_damping_output_and_arguments():
         DirectionalDampedNewton(model, loss_fn, engine="fast")
     assert isinstance(top_k(3), TopK) and repr(top_k(3)) == "top_k(3)"
     assert isinstance(constant_damping(0.5), ConstantDamping)
+
+
+def wide_problem(loss_name: str = "mse"):
+    """N = 96 samples: the Gram matrix (D = 288 for MSE, 192 for CE) suits block Krylov."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(D_IN, 16), nn.Tanh(), nn.Linear(16, D_OUT)).to(DT)
+    X = torch.randn(96, D_IN, dtype=DT)
+    if loss_name == "ce":
+        return model, nn.CrossEntropyLoss(), X, torch.randint(0, D_OUT, (96,))
+    return model, nn.MSELoss(), X, torch.randn(96, D_OUT, dtype=DT)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_krylov_step_equals_full_eigh_step(loss_name):
+    model, loss_fn, X, y = wide_problem(loss_name)
+    clone = copy.deepcopy(model)
+    expected = reference_step(model, loss_fn, X, y, [(range(4), 5, lambda e: 0.1)])
+    fast = DirectionalDampedNewton(model, loss_fn, criterion=top_k(5), damping=0.1)
+    full = DirectionalDampedNewton(
+        clone, loss_fn, criterion=top_k(5), damping=0.1, eigensolver="torch"
+    )
+    before = flat(model)
+    fast.step(X, y)
+    full.step(X, y)
+    assert fast.diagnostics["eigensolver"] == ["krylov"]
+    assert full.diagnostics["eigensolver"] == ["eigh"]
+    assert rel_err(flat(model) - before, flat(clone) - before) <= 1e-10
+    assert rel_err(flat(model) - before, expected) <= 1e-10
+    D = 96 * (D_OUT - 1 if loss_name == "ce" else D_OUT)
+    assert fast.diagnostics["indices"] == full.diagnostics["indices"] == [list(range(D - 5, D))]
+    for key in ("evals", "gammas", "lambdas"):
+        a, b = torch.tensor(fast.diagnostics[key][0]), torch.tensor(full.diagnostics[key][0])
+        assert rel_err(a.abs(), b.abs()) <= 1e-10
+
+
+def test_criteria_with_and_without_num_leading():
+    model, loss_fn, X, y = wide_problem()
+    seen = {}
+
+    class Leading:
+        num_leading = 6
+
+        def __call__(self, evals):
+            seen["leading"] = evals.clone()
+            return [evals.numel() - 1, evals.numel() - 3]  # positions among the 6 it sees
+
+    def threshold(evals):  # a generic rule needs the whole spectrum
+        seen["full"] = evals.clone()
+        return (evals > 0.5 * evals[-1]).nonzero().squeeze(1)
+
+    assert top_k(7).num_leading == 7
+    dense = so.GGN(model, loss_fn, (X, y)).to_dense()
+    exact = torch.linalg.eigvalsh(dense)
+    opt = DirectionalDampedNewton(copy.deepcopy(model), loss_fn, criterion=Leading())
+    opt.step(X, y)
+    D = 96 * D_OUT
+    assert seen["leading"].shape == (6,) and rel_err(seen["leading"], exact[-6:]) <= 1e-10
+    assert opt.diagnostics["indices"] == [[D - 1, D - 3]]
+    assert opt.diagnostics["eigensolver"] == ["krylov"]
+    opt = DirectionalDampedNewton(copy.deepcopy(model), loss_fn, criterion=threshold)
+    opt.step(X, y)
+    assert seen["full"].shape == (D,) and opt.diagnostics["eigensolver"] == ["eigh"]
+    chosen = int((exact > 0.5 * exact[-1]).sum())
+    assert len(opt.diagnostics["indices"][0]) == chosen
+    with pytest.raises(ValueError, match="eigensolver"):
+        DirectionalDampedNewton(model, loss_fn, eigensolver="arpack")

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..linalg.dense_eig import krylov_applies, top_eigh
 from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
@@ -69,6 +70,7 @@ from .model import Batch, FunctionalModel, as_batches
 __all__ = ["LowRankGGN"]
 
 _ENGINES = ("auto", "kron", "autograd")
+_EIGENSOLVERS = ("auto", "torch", "lapack")
 _CHUNK = 256  # columns per batched backward in the autograd engine
 
 
@@ -126,16 +128,16 @@ class _LinearColumns(_Columns):
     def kernels(self, members: Sequence[int]) -> tuple[Tensor, Tensor]:
         N, Cp, d = self.F.shape
         Fm = self.F.reshape(N * Cp, d)
-        gram = (Fm @ Fm.T).view(N, Cp, N, Cp)
-        cross = (self.H @ Fm.T).view(N, N, Cp)
+        gram = Fm @ Fm.T
+        cross = self.H @ Fm.T
         with_w, with_b = self.weight in members, self.bias in members
         if with_w:
             xx = self.X @ self.X.T
             if with_b:
-                xx = xx + 1.0
-            gram = gram * xx[:, None, :, None]
-            cross = cross * xx[:, :, None]
-        return gram.view(N * Cp, N * Cp), cross.reshape(N, N * Cp)
+                xx += 1.0
+            gram.view(N, Cp, N, Cp).mul_(xx[:, None, :, None])
+            cross.view(N, N, Cp).mul_(xx[:, :, None])
+        return gram, cross
 
     def combine(self, index: int, coeffs: Tensor) -> Tensor:
         N, Cp, d = self.F.shape
@@ -286,10 +288,15 @@ class LowRankGGN:
         generator: Random generator for the Monte-Carlo factor (default: a fresh one seeded 0).
         engine: ``"auto"`` (``"kron"`` where it applies, else ``"autograd"``), ``"kron"`` or
             ``"autograd"``.
-        eigensolver: ``"torch"`` (default: ``torch.linalg.eigh`` of the Gram matrix) or
-            ``"lapack"`` (SciPy's tridiagonal reduction with eigenvectors only for the chosen
-            directions; faster alone, but SciPy's OpenBLAS threads contend with torch's unless
-            ``OPENBLAS_NUM_THREADS=1``, which made steps 100x slower in our benchmark).
+        eigensolver: ``"auto"`` (default): the leading eigenpairs (:meth:`leading_eigh`, and
+            positions requested by the other methods that all lie among the few largest) by
+            restarted block Krylov iteration on the Gram matrix
+            (:func:`~secondorder.linalg.dense_eig.top_eigh`, which decomposes densely where
+            that is cheaper or the iteration does not converge), the full spectrum by
+            ``torch.linalg.eigh``. ``"torch"``: always ``torch.linalg.eigh`` of the whole Gram
+            matrix. ``"lapack"``: SciPy's tridiagonal reduction with eigenvectors only for the
+            chosen directions (faster alone, but SciPy's OpenBLAS threads contend with torch's
+            unless ``OPENBLAS_NUM_THREADS=1``, which made steps 100x slower in our benchmark).
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,
@@ -321,10 +328,10 @@ class LowRankGGN:
         mc_samples: int = 0,
         generator: torch.Generator | None = None,
         engine: str = "auto",
-        eigensolver: str = "torch",
+        eigensolver: str = "auto",
     ) -> None:
-        if eigensolver not in ("torch", "lapack"):
-            raise ValueError(f"eigensolver must be 'torch' or 'lapack', got {eigensolver!r}")
+        if eigensolver not in _EIGENSOLVERS:
+            raise ValueError(f"eigensolver must be one of {_EIGENSOLVERS}, got {eigensolver!r}")
         self.eigensolver = eigensolver
         if not supports_likelihood(loss_fn):
             raise ValueError(
@@ -545,24 +552,88 @@ class LowRankGGN:
                 members = [i for i in col.indices if i in block]
                 if members:
                     g, c = col.kernels(members)
-                    gram = g if gram is None else gram + g
-                    cross = c if cross is None else cross + c
+                    gram = g if gram is None else gram.add_(g)
+                    cross = c if cross is None else cross.add_(c)
             assert gram is not None and cross is not None
             entry = self._cache[block] = {"block": block, "gram": gram, "cross": cross}
         return entry
 
+    @staticmethod
+    def _finite_gram(entry: dict[str, Any]) -> Tensor:
+        """The entry's Gram matrix, checked for non-finite entries (one reduction first)."""
+        gram = entry["gram"]
+        if not bool(torch.isfinite(gram.sum())) and not bool(torch.isfinite(gram).all()):
+            raise FloatingPointError("LowRankGGN: the Gram matrix has non-finite entries")
+        return gram
+
     def _spectrum(self, params: Sequence[Tensor] | None) -> dict[str, Any]:
         entry = self._entry(params)
         if "evals" not in entry:
-            gram = entry["gram"]
-            if not bool(torch.isfinite(gram).all()):
-                raise FloatingPointError("LowRankGGN: the Gram matrix has non-finite entries")
+            gram = self._finite_gram(entry)
             tri = _Tridiagonal.create(gram) if self.eigensolver == "lapack" else None
             if tri is None:
                 entry["evals"], entry["evecs"] = torch.linalg.eigh(gram)
+                entry["method"] = "eigh"
             else:
                 entry["evals"], entry["tridiagonal"] = tri.evals, tri
+                entry["method"] = "lapack"
         return entry
+
+    def leading_eigh(self, k: int, params: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        r"""The ``k`` largest eigenpairs :math:`(\lambda_j, u_j)` of the Gram matrix.
+
+        With ``eigensolver="auto"`` and ``k`` small beside :math:`D` they come from restarted
+        block Krylov iteration on :math:`V^\top V` (:func:`~secondorder.linalg.dense_eig.
+        top_eigh`: residuals :math:`\lVert V^\top V u_j - \lambda_j u_j \rVert \le
+        10 \sqrt{D}\, \epsilon\, \lambda_{\max}`, a start block from a generator seeded 0,
+        so deterministic), otherwise from the full decomposition. Cached per block; a full
+        decomposition, once computed, serves every later request.
+
+        Args:
+            k: Number of pairs; more than :math:`D` means all :math:`D`.
+            params: Parameters of the block (default: all).
+
+        Returns:
+            Eigenvalues in ascending order, shape ``(K,)`` with ``K = min(k, D)``, and
+            orthonormal eigenvectors as columns, shape ``(D, K)``.
+
+        Raises:
+            ValueError: If ``k`` is not a positive int.
+            FloatingPointError: If the Gram matrix is not finite.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        entry = self._entry(params)
+        D = self.num_columns
+        k = min(k, D)
+        lead = entry.get("leading")
+        if "evecs" not in entry and (lead is None or lead[0].numel() < k):
+            if self.eigensolver == "lapack":
+                idx = list(range(D - k, D))
+                return self.eigvalsh(params)[idx], self.gram_eigenvectors(idx, params)
+            if self.eigensolver == "torch" or not krylov_applies(k, D):
+                evals, evecs = self.eigh(params)
+                return evals[-k:], evecs[:, -k:]
+            gram = self._finite_gram(entry)
+            generator = torch.Generator(device=gram.device).manual_seed(0)
+            result = top_eigh(gram, k, generator=generator)
+            lead = entry["leading"] = (result.eigenvalues, result.eigenvectors)
+            entry["method"] = "krylov" if result.method == "krylov" else "eigh"
+            entry["krylov"] = result
+        if "evecs" in entry or lead is None:
+            return entry["evals"][-k:], entry["evecs"][:, -k:]
+        return lead[0][-k:], lead[1][:, -k:]
+
+    def eigensolver_used(self, params: Sequence[Tensor] | None = None) -> str | None:
+        """How the block's eigenpairs were computed so far.
+
+        Args:
+            params: Parameters of the block (default: all).
+
+        Returns:
+            ``"krylov"``, ``"eigh"``, ``"lapack"`` or None (not yet).
+        """
+        return self._entry(params).get("method")
 
     # ------------------------------------------------------------ public API
     def gram(self, params: Sequence[Tensor] | None = None) -> Tensor:
@@ -611,6 +682,7 @@ class LowRankGGN:
         entry = self._spectrum(params)
         if "evecs" not in entry:
             _, entry["evecs"] = torch.linalg.eigh(entry["gram"])
+            entry["method"] = "eigh"
         return entry["evals"], entry["evecs"]
 
     def tolerance(self, params: Sequence[Tensor] | None = None) -> float:
@@ -622,8 +694,15 @@ class LowRankGGN:
         Returns:
             The threshold (0 when the block's GGN is zero).
         """
-        evals = self.eigvalsh(params)
-        return self.num_columns * torch.finfo(evals.dtype).eps * max(float(evals[-1]), 0.0)
+        entry = self._entry(params)
+        lead = entry.get("leading")
+        if "evals" in entry:
+            top = entry["evals"][-1]
+        elif lead is not None:
+            top = lead[0][-1]
+        else:
+            top = self.leading_eigh(1, params)[0][-1]
+        return self.num_columns * torch.finfo(top.dtype).eps * max(float(top), 0.0)
 
     def _indices(self, indices: Sequence[int] | Tensor) -> list[int]:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
@@ -645,6 +724,9 @@ class LowRankGGN:
             Shape ``(D, K)``; column :math:`k` belongs to ``eigvalsh(params)[indices[k]]``.
         """
         idx = self._indices(indices)
+        leading = self._leading(idx, params)
+        if leading is not None:
+            return leading[1]
         entry = self._spectrum(params)
         if "evecs" in entry:
             return entry["evecs"][:, idx]
@@ -654,11 +736,36 @@ class LowRankGGN:
             return entry["evecs"][:, idx]
         return U
 
+    def _leading(
+        self, idx: list[int], params: Sequence[Tensor] | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """Eigenpairs at positions ``idx`` from the leading ones, when those serve.
+
+        They do when a full decomposition is not cached and either cached leading pairs cover
+        ``idx`` or (``eigensolver="auto"``) they can be computed: the ``D - min(idx)`` largest.
+        """
+        entry = self._entry(params)
+        if not idx or "evals" in entry:
+            return None
+        D = self.num_columns
+        lead = entry.get("leading")
+        m = D - min(idx)
+        if lead is None or lead[0].numel() < m:
+            if self.eigensolver != "auto":
+                return None
+            lead = self.leading_eigh(m, params)
+            if "evals" in entry:  # it decomposed fully: the caller's path serves
+                return None
+        offset = D - lead[0].numel()
+        pos = [i - offset for i in idx]
+        return lead[0][pos], lead[1][:, pos]
+
     def _selected(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None
     ) -> tuple[Tensor, Tensor]:
         idx = self._indices(indices)
-        lam = self.eigvalsh(params)[idx]
+        leading = self._leading(idx, params)
+        lam = self.eigvalsh(params)[idx] if leading is None else leading[0]
         tol = self.tolerance(params)
         if idx and float(lam.min()) <= tol:
             bad = [i for i, v in zip(idx, lam.tolist()) if v <= tol]
@@ -666,6 +773,8 @@ class LowRankGGN:
                 f"eigenvalues {bad} are numerically zero (<= {tol:.3e}); their GGN eigenvectors "
                 "V u / sqrt(lambda) are undefined (choose eigenvalues above `tolerance()`)"
             )
+        if leading is not None:
+            return lam, leading[1]
         return lam, self.gram_eigenvectors(idx, params)
 
     def directional_derivatives(
@@ -690,6 +799,21 @@ class LowRankGGN:
             ``gammas`` and ``lambdas``, each of shape ``(N, K)``.
         """
         lam, U = self._selected(indices, params)
+        return self.derivatives_of_pairs(lam, U, params)
+
+    def derivatives_of_pairs(
+        self, lam: Tensor, U: Tensor, params: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r""":meth:`directional_derivatives` for given Gram eigenpairs :math:`(\lambda_k, u_k)`.
+
+        Args:
+            lam: Positive eigenvalues, shape ``(K,)``.
+            U: Their orthonormal Gram eigenvectors, shape ``(D, K)``.
+            params: Parameters of the block (default: all).
+
+        Returns:
+            ``gammas`` and ``lambdas``, each of shape ``(N, K)``.
+        """
         gammas = (self._entry(params)["cross"] @ U) / lam.sqrt()
         sq = U.square() * (self.num_samples * lam)
         lambdas = sq.new_zeros(self.num_samples, U.shape[1]).index_add_(0, self.column_sample, sq)

@@ -35,11 +35,16 @@ from .base import CurvatureOptimizer, check_positive
 __all__ = ["ConstantDamping", "DirectionalDampedNewton", "TopK", "constant_damping", "top_k"]
 
 Criterion = Callable[[Tensor], Any]
+_DIAGNOSTICS = ("indices", "evals", "gammas", "lambdas", "dampings", "num_dropped", "eigensolver")
 Damping = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class TopK:
     """Criterion choosing the ``k`` largest eigenvalues (all of them if there are fewer).
+
+    It declares ``num_leading = k``: it looks at, and chooses among, the ``k`` largest
+    eigenvalues only, so :class:`DirectionalDampedNewton` computes just those eigenpairs
+    (:meth:`~secondorder.curvature.lowrank.LowRankGGN.leading_eigh`) and passes them.
 
     Args:
         k: Number of directions.
@@ -52,11 +57,16 @@ class TopK:
         check_positive("k", k, integer=True)
         self.k = k
 
+    @property
+    def num_leading(self) -> int:
+        """The number of leading eigenvalues this criterion needs: ``k``."""
+        return self.k
+
     def __call__(self, evals: Tensor) -> list[int]:
         """Return the positions of the ``k`` largest of the ascending ``evals``.
 
         Args:
-            evals: Gram eigenvalues in ascending order, shape ``(D,)``.
+            evals: Gram eigenvalues in ascending order (all ``D``, or the leading ones).
 
         Returns:
             Indices into ``evals``.
@@ -168,7 +178,13 @@ class DirectionalDampedNewton(CurvatureOptimizer):
 
     - ``criterion(evals) -> indices``: ``evals`` are the group's Gram eigenvalues in ascending
       order, shape ``(D,)``; it returns positions into them (a sequence of ints or a 1-D
-      integer tensor, distinct, in range). Eigenvalues that are numerically zero
+      integer tensor, distinct, in range). A criterion that only looks at the largest
+      eigenvalues declares how many with an int attribute ``num_leading = m`` (as
+      :class:`TopK` does): it then receives only the ``min(m, D)`` largest, ascending, its
+      positions refer to those, and only those eigenpairs are computed (by block Krylov
+      iteration where that is cheaper than a full eigendecomposition). Without it, the full
+      spectrum is computed. ``diagnostics["indices"]`` holds positions in the full spectrum
+      either way. Eigenvalues that are numerically zero
       (:meth:`~secondorder.curvature.lowrank.LowRankGGN.tolerance`) have no GGN eigenvector and
       are dropped (counted in ``diagnostics["num_dropped"]``).
     - ``damping(evals, evecs, gammas, lambdas) -> deltas``: with the chosen eigenvalues
@@ -196,6 +212,9 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
         engine: ``"auto"``, ``"kron"`` or ``"autograd"``
             (see :class:`~secondorder.curvature.lowrank.LowRankGGN`).
+        eigensolver: ``"auto"`` (block Krylov for criteria with ``num_leading`` where it pays
+            off), ``"torch"`` (always a full ``torch.linalg.eigh``) or ``"lapack"`` (see
+            :class:`~secondorder.curvature.lowrank.LowRankGGN`).
         process_group: ``torch.distributed`` group (``None``: one process). The Gram matrix
             couples all samples of the global batch, so each step gathers the ranks' batches
             (inputs and targets) and every rank computes the same step on the global batch:
@@ -232,12 +251,17 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        eigensolver: str = "auto",
         process_group: Any = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
         if engine not in ("auto", "kron", "autograd"):
             raise ValueError(f"engine must be 'auto', 'kron' or 'autograd', got {engine!r}")
+        if eigensolver not in ("auto", "torch", "lapack"):
+            raise ValueError(
+                f"eigensolver must be 'auto', 'torch' or 'lapack', got {eigensolver!r}"
+            )
         if not supports_likelihood(loss_fn):
             raise ValueError(
                 "DirectionalDampedNewton needs a loss with a likelihood: nn.CrossEntropyLoss, "
@@ -267,6 +291,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             group["damping"] = _as_damping(group["damping"], f"param group {i}")
         self.mc_samples = mc_samples
         self.engine = engine
+        self.eigensolver = eigensolver
         self.generator = generator
         if mc_samples > 0 and generator is None:
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
@@ -300,6 +325,34 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             raise ValueError(f"{where} returned repeated indices: {indices}")
         return indices
 
+    def _chosen_pairs(
+        self, lowrank: LowRankGGN, group: dict[str, Any], gi: int
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        r"""The group's chosen eigenpairs above the tolerance, and their positions.
+
+        Returns :math:`\lambda` ``(K,)``, ``U`` ``(D, K)`` and the positions in the full
+        ascending spectrum. A criterion with ``num_leading = m`` sees the ``m`` leading eigenvalues
+        (:meth:`~secondorder.curvature.lowrank.LowRankGGN.leading_eigh`), any other the full
+        spectrum. Numerically zero eigenvalues are dropped and counted.
+        """
+        params, criterion = group["params"], group["criterion"]
+        D = lowrank.num_columns
+        m = getattr(criterion, "num_leading", None)
+        if isinstance(m, int) and not isinstance(m, bool) and m >= 1:
+            evals, evecs = lowrank.leading_eigh(m, params)
+        else:
+            evals, evecs = lowrank.eigvalsh(params), None
+        chosen = self._check_indices(criterion(evals), evals.numel(), gi)
+        tol = lowrank.tolerance(params)
+        values = evals.tolist()
+        keep = [i for i in chosen if values[i] > tol]
+        self.diagnostics["num_dropped"].append(len(chosen) - len(keep))
+        offset = D - evals.numel()
+        positions = [offset + i for i in keep]
+        if evecs is None:
+            return evals[keep], lowrank.gram_eigenvectors(positions, params), positions
+        return evals[keep], evecs[:, keep], positions
+
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         if self.process_group is not None:
             batches = _gather_batches(batches, self.process_group)
@@ -311,6 +364,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             mc_samples=self.mc_samples,
             generator=self.generator,
             engine=self.engine,
+            eigensolver=self.eigensolver,
         )
         loss, grad = lowrank.loss, lowrank.gradient()
         if not self._check_loss_and_gradient(loss, grad):
@@ -318,33 +372,28 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         fm = self.fmodel
         direction = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
         diag = self.diagnostics
-        for key in ("indices", "evals", "gammas", "lambdas", "dampings", "num_dropped"):
+        for key in _DIAGNOSTICS:
             diag[key] = []
         for gi, (group, slices) in enumerate(zip(self.param_groups, self._group_slices)):
             params = group["params"]
             try:
-                evals = lowrank.eigvalsh(params)
+                lam, U, positions = self._chosen_pairs(lowrank, group, gi)
             except (FloatingPointError, torch.linalg.LinAlgError) as err:
                 self._reject(f"param group {gi}: {err}")
                 return loss, None
-            chosen = self._check_indices(group["criterion"](evals), evals.numel(), gi)
-            tol = lowrank.tolerance(params)
-            keep = [i for i in chosen if float(evals[i]) > tol]
-            diag["num_dropped"].append(len(chosen) - len(keep))
-            diag["indices"].append(keep)
-            if not keep:
+            diag["eigensolver"].append(lowrank.eigensolver_used(params))
+            diag["indices"].append(positions)
+            if not positions:
                 for key in ("evals", "gammas", "lambdas", "dampings"):
                     diag[key].append([])
                 continue
-            gammas, lambdas = lowrank.directional_derivatives(keep, params)
-            U = lowrank.gram_eigenvectors(keep, params)
-            lam = evals[keep]
+            gammas, lambdas = lowrank.derivatives_of_pairs(lam, U, params)
             delta = group["damping"](lam, U, gammas, lambdas)
             if not isinstance(delta, Tensor) or delta.shape != lam.shape:
                 got = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
                 raise ValueError(
-                    f"param group {gi}: damping must return a tensor of shape ({len(keep)},), "
-                    f"got {got}"
+                    f"param group {gi}: damping must return a tensor of shape "
+                    f"({len(positions)},), got {got}"
                 )
             delta = delta.detach().to(device=lam.device, dtype=lam.dtype)
             gamma_k, lambda_k = gammas.mean(0), lambdas.mean(0)
@@ -357,7 +406,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
                 self._reject(f"param group {gi}: the damping is not finite")
                 return loss, None
             if bool((denom <= 0).any()):
-                bad = [i for i, d in zip(keep, denom.tolist()) if d <= 0]
+                bad = [i for i, d in zip(positions, denom.tolist()) if d <= 0]
                 self._reject(
                     f"param group {gi}: lambda_k + delta_k <= 0 for eigenvalues {bad} (the step "
                     "would be infinite or point uphill)"
