@@ -332,3 +332,86 @@ def test_bad_operator_and_tridiag_arguments() -> None:
         lanczos_tridiag(M_SMALL, 3, torch.zeros(30, dtype=F64))
     with pytest.raises(ValueError, match="expected a finite v0"):
         lanczos_tridiag(M_SMALL, 3, torch.full((30,), float("nan"), dtype=F64))
+
+
+# ------------------------------------------------ orthogonalization kernel
+def _orthonormal_rows(m: int, n: int, seed: int, dtype: torch.dtype = F64) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, m, generator=g, dtype=F64))[0].T.to(dtype)
+
+
+@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize("b", [1, 3])
+def test_orthogonalize_matches_dense_projection(local: bool, b: int) -> None:
+    from secondorder.linalg.lanczos import _orthogonalize
+
+    n, M = 300, 12  # 12 basis rows already multiplied, the current block is rows M..M+b
+    Qt = _orthonormal_rows(M + b, n, seed=0)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(n, b, generator=g, dtype=F64)
+    W = W[:, 0] if b == 1 else W
+    before = W.clone()
+    work = torch.empty_like(W)
+    W1, H, norm = _orthogonalize(Qt, M, W, local, work)
+    assert torch.equal(W, before)  # the input is not modified
+    Wm = W.reshape(n, b)
+    expected_H = Qt @ Wm  # dense reference: the coefficients and the orthogonal remainder
+    expected_W = Wm - Qt.T @ expected_H
+    np.testing.assert_allclose(H, expected_H.numpy(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(W1.reshape(n, b), expected_W, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(norm, expected_W.norm(dim=0).numpy(), rtol=1e-13)
+    assert float((Qt @ W1.reshape(n, b)).abs().max()) < 1e-14 * float(Wm.norm())
+
+
+def test_orthogonalize_second_pass_on_cancellation() -> None:
+    # W almost in the span of the basis: one pass leaves relative non-orthogonality
+    # ~ eps ||w|| / ||w'|| = 1e-8, the DGKS criterion triggers another pass
+    from secondorder.linalg.lanczos import _orthogonalize
+
+    n, M = 400, 10
+    Qt = _orthonormal_rows(M + 1, n, seed=2)
+    g = torch.Generator().manual_seed(3)
+    tiny = torch.randn(n, generator=g, dtype=F64)
+    tiny -= Qt.T @ (Qt @ tiny)
+    c = torch.randn(M + 1, generator=g, dtype=F64)
+    W = Qt.T @ c + 1e-8 * tiny / tiny.norm()
+    W1, H, norm = _orthogonalize(Qt, M, W, False, torch.empty_like(W))
+    assert float((Qt @ W1).abs().max()) < 1e-14 * float(W1.norm())
+    np.testing.assert_allclose(H[:, 0], c.numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(norm, [1e-8], rtol=1e-6)
+
+
+# ------------------------------------------------------- restarts, float32
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_many_thick_restarts_match_eigh(which: str) -> None:
+    # a small basis (ncv = k + 3) restarts many times; the first step after each restart
+    # couples to every kept Ritz vector
+    M = with_spectrum(clustered_spectrum(), seed=15)
+    k = 4
+    evals, evecs, info = lanczos(M, k, which, tol=1e-10, ncv=k + 3, return_info=True)
+    ref_vals, ref_vecs = reference(M, k, which)
+    assert info.converged and info.num_restarts >= 3, info
+    torch.testing.assert_close(evals, ref_vals, rtol=0, atol=1e-8)
+    torch.testing.assert_close(evecs.T @ evecs, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
+    overlap = (evecs * ref_vecs).sum(dim=0).abs()
+    torch.testing.assert_close(overlap, torch.ones(k, dtype=F64), rtol=0, atol=1e-6)
+
+
+def test_float32_large_operator_matches_float64_reference() -> None:
+    # n = 20,000 (a matrix-free diagonal in a random basis would be too large: use a
+    # diagonal operator with a decaying spectrum in random order); float32 at tol 1e-6
+    from secondorder.linalg.operator import Diagonal
+
+    n = 20_000
+    g = torch.Generator().manual_seed(16)
+    spec = torch.cat([torch.logspace(0, -2, 40, dtype=F64), 1e-3 * torch.rand(n - 40, generator=g)])
+    spec = spec[torch.randperm(n, generator=g)]
+    A = Diagonal(spec.float())
+    evals, evecs, info = lanczos(A, 5, tol=1e-6, return_info=True)
+    assert info.converged and evals.dtype == torch.float32
+    ref = torch.sort(spec).values[-5:]
+    torch.testing.assert_close(evals.double(), ref, rtol=2e-6, atol=0)
+    U = evecs.double()
+    torch.testing.assert_close(U.T @ U, torch.eye(5, dtype=F64), rtol=0, atol=1e-5)
+    residual = (spec.unsqueeze(1) * U - U * evals.double()).norm(dim=0)
+    assert torch.all(residual <= 1e-5 * evals.double())

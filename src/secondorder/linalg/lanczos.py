@@ -20,7 +20,8 @@ symmetric factors, do not declare ``SELF_ADJOINT``). Applied to a non-symmetric 
 return the eigenpairs of the symmetric part of its projection, which is rarely what one wants.
 
 The only expensive calls are products with ``A``; everything else is a handful of dense
-``(n, m)`` matrix products per step plus an eigen-decomposition of an ``m x m`` matrix.
+``(n, m)`` matrix-vector products per step plus an eigen-decomposition of an ``m x m``
+matrix (in NumPy, tens of microseconds).
 
 References:
     C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
@@ -36,6 +37,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +53,7 @@ __all__ = [
 
 Which = Literal["largest", "smallest", "both"]
 _WHICH = ("largest", "smallest", "both")
+_DGKS_ETA = 1.0 / math.sqrt(2.0)  # second Gram-Schmidt pass if a norm drops below eta times
 
 
 # --------------------------------------------------------------------- helpers
@@ -245,27 +248,105 @@ class LanczosInfo:
     message: str
 
 
-def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     """Indices (ascending) of the wanted Ritz values among ascending ``theta``."""
-    M = theta.numel()
+    M = theta.size
     if which == "largest":
-        return torch.arange(M - k, M)
+        return np.arange(M - k, M)
     if which == "smallest":
-        return torch.arange(0, k)
+        return np.arange(0, k)
     lo = k // 2
-    return torch.cat([torch.arange(0, lo), torch.arange(M - (k - lo), M)])
+    return np.concatenate([np.arange(0, lo), np.arange(M - (k - lo), M)])
 
 
-def _kept(M: int, k: int, p: int, which: str) -> Tensor:
+def _kept(M: int, k: int, p: int, which: str) -> np.ndarray:
     """Indices of the ``p >= k`` Ritz vectors kept at a thick restart (wanted ones included)."""
     if which == "largest":
-        return torch.arange(M - p, M)
+        return np.arange(M - p, M)
     if which == "smallest":
-        return torch.arange(0, p)
+        return np.arange(0, p)
     lo = k // 2
     lo_keep = lo + ((p - k) * lo) // k if k > 0 else 0
     hi_keep = p - lo_keep
-    return torch.cat([torch.arange(0, lo_keep), torch.arange(M - hi_keep, M)])
+    return np.concatenate([np.arange(0, lo_keep), np.arange(M - hi_keep, M)])
+
+
+def _cgs_pass(basis: Tensor, W: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""One classical Gram-Schmidt pass: returns :math:`(W - Q H,\ H)` with :math:`H = Q^\top W`.
+
+    ``basis`` holds the orthonormal vectors :math:`Q` as rows and ``W`` is ``(n,)`` or
+    ``(n, b)``: two matrix-vector (matrix-matrix) products with a view of the basis buffer.
+    The result is written to ``out`` (which must not overlap ``W``), or into ``W`` if ``None``.
+    """
+    if W.ndim == 1:
+        H = torch.mv(basis, W)
+        if out is None:
+            return W.addmv_(basis.T, H, alpha=-1.0), H
+        return torch.addmv(W, basis.T, H, alpha=-1.0, out=out), H
+    H = basis @ W
+    if out is None:
+        return W.addmm_(basis.T, H, alpha=-1.0), H
+    return torch.addmm(W, basis.T, H, alpha=-1.0, out=out), H
+
+
+def _orthogonalize(
+    Qt: Tensor, M: int, W: Tensor, local: bool, work: Tensor
+) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    r"""Orthogonalize :math:`W = A Q_j` against the basis ``Qt[:M + b]`` (block :math:`Q_j` last).
+
+    For a plain Lanczos step (``local``) the three-term recurrence comes first, a
+    Gram-Schmidt pass against the previous and the current block only (in exact arithmetic
+    :math:`A Q_j` has no other components), and one full classical Gram-Schmidt pass follows
+    as the reorthogonalization, as in Lanczos with complete reorthogonalization (Golub & Van
+    Loan, *Matrix Computations*, §10.3.1). Otherwise (first step, or first step after a
+    restart, where :math:`A Q_j` couples to every kept Ritz vector) the first pass is full.
+    Either way another full pass runs only if the last one removed too much, by the
+    Daniel-Gragg-Kaufman-Stewart criterion (as ARPACK):
+    :math:`\lVert w' \rVert < \eta \lVert w \rVert` for a column, :math:`\eta = 1/\sqrt 2`,
+    when cancellation may have left components along the basis of relative size
+    :math:`\varepsilon \lVert w \rVert / \lVert w' \rVert`; otherwise the result is orthogonal
+    to working precision ("twice is enough", Parlett, *The Symmetric Eigenvalue Problem*, §6.9).
+    The norm before a pass follows from Pythagoras, :math:`\lVert w \rVert^2 =
+    \lVert Q^\top w \rVert^2 + \lVert w' \rVert^2`, so each pass costs two products with
+    the basis and one norm, and the coefficients and norms of a step reach the CPU in one
+    transfer (one synchronization on a GPU).
+
+    Returns:
+        ``(W', H, norm)``: the orthogonalized block (in ``work``; ``W`` is not modified), the
+        coefficients :math:`H = Q^\top A Q_j` of shape ``(M + b, b)`` and the ``(b,)`` column
+        norms of :math:`W'`, both float64 NumPy.
+    """
+    b = 1 if W.ndim == 1 else W.shape[1]
+    lo = M - b if local else 0
+    W1, C = _cgs_pass(Qt[lo : M + b], W, out=work)
+    H = C[:0]
+    if local:
+        H = _cgs_pass(Qt[: M + b], W1)[1]
+    C64, H64, after = _to_numpy(C, H, torch.linalg.vector_norm(W1, dim=0))
+    last = (H64 if local else C64).reshape(-1, b)
+    norms = np.stack([np.sqrt((last * last).sum(axis=0) + after * after), after])
+    coef = np.zeros((M + b, b))
+    coef[lo:] = C64.reshape(-1, b)
+    if local:
+        coef += last
+    for _ in range(2):  # a third pass is rare; after it only a breakdown is left
+        if np.all(norms[1] >= _DGKS_ETA * norms[0]):
+            break
+        H2 = _cgs_pass(Qt[: M + b], W1)[1]
+        H2_64, after = _to_numpy(H2, torch.linalg.vector_norm(W1, dim=0))
+        coef += H2_64.reshape(M + b, b)
+        norms = np.stack([norms[1], after])
+    return W1, coef, norms[1]
+
+
+def _to_numpy(*tensors: Tensor) -> list[np.ndarray]:
+    """Copy small tensors to float64 NumPy arrays in one device-to-host transfer."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()])
+        start += t.numel()
+    return out
 
 
 def _orthonormalize_block(
@@ -318,7 +399,7 @@ def _dense_eigh(
     D = op.to_dense()
     D64 = ((D + D.T) / 2).to(torch.float64)
     theta, S = torch.linalg.eigh(D64)
-    idx = _wanted(theta, k, which)
+    idx = torch.from_numpy(_wanted(theta.cpu().numpy(), k, which)).to(theta.device)
     evals, evecs = theta[idx], S[:, idx]
     bounds = (D64 @ evecs - evecs * evals).norm(dim=0).cpu()
     info = LanczosInfo(
@@ -333,6 +414,133 @@ def _dense_eigh(
         ),
     )
     return evals.to(op.dtype), evecs.to(op.dtype), info
+
+
+@dataclass
+class _Run:
+    """State and outcome of :func:`_restarted_lanczos` (small arrays in float64 on the CPU)."""
+
+    evals: np.ndarray  # the wanted Ritz values, ascending
+    evecs: Tensor  # their Ritz vectors (n, k)
+    bounds: np.ndarray  # their residual bounds
+    ok: np.ndarray  # which of them passed the test
+    converged: bool
+    matvecs: int
+    restarts: int
+    fallback: bool = False  # n products did not suffice: solve densely instead
+
+
+def _next_block(
+    W: Tensor,
+    norm: np.ndarray,
+    Qt: Tensor,
+    anorm: float,
+    generator: torch.Generator,
+    op: LinearOperator,
+) -> tuple[Tensor | None, np.ndarray]:
+    r"""Factor the orthogonalized residual block :math:`W = V B`; returns ``(V, B)``, ``V`` as rows.
+
+    For one vector without breakdown :math:`B = \lVert w \rVert` is already known and ``V``
+    is returned as ``None``: the caller divides ``W`` by it straight into the basis buffer.
+    Blocks and breakdowns (:math:`\lVert w \rVert` at rounding level) go through
+    :func:`_orthonormalize_block`.
+    """
+    if W.ndim == 1:
+        if norm[0] > _breakdown_tol(op.dtype, Qt.shape[0] + 1) * anorm:
+            return None, norm.reshape(1, 1).copy()
+        W = W.unsqueeze(1)
+    V, B = _orthonormalize_block(W, Qt, anorm, generator, op)
+    return V.T, B.numpy()
+
+
+def _ritz_test(
+    theta: np.ndarray, bounds: np.ndarray, k: int, which: str, rtol: float, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Return the wanted indices and which of them pass the test of :func:`lanczos`.
+
+    The test is :math:`b_i \le \max(\mathrm{rtol}\,|\theta_i|,\
+    \varepsilon \max_j |\theta_j|)` for the residual bounds :math:`b_i`.
+    """
+    idx = _wanted(theta, k, which)
+    limit = np.maximum(rtol * np.abs(theta[idx]), eps * float(np.abs(theta).max()))
+    return idx, bounds[idx] <= limit
+
+
+def _restarted_lanczos(
+    op: LinearOperator,
+    k: int,
+    which: str,
+    rtol: float,
+    maxiter: int,
+    ncv: int,
+    start: Tensor,
+    gen: torch.Generator,
+) -> _Run:
+    r"""Thick-restart block Lanczos from the ``(n, b)`` block ``start`` (see :func:`lanczos`).
+
+    The basis lives in a preallocated ``(ncv, n)`` buffer (rows, so each vector is
+    contiguous) and every Gram-Schmidt pass is two matrix-vector (or matrix-matrix) products
+    with a view of it; the new vector is normalized straight into the buffer, and the Ritz
+    vectors come out of one ``(k, m) @ (m, n)`` product (returned as a transposed view, so
+    each eigenvector is contiguous). The projected matrix :math:`T = Q^\top A Q` and its
+    eigenpairs are kept in float64 NumPy arrays: at ``ncv`` of a few dozen an
+    eigendecomposition costs tens of microseconds, less than one Gram-Schmidt pass over
+    ``n = 10^4 .. 10^5``, so the Ritz test runs after every product and the iteration stops
+    at the first product that suffices.
+    """
+    n, b = start.shape
+    eps = torch.finfo(op.dtype).eps
+    keep = min(ncv - b, k + (ncv - k) // 2)
+    Qt = torch.empty(ncv, n, dtype=op.dtype, device=op.device)
+    T = np.zeros((ncv, ncv))
+    if b == 1 and float(start.norm()) > 0:
+        torch.div(start[:, 0], start.norm(), out=Qt[0])
+    else:
+        V0, _ = _orthonormalize_block(start, Qt[:0], float(start.norm(dim=0).max()), gen, op)
+        Qt[:b] = V0.T
+    M = 0  # basis vectors already multiplied by A (T[:M, :M] is known)
+    matvecs = restarts = 0
+    anorm = 0.0
+    local = False  # whether A Q_j couples only to the previous block (a plain step)
+    work = torch.empty_like(start[:, 0] if b == 1 else start)
+    while True:
+        # one vector: the operator's matvec path (no column-batching overhead)
+        W: Tensor = op @ Qt[M] if b == 1 else op @ Qt[M : M + b].T.contiguous()
+        matvecs += b
+        W, H, norm = _orthogonalize(Qt, M, W, local, work)
+        anorm = max(anorm, math.sqrt(float(((H * H).sum(axis=0) + norm * norm).max())))
+        T[: M + b, M : M + b] = H
+        T[M : M + b, : M + b] = H.T
+        T[M : M + b, M : M + b] = (H[M:] + H[M:].T) / 2
+        M += b
+        V, B = _next_block(W, norm, Qt[:M], anorm, gen, op)
+        local = True
+        if M >= k:
+            theta, S = np.linalg.eigh(T[:M, :M])
+            bounds = np.linalg.norm(B @ S[M - b :], axis=0)
+            idx, ok = _ritz_test(theta, bounds, k, which, rtol, eps)
+            if ok.all() or matvecs + b > maxiter:
+                break
+            if matvecs >= n and matvecs + n <= maxiter:
+                return _Run(theta, Qt, bounds, ok, False, matvecs, restarts, fallback=True)
+        if M + b > ncv:
+            kept = _kept(M, k, keep, which)
+            S_keep = torch.from_numpy(S[:, kept]).to(device=op.device, dtype=op.dtype)
+            Qt[: kept.size] = S_keep.T @ Qt[:M]
+            M = kept.size
+            T[:] = 0.0
+            T[:M, :M] = np.diag(theta[kept])
+            restarts += 1
+            local = False  # the next vector couples to every kept Ritz vector
+        if V is None:  # one vector without breakdown: normalize straight into the basis
+            torch.div(W, float(B[0, 0]), out=Qt[M])
+        else:
+            Qt[M : M + b] = V
+    # (k, M) @ (M, n) and a transposed view: each eigenvector is contiguous, and this is
+    # several times faster than (n, M) @ (M, k) with the transposed basis
+    S_idx = torch.from_numpy(np.ascontiguousarray(S[:, idx].T)).to(op.device, op.dtype)
+    evecs = (S_idx @ Qt[:M]).T
+    return _Run(theta[idx], evecs, bounds[idx], ok, bool(ok.all()), matvecs, restarts)
 
 
 @overload
@@ -383,7 +591,9 @@ def lanczos(
     r"""Compute ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     The Krylov basis :math:`Q` (at most ``ncv`` columns) grows by one block of ``block_size``
-    vectors per step, fully reorthogonalized (two block Gram-Schmidt passes). The projected
+    vectors per step, fully reorthogonalized: the three-term recurrence, then one full
+    classical Gram-Schmidt pass, and a second one only where the
+    Daniel-Gragg-Kaufman-Stewart criterion asks for it (see :func:`_orthogonalize`). The projected
     matrix :math:`T = Q^\top A Q` satisfies :math:`A Q = Q T + V B E^\top` with the next block
     :math:`V`, so the Ritz pair :math:`(\theta_i, Q s_i)` has residual norm
     :math:`\lVert B E^\top s_i \rVert` (for ``block_size=1``: :math:`|\beta_m s_{m,i}|`).
@@ -436,7 +646,8 @@ def lanczos(
 
     Returns:
         ``(evals, evecs)``: eigenvalues ``(k,)`` in ascending order and orthonormal
-        eigenvectors ``(n, k)`` as columns, in ``A``'s dtype; with ``return_info=True``
+        eigenvectors ``(n, k)`` as columns (from the iteration a transposed view of a
+        ``(k, n)`` tensor, so each eigenvector is contiguous), in ``A``'s dtype; with ``return_info=True``
         also the :class:`LanczosInfo`. If the iteration does not converge, the current Ritz
         pairs are returned and a ``RuntimeWarning`` is issued unless ``return_info=True``.
 
@@ -483,91 +694,39 @@ def lanczos(
         return (evals, evecs, info) if return_info else (evals, evecs)
 
     rtol = float(tol) if tol > 0 else torch.finfo(op.dtype).eps
-    eps = torch.finfo(op.dtype).eps
-    keep = min(ncv - b, k + (ncv - k) // 2)
     with torch.no_grad():
-        # Basis vectors are the rows of Qt, so each one is contiguous in memory.
-        Qt = torch.zeros(ncv, n, dtype=op.dtype, device=op.device)
-        T = torch.zeros(ncv, ncv, dtype=torch.float64)
         if v0 is None:
             start = _randn(n, b, op, gen)
         elif v0.ndim == 1 and b > 1:
             start = torch.cat([v0.unsqueeze(1), _randn(n, b - 1, op, gen)], dim=1)
         else:
             start = v0.reshape(n, b)
-        anorm = float(start.norm(dim=0).max())
-        V, _ = _orthonormalize_block(start, Qt[:0], anorm, gen, op)
-        Qt[:b] = V.T
-        M = 0  # basis vectors already multiplied by A (T[:M, :M] is known)
-        matvecs = restarts = 0
-        anorm = 0.0
-        converged = False
-        while True:
-            # one vector: the operator's matvec path (no column-batching overhead)
-            W = (op @ Qt[M]).unsqueeze(1) if b == 1 else op @ Qt[M : M + b].T.contiguous()
-            matvecs += b
-            anorm = max(anorm, float(W.norm(dim=0).max()))
-            basis = Qt[: M + b]
-            H = basis @ W
-            W = W - basis.T @ H
-            H2 = basis @ W
-            W = W - basis.T @ H2
-            H64 = (H + H2).to(torch.float64).cpu()
-            T[: M + b, M : M + b] = H64
-            T[M : M + b, : M + b] = H64.T
-            diag = H64[M : M + b]
-            T[M : M + b, M : M + b] = (diag + diag.T) / 2
-            M += b
-            V, B = _orthonormalize_block(W, Qt[:M], anorm, gen, op)
-            theta, S = torch.linalg.eigh(T[:M, :M])
-            bounds = (B @ S[M - b : M]).norm(dim=0)
-            if M >= k:
-                idx = _wanted(theta, k, which)
-                floor = eps * float(theta.abs().max())
-                limit = torch.clamp(rtol * theta[idx].abs(), min=floor)
-                ok = bounds[idx] <= limit
-                if bool(ok.all()):
-                    converged = True
-                    break
-                if matvecs + b > maxiter:
-                    break
-                if matvecs >= n and matvecs + n <= maxiter:
-                    # n products did not suffice: materializing A is cheaper from here on
-                    evals, evecs, info = _dense_eigh(op, k, which, matvecs, restarts)
-                    return (evals, evecs, info) if return_info else (evals, evecs)
-            if M + b > ncv:
-                kept = _kept(M, k, keep, which)
-                S_keep = S[:, kept].to(device=op.device, dtype=op.dtype)
-                Qt[: kept.numel()] = S_keep.T @ Qt[:M]
-                M = kept.numel()
-                T.zero_()
-                T[:M, :M] = torch.diag(theta[kept])
-                restarts += 1
-            Qt[M : M + b] = V.T
-        evals = theta[idx]
-        evecs = Qt[:M].T @ S[:, idx].to(device=op.device, dtype=op.dtype)
-    num_ok = int(ok.sum())
-    if converged:
-        message = f"converged: {k} Ritz pairs after {matvecs} products"
+        run = _restarted_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
+    if run.fallback:  # n products did not suffice: materializing A is cheaper from here on
+        evals, evecs, info = _dense_eigh(op, k, which, run.matvecs, run.restarts)
+        return (evals, evecs, info) if return_info else (evals, evecs)
+    num_ok = int(run.ok.sum())
+    if run.converged:
+        message = f"converged: {k} Ritz pairs after {run.matvecs} products"
     else:
         message = (
-            f"not converged: {num_ok} of {k} Ritz pairs met tol={tol:g} after {matvecs} "
+            f"not converged: {num_ok} of {k} Ritz pairs met tol={tol:g} after {run.matvecs} "
             f"products (maxiter={maxiter}); try increasing maxiter or ncv, or loosening tol"
         )
     info = LanczosInfo(
-        converged=converged,
+        converged=run.converged,
         num_converged=num_ok,
-        num_matvecs=matvecs,
-        num_restarts=restarts,
-        residual_bounds=bounds[idx],
+        num_matvecs=run.matvecs,
+        num_restarts=run.restarts,
+        residual_bounds=torch.from_numpy(run.bounds),
         message=message,
     )
-    out_evals = evals.to(op.dtype).to(op.device)
+    out_evals = torch.from_numpy(run.evals).to(device=op.device, dtype=op.dtype)
     if return_info:
-        return out_evals, evecs, info
-    if not converged:
+        return out_evals, run.evecs, info
+    if not run.converged:
         warnings.warn(f"lanczos: {message}", RuntimeWarning, stacklevel=2)
-    return out_evals, evecs
+    return out_evals, run.evecs
 
 
 def eigmax(
