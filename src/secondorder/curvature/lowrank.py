@@ -650,10 +650,11 @@ class LowRankGGN:
     def eigvalsh(self, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""All eigenvalues of the Gram matrix in ascending order, shape ``(D,)``.
 
-        Its nonzero eigenvalues are the nonzero eigenvalues of the block's GGN. On the CPU the
-        matrix is reduced to tridiagonal form once (LAPACK ``sytrd`` through SciPy, when
-        installed), so that :meth:`gram_eigenvectors` later costs :math:`O(D^2 K)` for
-        :math:`K` eigenvectors instead of a full eigendecomposition.
+        Its nonzero eigenvalues are the nonzero eigenvalues of the block's GGN. This is a full
+        decomposition (``torch.linalg.eigh``); with ``eigensolver="lapack"`` on the CPU the
+        matrix is instead reduced to tridiagonal form once (LAPACK ``sytrd`` through SciPy,
+        when installed), so that :meth:`gram_eigenvectors` later costs :math:`O(D^2 K)` for
+        :math:`K` eigenvectors. Only the largest few? :meth:`leading_eigh` is cheaper.
 
         Args:
             params: Parameters of the block (default: all).

@@ -105,7 +105,7 @@ def block_size(k: int, D: int, oversample: int | None = None) -> int:
 
 
 def krylov_applies(
-    k: int, D: int, *, oversample: int | None = None, depth: int = 4, max_share: float = 0.5
+    k: int, D: int, *, oversample: int | None = None, depth: int = 5, max_share: float = 0.5
 ) -> bool:
     r"""Whether :func:`top_eigh` with these settings tries the Krylov iteration at all.
 
@@ -136,15 +136,18 @@ def _orthonormal_block(
     r"""Orthonormal columns spanning ``Z``'s part orthogonal to ``Q`` (:math:`Q^\top Q = I`).
 
     Two passes of block classical Gram-Schmidt against ``Q``, then a Householder QR of the
-    block: :math:`Z = Q H + Q_{\mathrm{new}} R`. The result's orthogonality to ``Q`` is
-    checked (:math:`\max |Q^\top Q_{\mathrm{new}}| \le 100 \sqrt{m}\, \epsilon`); it is lost
-    when a column of ``Z`` lay (nearly) in the span of ``Q``, e.g. when the Krylov space is
-    invariant (rank-deficient matrices). Then one more pass and QR follow, and columns that
-    this pass reduces to less than half (they were rounding noise in ``span(Q)``), as well as
-    columns at rounding level against ``scale``, are replaced by random ones and the block is
-    treated again, so the basis stays orthonormal. Small but genuine remainders (near
-    convergence the new directions are as small as the residuals) are kept: they are exactly
-    what the iteration needs.
+    block: :math:`Z = Q H + Q_{\mathrm{new}} R`. After two passes the remainder is orthogonal
+    to ``Q`` up to :math:`\epsilon \lVert z' \rVert` (:math:`z'` a column after the first
+    pass), and so is :math:`Q_{\mathrm{new}}`, unless a column is *suspect*:
+    :math:`|R_{jj}| < \lVert z'_j \rVert / 10` (it nearly lay in the span of ``Q`` or of the
+    block's other columns, e.g. when the Krylov space is invariant: rank-deficient matrices)
+    or at rounding level against ``scale``. Only then is the orthogonality checked
+    (:math:`\max |Q^\top Q_{\mathrm{new}}| \le 100 \sqrt{m}\, \epsilon`); if it is lost,
+    one more pass and QR follow, and columns that this pass reduces to less than half (they
+    were rounding noise in ``span(Q)``), as well as columns at rounding level, are replaced
+    by random ones and the block is treated again, so the basis stays orthonormal. Small but
+    genuine remainders (near convergence the new directions are as small as the residuals)
+    are kept: they are exactly what the iteration needs.
 
     Args:
         Z: Shape ``(D, b)``.
@@ -157,6 +160,21 @@ def _orthonormal_block(
         ``R`` ``(b, b)``, and whether ``Z = Q H + Q_new R`` holds (False once a column was
         renewed or an extra pass was needed).
     """
+    if Q is not None:  # the common case in few operations: accept when nothing is suspect
+        H1 = Q.T @ Z
+        Z1 = torch.addmm(Z, Q, H1, alpha=-1.0)
+        H2 = Q.T @ Z1
+        Qn, R = torch.linalg.qr(torch.addmm(Z1, Q, H2, alpha=-1.0))
+        floor = Z1.norm(dim=0).clamp_min_(100.0 * torch.finfo(Z.dtype).eps * scale)
+        if bool((R.diagonal().abs() >= 0.1 * floor).all()):
+            return Qn, H1.add_(H2), R, True
+    return _careful_block(Z, Q, generator, scale)
+
+
+def _careful_block(
+    Z: Tensor, Q: Tensor | None, generator: torch.Generator | None, scale: float
+) -> tuple[Tensor, Tensor | None, Tensor, bool]:
+    """:func:`_orthonormal_block` for blocks with suspect columns (and the start block)."""
     eps = torch.finfo(Z.dtype).eps
     threshold = 10.0 * eps * scale
     H: Tensor | None = None
@@ -192,7 +210,7 @@ def top_eigh(
     *,
     tol: float | None = None,
     oversample: int | None = None,
-    depth: int = 4,
+    depth: int = 5,
     max_products: int | None = None,
     max_share: float = 0.5,
     generator: torch.Generator | None = None,
