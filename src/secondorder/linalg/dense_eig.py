@@ -22,7 +22,10 @@ the rate of the wanted pairs is governed by the gap to :math:`\lambda_{b+1}` rat
 (the residual bounds the eigenvalue error, :math:`|\theta_j - \lambda| \le \lVert r_j \rVert`,
 and the eigenvector's angle by :math:`\lVert r_j \rVert / \mathrm{gap}_j`). All ``k`` pairs
 must pass. Every product ``A @ Q`` is kept, so the residuals cost no extra product with
-:math:`A`.
+:math:`A`, and :math:`T` comes from the Gram-Schmidt coefficients (one product
+:math:`Q^\top (A Q_q)` for the last block only). Pairs that pass are *locked*: they leave the
+block, later blocks are orthogonalised against them (deflation), and the block shrinks to
+:math:`k - l + p` for the :math:`k - l` pairs still wanted.
 
 It falls back to ``torch.linalg.eigh`` of the whole matrix (and says so in the result) when
 the Krylov space would not be small beside :math:`D` (``k`` a large share of :math:`D`, or a
