@@ -215,7 +215,14 @@ def install_probe(so: Any) -> Probe:
         cls = lowrank.LowRankGGN
         probe.wrap(cls, "__init__", "gradient")
         probe.wrap(cls, "gradient", "gradient")
-        for name in ("eigvalsh", "eigh", "directional_derivatives", "gram_eigenvectors"):
+        for name in (
+            "eigvalsh",
+            "eigh",
+            "leading_eigh",
+            "directional_derivatives",
+            "derivatives_of_pairs",
+            "gram_eigenvectors",
+        ):
             probe.wrap(cls, name, "curvature")
         probe.wrap(cls, "factor_matmul", "curvature")
     return probe
@@ -557,13 +564,15 @@ def vivit_runner(problem: Problem, notes: list[str]) -> Runner | None:
 
     group = {"params": params, "criterion": select_top_k, "damping": constant_damping}
     exts = computation.get_extensions()
-    hook = computation.get_extension_hook([group])
 
     def step() -> None:
         reset()
         for p in params:
             p.grad = None
         loss = loss_fn(model(problem.X), problem.y)
+        # a new hook per backward pass, as ViViT is used: a reused hook remembers the
+        # parameters it has processed and skips the eigenproblem in every later step
+        hook = computation.get_extension_hook([group])
         with backpack(*exts, extension_hook=hook):
             loss.backward()
         newton = computation.get_result(group)
