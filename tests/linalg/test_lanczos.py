@@ -168,7 +168,7 @@ def test_hopeless_small_problem_falls_back_to_dense() -> None:
     # a single Krylov vector sees one direction of it, so n products do not suffice
     U = torch.randn(120, 60, generator=torch.Generator().manual_seed(0), dtype=F64)
     A = Counting(U @ U.T)
-    evals, evecs, info = lanczos(A, 3, "smallest", return_info=True)
+    evals, evecs, info = lanczos(A, 3, "smallest", ncv=20, return_info=True)
     assert info.converged and "densely" in info.message
     assert info.num_matvecs == A.count == 240
     torch.testing.assert_close(evals, torch.zeros(3, dtype=F64), rtol=0, atol=1e-12)
@@ -214,13 +214,13 @@ def test_v0_is_used_and_not_mutated() -> None:
 
 def test_non_convergence_is_reported() -> None:
     M = with_spectrum(torch.linspace(0.0, 1.0, 300, dtype=F64), seed=10)
-    evals, evecs, info = lanczos(M, 3, tol=1e-12, maxiter=25, return_info=True)
+    evals, evecs, info = lanczos(M, 3, tol=1e-12, maxiter=25, ncv=20, return_info=True)
     assert isinstance(info, LanczosInfo)
     assert not info.converged and info.num_matvecs == 25 and info.num_restarts >= 1
     assert "maxiter" in info.message
     assert evals.shape == (3,) and evecs.shape == (300, 3)
     with pytest.warns(RuntimeWarning, match="not converged"):
-        lanczos(M, 3, tol=1e-12, maxiter=25)
+        lanczos(M, 3, tol=1e-12, maxiter=25, ncv=20)
 
 
 def test_eigmax() -> None:
@@ -415,3 +415,20 @@ def test_float32_large_operator_matches_float64_reference() -> None:
     torch.testing.assert_close(U.T @ U, torch.eye(5, dtype=F64), rtol=0, atol=1e-5)
     residual = (spec.unsqueeze(1) * U - U * evals.double()).norm(dim=0)
     assert torch.all(residual <= 1e-5 * evals.double())
+
+
+@pytest.mark.parametrize("which", ["largest", "both"])
+def test_single_vector_path_matches_the_block_path(which: str) -> None:
+    # block_size=1 runs a scalar version of the block iteration: same products, same pairs
+    from secondorder.linalg.lanczos import _restarted_lanczos, _single_vector_lanczos
+
+    M = with_spectrum(clustered_spectrum(), seed=17)
+    op = Dense(M)
+    start = torch.randn(200, 1, generator=torch.Generator().manual_seed(5), dtype=F64)
+    args = (op, 4, which, 1e-10, 2000, 12, start, torch.Generator().manual_seed(0))
+    block, single = _restarted_lanczos(*args), _single_vector_lanczos(*args)
+    assert block.converged and single.converged
+    assert single.matvecs == block.matvecs and single.restarts == block.restarts >= 1
+    np.testing.assert_allclose(single.evals, block.evals, rtol=0, atol=1e-12)
+    overlap = (single.evecs * block.evecs).sum(dim=0).abs()
+    torch.testing.assert_close(overlap, torch.ones(4, dtype=F64), rtol=0, atol=1e-8)
