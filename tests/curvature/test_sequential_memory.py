@@ -1,0 +1,209 @@
+"""The hand-written Sequential engine's memory savings keep its products exact.
+
+Covers: activation derivatives taken from kept outputs (ReLU, sigmoid, tanh), activations moved
+behind max-pooling, the column-blocked ``Linear, activation, Linear`` at a product's bottom, and
+the fallbacks (outputs not kept by a later layer, in-place layers). Each product is compared
+with the autograd engine in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import secondorder as so
+from secondorder.curvature import sequential
+
+DT = torch.float64
+RTOL = 1e-10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _mlp(act: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, 3))
+
+
+MODELS = {
+    "relu_mlp": (lambda: _mlp(nn.ReLU), (7, 4)),
+    "sigmoid_mlp": (lambda: _mlp(nn.Sigmoid), (7, 4)),
+    "tanh_mlp": (lambda: _mlp(nn.Tanh), (7, 4)),
+    "silu_mlp": (lambda: _mlp(nn.SiLU), (7, 4)),
+    "leaky_mlp": (lambda: _mlp(lambda: nn.LeakyReLU(0.1)), (7, 4)),
+    "sigmoid_cnn_pool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.Sigmoid(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(2, 3, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Flatten(),
+            nn.Linear(3, 4),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        ),
+        (5, 1, 12, 12),
+    ),
+    "overlapping_pool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        ),
+        (4, 1, 7, 7),
+    ),
+    "silu_then_pool": (  # derivative not a function of the output: gathered at the indices
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3), nn.SiLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(27, 3)
+        ),
+        (4, 2, 20),
+    ),
+    "act_pool_pool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.Sigmoid(),
+            nn.MaxPool2d(2),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (4, 1, 10, 10),
+    ),
+    "output_not_kept": (  # tanh -> BatchNorm (stores x-hat) and a final sigmoid
+        lambda: nn.Sequential(
+            nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(5), nn.Linear(5, 3), nn.Sigmoid()
+        ).eval(),
+        (6, 4),
+    ),
+    "relu_then_sigmoid": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Sigmoid(), nn.Linear(5, 3)),
+        (6, 4),
+    ),
+    "inplace_relu": (
+        lambda: nn.Sequential(
+            nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
+        ),
+        (6, 4),
+    ),
+    "dropout_between": (
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)).eval(),
+        (6, 4),
+    ),
+}
+
+
+def _build(name: str, seed: int = 0):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = make().to(DT)
+    X = torch.randn(*shape, dtype=DT)
+    y = torch.randint(0, 3, (shape[0],))
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+@pytest.fixture(params=[False, True], ids=["unblocked", "blocked"])
+def blocking(request, monkeypatch):
+    """Run with the default block threshold and with every hidden layer split in two."""
+    if request.param:
+        monkeypatch.setattr(sequential, "_MIN_BLOCK", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_products_match_autograd(name, blocking):
+    model, loss_fn, X, y = _build(name)
+    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    ref = so.GGN(model, loss_fn, (X, y), engine="autograd")
+    n = G.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(n, generator=gen, dtype=DT)
+    V = torch.randn(n, 3, generator=gen, dtype=DT)
+    assert rel_err(G @ v, ref @ v) <= RTOL
+    assert rel_err(G @ V, ref @ V) <= RTOL  # batched tangents
+    assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
+    grad, ref_grad = G.gradient(), ref.gradient()
+    assert rel_err(grad, ref_grad) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["relu_mlp", "tanh_mlp", "silu_mlp"])
+def test_partial_parameters_and_blocks(name, blocking):
+    """Products restricted to parameter subsets stop inside (or below) the blocked triple."""
+    model, loss_fn, X, y = _build(name)
+    for frozen in (["0.weight"], ["0.bias"], ["0.weight", "0.bias"], ["2.weight"]):
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in frozen)
+        G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+        ref = so.GGN(model, loss_fn, (X, y), engine="autograd")
+        assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
+
+
+def test_block_diagonal_blocks_match(blocking):
+    """Per-parameter diagonal blocks (vjp into one requested parameter) stay exact."""
+    model, loss_fn, X, y = _build("relu_mlp")
+    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    dense = so.GGN(model, loss_fn, (X, y), engine="autograd").to_dense()
+    start = 0
+    for i, p in enumerate(model.parameters()):
+        block = G.block(i).to_dense()
+        end = start + p.numel()
+        assert rel_err(block, dense[start:end, start:end]) <= RTOL
+        start = end
+
+
+def _kept(name: str) -> list[tuple[str, set[str]]]:
+    model, loss_fn, X, y = _build(name)
+    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    lin = G._states[0][0].lin
+    return [(type(layer).__name__, set(rec)) for layer, rec in lin._steps]
+
+
+def test_relu_and_sigmoid_keep_no_derivative():
+    """ReLU, sigmoid and tanh feeding a stored input keep no derivative tensor."""
+    for name in ("relu_mlp", "sigmoid_mlp", "tanh_mlp"):
+        acts = [keys for kind, keys in _kept(name) if kind in ("ReLU", "Sigmoid", "Tanh")]
+        assert acts and all("d" not in keys and "s" in keys for keys in acts)
+    acts = [keys for kind, keys in _kept("silu_mlp") if kind == "SiLU"]
+    assert all("d" in keys for keys in acts)
+
+
+def test_activation_moves_behind_pooling():
+    steps = [kind for kind, _ in _kept("sigmoid_cnn_pool")]
+    assert steps[:3] == ["Conv2d", "MaxPool2d", "Sigmoid"]
+    assert steps[3:6] == ["Conv2d", "MaxPool2d", "ReLU"]
+    model, loss_fn, X, y = _build("silu_then_pool")
+    lin = so.GGN(model, loss_fn, (X, y), engine="sequential")._states[0][0].lin
+    (pool, pool_rec), (act, act_rec) = lin._steps[1:3]
+    assert isinstance(pool, nn.MaxPool1d) and isinstance(act, nn.SiLU)
+    assert act_rec["d"].shape == pool_rec["idx"].shape  # only the pooled entries
+
+
+def test_outputs_not_kept_fall_back_to_derivatives():
+    kinds = dict(_kept("output_not_kept"))
+    assert "d" in kinds["Tanh"] and "s" not in kinds["Tanh"]  # BatchNorm keeps x-hat, not s
+    assert "s" in kinds["Sigmoid"]  # the model output is kept anyway
+    kinds = dict(_kept("inplace_relu"))
+    assert all("s" not in keys for keys in kinds.values())
+
+
+def test_held_memory_of_relu_mlp_is_the_layer_inputs():
+    """The operator's stored tensors for a ReLU MLP are its layer inputs and nothing else."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    X, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    lin = so.GGN(model, nn.CrossEntropyLoss(), (X, y))._states[0][0].lin
+    storages = {
+        v.untyped_storage().data_ptr()
+        for _, rec in lin._steps
+        for key, v in rec.items()
+        if isinstance(v, torch.Tensor) and key not in ("w",)
+    }
+    inputs = {rec["x"].untyped_storage().data_ptr() for _, rec in lin._steps if "x" in rec}
+    assert storages == inputs
