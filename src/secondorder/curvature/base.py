@@ -63,6 +63,38 @@ def global_count(local: int, group: Any) -> int:
     return int(total.item())
 
 
+class _LazyOutput(Sequence[Tensor]):
+    """Parameter-shaped views into one flat zero buffer, allocated on first access.
+
+    A product's output is first touched by its reverse pass, so allocating it then keeps it
+    out of the forward pass's (tangent) memory peak.
+    """
+
+    def __init__(
+        self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self._shapes = list(shapes)
+        self._sizes = [s.numel() for s in self._shapes]
+        self._dtype, self._device = dtype, device
+        self._flat: Tensor | None = None
+        self._views: list[Tensor] = []
+
+    def flat(self) -> Tensor:
+        """The flat buffer (allocated now if no product touched it)."""
+        if self._flat is None:
+            self._flat = torch.zeros(sum(self._sizes), dtype=self._dtype, device=self._device)
+            parts = self._flat.split(self._sizes)
+            self._views = [v.view(shape) for v, shape in zip(parts, self._shapes)]
+        return self._flat
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __getitem__(self, i: Any) -> Any:
+        self.flat()
+        return self._views[i]
+
+
 class CurvatureOperator(LinearOperator):
     """Base class of symmetric curvature operators over a model's trainable parameters.
 
@@ -150,7 +182,7 @@ class CurvatureOperator(LinearOperator):
         state: Any,
         tangents: list[Tensor | None],
         indices: Sequence[int] | None,
-        out: list[Tensor],
+        out: Sequence[Tensor],
         weight: float,
     ) -> None:
         """Add ``weight`` times one batch's product (blocks ``indices``) into the views ``out``.
@@ -220,11 +252,10 @@ class CurvatureOperator(LinearOperator):
     ) -> Tensor:
         """Like :meth:`_accumulate` for one vector, written into one flat buffer in place."""
         idx = range(len(self.fmodel.params)) if indices is None else indices
-        sizes = [self.fmodel.numels[i] for i in idx]
-        flat = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
-        views = [v.view(self.fmodel.shapes[i]) for v, i in zip(flat.split(sizes), idx)]
+        views = _LazyOutput([self.fmodel.shapes[i] for i in idx], self.dtype, self.device)
         for state, weight in self._iter_states():
             self._apply_into(state, tangents, indices, views, weight)
+        flat = views.flat()
         if self.process_group is not None:
             (flat,) = self._allreduce([flat])
         return flat

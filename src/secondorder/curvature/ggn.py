@@ -86,7 +86,7 @@ class GGN(CurvatureOperator):
         state: Any,
         tangents: list[Tensor | None],
         indices: Sequence[int] | None,
-        out: list[Tensor],
+        out: Sequence[Tensor],
         weight: float,
     ) -> None:
         jv = state.lin.jvp(tangents, False)

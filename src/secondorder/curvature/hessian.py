@@ -84,7 +84,7 @@ class Hessian(CurvatureOperator):
         state: Any,
         tangents: list[Tensor | None],
         indices: Sequence[int] | None,
-        out: list[Tensor],
+        out: Sequence[Tensor],
         weight: float,
     ) -> None:
         outs, tans = [], []

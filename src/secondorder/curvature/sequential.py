@@ -22,11 +22,11 @@ so only the derivative at the selected entries is needed (the pooled output is
   :math:`db \mathrel{+}= \sum u`, :math:`u \leftarrow u W`; it stops below the lowest requested
   parameter and writes the parameter blocks straight into the caller's buffer.
 
-At the bottom of a product a pattern ``Linear, activation, Linear`` is computed in two column
-blocks of the hidden layer (the tangent of the first layer is only ever needed block by block:
-:math:`dz_2 = \sum_J \big(\sigma'_J \odot (x\,dW_J^\top + db_J)\big) W_{2,:J}^\top`, and
+At the bottom of the reverse pass a pattern ``Linear, activation, Linear`` is computed in two
+column blocks of the hidden layer (its cotangent is only needed block by block,
 :math:`dW_{1,J} = (\sigma'_J \odot u W_{2,:J})^\top x`), so that the hidden layer's full
-tangent or cotangent never coexists with its neighbour's.
+cotangent never coexists with its neighbour's and the product's output buffer. (The forward
+pass needs no blocking: the operators allocate the output only when the reverse pass starts.)
 
 No autograd graph is kept, so the operator holds less than a gradient's saved activations, and
 no product pays the autograd engine's dispatch or the slow CPU double backward of convolutions.
@@ -335,53 +335,10 @@ class SequentialLinearization:
         r"""Return :math:`Jv` (shape of ``z``; ``(K, *z.shape)`` when batched), or None if zero."""
         dx: Tensor | None = None
         K = next(t.shape[0] for t in tangents if t is not None) if batched else 0
-        k = 0
         with torch.no_grad():
-            while k < len(self._steps):
-                lower = self._steps[k][1]
-                if (
-                    dx is None
-                    and not batched
-                    and k in self._triples
-                    and lower["iw"] is not None
-                    and tangents[lower["iw"]] is not None
-                ):
-                    dx = self._jvp_triple(k, tangents)
-                    k += 3
-                    continue
-                layer, rec = self._steps[k]
+            for layer, rec in self._steps:
                 dx = self._jvp_layer(layer, rec, dx, tangents, K, batched)
-                k += 1
         return dx
-
-    def _jvp_triple(self, k: int, tangents: Sequence[Tensor | None]) -> Tensor:
-        r"""Tangent of ``Linear, activation, Linear`` (steps ``k..k+2``) with no input tangent.
-
-        .. math::
-            dz_2 = \sum_J \big(\sigma'_{:,J} \odot (x\,dW_{J}^\top + db_J)\big) W_{2,:J}^\top
-            + x_2\,dW_2^\top + db_2
-
-        over two column blocks :math:`J` of the hidden layer, so only half of its tangent is
-        ever held beside :math:`dz_2`.
-        """
-        (_, lower), (act, act_rec), (_, upper) = self._steps[k : k + 3]
-        x, dw, w2 = lower["x"], tangents[lower["iw"]], upper["w"]
-        assert dw is not None
-        db = tangents[lower["ib"]] if lower["ib"] is not None else None
-        dw2 = tangents[upper["iw"]] if upper["iw"] is not None else None
-        db2 = tangents[upper["ib"]] if upper["ib"] is not None else None
-        out: Tensor | None = None
-        if dw2 is not None:  # the upper layer's own terms first, the bias fused into the product
-            x2 = upper["x"]
-            out = x2 @ dw2.T if db2 is None else torch.addmm(db2, x2, dw2.T)
-            db2 = None
-        for cols in _halves(dw.shape[0]):
-            h = x @ dw[cols].T if db is None else torch.addmm(db[cols], x, dw[cols].T)
-            h = self._times_derivative(act, act_rec, h, True, cols)
-            out = h @ w2[:, cols].T if out is None else out.addmm_(h, w2[:, cols].T)
-            del h
-        assert out is not None
-        return out if db2 is None else out.add_(db2)
 
     @staticmethod
     def _times_derivative(
