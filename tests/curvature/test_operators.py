@@ -72,6 +72,19 @@ def test_engines_agree(case, engine):
     assert rel_err(dense, dense_ggn(model, loss_fn, inputs, y)) <= RTOL
 
 
+@pytest.mark.parametrize("engine", ["autograd", "sequential"])
+def test_linear_layers_on_sequence_inputs(engine):
+    # Linear on (N, T, d) inputs: batched products (to_dense, G @ V) broadcast over T
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
+    x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 3, 2, dtype=DT)
+    G = so.GGN(model, nn.MSELoss(), (x, y), engine=engine)
+    expected = dense_ggn(model, nn.MSELoss(), (x,), y)
+    assert rel_err(G.to_dense(), expected) <= RTOL
+    V = torch.randn(G.shape[0], 3, dtype=DT)
+    assert rel_err(G @ V, expected @ V) <= RTOL
+
+
 def test_sequential_engine_refuses_other_modules():
     model, loss_fn, inputs, y = build(CASES[3], "ce", "mean")  # bn_module
     with pytest.raises(ValueError, match="engine='sequential'"):

@@ -378,7 +378,10 @@ class SequentialLinearization:
                     if out is not None and not batched and x.ndim == 2:
                         out.addmm_(x, dw.T)  # no temporary
                     else:
-                        term = x @ dw.transpose(-1, -2)
+                        dwt = dw.transpose(-1, -2)  # (in, out), or (K, in, out) if batched
+                        if batched:  # broadcast over the input's leading dimensions
+                            dwt = dwt.reshape(K, *([1] * (x.ndim - 2)), *dwt.shape[1:])
+                        term = x @ dwt
                         out = term if out is None else out.add_(term)
             else:
                 conv, kw = _CONV[t], rec["kw"]
