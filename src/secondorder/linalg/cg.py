@@ -409,15 +409,23 @@ def cg(
         num_matvecs += 1
         r = b - ax
     z = r if apply_m is None else apply_m(r).detach()
-    rz = torch.dot(r, z)
     p = z.clone()
-    scalars = [torch.dot(b, b), rz, torch.dot(x, b), torch.dot(x, r)]
+    # the scalars of the start, in one host transfer; those known to be equal are not recomputed
+    # (r = b without x0, z = r without M, and x^T x = x^T b = x^T r = 0 without x0)
+    scalars = [torch.dot(b, b)]
+    if x0 is not None:
+        scalars += [torch.dot(r, r), torch.dot(x, b), torch.dot(x, r), torch.dot(x, x)]
     if apply_m is not None:
-        scalars += [torch.dot(r, r), torch.dot(p, p)]
-    values = torch.stack(scalars).tolist()
-    bb_f, rz_f, xb_f, xr_f = values[:4]
-    rr_f, pp_f = (rz_f, rz_f) if apply_m is None else values[4:]
+        scalars += [torch.dot(r, z), torch.dot(p, p)]
+    values = torch.stack(scalars).tolist() if len(scalars) > 1 else [scalars[0].item()]
+    bb_f = values[0]
+    rr_f, xb_f, xr_f, xx_f = values[1:5] if x0 is not None else (bb_f, 0.0, 0.0, 0.0)
+    rz_f, pp_f = values[-2:] if apply_m is not None else (rr_f, rr_f)
     phi_f = -0.5 * (xb_f + xr_f)
+    # an upper bound of ||x_k|| (triangle inequality over the steps): while it stays below
+    # the dtype's range, x_k cannot hold an Inf, and no entrywise check is needed at the end
+    x_bound = math.sqrt(xx_f) if xx_f >= 0 else math.inf
+    x_safe = torch.finfo(dtype).max / 4
 
     tol = max(rtol_f * math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
     residual_norms = [math.sqrt(rr_f) if rr_f >= 0 else math.nan]
@@ -432,7 +440,7 @@ def cg(
 
     def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
         nonlocal x, it
-        if it > 0 and not bool(torch.isfinite(x).all()):
+        if it > 0 and not x_bound < x_safe and not bool(torch.isfinite(x).all()):
             # a step overflowed (alpha * p beyond the dtype's range): never hand out Inf/NaN
             x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
             del residual_norms[1:], phis[1:], iterates[:]
@@ -505,6 +513,7 @@ def cg(
                 before_negative = (it, x.clone(), phis[-1])
         x.add_(p, alpha=alpha_f)
         r.add_(ap, alpha=-alpha_f)
+        x_bound += abs(alpha_f) * math.sqrt(pp_f)
         z = r if apply_m is None else apply_m(r).detach()
         if apply_m is None:
             rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
