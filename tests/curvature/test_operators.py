@@ -340,3 +340,79 @@ def test_module_instance_applied_twice():
         G = so.GGN(model, loss_fn, (X, y), engine=engine)
         assert rel_err(G.to_dense(), dense_ggn(model, loss_fn, (X,), y)) <= RTOL
         assert torch.allclose(G.loss, loss_fn(model(X), y))
+
+
+def _eval_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+LAYER_ZOO = {
+    "avgpool": lambda: nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)
+    ),
+    "conv1d_bn_maxpool": lambda: _eval_bn(
+        nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.BatchNorm1d(3),
+            nn.Tanh(),
+            nn.MaxPool1d(2),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        )
+    ),
+    "unflatten_bn2d": lambda: _eval_bn(
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16, 18),
+            nn.Unflatten(1, (2, 3, 3)),
+            nn.BatchNorm2d(2),
+            nn.Sigmoid(),
+            nn.Conv2d(2, 2, 2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+    ),
+    "activations": lambda: nn.Sequential(
+        nn.Linear(16, 5),
+        nn.LeakyReLU(0.1),
+        nn.Linear(5, 5),
+        nn.GELU(),
+        nn.Linear(5, 5),
+        nn.ELU(),
+        nn.Dropout(0.3).eval(),
+        nn.Linear(5, 5),
+        nn.Softplus(),
+        nn.Linear(5, 3),
+    ),
+    "pool_after_sigmoid": lambda: nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(1 * 2, 2, 1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2, 3),
+    ),
+}
+ZOO_INPUTS = {"conv1d_bn_maxpool": (4, 2, 4), "activations": (4, 16)}
+
+
+@pytest.mark.parametrize("name", list(LAYER_ZOO))
+def test_sequential_engine_single_and_batched_products_match_autograd(name):
+    # every layer type of the hand-written engine, single (G @ v) and batched (G @ V) products
+    torch.manual_seed(0)
+    model = LAYER_ZOO[name]().to(DT)
+    shape = ZOO_INPUTS.get(name, (4, 1, 6, 6) if name != "unflatten_bn2d" else (4, 1, 4, 4))
+    x = torch.randn(*shape, dtype=DT)
+    y = torch.randn(model(x).shape, dtype=DT)
+    ours = so.GGN(model, nn.MSELoss(), (x, y), engine="sequential")
+    ref = so.GGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    V = torch.randn(ours.shape[0], 4, dtype=DT)
+    assert rel_err(ours @ V, ref @ V) <= RTOL
+    assert rel_err(ours @ V[:, 1], ref @ V[:, 1]) <= RTOL

@@ -496,9 +496,110 @@ class SequentialLinearization:
             return bufs
         K = cotangent.shape[0]
         bufs = [self.leaves[i].new_zeros(K, *self.leaves[i].shape) for i in idx]
-        for k in range(K):
-            self.vjp_into(cotangent[k], [b[k] for b in bufs], idx)
+        target = {i: buf for i, buf in zip(idx, bufs)}
+        stop = min((self._lowest_step[i] for i in idx), default=len(self._steps))
+        u, owned = cotangent, False
+        with torch.no_grad():
+            for k in range(len(self._steps) - 1, stop - 1, -1):
+                layer, rec = self._steps[k]
+                u, owned = self._vjp_layer_batched(
+                    layer, rec, u, owned, target, need_input=k > stop
+                )
         return bufs
+
+    def _vjp_layer_batched(
+        self,
+        layer: nn.Module,
+        rec: dict[str, Any],
+        u: Tensor,
+        owned: bool,
+        target: dict[int, Tensor],
+        need_input: bool,
+    ) -> tuple[Tensor, bool]:
+        r"""One layer of the reverse pass for ``K`` cotangents at once, ``u`` of shape ``(K, ...)``.
+
+        Each operation runs once on all columns (for a Linear layer :math:`dW_k = u_k^\top x` as
+        one batched product, :math:`u_k W` as one ``(K R, out) @ (out, in)`` product) instead of
+        ``K`` reverse passes.
+        """
+        t = type(layer)
+        K = u.shape[0]
+        if t is nn.Linear:
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            out_f = u.shape[-1]
+            u3 = u.reshape(K, -1, out_f)  # (K, R, out), rows R = every leading input dimension
+            if gw is not None:
+                x = rec["x"]
+                x2 = x.reshape(-1, x.shape[-1])
+                gw.view(K, out_f, -1).baddbmm_(u3.transpose(1, 2), x2.expand(K, *x2.shape))
+            if gb is not None:
+                gb.add_(u3.sum(1))
+            return (u @ rec["w"], True) if need_input else (u, owned)
+        if t in _CONV:
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            kw, w = rec["kw"], rec["w"]
+            nd = w.ndim - 2
+            flat = u.flatten(0, 1)  # (K N, out, *spatial)
+            grads = torch.ops.aten.convolution_backward(
+                flat,
+                rec["x"].expand(K, *rec["x"].shape).flatten(0, 1),
+                w,
+                None,
+                list(kw["stride"]),
+                list(kw["padding"]),
+                list(kw["dilation"]),
+                False,
+                [0] * nd,
+                kw["groups"],
+                [need_input, False, False],
+            )
+            if gw is not None:
+                for k in range(K):  # one weight gradient per column
+                    gw[k].add_(
+                        torch.ops.aten.convolution_backward(
+                            u[k],
+                            rec["x"],
+                            w,
+                            None,
+                            list(kw["stride"]),
+                            list(kw["padding"]),
+                            list(kw["dilation"]),
+                            False,
+                            [0] * nd,
+                            kw["groups"],
+                            [False, True, False],
+                        )[1]
+                    )
+            if gb is not None and rec["has_bias"]:
+                gb.add_(u.sum(dim=(1, *range(3, u.ndim))))
+            return (grads[0].unflatten(0, (K, -1)), True) if need_input else (u, owned)
+        if not need_input:
+            return u, owned
+        if t in _ELEMENTWISE:
+            return self._times_derivative(layer, rec, u, owned), True
+        if t in _MAXPOOL:
+            idx = rec["idx"]
+            grad = u.new_zeros(K, *rec["in_shape"])
+            index = idx.flatten(2).expand(K, *idx.flatten(2).shape)
+            grad.flatten(3).scatter_add_(3, index, u.flatten(3))
+            return grad, True
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
+            dims = [d for d in range(1, u.ndim) if d != 2]
+            if gw is not None:
+                gw.add_((u * rec["xhat"]).sum(dims))
+            if gb is not None:
+                gb.add_(u.sum(dims))
+            return u * rec["scale"], True
+        if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
+            return u.reshape(K, *rec["in_shape"]), owned
+        # other parameter-free per-sample linear layers (average pooling): the columns ride
+        # along the batch dimension
+        with torch.enable_grad():
+            shape = (K * rec["in_shape"][0], *rec["in_shape"][1:])
+            probe = u.new_zeros(shape, requires_grad=True)
+            (grad,) = torch.autograd.grad(layer(probe), probe, u.flatten(0, 1))
+        return grad.unflatten(0, (K, -1)), True
 
     def _vjp_layer(
         self,
