@@ -145,6 +145,17 @@ class JacobiPreconditioner(LinearOperator):
         return torch.diag(self.inverse_diagonal)
 
 
+def _times_inverse_transpose(a: Tensor, chol: Tensor) -> Tensor:
+    r""":math:`A C^{-\top}` for a tall ``(n, r)`` matrix and a small lower-triangular ``C``.
+
+    Through the explicit inverse of the ``r x r`` triangle and one ``(n, r) @ (r, r)`` product:
+    on the CPU a triangular solve with ``n`` right-hand sides is about 10x slower.
+    """
+    eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return a @ inv.T.to(a.dtype)
+
+
 def _orthonormal_columns(a: Tensor) -> Tensor:
     """Orthonormal basis of the columns of a tall ``(n, r)`` matrix by Cholesky-QR.
 
@@ -159,7 +170,7 @@ def _orthonormal_columns(a: Tensor) -> Tensor:
         chol, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             return torch.linalg.qr(a).Q
-        q = torch.linalg.solve_triangular(chol.to(a.dtype), q.T, upper=False).T
+        q = _times_inverse_transpose(q, chol)
     return q
 
 
@@ -260,7 +271,7 @@ class NystromPreconditioner(LinearOperator):
         chol, info = torch.linalg.cholesky_ex(core)
         if int(info) == 0:
             # B = Y_nu C^{-T}, so that B B^T = Y_nu (Omega^T Y_nu)^{-1} Y_nu^T
-            b_mat = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T
+            b_mat = _times_inverse_transpose(y_nu, chol)
         else:
             # rounding (or a slightly indefinite A) broke the Cholesky: pseudo-inverse square
             # root of the core matrix from its eigendecomposition instead
