@@ -371,18 +371,27 @@ class SequentialLinearization:
             db = tangents[rec["ib"]] if rec["ib"] is not None else None
             out: Tensor | None = None
             if t is nn.Linear:
+                # a single tangent's bias term is fused into the first matrix product
+                fuse = db is not None and not batched
+                fused = False
                 if dx is not None:
-                    out = F.linear(dx, rec["w"])
+                    out = F.linear(dx, rec["w"], db if fuse else None)
+                    fused = fuse
                 if dw is not None:
                     x = rec["x"]
                     if out is not None and not batched and x.ndim == 2:
                         out.addmm_(x, dw.T)  # no temporary
+                    elif out is None and fuse and x.ndim == 2:
+                        out = torch.addmm(db, x, dw.T)  # type: ignore[arg-type]
+                        fused = True
                     else:
                         dwt = dw.transpose(-1, -2)  # (in, out), or (K, in, out) if batched
                         if batched:  # broadcast over the input's leading dimensions
                             dwt = dwt.reshape(K, *([1] * (x.ndim - 2)), *dwt.shape[1:])
                         term = x @ dwt
                         out = term if out is None else out.add_(term)
+                if fused:
+                    db = None  # already added
             else:
                 conv, kw = _CONV[t], rec["kw"]
                 if dx is not None:
