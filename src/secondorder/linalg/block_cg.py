@@ -125,9 +125,17 @@ def block_cg(
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
         raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
     stop_negative = negative_curvature == "stop"
-    x = [torch.zeros_like(bi) for bi in b]
-    r = [bi.detach().clone() for bi in b]
-    p = [ri.clone() for ri in r]
+    if n and len({(bi.dtype, bi.device) for bi in b}) == 1:
+        # every system's vectors are views of one flat buffer each: three allocations, not 3n
+        sizes = [bi.numel() for bi in b]
+        flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
+        x = [v.view(bi.shape) for v, bi in zip(flat_r.new_zeros(flat_r.shape).split(sizes), b)]
+        r = [v.view(bi.shape) for v, bi in zip(flat_r.split(sizes), b)]
+        p = [v.view(bi.shape) for v, bi in zip(flat_r.clone().split(sizes), b)]
+    else:
+        x = [torch.zeros_like(bi) for bi in b]
+        r = [bi.detach().clone() for bi in b]
+        p = [ri.clone() for ri in r]
     rr = torch.stack([torch.dot(ri, ri) for ri in r]).tolist() if n else []
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
