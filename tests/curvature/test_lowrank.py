@@ -52,11 +52,23 @@ def unflatten_mlp() -> nn.Module:  # a Linear on 3-D inputs: the kron engine doe
     )
 
 
+def conv1d_net() -> nn.Module:  # strided, dilated, padded Conv1d; no bias on the second
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2),
+        nn.Tanh(),
+        nn.Conv1d(3, 2, 2, bias=False),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(8, C),
+    )
+
+
 MODELS = {
     "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "kron"),
     "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "kron"),
     "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "autograd"),
-    "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "autograd"),
+    "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "kron"),
+    "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "kron"),
     "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
     "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "autograd"),
@@ -139,7 +151,7 @@ def test_gram_spectrum_and_dense(name, loss_name, red):
 
 @pytest.mark.parametrize("red", ["mean", "sum"])
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("name", ["seed_mlp", "relu_mlp", "cnn", "two_inputs"])
+@pytest.mark.parametrize("name", ["seed_mlp", "relu_mlp", "cnn", "conv1d", "two_inputs"])
 def test_directions_and_directional_derivatives(name, loss_name, red):
     model, loss_fn, x, y, _ = make(name, loss_name, red)
     lr = LowRankGGN(model, loss_fn, (x, y))
@@ -350,6 +362,7 @@ def test_errors():
     with pytest.raises(ValueError, match="engine"):
         LowRankGGN(model, loss_fn, (x, y), engine="fast")
     cnn_model, _, cx, cy, _ = make("cnn", "mse", "mean")
+    cnn_model[0] = nn.Conv2d(1, 2, 3, groups=1, padding_mode="circular").to(DT)
     with pytest.raises(ValueError, match="kron"):
         LowRankGGN(cnn_model, loss_fn, (cx, cy), engine="kron")
     um, _, ux, uy, _ = make("unflatten_mlp", "mse", "mean")
@@ -425,3 +438,113 @@ def test_eigensolver_choices():
         assert rel_err(lr.gram() @ U, U * evals) <= 1e-10
     with pytest.raises(ValueError, match="eigensolver"):
         LowRankGGN(model, loss_fn, (x, y), eigensolver="arpack")
+
+
+# ------------------------------------------------------------- convolutions (kron)
+def conv_blocks(model: nn.Module) -> list[list[torch.Tensor]]:
+    """Parameter groups: a conv weight alone, a bias alone, and a conv/Linear mixture."""
+    convs = [m for m in model if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    return [
+        [convs[1].weight],
+        [convs[0].bias],
+        [linears[-1].bias, convs[0].weight, convs[1].weight],
+    ]
+
+
+@pytest.mark.parametrize("mc", [0, 2])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("name", ["cnn", "conv1d"])
+def test_conv_kron_equals_autograd_and_dense(name, loss_name, mc):
+    model, loss_fn, x, y, _ = make(name, loss_name, "mean")
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    kron = LowRankGGN(model, loss_fn, (x, y), mc_samples=mc, generator=gen(), engine="kron")
+    auto = LowRankGGN(model, loss_fn, (x, y), mc_samples=mc, generator=gen(), engine="autograd")
+    assert kron.engine == "kron" and auto.engine == "autograd"
+    assert torch.equal(kron.column_sample, auto.column_sample)
+    params = list(model.parameters())
+    offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
+    dense = auto.to_dense()
+    if mc == 0:
+        assert rel_err(dense, dense_ggn(model, loss_fn, x, y)) <= 1e-10
+    for block in [None, *conv_blocks(model)]:
+        assert rel_err(kron.gram(block), auto.gram(block)) <= 1e-12
+        assert rel_err(kron.factor(block), auto.factor(block)) <= 1e-12
+        assert rel_err(kron.gradient(block), auto.gradient(block)) <= 1e-12
+        where = [next(i for i, q in enumerate(params) if q is p) for p in block or params]
+        flat = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in where])
+        expected = dense[flat][:, flat]
+        ours = nonzero_eigenvalues(kron.eigvalsh(block))
+        assert rel_err(ours, nonzero_eigenvalues(torch.linalg.eigvalsh(expected))) <= 1e-9
+        idx = [kron.num_columns - 1, kron.num_columns - 2]
+        E, E_auto = kron.eigenvectors(idx, block), auto.eigenvectors(idx, block)
+        sign = torch.sign((E * E_auto).sum(0))
+        assert rel_err(expected @ E, E * kron.eigvalsh(block)[idx]) <= 1e-9
+        assert rel_err(E, E_auto * sign) <= 1e-8
+        gammas, lambdas = kron.directional_derivatives(idx, block)
+        g_auto, l_auto = auto.directional_derivatives(idx, block)
+        assert rel_err(gammas, g_auto * sign) <= 1e-8 and rel_err(lambdas, l_auto) <= 1e-9
+
+
+def test_conv_several_batches_equal_the_concatenated_batch():
+    model, loss_fn, x, y, _ = make("cnn", "ce", "sum", n=6)
+    (X,) = x
+    split = [((X[:2],), y[:2]), ((X[2:],), y[2:])]
+    parts = LowRankGGN(model, loss_fn, split, engine="kron")
+    whole = LowRankGGN(model, loss_fn, (x, y), engine="autograd")
+    assert parts.engine == "kron" and parts.num_samples == 6
+    assert rel_err(parts.gram(), whole.gram()) <= 1e-12
+    assert rel_err(parts.gradient(), whole.gradient()) <= 1e-12
+    assert rel_err(parts.factor(), whole.factor()) <= 1e-12
+    idx = [whole.num_columns - 1]
+    assert (
+        rel_err(parts.directional_derivatives(idx)[1], whole.directional_derivatives(idx)[1])
+        <= 1e-9
+    )
+
+
+def test_conv_patches_in_chunks_of_samples(monkeypatch):
+    import secondorder.curvature.lowrank as lowrank
+
+    model, loss_fn, x, y, _ = make("cnn", "mse", "mean", n=5)
+    whole = LowRankGGN(model, loss_fn, (x, y), engine="kron")
+    monkeypatch.setattr(lowrank, "_PATCH_ELEMENTS", 1)  # one sample per chunk
+    chunked = LowRankGGN(model, loss_fn, (x, y), engine="kron")
+    assert rel_err(chunked.gram(), whole.gram()) <= 1e-12
+    assert rel_err(chunked.gradient(), whole.gradient()) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(2, 4, 3, groups=2),
+        lambda: nn.Conv2d(2, 3, 3, padding="same"),
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: nn.Conv3d(2, 3, 1),
+    ],
+)
+def test_unsupported_convolutions_fall_back(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), conv(), nn.Flatten(), nn.LazyLinear(C))
+    x = torch.randn(N, 1, 6, 6)
+    if isinstance(model[2], nn.Conv3d):
+        model[2] = nn.Sequential(nn.Unflatten(1, (2, 1)), model[2], nn.Flatten(1, 2))
+    model(x)
+    model = model.to(DT)
+    x, y = x.to(DT), torch.randn(N, C, dtype=DT)
+    lr = LowRankGGN(model, nn.MSELoss(), (x, y))
+    assert lr.engine == "autograd"
+    assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
+    with pytest.raises(ValueError, match="kron"):
+        LowRankGGN(model, nn.MSELoss(), (x, y), engine="kron")
+    # frozen, a grouped convolution or Conv3d leaves the rest to the kron engine (a string
+    # padding or another padding mode is outside the Sequential engine's layers altogether)
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    kron = LowRankGGN(model, nn.MSELoss(), (x, y))
+    auto = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    conv = model[2][1] if isinstance(model[2], nn.Sequential) else model[2]
+    assert kron.engine == (
+        "kron" if conv.padding_mode == "zeros" and conv.padding != "same" else "autograd"
+    )
+    assert rel_err(kron.gram(), auto.gram()) <= 1e-12

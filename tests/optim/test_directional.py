@@ -377,3 +377,59 @@ def test_criteria_with_and_without_num_leading():
     assert len(opt.diagnostics["indices"][0]) == chosen
     with pytest.raises(ValueError, match="eigensolver"):
         DirectionalDampedNewton(model, loss_fn, eigensolver="arpack")
+
+
+@pytest.mark.parametrize("mc_samples", [0, 2])
+def test_sequential_cnn_kron_engine_equals_autograd(mc_samples):
+    """Seed 001's sigmoid CNN, shrunk: the kron engine's conv columns give autograd's step."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(2, 3, 3),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+        nn.Sigmoid(),
+        nn.Linear(4, D_OUT),
+    ).to(DT)
+    X, y = torch.randn(6, 1, 12, 12, dtype=DT), torch.randint(0, D_OUT, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    steps = {}
+    for engine in ("kron", "autograd"):
+        trial = copy.deepcopy(model)
+        opt = DirectionalDampedNewton(
+            trial,
+            loss_fn,
+            params=[
+                {"params": [trial[3].weight], "criterion": top_k(3)},
+                {"params": [trial[0].bias], "criterion": top_k(1)},
+                {
+                    "params": [trial[i].weight for i in (0, 7, 9)]
+                    + [trial[i].bias for i in (3, 7, 9)],
+                    "criterion": top_k(4),
+                },
+            ],
+            damping=0.1,
+            mc_samples=mc_samples,
+            engine=engine,
+        )
+        before = flat(trial)
+        opt.step(X, y)
+        steps[engine] = flat(trial) - before
+    assert rel_err(steps["kron"], steps["autograd"]) <= 1e-8
+    if mc_samples == 0:  # parameter order: conv1 w, b, conv2 w, b, fc1 w, b, fc2 w, b
+        expected = reference_step(
+            model,
+            loss_fn,
+            X,
+            y,
+            [
+                ([2], 3, lambda e: 0.1),
+                ([1], 1, lambda e: 0.1),
+                ([0, 3, 7, 4, 5, 6], 4, lambda e: 0.1),
+            ],
+        )
+        assert rel_err(steps["kron"], expected) <= 1e-8

@@ -37,12 +37,19 @@ which add up over parameters, so every param group (a subset of parameters, i.e.
 block of :math:`G`) gets its own Gram matrix at no extra backward pass. Two engines:
 
 - ``"kron"`` (``nn.Sequential`` of supported layers whose selected parameters all belong to
-  ``nn.Linear`` layers with inputs of shape ``(N, d)``): one batched backward of the
-  :math:`C' + 1` cotangents :math:`[S_{\cdot, c'}]` and :math:`[\nabla \ell]` gives every sample's
-  output gradients :math:`f_{n c'}` and :math:`h_n` of each Linear layer, and with layer inputs
-  :math:`x_n` the kernels are
+  ``nn.Linear`` layers with inputs of shape ``(N, d)`` or to ``nn.Conv1d``/``nn.Conv2d`` layers
+  with ``groups=1`` and zero padding given by numbers): one batched backward of the
+  :math:`C' + 1` cotangents :math:`[S_{\cdot, c'}]` and :math:`[\nabla \ell]` through zero
+  probes added to the layers' outputs gives every sample's output gradients :math:`f_{n c'}` and
+  :math:`h_n` of each such layer. For a Linear layer with inputs :math:`x_n` the kernels are
   :math:`(J_n^\top s)^\top (J_m^\top s') = (x_n^\top x_m + 1)(f_{ns}^\top f_{ms'})` (weight plus
-  bias). :math:`V` is never formed; cost :math:`O(D^2 d)` per layer.
+  bias); :math:`V` is never formed; cost :math:`O(D^2 d)` per layer. A convolution's output
+  gradients :math:`f_{nc'} \in \mathbb{R}^{\mathrm{out} \times P}` over its :math:`P` output
+  positions do not factor so: with the unfolded input patches
+  :math:`\tilde x_n \in \mathbb{R}^{\mathrm{in} k \times P}` the weight's column is
+  :math:`f_{nc'} \tilde x_n^\top` (shape ``(out, in k)``) and the bias's :math:`f_{nc'} 1_P`, so
+  the layer's rows of :math:`V` (``D x out in k``) and of the per-sample gradients are formed by
+  one batched matmul per chunk of samples; cost :math:`O(D^2\, \mathrm{out}\, \mathrm{in}\, k)`.
 - ``"autograd"`` (any module): :math:`V` and the per-sample gradients are formed explicitly
   (``P x (D + N)``) by batched vector-Jacobian products of the whole batch; cost
   :math:`O(D^2 P)`. Meant for small models and tests.
@@ -72,6 +79,8 @@ __all__ = ["LowRankGGN"]
 _ENGINES = ("auto", "kron", "autograd")
 _EIGENSOLVERS = ("auto", "torch", "lapack")
 _CHUNK = 256  # columns per batched backward in the autograd engine
+_PATCH_ELEMENTS = 1 << 26  # unfolded conv input patches per chunk of samples (kron engine)
+_KRON_CONV: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2}  # spatial dimensions
 
 
 class _Columns:
@@ -152,6 +161,67 @@ class _LinearColumns(_Columns):
         if index == self.bias:
             return self.H.mean(0)
         return self.H.T @ self.X / self.H.shape[0]
+
+
+def _kron_conv(layer: nn.Module) -> bool:
+    """Whether the kron engine handles ``layer``: Conv1d/Conv2d, groups 1, numeric zero padding."""
+    m: Any = layer
+    return (
+        type(layer) in _KRON_CONV
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+def _unfold(layer: Any, x: Tensor) -> Tensor:
+    r"""The input patches :math:`\tilde x_n` of a Conv1d/Conv2d layer.
+
+    A Conv1d input ``(N, in, L)`` is treated as ``(N, in, 1, L)`` with a ``(1, k)`` kernel.
+
+    Args:
+        layer: The convolution (its kernel size, dilation, padding and stride).
+        x: Its input, shape ``(N, in, *spatial)``.
+
+    Returns:
+        Shape ``(N, in * k, P)``, rows ordered as the flattened weight ``(in, *kernel)``.
+    """
+    if type(layer) is nn.Conv1d:
+        return F.unfold(
+            x.unsqueeze(2),
+            (1, *layer.kernel_size),
+            dilation=(1, *layer.dilation),
+            padding=(0, *layer.padding),
+            stride=(1, *layer.stride),
+        )
+    return F.unfold(
+        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    )
+
+
+def _conv_weight_rows(layer: Any, x: Tensor, g: Tensor) -> Tensor:
+    r"""Per-sample products :math:`\sum_p g_{nk}[:, p] \otimes \tilde x_n[:, p]` of a conv layer.
+
+    One batched matmul ``(N, K out, P) @ (N, P, in k)`` per chunk of samples, the chunks
+    bounding the unfolded patches to ``_PATCH_ELEMENTS`` elements.
+
+    Args:
+        layer: The convolution.
+        x: Its input, shape ``(N, in, *spatial)``.
+        g: Output gradients, shape ``(N, K, out, P)``.
+
+    Returns:
+        Shape ``(N, K, out * in * k)`` (flattened like the weight ``(out, in, *kernel)``).
+    """
+    N, K, out, P = g.shape
+    ink = layer.weight.numel() // out
+    rows = g.new_empty(N, K * out, ink)
+    gm = g.reshape(N, K * out, P)
+    step = max(1, _PATCH_ELEMENTS // max(1, ink * P))
+    for s in range(0, N, step):
+        patches = _unfold(layer, x[s : s + step])  # (n, in k, P)
+        torch.bmm(gm[s : s + step], patches.transpose(1, 2), out=rows[s : s + step])
+    return rows.view(N, K, out * ink)
 
 
 def _drop_softmax_null_column(S: Tensor, p: Tensor) -> Tensor:
@@ -361,14 +431,16 @@ class LowRankGGN:
         if engine == "kron" and layers is None:
             raise ValueError(
                 "engine='kron' needs an nn.Sequential of supported layers whose selected "
-                "parameters all belong to nn.Linear layers (untied); use engine='autograd'"
+                "parameters all belong to nn.Linear layers or to nn.Conv1d/nn.Conv2d layers with "
+                "groups=1 and numeric zero padding (untied); use engine='autograd'"
             )
         columns = self._kron(layers, batches) if layers is not None else None
         if columns is None:
             if engine == "kron":
                 raise ValueError(
                     "engine='kron' needs 2-D inputs (N, d) to every nn.Linear layer with selected "
-                    "parameters and one loss row per sample; use engine='autograd'"
+                    "parameters, batched inputs to every such convolution and one loss row per "
+                    "sample; use engine='autograd'"
                 )
             columns = self._explicit(batches)
             self.engine = "autograd"
@@ -408,7 +480,7 @@ class LowRankGGN:
             return None
         covered = set()
         for prefix, layer in layers:
-            if type(layer) is nn.Linear:
+            if type(layer) is nn.Linear or _kron_conv(layer):
                 covered |= {
                     self.fmodel.alias[prefix + n]
                     for n in ("weight", "bias")
@@ -421,50 +493,100 @@ class LowRankGGN:
     ) -> list[_Columns] | None:
         alias = self.fmodel.alias
         values = self.fmodel.parameter_dict([p.detach() for p in self.fmodel.params])
-        per_layer: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
-        loss = None
+        per_layer: dict[str, list[tuple[Tensor, ...]]] = {}
+        kinds: dict[str, nn.Module] = {}
+        loss, Cp = None, 0
         for batch, weight in zip(batches, self._weights):
             if len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
                 return None
             x, eps, recorded = batch.inputs[0], [], []
             with torch.enable_grad():
                 for prefix, layer in layers:
-                    if type(layer) is not nn.Linear:
+                    if type(layer) is not nn.Linear and not _kron_conv(layer):
                         x = layer(x)
                         continue
-                    out = F.linear(x, values[prefix + "weight"], values.get(prefix + "bias"))
+                    out = self._layer_output(layer, prefix, x, values)
                     if prefix + "weight" in alias or prefix + "bias" in alias:
-                        if x.ndim != 2:
+                        expected = 2 if type(layer) is nn.Linear else 2 + _KRON_CONV[type(layer)]
+                        if x.ndim != expected:
                             return None
                         e = torch.zeros_like(out, requires_grad=True)
                         out = out + e
                         eps.append(e)
-                        recorded.append((prefix, x.detach()))
+                        recorded.append((prefix, layer, x.detach()))
                     x = out
             z = x
             terms = loss_terms(self.loss_fn, z.detach(), batch.targets)
             S, grad_rows = self._factor(terms, weight)
             if S.shape[0] != batch.size:
                 return None
+            Cp = S.shape[-1]
             # cotangents: column c' of every sample's factor, then the per-sample gradients
             cot = torch.cat([S.permute(2, 0, 1), grad_rows.unsqueeze(0)])  # (C'+1, N, C)
             grads = torch.autograd.grad(z, eps, terms.from_rows(cot), is_grads_batched=True)
-            for (prefix, xin), g in zip(recorded, grads):
-                per_layer.setdefault(prefix, []).append((xin, g[:-1].transpose(0, 1), g[-1]))
+            for (prefix, layer, xin), g in zip(recorded, grads):
+                kinds[prefix] = layer
+                part = self._layer_part(prefix, layer, xin, g)
+                per_layer.setdefault(prefix, []).append(part)
             value = terms.value * weight
             loss = value if loss is None else loss + value
         assert loss is not None
         self.loss = loss.detach()
         columns: list[_Columns] = []
         for prefix, parts in per_layer.items():
-            X, Fo, H = (torch.cat(t) for t in zip(*parts))
-            columns.append(
-                _LinearColumns(alias.get(prefix + "weight"), alias.get(prefix + "bias"), X, Fo, H)
-            )
-        Cp = columns[0].F.shape[1]  # type: ignore[attr-defined]
+            joined = [torch.cat(t) for t in zip(*parts)]
+            w, b = alias.get(prefix + "weight"), alias.get(prefix + "bias")
+            if type(kinds[prefix]) is nn.Linear:
+                columns.append(_LinearColumns(w, b, *joined))
+                continue
+            Vw, Gw, Vb, Gb = joined
+            shapes = [p.shape for p in self.fmodel.params]
+            if w is not None:
+                columns.append(_ExplicitColumns(w, shapes[w], Vw, Gw))
+            if b is not None:
+                columns.append(_ExplicitColumns(b, shapes[b], Vb, Gb))
         self.column_sample = torch.arange(self.num_samples, device=self.fmodel.device)
         self.column_sample = self.column_sample.repeat_interleave(Cp)
         return columns
+
+    @staticmethod
+    def _layer_output(layer: Any, prefix: str, x: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """A Linear or convolution layer's output at the detached parameter values."""
+        weight, bias = values[prefix + "weight"], values.get(prefix + "bias")
+        if type(layer) is nn.Linear:
+            return F.linear(x, weight, bias)
+        conv = F.conv1d if type(layer) is nn.Conv1d else F.conv2d
+        return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def _layer_part(
+        self, prefix: str, layer: nn.Module, x: Tensor, g: Tensor
+    ) -> tuple[Tensor, ...]:
+        r"""One batch's share of a layer's columns from its output gradients.
+
+        Args:
+            prefix: The layer's parameter-name prefix.
+            layer: The Linear or convolution layer.
+            x: Its input, shape ``(N, d)`` or ``(N, in, *spatial)``.
+            g: Its output gradients for the :math:`C'` factor columns and the gradient,
+                shape ``(C' + 1, N, out, *spatial)``.
+
+        Returns:
+            Linear: ``(X, F, H)`` of shapes ``(N, d)``, ``(N, C', out)``, ``(N, out)``.
+            Convolution: the rows of :math:`V` and of the per-sample gradients for the weight,
+            ``(N C', out in k)`` and ``(N, out in k)`` (empty if it is not selected), then for
+            the bias, ``(N C', out)`` and ``(N, out)``.
+        """
+        if type(layer) is nn.Linear:
+            return x, g[:-1].transpose(0, 1), g[-1]
+        K, N, out = g.shape[:3]
+        g = g.reshape(K, N, out, -1).transpose(0, 1)  # (N, C' + 1, out, P)
+        if prefix + "weight" in self.fmodel.alias:
+            rows = _conv_weight_rows(layer, x, g)
+            Vw, Gw = rows[:, :-1].reshape(N * (K - 1), -1), rows[:, -1].contiguous()
+        else:
+            Vw = Gw = g.new_empty(N, 0)
+        sums = g.sum(-1)  # (N, C' + 1, out)
+        return Vw, Gw, sums[:, :-1].reshape(N * (K - 1), out), sums[:, -1].contiguous()
 
     def _explicit(self, batches: list[Batch]) -> list[_Columns]:
         fm = self.fmodel
