@@ -416,3 +416,52 @@ def test_sequential_engine_single_and_batched_products_match_autograd(name):
     V = torch.randn(ours.shape[0], 4, dtype=DT)
     assert rel_err(ours @ V, ref @ V) <= RTOL
     assert rel_err(ours @ V[:, 1], ref @ V[:, 1]) <= RTOL
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (
+            lambda: nn.Sequential(
+                nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3)
+            ),
+            (6, 4),
+        ),
+        (lambda: LAYER_ZOO["activations"](), (6, 16)),
+        (
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.Sigmoid(), nn.Linear(4, 3)),
+            (6, 4, 4),
+        ),
+    ],
+    ids=["silu_relu", "activations", "flatten_sigmoid"],
+)
+def test_hand_written_mlp_hessian_matches_autograd(build, shape):
+    # the R-operator path (mlp_hessian) against the double-backward route, full and subsets
+    from secondorder.curvature.mlp_hessian import MLPHessian
+
+    torch.manual_seed(0)
+    model = build().to(DT)
+    x = torch.randn(*shape, dtype=DT)
+    y = torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for params in (None, [linears[0].bias, linears[-1].weight]):
+        ours = so.Hessian(model, loss_fn, (x, y), params=params)
+        assert isinstance(ours._states[0][0], MLPHessian)
+        ref = so.Hessian(model, loss_fn, (x, y), params=params, engine="autograd")
+        assert rel_err(ours.to_dense(), ref.to_dense()) <= RTOL
+        assert rel_err(ours.gradient(), ref.gradient()) <= RTOL
+        assert float(ours.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+
+
+def test_hessian_keeps_the_recorded_graph_under_a_torch_function_mode():
+    # positive_curvature_mode modifies the double backward: the R-operator must not bypass it
+    from secondorder.curvature.pch import positive_curvature_mode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    with positive_curvature_mode("abs"):
+        modified = so.Hessian(model, nn.MSELoss(), (x, y)).to_dense()
+    exact = so.Hessian(model, nn.MSELoss(), (x, y)).to_dense()
+    assert rel_err(modified, exact) > 1e-6

@@ -677,7 +677,9 @@ class BlockDiagonalCurvature(LinearOperator):
             op = Hessian(model, self.loss_fn, batches, params=params, process_group=pg)
         else:
             with positive_curvature_mode(self.curvature[len("pch_") :]):
-                op = Hessian(model, self.loss_fn, batches, params=params, process_group=pg)
+                op = Hessian(
+                    model, self.loss_fn, batches, params=params, process_group=pg, engine="autograd"
+                )
         self._op = op
         self.IS_PSD = self.curvature == "ggn" and op.IS_PSD
         self._loss = op.loss

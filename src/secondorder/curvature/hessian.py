@@ -12,6 +12,7 @@ from torch import Tensor
 from .base import CurvatureOperator
 from .linearization import backward_into
 from .losses import _check_scalar
+from .mlp_hessian import MLPHessian, mlp_layers
 from .model import Batch
 
 __all__ = ["Hessian"]
@@ -29,7 +30,10 @@ class Hessian(CurvatureOperator):
 
     Building it runs one forward and one backward pass with ``create_graph=True`` per batch;
     each product :math:`Hv` is one backward pass through that gradient graph (reverse over
-    reverse), reusing it. Works for any module and any scalar loss callable.
+    reverse), reusing it. Works for any module and any scalar loss callable. For an
+    ``nn.Sequential`` MLP (Linear layers, elementwise activations, reshapes) called on one
+    tensor, the products are Pearlmutter's R-operator written by hand instead
+    (:mod:`.mlp_hessian`: no autograd graph; ``engine="autograd"`` keeps the double backward).
 
     Example:
         >>> import torch, secondorder as so
@@ -42,7 +46,14 @@ class Hessian(CurvatureOperator):
 
     IS_PSD = False
 
-    def _prepare(self, batch: Batch) -> _HessianState:
+    def _prepare(self, batch: Batch) -> _HessianState | MLPHessian:
+        # a TorchFunctionMode (e.g. positive_curvature_mode) may change the recorded graph's
+        # double backward: then the products must go through that graph
+        hand_written = self.engine != "autograd" and not torch._C._is_torch_function_mode_enabled()
+        if hand_written and len(batch.inputs) == 1:
+            layers = mlp_layers(self.fmodel.model)
+            if layers is not None and isinstance(batch.inputs[0], Tensor):
+                return MLPHessian(self.fmodel, layers, batch.inputs, batch.targets, self.loss_fn)
         leaves = self.fmodel.leaves()
         with torch.enable_grad():
             out = self.fmodel(leaves, batch.inputs)
@@ -58,6 +69,8 @@ class Hessian(CurvatureOperator):
         indices: Sequence[int] | None,
         batched: bool,
     ) -> list[Tensor]:
+        if isinstance(state, MLPHessian):
+            return self._apply_mlp(state, tangents, indices, batched)
         idx = list(range(len(state.leaves))) if indices is None else list(indices)
         outs, tans = [], []
         for g, t in zip(state.grad, tangents):
@@ -79,6 +92,27 @@ class Hessian(CurvatureOperator):
         )
         return [g if g is not None else z for g, z in zip(grads, zeros)]
 
+    def _apply_mlp(
+        self,
+        state: MLPHessian,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        batched: bool,
+    ) -> list[Tensor]:
+        """Products of the R-operator path, one column at a time when batched."""
+        idx = list(range(len(self.fmodel.params))) if indices is None else list(indices)
+        shapes = [self.fmodel.shapes[i] for i in idx]
+        if not batched:
+            bufs = [self.fmodel.params[i].new_zeros(shape) for i, shape in zip(idx, shapes)]
+            self._apply_into(state, tangents, indices, bufs, 1.0)
+            return bufs
+        K = next(t.shape[0] for t in tangents if t is not None)
+        bufs = [self.fmodel.params[i].new_zeros(K, *shape) for i, shape in zip(idx, shapes)]
+        for k in range(K):
+            column = [t[k] if t is not None else None for t in tangents]
+            self._apply_into(state, column, indices, [b[k] for b in bufs], 1.0)
+        return bufs
+
     def _apply_into(
         self,
         state: Any,
@@ -87,6 +121,15 @@ class Hessian(CurvatureOperator):
         out: Sequence[Tensor],
         weight: float,
     ) -> None:
+        if isinstance(state, MLPHessian):
+            idx = range(len(self.fmodel.params)) if indices is None else indices
+            full: list[Tensor | None] = [None] * len(self.fmodel.params)
+            for i, buf in zip(idx, out):
+                full[i] = buf
+            if weight != 1.0:
+                tangents = [t * weight if t is not None else None for t in tangents]
+            state.hvp_into(tangents, full)
+            return
         outs, tans = [], []
         for g, t in zip(state.grad, tangents):
             if g is not None and t is not None and g.requires_grad:
@@ -98,6 +141,8 @@ class Hessian(CurvatureOperator):
         backward_into(outs, tans, wrt, out)
 
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
+        if isinstance(state, MLPHessian):
+            return state.loss, state.gradient
         grads = [
             g.detach() if g is not None else torch.zeros_like(p)
             for g, p in zip(state.grad, state.leaves)
