@@ -185,8 +185,6 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, Any], Any]] = {
 def check_optimizers(name: str, problem: Problem, report: Report) -> None:
     """Three steps on the GPU (float32) against three on the CPU (float64)."""
     for label, make in OPTIMIZERS.items():
-        if label == "DirectionalDampedNewton" and name != "A":
-            continue  # its CNN engine is slow on the float64 CPU reference
         gm, gx, gy = moved(problem, DEVICE, torch.float32)
         cm, cx, cy = moved(problem, "cpu", torch.float64)
         og, oc = make(gm, problem.loss_fn), make(cm, problem.loss_fn)
