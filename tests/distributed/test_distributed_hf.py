@@ -51,6 +51,7 @@ def test_steps_equal_the_single_process_steps(world_size, case):
     for ranks in world(world_size):
         steps = ranks[case]
         assert len(steps) == len(reference)
+        drift = 0.0  # relative parameter difference before this step (rounding, amplified by CG)
         for got, want in zip(steps, reference):
             # the same decisions: CG iterations, backtracked iterate, step length, damping
             for key in ("cg_iterations", "chosen_iterate", "alpha", "accepted", "cg_status"):
@@ -58,8 +59,12 @@ def test_steps_equal_the_single_process_steps(world_size, case):
             for key in ("cg_negative_directions", "loss_evaluations"):
                 assert got[key] == want[key], (key, got[key], want[key])
             assert got["damping"] == pytest.approx(want["damping"], rel=1e-12)
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
-            assert rel(got["params"], want["params"]) <= 1e-8
+            # the loss is evaluated at the parameters before the step: exact to rounding at the
+            # start, then within a small multiple of the parameters' drift (CG through negative
+            # curvature amplifies the all-reduce's rounding by ~100x per step)
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-12 + 10 * drift)
+            drift = rel(got["params"], want["params"])
+            assert drift <= 1e-8
     assert all(s["accepted"] for s in reference)
     if case == "hessian_continue":
         assert all(s["cg_negative_directions"] > 0 for s in reference)
