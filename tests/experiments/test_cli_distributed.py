@@ -207,6 +207,11 @@ def _sync_job(rank, world_size, store, out):
         )
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's shutdown, where gloo's threads occasionally abort (SIGABRT) on this
+    # machine after the result was written (see tests/distributed/worlds.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_sync_gradients_with_uneven_shards_equals_full_batch():
