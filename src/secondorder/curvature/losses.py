@@ -181,6 +181,7 @@ class _CrossEntropy(_RowLoss):
         self.row_weight = weight  # (R, 1)
         n_rows = float(weight.sum()) if not targets.dtype.is_floating_point else rows.shape[0]
         self._scale = 1.0 / max(n_rows, 1.0) if loss_fn.reduction == "mean" else 1.0
+        self._row_scale = weight * self._scale  # (R, 1): t_r s
         self.value = -(t * logp).sum() * self._scale
         self._row_grad = self.p * weight - t
         self.grad_output = self.from_rows(self._row_grad * self._scale)
@@ -201,6 +202,12 @@ class _CrossEntropy(_RowLoss):
     def _row_hessian(self, rows: Tensor) -> Tensor:
         pu = self.p * rows
         return (pu - self.p * pu.sum(-1, keepdim=True)) * self.row_weight
+
+    def hessian_matmat(self, U: Tensor) -> Tensor:
+        # s t_r (p_r * u_r - p_r (p_r . u_r)) in four operations (the products' inner loop)
+        pu = self.p * self.to_rows(U)
+        out = torch.addcmul(pu, self.p, pu.sum(-1, keepdim=True), value=-1.0)
+        return self.from_rows(out.mul_(self._row_scale))
 
     def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         C = self.p.shape[-1]
