@@ -465,3 +465,17 @@ def test_hessian_keeps_the_recorded_graph_under_a_torch_function_mode():
         modified = so.Hessian(model, nn.MSELoss(), (x, y)).to_dense()
     exact = so.Hessian(model, nn.MSELoss(), (x, y)).to_dense()
     assert rel_err(modified, exact) > 1e-6
+
+
+@pytest.mark.parametrize("op_name", list(OPERATORS))
+def test_damped_product_starts_from_the_shift(op_name):
+    # (C + lam I) v: the operator starts its output at lam v (over several batches too)
+    model, loss_fn, inputs, y = build(CASES[0], "ce", "mean")
+    data = [((inputs[0][:3],), y[:3]), ((inputs[0][3:],), y[3:])]
+    C = OPERATORS[op_name][0](model, loss_fn, data)
+    v = torch.randn(C.shape[0], dtype=DT)
+    for lam in (0.3, 0.0):
+        damped = C + lam * so.Identity(C.shape[0], dtype=DT)
+        expected = C.to_dense() @ v + lam * v
+        assert rel_err(damped @ v, expected) <= RTOL
+        assert rel_err(damped @ v.clone(), C @ v + lam * v) <= RTOL

@@ -71,18 +71,26 @@ class _LazyOutput(Sequence[Tensor]):
     """
 
     def __init__(
-        self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device
+        self,
+        shapes: Sequence[torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+        start: tuple[Tensor, float] | None = None,
     ) -> None:
         self._shapes = list(shapes)
         self._sizes = [s.numel() for s in self._shapes]
         self._dtype, self._device = dtype, device
+        self._start = start  # (x, shift): the buffer starts as shift * x instead of zeros
         self._flat: Tensor | None = None
         self._views: list[Tensor] = []
 
     def flat(self) -> Tensor:
         """The flat buffer (allocated now if no product touched it)."""
         if self._flat is None:
-            self._flat = torch.zeros(sum(self._sizes), dtype=self._dtype, device=self._device)
+            if self._start is not None:
+                self._flat = torch.mul(self._start[0], self._start[1])
+            else:
+                self._flat = torch.zeros(sum(self._sizes), dtype=self._dtype, device=self._device)
             parts = self._flat.split(self._sizes)
             self._views = [v.view(shape) for v, shape in zip(parts, self._shapes)]
         return self._flat
@@ -248,11 +256,19 @@ class CurvatureOperator(LinearOperator):
         return self._allreduce(total)
 
     def _accumulate_flat(
-        self, tangents: list[Tensor | None], indices: Sequence[int] | None
+        self,
+        tangents: list[Tensor | None],
+        indices: Sequence[int] | None,
+        start: tuple[Tensor, float] | None = None,
     ) -> Tensor:
-        """Like :meth:`_accumulate` for one vector, written into one flat buffer in place."""
+        r"""Like :meth:`_accumulate` for one vector, written into one flat buffer in place.
+
+        With ``start = (x, shift)`` the buffer starts as ``shift * x`` (one process only), so
+        a damped product :math:`(C + \lambda I) x` costs no separate addition.
+        """
         idx = range(len(self.fmodel.params)) if indices is None else indices
-        views = _LazyOutput([self.fmodel.shapes[i] for i in idx], self.dtype, self.device)
+        shapes = [self.fmodel.shapes[i] for i in idx]
+        views = _LazyOutput(shapes, self.dtype, self.device, start)
         for state, weight in self._iter_states():
             self._apply_into(state, tangents, indices, views, weight)
         flat = views.flat()
@@ -268,6 +284,11 @@ class CurvatureOperator(LinearOperator):
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self._accumulate_flat(list(self.fmodel.unflatten(x)), None)
+
+    def _matvec_plus(self, x: Tensor, shift: float) -> Tensor:
+        if self.process_group is not None or x.dtype != self.dtype:  # shift after all-reduce
+            return super()._matvec_plus(x, shift)
+        return self._accumulate_flat(list(self.fmodel.unflatten(x)), None, start=(x, shift))
 
     def _matmat(self, X: Tensor) -> Tensor:
         tangents = [t.movedim(-1, 0) for t in self.fmodel.unflatten(X)]  # (K, *shape) each

@@ -117,6 +117,10 @@ class LinearOperator:
         return self.matvec(x)
 
     # Subclass hooks --------------------------------------------------------
+    def _matvec_plus(self, x: Tensor, shift: float) -> Tensor:
+        """``A x + shift * x`` (overridden where the output can start at ``shift * x``)."""
+        return _add_shift(self._matvec(x), x, shift)
+
     def _matvec(self, x: Tensor) -> Tensor:
         if type(self)._matmat is LinearOperator._matmat:
             raise NotImplementedError(
@@ -411,6 +415,8 @@ class _Sum(LinearOperator):
     def _matvec(self, x: Tensor) -> Tensor:
         if not self._general:
             return x * self._shift
+        if len(self._general) == 1:  # damping: the operator may fold the shift into its output
+            return self._general[0]._matvec_plus(x, self._shift)
         out = self._general[0]._matvec(x)
         for op in self._general[1:]:
             out = out + op._matvec(x)
