@@ -48,7 +48,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,7 @@ from torch.nn import functional as F
 from torch.nn import grad as nn_grad
 
 from ..linalg.operator import LinearOperator
+from .activations import AUTOGRAD_ELEMENTWISE, CLOSED_FORM, activation_derivatives
 from .base import allreduce_sum, global_count
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel, as_batches
@@ -72,58 +73,6 @@ __all__ = [
 CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
 ENGINES = ("auto", "sequential", "autograd")
 
-# ------------------------------------------------------------------------ activations
-# first and (if `second`) second derivative of an elementwise activation from its input a and
-# output s; the GGN needs only the first
-_Derivatives = Callable[[nn.Module, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
-
-
-def _sigmoid_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
-    d1 = s * (1 - s)
-    return d1, (d1 * (1 - 2 * s) if second else None)
-
-
-def _tanh_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
-    d1 = 1 - s * s
-    return d1, (-2 * s * d1 if second else None)
-
-
-def _relu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
-    return (a > 0).to(a.dtype), None
-
-
-def _leaky_relu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
-    slope = float(m.negative_slope)  # type: ignore[arg-type]
-    return (a > 0).to(a.dtype) * (1.0 - slope) + slope, None
-
-
-def _silu_d(m: nn.Module, a: Tensor, s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
-    sig = torch.sigmoid(a)
-    d1 = sig * (1 + a * (1 - sig))
-    return d1, (sig * (1 - sig) * (2 + a * (1 - 2 * sig)) if second else None)
-
-
-_CLOSED_FORM: dict[type[nn.Module], _Derivatives] = {
-    nn.Sigmoid: _sigmoid_d,
-    nn.Tanh: _tanh_d,
-    nn.ReLU: _relu_d,
-    nn.LeakyReLU: _leaky_relu_d,
-    nn.SiLU: _silu_d,
-}
-# elementwise activations whose derivatives come from autograd (two backward passes)
-_AUTOGRAD_ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.Softplus,
-    nn.Mish,
-    nn.Softsign,
-    nn.Hardtanh,  # includes ReLU6
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.LogSigmoid,
-)
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _MAXPOOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 _LINEAR_PARAM_FREE = (
@@ -154,9 +103,9 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     t = type(module)
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks"
-    if t is nn.Linear or t in _CLOSED_FORM or t in _MAXPOOL or t in _RESHAPES:
+    if t is nn.Linear or t in CLOSED_FORM or t in _MAXPOOL or t in _RESHAPES:
         return None
-    if t in _AUTOGRAD_ELEMENTWISE or t in _LINEAR_PARAM_FREE:
+    if t in AUTOGRAD_ELEMENTWISE or t in _LINEAR_PARAM_FREE:
         return None
     if t in _CONV:
         if module.padding_mode != "zeros":  # type: ignore[attr-defined]
@@ -421,20 +370,7 @@ class _Elementwise(_Layer):
     residual_capable = True
 
     def forward(self, x: Tensor, second: bool) -> Tensor:
-        t = type(self.module)
-        if t in _CLOSED_FORM:
-            y = self.module(x)
-            self.d1, d2 = _CLOSED_FORM[t](self.module, x, y, second)
-        else:
-            with torch.enable_grad():
-                a = x.detach().requires_grad_(True)
-                out = self.module(a)
-                (d1,) = torch.autograd.grad(out.sum(), a, create_graph=second)
-                d2 = None
-                if second and d1.requires_grad:
-                    (d2,) = torch.autograd.grad(d1.sum(), a)
-            y, self.d1 = out.detach(), d1.detach()
-        self.d2 = d2 if second else None
+        y, self.d1, self.d2 = activation_derivatives(self.module, x, second)
         return y
 
     def jvp(self, t: Tensor) -> Tensor:
@@ -535,7 +471,7 @@ def _make_layer(module: nn.Module, weight: Tensor | None, bias: Tensor | None) -
         return _Conv(module, weight, bias)
     if t in _MAXPOOL:
         return _MaxPool(module, weight, bias)
-    if t in _CLOSED_FORM or t in _AUTOGRAD_ELEMENTWISE:
+    if t in CLOSED_FORM or t in AUTOGRAD_ELEMENTWISE:
         return _Elementwise(module, weight, bias)
     if t in _LINEAR_PARAM_FREE:
         return _LinearParamFree(module, weight, bias)

@@ -27,13 +27,14 @@ such models; any other model keeps the autograd route.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .activations import activation_derivatives
 from .losses import LossTerms, loss_terms
 from .model import FunctionalModel
 
@@ -42,53 +43,9 @@ __all__ = ["MLPHessian", "mlp_layers"]
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
-def _sigmoid_d012(a: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    s = torch.sigmoid(a)
-    d1 = torch.addcmul(s, s, s, value=-1)  # s (1 - s)
-    return s, d1, torch.addcmul(d1, d1, s, value=-2)  # d1 (1 - 2 s)
-
-
-def _tanh_d012(a: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    s = torch.tanh(a)
-    d1 = torch.addcmul(torch.ones_like(s), s, s, value=-1)  # 1 - s^2
-    return s, d1, d1.mul(s).mul_(-2)
-
-
-def _relu_d012(a: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    return torch.relu(a), (a > 0).to(a.dtype), None
-
-
-def _silu_d012(a: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    s = torch.sigmoid(a)
-    t = torch.addcmul(s, s, s, value=-1)  # s (1 - s)
-    d1 = torch.addcmul(s, a, t)  # s + a s (1 - s)
-    d2 = torch.addcmul(a, a, s, value=-2).add_(2).mul_(t)  # s (1 - s) (2 + a (1 - 2 s))
-    return a * s, d1, d2
-
-
-# output, first and second derivative (None: zero) of an activation from its input
-_CLOSED: dict[type[nn.Module], Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]] = {
-    nn.Sigmoid: _sigmoid_d012,
-    nn.Tanh: _tanh_d012,
-    nn.SiLU: _silu_d012,
-    nn.ReLU: _relu_d012,
-}
-# activations whose derivatives come from autograd (elementwise, so the diagonal suffices)
+# activations the R-operator path takes (in-place versions of the last six are left to autograd)
+_CLOSED = (nn.Sigmoid, nn.Tanh, nn.SiLU, nn.ReLU)
 _ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.Softplus, nn.GELU, nn.Softsign, nn.Mish)
-
-
-def _activation(layer: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    r"""Output :math:`\sigma(a)`, :math:`\sigma'(a)` and :math:`\sigma''(a)` (``None`` if zero)."""
-    closed = _CLOSED.get(type(layer))
-    if closed is not None:
-        return closed(a)
-    with torch.enable_grad():
-        x = a.detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-        if not d1.requires_grad:  # piecewise linear (LeakyReLU): sigma'' = 0
-            return layer(a), d1.detach(), None
-        (d2,) = torch.autograd.grad(d1.sum(), x)
-    return layer(a), d1.detach(), d2
 
 
 def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
@@ -167,7 +124,7 @@ class MLPHessian:
                 elif isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
                     x = layer(x) if isinstance(layer, _RESHAPES) else x
                 else:
-                    x, rec["d1"], rec["d2"] = _activation(layer, x)
+                    x, rec["d1"], rec["d2"] = activation_derivatives(layer, x)
                 self._steps.append((layer, rec))
         self.z = x
         self.terms: LossTerms = loss_terms(loss_fn, x, targets)
