@@ -53,6 +53,7 @@ from .base import allreduce_sum
 from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
+from .probes import ProbedForward, probed_forward
 
 __all__ = ["empirical_fisher_diagonal", "ggn_diagonal", "per_sample_gradient_diagonal"]
 
@@ -108,8 +109,12 @@ def _row_factor_diagonal(
     """
     n = batch.size
     params = [p.detach() for p in fmodel.params]
-    with torch.no_grad():
-        z = fmodel(params, batch.inputs)
+    probed = _kron_forward(fmodel, batch)  # the Kronecker path's forward serves both
+    if probed is not None:
+        z = probed.z.detach()
+    else:
+        with torch.no_grad():
+            z = fmodel(params, batch.inputs)
     if not isinstance(z, Tensor):
         raise TypeError(f"the model must return a tensor, got {type(z).__name__}")
     terms = loss_terms(loss_fn, z, batch.targets)
@@ -126,8 +131,8 @@ def _row_factor_diagonal(
         )
     S = factor(terms).detach()  # (R, C, K)
     m, C, K = rows.shape[0] // n, S.shape[1], S.shape[2]
-    if m == 1:
-        fast = _kron_diagonal(fmodel, batch, terms, S)
+    if m == 1 and probed is not None:
+        fast = _kron_diagonal(fmodel, probed, terms, S)
         if fast is not None:
             return fast, terms.scale
     # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
@@ -171,45 +176,26 @@ def _linear_layers(fmodel: FunctionalModel) -> list[tuple[str, nn.Module]] | Non
     return layers if covered == set(range(len(fmodel.params))) else None
 
 
-def _kron_diagonal(
-    fmodel: FunctionalModel, batch: Batch, terms: LossTerms, S: Tensor
-) -> Tensor | None:
-    r""":math:`\sum_n \sum_k (J_n^\top S_n[:, k])^{\odot 2}` from ``nn.Linear`` Kronecker factors.
-
-    See the module docstring; ``None`` where it does not apply. ``S`` has shape ``(N, C, K)``
-    (one row per sample).
-    """
+def _kron_forward(fmodel: FunctionalModel, batch: Batch) -> ProbedForward | None:
+    """The forward pass with probes after the Linear layers, where the fast path applies."""
     layers = _linear_layers(fmodel)
     if layers is None or len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
         return None
-    values = fmodel.parameter_dict([p.detach() for p in fmodel.params])
     x = batch.inputs[0]
-    probes: list[Tensor] = []
-    recorded: list[tuple[str, Tensor]] = []
-    with torch.enable_grad():
-        for prefix, layer in layers:
-            if type(layer) is not nn.Linear:
-                x = layer(x)
-                continue
-            w, b = values[prefix + "weight"], values.get(prefix + "bias")
-            out = torch.nn.functional.linear(x, w, b)
-            if prefix + "weight" in fmodel.alias or prefix + "bias" in fmodel.alias:
-                if x.ndim != 2:
-                    return None
-                probe = torch.zeros_like(out, requires_grad=True)  # d out / d probe = I
-                out = out + probe
-                probes.append(probe)
-                recorded.append((prefix, x.detach()))
-            x = out
-    z = x
-    cot = terms.from_rows(S.permute(2, 0, 1))  # (K, *z.shape)
-    if cot.shape[0] == 1:
-        grads = [g.unsqueeze(0) for g in torch.autograd.grad(z, probes, cot[0])]
-    else:
-        grads = list(torch.autograd.grad(z, probes, cot, is_grads_batched=True))
+    return probed_forward(fmodel, layers, x, lambda m: type(m) is nn.Linear, lambda m: 2)
+
+
+def _kron_diagonal(
+    fmodel: FunctionalModel, probed: ProbedForward, terms: LossTerms, S: Tensor
+) -> Tensor | None:
+    r""":math:`\sum_n \sum_k (J_n^\top S_n[:, k])^{\odot 2}` from ``nn.Linear`` Kronecker factors.
+
+    See the module docstring. ``S`` has shape ``(N, C, K)`` (one row per sample).
+    """
+    grads = probed.output_gradients(terms.from_rows(S.permute(2, 0, 1)))  # (K, N, out) each
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
     parts = total.split(list(fmodel.numels))
-    for (prefix, xin), g in zip(recorded, grads):
+    for (prefix, _, xin), g in zip(probed.recorded, grads):
         g2 = g.square().sum(0)  # (N, out): sum over the K cotangent columns
         iw, ib = fmodel.alias.get(prefix + "weight"), fmodel.alias.get(prefix + "bias")
         if iw is not None:

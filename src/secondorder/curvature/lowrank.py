@@ -73,6 +73,7 @@ from ..linalg.dense_eig import krylov_applies, top_eigh
 from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
+from .probes import probed_forward
 
 __all__ = ["LowRankGGN"]
 
@@ -492,39 +493,30 @@ class LowRankGGN:
         self, layers: list[tuple[str, nn.Module]], batches: list[Batch]
     ) -> list[_Columns] | None:
         alias = self.fmodel.alias
-        values = self.fmodel.parameter_dict([p.detach() for p in self.fmodel.params])
         per_layer: dict[str, list[tuple[Tensor, ...]]] = {}
         kinds: dict[str, nn.Module] = {}
         loss, Cp = None, 0
         for batch, weight in zip(batches, self._weights):
             if len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
                 return None
-            x, eps, recorded = batch.inputs[0], [], []
-            with torch.enable_grad():
-                for prefix, layer in layers:
-                    if type(layer) is not nn.Linear and not _kron_conv(layer):
-                        x = layer(x)
-                        continue
-                    out = self._layer_output(layer, prefix, x, values)
-                    if prefix + "weight" in alias or prefix + "bias" in alias:
-                        expected = 2 if type(layer) is nn.Linear else 2 + _KRON_CONV[type(layer)]
-                        if x.ndim != expected:
-                            return None
-                        e = torch.zeros_like(out, requires_grad=True)
-                        out = out + e
-                        eps.append(e)
-                        recorded.append((prefix, layer, x.detach()))
-                    x = out
-            z = x
-            terms = loss_terms(self.loss_fn, z.detach(), batch.targets)
+            fwd = probed_forward(
+                self.fmodel,
+                layers,
+                batch.inputs[0],
+                lambda m: type(m) is nn.Linear or _kron_conv(m),
+                lambda m: 2 if type(m) is nn.Linear else 2 + _KRON_CONV[type(m)],
+            )
+            if fwd is None:
+                return None
+            terms = loss_terms(self.loss_fn, fwd.z.detach(), batch.targets)
             S, grad_rows = self._factor(terms, weight)
             if S.shape[0] != batch.size:
                 return None
             Cp = S.shape[-1]
             # cotangents: column c' of every sample's factor, then the per-sample gradients
             cot = torch.cat([S.permute(2, 0, 1), grad_rows.unsqueeze(0)])  # (C'+1, N, C)
-            grads = torch.autograd.grad(z, eps, terms.from_rows(cot), is_grads_batched=True)
-            for (prefix, layer, xin), g in zip(recorded, grads):
+            grads = fwd.output_gradients(terms.from_rows(cot))
+            for (prefix, layer, xin), g in zip(fwd.recorded, grads):
                 kinds[prefix] = layer
                 part = self._layer_part(prefix, layer, xin, g)
                 per_layer.setdefault(prefix, []).append(part)
@@ -548,15 +540,6 @@ class LowRankGGN:
         self.column_sample = torch.arange(self.num_samples, device=self.fmodel.device)
         self.column_sample = self.column_sample.repeat_interleave(Cp)
         return columns
-
-    @staticmethod
-    def _layer_output(layer: Any, prefix: str, x: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """A Linear or convolution layer's output at the detached parameter values."""
-        weight, bias = values[prefix + "weight"], values.get(prefix + "bias")
-        if type(layer) is nn.Linear:
-            return F.linear(x, weight, bias)
-        conv = F.conv1d if type(layer) is nn.Conv1d else F.conv2d
-        return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     def _layer_part(
         self, prefix: str, layer: nn.Module, x: Tensor, g: Tensor
