@@ -189,7 +189,7 @@ def install_probe(so: Any) -> Probe:
             probe.wrap(cls, "__init__", "gradient")
             probe.wrap(cls, "_prepare", "gradient")
             probe.wrap(cls, "_compute_loss_and_gradient", "gradient")
-            for name in ("_matvec", "_matmat", "_accumulate", "_accumulate_flat"):
+            for name in ("_matvec", "_matvec_plus", "_matmat", "_accumulate", "_accumulate_flat"):
                 probe.wrap(cls, name, "curvature")
         block_cls = getattr(base, "_ParameterBlock", None)
         if block_cls is not None:

@@ -102,6 +102,10 @@ class _LazyOutput(Sequence[Tensor]):
         self.flat()
         return self._views[i]
 
+    def __iter__(self) -> Iterator[Tensor]:
+        self.flat()
+        return iter(self._views)
+
 
 class CurvatureOperator(LinearOperator):
     """Base class of symmetric curvature operators over a model's trainable parameters.

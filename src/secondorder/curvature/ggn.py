@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from .base import CurvatureOperator
+from .jacobian_factors import check_jacobian_factors_option
 from .linearization import Linearization, linearize
 from .losses import LossTerms, loss_terms
 from .model import Batch
@@ -38,6 +39,21 @@ class GGN(CurvatureOperator):
     callable uses autograd. Each product costs one :math:`Jv` and one :math:`J^\top u`, reusing
     the forward pass made when the operator was built.
 
+    Args:
+        model: Any ``nn.Module``.
+        loss_fn: The loss.
+        data: One batch or an iterable of batches.
+        jacobian_factors: For MLPs (``nn.Sequential`` of Linear layers and elementwise
+            activations), compute products through the per-layer output-Jacobian factors
+            (:mod:`~secondorder.curvature.jacobian_factors`): two matrix products per layer
+            instead of four, after building factors that hold ``N C`` numbers per hidden unit.
+            ``False`` (default), ``True`` (built at the first product; a ``ValueError`` for a
+            network that does not qualify) or ``"auto"`` (built once the product count
+            reaches their break-even point and if they fit the memory budget; other
+            networks keep the usual products). Iterative solvers that apply the operator many
+            times gain most; the optimizers pass ``"auto"``.
+        **kwargs: Forwarded to :class:`CurvatureOperator` (``params``, ``cache``, ...).
+
     Example:
         >>> import torch, secondorder as so
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
@@ -51,13 +67,25 @@ class GGN(CurvatureOperator):
         True
     """
 
-    def __init__(self, model: Any, loss_fn: Any, data: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Any,
+        data: Any,
+        *,
+        jacobian_factors: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        check_jacobian_factors_option(jacobian_factors)
         self._psd = True
+        self.jacobian_factors = jacobian_factors
         super().__init__(model, loss_fn, data, **kwargs)
         self.IS_PSD = self._psd
 
     def _prepare(self, batch: Batch) -> _GGNState:
-        lin = linearize(self.fmodel, batch.inputs, self.fmodel.leaves(), self.engine)
+        lin = linearize(
+            self.fmodel, batch.inputs, self.fmodel.leaves(), self.engine, self.jacobian_factors
+        )
         terms = loss_terms(self.loss_fn, lin.z, batch.targets)
         self._psd = self._psd and terms.is_psd
         return _GGNState(lin, terms)

@@ -161,6 +161,7 @@ def linearize(
     inputs: tuple[Any, ...],
     leaves: list[Tensor],
     engine: str = "auto",
+    jacobian_factors: bool | str = False,
 ) -> Linearization | SequentialLinearization:
     """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the chosen engine.
 
@@ -170,22 +171,31 @@ def linearize(
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
             autograd otherwise), ``"sequential"`` or ``"autograd"``.
+        jacobian_factors: ``False``, ``True`` or ``"auto"``: whether products of an MLP go
+            through its output-Jacobian factors (see
+            :class:`~secondorder.curvature.sequential.SequentialLinearization`).
 
     Returns:
         The linearisation.
 
     Raises:
-        ValueError: For an unknown engine, or ``"sequential"`` on an unsupported model.
+        ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
+            ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
     if engine not in ("auto", "sequential", "autograd"):
         raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
-            return SequentialLinearization(fmodel, layers, inputs, leaves)
+            return SequentialLinearization(fmodel, layers, inputs, leaves, jacobian_factors)
         if engine == "sequential":
             raise ValueError(
                 f"engine='sequential' needs an nn.Sequential of supported layers called on one "
                 f"tensor; {type(fmodel.model).__name__} is not (use engine='auto')"
             )
+    if jacobian_factors is True:
+        raise ValueError(
+            f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
+            f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
+        )
     return AutogradLinearization(fmodel, inputs, leaves)

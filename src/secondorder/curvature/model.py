@@ -16,6 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
+    _unflatten_views: Any = torch._C._nn.unflatten_dense_tensors
+except AttributeError:  # pragma: no cover - older or future torch without it
+    _unflatten_views = None
+
 __all__ = ["Batch", "FunctionalModel", "as_batches"]
 
 
@@ -164,6 +169,8 @@ class FunctionalModel:
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.dim = sum(self.numels)
+        # shape templates for the native unflatten (meta tensors: shapes without storage)
+        self._shape_templates = [torch.empty(s, device="meta") for s in self.shapes]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         chosen_ids = {id(p) for p in self.params}
@@ -199,6 +206,8 @@ class FunctionalModel:
         Returns:
             Views of ``vector`` of shapes ``p.shape`` (or ``(*p.shape, k)`` for a matrix).
         """
+        if vector.ndim == 1 and _unflatten_views is not None and vector.numel() == self.dim:
+            return list(_unflatten_views(vector, self._shape_templates))  # one native call
         parts = vector.split(self.numels, dim=0)
         if vector.ndim == 1:
             return [part.view(shape) for part, shape in zip(parts, self.shapes)]

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 
 from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
 from ..curvature.base import allreduce_sum, global_count
+from ..curvature.jacobian_factors import check_jacobian_factors_option
 from ..curvature.model import Batch, FunctionalModel
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteStepWarning",
     "check_cg_group",
+    "check_jacobian_factors",
     "check_positive",
 ]
 
@@ -82,6 +84,18 @@ def all_finite(t: Tensor) -> bool:
     may also be an overflow of finite entries, is confirmed entry by entry.
     """
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_jacobian_factors(value: Any, curvature: str) -> None:
+    """Check an optimizer's ``jacobian_factors`` option against its curvature.
+
+    Raises:
+        ValueError: Unless ``value`` is ``True``, ``False`` or ``"auto"``, or for ``True`` with
+            the Hessian.
+    """
+    check_jacobian_factors_option(value)
+    if value is True and curvature == "hessian":
+        raise ValueError("jacobian_factors=True serves GGN and Fisher products, not the Hessian")
 
 
 def check_cg_group(group: dict[str, Any]) -> None:
@@ -159,6 +173,7 @@ class CurvatureOptimizer(Optimizer):
         self._group_slices = [[offsets[id(p)] for p in g["params"]] for g in self.param_groups]
         self.diagnostics: dict[str, Any] = {}
         self._warned_nonfinite = False
+        self._param_list: list[Tensor] = list(self.fmodel.params)  # for torch._foreach_add_
 
     # --------------------------------------------------------------------- state
     generator: torch.Generator | None = None
@@ -199,9 +214,15 @@ class CurvatureOptimizer(Optimizer):
     def _curvature(
         self, kind: str, data: Any, *, generator: torch.Generator | None = None, **kw: Any
     ) -> CurvatureOperator:
-        """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``."""
+        """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``.
+
+        ``jacobian_factors`` in ``kw`` goes to the GGN and Fisher operators (the Hessian has
+        no such products).
+        """
         params = self.fmodel.params
         kw.setdefault("process_group", self.process_group)
+        if kind == "hessian":
+            kw.pop("jacobian_factors", None)
         if kind == "ggn":
             return GGN(self.model, self.loss_fn, data, params=params, **kw)
         if kind == "hessian":
@@ -244,12 +265,15 @@ class CurvatureOptimizer(Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     @torch.no_grad()
-    def _apply_direction(self, direction: Tensor) -> Tensor:
-        """``theta_g += lr_g * d_g`` for every group; returns the applied step (flat)."""
-        step = direction * self._group_vector("lr")
-        for p, part in zip(self.fmodel.params, self.fmodel.unflatten(step)):
-            p.add_(part)
-        return step
+    def _apply_direction(self, direction: Tensor) -> float:
+        """``theta_g += lr_g * d_g`` for every group; returns the norm of the applied step."""
+        lr = self._group_vector("lr")
+        if isinstance(lr, Tensor):
+            step = direction * lr
+            torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
+            return float(step.norm())
+        torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
+        return abs(lr) * self._direction_norm
 
     def _reject(self, reason: str) -> None:
         """Mark the step rejected for a non-finite value; warn once or raise."""
@@ -292,11 +316,13 @@ class CurvatureOptimizer(Optimizer):
         diag = self.diagnostics
         diag["loss"] = float(loss)
         if diag.get("accepted", True) and direction is not None:
-            if not all_finite(direction):
+            # a finite norm proves every entry finite (one reduction for the check and the
+            # step norm); an infinite one may be an overflow of finite entries
+            self._direction_norm = float(direction.norm())
+            if not math.isfinite(self._direction_norm) and not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
-                applied = self._apply_direction(direction)
-                diag["step_norm"] = float(applied.norm())
+                diag["step_norm"] = self._apply_direction(direction)
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
         diag["time"] = time.perf_counter() - start

@@ -98,7 +98,7 @@ from ..curvature.model import Batch, FunctionalModel, as_batches
 from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
-from .base import CurvatureOptimizer, all_finite, check_positive
+from .base import CurvatureOptimizer, all_finite, check_jacobian_factors, check_positive
 from .damping import levenberg_marquardt, reduction_ratio
 from .linesearch import armijo_backtracking
 
@@ -295,6 +295,10 @@ class HessianFree(CurvatureOptimizer):
         params: Parameters (one group) of ``model``; default: all trainable ones.
         on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
+        jacobian_factors: Whether GGN products of an MLP go through its output-Jacobian
+            factors (:mod:`~secondorder.curvature.jacobian_factors`): ``"auto"`` (default:
+            built once CG has done enough products for them to pay, if they fit the memory
+            budget), ``True`` or ``False``.
         process_group: A ``torch.distributed`` process group for data-parallel training
             (default: ``None``, one process); see above.
 
@@ -342,6 +346,7 @@ class HessianFree(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        jacobian_factors: bool | str = "auto",
         process_group: Any = None,
     ) -> None:
         if curvature not in _CURVATURES:
@@ -365,6 +370,7 @@ class HessianFree(CurvatureOptimizer):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
         if engine not in ("auto", "sequential", "autograd"):
             raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        check_jacobian_factors(jacobian_factors, curvature)
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -397,6 +403,7 @@ class HessianFree(CurvatureOptimizer):
         self.use_cg_backtracking = use_cg_backtracking
         self.use_linesearch = use_linesearch
         self.engine = engine
+        self.jacobian_factors = jacobian_factors
 
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -515,7 +522,13 @@ class HessianFree(CurvatureOptimizer):
         tic = clock()
 
         # 1. curvature, gradient and loss (one forward pass when the data coincide)
-        C = self._curvature(self.curvature, batches, engine=self.engine, cache=True)
+        C = self._curvature(
+            self.curvature,
+            batches,
+            engine=self.engine,
+            cache=True,
+            jacobian_factors=self.jacobian_factors,
+        )
         if _same_batches(grad_batches, batches):
             grad_loss, grad = C.loss, C.gradient()
         else:

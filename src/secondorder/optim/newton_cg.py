@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from ..curvature.model import Batch
 from ..linalg.cg import CGStatus, cg
 from ..linalg.operator import Diagonal, Identity, LinearOperator
-from .base import CURVATURES, CurvatureOptimizer, check_cg_group, check_positive
+from .base import (
+    CURVATURES,
+    CurvatureOptimizer,
+    check_cg_group,
+    check_jacobian_factors,
+    check_positive,
+)
 
 __all__ = ["GaussNewton", "NaturalGradient", "NewtonCG"]
 
@@ -47,6 +53,10 @@ class NewtonCG(CurvatureOptimizer):
         params: Parameters or param-group dicts; groups may set their own ``lr`` and ``damping``.
         on_nonfinite: ``"skip"`` or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
+        jacobian_factors: Whether GGN and Fisher products of an MLP go through its
+            output-Jacobian factors (:mod:`~secondorder.curvature.jacobian_factors`):
+            ``"auto"`` (default: built once CG has done enough products for them to pay, if
+            they fit the memory budget), ``True`` or ``False``.
         process_group: ``torch.distributed`` group for data-parallel training (see
             :class:`~secondorder.optim.base.CurvatureOptimizer`). With ``"fisher_mc"`` and no
             ``generator``, rank ``r`` draws from a generator seeded with ``r``, so ranks draw
@@ -79,6 +89,7 @@ class NewtonCG(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
+        jacobian_factors: bool | str = "auto",
         process_group: Any = None,
     ) -> None:
         defaults = dict(
@@ -88,6 +99,7 @@ class NewtonCG(CurvatureOptimizer):
         check_positive("num_samples", num_samples, integer=True)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        check_jacobian_factors(jacobian_factors, curvature)
         if preconditioner is not None and not callable(preconditioner):
             raise ValueError(
                 f"preconditioner must be None or a callable (operator, damping) -> M, "
@@ -108,6 +120,7 @@ class NewtonCG(CurvatureOptimizer):
         self.preconditioner = preconditioner
         self.num_samples = num_samples
         self.engine = engine
+        self.jacobian_factors = jacobian_factors
         self.generator = generator
         if curvature == "fisher_mc" and generator is None:
             rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
@@ -121,7 +134,11 @@ class NewtonCG(CurvatureOptimizer):
         return Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
 
     def _build(self, batches: list[Batch]) -> Any:
-        kw: dict[str, Any] = {"engine": self.engine, "cache": True}
+        kw: dict[str, Any] = {
+            "engine": self.engine,
+            "cache": True,
+            "jacobian_factors": self.jacobian_factors,
+        }
         if self.curvature == "fisher_mc":
             kw.update(generator=self.generator, num_samples=self.num_samples)
         return self._curvature(self.curvature, batches, **kw)
