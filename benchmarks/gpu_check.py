@@ -116,6 +116,16 @@ def check_operators(name: str, problem: Problem, report: Report) -> None:
         if label == "GGN":
             g = G.gradient()
             report.check(f"{name}: gradient", rel(g, R.gradient()), rel(g, R.gradient()) <= TOL32)
+    try:  # products through the output-Jacobian factors (MLPs only)
+        G = so.GGN(gm, loss, (gx, gy), jacobian_factors=True)
+    except ValueError:
+        report.info(f"{name}: GGN·v through Jacobian factors", "not an MLP: skipped")
+    else:
+        R = so.GGN(cm, loss, (cx, cy))
+        for label, x in (("v", v), ("V (3 columns)", torch.randn(n, 3, dtype=torch.float64))):
+            out = G @ x.float().to(DEVICE)
+            err = rel(out, R @ x)
+            report.check(f"{name}: GGN·{label} through Jacobian factors", err, err <= TOL32)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     mc = so.Fisher(gm, loss, (gx, gy), kind="mc", generator=gen) @ v.float().to(DEVICE)
     report.check(f"{name}: MC-Fisher·v finite on cuda", 0.0, bool(torch.isfinite(mc).all()))
