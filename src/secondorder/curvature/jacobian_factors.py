@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["JacobianFactors", "check_jacobian_factors_option"]
+__all__ = ["JacobianFactors", "add_weight_cotangent", "check_jacobian_factors_option"]
 
 # measured on the 2-core CPU: a batched (N, 1, h) @ (N, h, C) contraction costs about six times
 # more per multiply-add than a large matrix product (it is bound by reading the factors)
@@ -341,7 +341,7 @@ class JacobianFactors:
         idx = range(len(out)) if indices is None else indices
         target: dict[int | None, Tensor] = dict(zip(idx, out))
         if self.top is not None:
-            _add_weight_cotangent(target.get(self.top.iw), u, self.top.x)
+            add_weight_cotangent(target.get(self.top.iw), u, self.top.x)
             gb = target.get(self.top.ib)
             if gb is not None:
                 gb.add_(u.sum(0))
@@ -352,7 +352,7 @@ class JacobianFactors:
             g = u @ self._top_w  # type: ignore[operator]
             for act in reversed(self._head_acts):
                 g = act(g, g)
-            _add_weight_cotangent(target.get(head.iw), g, head.x)
+            add_weight_cotangent(target.get(head.iw), g, head.x)
             gb = target.get(head.ib)
             if gb is not None:
                 gb.add_(g.sum(0))
@@ -368,20 +368,19 @@ class JacobianFactors:
         G = torch.bmm(u3, self.B).squeeze(1) if full else None  # (N, H)
         for layer in wanted:
             g = G[:, layer.cols] if G is not None else torch.bmm(u3, self.B[:, :, layer.cols])[:, 0]
-            _add_weight_cotangent(target.get(layer.iw), g, layer.x)
+            add_weight_cotangent(target.get(layer.iw), g, layer.x)
             gb = target.get(layer.ib)
             if gb is not None:
                 gb.add_(g.sum(0))
 
-    def vjp_batched(self, u: Tensor, buffers: dict[Any, Tensor]) -> None:
-        r"""Add :math:`J^\top u_k` for ``u`` of shape ``(K, N, C)`` into ``buffers``.
+    def vjp_batched(self, u: Tensor, out: dict[Any, Tensor]) -> None:
+        r"""Add :math:`J^\top u_k` for ``u`` of shape ``(K, N, C)`` into ``out``.
 
-        ``buffers`` maps parameter indices to ``(K, *shape)`` buffers; parameters without one
-        are skipped.
+        ``out`` maps parameter indices to ``(K, *shape)`` buffers; parameters without one are
+        skipped.
         """
         assert self.B is not None
         K, N = u.shape[0], self.num_samples
-        out = buffers
         if self.top is not None:
             gw, gb = out.get(self.top.iw), out.get(self.top.ib)
             if gw is not None:
@@ -431,12 +430,12 @@ def _linear_tangent(layer: _Layer, tangents: Sequence[Tensor | None]) -> Tensor 
 
 
 # a Linear layer with at most this many input features gets its weight cotangent as (x^T g)^T:
-# with the reduction dimension long and the output narrow, MKL's g^T x is much slower
+# with the reduction dimension long and the output narrow, MKL's g^T x is 3x slower
 _NARROW_INPUT = 8
 
 
-def _add_weight_cotangent(gw: Tensor | None, g: Tensor, x: Tensor) -> None:
-    """``gw += gᵀ x`` (``g``: (N, out), ``x``: (N, in))."""
+def add_weight_cotangent(gw: Tensor | None, g: Tensor, x: Tensor) -> None:
+    """``gw += gᵀ x`` for a Linear layer (``g``: (R, out), ``x``: (R, in)), if ``gw`` is given."""
     if gw is None:
         return
     if x.shape[1] <= _NARROW_INPUT:

@@ -42,7 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .jacobian_factors import JacobianFactors, Step, check_jacobian_factors_option
+from .jacobian_factors import (
+    JacobianFactors,
+    Step,
+    add_weight_cotangent,
+    check_jacobian_factors_option,
+)
 from .model import FunctionalModel
 
 __all__ = ["SequentialLinearization", "sequential_layers"]
@@ -73,9 +78,6 @@ _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 # this many units: narrower blocks make the matrix products measurably slower (on a 200-unit
 # MLP halving cost 17% of a GGN product, on 512 units about 7%)
 _MIN_BLOCK = 256
-# a Linear layer with at most this many input features gets its weight cotangent as
-# (x^T u)^T: with the reduction dimension long and the output narrow, MKL's u^T x is 3x slower
-_NARROW_INPUT = 8
 _LINEAR_NO_PARAMS = (*_RESHAPES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout)
 
 
@@ -719,12 +721,7 @@ class SequentialLinearization:
         if t is nn.Linear:
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             u2 = u.reshape(-1, u.shape[-1])
-            if gw is not None:
-                x2 = rec["x"].reshape(-1, rec["x"].shape[-1])
-                if x2.shape[1] <= _NARROW_INPUT:  # MKL's u^T x is slow for few input features
-                    gw.add_((x2.T @ u2).T)
-                else:
-                    gw.addmm_(u2.T, x2)
+            add_weight_cotangent(gw, u2, rec["x"].reshape(-1, rec["x"].shape[-1]))
             if gb is not None:
                 gb.add_(u2.sum(0))
             return (u @ rec["w"], True) if need_input else (u, owned)

@@ -265,7 +265,7 @@ class CurvatureOptimizer(Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     @torch.no_grad()
-    def _apply_direction(self, direction: Tensor) -> float:
+    def _apply_direction(self, direction: Tensor, direction_norm: float) -> float:
         """``theta_g += lr_g * d_g`` for every group; returns the norm of the applied step."""
         lr = self._group_vector("lr")
         if isinstance(lr, Tensor):
@@ -273,7 +273,7 @@ class CurvatureOptimizer(Optimizer):
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
             return float(step.norm())
         torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
-        return abs(lr) * self._direction_norm
+        return abs(lr) * direction_norm
 
     def _reject(self, reason: str) -> None:
         """Mark the step rejected for a non-finite value; warn once or raise."""
@@ -318,11 +318,11 @@ class CurvatureOptimizer(Optimizer):
         if diag.get("accepted", True) and direction is not None:
             # a finite norm proves every entry finite (one reduction for the check and the
             # step norm); an infinite one may be an overflow of finite entries
-            self._direction_norm = float(direction.norm())
-            if not math.isfinite(self._direction_norm) and not all_finite(direction):
+            norm = float(direction.norm())
+            if not math.isfinite(norm) and not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
-                diag["step_norm"] = self._apply_direction(direction)
+                diag["step_norm"] = self._apply_direction(direction, norm)
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
         diag["time"] = time.perf_counter() - start
