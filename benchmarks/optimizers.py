@@ -10,7 +10,8 @@ the step is split, by wrapping the library's functions, into
   and ``G @ V`` runs; ``BlockDiagonalCurvature.apply_blocks``; the Gram eigenproblem,
   directional derivatives and factor products of ``LowRankGGN``),
 * **preconditioner**: Hessian-free's empirical-Fisher diagonal,
-* **loss evaluations**: ``loss_at`` calls (Hessian-free's CG backtracking and line search),
+* **loss evaluations**: ``loss_at`` and ``loss_along`` calls (Hessian-free's CG backtracking
+  and line search),
 * **CG overhead**: time inside CG minus the products it calls (vector operations, host
   synchronisations),
 * **other**: the rest of the step (checks, the update, diagnostics).
@@ -197,6 +198,7 @@ def install_probe(so: Any) -> Probe:
             probe.wrap(block_cls, "_matmat", "curvature")
     if optim_base is not None:
         probe.wrap(optim_base.CurvatureOptimizer, "loss_at", "loss evaluations")
+        probe.wrap(optim_base.CurvatureOptimizer, "loss_along", "loss evaluations")
     if newton is not None:
         probe.wrap(newton, "cg", "CG overhead")
     if hf is not None:

@@ -605,3 +605,51 @@ def test_block_cg_on_curvature_blocks_equals_cg_on_block_operators():
         ref, ref_info = so.cg(A, gi, rtol=1e-4, maxiter=15)
         assert info.iterations[i] == ref_info.iterations
         assert rel(x[i], ref) < 1e-8
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("curvature", ["ggn", "hessian", "pch_abs"])
+def test_apply_blocks_with_a_shift_adds_it(kind, curvature):
+    # (C_i + lambda_i I) v_i, fused into the weight products with one batch of weight 1, and
+    # added after the sum with several batches; columns (k > 1) too
+    model, loss_fn, X, y = make(kind, n=6)
+    g = torch.Generator().manual_seed(5)
+    for data in [(X, y), [(X[:2], y[:2]), (X[2:], y[2:])]]:
+        B = BlockDiagonalCurvature(model, loss_fn, data, curvature=curvature)
+        idx = list(range(B.num_blocks))[::-1]
+        vs = [torch.randn(B.block_sizes[i], generator=g, dtype=DT) for i in idx]
+        shifts = [0.1 * (i + 1) for i in idx]
+        plain = B.apply_blocks(idx, vs)
+        shifted = B.apply_blocks(idx, vs, shift=shifts)
+        for v, s, a, b in zip(vs, shifts, plain, shifted):
+            torch.testing.assert_close(b, a + s * v, rtol=1e-12, atol=1e-12)
+        mats = [torch.randn(B.block_sizes[i], 3, generator=g, dtype=DT) for i in idx]
+        plain = B.apply_blocks(idx, mats)
+        shifted = B.apply_blocks(idx, mats, shift=0.7)
+        for m, a, b in zip(mats, plain, shifted):
+            torch.testing.assert_close(b, a + 0.7 * m, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one value per index"):
+        B.apply_blocks([0, 1], vs[:2], shift=[1.0])
+    with pytest.raises(ValueError, match="finite floats"):
+        B.apply_blocks([0], vs[:1], shift=math.nan)
+
+
+def test_block_cg_writes_into_out():
+    g = torch.Generator().manual_seed(3)
+    sizes = [4, 9, 2]
+    A = [_spd(n, g) for n in sizes]
+    b = [torch.randn(n, generator=g, dtype=DT) for n in sizes]
+
+    def apply(idx, vs):
+        return [A[i] @ v for i, v in zip(idx, vs)]
+
+    x_ref, _ = block_cg(apply, b, shift=0.5, rtol=1e-10)
+    out = torch.full((sum(sizes),), math.nan, dtype=DT)  # overwritten, not read
+    x, _ = block_cg(apply, b, shift=0.5, rtol=1e-10, out=out)
+    for xi, ri in zip(x, x_ref):
+        assert xi.data_ptr() >= out.data_ptr()
+        torch.testing.assert_close(xi, ri, rtol=0, atol=0)
+    torch.testing.assert_close(out, torch.cat(x_ref), rtol=0, atol=0)
+    for bad in [torch.zeros(3, dtype=DT), torch.zeros(sum(sizes)), [0.0] * sum(sizes)]:
+        with pytest.raises(ValueError, match="out: expected a 1-D tensor"):
+            block_cg(apply, b, out=bad)

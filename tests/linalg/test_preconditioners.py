@@ -94,7 +94,9 @@ def test_accepts_a_tensor_or_an_operator(kind: str) -> None:
 
 
 # -------------------------------------------------------------------- Jacobi
-@pytest.mark.parametrize(("damping", "exponent"), [(0.0, 1.0), (0.5, 0.75), (2.0, 0.0)])
+@pytest.mark.parametrize(
+    ("damping", "exponent"), [(0.0, 1.0), (0.5, 0.75), (2.0, 0.0), (0.1, 0.5), (1e-3, 0.3)]
+)
 def test_jacobi_equals_its_formula(damping: float, exponent: float) -> None:
     d = torch.tensor([0.5, 1.0, 4.0, 100.0], dtype=F64)
     p = JacobiPreconditioner(d, damping=damping, exponent=exponent)
@@ -119,6 +121,30 @@ def test_jacobi_reduces_iterations_on_a_badly_scaled_matrix() -> None:
     torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("exponent", [1.0, 0.75, 0.5])
+def test_jacobi_fast_powers_are_accurate_in_float32(exponent: float) -> None:
+    # the square-root forms of the common exponents against float64 pow, over 12 decades
+    d = torch.logspace(-6.0, 6.0, 1001, dtype=F64)
+    p = JacobiPreconditioner(d.float(), damping=1e-3, exponent=exponent)
+    expected = (d.float().double() + 1e-3) ** (-exponent)
+    rel = ((p.inverse_diagonal.double() - expected) / expected).abs().max()
+    assert rel < 4 * torch.finfo(torch.float32).eps
+
+
+def test_preconditioner_in_place_product_gives_the_same_solve() -> None:
+    # cg writes a diagonal preconditioner's product into a reused buffer; the iterates must
+    # equal those with the same preconditioner given as a plain callable
+    n = 120
+    a = _spd(torch.logspace(-2.0, 2.0, n, dtype=F64), seed=3)
+    b = torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for M in (JacobiPreconditioner(a.diagonal(), exponent=0.75), Diagonal(1 / a.diagonal())):
+        x, info = cg(a, b, rtol=1e-10, M=M)
+        x_ref, ref = cg(a, b, rtol=1e-10, M=lambda v, M=M: M @ v)
+        assert info.iterations == ref.iterations
+        assert info.residual_norms == ref.residual_norms
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
@@ -127,6 +153,9 @@ def test_jacobi_reduces_iterations_on_a_badly_scaled_matrix() -> None:
         ((torch.ones(2, 2, dtype=F64),), r"expected a 1-D tensor diagonal, got shape \(2, 2\)"),
         ((torch.ones(2, dtype=torch.int64),), r"expected a real floating diagonal"),
         ((torch.tensor([1.0, float("nan")]),), r"NaN or Inf"),
+        ((torch.tensor([float("nan"), 1.0]),), r"NaN or Inf"),
+        ((torch.tensor([1.0, float("inf")]),), r"NaN or Inf"),
+        ((torch.tensor([-float("inf"), 1.0]),), r"NaN or Inf"),
         ((torch.ones(2), 0.0, -1.0), r"exponent must be a finite float >= 0, got -1\.0"),
         ((torch.ones(2), float("inf")), r"damping must be finite, got inf"),
     ],

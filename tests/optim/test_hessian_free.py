@@ -500,16 +500,29 @@ def test_nan_with_on_nonfinite_raise():
     assert torch.equal(flat(model), before)
 
 
+def test_loss_along_equals_loss_at_the_trial_point():
+    model = tanh_mlp()
+    opt = HessianFree(model, nn.MSELoss())
+    x, y = batch()
+    batches = [opt._batch(x, y), opt._batch(x[:3], y[:3])]
+    theta = flat(model)
+    d = torch.randn(theta.shape, dtype=theta.dtype, generator=torch.Generator().manual_seed(1))
+    for scale in (0.0, 0.3, -2.0):
+        expected = opt.loss_at(theta + scale * d, batches)
+        torch.testing.assert_close(opt.loss_along(d, scale, batches), expected)
+    assert torch.equal(flat(model), theta)  # the parameters are not touched
+
+
 def test_failed_line_search_rejects_the_step():
     model = tanh_mlp()
     opt = HessianFree(model, nn.MSELoss(), ls_max_steps=1, use_cg_backtracking=False)
     x, y = batch()
-    original = opt.loss_at
+    original = opt.loss_along
 
-    def worse(theta, batches):  # every trial point looks worse than the start
-        return original(theta, batches) + 1.0
+    def worse(direction, scale, batches):  # every trial point looks worse than the start
+        return original(direction, scale, batches) + 1.0
 
-    opt.loss_at = worse  # type: ignore[method-assign]
+    opt.loss_along = worse  # type: ignore[method-assign]
     before = flat(model)
     opt.step(x, y)
     d = opt.diagnostics

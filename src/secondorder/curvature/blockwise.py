@@ -222,6 +222,13 @@ class _Layer:
     def param_vjp(self, role: str, u: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def param_vjp_plus(self, role: str, u: Tensor, v: Tensor, beta: float) -> Tensor:
+        """``param_vjp(role, u) + beta * v``, with ``v`` shaped like the result.
+
+        Layers whose parameter VJP is a matrix product override this to fuse the sum into it.
+        """
+        return torch.add(self.param_vjp(role, u), v, alpha=beta)
+
     def residual(self, delta: Tensor) -> Tensor | None:
         """Diagonal of the residual term for the output gradient ``delta`` (None if zero)."""
         return None
@@ -257,6 +264,15 @@ class _Linear(_Layer):
         if role == "weight":
             return u2.transpose(1, 2) @ self.x2
         return u2.sum(1)
+
+    def param_vjp_plus(self, role: str, u: Tensor, v: Tensor, beta: float) -> Tensor:
+        if role != "weight":
+            return super().param_vjp_plus(role, u, v, beta)
+        u2 = u.reshape(u.shape[0], -1, u.shape[-1])  # (K, M, out)
+        if u2.shape[0] == 1:  # beta v + u^T x as one GEMM reading v (no separate pass)
+            return torch.addmm(v[0], u2[0].T, self.x2, beta=beta).unsqueeze(0)
+        x2 = self.x2.expand(u2.shape[0], *self.x2.shape)
+        return torch.baddbmm(v, u2.transpose(1, 2), x2, beta=beta)
 
 
 class _Conv(_Layer):
@@ -491,6 +507,20 @@ class _Pass:
     loss: Tensor
 
 
+def _block_shifts(shift: float | Sequence[float], n: int) -> list[float]:
+    """One finite float per block from a float or a sequence of ``n``."""
+    values: list[Any] = list(shift) if isinstance(shift, (list, tuple)) else [shift] * n
+    if len(values) != n:
+        raise ValueError(f"shift: expected one value per index ({n}), got {len(values)}")
+    try:
+        floats = [float(s) for s in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"shift: expected floats, got {shift!r}") from None
+    if not all(math.isfinite(s) for s in floats):
+        raise ValueError(f"shift: expected finite floats, got {floats}")
+    return floats
+
+
 class BlockDiagonalCurvature(LinearOperator):
     r"""The block-diagonal GGN, Hessian or PCH of an ``nn.Sequential``: one block per parameter.
 
@@ -693,8 +723,16 @@ class BlockDiagonalCurvature(LinearOperator):
         """Size of each block (``numel`` of its parameter)."""
         return list(self.fmodel.numels)
 
-    def _sweep(self, p: _Pass, entries: dict[int, list[tuple[int, Tensor]]]) -> dict[int, Tensor]:
-        """Apply the blocks in ``entries`` (layer -> [(block, (k, *shape))]) in one sweep."""
+    def _sweep(
+        self,
+        p: _Pass,
+        entries: dict[int, list[tuple[int, Tensor]]],
+        shifts: dict[int, float] | None = None,
+    ) -> dict[int, Tensor]:
+        """Apply the blocks in ``entries`` (layer -> [(block, (k, *shape))]) in one sweep.
+
+        ``shifts`` (block -> lambda) adds ``lambda * v`` to those blocks' products.
+        """
         lo = min(entries)
         layers = p.layers
         cols: Tensor | None = None
@@ -720,8 +758,13 @@ class BlockDiagonalCurvature(LinearOperator):
             if j in counts:
                 k_old = u.shape[0] - sum(counts[j])
                 parts = u[k_old:].split(counts[j])
-                for (i, _), part in zip(entries[j], parts):
-                    out[i] = layer.param_vjp(self._layer_of[i][1], part)
+                for (i, v), part in zip(entries[j], parts):
+                    role = self._layer_of[i][1]
+                    shift = shifts.get(i, 0.0) if shifts else 0.0
+                    if shift == 0.0:
+                        out[i] = layer.param_vjp(role, part)
+                    else:
+                        out[i] = layer.param_vjp_plus(role, part, v, shift)
                 if k_old == 0:
                     break
                 u = u[:k_old]
@@ -732,25 +775,37 @@ class BlockDiagonalCurvature(LinearOperator):
         return out
 
     @torch.no_grad()
-    def apply_blocks(self, indices: Sequence[int], vectors: Sequence[Tensor]) -> list[Tensor]:
+    def apply_blocks(
+        self,
+        indices: Sequence[int],
+        vectors: Sequence[Tensor],
+        shift: float | Sequence[float] = 0.0,
+    ) -> list[Tensor]:
         r"""Apply the blocks ``indices`` to ``vectors`` in one sweep per batch.
+
+        Computes :math:`(C_{\theta_i} + \lambda_i I) v_i`; with the default ``shift=0`` the
+        plain block products. A shift costs nothing extra where the block's product ends in
+        a matrix product (Linear weights with one batch): :math:`\lambda_i v_i` enters it as
+        the accumulator.
 
         Args:
             indices: Distinct block indices (positions in ``self.fmodel.params``).
             vectors: One tensor per index: ``(p_i,)`` or ``(p_i, k_i)`` for ``k_i`` columns,
                 with ``p_i`` the block's size.
+            shift: :math:`\lambda_i`, one float for all blocks or one per index.
 
         Returns:
-            :math:`C_{\theta_i} v_i` for every index, shaped like the vector.
+            :math:`(C_{\theta_i} + \lambda_i I) v_i` for every index, shaped like the vector.
 
         Raises:
-            ValueError: If the lengths differ, an index repeats or is out of range, or a
-                vector has the wrong shape.
+            ValueError: If the lengths differ, an index repeats or is out of range, a vector
+                has the wrong shape, or a shift is not a finite float.
         """
         if len(indices) != len(vectors):
             raise ValueError(f"got {len(indices)} indices but {len(vectors)} vectors")
         if len(set(indices)) != len(indices):
             raise ValueError(f"block indices must be distinct, got {list(indices)}")
+        shifts = _block_shifts(shift, len(indices))
         if not indices:
             return []
         for i, v in zip(indices, vectors):
@@ -763,15 +818,25 @@ class BlockDiagonalCurvature(LinearOperator):
                     f"({n}, k), got {tuple(v.shape)}"
                 )
         if self.engine == "autograd":
-            return [self._op.block(i) @ v.to(self.dtype) for i, v in zip(indices, vectors)]
+            results = [self._op.block(i) @ v.to(self.dtype) for i, v in zip(indices, vectors)]
+            return [
+                r if s == 0.0 else r.add(v.to(self.dtype), alpha=s)
+                for r, v, s in zip(results, vectors, shifts)
+            ]
         entries: dict[int, list[tuple[int, Tensor]]] = {}
         for i, v in zip(indices, vectors):
             cols = v.unsqueeze(0) if v.ndim == 1 else v.T
             tangent = cols.reshape(cols.shape[0], *self.fmodel.shapes[i]).to(self.dtype)
             entries.setdefault(self._layer_of[i][0], []).append((i, tangent))
+        # the shift goes into the sweep when its products are the final ones (one batch of
+        # weight 1, one process); otherwise it is added after the sum
+        fused = (
+            len(self._passes) == 1 and self._passes[0].weight == 1.0 and self.process_group is None
+        )
+        shift_of = {i: s for i, s in zip(indices, shifts) if s != 0.0}
         total: dict[int, Tensor] = {}
         for p in self._passes:
-            part = self._sweep(p, entries)
+            part = self._sweep(p, entries, shift_of if fused else None)
             for i, t in part.items():
                 t = t * p.weight if p.weight != 1.0 else t
                 total[i] = total[i] + t if i in total else t
@@ -780,7 +845,10 @@ class BlockDiagonalCurvature(LinearOperator):
         results = []
         for i, v in zip(indices, vectors):
             r = total[i].reshape(total[i].shape[0], -1)
-            results.append(r[0] if v.ndim == 1 else r.T)
+            r = r[0] if v.ndim == 1 else r.T
+            if not fused and i in shift_of:
+                r = r.add(v.to(self.dtype), alpha=shift_of[i])
+            results.append(r)
         return results
 
     def _split(self, X: Tensor) -> list[Tensor]:

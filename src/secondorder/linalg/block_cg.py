@@ -63,6 +63,7 @@ def block_cg(
     atol: float | Sequence[float] = 0.0,
     maxiter: int | Sequence[int] = 20,
     negative_curvature: str = "continue",
+    out: Tensor | None = None,
 ) -> tuple[list[Tensor], BlockCGInfo]:
     r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
 
@@ -93,13 +94,19 @@ def block_cg(
         atol: Absolute tolerance(s), ``>= 0``.
         maxiter: Maximal iterations (``>= 0``), for all or per system.
         negative_curvature: ``"continue"`` or ``"stop"``.
+        out: Optional flat buffer for the solutions: a 1-D tensor of length
+            :math:`\sum_i` ``b[i].numel()`` with the dtype and device of the ``b_i`` (which must
+            share them); the solutions are written into it, concatenated in order, and the
+            returned ``x`` are views of it. Saves the concatenation when the caller wants one
+            vector.
 
     Returns:
-        ``(x, info)``: the solutions (new tensors) and a :class:`BlockCGInfo`.
+        ``(x, info)``: the solutions (new tensors, or views of ``out``) and a
+        :class:`BlockCGInfo`.
 
     Raises:
-        ValueError: For invalid tolerances, ``maxiter``, ``negative_curvature``, or lists of
-            the wrong length.
+        ValueError: For invalid tolerances, ``maxiter``, ``negative_curvature``, lists of
+            the wrong length, or an ``out`` of the wrong shape, dtype or device.
 
     Example:
         >>> import torch
@@ -125,13 +132,36 @@ def block_cg(
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
         raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
     stop_negative = negative_curvature == "stop"
-    if n and len({(bi.dtype, bi.device) for bi in b}) == 1:
+    shared = bool(n) and len({(bi.dtype, bi.device) for bi in b}) == 1
+    sizes = [bi.numel() for bi in b]
+    if out is not None:
+        expected = (sum(sizes),)
+        if not (
+            isinstance(out, Tensor)
+            and shared
+            and tuple(out.shape) == expected
+            and out.dtype == b[0].dtype
+            and out.device == b[0].device
+        ):
+            got = (
+                f"shape {tuple(out.shape)}, {out.dtype} on {out.device}"
+                if isinstance(out, Tensor)
+                else type(out).__name__
+            )
+            want = f"{b[0].dtype} on {b[0].device}" if shared else "b sharing one dtype and device"
+            raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
+    if shared:
         # every system's vectors are views of one flat buffer each: three allocations, not 3n
-        sizes = [bi.numel() for bi in b]
         flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
-        x = [v.view(bi.shape) for v, bi in zip(flat_r.new_zeros(flat_r.shape).split(sizes), b)]
-        r = [v.view(bi.shape) for v, bi in zip(flat_r.split(sizes), b)]
-        p = [v.view(bi.shape) for v, bi in zip(flat_r.clone().split(sizes), b)]
+        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()
+        flat_p = flat_r.clone()
+        if all(bi.ndim == 1 for bi in b):  # the pieces of a split are the vectors already
+            x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
+        else:
+            x, r, p = (
+                [v.view(bi.shape) for v, bi in zip(flat.split(sizes), b)]
+                for flat in (flat_x, flat_r, flat_p)
+            )
     else:
         x = [torch.zeros_like(bi) for bi in b]
         r = [bi.detach().clone() for bi in b]
@@ -149,14 +179,21 @@ def block_cg(
         elif maxiters[i] == 0:
             status[i] = "maxiter"
     active = [i for i in range(n) if status[i] == "running"]
+    # one shift for all systems (the usual case): one batched in-place add per sweep
+    common_shift = shifts[0] if shared and len(set(shifts)) == 1 else None
     sweeps = 0
     while active:
         sweeps += 1
-        ap = apply(active, [p[i] for i in active])
-        for i, a in zip(active, ap):
-            if shifts[i] != 0.0:
-                a.add_(p[i], alpha=shifts[i])
-        pap = torch.stack([torch.dot(p[i], a) for i, a in zip(active, ap)]).tolist()
+        p_active = [p[i] for i in active]
+        ap = apply(active, p_active)
+        if common_shift is not None:
+            if common_shift != 0.0:
+                torch._foreach_add_(ap, p_active, alpha=common_shift)
+        else:
+            for i, a in zip(active, ap):
+                if shifts[i] != 0.0:
+                    a.add_(p[i], alpha=shifts[i])
+        pap = torch.stack([torch.dot(pi, a) for pi, a in zip(p_active, ap)]).tolist()
         stepped = []
         for i, a, curv in zip(active, ap, pap):
             if curv <= 0:
@@ -183,7 +220,7 @@ def block_cg(
                 elif iterations[i] >= maxiters[i]:
                     status[i] = "maxiter"
                 else:
-                    p[i].mul_(value / rr[i]).add_(r[i])
+                    torch.add(r[i], p[i], alpha=value / rr[i], out=p[i])  # p = r + beta p
                 rr[i] = value
         active = [i for i in active if status[i] == "running"]
     info = BlockCGInfo(

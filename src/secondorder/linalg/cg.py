@@ -410,6 +410,12 @@ def cg(
         r = b - ax
     z = r if apply_m is None else apply_m(r).detach()
     p = z.clone()
+    # a preconditioner that writes its product in place (a diagonal) reuses z's buffer
+    m_out = (
+        M._matvec_out
+        if isinstance(M, LinearOperator) and type(M)._matvec_out is not LinearOperator._matvec_out
+        else None
+    )
     # the scalars of the start, in one host transfer; those known to be equal are not recomputed
     # (r = b without x0, z = r without M, and x^T x = x^T b = x^T r = 0 without x0)
     scalars = [torch.dot(b, b)]
@@ -514,7 +520,12 @@ def cg(
         x.add_(p, alpha=alpha_f)
         r.add_(ap, alpha=-alpha_f)
         x_bound += abs(alpha_f) * math.sqrt(pp_f)
-        z = r if apply_m is None else apply_m(r).detach()
+        if apply_m is None:
+            z = r
+        elif m_out is not None:
+            z = m_out(r, z)  # the old z is not needed any more: p was updated from it
+        else:
+            z = apply_m(r).detach()
         if apply_m is None:
             rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
         else:

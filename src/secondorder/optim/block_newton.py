@@ -160,21 +160,27 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             return loss, None
         groups = self._block_groups()
         grads = list(grad.split(C.block_sizes))
+        dampings = [float(g["damping"]) for g in groups]
+
+        def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
+            # (C_i + lambda_i I) v_i, the damping fused into the block products
+            return C.apply_blocks(indices, vectors, shift=[dampings[i] for i in indices])
+
+        direction = torch.empty_like(grad)  # the solutions land here, block after block
         solutions, info = block_cg(
-            C.apply_blocks,
+            damped_blocks,
             grads,
-            shift=[float(g["damping"]) for g in groups],
             rtol=[float(g["cg_rtol"]) for g in groups],
             atol=[float(g["cg_atol"]) for g in groups],
             maxiter=[int(g["cg_maxiter"]) for g in groups],
             negative_curvature=self.negative_curvature,
+            out=direction,
         )
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):
             if status == "negative_curvature" and its == 0:
-                solutions[i] = grads[i].clone()  # no descent direction found: gradient step
+                solutions[i].copy_(grads[i])  # no descent direction found: gradient step
                 fallback.append(i)
-        dampings = [float(g["damping"]) for g in groups]
         self.diagnostics.update(
             blocks=list(self.fmodel.names),
             cg_iterations=sum(info.iterations),
@@ -190,4 +196,4 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             bad = [self.fmodel.names[i] for i, s in enumerate(info.status) if s == "nonfinite"]
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
             return loss, None
-        return loss, -torch.cat(solutions)
+        return loss, direction.neg_()

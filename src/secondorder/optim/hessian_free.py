@@ -535,13 +535,12 @@ class HessianFree(CurvatureOptimizer):
             grad_loss, grad = _loss_and_gradient(
                 self.fmodel, self.loss_fn, grad_batches, self._allreduce_sum
             )
-        theta = self.fmodel.current()
         if _same_batches(loss_batches, grad_batches):
             f0 = grad_loss
         elif _same_batches(loss_batches, batches):
             f0 = C.loss
         else:
-            f0 = self.loss_at(theta, loss_batches)
+            f0 = self.loss_at(self.fmodel.current(), loss_batches)
         diag["time_curvature"] = clock() - tic
         if not self._check_loss_and_gradient(f0, grad):
             return f0, None
@@ -603,17 +602,18 @@ class HessianFree(CurvatureOptimizer):
             diag["fallback"] = "gradient"
         evaluations = 0
 
-        def loss_along(step: Tensor) -> float:
+        def loss_along(scale: float, direction: Tensor) -> float:
+            """The loss at theta + scale * direction (NaN read as +Inf)."""
             nonlocal evaluations
             evaluations += 1
-            value = float(self.loss_at(theta + step, loss_batches))
+            value = float(self.loss_along(direction, scale, loss_batches))
             return value if not math.isnan(value) else math.inf
 
         # the last candidate first, then backwards while the loss decreases (Martens' code)
         k, delta, phi, slope = candidates[-1]
-        f_new = loss_along(lr * delta)
+        f_new = loss_along(lr, delta)
         for cand in reversed(candidates[:-1]):
-            value = loss_along(lr * cand[1])
+            value = loss_along(lr, cand[1])
             if not value < f_new:
                 break
             (k, delta, phi, slope), f_new = cand, value
@@ -640,7 +640,7 @@ class HessianFree(CurvatureOptimizer):
         if self.use_linesearch:
 
             def along(a: float) -> float:
-                return f_new if a == 1.0 else loss_along(a * lr * delta)
+                return f_new if a == 1.0 else loss_along(a * lr, delta)
 
             alpha, f_new, ls = armijo_backtracking(
                 along,
@@ -663,4 +663,4 @@ class HessianFree(CurvatureOptimizer):
         if not math.isfinite(f_new):
             self._reject("the loss at the new parameters is not finite")
             return f0, None
-        return f0, delta * alpha
+        return f0, delta if alpha == 1.0 else delta * alpha
