@@ -650,6 +650,13 @@ def test_block_cg_writes_into_out():
         assert xi.data_ptr() >= out.data_ptr()
         torch.testing.assert_close(xi, ri, rtol=0, atol=0)
     torch.testing.assert_close(out, torch.cat(x_ref), rtol=0, atol=0)
+    # systems that never step (maxiter 0, a zero right-hand side) return x_0 = 0
+    out.fill_(math.nan)
+    b[1] = torch.zeros_like(b[1])
+    x, info = block_cg(apply, b, rtol=1e-10, maxiter=[0, 5, 5], out=out)
+    assert info.iterations[:2] == [0, 0] and info.iterations[2] > 0
+    assert torch.equal(out[: sum(sizes[:2])], torch.zeros(sum(sizes[:2]), dtype=DT))
+    assert torch.isfinite(out).all()
     for bad in [torch.zeros(3, dtype=DT), torch.zeros(sum(sizes)), [0.0] * sum(sizes)]:
         with pytest.raises(ValueError, match="out: expected a 1-D tensor"):
             block_cg(apply, b, out=bad)

@@ -191,3 +191,39 @@ def test_step_hooks_run_once_per_step(name):
     opt.register_step_post_hook(lambda *a: calls.append("post"))
     opt.step(X, y)
     assert calls == ["pre", "post"]
+
+
+def test_step_wrapper_keeps_torch_semantics():
+    # global hooks, argument-replacing pre-hooks, and the profiler range while profiling
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt(IDS[0], model, loss_fn)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda *a: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda *a: calls.append("global post")),
+    ]
+    with torch.no_grad():
+        expected = float(loss_fn(model(X[:3]), y[:3]))  # the loss on the hook's batch
+    try:
+        opt.register_step_pre_hook(lambda o, args, kwargs: ((o, X[:3], y[:3]), kwargs))
+        opt.step(X, y)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "global post"]
+    assert opt.diagnostics["loss"] == pytest.approx(expected, rel=1e-6)
+    bad = make_opt(IDS[0], model, loss_fn)
+    bad.register_step_pre_hook(lambda *a: "not a tuple")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        bad.step(X, y)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step(X, y)
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{type(opt).__name__}.step" in names

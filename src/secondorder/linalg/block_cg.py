@@ -153,7 +153,8 @@ def block_cg(
     if shared:
         # every system's vectors are views of one flat buffer each: three allocations, not 3n
         flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
-        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()
+        # x is written by each system's first step (x = alpha p); what never steps is zeroed
+        flat_x = flat_r.new_empty(flat_r.shape) if out is None else out
         flat_p = flat_r.clone()
         if all(bi.ndim == 1 for bi in b):  # the pieces of a split are the vectors already
             x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
@@ -163,9 +164,10 @@ def block_cg(
                 for flat in (flat_x, flat_r, flat_p)
             )
     else:
-        x = [torch.zeros_like(bi) for bi in b]
+        x = [torch.empty_like(bi) for bi in b]
         r = [bi.detach().clone() for bi in b]
         p = [ri.clone() for ri in r]
+    unwritten = [True] * n  # x_i still holds no value (it is x_0 = 0)
     rr = torch.stack([torch.dot(ri, ri) for ri in r]).tolist() if n else []
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
@@ -206,7 +208,11 @@ def block_cg(
                 status[i] = "negative_curvature"
             else:
                 alpha = rr[i] / curv
-                x[i].add_(p[i], alpha=alpha)
+                if unwritten[i]:
+                    torch.mul(p[i], alpha, out=x[i])
+                    unwritten[i] = False
+                else:
+                    x[i].add_(p[i], alpha=alpha)
                 r[i].sub_(a, alpha=alpha)
                 stepped.append(i)
         if stepped:
@@ -223,6 +229,9 @@ def block_cg(
                     torch.add(r[i], p[i], alpha=value / rr[i], out=p[i])  # p = r + beta p
                 rr[i] = value
         active = [i for i in active if status[i] == "running"]
+    for i in range(n):
+        if unwritten[i]:
+            x[i].zero_()
     info = BlockCGInfo(
         iterations=iterations,
         residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],
