@@ -660,3 +660,30 @@ def test_block_cg_writes_into_out():
     for bad in [torch.zeros(3, dtype=DT), torch.zeros(sum(sizes)), [0.0] * sum(sizes)]:
         with pytest.raises(ValueError, match="out: expected a 1-D tensor"):
             block_cg(apply, b, out=bad)
+
+
+def test_block_cg_overwrite_b_keeps_the_residuals_in_b():
+    g = torch.Generator().manual_seed(4)
+    sizes = [5, 8, 3]
+    A = [_spd(n, g) for n in sizes]
+
+    def apply(idx, vs):
+        return [A[i] @ v for i, v in zip(idx, vs)]
+
+    flat = torch.randn(sum(sizes), generator=g, dtype=DT)
+    maxiter = [4, 0, 6]  # the second system takes no step
+    x_ref, info_ref = block_cg(apply, list(flat.split(sizes)), rtol=1e-10, maxiter=maxiter)
+    work = flat.clone()
+    b = list(work.split(sizes))
+    x, info = block_cg(apply, b, rtol=1e-10, maxiter=maxiter, overwrite_b=True)
+    for xi, ri in zip(x, x_ref):
+        torch.testing.assert_close(xi, ri, rtol=0, atol=0)
+    assert info.residual_norms == info_ref.residual_norms
+    assert not torch.equal(b[0], flat[:5])  # the residual lives in b now
+    assert torch.equal(b[1], flat[5:13])  # no step: b_i unchanged
+    # b_i that are not consecutive views are copied, and left alone
+    parts = [t.clone() for t in flat.split(sizes)]
+    x, _ = block_cg(apply, parts, rtol=1e-10, maxiter=maxiter, overwrite_b=True)
+    for xi, ri in zip(x, x_ref):
+        torch.testing.assert_close(xi, ri, rtol=0, atol=0)
+    assert all(torch.equal(t, f) for t, f in zip(parts, flat.split(sizes)))

@@ -54,6 +54,20 @@ def _per_system(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
+def _consecutive(b: Sequence[Tensor]) -> Tensor | None:
+    """One flat view of the ``b_i`` if they are 1-D, contiguous and consecutive in memory."""
+    first = b[0]
+    if any(bi.ndim != 1 or not bi.is_contiguous() for bi in b):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for bi in b:
+        if bi.untyped_storage().data_ptr() != storage or bi.storage_offset() != offset:
+            return None
+        offset += bi.numel()
+    return first.detach().as_strided((offset - first.storage_offset(),), (1,))
+
+
 def block_cg(
     apply: Callable[[list[int], list[Tensor]], list[Tensor]],
     b: Sequence[Tensor],
@@ -64,6 +78,7 @@ def block_cg(
     maxiter: int | Sequence[int] = 20,
     negative_curvature: str = "continue",
     out: Tensor | None = None,
+    overwrite_b: bool = False,
 ) -> tuple[list[Tensor], BlockCGInfo]:
     r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
 
@@ -99,6 +114,10 @@ def block_cg(
             share them); the solutions are written into it, concatenated in order, and the
             returned ``x`` are views of it. Saves the concatenation when the caller wants one
             vector.
+        overwrite_b: Allow the solver to keep the residuals in the memory of ``b`` (as
+            scipy's ``overwrite_b``): ``b`` then holds garbage afterwards, except that a
+            system that took no step keeps its ``b_i``. Used (saving a copy) when the ``b_i``
+            are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector.
 
     Returns:
         ``(x, info)``: the solutions (new tensors, or views of ``out``) and a
@@ -152,7 +171,9 @@ def block_cg(
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
     if shared:
         # every system's vectors are views of one flat buffer each: three allocations, not 3n
-        flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
+        flat_r = _consecutive(b) if overwrite_b else None
+        if flat_r is None:
+            flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
         # x is written by each system's first step (x = alpha p); what never steps is zeroed
         flat_x = flat_r.new_empty(flat_r.shape) if out is None else out
         flat_p = flat_r.clone()

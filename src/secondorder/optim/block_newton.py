@@ -159,7 +159,9 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         if not self._check_loss_and_gradient(loss, grad):
             return loss, None
         groups = self._block_groups()
-        grads = list(grad.split(C.block_sizes))
+        # the right-hand sides -g_i, whose memory CG may keep its residuals in: the solutions
+        # are then the step directions themselves
+        rhs = list(torch.neg(grad).split(C.block_sizes))
         dampings = [float(g["damping"]) for g in groups]
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
@@ -169,17 +171,20 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         direction = torch.empty_like(grad)  # the solutions land here, block after block
         solutions, info = block_cg(
             damped_blocks,
-            grads,
+            rhs,
             rtol=[float(g["cg_rtol"]) for g in groups],
             atol=[float(g["cg_atol"]) for g in groups],
             maxiter=[int(g["cg_maxiter"]) for g in groups],
             negative_curvature=self.negative_curvature,
             out=direction,
+            overwrite_b=True,
         )
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):
             if status == "negative_curvature" and its == 0:
-                solutions[i].copy_(grads[i])  # no descent direction found: gradient step
+                # no descent direction found: the gradient step (-g_i, untouched as no step
+                # was taken)
+                solutions[i].copy_(rhs[i])
                 fallback.append(i)
         self.diagnostics.update(
             blocks=list(self.fmodel.names),
@@ -196,4 +201,4 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             bad = [self.fmodel.names[i] for i, s in enumerate(info.status) if s == "nonfinite"]
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
             return loss, None
-        return loss, direction.neg_()
+        return loss, direction
