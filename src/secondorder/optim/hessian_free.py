@@ -210,7 +210,8 @@ class HessianFree(CurvatureOptimizer):
     Armijo line search: :math:`\theta \leftarrow \theta + \alpha\,\mathrm{lr}\,\delta`. The
     module docstring lists every rule with its source. All loss evaluations after the
     curvature is built are forward passes without graphs
-    (:meth:`~secondorder.optim.base.CurvatureOptimizer.loss_at`), and only as many as the
+    (:meth:`~secondorder.optim.base.CurvatureOptimizer.loss_along` at
+    :math:`\theta + s\,\delta`), and only as many as the
     backtracking and the line search need (the loss at the chosen iterate is reused as the
     line search's first trial).
 
