@@ -628,6 +628,12 @@ def test_apply_blocks_with_a_shift_adds_it(kind, curvature):
         shifted = B.apply_blocks(idx, mats, shift=0.7)
         for m, a, b in zip(mats, plain, shifted):
             torch.testing.assert_close(b, a + 0.7 * m, rtol=1e-12, atol=1e-12)
+    # the autograd engine adds the shift after its block products
+    A = BlockDiagonalCurvature(model, loss_fn, (X, y), curvature=curvature, engine="autograd")
+    plain = A.apply_blocks(idx, vs)
+    shifted = A.apply_blocks(idx, vs, shift=shifts)
+    for v, s, a, b in zip(vs, shifts, plain, shifted):
+        torch.testing.assert_close(b, a + s * v, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one value per index"):
         B.apply_blocks([0, 1], vs[:2], shift=[1.0])
     with pytest.raises(ValueError, match="finite floats"):
