@@ -35,7 +35,7 @@ budget; ``True`` builds them at the first product.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,6 +333,21 @@ class JacobianFactors:
         return part.contiguous() if out is None else out.add_(part)
 
     # ------------------------------------------------------------------ J^T u
+    @staticmethod
+    def _wanted(layer: _Layer, target: Mapping[Any, Tensor]) -> bool:
+        """Whether ``target`` has a buffer for the layer's weight or bias."""
+        return target.get(layer.iw) is not None or target.get(layer.ib) is not None
+
+    def _head_cotangent(self, u: Tensor) -> Tensor:
+        """The cotangent at the head's output for ``u`` of shape ``(..., C)``.
+
+        ``u`` goes back through the top weight and the activations between head and top.
+        """
+        g = u @ self._top_w  # type: ignore[operator]
+        for act in reversed(self._head_acts):
+            g = act(g, g)
+        return g
+
     def vjp_into(
         self, u: Tensor, out: Sequence[Tensor], indices: Sequence[int] | None = None
     ) -> None:
@@ -346,21 +361,13 @@ class JacobianFactors:
             if gb is not None:
                 gb.add_(u.sum(0))
         head = self.head
-        if head is not None and (
-            target.get(head.iw) is not None or target.get(head.ib) is not None
-        ):
-            g = u @ self._top_w  # type: ignore[operator]
-            for act in reversed(self._head_acts):
-                g = act(g, g)
+        if head is not None and self._wanted(head, target):
+            g = self._head_cotangent(u)
             add_weight_cotangent(target.get(head.iw), g, head.x)
             gb = target.get(head.ib)
             if gb is not None:
                 gb.add_(g.sum(0))
-        wanted = [
-            layer
-            for layer in self.layers
-            if target.get(layer.iw) is not None or target.get(layer.ib) is not None
-        ]
+        wanted = [layer for layer in self.layers if self._wanted(layer, target)]
         if not wanted:
             return
         u3 = u.unsqueeze(1)
@@ -388,20 +395,14 @@ class JacobianFactors:
             if gb is not None:
                 gb.add_(u.sum(1))
         head = self.head
-        if head is not None and (out.get(head.iw) is not None or out.get(head.ib) is not None):
-            g = u @ self._top_w  # type: ignore[operator]
-            for act in reversed(self._head_acts):
-                g = act(g, g)
+        if head is not None and self._wanted(head, out):
+            g = self._head_cotangent(u)
             gw, gb = out.get(head.iw), out.get(head.ib)
             if gw is not None:
                 gw.baddbmm_(g.transpose(1, 2), head.x.expand(K, *head.x.shape))
             if gb is not None:
                 gb.add_(g.sum(1))
-        wanted = [
-            layer
-            for layer in self.layers
-            if out.get(layer.iw) is not None or out.get(layer.ib) is not None
-        ]
+        wanted = [layer for layer in self.layers if self._wanted(layer, out)]
         if not wanted:
             return
         G = torch.bmm(u.transpose(0, 1).contiguous(), self.B)  # (N, K, H)

@@ -645,41 +645,17 @@ class SequentialLinearization:
         if t in _CONV:
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             kw, w = rec["kw"], rec["w"]
-            nd = w.ndim - 2
-            flat = u.flatten(0, 1)  # (K N, out, *spatial)
-            grads = torch.ops.aten.convolution_backward(
-                flat,
-                rec["x"].expand(K, *rec["x"].shape).flatten(0, 1),
-                w,
-                None,
-                list(kw["stride"]),
-                list(kw["padding"]),
-                list(kw["dilation"]),
-                False,
-                [0] * nd,
-                kw["groups"],
-                [need_input, False, False],
-            )
             if gw is not None:
                 for k in range(K):  # one weight gradient per column
-                    gw[k].add_(
-                        torch.ops.aten.convolution_backward(
-                            u[k],
-                            rec["x"],
-                            w,
-                            None,
-                            list(kw["stride"]),
-                            list(kw["padding"]),
-                            list(kw["dilation"]),
-                            False,
-                            [0] * nd,
-                            kw["groups"],
-                            [False, True, False],
-                        )[1]
-                    )
+                    gw[k].add_(_conv_backward(u[k], rec["x"], w, kw, [False, True, False])[1])
             if gb is not None and rec["has_bias"]:
                 gb.add_(u.sum(dim=(1, *range(3, u.ndim))))
-            return (grads[0].unflatten(0, (K, -1)), True) if need_input else (u, owned)
+            if not need_input:
+                return u, owned
+            flat = u.flatten(0, 1)  # (K N, out, *spatial): the columns ride along the batch
+            x_cols = rec["x"].expand(K, *rec["x"].shape).flatten(0, 1)
+            grad_input = _conv_backward(flat, x_cols, w, kw, [True, False, False])[0]
+            return grad_input.unflatten(0, (K, -1)), True
         if not need_input:
             return u, owned
         if t in _ELEMENTWISE:
@@ -727,22 +703,10 @@ class SequentialLinearization:
             return (u @ rec["w"], True) if need_input else (u, owned)
         if t in _CONV:
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
-            kw = rec["kw"]
-            w = rec["w"]
-            nd = w.ndim - 2
-            grads = torch.ops.aten.convolution_backward(
-                u,
-                rec["x"],
-                w,
-                [w.shape[0]] if rec["has_bias"] else None,
-                list(kw["stride"]),
-                list(kw["padding"]),
-                list(kw["dilation"]),
-                False,
-                [0] * nd,
-                kw["groups"],
-                [need_input, gw is not None, gb is not None and rec["has_bias"]],
-            )
+            kw, w = rec["kw"], rec["w"]
+            mask = [need_input, gw is not None, gb is not None and rec["has_bias"]]
+            bias_sizes = [w.shape[0]] if rec["has_bias"] else None
+            grads = _conv_backward(u, rec["x"], w, kw, mask, bias_sizes)
             if gw is not None:
                 gw.add_(grads[1])
             if gb is not None:
@@ -772,6 +736,33 @@ class SequentialLinearization:
             probe = u.new_zeros(rec["in_shape"], requires_grad=True)
             (grad,) = torch.autograd.grad(layer(probe), probe, u)
         return grad, True
+
+
+def _conv_backward(
+    grad: Tensor,
+    x: Tensor,
+    w: Tensor,
+    kw: dict[str, Any],
+    mask: list[bool],
+    bias_sizes: list[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``aten.convolution_backward`` of ``conv(x, w, **kw)`` for the output gradient ``grad``.
+
+    Returns the input, weight and bias gradients; only those ``mask`` asks for are computed.
+    """
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        w,
+        bias_sizes,
+        list(kw["stride"]),
+        list(kw["padding"]),
+        list(kw["dilation"]),
+        False,
+        [0] * (w.ndim - 2),
+        kw["groups"],
+        mask,
+    )
 
 
 def _conv_weight_jvp(
