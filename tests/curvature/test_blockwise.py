@@ -595,6 +595,50 @@ def test_block_cg_edge_cases():
             block_cg(apply, b, **kwargs)
 
 
+def test_block_cg_solves_systems_of_different_dtypes():
+    # no shared flat buffers: every system gets its own vectors
+    g = torch.Generator().manual_seed(6)
+    A = [_spd(6, g), _spd(4, g).float(), _spd(3, g)]
+    b = [
+        torch.randn(6, generator=g, dtype=DT),
+        torch.randn(4, generator=g),
+        torch.zeros(3, dtype=DT),
+    ]
+
+    def apply(idx, vs):
+        return [A[i] @ v for i, v in zip(idx, vs)]
+
+    x, info = block_cg(apply, b, shift=0.3, rtol=1e-6, maxiter=[20, 20, 5])
+    assert [xi.dtype for xi in x] == [DT, torch.float32, DT]
+    assert info.status == ["converged", "converged", "converged"] and info.iterations[2] == 0
+    for i in range(2):
+        M = A[i] + 0.3 * torch.eye(A[i].shape[0], dtype=A[i].dtype)
+        ref, ref_info = so.cg(M, b[i], rtol=1e-6, maxiter=20)
+        assert info.iterations[i] == ref_info.iterations
+        torch.testing.assert_close(x[i], ref)
+    assert torch.equal(x[2], torch.zeros(3, dtype=DT))  # x_0 = 0 for a system that never steps
+    with pytest.raises(ValueError, match="b sharing one dtype and device"):
+        block_cg(apply, b, out=torch.zeros(13, dtype=DT))
+
+
+def test_consecutive_views_are_recognised_and_nothing_else():
+    from secondorder.linalg.block_cg import _consecutive
+
+    base = torch.arange(20, dtype=DT)
+    flat = _consecutive(base[3:15].split([4, 1, 7]))
+    assert flat is not None and flat.data_ptr() == base[3:].data_ptr()
+    assert torch.equal(flat, base[3:15])
+    for b in [
+        list(base[:10].split([4, 6]))[::-1],  # out of order
+        [base[:4], base[:4]],  # overlapping
+        [base[:4], base[5:9]],  # a gap
+        [base[0:8:2], base[8:10]],  # strided
+        [base[:6].view(2, 3), base[6:9]],  # not 1-D
+        [base[:4].clone(), base[4:8].clone()],  # separate storages
+    ]:
+        assert _consecutive(b) is None
+
+
 def test_block_cg_on_curvature_blocks_equals_cg_on_block_operators():
     model, loss_fn, X, y = make("cnn", n=4)
     B = BlockDiagonalCurvature(model, loss_fn, (X, y), curvature="pch_clip")

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .scalars import host_floats
+
 __all__ = ["BlockCGInfo", "block_cg"]
 
 
@@ -55,17 +57,24 @@ def _per_system(value: Any, n: int, name: str) -> list[Any]:
 
 
 def _consecutive(b: Sequence[Tensor]) -> Tensor | None:
-    """One flat view of the ``b_i`` if they are 1-D, contiguous and consecutive in memory."""
+    """One flat view of the ``b_i`` if they are 1-D, contiguous and consecutive in memory.
+
+    The ``b_i`` share dtype and device (the caller checks). Memory at consecutive addresses
+    inside the first one's storage is that storage's, whatever storage objects the others
+    hold.
+    """
     first = b[0]
-    if any(bi.ndim != 1 or not bi.is_contiguous() for bi in b):
-        return None
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
+    itemsize = first.element_size()
+    address = first.data_ptr()
+    total = 0
     for bi in b:
-        if bi.untyped_storage().data_ptr() != storage or bi.storage_offset() != offset:
+        if bi.ndim != 1 or not bi.is_contiguous() or bi.data_ptr() != address:
             return None
-        offset += bi.numel()
-    return first.detach().as_strided((offset - first.storage_offset(),), (1,))
+        address += bi.numel() * itemsize
+        total += bi.numel()
+    if (first.storage_offset() + total) * itemsize > first.untyped_storage().nbytes():
+        return None
+    return first.detach().as_strided((total,), (1,))
 
 
 def block_cg(
@@ -174,10 +183,12 @@ def block_cg(
         flat_r = _consecutive(b) if overwrite_b else None
         if flat_r is None:
             flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
-        # x is written by each system's first step (x = alpha p); what never steps is zeroed
-        flat_x = flat_r.new_empty(flat_r.shape) if out is None else out
+        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
         flat_p = flat_r.clone()
-        if all(bi.ndim == 1 for bi in b):  # the pieces of a split are the vectors already
+        if flat_r.data_ptr() == b[0].data_ptr() and not any(bi.requires_grad for bi in b):
+            r = list(b)  # consecutive b_i: they are the residual vectors already
+            x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
+        elif all(bi.ndim == 1 for bi in b):  # the pieces of a split are the vectors already
             x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
         else:
             x, r, p = (
@@ -185,11 +196,10 @@ def block_cg(
                 for flat in (flat_x, flat_r, flat_p)
             )
     else:
-        x = [torch.empty_like(bi) for bi in b]
+        x = [torch.zeros_like(bi) for bi in b]
         r = [bi.detach().clone() for bi in b]
         p = [ri.clone() for ri in r]
-    unwritten = [True] * n  # x_i still holds no value (it is x_0 = 0)
-    rr = torch.stack([torch.dot(ri, ri) for ri in r]).tolist() if n else []
+    rr = host_floats([torch.dot(ri, ri) for ri in r])
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
     status = ["running"] * n
@@ -216,7 +226,7 @@ def block_cg(
             for i, a in zip(active, ap):
                 if shifts[i] != 0.0:
                     a.add_(p[i], alpha=shifts[i])
-        pap = torch.stack([torch.dot(pi, a) for pi, a in zip(p_active, ap)]).tolist()
+        pap = host_floats([torch.dot(pi, a) for pi, a in zip(p_active, ap)])
         stepped = []
         for i, a, curv in zip(active, ap, pap):
             if curv <= 0:
@@ -229,15 +239,11 @@ def block_cg(
                 status[i] = "negative_curvature"
             else:
                 alpha = rr[i] / curv
-                if unwritten[i]:
-                    torch.mul(p[i], alpha, out=x[i])
-                    unwritten[i] = False
-                else:
-                    x[i].add_(p[i], alpha=alpha)
+                x[i].add_(p[i], alpha=alpha)
                 r[i].sub_(a, alpha=alpha)
                 stepped.append(i)
         if stepped:
-            rr_new = torch.stack([torch.dot(r[i], r[i]) for i in stepped]).tolist()
+            rr_new = host_floats([torch.dot(r[i], r[i]) for i in stepped])
             for i, value in zip(stepped, rr_new):
                 iterations[i] += 1
                 if not math.isfinite(value):
@@ -250,9 +256,6 @@ def block_cg(
                     torch.add(r[i], p[i], alpha=value / rr[i], out=p[i])  # p = r + beta p
                 rr[i] = value
         active = [i for i in active if status[i] == "running"]
-    for i in range(n):
-        if unwritten[i]:
-            x[i].zero_()
     info = BlockCGInfo(
         iterations=iterations,
         residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .operator import LinearOperator, aslinearoperator
+from .scalars import host_floats
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
 
@@ -496,7 +497,7 @@ def cg(
         if apply_m is None:  # ||p||^2 is known from the recurrence below
             pap_f = torch.dot(p, ap).item()  # host synchronisation 1 of 2
         else:
-            pap_f, pp_f = torch.stack([torch.dot(p, ap), torch.dot(p, p)]).tolist()
+            pap_f, pp_f = host_floats([torch.dot(p, ap), torch.dot(p, p)])
         # the step is refused (x stays exactly as it is) for rounding-level or NaN curvature
         threshold = eps * rho_max * pp_f
         if through:
@@ -529,7 +530,7 @@ def cg(
         if apply_m is None:
             rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
         else:
-            rz_new_f, rr_f = torch.stack([torch.dot(r, z), torch.dot(r, r)]).tolist()
+            rz_new_f, rr_f = host_floats([torch.dot(r, z), torch.dot(r, r)])
         # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
         phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f
         if not (math.isfinite(rr_f) and math.isfinite(phi_f)):

@@ -396,7 +396,8 @@ class CurvatureOptimizer(Optimizer):
         self.diagnostics = {"step": state["step"], "accepted": True}
         loss, direction = self._compute_direction(batches, **kw)
         diag = self.diagnostics
-        diag["loss"] = float(loss)
+        if "loss" not in diag:  # _check_loss_and_gradient has read it already
+            diag["loss"] = float(loss)
         if diag.get("accepted", True) and direction is not None:
             # a finite norm proves every entry finite (one reduction for the check and the
             # step norm); an infinite one may be an overflow of finite entries
@@ -417,8 +418,9 @@ class CurvatureOptimizer(Optimizer):
     def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
         """Record loss and gradient norm; reject and return False if either is non-finite."""
         grad_norm = vector_norm(grad)
-        self.diagnostics["grad_norm"] = grad_norm
-        if not math.isfinite(float(loss)):
+        loss_f = float(loss)
+        self.diagnostics.update(loss=loss_f, grad_norm=grad_norm)
+        if not math.isfinite(loss_f):
             self._reject("the loss is not finite")
             return False
         # a finite norm proves every entry finite; an infinite one may be an overflow

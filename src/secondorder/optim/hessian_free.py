@@ -98,6 +98,7 @@ from ..curvature.model import Batch, FunctionalModel, as_batches
 from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
+from ..linalg.scalars import host_floats
 from .base import CurvatureOptimizer, all_finite, check_jacobian_factors, check_positive
 from .damping import levenberg_marquardt, reduction_ratio
 from .linesearch import armijo_backtracking
@@ -594,7 +595,7 @@ class HessianFree(CurvatureOptimizer):
         kept = info.iterates if self.use_cg_backtracking else []
         if not kept:
             kept = [(info.iterations, x, info.quadratic_values[-1])]
-        slopes = torch.stack([torch.dot(grad, xk) for _, xk, _ in kept]).tolist()
+        slopes = host_floats([torch.dot(grad, xk) for _, xk, _ in kept])
         candidates = [(k, xk, phi, s) for (k, xk, phi), s in zip(kept, slopes) if s < 0]
         if not candidates:  # no descent direction from CG: the damped gradient step
             delta = grad / -lam
