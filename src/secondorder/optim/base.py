@@ -253,6 +253,8 @@ class CurvatureOptimizer(Optimizer):
 
     def _group_vector(self, key: str) -> float | Tensor:
         """A group hyperparameter as a scalar if all groups agree, else a per-coordinate vector."""
+        if len(self.param_groups) == 1:
+            return float(self.param_groups[0][key])
         values = [float(g[key]) for g in self.param_groups]
         if len(set(values)) == 1:
             return values[0]

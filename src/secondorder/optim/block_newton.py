@@ -158,23 +158,35 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         loss, grad = C.loss, C.gradient()
         if not self._check_loss_and_gradient(loss, grad):
             return loss, None
-        groups = self._block_groups()
+        # per-block hyperparameters: scalars when one group holds every block (the usual case)
+        if len(self.param_groups) == 1:
+            group = self.param_groups[0]
+            damping: float | list[float] = float(group["damping"])
+            rtol: float | list[float] = float(group["cg_rtol"])
+            atol: float | list[float] = float(group["cg_atol"])
+            maxiter: int | list[int] = int(group["cg_maxiter"])
+        else:
+            groups = self._block_groups()
+            damping = [float(g["damping"]) for g in groups]
+            rtol = [float(g["cg_rtol"]) for g in groups]
+            atol = [float(g["cg_atol"]) for g in groups]
+            maxiter = [int(g["cg_maxiter"]) for g in groups]
         # the right-hand sides -g_i, whose memory CG may keep its residuals in: the solutions
         # are then the step directions themselves
         rhs = list(torch.neg(grad).split(C.block_sizes))
-        dampings = [float(g["damping"]) for g in groups]
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
             # (C_i + lambda_i I) v_i, the damping fused into the block products
-            return C.apply_blocks(indices, vectors, shift=[dampings[i] for i in indices])
+            shift = damping if isinstance(damping, float) else [damping[i] for i in indices]
+            return C.apply_blocks(indices, vectors, shift=shift)
 
         direction = torch.empty_like(grad)  # the solutions land here, block after block
         solutions, info = block_cg(
             damped_blocks,
             rhs,
-            rtol=[float(g["cg_rtol"]) for g in groups],
-            atol=[float(g["cg_atol"]) for g in groups],
-            maxiter=[int(g["cg_maxiter"]) for g in groups],
+            rtol=rtol,
+            atol=atol,
+            maxiter=maxiter,
             negative_curvature=self.negative_curvature,
             out=direction,
             overwrite_b=True,
@@ -193,7 +205,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             cg_sweeps=info.sweeps,
             cg_residuals=info.residual_norms,
             cg_status=info.status,
-            damping=dampings[0] if len(set(dampings)) == 1 else dampings,
+            damping=damping if isinstance(damping, float) or len(set(damping)) > 1 else damping[0],
         )
         if fallback:
             self.diagnostics["fallback_gradient_blocks"] = fallback
