@@ -621,6 +621,33 @@ def test_block_cg_solves_systems_of_different_dtypes():
         block_cg(apply, b, out=torch.zeros(13, dtype=DT))
 
 
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+def test_block_cg_keeps_the_shapes_of_b(mixed_dtypes):
+    # a system per parameter tensor, seen by `apply` in its own shape (a 2-D weight, a bias)
+    g = torch.Generator().manual_seed(7)
+    shapes = [(3, 4), (4,), (2, 1, 3)]
+    A = [_spd(math.prod(sh), g) for sh in shapes]
+    b = [torch.randn(sh, generator=g, dtype=DT) for sh in shapes]
+    if mixed_dtypes:  # no shared flat buffers
+        A[1], b[1] = A[1].float(), b[1].float()
+    seen = []
+
+    def apply(idx, vs):
+        seen.extend(tuple(v.shape) for v in vs)
+        return [(A[i] @ v.reshape(-1)).view(v.shape) for i, v in zip(idx, vs)]
+
+    x, info = block_cg(apply, b, shift=0.2, rtol=1e-10, maxiter=50)
+    assert set(seen) == set(shapes)
+    for xi, Ai, bi in zip(x, A, b):
+        assert xi.shape == bi.shape and xi.dtype == bi.dtype
+        M = Ai + 0.2 * torch.eye(Ai.shape[0], dtype=Ai.dtype)
+        tol = 1e-8 if bi.dtype == DT else 1e-4
+        torch.testing.assert_close(
+            xi.reshape(-1), torch.linalg.solve(M, bi.reshape(-1)), rtol=tol, atol=tol
+        )
+    assert info.status == ["converged"] * 3
+
+
 def test_consecutive_views_are_recognised_and_nothing_else():
     from secondorder.linalg.block_cg import _consecutive
 

@@ -112,7 +112,8 @@ def block_cg(
     Args:
         apply: ``apply(indices, vectors) -> products`` for lists of system indices and
             vectors (without the shift).
-        b: Right-hand sides, 1-D tensors.
+        b: Right-hand sides, tensors of any shapes; ``apply`` gets the vectors of system
+            ``i`` in the shape of ``b[i]`` and returns its products in that shape (or flat).
         shift: :math:`\lambda_i` (a float for all systems, or one per system).
         rtol: Relative tolerance(s), ``>= 0``.
         atol: Absolute tolerance(s), ``>= 0``.
@@ -129,8 +130,8 @@ def block_cg(
             are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector.
 
     Returns:
-        ``(x, info)``: the solutions (new tensors, or views of ``out``) and a
-        :class:`BlockCGInfo`.
+        ``(x, info)``: the solutions in the shapes of the ``b_i`` (new tensors, or views of
+        ``out``) and a :class:`BlockCGInfo`.
 
     Raises:
         ValueError: For invalid tolerances, ``maxiter``, ``negative_curvature``, lists of
@@ -178,6 +179,9 @@ def block_cg(
             )
             want = f"{b[0].dtype} on {b[0].device}" if shared else "b sharing one dtype and device"
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
+    # CG works on 1-D views; systems with shaped b see their vectors in b's shapes in `apply`
+    # and get x in them
+    flat_shapes = all(bi.ndim == 1 for bi in b)
     if shared:
         # every system's vectors are views of one flat buffer each: three allocations, not 3n
         flat_r = _consecutive(b) if overwrite_b else None
@@ -188,17 +192,13 @@ def block_cg(
         if flat_r.data_ptr() == b[0].data_ptr() and not any(bi.requires_grad for bi in b):
             r = list(b)  # consecutive b_i: they are the residual vectors already
             x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
-        elif all(bi.ndim == 1 for bi in b):  # the pieces of a split are the vectors already
-            x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
         else:
-            x, r, p = (
-                [v.view(bi.shape) for v, bi in zip(flat.split(sizes), b)]
-                for flat in (flat_x, flat_r, flat_p)
-            )
+            x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
     else:
-        x = [torch.zeros_like(bi) for bi in b]
-        r = [bi.detach().clone() for bi in b]
+        r = [bi.detach().reshape(-1).clone() for bi in b]
+        x = [torch.zeros_like(ri) for ri in r]
         p = [ri.clone() for ri in r]
+    p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, b)]
     rr = host_floats([torch.dot(ri, ri) for ri in r])
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
@@ -218,7 +218,10 @@ def block_cg(
     while active:
         sweeps += 1
         p_active = [p[i] for i in active]
-        ap = apply(active, p_active)
+        if flat_shapes:
+            ap = apply(active, p_active)
+        else:
+            ap = [a.reshape(-1) for a in apply(active, [p_seen[i] for i in active])]
         if common_shift is not None:
             if common_shift != 0.0:
                 torch._foreach_add_(ap, p_active, alpha=common_shift)
@@ -264,4 +267,4 @@ def block_cg(
         sweeps=sweeps,
         negative_curvature=negative,
     )
-    return x, info
+    return (x if flat_shapes else [xi.view(bi.shape) for xi, bi in zip(x, b)]), info
