@@ -648,6 +648,39 @@ def test_block_cg_keeps_the_shapes_of_b(mixed_dtypes):
     assert info.status == ["converged"] * 3
 
 
+def test_block_cg_on_one_flat_b_cut_by_sizes():
+    g = torch.Generator().manual_seed(8)
+    sizes = [5, 1, 8, 3]
+    A = [_spd(k, g) for k in sizes]
+
+    def apply(idx, vs):
+        return [A[i] @ v for i, v in zip(idx, vs)]
+
+    flat = torch.randn(sum(sizes), generator=g, dtype=DT)
+    kw = dict(shift=[0.1, 0.0, 0.3, 1.0], rtol=1e-9, maxiter=[6, 0, 20, 20])
+    x_ref, info_ref = block_cg(apply, [t.clone() for t in flat.split(sizes)], **kw)
+    work = flat.clone()
+    x, info = block_cg(apply, work, sizes=sizes, **kw)
+    assert torch.equal(work, flat)  # b is left alone without overwrite_b
+    for xi, ri in zip(x, x_ref):
+        torch.testing.assert_close(xi, ri, rtol=0, atol=0)
+    assert info.residual_norms == info_ref.residual_norms and info.status == info_ref.status
+    out = torch.full_like(flat, math.nan)
+    x, info = block_cg(apply, work, sizes=sizes, out=out, overwrite_b=True, **kw)
+    torch.testing.assert_close(out, torch.cat(x_ref), rtol=0, atol=0)
+    assert torch.equal(work[5:6], flat[5:6])  # the system that took no step keeps its b_i
+    assert not torch.equal(work[:5], flat[:5])  # the others' residuals live in b now
+    for bad, match in [
+        (dict(b=flat, sizes=None), "must be 1-D and come with `sizes`"),
+        (dict(b=flat.view(1, -1), sizes=[17]), "must be 1-D and come with `sizes`"),
+        (dict(b=flat, sizes=[5, 1, 8]), "summing to b.numel"),
+        (dict(b=flat, sizes=[5, -1, 8, 5]), "must be 1-D and come with `sizes`"),
+        (dict(b=list(flat.split(sizes)), sizes=sizes), "only for a flat b"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            block_cg(apply, **bad)
+
+
 def test_consecutive_views_are_recognised_and_nothing_else():
     from secondorder.linalg.block_cg import _consecutive
 

@@ -157,6 +157,26 @@ def test_negative_curvature_options():
     assert "negative_curvature" not in plain.diagnostics["cg_status"]
 
 
+def test_blocks_without_a_descent_direction_take_the_gradient_step():
+    # seed 2: g_i^T H_i g_i < 0 for the convolution's weight and the first Linear's weight, so
+    # with "stop" their CG stops before its first step and they move along -g_i
+    model, loss_fn, X, y = make_problem(seed=2)
+    blocks, grads = dense_blocks(model, loss_fn, X, y, "hessian")
+    negative = [i for i, (H, g) in enumerate(zip(blocks, grads)) if g @ H @ g < -1e-4]
+    assert 2 in negative
+    theta0 = flat(model)
+    opt = BlockDiagonalNewtonCG(
+        model, loss_fn, lr=0.3, damping=0.0, curvature="hessian", negative_curvature="stop"
+    )
+    opt.step(X, y)
+    assert set(negative) <= set(opt.diagnostics["fallback_gradient_blocks"])
+    step = (flat(model) - theta0).split([g.numel() for g in grads])
+    for i in opt.diagnostics["fallback_gradient_blocks"]:
+        assert opt.diagnostics["cg_status"][i] == "negative_curvature"
+        assert opt.diagnostics["cg_block_iterations"][i] == 0
+        torch.testing.assert_close(step[i], -0.3 * grads[i], rtol=1e-12, atol=1e-15)
+
+
 def test_other_models_use_the_autograd_engine():
     class Residual(nn.Module):
         def __init__(self):

@@ -79,8 +79,9 @@ def _consecutive(b: Sequence[Tensor]) -> Tensor | None:
 
 def block_cg(
     apply: Callable[[list[int], list[Tensor]], list[Tensor]],
-    b: Sequence[Tensor],
+    b: Sequence[Tensor] | Tensor,
     *,
+    sizes: Sequence[int] | None = None,
     shift: float | Sequence[float] = 0.0,
     rtol: float | Sequence[float] = 1e-5,
     atol: float | Sequence[float] = 0.0,
@@ -114,6 +115,9 @@ def block_cg(
             vectors (without the shift).
         b: Right-hand sides, tensors of any shapes; ``apply`` gets the vectors of system
             ``i`` in the shape of ``b[i]`` and returns its products in that shape (or flat).
+            Or one flat tensor holding them all, cut by ``sizes`` (the cheapest form for the
+            blocks of a parameter vector: no per-system checks, one buffer).
+        sizes: With a flat ``b``: the systems' lengths, in order, summing to ``b.numel()``.
         shift: :math:`\lambda_i` (a float for all systems, or one per system).
         rtol: Relative tolerance(s), ``>= 0``.
         atol: Absolute tolerance(s), ``>= 0``.
@@ -127,7 +131,8 @@ def block_cg(
         overwrite_b: Allow the solver to keep the residuals in the memory of ``b`` (as
             scipy's ``overwrite_b``): ``b`` then holds garbage afterwards, except that a
             system that took no step keeps its ``b_i``. Used (saving a copy) when the ``b_i``
-            are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector.
+            are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector,
+            or ``b`` is flat.
 
     Returns:
         ``(x, info)``: the solutions in the shapes of the ``b_i`` (new tensors, or views of
@@ -146,7 +151,24 @@ def block_cg(
         >>> info.status, torch.allclose(x[1], torch.tensor([2.0]))
         (['converged', 'converged'], True)
     """
-    n = len(b)
+    flat_b: Tensor | None = None
+    if isinstance(b, Tensor):
+        if sizes is None or b.ndim != 1 or any(int(k) < 0 for k in sizes):
+            raise ValueError(
+                "b: a single tensor must be 1-D and come with `sizes` (the systems' lengths), "
+                f"got shape {tuple(b.shape)} and sizes={sizes!r}"
+            )
+        sizes = [int(k) for k in sizes]
+        if sum(sizes) != b.numel():
+            raise ValueError(
+                f"sizes: expected lengths summing to b.numel() = {b.numel()}, "
+                f"got {sizes} (sum {sum(sizes)})"
+            )
+        flat_b, n = b, len(sizes)
+    elif sizes is not None:
+        raise ValueError("sizes: only for a flat b (one tensor); got a sequence of tensors")
+    else:
+        n = len(b)
     if negative_curvature not in ("continue", "stop"):
         raise ValueError(
             f"negative_curvature must be 'continue' or 'stop', got {negative_curvature!r}"
@@ -161,44 +183,66 @@ def block_cg(
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
         raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
     stop_negative = negative_curvature == "stop"
-    shared = bool(n) and len({(bi.dtype, bi.device) for bi in b}) == 1
-    sizes = [bi.numel() for bi in b]
+    ref: Tensor | None
+    systems: Sequence[Tensor] = () if flat_b is not None else b  # type: ignore[assignment]
+    if flat_b is not None:
+        shared, flat_shapes, ref = True, True, flat_b
+        assert sizes is not None
+        sizes = list(sizes)
+    else:
+        shared = bool(n) and len({(bi.dtype, bi.device) for bi in systems}) == 1
+        sizes = [bi.numel() for bi in systems]
+        # CG works on 1-D views; systems with shaped b see their vectors in b's shapes in
+        # `apply` and get x in them
+        flat_shapes = all(bi.ndim == 1 for bi in systems)
+        ref = systems[0] if n else None
     if out is not None:
         expected = (sum(sizes),)
         if not (
             isinstance(out, Tensor)
             and shared
+            and ref is not None
             and tuple(out.shape) == expected
-            and out.dtype == b[0].dtype
-            and out.device == b[0].device
+            and out.dtype == ref.dtype
+            and out.device == ref.device
         ):
             got = (
                 f"shape {tuple(out.shape)}, {out.dtype} on {out.device}"
                 if isinstance(out, Tensor)
                 else type(out).__name__
             )
-            want = f"{b[0].dtype} on {b[0].device}" if shared else "b sharing one dtype and device"
+            want = (
+                f"{ref.dtype} on {ref.device}"
+                if shared and ref is not None
+                else "b sharing one dtype and device"
+            )
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
-    # CG works on 1-D views; systems with shaped b see their vectors in b's shapes in `apply`
-    # and get x in them
-    flat_shapes = all(bi.ndim == 1 for bi in b)
-    if shared:
-        # every system's vectors are views of one flat buffer each: three allocations, not 3n
-        flat_r = _consecutive(b) if overwrite_b else None
-        if flat_r is None:
-            flat_r = torch.cat([bi.detach().reshape(-1) for bi in b])
+    if flat_b is not None:
+        # one buffer each for x, r, p; with overwrite_b the residuals live in b
+        flat_r = flat_b.detach() if overwrite_b else flat_b.detach().clone()
         flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
         flat_p = flat_r.clone()
-        if flat_r.data_ptr() == b[0].data_ptr() and not any(bi.requires_grad for bi in b):
-            r = list(b)  # consecutive b_i: they are the residual vectors already
+        x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
+    elif shared:
+        # every system's vectors are views of one flat buffer each: three allocations, not 3n
+        consecutive = _consecutive(systems) if overwrite_b else None
+        flat_r = (
+            consecutive
+            if consecutive is not None
+            else torch.cat([bi.detach().reshape(-1) for bi in systems])
+        )
+        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
+        flat_p = flat_r.clone()
+        if consecutive is not None and not any(bi.requires_grad for bi in systems):
+            r = list(systems)  # consecutive b_i: they are the residual vectors already
             x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
         else:
             x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
     else:
-        r = [bi.detach().reshape(-1).clone() for bi in b]
+        r = [bi.detach().reshape(-1).clone() for bi in systems]
         x = [torch.zeros_like(ri) for ri in r]
         p = [ri.clone() for ri in r]
-    p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, b)]
+    p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, systems)]
     rr = host_floats([torch.dot(ri, ri) for ri in r])
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
@@ -267,4 +311,4 @@ def block_cg(
         sweeps=sweeps,
         negative_curvature=negative,
     )
-    return (x if flat_shapes else [xi.view(bi.shape) for xi, bi in zip(x, b)]), info
+    return (x if flat_shapes else [xi.view(bi.shape) for xi, bi in zip(x, systems)]), info

@@ -171,9 +171,9 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             rtol = [float(g["cg_rtol"]) for g in groups]
             atol = [float(g["cg_atol"]) for g in groups]
             maxiter = [int(g["cg_maxiter"]) for g in groups]
-        # the right-hand sides -g_i, whose memory CG may keep its residuals in: the solutions
-        # are then the step directions themselves
-        rhs = list(torch.neg(grad).split(C.block_sizes))
+        # the right-hand sides -g_i, one flat vector whose memory CG may keep its residuals in:
+        # the solutions are then the step directions themselves
+        rhs = torch.neg(grad)
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
             # (C_i + lambda_i I) v_i, the damping fused into the block products
@@ -184,6 +184,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         solutions, info = block_cg(
             damped_blocks,
             rhs,
+            sizes=C.block_sizes,
             rtol=rtol,
             atol=atol,
             maxiter=maxiter,
@@ -194,10 +195,13 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):
             if status == "negative_curvature" and its == 0:
-                # no descent direction found: the gradient step (-g_i, untouched as no step
-                # was taken)
-                solutions[i].copy_(rhs[i])
+                # no descent direction found: the gradient step (-g_i, untouched in rhs as no
+                # step was taken)
                 fallback.append(i)
+        if fallback:
+            pieces = rhs.split(C.block_sizes)
+            for i in fallback:
+                solutions[i].copy_(pieces[i])
         self.diagnostics.update(
             blocks=list(self.fmodel.names),
             cg_iterations=sum(info.iterations),
