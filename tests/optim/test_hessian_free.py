@@ -489,6 +489,28 @@ def test_nan_batch_leaves_parameters_unchanged_and_raises_damping():
     assert opt.diagnostics["accepted"]
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_preconditioner_diagonal_rejects_the_step(bad, monkeypatch):
+    # finite loss and gradient, but the empirical Fisher's diagonal overflowed
+    model = tanh_mlp()
+    opt = HessianFree(model, nn.MSELoss())
+    real = opt._preconditioner_diagonal
+
+    def broken(batches):
+        d = real(batches)
+        d[2] = bad
+        return d
+
+    monkeypatch.setattr(opt, "_preconditioner_diagonal", broken)
+    before = flat(model)
+    lam = opt._current_damping()
+    with pytest.warns(NonFiniteStepWarning, match="preconditioner's diagonal is not usable"):
+        opt.step(*batch(seed=63))
+    assert torch.equal(flat(model), before)
+    assert not opt.diagnostics["accepted"] and "NaN or Inf" in opt.diagnostics["rejected_reason"]
+    assert opt.global_state["damping"] == pytest.approx(1.5 * lam)
+
+
 def test_nan_with_on_nonfinite_raise():
     model = tanh_mlp()
     opt = HessianFree(model, nn.MSELoss(), on_nonfinite="raise")

@@ -424,7 +424,7 @@ def cg(
         scalars += [torch.dot(r, r), torch.dot(x, b), torch.dot(x, r), torch.dot(x, x)]
     if apply_m is not None:
         scalars += [torch.dot(r, z), torch.dot(p, p)]
-    values = torch.stack(scalars).tolist() if len(scalars) > 1 else [scalars[0].item()]
+    values = host_floats(scalars)
     bb_f = values[0]
     rr_f, xb_f, xr_f, xx_f = values[1:5] if x0 is not None else (bb_f, 0.0, 0.0, 0.0)
     rz_f, pp_f = values[-2:] if apply_m is not None else (rr_f, rr_f)

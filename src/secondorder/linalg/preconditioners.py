@@ -62,20 +62,20 @@ def _check_rank(rank: Any, n: int, name: str) -> int:
     return rank
 
 
-def _negative_power(x: Tensor, alpha: float) -> Tensor:
-    r"""``x ** -alpha`` for ``x > 0``.
+def _negative_power_(x: Tensor, alpha: float) -> Tensor:
+    r"""``x ** -alpha`` for ``x > 0``, in place in ``x`` (which is returned).
 
     The common exponents go through square roots, several times cheaper than ``pow``
     (``x^{-3/4} = r \sqrt{r}`` with ``r = x^{-1/2}``).
     """
     if alpha == 1.0:
-        return x.reciprocal()
+        return x.reciprocal_()
     if alpha == 0.5:
-        return x.rsqrt()
+        return x.rsqrt_()
     if alpha == 0.75:
-        r = x.rsqrt()
+        r = x.rsqrt_()
         return r.mul_(r.sqrt())
-    return x.pow(-alpha)
+    return x.pow_(-alpha)
 
 
 class JacobiPreconditioner(LinearOperator):
@@ -137,7 +137,7 @@ class JacobiPreconditioner(LinearOperator):
             raise ValueError(
                 f"JacobiPreconditioner: exponent must be a finite float >= 0, got {exponent!r}"
             )
-        shifted = diagonal.detach() + mu
+        shifted = diagonal.detach() + mu  # a new tensor: the power is taken in place in it
         # one pass for both checks: NaN propagates into the minimum, Inf shows in either end
         if shifted.numel():
             smallest, largest = (float(v) for v in torch.aminmax(shifted))
@@ -153,7 +153,7 @@ class JacobiPreconditioner(LinearOperator):
         super().__init__((diagonal.numel(), diagonal.numel()), diagonal.dtype, diagonal.device)
         self.damping = mu
         self.exponent = alpha
-        self.inverse_diagonal = _negative_power(shifted, alpha)
+        self.inverse_diagonal = _negative_power_(shifted, alpha)
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self.inverse_diagonal * x

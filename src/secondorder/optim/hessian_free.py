@@ -99,7 +99,7 @@ from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
 from ..linalg.scalars import host_floats
-from .base import CurvatureOptimizer, all_finite, check_jacobian_factors, check_positive
+from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
 from .damping import levenberg_marquardt, reduction_ratio
 from .linesearch import armijo_backtracking
 
@@ -561,10 +561,11 @@ class HessianFree(CurvatureOptimizer):
         M = None
         if self.preconditioner == "empirical_fisher":
             d = self._preconditioner_diagonal(grad_batches)
-            if not all_finite(d):
-                self._reject("the preconditioner's diagonal is not finite")
+            try:  # the preconditioner checks d + lam (finite, > 0) in one pass
+                M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
+            except ValueError as err:
+                self._reject(f"the preconditioner's diagonal is not usable ({err})")
                 return f0, None
-            M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
         diag["time_preconditioner"] = clock() - tic
         tic = clock()
         A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
