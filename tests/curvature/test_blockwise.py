@@ -665,6 +665,13 @@ def test_block_cg_on_one_flat_b_cut_by_sizes():
     for xi, ri in zip(x, x_ref):
         torch.testing.assert_close(xi, ri, rtol=0, atol=0)
     assert info.residual_norms == info_ref.residual_norms and info.status == info_ref.status
+    norms = [float(t.norm()) for t in flat.split(sizes)]
+    assert info.rhs_norms == pytest.approx(norms, rel=1e-14)
+    bad = flat.clone()
+    bad[6] = math.nan  # in the third system
+    _, info_bad = block_cg(apply, bad, sizes=sizes, **kw)
+    assert math.isnan(info_bad.rhs_norms[2]) and info_bad.status[2] == "nonfinite"
+    assert info_bad.iterations[2] == 0 and info_bad.rhs_norms[0] == pytest.approx(norms[0])
     out = torch.full_like(flat, math.nan)
     x, info = block_cg(apply, work, sizes=sizes, out=out, overwrite_b=True, **kw)
     torch.testing.assert_close(out, torch.cat(x_ref), rtol=0, atol=0)

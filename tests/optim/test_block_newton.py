@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 import secondorder as so
 from secondorder.curvature.blockwise import BlockDiagonalCurvature
+from secondorder.optim.base import NonFiniteStepWarning
 from secondorder.optim.block_newton import BlockDiagonalNewtonCG
 
 DT = torch.float64
@@ -175,6 +177,35 @@ def test_blocks_without_a_descent_direction_take_the_gradient_step():
         assert opt.diagnostics["cg_status"][i] == "negative_curvature"
         assert opt.diagnostics["cg_block_iterations"][i] == 0
         torch.testing.assert_close(step[i], -0.3 * grads[i], rtol=1e-12, atol=1e-15)
+
+
+def test_a_nonfinite_gradient_block_rejects_the_step(monkeypatch):
+    # finite loss, NaN in one block of the gradient: that block's CG stops before any
+    # product, the gradient norm (summed from CG's first dot products) is NaN, the step goes
+    model, loss_fn, X, y = make_problem()
+    real = BlockDiagonalCurvature.gradient
+
+    def broken(self):
+        g = real(self).clone()
+        g[-1] = math.nan
+        return g
+
+    monkeypatch.setattr(BlockDiagonalCurvature, "gradient", broken)
+    opt = BlockDiagonalNewtonCG(model, loss_fn)
+    theta0 = flat(model)
+    with pytest.warns(NonFiniteStepWarning, match="the gradient is not finite"):
+        opt.step(X, y)
+    assert torch.equal(flat(model), theta0)
+    d = opt.diagnostics
+    assert not d["accepted"] and math.isnan(d["grad_norm"]) and math.isfinite(d["loss"])
+
+
+def test_gradient_norm_is_summed_from_the_blocks():
+    model, loss_fn, X, y = make_problem()
+    g = BlockDiagonalCurvature(model, loss_fn, (X, y)).gradient()
+    opt = BlockDiagonalNewtonCG(model, loss_fn)
+    opt.step(X, y)
+    assert opt.diagnostics["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
 
 
 def test_other_models_use_the_autograd_engine():

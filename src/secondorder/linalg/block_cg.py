@@ -23,7 +23,7 @@ __all__ = ["BlockCGInfo", "block_cg"]
 
 @dataclass
 class BlockCGInfo:
-    """What happened in a :func:`block_cg` solve, one entry per system.
+    r"""What happened in a :func:`block_cg` solve, one entry per system.
 
     Attributes:
         iterations: CG iterations per system.
@@ -34,6 +34,7 @@ class BlockCGInfo:
             ``"breakdown"`` (``p^T A p == 0``) or ``"nonfinite"`` (a NaN/Inf appeared).
         sweeps: Number of batched operator applications (the largest iteration count).
         negative_curvature: Per system, whether any search direction had ``p^T A p <= 0``.
+        rhs_norms: :math:`\|b_i\|_2` per system (NaN or Inf where ``b_i`` is not finite).
     """
 
     iterations: list[int]
@@ -42,6 +43,7 @@ class BlockCGInfo:
     status: list[str]
     sweeps: int = 0
     negative_curvature: list[bool] = field(default_factory=list)
+    rhs_norms: list[float] = field(default_factory=list)
 
     @property
     def converged(self) -> list[bool]:
@@ -244,6 +246,7 @@ def block_cg(
         p = [ri.clone() for ri in r]
     p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, systems)]
     rr = host_floats([torch.dot(ri, ri) for ri in r])
+    rhs_norms = [math.sqrt(v) if v >= 0 else math.nan for v in rr]
     tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
     iterations = [0] * n
     status = ["running"] * n
@@ -310,5 +313,6 @@ def block_cg(
         status=status,
         sweeps=sweeps,
         negative_curvature=negative,
+        rhs_norms=rhs_norms,
     )
     return (x if flat_shapes else [xi.view(bi.shape) for xi, bi in zip(x, systems)]), info
