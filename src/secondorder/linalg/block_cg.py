@@ -188,9 +188,8 @@ def block_cg(
     ref: Tensor | None
     systems: Sequence[Tensor] = () if flat_b is not None else b  # type: ignore[assignment]
     if flat_b is not None:
+        assert sizes is not None  # a list of ints, checked above
         shared, flat_shapes, ref = True, True, flat_b
-        assert sizes is not None
-        sizes = list(sizes)
     else:
         shared = bool(n) and len({(bi.dtype, bi.device) for bi in systems}) == 1
         sizes = [bi.numel() for bi in systems]
@@ -219,27 +218,24 @@ def block_cg(
                 else "b sharing one dtype and device"
             )
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
-    if flat_b is not None:
-        # one buffer each for x, r, p; with overwrite_b the residuals live in b
-        flat_r = flat_b.detach() if overwrite_b else flat_b.detach().clone()
-        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
-        flat_p = flat_r.clone()
-        x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
-    elif shared:
-        # every system's vectors are views of one flat buffer each: three allocations, not 3n
-        consecutive = _consecutive(systems) if overwrite_b else None
-        flat_r = (
-            consecutive
-            if consecutive is not None
-            else torch.cat([bi.detach().reshape(-1) for bi in systems])
-        )
-        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
-        flat_p = flat_r.clone()
-        if consecutive is not None and not any(bi.requires_grad for bi in systems):
-            r = list(systems)  # consecutive b_i: they are the residual vectors already
-            x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
+    if shared:
+        # every system's vectors are views of one flat buffer each: three allocations, not 3n;
+        # with overwrite_b the residuals live in b's memory (flat, or consecutive views)
+        r_views: list[Tensor] | None = None
+        if flat_b is not None:
+            flat_r = flat_b.detach() if overwrite_b else flat_b.detach().clone()
         else:
-            x, r, p = (list(v.split(sizes)) for v in (flat_x, flat_r, flat_p))
+            consecutive = _consecutive(systems) if overwrite_b else None
+            if consecutive is None:
+                flat_r = torch.cat([bi.detach().reshape(-1) for bi in systems])
+            else:
+                flat_r = consecutive
+                if not any(bi.requires_grad for bi in systems):
+                    r_views = list(systems)  # the b_i are the residual vectors already
+        flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
+        flat_p = flat_r.clone()
+        x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
+        r = r_views if r_views is not None else list(flat_r.split(sizes))
     else:
         r = [bi.detach().reshape(-1).clone() for bi in systems]
         x = [torch.zeros_like(ri) for ri in r]

@@ -523,13 +523,10 @@ def cg(
         x_bound += abs(alpha_f) * math.sqrt(pp_f)
         if apply_m is None:
             z = r
-        elif m_out is not None:
-            z = m_out(r, z)  # the old z is not needed any more: p was updated from it
-        else:
-            z = apply_m(r).detach()
-        if apply_m is None:
             rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
         else:
+            # a diagonal M writes into z's buffer: the old z is not needed, p was updated from it
+            z = m_out(r, z) if m_out is not None else apply_m(r).detach()
             rz_new_f, rr_f = host_floats([torch.dot(r, z), torch.dot(r, r)])
         # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
         phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f

@@ -27,9 +27,7 @@ def host_floats(values: Sequence[Tensor]) -> list[float]:
     """
     if not values:
         return []
-    if values[0].is_cpu or len(values) == 1:
-        return [v.item() for v in values]
-    device = values[0].device
-    if any(v.device != device for v in values):
+    first = values[0]
+    if first.is_cpu or len(values) == 1 or any(v.device != first.device for v in values):
         return [v.item() for v in values]
     return torch.stack(list(values)).tolist()
