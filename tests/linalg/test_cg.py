@@ -419,14 +419,14 @@ def test_info_type() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rtol": -1e-3}, r"rtol must be a finite non-negative float, got -0\.001"),
-        ({"atol": -1.0}, r"atol must be a finite non-negative float, got -1\.0"),
+        ({"rtol": -1e-3}, r"rtol must be a non-negative float \(inf allowed\), got -0\.001"),
+        ({"atol": -1.0}, r"atol must be a non-negative float \(inf allowed\), got -1\.0"),
         ({"rtol": math.nan}, r"rtol must be .*got nan"),
         ({"maxiter": -1}, r"maxiter must be None or an int >= 0, got -1"),
         ({"maxiter": 2.5}, r"maxiter must be None or an int >= 0, got 2\.5"),
         ({"rtol": 0.0, "atol": 0.0}, r"no stopping criterion"),
         ({"stop_rule": "relative"}, r"stop_rule must be one of .*got 'relative'"),
-        ({"martens_eps": 0.0}, r"martens_eps must be a finite float > 0, got 0\.0"),
+        ({"martens_eps": 0.0}, r"martens_eps must be a float > 0 \(inf allowed\), got 0\.0"),
         ({"backtrack_gamma": 1.0}, r"backtrack_gamma must be a finite float > 1, got 1\.0"),
         ({"callback": 3}, r"callback must be None or callable, got int"),
     ],

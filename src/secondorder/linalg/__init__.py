@@ -6,6 +6,7 @@ This layer knows nothing of neural networks; it imports only torch (and scipy la
 from .block_cg import BlockCGInfo, block_cg
 from .cg import CGInfo, CGStatus, cg
 from .dense_eig import top_eigh as top_eigh
+from .errors import NonFiniteError
 from .estimators import (
     diagonal_estimate,
     hutchinson_trace,
@@ -22,6 +23,8 @@ from .preconditioners import (
 )
 
 __all__ = [
+    # errors
+    "NonFiniteError",
     # operators
     "BlockDiagonal",
     "Dense",

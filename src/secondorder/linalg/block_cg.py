@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cg import residual_threshold
 from .scalars import host_floats
 
 __all__ = ["BlockCGInfo", "block_cg"]
@@ -121,8 +122,8 @@ def block_cg(
             blocks of a parameter vector: no per-system checks, one buffer).
         sizes: With a flat ``b``: the systems' lengths, in order, summing to ``b.numel()``.
         shift: :math:`\lambda_i` (a float for all systems, or one per system).
-        rtol: Relative tolerance(s), ``>= 0``.
-        atol: Absolute tolerance(s), ``>= 0``.
+        rtol: Relative tolerance(s), ``>= 0`` (``inf``: the system stops at once with ``x = 0``).
+        atol: Absolute tolerance(s), ``>= 0`` (``inf`` likewise).
         maxiter: Maximal iterations (``>= 0``), for all or per system.
         negative_curvature: ``"continue"`` or ``"stop"``.
         out: Optional flat buffer for the solutions: a 1-D tensor of length
@@ -180,8 +181,8 @@ def block_cg(
     atols = [float(s) for s in _per_system(atol, n, "atol")]
     maxiters = _per_system(maxiter, n, "maxiter")
     for name, vals in (("rtol", rtols), ("atol", atols)):
-        if any(not (v >= 0 and math.isfinite(v)) for v in vals):
-            raise ValueError(f"{name} must be finite and >= 0, got {vals}")
+        if any(not v >= 0 for v in vals):
+            raise ValueError(f"{name} must be >= 0 (inf allowed), got {vals}")
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in maxiters):
         raise ValueError(f"maxiter must be an int >= 0, got {maxiters}")
     stop_negative = negative_curvature == "stop"
@@ -243,7 +244,10 @@ def block_cg(
     p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, systems)]
     rr = host_floats([torch.dot(ri, ri) for ri in r])
     rhs_norms = [math.sqrt(v) if v >= 0 else math.nan for v in rr]
-    tol = [max(rt * math.sqrt(v), at) for rt, at, v in zip(rtols, atols, rr)]
+    tol = [
+        residual_threshold(rt, math.sqrt(v), at) if math.isfinite(v) else at
+        for rt, at, v in zip(rtols, atols, rr)
+    ]
     iterations = [0] * n
     status = ["running"] * n
     negative = [False] * n

@@ -159,21 +159,29 @@ def _as_apply(
 
 
 def _check_nonneg(value: Any, name: str) -> float:
+    """``float(value)`` for a tolerance ``>= 0`` (``inf`` included: it is met at once)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a non-negative float, got {value!r}") from None
-    if isinstance(value, bool) or not out >= 0 or math.isinf(out):
-        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
+    if isinstance(value, bool) or not out >= 0:
+        raise ValueError(f"{name} must be a non-negative float (inf allowed), got {value!r}")
     return out
 
 
-def _finite_above(value: Any, bound: float) -> bool:
+def _finite_above(value: Any, bound: float, allow_inf: bool = False) -> bool:
     try:
         out = float(value)
     except (TypeError, ValueError):
         return False
-    return not isinstance(value, bool) and math.isfinite(out) and out > bound
+    finite = math.isfinite(out) or (allow_inf and out == math.inf)
+    return not isinstance(value, bool) and finite and out > bound
+
+
+def residual_threshold(rtol: float, rhs_norm: float, atol: float) -> float:
+    """``max(rtol * rhs_norm, atol)``, with ``inf * 0 = 0`` (an infinite rtol and ``b = 0``)."""
+    relative = rtol * rhs_norm if rhs_norm != 0 else 0.0
+    return max(relative, atol)
 
 
 def _check_arguments(
@@ -199,8 +207,8 @@ def _check_arguments(
             "would run the 10*n default iterations for an exact zero residual; give rtol > 0, "
             "atol > 0, an explicit maxiter, or stop_rule='martens'"
         )
-    if not _finite_above(martens_eps, 0.0):
-        raise ValueError(f"martens_eps must be a finite float > 0, got {martens_eps!r}")
+    if not _finite_above(martens_eps, 0.0, allow_inf=True):
+        raise ValueError(f"martens_eps must be a float > 0 (inf allowed), got {martens_eps!r}")
     if not _finite_above(backtrack_gamma, 1.0):
         raise ValueError(f"backtrack_gamma must be a finite float > 1, got {backtrack_gamma!r}")
     if callback is not None and not callable(callback):
@@ -347,14 +355,14 @@ def cg(
         b: Right-hand side, a real floating 1-D tensor of shape ``(n,)``; it sets the dtype and
             device of the solve.
         x0: Initial guess (same shape, dtype and device as ``b``); zeros if ``None``.
-        rtol: Relative residual tolerance (``>= 0``).
-        atol: Absolute residual tolerance (``>= 0``).
+        rtol: Relative residual tolerance (``>= 0``; ``inf`` returns ``x0`` at once, as scipy).
+        atol: Absolute residual tolerance (``>= 0``; ``inf`` likewise).
         maxiter: Maximal number of iterations (``>= 0``); ``None`` means ``10 * n``.
         M: Preconditioner applying :math:`M^{-1}` (operator, 2-D tensor or callable), symmetric
             positive definite; ``None`` for plain CG.
         callback: Called as ``callback(x_k)`` with a copy of the iterate after each iteration.
         stop_rule: ``"residual"`` or ``"martens"`` (adds Martens' rule above).
-        martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``).
+        martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``, ``inf`` allowed).
         keep_iterates: Keep backtracking snapshots in ``info.iterates``.
         backtrack_gamma: The grid ratio :math:`\gamma > 1` of the snapshots.
         negative_curvature: ``"stop"`` (default) or ``"continue"`` (see above).
@@ -434,7 +442,7 @@ def cg(
     x_bound = math.sqrt(xx_f) if xx_f >= 0 else math.inf
     x_safe = torch.finfo(dtype).max / 4
 
-    tol = max(rtol_f * math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
+    tol = residual_threshold(rtol_f, math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
     residual_norms = [math.sqrt(rr_f) if rr_f >= 0 else math.nan]
     phis = [phi_f]
     iterates: list[tuple[int, Tensor, float]] = []

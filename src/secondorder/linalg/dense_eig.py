@@ -48,6 +48,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
+
 __all__ = ["TopEigh", "krylov_applies", "top_eigh"]
 
 
@@ -243,6 +245,8 @@ def top_eigh(
 
     Raises:
         ValueError: If ``A`` is not square or ``k`` is out of range, ``depth < 1``.
+        NonFiniteError: If ``A`` holds NaN/Inf, or its products overflow (a ``ValueError``
+            and a ``FloatingPointError``).
     """
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be a square matrix, got shape {tuple(A.shape)}")
@@ -251,6 +255,8 @@ def top_eigh(
         raise ValueError(f"k must be an int in [1, {D}], got {k!r}")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    if not bool(torch.isfinite(A).all()):
+        raise NonFiniteError("top_eigh: A holds NaN/Inf entries; no eigenpairs")
     if not krylov_applies(k, D, oversample=oversample, depth=depth, max_share=max_share):
         return _dense(A, k)
     p = max(4, -(-k // 2)) if oversample is None else oversample
@@ -270,8 +276,10 @@ def top_eigh(
         X, AX, theta, residuals, cycle_scale = _cycle(A, X, AX, depth, locked.U, generator)
         scale = max(scale, cycle_scale)
         want = k - locked.theta.numel()
-        done = residuals[-want:] <= tol * scale
+        done = residuals[-want:] <= (tol * scale if scale > 0 else 0.0)
         residual = float(residuals[-want:].max()) / scale if scale > 0 else 0.0
+        if not (math.isfinite(residual) and math.isfinite(scale)):
+            raise NonFiniteError("top_eigh: the products with A overflowed; use float64")
         if bool(done.all()):
             return _merge(locked, theta[-want:], X[:, -want:], cycles, products, residual)
         locked, X, AX = _lock(locked, X, AX, theta, done, want, block_size(want, D, p))

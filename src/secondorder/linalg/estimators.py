@@ -29,6 +29,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
 from .lanczos import _check_int, _generator, _square_operator, lanczos_tridiag
 from .operator import LinearOperator
 
@@ -95,6 +96,15 @@ def _apply(op: LinearOperator, X: Tensor, batch_size: int | None) -> Tensor:
     return torch.cat([op @ part for part in X.split(batch_size, dim=1)], dim=1)
 
 
+def _check_finite(value: float, what: str) -> None:
+    """Raise :class:`NonFiniteError` for a NaN/Inf estimate (NaN/Inf in ``A``'s products)."""
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"{what}: the products with A hold NaN/Inf (the estimate is {value}); check the "
+            "operator for NaN/Inf (or use float64 if its products overflow)"
+        )
+
+
 # ------------------------------------------------------------------- the trace
 @overload
 def hutchinson_trace(
@@ -158,6 +168,7 @@ def hutchinson_trace(
             ``generator`` is not a ``torch.Generator``.
         ValueError: If ``A`` is not square, ``num_probes < 1``, ``batch_size < 1`` or
             ``distribution`` is unknown.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf (instead of a NaN estimate).
 
     Example:
         >>> import torch
@@ -179,6 +190,7 @@ def hutchinson_trace(
             ]
         ).to(torch.float64)
     estimate = float(samples.mean())
+    _check_finite(estimate, what)
     if not return_stderr:
         return estimate
     stderr = float(samples.std() / math.sqrt(num_probes)) if num_probes > 1 else math.nan
@@ -223,6 +235,7 @@ def hutchpp_trace(
             ``generator`` is not a ``torch.Generator``.
         ValueError: If ``A`` is not square, ``num_matvecs < 3``, ``batch_size < 1`` or
             ``distribution`` is unknown.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf (instead of a NaN estimate).
     """
     what = "hutchpp_trace"
     op = _square_operator(A, what)
@@ -242,6 +255,7 @@ def hutchpp_trace(
         AG = _apply(op, G, batch_size)
         AG = AG - Q @ (Q.T @ AG)
         tail = float((G * AG).sum(dim=0).to(torch.float64).mean())
+    _check_finite(head + tail, what)
     return head + tail
 
 
@@ -280,6 +294,7 @@ def diagonal_estimate(
             ``generator`` is not a ``torch.Generator``.
         ValueError: If ``A`` is not square, ``num_probes < 1``, ``batch_size < 1`` or
             ``distribution`` is unknown.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf (instead of a NaN estimate).
     """
     what = "diagonal_estimate"
     op = _square_operator(A, what)
@@ -294,6 +309,7 @@ def diagonal_estimate(
         for Z in _probe_blocks(op, num_probes, batch_size, gen, distribution):
             num += (Z * (op @ Z)).sum(dim=1)
             den += (Z * Z).sum(dim=1)
+        _check_finite(float(num.sum()), what)
     return num / den
 
 
@@ -343,6 +359,7 @@ def slq_nodes_weights(
             ``generator`` is not a ``torch.Generator``.
         ValueError: If ``A`` is not square, ``num_probes < 1``, ``num_steps < 1``,
             ``batch_size < 1`` or ``distribution`` is unknown.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf (instead of a NaN estimate).
     """
     what = "slq_nodes_weights"
     op = _square_operator(A, what)
@@ -413,6 +430,7 @@ def spectral_density(
             ``generator`` is not a ``torch.Generator``.
         ValueError: As :func:`slq_nodes_weights`, or if ``grid`` is not a 1-D tensor,
             ``sigma <= 0`` or ``num_points < 2``.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf (instead of a NaN estimate).
     """
     what = "spectral_density"
     if grid is not None and (not isinstance(grid, Tensor) or grid.ndim != 1):

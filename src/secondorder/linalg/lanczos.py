@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cg import CGStatus
+from .errors import NonFiniteError
 from .operator import LinearOperator, aslinearoperator
 
 __all__ = [
@@ -111,7 +113,7 @@ def _check_start(v0: Tensor, op: LinearOperator, what: str, cols: tuple[int, ...
             f"got dtype {v0.dtype} on {v0.device}"
         )
     if not bool(torch.isfinite(v0).all()):
-        raise ValueError(f"{what}: expected a finite v0, got non-finite entries")
+        raise NonFiniteError(f"{what}: expected a finite v0, got non-finite entries")
 
 
 # ------------------------------------------------------------ the decomposition
@@ -172,7 +174,9 @@ def lanczos_tridiag(A: Any, num_steps: int, v0: Tensor) -> LanczosDecomposition:
     Raises:
         TypeError: If ``A`` is not an operator or ``num_steps`` is not an int.
         ValueError: If ``A`` is not square, ``num_steps < 1``, or ``v0`` has the wrong shape,
-            dtype or device, is not finite, or has a zero column.
+            dtype or device, or has a zero column.
+        NonFiniteError: If ``v0`` or a product with ``A`` holds NaN/Inf (a ``ValueError``
+            and a ``FloatingPointError``).
     """
     op = _square_operator(A, "lanczos_tridiag")
     n = op.shape[0]
@@ -216,6 +220,11 @@ def lanczos_tridiag(A: Any, num_steps: int, v0: Tensor) -> LanczosDecomposition:
             if j + 1 < m:
                 q = torch.where(active, w / torch.where(active, bnorm, 1.0), 0.0)
                 w = torch.where(active, w, 0.0)
+        if not bool(torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
+            raise NonFiniteError(
+                "lanczos_tridiag: the operator's products hold NaN/Inf; check the operator "
+                "(or use float64 if they overflow)"
+            )
         if single:
             return LanczosDecomposition(
                 Q[0, :, :steps], alpha[0, :steps], beta[0, : steps - 1], w[:, 0]
@@ -238,6 +247,9 @@ class LanczosInfo:
         residual_bounds: ``(k,)`` bounds on :math:`\lVert A y_i - \theta_i y_i \rVert`, in the
             order of the returned eigenvalues (computed in float64).
         message: Why the iteration stopped, and what to try if it did not converge.
+        status: ``CGStatus.CONVERGED``, ``CGStatus.MAXITER`` (not converged within
+            ``maxiter``) or ``CGStatus.NONFINITE`` (a product with ``A`` held NaN/Inf; the
+            returned eigenpairs are NaN).
     """
 
     converged: bool
@@ -246,6 +258,7 @@ class LanczosInfo:
     num_restarts: int
     residual_bounds: Tensor
     message: str
+    status: CGStatus = CGStatus.CONVERGED
 
 
 def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -398,6 +411,8 @@ def _dense_eigh(
     n = op.shape[0]
     D = op.to_dense()
     D64 = ((D + D.T) / 2).to(torch.float64)
+    if not bool(torch.isfinite(D64).all()):
+        return _nonfinite_result(op, k, matvecs + n, restarts)
     theta, S = torch.linalg.eigh(D64)
     idx = torch.from_numpy(_wanted(theta.cpu().numpy(), k, which)).to(theta.device)
     evals, evecs = theta[idx], S[:, idx]
@@ -416,6 +431,28 @@ def _dense_eigh(
     return evals.to(op.dtype), evecs.to(op.dtype), info
 
 
+def _nonfinite_result(
+    op: LinearOperator, k: int, matvecs: int, restarts: int
+) -> tuple[Tensor, Tensor, LanczosInfo]:
+    """NaN eigenpairs and an info with ``status=NONFINITE`` (a product held NaN/Inf)."""
+    n = op.shape[0]
+    info = LanczosInfo(
+        converged=False,
+        num_converged=0,
+        num_matvecs=matvecs,
+        num_restarts=restarts,
+        residual_bounds=torch.full((k,), math.nan, dtype=torch.float64),
+        message=(
+            f"a product with A held NaN/Inf after {matvecs} products: no eigenpairs; check "
+            "the operator for NaN/Inf (or use float64 if its products overflow)"
+        ),
+        status=CGStatus.NONFINITE,
+    )
+    nan = math.nan
+    evals = torch.full((k,), nan, dtype=op.dtype, device=op.device)
+    return evals, torch.full((n, k), nan, dtype=op.dtype, device=op.device), info
+
+
 @dataclass
 class _Run:
     """State and outcome of :func:`_restarted_lanczos` (small arrays in float64 on the CPU)."""
@@ -428,6 +465,7 @@ class _Run:
     matvecs: int
     restarts: int
     fallback: bool = False  # n products did not suffice: solve densely instead
+    nonfinite: bool = False  # a product with A held NaN/Inf: no eigenpairs
 
 
 def _next_block(
@@ -463,7 +501,9 @@ def _ritz_test(
     """
     idx = _wanted(theta, k, which)
     floor = eps * max(abs(float(theta[0])), abs(float(theta[-1])))  # theta is ascending
-    return idx, bounds[idx] <= np.maximum(rtol * np.abs(theta[idx]), floor)
+    wanted = np.abs(theta[idx])
+    relative = rtol * wanted if math.isfinite(rtol) else np.where(wanted > 0, np.inf, 0.0)
+    return idx, bounds[idx] <= np.maximum(relative, floor)
 
 
 def _restarted_lanczos(
@@ -508,7 +548,12 @@ def _restarted_lanczos(
         W: Tensor = op @ Qt[M] if b == 1 else op @ Qt[M : M + b].T.contiguous()
         matvecs += b
         W, H, norm = _orthogonalize(Qt, M, W, local, work)
-        anorm = max(anorm, math.sqrt(float(((H * H).sum(axis=0) + norm * norm).max())))
+        step_norm = math.sqrt(float(((H * H).sum(axis=0) + norm * norm).max()))
+        anorm = max(anorm, step_norm)
+        if not math.isfinite(step_norm):  # A Q_j held NaN/Inf (its norm and coefficients do)
+            return _Run(
+                np.empty(0), Qt, np.empty(0), np.empty(0), False, matvecs, restarts, nonfinite=True
+            )
         T[: M + b, M : M + b] = H
         T[M : M + b, : M + b] = H.T
         T[M : M + b, M : M + b] = (H[M:] + H[M:].T) / 2
@@ -614,7 +659,12 @@ def _single_vector_lanczos(
         matvecs += 1
         beta = _single_vector_step(Qt, M, W, local, work, T)
         col = T[: M + 1, M]
-        anorm = max(anorm, math.sqrt(float(col @ col) + beta * beta))
+        step_norm = math.sqrt(float(col @ col) + beta * beta)
+        anorm = max(anorm, step_norm)
+        if not math.isfinite(step_norm):  # A q_M held NaN/Inf (its norm and coefficients do)
+            return _Run(
+                np.empty(0), Qt, np.empty(0), np.empty(0), False, matvecs, restarts, nonfinite=True
+            )
         M += 1
         local = True
         V = None
@@ -756,14 +806,18 @@ def lanczos(
         ``(k, n)`` tensor, so each eigenvector is contiguous), in ``A``'s dtype; with
         ``return_info=True`` also the :class:`LanczosInfo`. If the iteration does not
         converge, the current Ritz pairs are returned and a ``RuntimeWarning`` is issued
-        unless ``return_info=True``.
+        unless ``return_info=True``. If a product with ``A`` holds NaN/Inf, the eigenpairs
+        are NaN and ``info.status`` is ``CGStatus.NONFINITE`` with ``return_info=True``;
+        without it :class:`~secondorder.linalg.errors.NonFiniteError` is raised.
 
     Raises:
         TypeError: If ``A`` is not an operator, an integer argument is not an int, or
             ``generator`` is not a ``torch.Generator``.
         ValueError: If ``A`` is not square, ``k`` is out of range, ``which`` is unknown,
             ``tol < 0``, ``ncv``/``maxiter``/``block_size`` are out of range, or ``v0`` has the
-            wrong shape, dtype or device or is not finite.
+            wrong shape, dtype or device.
+        NonFiniteError: If ``v0`` is not finite, or (without ``return_info``) a product with
+            ``A`` holds NaN/Inf.
 
     Example:
         >>> import torch
@@ -798,7 +852,7 @@ def lanczos(
         _check_start(v0, op, "lanczos", (0, b) if b > 1 else (0, 1))
     if ncv > n - b:
         evals, evecs, info = _dense_eigh(op, k, which)
-        return (evals, evecs, info) if return_info else (evals, evecs)
+        return _checked(evals, evecs, info, return_info)
 
     rtol = float(tol) if tol > 0 else torch.finfo(op.dtype).eps
     with torch.no_grad():
@@ -812,9 +866,12 @@ def lanczos(
             run = _single_vector_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
         else:
             run = _restarted_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
+    if run.nonfinite:
+        evals, evecs, info = _nonfinite_result(op, k, run.matvecs, run.restarts)
+        return _checked(evals, evecs, info, return_info)
     if run.fallback:  # n products did not suffice: materializing A is cheaper from here on
         evals, evecs, info = _dense_eigh(op, k, which, run.matvecs, run.restarts)
-        return (evals, evecs, info) if return_info else (evals, evecs)
+        return _checked(evals, evecs, info, return_info)
     num_ok = int(run.ok.sum())
     if run.converged:
         message = f"converged: {k} Ritz pairs after {run.matvecs} products"
@@ -830,6 +887,7 @@ def lanczos(
         num_restarts=run.restarts,
         residual_bounds=torch.from_numpy(run.bounds),
         message=message,
+        status=CGStatus.CONVERGED if run.converged else CGStatus.MAXITER,
     )
     out_evals = torch.from_numpy(run.evals).to(device=op.device, dtype=op.dtype)
     if return_info:
@@ -837,6 +895,17 @@ def lanczos(
     if not run.converged:
         warnings.warn(f"lanczos: {message}", RuntimeWarning, stacklevel=2)
     return out_evals, run.evecs
+
+
+def _checked(
+    evals: Tensor, evecs: Tensor, info: LanczosInfo, return_info: bool
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, LanczosInfo]:
+    """The result of :func:`lanczos`; without ``return_info`` a non-finite one raises."""
+    if return_info:
+        return evals, evecs, info
+    if info.status == CGStatus.NONFINITE:
+        raise NonFiniteError(f"lanczos: {info.message}")
+    return evals, evecs
 
 
 def eigmax(
@@ -867,10 +936,13 @@ def eigmax(
     Raises:
         TypeError: As :func:`lanczos`.
         ValueError: As :func:`lanczos`.
+        NonFiniteError: If a product with ``A`` holds NaN/Inf.
     """
     evals, _, info = lanczos(
         A, 1, "largest", tol=tol, maxiter=maxiter, generator=generator, return_info=True
     )
+    if info.status == CGStatus.NONFINITE:
+        raise NonFiniteError(f"eigmax: {info.message}")
     if not info.converged:
         warnings.warn(f"eigmax: {info.message}", RuntimeWarning, stacklevel=2)
     return float(evals[0])

@@ -2,7 +2,8 @@ r"""Linear operators on flat 1-D tensors.
 
 A :class:`LinearOperator` represents a matrix :math:`A \in \mathbb{R}^{m \times n}` through its
 action on vectors. ``A @ v`` maps ``v`` of shape ``(n,)`` to ``(m,)`` and ``A @ V`` maps ``V`` of
-shape ``(n, k)`` to ``(m, k)``. Operators combine by algebra::
+shape ``(n, k)`` to ``(m, k)`` (``k = 0`` included: an ``(m, 0)`` result). Operators combine
+by algebra::
 
     D = G + 1e-3 * Identity(G.shape[0], dtype=G.dtype, device=G.device)   # damping
     C = A @ B                                                                # composition
@@ -90,6 +91,8 @@ class LinearOperator:
         self._check_input(x, self.shape[1], f"{type(self).__name__} @ x")
         if x.ndim == 1:
             return self._matvec(x)
+        if x.shape[1] == 0:  # no columns: nothing to apply (subclasses may not handle k = 0)
+            return x.new_zeros(self.shape[0], 0)
         return self._matmat(x)
 
     def rmatvec(self, x: Tensor) -> Tensor:
@@ -97,6 +100,8 @@ class LinearOperator:
         self._check_input(x, self.shape[0], f"{type(self).__name__}.T @ x")
         if x.ndim == 1:
             return self._rmatmat(x.unsqueeze(1)).squeeze(1)
+        if x.shape[1] == 0:
+            return x.new_zeros(self.shape[1], 0)
         return self._rmatmat(x)
 
     def __matmul__(self, other: Any) -> Any:
