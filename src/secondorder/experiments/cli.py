@@ -9,16 +9,30 @@ name become underscores), which is imported only when that study is run or when 
 * ``add_arguments(parser: argparse.ArgumentParser) -> None`` -- study-specific options;
 * ``run(args: argparse.Namespace) -> dict`` -- runs the study and returns its results.
 
+A study that reads MNIST from ``--data`` sets ``DATA = "mnist"``; the CLI then checks the IDX
+files (format, image size, label range, counts; see
+:func:`~secondorder.experiments.data.check_mnist_dir`) before anything else happens.
+``--data`` is refused for a study without ``DATA``.
+
 The CLI handles what all studies share. The common options are ``--quick``, ``--seed N``
 (default 0), ``--out DIR`` (default ``runs/<study>``), ``--device cpu|cuda``, ``--data DIR``,
-``--threads N`` and ``--no-progress``. Before ``run`` it sets torch's thread count, seeds
-torch's and Python's global generators with ``--seed`` (a safety net; studies should still pass
-explicit generators), checks the device, creates the output directory and converts
+``--threads N``, ``--no-progress`` and ``--traceback``. Before ``run`` it sets torch's thread
+count, seeds torch's and Python's global generators with ``--seed`` (a safety net; studies
+should still pass explicit generators), checks the device, creates the output directory and converts
 ``args.out`` (and ``args.data``) to a ``Path``; ``args.progress`` is ``None`` (bars when
 stderr is a terminal) or ``False``, ready for :func:`~secondorder.experiments.report.progress`.
 After ``run`` it writes the returned dict to ``<out>/results.json`` with the config, seed,
 library versions and wall time (:class:`~secondorder.experiments.report.RunRecorder`), so studies
-write only their figures and ``summary.md``, and prints where the outputs are.
+write only their figures and ``summary.md``, and prints where the outputs are. Every file is
+written atomically (a temporary file renamed over the destination). If the run fails and
+``--out`` did not exist before, the directory (and any parent the CLI created) is removed: a
+failed run leaves no empty or half-filled output directory.
+
+**Errors.** Every error ends with one line ``secondorder: error: ...`` on stderr and a
+non-zero exit code, without a traceback (``--traceback`` prints it for an unexpected error):
+invalid options are usage errors (argparse, exit code 2), checked before any data is read;
+unusable data (:class:`~secondorder.experiments.data.DataError`, a missing file), an
+unavailable device or study and any error raised by the study exit with code 1.
 
 **Data-parallel runs.** ``torchrun --nproc-per-node N -m secondorder <study> ...`` starts N
 processes. Each joins one process group before the study runs (gloo on CPU, NCCL with
@@ -33,8 +47,8 @@ is printed as ``secondorder: rank r: <error>`` and ends that process at once wit
 its peers' collectives then fail (or time out), they exit the same way, and torchrun exits
 non-zero: a failing rank never leaves the others hanging.
 
-Exit codes: 0 success, 1 error (study unavailable, device unavailable, bad result, a failed
-rank), 2 usage error (argparse), 130 interrupted.
+Exit codes: 0 success, 1 error (study unavailable, device unavailable, unusable data, the
+study failed, bad result, a failed rank), 2 usage error (argparse), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -43,8 +57,10 @@ import argparse
 import importlib
 import os
 import random
+import shutil
 import sys
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +69,8 @@ from typing import Any
 import torch
 
 from . import distributed
+from .arguments import positive_float, positive_int, seed
+from .data import DataError, check_mnist_dir
 from .report import RunRecorder
 
 __all__ = ["STUDIES", "CLIError", "StudyNotFoundError", "build_parser", "load_study", "main"]
@@ -129,24 +147,8 @@ def _summary_line(name: str, studies: Mapping[str, str]) -> str:
     return help_text.strip().splitlines()[0] if help_text.strip() else ""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+_positive_int = positive_int
+_positive_float = positive_float
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -154,7 +156,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common.add_argument(
         "--quick", action="store_true", help="a small, fast version of the study (smoke test)"
     )
-    common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    common.add_argument(
+        "--seed", type=seed, default=0, help="random seed in [0, 2**63 - 1] (default: 0)"
+    )
     common.add_argument(
         "--out",
         type=Path,
@@ -194,6 +198,11 @@ def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         const=False,
         default=None,
         help="never show progress bars (default: only when stderr is a terminal)",
+    )
+    common.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an unexpected error, print the traceback before the one-line message",
     )
 
 
@@ -255,18 +264,55 @@ def _check_device(args: argparse.Namespace) -> None:
         raise CLIError(f"--data {args.data}: expected an existing directory")
 
 
-def _prepare(args: argparse.Namespace, main_rank: bool) -> None:
+def _check_data(module: ModuleType, args: argparse.Namespace) -> None:
+    """Validate ``--data`` for the study before any output is created or training starts."""
+    if args.data is None:
+        return
+    kind = getattr(module, "DATA", None)
+    if kind is None:
+        raise CLIError(f"--data: study {args.study!r} reads no data directory")
+    if kind == "mnist":
+        try:
+            check_mnist_dir(args.data)
+        except (DataError, FileNotFoundError) as err:
+            raise CLIError(f"--data {args.data}: {err}") from err
+
+
+def _prepare(args: argparse.Namespace, main_rank: bool) -> list[Path]:
+    """Set threads and seeds; on the main rank create ``--out``.
+
+    Returns:
+        The directories created, deepest first (``args.out`` first if it did not exist).
+    """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if not main_rank:
         args.progress = False
-        return
+        return []
+    created = []
+    path = Path(args.out).absolute()
+    while not path.exists() and path != path.parent:
+        created.append(path)
+        path = path.parent
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        _remove_created(created)
         raise CLIError(f"--out {args.out}: cannot create the output directory: {err}") from err
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the output directory of a failed run (and the parents) if this run created them."""
+    if created:
+        shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -301,6 +347,7 @@ def _init_distributed(module: ModuleType, args: argparse.Namespace) -> Any:
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
     _check_device(args)
+    _check_data(module, args)
     ctx = _init_distributed(module, args)
     args.dist = ctx
     if ctx is None:
@@ -318,7 +365,15 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
 
 
 def _run_study(module: ModuleType, args: argparse.Namespace, *, main_rank: bool) -> int:
-    _prepare(args, main_rank)
+    created = _prepare(args, main_rank)
+    try:
+        return _record_study(module, args, main_rank=main_rank)
+    except BaseException:
+        _remove_created(created)  # a failed run leaves no empty or half-filled new --out
+        raise
+
+
+def _record_study(module: ModuleType, args: argparse.Namespace, *, main_rank: bool) -> int:
     recorder = None
     if main_rank:
         recorder = RunRecorder(args.out, study=args.study, config=_config(args), seed=args.seed)
@@ -357,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 success, 1 error, 2 usage error, 130 interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv
     studies = STUDIES
     name = _selected_name(argv, studies)
     # Describe all studies only for the top-level help, when no study (valid or not) is named.
@@ -377,3 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("secondorder: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the study failed: one line, the traceback only on request
+        if show_traceback:
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        hint = "" if show_traceback else " (run with --traceback for the traceback)"
+        print(f"secondorder: error: {message}{hint}", file=sys.stderr)
+        return 1

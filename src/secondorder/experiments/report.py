@@ -11,6 +11,10 @@
   given ``Axes`` and compose into panels.
 * :func:`progress` -- a ``tqdm`` bar on stderr that is off unless stderr is a terminal.
 
+Every file is written atomically (:func:`write_atomically`): into a temporary file in the same
+directory, then renamed over the destination with ``os.replace``, so a reader (or a run that
+fails half-way) never sees a half-written ``results.json``, ``summary.md`` or figure.
+
 ``matplotlib`` and ``tqdm`` are imported only when a figure or a bar is made.
 """
 
@@ -20,8 +24,10 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +53,7 @@ __all__ = [
     "progress",
     "save_figure",
     "to_jsonable",
+    "write_atomically",
     "write_json",
     "write_markdown",
 ]
@@ -110,24 +117,59 @@ def _jsonable(obj: Any, where: str) -> Any:
     )
 
 
+def _file_mode() -> int:
+    """The mode of a new file under the process's umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Create or replace ``path`` atomically: ``write`` fills a temporary file, then a rename.
+
+    The temporary file lies in ``path``'s directory (so ``os.replace`` is one atomic rename on
+    the same file system) and is removed if ``write`` raises; ``path`` then keeps its old
+    content, or does not exist.
+
+    Args:
+        path: Destination file; its parent directories are created.
+        write: Called with the temporary file's path; writes the whole content there.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented, strictly valid JSON (see :func:`to_jsonable`).
 
     Args:
-        path: Destination file; its parent directories are created.
+        path: Destination file, written atomically (:func:`write_atomically`); its parent
+            directories are created.
         obj: The object to write.
 
     Returns:
         The path written.
 
     Raises:
-        TypeError: If ``obj`` holds a value :func:`to_jsonable` cannot convert.
+        TypeError: If ``obj`` holds a value :func:`to_jsonable` cannot convert (then no file
+            is written).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def environment_info() -> dict[str, Any]:
@@ -223,16 +265,14 @@ def write_markdown(path: str | Path, text: str) -> Path:
     """Write markdown text to a file, creating its parent directories.
 
     Args:
-        path: Destination file.
+        path: Destination file, written atomically (:func:`write_atomically`).
         text: Markdown; a final newline is added when missing.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    return path
+    text = text if text.endswith("\n") else text + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------- run recorder
@@ -344,16 +384,13 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
 
     Args:
         fig: The figure.
-        path: Destination file.
+        path: Destination file, written atomically (:func:`write_atomically`).
         dpi: Resolution.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def _as_xy(curve: Curve) -> tuple[np.ndarray, np.ndarray]:

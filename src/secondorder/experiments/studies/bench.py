@@ -13,15 +13,26 @@ import argparse
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..report import write_markdown
+from ..report import write_atomically, write_markdown
 
 NAME = "bench"
 HELP = "Run the benchmark scripts (operators, solvers, optimizers, distributed) and collect tables."
 
 SCRIPTS = ("operators", "solvers", "optimizers", "distributed")
+
+
+def _script_list(text: str) -> str:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCRIPTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(SCRIPTS)}, got {text!r}"
+        )
+    return ",".join(names)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--only",
+        type=_script_list,
         default=None,
         help=f"comma-separated subset of {','.join(SCRIPTS)} (default: all; --quick: operators "
         "on problem A with 10 samples)",
@@ -86,7 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         wall = time.perf_counter() - start
-        (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        log = proc.stdout + proc.stderr
+        write_atomically(args.out / f"{name}.log", partial(Path.write_text, data=log))
         results[name] = {"command": cmd, "returncode": proc.returncode, "wall_s": wall}
         sections += [f"## {name} (exit {proc.returncode}, {wall:.0f} s)", ""]
         if table.exists():

@@ -17,10 +17,12 @@ from torch import nn
 
 from ... import GGN, DirectionalDampedNewton
 from ...optim.directional import constant_damping, top_k
+from ..arguments import positive_float, positive_int
 from ..data import batches, load_mnist
 from ..report import draw_curves, markdown_table, plot_panels, progress, write_markdown
 
 NAME = "directional"
+DATA = "mnist"  # reads MNIST from --data (checked by the CLI before the run)
 HELP = "Seed 004: directionally damped Newton on the top-k GGN eigendirections, checked densely."
 
 
@@ -30,11 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The study's argument parser.
     """
-    parser.add_argument("--k", type=int, default=10, help="directions per step in part 2 (10)")
-    parser.add_argument("--damping", type=float, default=1.0, help="constant damping (1.0)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (100; quick 20)")
-    parser.add_argument("--lr", type=float, default=1.0, help="directional step lr (1.0)")
-    parser.add_argument("--sgd-lr", type=float, default=0.1, help="SGD lr (0.1)")
+    parser.add_argument(
+        "--k", type=positive_int, default=10, help="directions per step in part 2 (10)"
+    )
+    parser.add_argument(
+        "--damping", type=positive_float, default=1.0, help="constant damping (1.0)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (100; quick 20)"
+    )
+    parser.add_argument("--lr", type=positive_float, default=1.0, help="directional step lr (1.0)")
+    parser.add_argument("--sgd-lr", type=positive_float, default=0.1, help="SGD lr (0.1)")
 
 
 def _draw_directions(ax: Any, rows: list[dict[str, Any]]) -> None:

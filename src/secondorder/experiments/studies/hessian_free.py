@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ...optim.hessian_free import HessianFree
+from ..arguments import positive_int
 from ..models import Rosenbrock, RosenbrockResiduals, small_mlp, value_loss
 from ..report import markdown_table, plot_panels, progress, write_markdown
 
@@ -81,12 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--rosenbrock-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="HF steps on Rosenbrock (default: 40; --quick: 20)",
     )
     parser.add_argument(
-        "--mlp-steps", type=int, default=None, help="HF steps on the MLP (default: 50; --quick: 15)"
+        "--mlp-steps",
+        type=positive_int,
+        default=None,
+        help="HF steps on the MLP (default: 50; --quick: 15)",
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ... import BlockDiagonalNewtonCG
+from ..arguments import nonnegative_float, positive_float, positive_int
 from ..data import batches, load_mnist
 from ..distributed import DistContext
 from ..models import sigmoid_cnn
@@ -26,6 +27,7 @@ from ..report import draw_curves, markdown_table, plot_panels, progress, write_m
 
 DISTRIBUTED = True
 NAME = "mnist-cnn"
+DATA = "mnist"  # reads MNIST from --data (checked by the CLI before the run)
 HELP = "Seed 001: block-diagonal CG-Newton (GGN, Hessian, PCH) vs SGD on a sigmoid CNN, MNIST."
 
 CURVATURES = {"GGN": "ggn", "Hessian": "hessian", "PCH-abs": "pch_abs", "PCH-clip": "pch_clip"}
@@ -48,16 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="training steps (50; --quick: 25 steps of GGN, Hessian, PCH-clip and SGD lr 0.1)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (64)")
-    parser.add_argument("--lr", type=float, default=0.1, help="CG-Newton lr (0.1)")
-    parser.add_argument("--damping", type=float, default=1e-2, help="damping (1e-2)")
-    parser.add_argument("--cg-maxiter", type=int, default=20, help="CG iterations (20)")
-    parser.add_argument("--cg-rtol", type=float, default=0.1, help="CG rtol (0.1)")
-    parser.add_argument("--cg-atol", type=float, default=1e-6, help="CG atol (1e-6)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size (64)")
+    parser.add_argument("--lr", type=positive_float, default=0.1, help="CG-Newton lr (0.1)")
+    parser.add_argument("--damping", type=nonnegative_float, default=1e-2, help="damping (1e-2)")
+    parser.add_argument("--cg-maxiter", type=positive_int, default=20, help="CG iterations (20)")
+    parser.add_argument("--cg-rtol", type=nonnegative_float, default=0.1, help="CG rtol (0.1)")
+    parser.add_argument("--cg-atol", type=nonnegative_float, default=1e-6, help="CG atol (1e-6)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

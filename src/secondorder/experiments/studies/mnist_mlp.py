@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from ... import NaturalGradient
+from ..arguments import nonnegative_float, positive_float, positive_int
 from ..data import batches, load_mnist
 from ..distributed import DistContext
 from ..models import mnist_mlp
 from ..report import draw_curves, markdown_table, plot_panels, progress, write_markdown
 
 NAME = "mnist-mlp"
+DATA = "mnist"  # reads MNIST from --data (checked by the CLI before the run)
 HELP = "Seed 002: natural gradient (empirical vs true Fisher) vs SGD, MNIST MLP 784-128-10."
 DISTRIBUTED = True
 
@@ -43,20 +45,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The study's argument parser.
     """
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (5; --quick: 1)")
-    parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (128)")
-    parser.add_argument("--sgd-lr", type=float, default=0.1, help="SGD learning rate (0.1)")
-    parser.add_argument("--ng-lr", type=float, default=0.5, help="natural-gradient lr (0.5)")
-    parser.add_argument("--damping", type=float, default=0.1, help="Tikhonov damping (0.1)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (5; --quick: 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (128)")
+    parser.add_argument(
+        "--sgd-lr", type=positive_float, default=0.1, help="SGD learning rate (0.1)"
+    )
+    parser.add_argument(
+        "--ng-lr", type=positive_float, default=0.5, help="natural-gradient lr (0.5)"
+    )
+    parser.add_argument(
+        "--damping", type=nonnegative_float, default=0.1, help="Tikhonov damping (0.1)"
+    )
     parser.add_argument(
         "--mc-damping",
-        type=float,
+        type=nonnegative_float,
         default=1.0,
         help="damping of the one-sample Monte-Carlo Fisher (1.0: a rank <= batch-size estimate "
         "underestimates curvature and needs more damping)",
     )
-    parser.add_argument("--cg-maxiter", type=int, default=10, help="CG iterations (10)")
-    parser.add_argument("--cg-rtol", type=float, default=1e-2, help="CG tolerance (1e-2)")
+    parser.add_argument("--cg-maxiter", type=positive_int, default=10, help="CG iterations (10)")
+    parser.add_argument(
+        "--cg-rtol", type=nonnegative_float, default=1e-2, help="CG tolerance (1e-2)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

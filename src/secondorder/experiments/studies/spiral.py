@@ -31,6 +31,7 @@ from torch import nn
 
 from ... import GGN, Fisher, GaussNewton, NaturalGradient
 from ...linalg.lanczos import eigmax
+from ..arguments import positive_int
 from ..data import make_spiral
 from ..distributed import DistContext
 from ..models import spiral_mlp
@@ -49,9 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The study's argument parser.
     """
-    parser.add_argument("--iterations", type=int, default=None, help="GN/NG iterations (100)")
-    parser.add_argument("--adam-epochs", type=int, default=None, help="Adam epochs (500)")
-    parser.add_argument("--width", type=int, default=None, help="hidden width (200)")
+    parser.add_argument(
+        "--iterations", type=positive_int, default=None, help="GN/NG iterations (100)"
+    )
+    parser.add_argument("--adam-epochs", type=positive_int, default=None, help="Adam epochs (500)")
+    parser.add_argument("--width", type=positive_int, default=None, help="hidden width (200)")
 
 
 def _first_below(losses: list[float], target: float) -> int | None:
