@@ -26,6 +26,8 @@ from secondorder.linalg import (
     Identity,
     LinearOperator,
     NonFiniteError,
+    NystromPreconditioner,
+    PivotedCholeskyPreconditioner,
     block_cg,
     cg,
     diagonal_estimate,
@@ -155,6 +157,10 @@ RAISERS: dict[str, Callable[[LinearOperator, torch.Tensor], Any]] = {
     "diagonal_estimate": lambda op, v: diagonal_estimate(op, 3, batch_size=2),
     "slq_nodes_weights": lambda op, v: slq_nodes_weights(op, num_probes=2, num_steps=4),
     "spectral_density": lambda op, v: spectral_density(op, num_probes=2, num_steps=4),
+    "NystromPreconditioner": lambda op, v: NystromPreconditioner(op, rank=3, damping=0.1),
+    "PivotedCholeskyPreconditioner": lambda op, v: PivotedCholeskyPreconditioner(
+        op, rank=3, damping=0.1
+    ),
 }
 # those with a start vector also refuse a NaN one
 WITH_START = {"lanczos_v0", "lanczos_tridiag", "lanczos_tridiag_batch"}

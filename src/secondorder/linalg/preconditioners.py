@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
 from .operator import Dense, Diagonal, LinearOperator, aslinearoperator
 
 __all__ = [
@@ -257,6 +258,7 @@ class NystromPreconditioner(LinearOperator):
         ValueError: If ``A`` is not a square floating operator, ``rank`` is out of range,
             ``damping`` is negative, or ``damping == 0`` while :math:`\hat\lambda_r = 0`
             (the preconditioner would divide by zero).
+        NonFiniteError: If the products :math:`A \Omega` hold NaN/Inf.
 
     References:
         Z. Frangella, J. A. Tropp, M. Udell, "Randomized Nyström preconditioning",
@@ -285,7 +287,10 @@ class NystromPreconditioner(LinearOperator):
         omega = torch.randn(n, r, dtype=dtype, device=generator.device, generator=generator)
         omega = _orthonormal_columns(omega.to(device))
         y = op.matvec(omega).detach()
-        nu = math.sqrt(n) * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(y))
+        y_norm = float(torch.linalg.matrix_norm(y))
+        if not math.isfinite(y_norm):
+            raise NonFiniteError("NystromPreconditioner: the products A @ Omega hold NaN/Inf")
+        nu = math.sqrt(n) * torch.finfo(dtype).eps * y_norm
         if nu == 0.0:  # A @ omega == 0: nothing to capture
             nu = torch.finfo(dtype).tiny
         y_nu = y + nu * omega
@@ -443,6 +448,8 @@ class PivotedCholeskyPreconditioner(LinearOperator):
             ``damping <= 0``, ``tol`` is negative or not finite, or ``diagonal`` has the wrong
             shape, dtype or device, or contains NaN, Inf or entries below
             :math:`-\sqrt{\epsilon}\max_i |A_{ii}|`.
+        NonFiniteError: (a ``ValueError``) If the diagonal or a column :math:`A e_i` holds
+            NaN/Inf.
 
     References:
         H. Harbrecht, M. Peters, R. Schneider, "On the low-rank approximation by the pivoted
@@ -480,6 +487,8 @@ class PivotedCholeskyPreconditioner(LinearOperator):
             )
         d = d.clamp_min(0.0)
         L, pivots = _pivoted_cholesky(op, d, r, tau * float(d.max()) if n else 0.0)
+        if not bool(torch.isfinite(L).all()):
+            raise NonFiniteError(f"{name}: the columns A e_i hold NaN/Inf")
         self.damping = mu
         self.tol = tau
         self.factor = L
@@ -523,7 +532,7 @@ class PivotedCholeskyPreconditioner(LinearOperator):
                 eye[start + cols, cols] = 1.0
                 d[start:stop] = op.matvec(eye).detach()[start + cols, cols]
         if not bool(torch.isfinite(d).all()):
-            raise ValueError(f"{name}: the diagonal of A contains NaN or Inf")
+            raise NonFiniteError(f"{name}: the diagonal of A contains NaN or Inf")
         return d
 
     @property
