@@ -132,6 +132,16 @@ def test_lanczos_reports_nonfinite(kind: str, n: int, block_size: int) -> None:
         lanczos(op, 2, block_size=block_size)
 
 
+@pytest.mark.parametrize(("n", "block_size"), [(10, 1), (60, 1), (60, 2)])
+def test_lanczos_reports_nonfinite_start_vector(n: int, block_size: int) -> None:
+    op = Dense(_spd(n), symmetric=True)
+    v0 = _rhs(n, "nan_rhs")
+    evals, evecs, info = lanczos(op, 2, v0=v0, block_size=block_size, return_info=True)
+    assert info.status == CGStatus.NONFINITE and info.num_matvecs == 0
+    assert "v0 held NaN/Inf" in info.message
+    assert bool(evals.isnan().all()) and evecs.shape == (n, 2)
+
+
 def test_lanczos_status_of_finite_runs() -> None:
     op = Dense(_spd(60), symmetric=True)
     *_, info = lanczos(op, 2, return_info=True)

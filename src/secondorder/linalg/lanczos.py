@@ -432,9 +432,9 @@ def _dense_eigh(
 
 
 def _nonfinite_result(
-    op: LinearOperator, k: int, matvecs: int, restarts: int
+    op: LinearOperator, k: int, matvecs: int, restarts: int, what: str = "a product with A"
 ) -> tuple[Tensor, Tensor, LanczosInfo]:
-    """NaN eigenpairs and an info with ``status=NONFINITE`` (a product held NaN/Inf)."""
+    """NaN eigenpairs and an info with ``status=NONFINITE`` (``what`` held NaN/Inf)."""
     n = op.shape[0]
     info = LanczosInfo(
         converged=False,
@@ -443,8 +443,8 @@ def _nonfinite_result(
         num_restarts=restarts,
         residual_bounds=torch.full((k,), math.nan, dtype=torch.float64),
         message=(
-            f"a product with A held NaN/Inf after {matvecs} products: no eigenpairs; check "
-            "the operator for NaN/Inf (or use float64 if its products overflow)"
+            f"{what} held NaN/Inf after {matvecs} products: no eigenpairs; check the operator "
+            "and v0 for NaN/Inf (or use float64 if the products overflow)"
         ),
         status=CGStatus.NONFINITE,
     )
@@ -806,8 +806,8 @@ def lanczos(
         ``(k, n)`` tensor, so each eigenvector is contiguous), in ``A``'s dtype; with
         ``return_info=True`` also the :class:`LanczosInfo`. If the iteration does not
         converge, the current Ritz pairs are returned and a ``RuntimeWarning`` is issued
-        unless ``return_info=True``. If a product with ``A`` holds NaN/Inf, the eigenpairs
-        are NaN and ``info.status`` is ``CGStatus.NONFINITE`` with ``return_info=True``;
+        unless ``return_info=True``. If ``v0`` or a product with ``A`` holds NaN/Inf, the
+        eigenpairs are NaN and ``info.status`` is ``CGStatus.NONFINITE`` with ``return_info=True``;
         without it :class:`~secondorder.linalg.errors.NonFiniteError` is raised.
 
     Raises:
@@ -816,8 +816,8 @@ def lanczos(
         ValueError: If ``A`` is not square, ``k`` is out of range, ``which`` is unknown,
             ``tol < 0``, ``ncv``/``maxiter``/``block_size`` are out of range, or ``v0`` has the
             wrong shape, dtype or device.
-        NonFiniteError: If ``v0`` is not finite, or (without ``return_info``) a product with
-            ``A`` holds NaN/Inf.
+        NonFiniteError: Without ``return_info``, if ``v0`` or a product with ``A`` holds
+            NaN/Inf (with it, ``info.status`` says so).
 
     Example:
         >>> import torch
@@ -849,7 +849,12 @@ def lanczos(
     _check_int(maxiter, "maxiter", "lanczos", min_iter)
     gen = _generator(generator, "lanczos")
     if v0 is not None:
-        _check_start(v0, op, "lanczos", (0, b) if b > 1 else (0, 1))
+        try:
+            _check_start(v0, op, "lanczos", (0, b) if b > 1 else (0, 1))
+        except NonFiniteError:
+            if not return_info:
+                raise
+            return _nonfinite_result(op, k, 0, 0, what="v0")
     if ncv > n - b:
         evals, evecs, info = _dense_eigh(op, k, which)
         return _checked(evals, evecs, info, return_info)
