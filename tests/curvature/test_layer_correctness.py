@@ -29,6 +29,7 @@ from secondorder.curvature.activations import ACTIVATIONS, activation_function
 from secondorder.curvature.blockwise import BlockDiagonalCurvature
 from secondorder.curvature.lowrank import LowRankGGN
 from secondorder.curvature.mlp_hessian import MLPHessian
+from secondorder.curvature.sequential import SequentialLinearization
 
 DT = torch.float64
 RTOL = 1e-10
@@ -118,6 +119,7 @@ class Case:
     model: nn.Module
     x: torch.Tensor
     mlp: bool  # Linear, activation, Linear, activation, Linear: hand-written everywhere
+    sequential: bool = True  # served by the hand-written Sequential engine
 
 
 def activation_case(cls: type, kwargs: dict[str, Any]) -> Case:
@@ -343,6 +345,8 @@ def make_case(key: tuple) -> Case:
     if key[0] == "act":
         _, cls, kwargs = key
         return activation_case(cls, dict(kwargs))
+    if key[0] == "refused":
+        return refused_case(key[1])
     return bn_case(key[1])
 
 
@@ -362,7 +366,9 @@ def check_operator(op: Any, expected: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------- engines
 def _ggn(case: Case, ref: dict[str, Any], data: Any) -> None:
-    op = so.GGN(case.model, nn.CrossEntropyLoss(), data, engine="sequential")
+    op = so.GGN(case.model, nn.CrossEntropyLoss(), data)
+    linearization = op._states[0][0].lin
+    assert isinstance(linearization, SequentialLinearization) == case.sequential
     check_operator(op, ref["ggn"])
     assert rel_err(op.gradient(), ref["gradient"]) <= RTOL
     assert float(op.loss) == pytest.approx(float(ref["loss"]), rel=1e-12)
@@ -491,3 +497,68 @@ def test_batchnorm_gradient_and_products_of_parameter_subsets(name):
     for i in range(op.shape[0]):
         e.zero_()[i] = 1
         assert rel_err(op @ e, ref["ggn"][:, i]) <= RTOL
+
+
+# ------------------------------------------------- layers the hand-written engines refuse
+class _SquaredTanh(nn.Tanh):
+    """A subclass of a table activation with its own forward."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(a) ** 2
+
+
+class _ScaledBatchNorm(nn.BatchNorm1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x) ** 3
+
+
+class _SquaredFlatten(nn.Flatten):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) ** 2
+
+
+def _instance_forward() -> nn.Module:
+    act = nn.Softplus()
+    act.forward = lambda a: F.softplus(a) ** 2  # type: ignore[method-assign]
+    return act
+
+
+def _unread_attribute() -> nn.Module:
+    act = nn.ELU()
+    act.scale = 3.0  # an argument a later torch could add: refused, not ignored
+    return act
+
+
+REFUSED: dict[str, Callable[[], nn.Module]] = {
+    "activation_subclass": _SquaredTanh,
+    "batchnorm_subclass": lambda: _ScaledBatchNorm(WIDTH),
+    "flatten_subclass": _SquaredFlatten,
+    "instance_forward": _instance_forward,
+    "unread_attribute": _unread_attribute,
+}
+
+
+def refused_case(name: str) -> Case:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, WIDTH), REFUSED[name](), nn.Linear(WIDTH, C))
+    return Case(_eval_bn(model.to(DT)), torch.randn(N, D_IN, dtype=DT), False, False)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_layers_raise_with_the_sequential_engine(name):
+    case = refused_case(name)
+    data = (case.x, torch.arange(N) % C)
+    with pytest.raises(ValueError, match="engine='sequential'"):
+        so.GGN(case.model, nn.CrossEntropyLoss(), data, engine="sequential")
+    with pytest.raises(ValueError, match="not supported by the block-diagonal"):
+        BlockDiagonalCurvature(case.model, nn.CrossEntropyLoss(), data, engine="sequential")
+    assert BlockDiagonalCurvature(case.model, nn.CrossEntropyLoss(), data).engine == "autograd"
+    assert not isinstance(
+        so.Hessian(case.model, nn.CrossEntropyLoss(), data)._states[0][0], MLPHessian
+    )
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_layers_fall_back_to_autograd_and_are_right(name, engine):
+    run_engine(("refused", name), engine)

@@ -107,6 +107,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     t = type(module)
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks"
+    if "forward" in vars(module):
+        return "it has an instance-level forward"
     if is_activation(module):
         return unsupported_activation(module)
     if t is nn.Linear or t in _MAXPOOL or t in _RESHAPES or t in _LINEAR_PARAM_FREE:

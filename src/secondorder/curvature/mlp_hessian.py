@@ -63,12 +63,15 @@ def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             )
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return False
-        t = type(module)
-        ok = (
+        if "forward" in vars(module):  # an instance-level forward replaces the class's
+            return False
+        t = type(module)  # exact types: a subclass may change forward
+        m: Any = module
+        ok = bool(
             t is nn.Linear
             or (is_activation(module) and unsupported_activation(module) is None)
-            or isinstance(module, _RESHAPES)
-            or (isinstance(module, nn.Dropout) and (not module.training or module.p == 0))
+            or t in _RESHAPES
+            or (t is nn.Dropout and (not m.training or m.p == 0))
         )
         if ok:
             layers.append((prefix, module))

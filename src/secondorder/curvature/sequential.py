@@ -74,6 +74,8 @@ _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 # MLP halving cost 17% of a GGN product, on 512 units about 7%)
 _MIN_BLOCK = 256
 _LINEAR_NO_PARAMS = (*_RESHAPES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout)
+# eval-mode BatchNorm (exact types: a subclass may change forward)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _relu_derivative(s: Tensor) -> Tensor:
@@ -121,20 +123,25 @@ _FROM_OUTPUT: dict[
 
 
 def _supported(module: nn.Module) -> bool:
+    """Whether the engine computes ``module`` exactly: exact torch types, their own forward."""
+    if "forward" in vars(module):  # an instance-level forward replaces the class's
+        return False
     t = type(module)
+    m: Any = module
     if t in _CONV:
-        m: Any = module
         return m.padding_mode == "zeros" and not isinstance(m.padding, str)
     if is_activation(module):
         return unsupported_activation(module) is None
-    if t in _MAXPOOL or t is nn.Linear:
+    if t in _MAXPOOL:
+        return not m.return_indices
+    if t is nn.Linear:
         return True
-    if isinstance(module, nn.Dropout):
-        return not module.training or module.p == 0
-    if isinstance(module, _LINEAR_NO_PARAMS):
+    if t is nn.Dropout:
+        return not m.training or m.p == 0
+    if t in _LINEAR_NO_PARAMS:
         return True
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return not module.training and module.track_running_stats
+    if t in _BATCHNORM:
+        return not m.training and m.track_running_stats
     return False
 
 
