@@ -111,6 +111,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return "it has an instance-level forward"
     if is_activation(module):
         return unsupported_activation(module)
+    if t in _MAXPOOL and module.return_indices:  # type: ignore[attr-defined]
+        return "it returns indices (return_indices=True)"
     if t is nn.Linear or t in _MAXPOOL or t in _RESHAPES or t in _LINEAR_PARAM_FREE:
         return None
     if t in _CONV:
