@@ -97,6 +97,7 @@ class Case:
     x: torch.Tensor
     mlp: bool  # Linear, activation, Linear, activation, Linear: hand-written everywhere
     sequential: bool = True  # served by the hand-written Sequential engine
+    kron: bool = False  # served by the Kronecker paths (selected parameters in Linear layers)
 
 
 def activation_case(cls: type, kwargs: dict[str, Any]) -> Case:
@@ -145,6 +146,14 @@ def _bn_middle() -> Case:
     return Case(model, torch.randn(N, D_IN), False)
 
 
+def _bn_frozen_between_linears() -> Case:  # the Kronecker paths run it by autograd
+    model = nn.Sequential(
+        nn.Linear(D_IN, WIDTH), nn.BatchNorm1d(WIDTH), nn.ELU(inplace=True), nn.Linear(WIDTH, C)
+    )
+    _freeze(model[1])
+    return Case(model, torch.randn(N, D_IN), False, kron=True)
+
+
 def _bn1d_sequence_first() -> Case:  # BatchNorm1d on (N, C, L)
     model = nn.Sequential(
         nn.BatchNorm1d(2), nn.Conv1d(2, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4, C)
@@ -176,6 +185,7 @@ BN_CASES: dict[str, Callable[[], Case]] = {
     "bn_first_only_trainable": _bn_first_only_trainable,
     "bn_above_frozen": _bn_above_frozen,
     "bn_middle": _bn_middle,
+    "bn_frozen_between_linears": _bn_frozen_between_linears,
     "bn1d_sequence_first": _bn1d_sequence_first,
     "cnn_bn2d": _cnn_bn2d,
     "cnn_bn2d_above_frozen": _cnn_bn2d_above_frozen,

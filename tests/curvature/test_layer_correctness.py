@@ -147,7 +147,7 @@ def _pch(modify: str, engine: str) -> Callable[[Case, dict[str, Any], Any], None
 
 def _lowrank(case: Case, ref: dict[str, Any], data: Any) -> None:
     op = LowRankGGN(case.model, nn.CrossEntropyLoss(), data)
-    if case.mlp:
+    if case.mlp or case.kron:
         assert op.engine == "kron"
     assert rel_err(op.to_dense(), ref["ggn"]) <= RTOL
 
@@ -173,7 +173,7 @@ def _autograd(kind: str) -> Callable[[Case, dict[str, Any], Any], None]:
 
 
 def _diagonals(case: Case, ref: dict[str, Any], data: Any) -> None:
-    if case.mlp:  # the Kronecker fast path
+    if case.mlp or case.kron:  # the Kronecker fast path
         assert _linear_layers(FunctionalModel(case.model)) is not None
     diag = so.ggn_diagonal(case.model, nn.CrossEntropyLoss(), data)
     assert rel_err(diag, ref["ggn"].diagonal()) <= RTOL
