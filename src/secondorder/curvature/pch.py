@@ -138,11 +138,11 @@ class positive_curvature_mode(TorchFunctionMode):
     Use it around the forward pass (and the first backward with ``create_graph=True``) of a
     Hessian-vector product; products through the recorded graph apply the modified Hessian.
 
-    Args:
-        modify: ``"clip"`` or ``"abs"``.
-
     In-place activations (``inplace=True``, ``sigmoid_``, ``elu_``, ...) are computed out of
     place on a copy and written into their input, so they give the out-of-place result.
+
+    Args:
+        modify: ``"clip"`` or ``"abs"``.
 
     Raises:
         ValueError: For another ``modify``.
