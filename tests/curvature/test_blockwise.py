@@ -380,12 +380,35 @@ def test_modified_double_backward_of_one_activation():
         assert torch.allclose(hv, rule(w * second) * v, rtol=1e-12, atol=1e-14)
 
 
-def test_positive_curvature_mode_refuses_inplace_and_bad_modify():
-    x = torch.randn(3, dtype=DT, requires_grad=True)
-    with pytest.raises(ValueError, match="in-place"), positive_curvature_mode("clip"):
-        F.silu(x * 1.0, inplace=True)
-    with pytest.raises(ValueError, match="in-place"), positive_curvature_mode("clip"):
-        (x * 1.0).sigmoid_()
+@pytest.mark.parametrize(
+    ("inplace", "plain"),
+    [
+        (lambda a: F.silu(a, inplace=True), F.silu),
+        (lambda a: F.elu(a, 0.7, True), lambda a: F.elu(a, 0.7)),
+        (lambda a: F.celu(a, alpha=0.5, inplace=True), lambda a: F.celu(a, alpha=0.5)),
+        (lambda a: a.sigmoid_(), torch.sigmoid),
+        (lambda a: torch.tanh_(a), torch.tanh),
+        (lambda a: F.elu_(a, 0.7), lambda a: F.elu(a, 0.7)),
+        (lambda a: torch.selu_(a), F.selu),
+    ],
+)
+def test_positive_curvature_mode_takes_inplace_activations_out_of_place(inplace, plain):
+    # the modified Hessian-vector product of an in-place activation is the out-of-place one
+    torch.manual_seed(0)
+    x = torch.randn(6, dtype=DT, requires_grad=True)
+    w, v = torch.randn(6, dtype=DT), torch.randn(6, dtype=DT)
+    results = []
+    for fn in (inplace, plain):
+        with positive_curvature_mode("clip"):
+            y = fn(x * 1.5)
+            (g,) = torch.autograd.grad((w * y).sum(), x, create_graph=True)
+        (hv,) = torch.autograd.grad(g, x, v)
+        results.append((y.detach(), g.detach(), hv))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_positive_curvature_mode_refuses_bad_modify():
     with pytest.raises(ValueError, match="modify must be one of"):
         positive_curvature_mode("square")
     with pytest.raises(ValueError, match="modify must be one of"):

@@ -58,7 +58,12 @@ from torch.nn import functional as F
 from torch.nn import grad as nn_grad
 
 from ..linalg.operator import LinearOperator
-from .activations import AUTOGRAD_ELEMENTWISE, CLOSED_FORM, activation_derivatives
+from .activations import (
+    ACTIVATIONS,
+    activation_derivatives,
+    is_activation,
+    unsupported_activation,
+)
 from .base import allreduce_sum, global_count
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel, as_batches
@@ -93,8 +98,7 @@ _PATCH_MAX_NUMEL = 2**25
 SUPPORTED_LAYERS = (
     "Linear, Conv1d/2d/3d (zero padding), MaxPool1d/2d/3d, AvgPool1d/2d/3d, "
     "AdaptiveAvgPool1d/2d/3d, Flatten, Unflatten, Identity, Dropout (eval mode or p=0), "
-    "Sigmoid, Tanh, ReLU, LeakyReLU, SiLU, ELU, CELU, SELU, GELU, Softplus, Mish, "
-    "Softsign, Hardtanh, ReLU6, Hardsigmoid, Hardswish, LogSigmoid"
+    + ", ".join(t.__name__ for t in ACTIVATIONS)
 )
 
 
@@ -103,9 +107,13 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     t = type(module)
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks"
-    if t is nn.Linear or t in CLOSED_FORM or t in _MAXPOOL or t in _RESHAPES:
-        return None
-    if t in AUTOGRAD_ELEMENTWISE or t in _LINEAR_PARAM_FREE:
+    if "forward" in vars(module):
+        return "it has an instance-level forward"
+    if is_activation(module):
+        return unsupported_activation(module)
+    if t in _MAXPOOL and module.return_indices:  # type: ignore[attr-defined]
+        return "it returns indices (return_indices=True)"
+    if t is nn.Linear or t in _MAXPOOL or t in _RESHAPES or t in _LINEAR_PARAM_FREE:
         return None
     if t in _CONV:
         if module.padding_mode != "zeros":  # type: ignore[attr-defined]
@@ -487,7 +495,7 @@ def _make_layer(module: nn.Module, weight: Tensor | None, bias: Tensor | None) -
         return _Conv(module, weight, bias)
     if t in _MAXPOOL:
         return _MaxPool(module, weight, bias)
-    if t in CLOSED_FORM or t in AUTOGRAD_ELEMENTWISE:
+    if is_activation(module):
         return _Elementwise(module, weight, bias)
     if t in _LINEAR_PARAM_FREE:
         return _LinearParamFree(module, weight, bias)

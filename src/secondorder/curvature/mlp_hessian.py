@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .activations import activation_derivatives
+from .activations import activation_derivatives, is_activation, unsupported_activation
 from .losses import LossTerms, loss_terms
 from .model import FunctionalModel
 
@@ -43,15 +43,11 @@ __all__ = ["MLPHessian", "mlp_layers"]
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
-# activations the R-operator path takes (in-place versions of the last six are left to autograd)
-_CLOSED = (nn.Sigmoid, nn.Tanh, nn.SiLU, nn.ReLU)
-_ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.Softplus, nn.GELU, nn.Softsign, nn.Mish)
-
-
 def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The leaf layers of a (nested) ``nn.Sequential`` MLP with their prefixes, else ``None``.
 
-    Supported: ``nn.Linear``, elementwise activations (not in place), ``nn.Flatten``,
+    Supported: ``nn.Linear``, the elementwise activations of
+    :data:`~.activations.ACTIVATIONS` (any arguments, in place or not), ``nn.Flatten``,
     ``nn.Unflatten``, ``nn.Identity`` and ``nn.Dropout`` in eval mode; no hooks.
     """
     if not isinstance(model, nn.Sequential):
@@ -67,13 +63,15 @@ def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             )
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return False
-        t = type(module)
-        ok = (
+        if "forward" in vars(module):  # an instance-level forward replaces the class's
+            return False
+        t = type(module)  # exact types: a subclass may change forward
+        m: Any = module
+        ok = bool(
             t is nn.Linear
-            or t in _CLOSED
-            or (t in _ELEMENTWISE and not getattr(module, "inplace", False))
-            or isinstance(module, _RESHAPES)
-            or (isinstance(module, nn.Dropout) and (not module.training or module.p == 0))
+            or (is_activation(module) and unsupported_activation(module) is None)
+            or t in _RESHAPES
+            or (t is nn.Dropout and (not m.training or m.p == 0))
         )
         if ok:
             layers.append((prefix, module))

@@ -20,8 +20,9 @@ backpropagates module by module: the bilinear parameter-input terms, which the m
 leaves untouched, only couple different blocks.
 
 Intercepted: ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``softplus``, ``elu``, ``celu``,
-``selu``, ``mish``, ``softsign``, ``logsigmoid``, ``hardswish`` (functions, tensor methods and
-the modules that call them). Piecewise-linear activations (ReLU, max-pooling) have no residual.
+``selu``, ``mish``, ``softsign``, ``logsigmoid``, ``hardswish``, ``tanhshrink`` (functions, tensor
+methods and the modules that call them, in place or not). Piecewise-linear activations (ReLU,
+max-pooling) have no residual.
 Any other nonlinearity (products of activations, normalisation, attention) keeps its exact
 second-order term, so the PSD guarantee only holds for networks whose nonlinearities are all
 intercepted, with a convex loss.
@@ -61,6 +62,7 @@ _INTERCEPTED: set[Any] = {
     F.softsign,
     F.logsigmoid,
     F.hardswish,
+    F.tanhshrink,  # a - tanh(a) in Python: the mode is off inside an intercepted call
 }
 
 
@@ -118,7 +120,16 @@ class _ModifiedBackward(torch.autograd.Function):
         return gg * d1, gg * _modify(g * d2, ctx.modify), None, None, None
 
 
-_INPLACE = {torch.sigmoid_, torch.Tensor.sigmoid_, torch.tanh_, torch.Tensor.tanh_}
+# in-place functions and their out-of-place versions
+_INPLACE: dict[Any, Any] = {
+    torch.sigmoid_: torch.sigmoid,
+    torch.Tensor.sigmoid_: torch.sigmoid,
+    torch.tanh_: torch.tanh,
+    torch.Tensor.tanh_: torch.tanh,
+    F.elu_: F.elu,
+    torch.celu_: F.celu,
+    torch.selu_: F.selu,
+}
 
 
 class positive_curvature_mode(TorchFunctionMode):
@@ -127,12 +138,14 @@ class positive_curvature_mode(TorchFunctionMode):
     Use it around the forward pass (and the first backward with ``create_graph=True``) of a
     Hessian-vector product; products through the recorded graph apply the modified Hessian.
 
+    In-place activations (``inplace=True``, ``sigmoid_``, ``elu_``, ...) are computed out of
+    place on a copy and written into their input, so they give the out-of-place result.
+
     Args:
         modify: ``"clip"`` or ``"abs"``.
 
     Raises:
-        ValueError: For another ``modify``; in-place activations met while recording raise
-            ``ValueError`` too (their residual could not be modified).
+        ValueError: For another ``modify``.
 
     Example:
         >>> import torch
@@ -154,25 +167,27 @@ class positive_curvature_mode(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
     ) -> Any:
-        kwargs = kwargs or {}
-        inplace = func in _INPLACE or (
-            func in _INTERCEPTED
-            and (kwargs.get("inplace", False) or any(v is True for v in args[1:]))
-        )
-        if inplace:
-            raise ValueError(
-                f"the positive-curvature Hessian cannot modify the in-place activation "
-                f"{getattr(func, '__name__', func)}; use its out-of-place version "
-                f"(inplace=False)"
-            )
-        if func in _INTERCEPTED and args and isinstance(args[0], Tensor):
+        kwargs = dict(kwargs or {})
+        inplace = func in _INPLACE
+        if func in _INTERCEPTED:
+            # the functional form's inplace flag: a keyword, or a positional True after the input
+            flags = [i for i, v in enumerate(args) if i > 0 and v is True]
+            if kwargs.pop("inplace", False) or flags:
+                inplace = True
+                args = tuple(v for i, v in enumerate(args) if i not in flags)
+        if (func in _INTERCEPTED or inplace) and args and isinstance(args[0], Tensor):
             a, rest = args[0], tuple(args[1:])
             if a.dtype.is_floating_point:
+                plain = _INPLACE.get(func, func)
 
                 def fn(t: Tensor) -> Tensor:
-                    return func(t, *rest, **kwargs)
+                    return plain(t, *rest, **kwargs)
 
-                return _ModifiedActivation.apply(a, fn, self.modify)
+                if not inplace:
+                    return _ModifiedActivation.apply(a, fn, self.modify)
+                # out of place on a copy (the function keeps its input for the backward),
+                # then written into the input as the in-place call would
+                return a.copy_(_ModifiedActivation.apply(a.clone(), fn, self.modify))
         return func(*args, **kwargs)
 
 

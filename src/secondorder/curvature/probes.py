@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .activations import activation_function, is_activation
 from .model import FunctionalModel
 
 __all__ = ["ProbedForward", "layer_output", "probed_forward"]
@@ -84,8 +85,8 @@ def probed_forward(
     recorded: list[tuple[str, nn.Module, Tensor]] = []
     with torch.enable_grad():
         for prefix, layer in layers:
-            if not probed(layer):
-                x = layer(x)
+            if not probed(layer):  # activations out of place, also for inplace=True
+                x = activation_function(layer)(x) if is_activation(layer) else layer(x)
                 continue
             out = layer_output(layer, values[prefix + "weight"], values.get(prefix + "bias"), x)
             if prefix + "weight" in alias or prefix + "bias" in alias:

@@ -42,6 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .activations import (
+    activation_derivatives,
+    activation_function,
+    is_activation,
+    unsupported_activation,
+)
 from .jacobian_factors import (
     JacobianFactors,
     Step,
@@ -52,17 +58,6 @@ from .model import FunctionalModel
 
 __all__ = ["SequentialLinearization", "sequential_layers"]
 
-_ELEMENTWISE: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
-    # derivative of the activation from its input a and output s
-    nn.Sigmoid: lambda m, a, s: _sigmoid_derivative(s),
-    nn.Tanh: lambda m, a, s: _tanh_derivative(s),
-    nn.ReLU: lambda m, a, s: _relu_derivative(s),
-    nn.SiLU: lambda m, a, s: _silu_derivative(a),
-    nn.LeakyReLU: lambda m, a, s: (a > 0).to(a.dtype) * (1 - m.negative_slope) + m.negative_slope,
-    nn.ELU: lambda m, a, s: torch.where(a > 0, torch.ones_like(a), s + m.alpha),
-    nn.Softplus: lambda m, a, s: torch.sigmoid(a * m.beta),
-    nn.GELU: lambda m, a, s: _gelu_derivative(m, a),
-}
 _CONV: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.Conv1d: F.conv1d,
     nn.Conv2d: F.conv2d,
@@ -79,6 +74,8 @@ _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 # MLP halving cost 17% of a GGN product, on 512 units about 7%)
 _MIN_BLOCK = 256
 _LINEAR_NO_PARAMS = (*_RESHAPES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout)
+# eval-mode BatchNorm (exact types: a subclass may change forward)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _relu_derivative(s: Tensor) -> Tensor:
@@ -125,31 +122,26 @@ _FROM_OUTPUT: dict[
 }
 
 
-def _silu_derivative(a: Tensor) -> Tensor:
-    s = torch.sigmoid(a)
-    return s * (1 + a * (1 - s))
-
-
-def _gelu_derivative(m: Any, a: Tensor) -> Tensor:
-    with torch.enable_grad():
-        a = a.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(F.gelu(a, approximate=m.approximate).sum(), a)
-    return d
-
-
 def _supported(module: nn.Module) -> bool:
+    """Whether the engine computes ``module`` exactly: exact torch types, their own forward."""
+    if "forward" in vars(module):  # an instance-level forward replaces the class's
+        return False
     t = type(module)
+    m: Any = module
     if t in _CONV:
-        m: Any = module
         return m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    if t in _ELEMENTWISE or t in _MAXPOOL or t is nn.Linear:
+    if is_activation(module):
+        return unsupported_activation(module) is None
+    if t in _MAXPOOL:
+        return not m.return_indices
+    if t is nn.Linear:
         return True
-    if isinstance(module, nn.Dropout):
-        return not module.training or module.p == 0
-    if isinstance(module, _LINEAR_NO_PARAMS):
+    if t is nn.Dropout:
+        return not m.training or m.p == 0
+    if t in _LINEAR_NO_PARAMS:
         return True
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return not module.training and module.track_running_stats
+    if t in _BATCHNORM:
+        return not m.training and m.track_running_stats
     return False
 
 
@@ -215,6 +207,7 @@ class SequentialLinearization:
         frozen = fmodel.parameter_dict(leaves)
         self._steps: list[tuple[nn.Module, dict[str, Any]]] = []
         # an in-place layer could overwrite an activation's output kept for its derivative
+        # (activations are evaluated out of place; the rule stays on the safe side)
         self._keep_outputs = not any(getattr(layer, "inplace", False) for _, layer in layers)
         x = inputs[0]
         with torch.no_grad():
@@ -252,7 +245,7 @@ class SequentialLinearization:
             t = type(layer)
             if t is nn.Linear and rec["x"].ndim == 2:
                 steps.append(("linear", rec))
-            elif t in _ELEMENTWISE:
+            elif is_activation(layer):
                 steps.append(("activation", self._derivative_multiplier(layer, rec)))
             elif isinstance(layer, nn.Dropout) or (
                 isinstance(layer, _RESHAPES) and rec["in_shape"] == rec["out_shape"]
@@ -325,7 +318,7 @@ class SequentialLinearization:
         (lower, rec), (act, _), (upper, _) = self._steps[k : k + 3]
         return (
             type(lower) is nn.Linear
-            and type(act) in _ELEMENTWISE
+            and is_activation(act)
             and type(upper) is nn.Linear
             and rec["x"].ndim == 2
             and rec["w"].shape[0] >= 2 * _MIN_BLOCK
@@ -364,12 +357,15 @@ class SequentialLinearization:
                     groups=layer.groups,
                 )
                 out = _CONV[t](x, w, b, **rec["kw"])
-        elif t in _ELEMENTWISE:
-            out = layer(x)
-            if t in _FROM_OUTPUT and self._keep_outputs:
-                rec["s"] = out  # see _settle_activations
+        elif is_activation(layer):  # out of place, also for inplace=True
+            if t in _FROM_OUTPUT:
+                out = activation_function(layer)(x)
+                if self._keep_outputs:
+                    rec["s"] = out  # see _settle_activations
+                else:
+                    rec["d"] = _FROM_OUTPUT[t][0](out)
             else:
-                rec["d"] = _ELEMENTWISE[t](layer, x, out)
+                out, rec["d"], _ = activation_derivatives(layer, x, second=False)
         elif t in _MAXPOOL:
             m: Any = layer
             out, rec["idx"] = _MAXPOOL[t](
@@ -381,7 +377,7 @@ class SequentialLinearization:
                 ceil_mode=m.ceil_mode,
                 return_indices=True,
             )
-            if self._steps and type(self._steps[-1][0]) in _ELEMENTWISE:
+            if self._steps and is_activation(self._steps[-1][0]):
                 rec["out_shape"] = out.shape
                 self._steps.insert(-1, (layer, rec))
                 self._pool_activation(self._steps[-1][1], rec["idx"], out)
@@ -500,9 +496,26 @@ class SequentialLinearization:
                 bias = db.view(*lead, *view)
                 out = bias.expand(*lead, *shape).clone() if out is None else out.add_(bias)
             return out
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            # scale dx + xhat dw + db: the parameter terms also without a tangent from below
+            lead = (K,) if batched else ()
+            shape = rec["shape"]
+            dw = tangents[rec["iw"]] if rec["iw"] is not None else None
+            db = tangents[rec["ib"]] if rec["ib"] is not None else None
+            out = dx * rec["scale"] if dx is not None else None
+            if dw is not None:
+                term = rec["xhat"] * dw.view(*lead, *shape)
+                out = term if out is None else out.add_(term)
+            if db is not None:
+                bias = db.view(*lead, *shape)
+                if out is None:
+                    out = bias.expand(*lead, *rec["out_shape"]).clone()
+                else:
+                    out = out.add_(bias)
+            return out
         if dx is None:
             return None
-        if t in _ELEMENTWISE:
+        if is_activation(layer):
             return self._times_derivative(layer, rec, dx, True)
         if t in _MAXPOOL:
             idx = rec["idx"]
@@ -510,16 +523,6 @@ class SequentialLinearization:
                 dx, idx = dx.flatten(0, 1), idx.repeat(K, *([1] * (idx.ndim - 1)))
             out = _pool_gather(dx, idx)
             return out.unflatten(0, (K, -1)) if batched else out
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            shape = rec["shape"]
-            out = dx * rec["scale"]
-            dw = tangents[rec["iw"]] if rec["iw"] is not None else None
-            db = tangents[rec["ib"]] if rec["ib"] is not None else None
-            if dw is not None:
-                out.add_(rec["xhat"] * (dw.view(K, *shape) if batched else dw.view(shape)))
-            if db is not None:
-                out.add_(db.view(K, *shape) if batched else db.view(shape))
-            return out
         if batched:  # parameter-free linear layers act per sample
             return layer(dx.flatten(0, 1)).unflatten(0, (K, -1))
         return layer(dx)
@@ -656,16 +659,6 @@ class SequentialLinearization:
             x_cols = rec["x"].expand(K, *rec["x"].shape).flatten(0, 1)
             grad_input = _conv_backward(flat, x_cols, w, kw, [True, False, False])[0]
             return grad_input.unflatten(0, (K, -1)), True
-        if not need_input:
-            return u, owned
-        if t in _ELEMENTWISE:
-            return self._times_derivative(layer, rec, u, owned), True
-        if t in _MAXPOOL:
-            idx = rec["idx"]
-            grad = u.new_zeros(K, *rec["in_shape"])
-            index = idx.flatten(2).expand(K, *idx.flatten(2).shape)
-            grad.flatten(3).scatter_add_(3, index, u.flatten(3))
-            return grad, True
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             dims = [d for d in range(1, u.ndim) if d != 2]
@@ -673,7 +666,17 @@ class SequentialLinearization:
                 gw.add_((u * rec["xhat"]).sum(dims))
             if gb is not None:
                 gb.add_(u.sum(dims))
-            return u * rec["scale"], True
+            return (u * rec["scale"], True) if need_input else (u, owned)
+        if not need_input:
+            return u, owned
+        if is_activation(layer):
+            return self._times_derivative(layer, rec, u, owned), True
+        if t in _MAXPOOL:
+            idx = rec["idx"]
+            grad = u.new_zeros(K, *rec["in_shape"])
+            index = idx.flatten(2).expand(K, *idx.flatten(2).shape)
+            grad.flatten(3).scatter_add_(3, index, u.flatten(3))
+            return grad, True
         if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
             return u.reshape(K, *rec["in_shape"]), owned
         # other parameter-free per-sample linear layers (average pooling): the columns ride
@@ -712,15 +715,6 @@ class SequentialLinearization:
             if gb is not None:
                 gb.add_(grads[2])
             return (grads[0], True) if need_input else (u, owned)
-        if not need_input:
-            return u, owned
-        if t in _ELEMENTWISE:
-            return self._times_derivative(layer, rec, u, owned), True
-        if t in _MAXPOOL:
-            idx = rec["idx"]
-            grad = u.new_zeros(rec["in_shape"])
-            grad.flatten(2).scatter_add_(2, idx.flatten(2), u.flatten(2))
-            return grad, True
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             dims = [d for d in range(u.ndim) if d != 1]
@@ -728,7 +722,16 @@ class SequentialLinearization:
                 gw.add_((u * rec["xhat"]).sum(dims))
             if gb is not None:
                 gb.add_(u.sum(dims))
-            return u * rec["scale"], True
+            return (u * rec["scale"], True) if need_input else (u, owned)
+        if not need_input:
+            return u, owned
+        if is_activation(layer):
+            return self._times_derivative(layer, rec, u, owned), True
+        if t in _MAXPOOL:
+            idx = rec["idx"]
+            grad = u.new_zeros(rec["in_shape"])
+            grad.flatten(2).scatter_add_(2, idx.flatten(2), u.flatten(2))
+            return grad, True
         if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
             return u.reshape(rec["in_shape"]), owned
         # other parameter-free linear layers (average pooling): differentiate the layer alone
