@@ -234,7 +234,7 @@ class CurvatureOptimizer(Optimizer):
             [offsets[id(p)] for p in g["params"] if id(p) in offsets] for g in self.param_groups
         ]
         self._param_list: list[Tensor] = list(self.fmodel.params)  # for torch._foreach_add_
-        self._trainable_ids = tuple(id(p) for p in trainable)
+        self._trainable = tuple(trainable)
         self._norm_layers = running_stat_modules(self.model, training_only=False)
         self._flat_view_built = True
         if rebuilt:  # the flat vector changed meaning: a warm start of the old one is void
@@ -243,8 +243,9 @@ class CurvatureOptimizer(Optimizer):
 
     def _sync_flat_view(self) -> None:
         """Follow parameters frozen or unfrozen since the last step (``requires_grad``)."""
-        ids = tuple(id(p) for g in self.param_groups for p in g["params"] if p.requires_grad)
-        if ids != self._trainable_ids:
+        now = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        old = self._trainable
+        if len(now) != len(old) or any(a is not b for a, b in zip(now, old)):
             self._build_flat_view()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -412,7 +412,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         (:meth:`~secondorder.curvature.lowrank.LowRankGGN.leading_eigh`), any other the full
         spectrum. Numerically zero eigenvalues are dropped and counted.
         """
-        params, criterion = group["params"], group["criterion"]
+        params = [p for p in group["params"] if p.requires_grad]
+        criterion = group["criterion"]
         D = lowrank.num_columns
         m = getattr(criterion, "num_leading", None)
         if isinstance(m, int) and not isinstance(m, bool) and m >= 1:
