@@ -222,10 +222,13 @@ def test_poisoned_damping_state_is_reset_or_refused():
     assert math.isfinite(opt.global_state["damping"])
 
 
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["plain", "batchnorm"])
 @pytest.mark.parametrize("name", IDS)
-def test_step_that_raises_is_not_reported_accepted(name):
+def test_step_that_raises_is_not_reported_accepted(name, batchnorm):
     model, loss_fn, X, y = make_problem()
-    opt = make_opt(name, model, loss_fn)
+    if batchnorm:  # the first forward pass of the step is then the running-statistics one
+        model = nn.Sequential(model[0], nn.BatchNorm1d(6).to(DT), model[1], model[2]).train()
+    opt = make_opt(name, model, loss_fn, **(_BN_OVERRIDES.get(name, {}) if batchnorm else {}))
     opt.step(X, y)
     assert opt.diagnostics["accepted"] is True
     fail = {"on": True}
@@ -234,13 +237,15 @@ def test_step_that_raises_is_not_reported_accepted(name):
         if fail["on"]:
             raise RuntimeError("injected failure")
 
-    handle = model[2].register_forward_pre_hook(hook)
+    handle = model[-1].register_forward_pre_hook(hook)
+    stats = _stats(model)
     before = _params(model)
     with pytest.raises(RuntimeError, match="injected failure"):
         opt.step(X, y)
     assert opt.diagnostics["accepted"] is False
     assert "injected failure" in opt.diagnostics["rejected_reason"]
     assert _same(_params(model), before)
+    assert _same(_stats(model), stats)
     handle.remove()
     opt.step(X, y)
     assert opt.diagnostics["accepted"] is True
@@ -281,6 +286,27 @@ def test_copied_model_and_optimizer_are_an_independent_pair(name, how):
     assert _same(_params(model), before)
     opt.step(X, y)
     assert _same(_params(model), _params(model2))  # the same step, bit for bit
+
+
+@pytest.mark.parametrize("name", ["newton_cg_ggn", "hessian_free", "directional"])
+def test_copy_and_pickle_with_an_lr_scheduler_attached(name):
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt(name, model, loss_fn)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # wraps opt.step
+    opt.step(X, y)
+    for model2, opt2 in (copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))):
+        opt2.step(X, y)
+        assert opt2.diagnostics["accepted"]
+
+
+def test_optimizer_with_a_process_group_refuses_to_be_copied():
+    model, loss_fn, _, _ = make_problem()
+    opt = make_opt("newton_cg_ggn", model, loss_fn)
+    opt.process_group = object()  # stands for a group (construction would need a world)
+    with pytest.raises(TypeError, match="process_group cannot be copied or pickled"):
+        copy.deepcopy(opt)
+    with pytest.raises(TypeError, match="process_group cannot be copied or pickled"):
+        pickle.dumps(opt)
 
 
 # ------------------------------------------------ param groups and frozen parameters

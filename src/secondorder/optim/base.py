@@ -168,10 +168,18 @@ class CurvatureOptimizer(Optimizer):
         process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
             process). Each rank passes its shard of the batch; curvature products, gradients
             and losses are all-reduced, so every rank computes the same step and the
-            parameters stay identical without being broadcast.
+            parameters stay identical without being broadcast. Construction checks (one
+            ``all_gather``) that every rank holds parameters of the same shapes and values.
+
+    Copies: ``copy.deepcopy(opt)`` and ``pickle`` carry the model and the loss with the
+    optimizer, so the copy trains a copy of the model and leaves the original alone (as a
+    deep-copied ``torch.optim`` optimizer steps copies of its parameters). Copy the model and the
+    optimizer in one call, ``model2, opt2 = copy.deepcopy((model, opt))``, to get a pair in which
+    ``opt2`` trains ``model2``. An LR scheduler's wrapper of ``step`` is not copied.
 
     Raises:
-        ValueError: For invalid arguments or unsupported param groups.
+        ValueError: For invalid arguments, unsupported param groups, or ranks of the process
+            group that hold different parameters.
     """
 
     def __init__(
@@ -350,7 +358,11 @@ class CurvatureOptimizer(Optimizer):
                 f"{type(self).__name__} with a process_group cannot be copied or pickled; "
                 "build a new optimizer on the copied model in each process"
             )
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        # an LR scheduler's wrapper of `step` (an instance attribute) stays with the original,
+        # as with torch's optimizers
+        state.pop("step", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the state written by :meth:`__getstate__` (torch adds its hooks)."""
@@ -705,14 +717,14 @@ class CurvatureOptimizer(Optimizer):
         # running statistics: one plain forward pass at the starting parameters updates them;
         # whatever the method's own passes do to them is undone below
         norms = [m for m in self._norm_layers if m.training]
-        stats_before = stats_after = None
-        if norms:
-            stats_before = snapshot_running_stats(norms)
-            with torch.no_grad():
-                for b in batches:
-                    self.model(*b.inputs)
-            stats_after = snapshot_running_stats(norms)
+        stats_before = snapshot_running_stats(norms) if norms else None
+        stats_after = None
         try:
+            if norms:
+                with torch.no_grad():
+                    for b in batches:
+                        self.model(*b.inputs)
+                stats_after = snapshot_running_stats(norms)
             loss = self._step_body(batches, **kw)
         except BaseException as err:
             diag = self.diagnostics
