@@ -297,6 +297,7 @@ def test_copy_and_pickle_with_an_lr_scheduler_attached(name):
     for model2, opt2 in (copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))):
         opt2.step(X, y)
         assert opt2.diagnostics["accepted"]
+        assert opt2.model is model2
 
 
 def test_optimizer_with_a_process_group_refuses_to_be_copied():
