@@ -279,9 +279,8 @@ class CurvatureOptimizer(Optimizer):
         try:
             self._check_group(self.param_groups[-1])
             self._build_flat_view()
-        except (ValueError, TypeError):
+        except (ValueError, TypeError):  # nothing was rebuilt: drop the group again
             self.param_groups.pop()
-            self._build_flat_view()
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
