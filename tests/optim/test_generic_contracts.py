@@ -109,6 +109,16 @@ def test_empty_batch_is_refused(name):
     assert opt.diagnostics["accepted"]
 
 
+def test_hessian_free_acc_step_refuses_empty_data():
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt("hessian_free", model, loss_fn)
+    with pytest.raises(ValueError, match="batch 1 of loss_data holds no samples"):
+        opt.acc_step([(X, y), (X[:0], y[:0])], (X, y), (X, y))
+    with pytest.raises(ValueError, match="grad_data holds no samples"):
+        opt.acc_step((X, y), (X[:0], y[:0]), (X, y))
+    assert "step" not in opt.global_state
+
+
 def _other_class(name):
     cls = OPTIMIZERS[name][0]
     return "block_newton_ggn" if cls != "BlockDiagonalNewtonCG" else "newton_cg_ggn"

@@ -707,8 +707,8 @@ class CurvatureOptimizer(Optimizer):
         self._check_groups()
         self._check_not_empty(batches, "the batch")
         for key, value in kw.items():
-            if isinstance(value, list):
-                self._check_not_empty(value, key)
+            if isinstance(value, list):  # HessianFree.acc_step's loss_data and grad_data
+                self._check_not_empty(value, key.replace("_batches", "_data"))
         self._sync_flat_view()
         state = self.global_state
         state["step"] = state.get("step", 0) + 1
