@@ -6,7 +6,9 @@ returns the loss at the parameters it started from and leaves ``opt.diagnostics`
 
 The contract implemented once, here, for every subclass:
 
-- hyperparameters live in ``param_groups`` and are read on every step (LR schedulers work);
+- hyperparameters live in ``param_groups`` and are read, and checked, on every step (LR
+  schedulers work; a value made invalid after construction raises ``ValueError`` naming the
+  group before anything is touched);
   what evolves (step count, damping, CG warm start, random-generator state) lives in ``state``
   on the first parameter, so ``state_dict()``/``load_state_dict()`` round-trip exactly;
 - a subclass computes a *direction* ``d`` (flat, in the parameters' dtype and device) without
@@ -14,7 +16,25 @@ The contract implemented once, here, for every subclass:
 - the non-finite guard: a NaN/Inf in the loss, the gradient, a curvature product or the
   direction leaves the parameters exactly as they were, marks the step rejected, lets the
   subclass react (raise its damping), warns once, and with ``on_nonfinite="raise"`` raises
-  :class:`NonFiniteError`.
+  :class:`NonFiniteError`. The guard covers the scaled step actually applied
+  (``lr_g * d_g``). A rejected step drops the CG warm start it could have poisoned; a step
+  that raises leaves ``diagnostics["accepted"] = False``;
+- the trainable parameters are those of the param groups with ``requires_grad``, read on
+  every step: a parameter frozen after construction is skipped (as torch's optimizers do) and
+  :meth:`~CurvatureOptimizer.add_param_group` adds parameters to the flat vector;
+- running statistics of normalisation layers in training mode (BatchNorm) change as one
+  forward pass at the step's starting parameters on its batches would change them, however
+  many passes the method makes (:mod:`secondorder.curvature.running_stats`);
+- ``state_dict()`` holds plain data (``torch.load(weights_only=True)`` reads it) and names the
+  optimizer class and parameter shapes; ``load_state_dict`` refuses a state of another class or
+  model with a ``ValueError``;
+- ``copy.deepcopy(opt)`` and ``pickle`` copy the model with the optimizer (the copy trains a
+  copy of the model, as a deep-copied torch optimizer steps copies of its parameters);
+  ``copy.deepcopy((model, opt))`` gives an independent pair in which the copied optimizer
+  trains the copied model. An optimizer with a ``process_group`` cannot be copied;
+- with a ``process_group``, construction checks with one collective that every rank holds
+  parameters of the same shapes and values, and raises the same ``ValueError`` on every rank
+  otherwise.
 """
 
 from __future__ import annotations
@@ -24,8 +44,9 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
@@ -36,6 +57,11 @@ from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
 from ..curvature.base import allreduce_sum, global_count
 from ..curvature.jacobian_factors import check_jacobian_factors_option
 from ..curvature.model import Batch, FunctionalModel
+from ..curvature.running_stats import (
+    restore_running_stats,
+    running_stat_modules,
+    snapshot_running_stats,
+)
 
 __all__ = [
     "CurvatureOptimizer",
@@ -47,6 +73,7 @@ __all__ = [
 ]
 
 CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
+_META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and shapes
 
 
 class NonFiniteError(FloatingPointError):
@@ -141,10 +168,18 @@ class CurvatureOptimizer(Optimizer):
         process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
             process). Each rank passes its shard of the batch; curvature products, gradients
             and losses are all-reduced, so every rank computes the same step and the
-            parameters stay identical without being broadcast.
+            parameters stay identical without being broadcast. Construction checks (one
+            ``all_gather``) that every rank holds parameters of the same shapes and values.
+
+    Copies: ``copy.deepcopy(opt)`` and ``pickle`` carry the model and the loss with the
+    optimizer, so the copy trains a copy of the model and leaves the original alone (as a
+    deep-copied ``torch.optim`` optimizer steps copies of its parameters). Copy the model and the
+    optimizer in one call, ``model2, opt2 = copy.deepcopy((model, opt))``, to get a pair in which
+    ``opt2`` trains ``model2``. An LR scheduler's wrapper of ``step`` is not copied.
 
     Raises:
-        ValueError: For invalid arguments or unsupported param groups.
+        ValueError: For invalid arguments, unsupported param groups, or ranks of the process
+            group that hold different parameters.
     """
 
     def __init__(
@@ -166,6 +201,8 @@ class CurvatureOptimizer(Optimizer):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         if params is None:
             params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        self._allow_groups = allow_groups
+        self._flat_view_built = False
         super().__init__(params, defaults)
         if len(self.param_groups) > 1 and not allow_groups:
             raise ValueError(
@@ -176,17 +213,159 @@ class CurvatureOptimizer(Optimizer):
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self.fmodel = FunctionalModel(model, all_params)
+        self.diagnostics: dict[str, Any] = {}
+        self._warned_nonfinite = False
+        self._build_flat_view()
+        if process_group is not None:
+            self._check_ranks_agree()
+
+    _WARM_START_KEYS: ClassVar[tuple[str, ...]] = ()
+    """State entries holding a flat vector carried from step to step (a CG warm start): reset
+    by a rejected step and when the trainable parameters change."""
+
+    def _build_flat_view(self) -> None:
+        """(Re)build the flat parameter view over the trainable parameters of the groups."""
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"{type(self).__name__}: no parameter to train: every parameter of the param "
+                "groups has requires_grad=False"
+            )
+        rebuilt = self._flat_view_built
+        self.fmodel = FunctionalModel(self.model, trainable)
         # flat slices of each group, in the FunctionalModel's order
         offsets, start = {}, 0
         for p, n in zip(self.fmodel.params, self.fmodel.numels):
             offsets[id(p)] = (start, start + n)
             start += n
-        self._group_slices = [[offsets[id(p)] for p in g["params"]] for g in self.param_groups]
-        self.diagnostics: dict[str, Any] = {}
-        self._warned_nonfinite = False
+        self._group_slices = [
+            [offsets[id(p)] for p in g["params"] if id(p) in offsets] for g in self.param_groups
+        ]
         self._param_list: list[Tensor] = list(self.fmodel.params)  # for torch._foreach_add_
+        self._trainable = tuple(trainable)
+        self._norm_layers = running_stat_modules(self.model, training_only=False)
+        self._flat_view_built = True
+        if rebuilt:  # the flat vector changed meaning: a warm start of the old one is void
+            for key in self._WARM_START_KEYS:
+                self.global_state.pop(key, None)
+
+    def _sync_flat_view(self) -> None:
+        """Follow parameters frozen or unfrozen since the last step (``requires_grad``)."""
+        now = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        old = self._trainable
+        if len(now) != len(old) or any(a is not b for a, b in zip(now, old)):
+            self._build_flat_view()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its parameters join the flat vector from the next step on.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``; its parameters must
+                belong to the model.
+
+        Raises:
+            ValueError: For a method with a single param group, parameters that are not the
+                model's, or invalid hyperparameters.
+        """
+        if not getattr(self, "_flat_view_built", False):  # called by torch's __init__
+            super().add_param_group(param_group)
+            return
+        if not self._allow_groups:
+            raise ValueError(
+                f"{type(self).__name__} supports a single param group (its damping adapts "
+                "globally): add_param_group is not supported"
+            )
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+            self._build_flat_view()
+        except (ValueError, TypeError):  # nothing was rebuilt: drop the group again
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Check one param group's hyperparameters (subclass hook; raise ``ValueError``)."""
+        check_positive("lr", group["lr"])
+
+    def _check_groups(self) -> None:
+        """Check every param group's hyperparameters, as they are now.
+
+        Raises:
+            ValueError: Naming the group and the invalid value.
+        """
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}: param group {i}: {err}") from None
+
+    @torch.no_grad()
+    def _check_ranks_agree(self) -> None:
+        """One collective: every rank holds parameters of the same shapes and values.
+
+        Raises:
+            ValueError: On every rank, if the shapes or a checksum of the values differ.
+        """
+        import torch.distributed as dist
+
+        group = self.process_group
+        params = [p for g in self.param_groups for p in g["params"]]
+        shapes = [tuple(p.shape) for p in params]
+        signature = zlib.crc32(repr(shapes).encode())
+        s1 = s2 = scale = 0.0
+        for p in params:
+            v = p.detach().to(torch.float64)
+            s1 += float(v.sum())
+            s2 += float((v * v).sum())
+            scale += float(v.abs().sum())
+        numel = sum(p.numel() for p in params)
+        local = torch.tensor([len(shapes), numel, signature, s1, s2, scale], dtype=torch.float64)
+        if dist.get_backend(group) == "nccl":
+            local = local.to(torch.device("cuda", torch.cuda.current_device()))
+        world = dist.get_world_size(group)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=group)
+        rows = [g.cpu().tolist() for g in gathered]
+        ref = rows[0]
+        for rank, row in enumerate(rows[1:], start=1):
+            if row[:3] != ref[:3]:
+                raise ValueError(
+                    f"{type(self).__name__}: the ranks of the process group hold different "
+                    f"parameters: rank {rank} has {int(row[0])} parameter tensors with "
+                    f"{int(row[1])} entries, rank 0 has {int(ref[0])} with {int(ref[1])}"
+                    + (" (same counts, other shapes)" if row[:2] == ref[:2] else "")
+                    + "; build the same model on every rank"
+                )
+            tol = 1e-10 * max(row[5], ref[5], 1e-300)
+            if abs(row[3] - ref[3]) > tol or abs(row[4] - ref[4]) > 1e-10 * max(row[4], ref[4]):
+                raise ValueError(
+                    f"{type(self).__name__}: the ranks of the process group start from different "
+                    f"parameter values (checksum {row[3]!r} on rank {rank}, {ref[3]!r} on rank "
+                    "0); seed every rank identically or broadcast rank 0's parameters before "
+                    "building the optimizer"
+                )
+
+    # ------------------------------------------------------------- copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, the model and loss included (torch's keeps only groups and state).
+
+        Raises:
+            TypeError: For an optimizer bound to a process group.
+        """
+        if self.__dict__.get("process_group") is not None:
+            raise TypeError(
+                f"{type(self).__name__} with a process_group cannot be copied or pickled; "
+                "build a new optimizer on the copied model in each process"
+            )
+        state = dict(self.__dict__)
+        # an LR scheduler's wrapper of `step` (an instance attribute) stays with the original,
+        # as with torch's optimizers
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the state written by :meth:`__getstate__` (torch adds its hooks)."""
+        super().__setstate__(state)
 
     # ----------------------------------------------------------- step wrapper
     @staticmethod
@@ -238,18 +417,103 @@ class CurvatureOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
         if self.generator is not None:
             self.global_state["generator_state"] = self.generator.get_state()
-        return super().state_dict()
+        out = super().state_dict()
+        out[_META_KEY] = {
+            "optimizer": type(self).__name__,
+            "param_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+        }
+        return out
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`, after checking it belongs here.
+
+        Args:
+            state_dict: The state of an optimizer of the same class on a model with the same
+                parameter shapes.
+
+        Raises:
+            ValueError: For a state of another optimizer class or model (parameter count or
+                shapes), missing hyperparameters, invalid values or a warm start of another
+                length.
+        """
+        self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        # the global state lives on the first parameter of the first group; a checkpoint that
+        # kept it elsewhere (an older layout) has it moved there
+        anchor = self.param_groups[0]["params"][0]
+        if "step" not in self.state.get(anchor, {}):
+            for p in [p for g in self.param_groups for p in g["params"]]:
+                if "step" in self.state.get(p, {}):
+                    self.state[anchor] = self.state.pop(p)
+                    break
         gen_state = self.global_state.get("generator_state")
         if self.generator is not None and gen_state is not None:
             self.generator.set_state(gen_state.to("cpu", torch.uint8))
 
+    def _validate_state_dict(self, state_dict: Any) -> None:
+        name = type(self).__name__
+        keys = sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else None
+        if keys is None or not {"state", "param_groups"} <= set(keys):
+            raise ValueError(
+                f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (from "
+                f"state_dict()), got {type(state_dict).__name__}"
+                + (f" with keys {keys}" if keys is not None else "")
+            )
+        meta = state_dict.get(_META_KEY)
+        saved_groups = state_dict["param_groups"]
+        if isinstance(meta, Mapping) and meta.get("optimizer") not in (None, name):
+            raise ValueError(
+                f"{name}.load_state_dict: the state is of a {meta['optimizer']}, not of a {name}"
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the state has {len(saved_groups)} param groups, this "
+                f"optimizer {len(self.param_groups)} (another model or parameter selection)"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {i} of the state has "
+                    f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])} "
+                    "(another model or parameter selection)"
+                )
+            missing = sorted(set(self.defaults) - set(saved))
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {i} of the state lacks {missing}: it is "
+                    f"not the state of a {name}"
+                )
+            try:
+                self._check_group({**saved, "params": group["params"]})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{name}.load_state_dict: param group {i}: {err}") from None
+        if isinstance(meta, Mapping) and "param_shapes" in meta:
+            for i, (shapes, group) in enumerate(zip(meta["param_shapes"], self.param_groups)):
+                for j, (shape, p) in enumerate(zip(shapes, group["params"])):
+                    if list(shape) != list(p.shape):
+                        raise ValueError(
+                            f"{name}.load_state_dict: parameter {j} of param group {i} has "
+                            f"shape {tuple(shape)} in the state and {tuple(p.shape)} here "
+                            "(another model)"
+                        )
+        dim = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
+        for entry in state_dict["state"].values():
+            for key in self._WARM_START_KEYS:
+                value = entry.get(key)
+                if value is not None and (not isinstance(value, Tensor) or value.numel() != dim):
+                    got = value.numel() if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state's {key!r} has {got} entries, the "
+                        f"trainable parameters {dim} (another model)"
+                    )
+
     @property
     def global_state(self) -> dict[str, Any]:
-        """State shared by all parameters (kept on the first one, so state_dict carries it)."""
-        return self.state[self.fmodel.params[0]]
+        """State shared by all parameters.
+
+        Kept on the first parameter of the first group, so ``state_dict`` carries it.
+        """
+        return self.state[self.param_groups[0]["params"][0]]
 
     def _group_vector(self, key: str) -> float | Tensor:
         """A group hyperparameter as a scalar if all groups agree, else a per-coordinate vector."""
@@ -349,20 +613,42 @@ class CurvatureOptimizer(Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     @torch.no_grad()
-    def _apply_direction(self, direction: Tensor, direction_norm: float) -> float:
-        """``theta_g += lr_g * d_g`` for every group; returns the norm of the applied step."""
+    def _apply_direction(self, direction: Tensor, direction_norm: float) -> float | None:
+        """``theta_g += lr_g * d_g`` for every group; returns the norm of the applied step.
+
+        The scaled step is checked, not only ``d``: if ``lr * d`` is not finite in the
+        parameters' dtype the step is rejected, the parameters untouched, and None returned.
+        """
         lr = self._group_vector("lr")
         if isinstance(lr, Tensor):
-            step = direction * lr
+            scaled_lr = direction * lr
+            step: Tensor | None = scaled_lr
+            norm = vector_norm(scaled_lr)
+        else:
+            step, norm = None, abs(lr) * direction_norm
+        if not (math.isfinite(norm) and norm <= torch.finfo(direction.dtype).max):
+            # maybe an overflow of lr * d (or only of the norm): look at the entries
+            scaled = step if step is not None else direction * lr
+            if not all_finite(scaled):
+                self._reject("the scaled step lr * d is not finite")
+                return None
+        if step is not None:
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
-            return vector_norm(step)
-        torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
-        return abs(lr) * direction_norm
+        else:
+            assert not isinstance(lr, Tensor)
+            torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
+        return norm
 
     def _reject(self, reason: str) -> None:
-        """Mark the step rejected for a non-finite value; warn once or raise."""
+        """Mark the step rejected for a non-finite value; warn once or raise.
+
+        The warm start the step could have poisoned is dropped (the next step starts CG from
+        zero).
+        """
         self.diagnostics["accepted"] = False
         self.diagnostics["rejected_reason"] = reason
+        for key in self._WARM_START_KEYS:
+            self.global_state.pop(key, None)
         self._on_reject(reason)
         message = (
             f"{type(self).__name__}: step {self.global_state.get('step', 0)} rejected: {reason}; "
@@ -377,6 +663,17 @@ class CurvatureOptimizer(Optimizer):
     def _on_reject(self, reason: str) -> None:
         """Hook: react to a rejected step (e.g. raise the damping)."""
 
+    def _check_warm_start(self, key: str) -> Tensor | None:
+        """The warm start ``state[key]``, or None after rejecting the step if it is not finite."""
+        x0 = self.global_state.get(key)
+        if x0 is None or all_finite(x0):
+            return x0
+        self._reject(
+            f"the CG warm start {key!r} (from an earlier step or a loaded state) is not finite; "
+            "it was reset"
+        )
+        return None
+
     # ----------------------------------------------------------------------- step
     def step(self, inputs: Any = None, targets: Any = None) -> Tensor:  # type: ignore[override]
         """Take one training step on the batch ``(inputs, targets)``.
@@ -387,15 +684,62 @@ class CurvatureOptimizer(Optimizer):
 
         Returns:
             The loss at the parameters the step started from.
+
+        Raises:
+            ValueError: For an empty batch or a hyperparameter made invalid in
+                ``param_groups`` (nothing is touched then).
         """
         return self._run_step([self._batch(inputs, targets)])
+
+    @staticmethod
+    def _check_not_empty(batches: Sequence[Batch], what: str) -> None:
+        for i, b in enumerate(batches):
+            if b.size == 0:
+                where = f"batch {i} of {what}" if len(batches) > 1 else what
+                raise ValueError(
+                    f"{where} holds no samples (its leading dimension is 0); a step needs at "
+                    "least one sample"
+                )
 
     def _run_step(self, batches: list[Batch], **kw: Any) -> Tensor:
         # step pre/post hooks run in torch.optim.Optimizer's wrapper of `step`
         start = time.perf_counter()
+        self._check_groups()
+        self._check_not_empty(batches, "the batch")
+        for key, value in kw.items():
+            if isinstance(value, list):  # HessianFree.acc_step's loss_data and grad_data
+                self._check_not_empty(value, key.replace("_batches", "_data"))
+        self._sync_flat_view()
         state = self.global_state
         state["step"] = state.get("step", 0) + 1
         self.diagnostics = {"step": state["step"], "accepted": True}
+        # running statistics: one plain forward pass at the starting parameters updates them;
+        # whatever the method's own passes do to them is undone below
+        norms = [m for m in self._norm_layers if m.training]
+        stats_before = snapshot_running_stats(norms) if norms else None
+        stats_after = None
+        try:
+            if norms:
+                with torch.no_grad():
+                    for b in batches:
+                        self.model(*b.inputs)
+                stats_after = snapshot_running_stats(norms)
+            loss = self._step_body(batches, **kw)
+        except BaseException as err:
+            diag = self.diagnostics
+            if diag.get("accepted", True):
+                diag["rejected_reason"] = f"the step raised {type(err).__name__}: {err}"
+            diag.update(accepted=False, step_norm=0.0, time=time.perf_counter() - start)
+            if stats_before is not None:
+                restore_running_stats(stats_before)
+            raise
+        if stats_after is not None and stats_before is not None:
+            accepted = self.diagnostics.get("accepted", True)
+            restore_running_stats(stats_after if accepted else stats_before)
+        self.diagnostics["time"] = time.perf_counter() - start
+        return loss
+
+    def _step_body(self, batches: list[Batch], **kw: Any) -> Tensor:
         loss, direction = self._compute_direction(batches, **kw)
         diag = self.diagnostics
         if "loss" not in diag:  # _check_loss_and_gradient has read it already
@@ -407,10 +751,11 @@ class CurvatureOptimizer(Optimizer):
             if not math.isfinite(norm) and not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
-                diag["step_norm"] = self._apply_direction(direction, norm)
+                applied = self._apply_direction(direction, norm)
+                if applied is not None:
+                    diag["step_norm"] = applied
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
-        diag["time"] = time.perf_counter() - start
         return loss
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:

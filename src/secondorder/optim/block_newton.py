@@ -140,6 +140,9 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         self.negative_curvature = negative_curvature
         self.engine = engine
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_cg_group(group)
+
     def _block_groups(self) -> list[dict[str, Any]]:
         """The param group of every block, in ``self.fmodel.params`` order."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}

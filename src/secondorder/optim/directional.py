@@ -145,6 +145,43 @@ def _as_damping(value: Any, where: str) -> Damping:
     return value
 
 
+def _encode_group(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group of :meth:`DirectionalDampedNewton.state_dict` with plain data only."""
+    out = dict(group)
+    criterion, damping = group.get("criterion"), group.get("damping")
+    if isinstance(criterion, TopK):
+        out["criterion"] = {"top_k": criterion.k}
+    elif criterion is not None and not isinstance(criterion, dict):
+        out["criterion"] = {"callable": repr(criterion)}
+    if isinstance(damping, ConstantDamping):
+        out["damping"] = {"constant_damping": damping.delta}
+    elif damping is not None and not isinstance(damping, (dict, int, float)):
+        out["damping"] = {"callable": repr(damping)}
+    return out
+
+
+def _decode_group(group: Any, current: dict[str, Any] | None) -> Any:
+    """Undo :func:`_encode_group`; a stored custom callable becomes ``current``'s own."""
+    if not isinstance(group, dict):
+        return group
+    out = dict(group)
+    for key in ("criterion", "damping"):
+        value = group.get(key)
+        if not isinstance(value, dict):
+            continue
+        if "top_k" in value:
+            out[key] = TopK(value["top_k"])
+        elif "constant_damping" in value:
+            out[key] = ConstantDamping(value["constant_damping"])
+        elif "callable" in value and current is not None:
+            out[key] = current[key]
+        else:
+            raise ValueError(
+                f"DirectionalDampedNewton.load_state_dict: cannot read the stored {key} {value!r}"
+            )
+    return out
+
+
 def _gather_batches(batches: list[Batch], group: Any) -> list[Batch]:
     """Every rank's batches, in rank order (the global batch), on this rank's device.
 
@@ -282,19 +319,59 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             process_group=process_group,
         )
         for i, group in enumerate(self.param_groups):
-            check_positive("lr", group["lr"])
-            if not callable(group["criterion"]):
-                raise TypeError(
-                    f"param group {i}: criterion must be a callable evals -> indices, got "
-                    f"{type(group['criterion']).__name__}"
-                )
-            group["damping"] = _as_damping(group["damping"], f"param group {i}")
+            try:
+                self._check_group(group)
+            except TypeError as err:
+                raise TypeError(f"param group {i}: {err}") from None
         self.mc_samples = mc_samples
         self.engine = engine
         self.eigensolver = eigensolver
         self.generator = generator
         if mc_samples > 0 and generator is None:
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Check ``lr``, ``criterion`` and ``damping``; a number as damping becomes a callable."""
+        check_positive("lr", group["lr"])
+        if not callable(group["criterion"]):
+            raise TypeError(
+                "criterion must be a callable evals -> indices, got "
+                f"{type(group['criterion']).__name__}"
+            )
+        group["damping"] = _as_damping(group["damping"], "damping")
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The state with plain data only (``torch.load(weights_only=True)`` reads it).
+
+        :class:`TopK` and :class:`ConstantDamping` are stored as ``{"top_k": k}`` and
+        ``{"constant_damping": delta}``; any other callable as ``{"callable": repr(obj)}``,
+        which :meth:`load_state_dict` replaces by the loading optimizer's own callable.
+
+        Returns:
+            The state dict.
+        """
+        out = super().state_dict()
+        out["param_groups"] = [_encode_group(g) for g in out["param_groups"]]
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (see there for how callables are stored).
+
+        Args:
+            state_dict: The state.
+
+        Raises:
+            ValueError: See :meth:`~secondorder.optim.base.CurvatureOptimizer.load_state_dict`.
+        """
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            groups = state_dict["param_groups"]
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [
+                _decode_group(g, self.param_groups[i] if i < len(self.param_groups) else None)
+                for i, g in enumerate(groups)
+            ]
+        super().load_state_dict(state_dict)
 
     # -------------------------------------------------------------------- step
     @staticmethod
@@ -335,7 +412,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         (:meth:`~secondorder.curvature.lowrank.LowRankGGN.leading_eigh`), any other the full
         spectrum. Numerically zero eigenvalues are dropped and counted.
         """
-        params, criterion = group["params"], group["criterion"]
+        params = [p for p in group["params"] if p.requires_grad]
+        criterion = group["criterion"]
         D = lowrank.num_columns
         m = getattr(criterion, "num_leading", None)
         if isinstance(m, int) and not isinstance(m, bool) and m >= 1:
@@ -375,7 +453,11 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         for key in _DIAGNOSTICS:
             diag[key] = []
         for gi, (group, slices) in enumerate(zip(self.param_groups, self._group_slices)):
-            params = group["params"]
+            params = [p for p in group["params"] if p.requires_grad]
+            if not params:  # every parameter of the group is frozen
+                for key in _DIAGNOSTICS:
+                    diag[key].append([])
+                continue
             try:
                 lam, U, positions = self._chosen_pairs(lowrank, group, gi)
             except (FloatingPointError, torch.linalg.LinAlgError) as err:

@@ -112,6 +112,13 @@ _PRECONDITIONER_EXPONENT = 0.75  # [M10] §4.7
 _BACKTRACK_GAMMA = 1.3  # [M10] §4.6
 
 
+def _valid_damping(value: Any) -> bool:
+    """Whether a damping state is a finite positive number."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def _same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
     """Whether two batch lists hold the very same tensors (identity, not equality)."""
     if a is b:
@@ -407,6 +414,11 @@ class HessianFree(CurvatureOptimizer):
         self.engine = engine
         self.jacobian_factors = jacobian_factors
 
+    _WARM_START_KEYS = ("x0",)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        self._check_hyperparameters(group)
+
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any]) -> None:
         check_positive("lr", group["lr"])
@@ -466,7 +478,21 @@ class HessianFree(CurvatureOptimizer):
         group = self.param_groups[0]
         if not self.adapt_damping:
             return float(group["damping"])
-        return float(self.global_state.get("damping", group["damping"]))
+        lam = self.global_state.get("damping", group["damping"])
+        if not _valid_damping(lam):  # poisoned: start again from the group's damping
+            self.global_state.pop("damping", None)
+            self.diagnostics["damping_reset"] = True
+            lam = group["damping"]
+        return float(lam)
+
+    def _validate_state_dict(self, state_dict: Any) -> None:
+        super()._validate_state_dict(state_dict)
+        for entry in state_dict["state"].values():
+            if "damping" in entry and not _valid_damping(entry["damping"]):
+                raise ValueError(
+                    f"HessianFree.load_state_dict: the state's damping {entry['damping']!r} is "
+                    "not a finite positive number"
+                )
 
     def _on_reject(self, reason: str) -> None:
         if self.adapt_damping:
@@ -569,7 +595,9 @@ class HessianFree(CurvatureOptimizer):
         diag["time_preconditioner"] = clock() - tic
         tic = clock()
         A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
-        previous = state.get("x0")
+        previous = self._check_warm_start("x0")
+        if not diag["accepted"]:
+            return f0, None
         decay = float(group["cg_decay_x0"])
         x0 = previous * decay if previous is not None and decay > 0 else None
         diag["warm_start"] = x0 is not None

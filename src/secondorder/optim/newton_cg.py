@@ -126,6 +126,11 @@ class NewtonCG(CurvatureOptimizer):
             rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(rank)
 
+    _WARM_START_KEYS = ("cg_x0",)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_cg_group(group)
+
     # -------------------------------------------------------------------- step
     def _damping_operator(self) -> LinearOperator:
         lam = self._group_vector("damping")
@@ -152,7 +157,11 @@ class NewtonCG(CurvatureOptimizer):
         A = C + self._damping_operator()
         M = self.preconditioner(C, self._group_vector("damping")) if self.preconditioner else None
         state = self.global_state
-        x0 = state.get("cg_x0") if self.warm_start else None
+        x0 = None
+        if self.warm_start:
+            x0 = self._check_warm_start("cg_x0")
+            if not self.diagnostics["accepted"]:
+                return loss, None
         s, info = cg(
             A,
             grad,
