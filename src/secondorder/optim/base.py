@@ -62,6 +62,7 @@ from ..curvature.running_stats import (
     running_stat_modules,
     snapshot_running_stats,
 )
+from ..linalg.errors import NonFiniteError
 
 __all__ = [
     "CurvatureOptimizer",
@@ -74,10 +75,6 @@ __all__ = [
 
 CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
 _META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and shapes
-
-
-class NonFiniteError(FloatingPointError):
-    """A step met a NaN/Inf and ``on_nonfinite="raise"`` was requested."""
 
 
 class NonFiniteStepWarning(UserWarning):
