@@ -43,7 +43,7 @@ global batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +157,7 @@ def _row_factor_diagonal(
         def f(*ps: Tensor) -> Tensor:
             return fmodel(ps, single_sample(inputs, dims))
 
-        out, pullback = vjp(f, *params)
+        out, pullback = vjp(f, *params)[:2]
         return vmap(pullback)(cotangents), out  # (mK, *shape) per parameter; (1, *z_i)
 
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
@@ -268,6 +268,32 @@ def _combine(
     return total / count if mean else total
 
 
+@overload
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
+
+
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -339,6 +365,32 @@ def ggn_diagonal(
     return (d, info) if return_info else d
 
 
+@overload
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
+
+
 def empirical_fisher_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -393,6 +445,32 @@ def empirical_fisher_diagonal(
         process_group,
     )
     return (d, info) if return_info else d
+
+
+@overload
+def per_sample_gradient_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def per_sample_gradient_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
 
 
 def per_sample_gradient_diagonal(

@@ -191,6 +191,7 @@ class FunctionalModel:
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.model = model
         named = list(model.named_parameters())  # tied parameters appear once
+        chosen: list[tuple[str, Tensor]]
         if params is None:
             chosen = [(name, p) for name, p in named if p.requires_grad]
         else:
