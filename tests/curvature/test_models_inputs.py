@@ -224,3 +224,58 @@ def test_forward_mode_through_the_functional_model(case):
     assert rel_err(jv.reshape(-1), expected) < RTOL
     with torch.no_grad():  # values without gradient tracking agree with the user's forward
         assert rel_err(fmodel(ps, (X,)), model(X)) < 1e-12
+
+
+def test_groupnorm_hessian_columns_fall_back_to_a_loop():
+    case = next(c for c in CASES if c.name == "groupnorm")
+    model, X, y = setup(case)
+    H = so.Hessian(model, CE, (X, y))
+    assert H.batched_products == "vmap"
+    dense = H.to_dense()  # GroupNorm's double backward has no batching rule
+    assert H.batched_products == "loop"
+    assert rel_err(dense, ref_hessian(model, CE, (X,), y)) < RTOL
+    V = torch.randn(dense.shape[0], 2, dtype=DT)
+    assert rel_err(H @ V, dense @ V) < RTOL
+
+
+class Centered(nn.Module):
+    """Couples the samples outside any known module: subtracts the batch mean of a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, C)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Centered().double(),
+        lambda: (
+            nn.Sequential(
+                nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, C)
+            )
+            .double()
+            .eval()
+        ),
+    ],
+    ids=["batch_mean_in_forward", "bn_without_running_stats"],
+)
+def test_coupled_samples_take_the_batch_path(make):
+    torch.manual_seed(0)
+    model = make()
+    X, y = torch.randn(N, 3, dtype=DT), torch.randint(0, C, (N,))
+    G = ref_ggn(model, CE, (X,), y)
+    d, info = so.ggn_diagonal(model, CE, (X, y), return_info=True)
+    assert info.paths == ["batch"], info.reasons
+    assert rel_err(d, G.diagonal()) < RTOL
+    d, info = so.empirical_fisher_diagonal(model, CE, (X, y), return_info=True)
+    assert info.paths == ["batch"]
+    assert rel_err(d, ref_empirical_fisher_ce(model, (X,), y).diagonal()) < RTOL
+    d, info = per_sample_gradient_diagonal(model, CE, (X, y), return_info=True)
+    assert info.paths == ["batch"]
+    assert rel_err(d, ref_empirical_fisher_ce(model, (X,), y).diagonal()) < RTOL
