@@ -13,9 +13,12 @@ with :math:`J_r = \partial z_r / \partial \theta` and :math:`\odot 2` the elemen
 term is one vector-Jacobian product of a single sample's outputs. They are computed with
 :mod:`torch.func`: a ``vmap`` over the samples of a ``vmap`` over the cotangents of one
 :func:`torch.func.vjp` of the model called (through :func:`torch.func.functional_call`) on that
-sample alone, so any ``nn.Module`` whose samples do not interact works (BatchNorm must be in
-eval mode; Dropout off). The cost is about :math:`C` gradients for the GGN diagonal and one for the
-empirical-Fisher diagonal, in chunks of samples that bound the memory.
+sample alone. The cost is about :math:`C` gradients for the GGN diagonal and one for the
+empirical-Fisher diagonal, in chunks of samples that bound the memory. Where the samples
+interact (BatchNorm with batch statistics, Dropout in training mode, a forward that mixes
+samples) or ``vmap`` has no rule for a layer (GRU, LSTM), the products are taken through the
+whole batch instead (:mod:`.per_sample`, which also defines the per-row quantities for coupled
+samples); the result is the same diagonal of the operator, at about :math:`N` times the cost.
 
 **Kronecker fast path.** When the model is an ``nn.Sequential`` whose selected parameters all
 belong to ``nn.Linear`` layers with inputs of shape ``(N, d)`` (one row per sample, no tied
@@ -318,7 +321,7 @@ def ggn_diagonal(
     with :func:`torch.func.vmap`).
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
             ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
@@ -413,7 +416,7 @@ def empirical_fisher_diagonal(
     outputs, where every position is a row). Costs about one gradient.
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
             ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
@@ -485,8 +488,10 @@ def per_sample_gradient_diagonal(
 ) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""Diagonal of the empirical Fisher of per-sample losses, for any loss callable.
 
-    With :math:`l_i(\theta)` = ``loss_fn(model(x_i[None]), y_i[None])``, the loss of sample
-    :math:`i` evaluated alone,
+    With :math:`l_i(\theta)` = ``loss_fn(z[i:i+1], y[i:i+1])``, the loss of row :math:`i` of
+    the outputs ``z`` of the whole batch (for samples that do not interact, the loss of sample
+    :math:`i` evaluated alone, ``loss_fn(model(x_i[None]), y_i[None])``, which is how it is
+    computed then; see :mod:`.per_sample`),
 
     .. math::
         d = \frac{1}{N} \sum_{i=1}^N \big(\nabla_\theta l_i\big)^{\odot 2}
@@ -500,7 +505,7 @@ def per_sample_gradient_diagonal(
     without the batch's leading dimension (or not tensors) are passed unchanged to every sample.
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent.
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         params: Optional subset of the model's parameters (default: all with requires_grad).
