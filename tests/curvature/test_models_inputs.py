@@ -138,15 +138,32 @@ def test_low_rank_ggn(case):
     assert rel_err(lr.to_dense(), seeded(lambda: ref_ggn(model, CE, (X,), y))) < RTOL
 
 
-def test_user_kernel_settings_restored():
-    """Curvature passes switch attention kernels only inside the library's calls."""
+def _kernel_state():
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    return _cur_sdpa_kernel_backends(), torch.backends.mha.get_fastpath_enabled()
+
+
+def test_kernel_settings_switched_only_inside_library_calls():
+    """The math kernel and no fast path inside; the user's settings restored after, always."""
+    from torch.nn.attention import SDPBackend
+
+    from secondorder.curvature.attention import differentiable_attention
+
+    before = _kernel_state()
+    with differentiable_attention():
+        assert _kernel_state() == ([SDPBackend.MATH], False)
+        with differentiable_attention():  # nested: unchanged inside and after
+            assert _kernel_state() == ([SDPBackend.MATH], False)
+        assert _kernel_state() == ([SDPBackend.MATH], False)
+    assert _kernel_state() == before
+    with pytest.raises(KeyError), differentiable_attention():
+        raise KeyError
+    assert _kernel_state() == before
     case = CASES[1]  # eval-mode encoder layer: fast path and flash kernel by default
     model, X, y = setup(case)
-    fast = torch.backends.mha.get_fastpath_enabled()
-    so.Hessian(model, CE, (X, y))
-    assert torch.backends.mha.get_fastpath_enabled() == fast
-    with torch.no_grad():  # the user's own forward still runs (fast path allowed)
-        model(X)
+    so.Hessian(model, CE, (X, y)) @ torch.ones(sum(p.numel() for p in trainable(model)), dtype=DT)
+    assert _kernel_state() == before
 
 
 # ---------------------------------------------------------------------------- optimizers

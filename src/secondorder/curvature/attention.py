@@ -25,63 +25,77 @@ so attention works as the user wrote it without the user naming a kernel. Outsid
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 __all__ = ["differentiable_attention"]
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # pragma: no cover - torch without torch.nn.attention
-    SDPBackend = None  # type: ignore[assignment,misc]
-    sdpa_kernel = None  # type: ignore[assignment]
 
-_depth = 0  # nesting depth: only the outermost block switches the (process-wide) flags
+def _kernel_flags() -> list[tuple[Any, Any, bool]] | None:
+    """``(get, set, wanted)`` for each scaled-dot-product-attention backend flag, or ``None``.
 
-
-def _fastpath_enabled() -> bool:
-    mha = getattr(torch.backends, "mha", None)
-    return bool(mha.get_fastpath_enabled()) if mha is not None else False
-
-
-def _set_fastpath(enabled: bool) -> None:
-    mha = getattr(torch.backends, "mha", None)
-    if mha is not None:
-        mha.set_fastpath_enabled(enabled)
+    The same flags :func:`torch.nn.attention.sdpa_kernel` sets, read and written directly
+    (a tenth of its cost): the math kernel on, every fused kernel off.
+    """
+    names = {"cudnn": False, "flash": False, "mem_efficient": False, "overrideable": False}
+    names["math"] = True
+    try:
+        return [
+            (getattr(torch._C, f"_get_{n}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{n}"), w)
+            for n, w in names.items()
+        ]
+    except AttributeError:  # pragma: no cover - another torch: no switch (first-order only)
+        return None
 
 
-@contextlib.contextmanager
-def differentiable_attention() -> Iterator[None]:
-    """Run the block with the math attention kernel and without the fused attention fast paths.
+_FLAGS = _kernel_flags()
+_MHA = getattr(torch.backends, "mha", None)
+
+
+class _DifferentiableAttention:
+    """Context manager behind :func:`differentiable_attention` (reentrant, restores on exit)."""
+
+    def __init__(self) -> None:
+        self._depth = 0  # only the outermost block switches the (process-wide) flags
+        self._saved: list[bool] = []
+        self._fastpath = False
+
+    def __enter__(self) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
+        if _FLAGS is not None:
+            self._saved = [get() for get, _, _ in _FLAGS]
+            for (_, set_, wanted), now in zip(_FLAGS, self._saved):
+                if now != wanted:
+                    set_(wanted)
+        self._fastpath = bool(_MHA.get_fastpath_enabled()) if _MHA is not None else False
+        if self._fastpath:
+            _MHA.set_fastpath_enabled(False)  # type: ignore[union-attr]
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        if _FLAGS is not None:
+            for (_, set_, wanted), before in zip(_FLAGS, self._saved):
+                if before != wanted:
+                    set_(before)
+        if self._fastpath:
+            _MHA.set_fastpath_enabled(True)  # type: ignore[union-attr]
+
+
+_CONTEXT = _DifferentiableAttention()
+
+
+def differentiable_attention() -> _DifferentiableAttention:
+    """Run a ``with`` block with the math attention kernel and without the fused fast paths.
 
     Nested blocks cost nothing; the previous settings are restored when the outermost block
     exits (also on an exception).
 
-    Yields:
-        None.
+    Returns:
+        The context manager.
     """
-    global _depth
-    if _depth > 0:
-        _depth += 1
-        try:
-            yield
-        finally:
-            _depth -= 1
-        return
-    fastpath = _fastpath_enabled()
-    kernel = sdpa_kernel([SDPBackend.MATH]) if sdpa_kernel is not None else None
-    _depth += 1
-    try:
-        if fastpath:
-            _set_fastpath(False)
-        if kernel is not None:
-            with kernel:
-                yield
-        else:  # pragma: no cover
-            yield
-    finally:
-        _depth -= 1
-        if fastpath:
-            _set_fastpath(True)
+    return _CONTEXT
