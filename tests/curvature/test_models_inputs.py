@@ -172,7 +172,9 @@ def _flat(model):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.random], ids=lambda c: c.name)
-@pytest.mark.parametrize("kind", ["gauss_newton", "newton_hessian", "natural_gradient"])
+@pytest.mark.parametrize(
+    "kind", ["gauss_newton", "newton_hessian", "natural_gradient", "block_newton"]
+)
 def test_newton_cg_step_against_dense(case, kind):
     model, X, y = setup(case)
     if kind == "newton_hessian":
@@ -183,9 +185,14 @@ def test_newton_cg_step_against_dense(case, kind):
         damping = 0.1
         A = ref_ggn(model, CE, (X,), y)
     g = ref_gradient(model, CE, (X,), y)
+    if kind == "block_newton":  # one system per parameter tensor
+        mask = torch.block_diag(*[torch.ones(p.numel(), p.numel()) for p in trainable(model)])
+        A = A * mask
     expected = _flat(model) - torch.linalg.solve(A + damping * torch.eye(len(g), dtype=DT), g)
     kw = dict(lr=1.0, damping=damping, cg_rtol=1e-13, cg_maxiter=2000)
-    if kind == "gauss_newton":
+    if kind == "block_newton":
+        opt = so.BlockDiagonalNewtonCG(model, CE, cg_atol=0.0, **kw)
+    elif kind == "gauss_newton":
         opt = so.GaussNewton(model, CE, **kw)
     elif kind == "newton_hessian":
         opt = so.NewtonCG(model, CE, curvature="hessian", **kw)
