@@ -303,3 +303,24 @@ def test_coupled_samples_take_the_batch_path(make):
     d, info = per_sample_gradient_diagonal(model, CE, (X, y), return_info=True)
     assert info.paths == ["batch"]
     assert rel_err(d, ref_empirical_fisher_ce(model, (X,), y).diagonal()) < RTOL
+
+
+@pytest.mark.parametrize("op_cls", [so.GGN, so.Hessian])
+def test_batched_products_without_batching_rule_loop_over_columns(op_cls, monkeypatch):
+    """A backward without a batching rule: products with several columns loop, exactly."""
+    case = next(c for c in CASES if c.name == "tel_train")
+    model, X, y = setup(case)
+    dense = (ref_ggn if op_cls is so.GGN else ref_hessian)(model, CE, (X,), y)
+    op = op_cls(model, CE, (X, y))
+    real = torch.autograd.grad
+
+    def no_batching_rule(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    V = torch.randn(dense.shape[0], 3, dtype=DT)
+    assert rel_err(op @ V, dense @ V) < RTOL
+    owner = op if op_cls is so.Hessian else op._states[0][0].lin
+    assert owner.batched_products == "loop"
