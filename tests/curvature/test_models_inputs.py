@@ -324,3 +324,36 @@ def test_batched_products_without_batching_rule_loop_over_columns(op_cls, monkey
     assert rel_err(op @ V, dense @ V) < RTOL
     owner = op if op_cls is so.Hessian else op._states[0][0].lin
     assert owner.batched_products == "loop"
+
+
+class PaddedEncoder(nn.Module):
+    """A two-layer nn.TransformerEncoder (nested-tensor fast path in eval) with a padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, 0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = nn.Linear(4, C)
+
+    def forward(self, x, pad):
+        h = self.enc(x, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_encoder_with_padding_mask(mode):
+    torch.manual_seed(0)
+    model = getattr(PaddedEncoder().double(), mode)()
+    X = torch.randn(N, 4, 4, dtype=DT)
+    pad = torch.zeros(N, 4, dtype=torch.bool)
+    pad[0, 3] = True
+    pad[1, 2:] = True
+    y = torch.randint(0, C, (N,))
+    data = ((X, pad), y)
+    G = ref_ggn(model, CE, (X, pad), y)
+    H = ref_hessian(model, CE, (X, pad), y)
+    assert rel_err(so.Hessian(model, CE, data).to_dense(), H) < RTOL
+    assert rel_err(so.GGN(model, CE, data).to_dense(), G) < RTOL
+    d, info = so.ggn_diagonal(model, CE, data, return_info=True)
+    assert info.paths == ["vmap"] and rel_err(d, G.diagonal()) < RTOL
