@@ -9,6 +9,7 @@ from .hessian import Hessian
 from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
 from .pch import PCH
+from .per_sample import DiagonalInfo
 
 __all__ = [
     "PCH",
@@ -16,6 +17,7 @@ __all__ = [
     "GGN",
     "Batch",
     "CurvatureOperator",
+    "DiagonalInfo",
     "Fisher",
     "FunctionalModel",
     "Hessian",

@@ -13,9 +13,12 @@ with :math:`J_r = \partial z_r / \partial \theta` and :math:`\odot 2` the elemen
 term is one vector-Jacobian product of a single sample's outputs. They are computed with
 :mod:`torch.func`: a ``vmap`` over the samples of a ``vmap`` over the cotangents of one
 :func:`torch.func.vjp` of the model called (through :func:`torch.func.functional_call`) on that
-sample alone, so any ``nn.Module`` whose samples do not interact works (BatchNorm must be in
-eval mode; Dropout off). The cost is about :math:`C` gradients for the GGN diagonal and one for the
-empirical-Fisher diagonal, in chunks of samples that bound the memory.
+sample alone. The cost is about :math:`C` gradients for the GGN diagonal and one for the
+empirical-Fisher diagonal, in chunks of samples that bound the memory. Where the samples
+interact (BatchNorm with batch statistics, Dropout in training mode, a forward that mixes
+samples) or ``vmap`` has no rule for a layer (GRU, LSTM), the products are taken through the
+whole batch instead (:mod:`.per_sample`, which also defines the per-row quantities for coupled
+samples); the result is the same diagonal of the operator, at about :math:`N` times the cost.
 
 **Kronecker fast path.** When the model is an ``nn.Sequential`` whose selected parameters all
 belong to ``nn.Linear`` layers with inputs of shape ``(N, d)`` (one row per sample, no tied
@@ -43,7 +46,7 @@ global batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -53,9 +56,24 @@ from .base import allreduce_sum
 from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
+from .per_sample import (
+    DiagonalInfo,
+    batch_factor_squares,
+    batch_loss_gradient_squares,
+    coupling,
+    outputs_agree,
+    sample_dims,
+    single_sample,
+    take_samples,
+)
 from .probes import ProbedForward, probed_forward
 
-__all__ = ["empirical_fisher_diagonal", "ggn_diagonal", "per_sample_gradient_diagonal"]
+__all__ = [
+    "DiagonalInfo",
+    "empirical_fisher_diagonal",
+    "ggn_diagonal",
+    "per_sample_gradient_diagonal",
+]
 
 # elements of the largest intermediate (samples x columns x parameters) of one vmap call
 _CHUNK_ELEMENTS = 2**22
@@ -78,21 +96,9 @@ def _check_chunk(chunk_size: Any) -> None:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
-def _sample_dims(batch: Batch, n: int) -> tuple[int | None, ...]:
-    """``0`` for inputs with the batch's leading dimension ``n`` (vmapped), ``None`` otherwise."""
-    return tuple(
-        0 if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == n else None
-        for x in batch.inputs
-    )
-
-
 def _chunks(n: int, per_sample: int, chunk_size: int | None) -> list[tuple[int, int]]:
     step = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
     return [(a, min(a + step, n)) for a in range(0, n, step)]
-
-
-def _take(values: tuple[Any, ...], dims: tuple[int | None, ...], a: int, b: int) -> tuple[Any, ...]:
-    return tuple(v[a:b] if d == 0 else v for v, d in zip(values, dims))
 
 
 def _row_factor_diagonal(
@@ -101,12 +107,18 @@ def _row_factor_diagonal(
     batch: Batch,
     factor: Callable[[LossTerms], Tensor],
     chunk_size: int | None,
+    info: DiagonalInfo,
 ) -> tuple[Tensor, float]:
     r""":math:`\sum_r \sum_c (J_r^\top F_r[:, c])^{\odot 2}` on one batch, and the scale :math:`s`.
 
     ``factor(terms)`` returns :math:`F` of shape ``(R, C, K)`` (rows, output entries per row,
-    columns); rows are ordered sample-major, ``R = N m`` with ``m`` rows per sample.
+    columns); rows are ordered sample-major, ``R = N m`` with ``m`` rows per sample. The path
+    taken (:mod:`.per_sample`) is appended to ``info``.
     """
+    coupled = coupling(fmodel.model)
+    if coupled is not None:  # samples interact: only the batch path is exact
+        info.record("batch", coupled)
+        return batch_factor_squares(fmodel, loss_fn, batch, factor, chunk_size)
     n = batch.size
     params = [p.detach() for p in fmodel.params]
     probed = _kron_forward(fmodel, batch)  # the Kronecker path's forward serves both
@@ -134,6 +146,7 @@ def _row_factor_diagonal(
     if m == 1 and probed is not None:
         fast = _kron_diagonal(fmodel, probed, terms, S)
         if fast is not None:
+            info.record("kronecker")
             return fast, terms.scale
     # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
     # row j of sample i and zeros elsewhere; built for the whole batch via from_rows
@@ -141,20 +154,32 @@ def _row_factor_diagonal(
     blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
     cot = terms.from_rows(blocks.reshape(m * K, n * m, C)).movedim(1, 0)  # (N, mK, *z_i)
     cot = cot.reshape(n, m * K, 1, *z.shape[1:])
-    dims = _sample_dims(batch, n)
+    dims = sample_dims(batch.inputs, n)
 
-    def one_sample(inputs: tuple[Any, ...], cotangents: Tensor) -> tuple[Tensor, ...]:
+    def one_sample(inputs: tuple[Any, ...], cotangents: Tensor) -> tuple[Any, Tensor]:
         def f(*ps: Tensor) -> Tensor:
-            xs = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(inputs, dims))
-            return fmodel(ps, xs)
+            return fmodel(ps, single_sample(inputs, dims))
 
-        pullback = vjp(f, *params)[1]
-        return vmap(pullback)(cotangents)  # (mK, *shape) per parameter
+        out, pullback = vjp(f, *params)[:2]
+        return vmap(pullback)(cotangents), out  # (mK, *shape) per parameter; (1, *z_i)
 
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
-    for a, b in _chunks(n, m * K * fmodel.dim, chunk_size):
-        grads = vmap(one_sample, in_dims=(dims, 0))(_take(batch.inputs, dims, a, b), cot[a:b])
-        _accumulate_squares(total, grads, fmodel.numels)
+    reason = None
+    try:
+        for a, b in _chunks(n, m * K * fmodel.dim, chunk_size):
+            grads, outs = vmap(one_sample, in_dims=(dims, 0))(
+                take_samples(batch.inputs, dims, a, b), cot[a:b]
+            )
+            if not outputs_agree(outs.reshape(z[a:b].shape), z[a:b]):
+                reason = "the outputs of samples evaluated alone differ from the batch's"
+                break
+            _accumulate_squares(total, grads, fmodel.numels)
+    except (RuntimeError, ValueError, NotImplementedError) as err:  # no per-sample vmap rule
+        reason = f"per-sample vmap failed ({type(err).__name__}: {str(err)[:200]})"
+    if reason is not None:
+        info.record("batch", reason)
+        return batch_factor_squares(fmodel, loss_fn, batch, factor, chunk_size)
+    info.record("vmap")
     return total, terms.scale
 
 
@@ -246,6 +271,32 @@ def _combine(
     return total / count if mean else total
 
 
+@overload
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
+
+
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -254,7 +305,8 @@ def ggn_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
-) -> Tensor:
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""The exact diagonal of the generalised Gauss-Newton matrix (= exact Fisher) for core losses.
 
     .. math::
@@ -269,7 +321,7 @@ def ggn_diagonal(
     with :func:`torch.func.vmap`).
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
             ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
@@ -278,9 +330,13 @@ def ggn_diagonal(
             ``samples x columns x parameters`` below :math:`2^{22}` elements).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
+            naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
+            ``"batch"`` fallback) and why.
 
     Returns:
-        The diagonal, shape ``(n,)`` in the order of the flat parameter vector.
+        The diagonal, shape ``(n,)`` in the order of the flat parameter vector (with
+        ``return_info``, the pair ``(diagonal, info)``).
 
     Raises:
         ValueError: For a loss without a likelihood, outputs without a batch dimension, no
@@ -300,14 +356,42 @@ def ggn_diagonal(
     _check_likelihood(loss_fn, "ggn_diagonal")
     _check_chunk(chunk_size)
     fmodel = FunctionalModel(model, params)
-    return _combine(
+    info = DiagonalInfo()
+    d = _combine(
         loss_fn,
         data,
         lambda b: _row_factor_diagonal(
-            fmodel, loss_fn, b, lambda t: t.symmetric_factor(), chunk_size
+            fmodel, loss_fn, b, lambda t: t.symmetric_factor(), chunk_size, info
         ),
         process_group,
     )
+    return (d, info) if return_info else d
+
+
+@overload
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
 
 
 def empirical_fisher_diagonal(
@@ -318,7 +402,8 @@ def empirical_fisher_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
-) -> Tensor:
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""The exact diagonal of the empirical Fisher, the scaled sum of squared per-row gradients.
 
     .. math::
@@ -331,7 +416,7 @@ def empirical_fisher_diagonal(
     outputs, where every position is a row). Costs about one gradient.
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``nn.CrossEntropyLoss`` (no class weights), ``nn.MSELoss`` or
             ``nn.BCEWithLogitsLoss`` (no weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
@@ -339,9 +424,12 @@ def empirical_fisher_diagonal(
         chunk_size: Samples per vectorised call (default: automatic, see :func:`ggn_diagonal`).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
+            naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
+            ``"batch"`` fallback) and why.
 
     Returns:
-        The diagonal, shape ``(n,)``.
+        The diagonal, shape ``(n,)`` (with ``return_info``, the pair ``(diagonal, info)``).
 
     Raises:
         ValueError: For a loss without a likelihood, outputs without a batch dimension, no
@@ -350,14 +438,42 @@ def empirical_fisher_diagonal(
     _check_likelihood(loss_fn, "empirical_fisher_diagonal")
     _check_chunk(chunk_size)
     fmodel = FunctionalModel(model, params)
-    return _combine(
+    info = DiagonalInfo()
+    d = _combine(
         loss_fn,
         data,
         lambda b: _row_factor_diagonal(
-            fmodel, loss_fn, b, lambda t: t.per_row_gradients().unsqueeze(-1), chunk_size
+            fmodel, loss_fn, b, lambda t: t.per_row_gradients().unsqueeze(-1), chunk_size, info
         ),
         process_group,
     )
+    return (d, info) if return_info else d
+
+
+@overload
+def per_sample_gradient_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def per_sample_gradient_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    params: Sequence[Tensor] | None = ...,
+    chunk_size: int | None = ...,
+    process_group: Any = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, DiagonalInfo]: ...
 
 
 def per_sample_gradient_diagonal(
@@ -368,11 +484,14 @@ def per_sample_gradient_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
-) -> Tensor:
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""Diagonal of the empirical Fisher of per-sample losses, for any loss callable.
 
-    With :math:`l_i(\theta)` = ``loss_fn(model(x_i[None]), y_i[None])``, the loss of sample
-    :math:`i` evaluated alone,
+    With :math:`l_i(\theta)` = ``loss_fn(z[i:i+1], y[i:i+1])``, the loss of row :math:`i` of
+    the outputs ``z`` of the whole batch (for samples that do not interact, the loss of sample
+    :math:`i` evaluated alone, ``loss_fn(model(x_i[None]), y_i[None])``, which is how it is
+    computed then; see :mod:`.per_sample`),
 
     .. math::
         d = \frac{1}{N} \sum_{i=1}^N \big(\nabla_\theta l_i\big)^{\odot 2}
@@ -386,16 +505,19 @@ def per_sample_gradient_diagonal(
     without the batch's leading dimension (or not tensors) are passed unchanged to every sample.
 
     Args:
-        model: Any ``nn.Module`` whose samples are independent.
+        model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         params: Optional subset of the model's parameters (default: all with requires_grad).
         chunk_size: Samples per vectorised call (default: automatic).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
+            naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
+            ``"batch"`` fallback) and why.
 
     Returns:
-        The diagonal, shape ``(n,)``.
+        The diagonal, shape ``(n,)`` (with ``return_info``, the pair ``(diagonal, info)``).
 
     Raises:
         ValueError: For an invalid ``chunk_size``, no batch at all, or a loss returning a
@@ -404,30 +526,59 @@ def per_sample_gradient_diagonal(
     _check_chunk(chunk_size)
     fmodel = FunctionalModel(model, params)
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    info = DiagonalInfo()
 
     def per_batch(batch: Batch) -> tuple[Tensor, float]:
         n = batch.size
-        dims = _sample_dims(batch, n)
+        coupled = coupling(fmodel.model)
+        if coupled is not None:  # samples interact: per-row losses of the batch's outputs
+            info.record("batch", coupled)
+            total = batch_loss_gradient_squares(fmodel, loss_fn, batch, chunk_size)
+            return total / n if mean else total, 1.0
+        dims = sample_dims(batch.inputs, n)
         t = batch.targets
         tdim = 0 if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == n else None
         params_ = [p.detach() for p in fmodel.params]
 
-        def one_sample(inputs: tuple[Any, ...], target: Any) -> tuple[Tensor, ...]:
-            def loss(ps: list[Tensor]) -> Tensor:
-                xs = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(inputs, dims))
-                value = loss_fn(fmodel(ps, xs), target.unsqueeze(0) if tdim == 0 else target)
+        def one_sample(inputs: tuple[Any, ...], target: Any) -> tuple[tuple[Tensor, ...], Any]:
+            def loss(ps: list[Tensor]) -> tuple[Tensor, Any]:
+                out = fmodel(ps, single_sample(inputs, dims))
+                value = loss_fn(out, target.unsqueeze(0) if tdim == 0 else target)
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     raise ValueError(f"loss_fn {loss_fn!r} must return a scalar tensor")
-                return value.reshape(())
+                return value.reshape(()), out
 
-            return tuple(grad(loss)(params_))
+            grads, out = grad(loss, has_aux=True)(params_)
+            return tuple(grads), out
 
+        with torch.no_grad():
+            z = fmodel(params_, batch.inputs)
+        check = isinstance(z, Tensor) and z.ndim > 0 and z.shape[0] == n
         total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
-        for a, b in _chunks(n, fmodel.dim, chunk_size):
-            tb = t[a:b] if tdim == 0 else t
-            grads = vmap(one_sample, in_dims=(dims, tdim))(_take(batch.inputs, dims, a, b), tb)
-            _accumulate_squares(total, grads, fmodel.numels)
+        reason = None
+        try:
+            for a, b in _chunks(n, fmodel.dim, chunk_size):
+                tb = t[a:b] if tdim == 0 else t
+                grads, outs = vmap(one_sample, in_dims=(dims, tdim))(
+                    take_samples(batch.inputs, dims, a, b), tb
+                )
+                if check and not (
+                    isinstance(outs, Tensor)
+                    and outs.numel() == z[a:b].numel()
+                    and outputs_agree(outs.reshape(z[a:b].shape), z[a:b])
+                ):
+                    reason = "the outputs of samples evaluated alone differ from the batch's"
+                    break
+                _accumulate_squares(total, grads, fmodel.numels)
+        except (RuntimeError, NotImplementedError) as err:  # no per-sample vmap rule
+            reason = f"per-sample vmap failed ({type(err).__name__}: {str(err)[:200]})"
+        if reason is not None:
+            info.record("batch", reason)
+            total = batch_loss_gradient_squares(fmodel, loss_fn, batch, chunk_size)
+        else:
+            info.record("vmap")
         # _combine multiplies by N_b (mean) and divides by N: d = (1/N) sum_i
         return total / n if mean else total, 1.0
 
-    return _combine(loss_fn, data, per_batch, process_group)
+    d = _combine(loss_fn, data, per_batch, process_group)
+    return (d, info) if return_info else d

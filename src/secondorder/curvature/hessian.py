@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
-from .linearization import backward_into
+from .linearization import backward_into, batched_grad
 from .losses import _check_scalar
 from .mlp_hessian import MLPHessian, mlp_layers
 from .model import Batch
@@ -23,6 +23,20 @@ class _HessianState:
     leaves: list[Tensor]
     grad: list[Tensor | None]
     loss: Tensor
+
+
+def _loss_of(loss_fn: Any, out: Any, targets: Any) -> Any:
+    """``loss_fn(out, targets)``; a loss that fails on a non-tensor output gets a clear error."""
+    if isinstance(out, Tensor):
+        return loss_fn(out, targets)
+    try:
+        return loss_fn(out, targets)
+    except (TypeError, AttributeError) as err:
+        raise TypeError(
+            f"the model must return a tensor, got {type(out).__name__} (the loss {loss_fn!r} "
+            f"failed on it: {err}); return the outputs the loss takes, or a loss that takes "
+            f"the {type(out).__name__}"
+        ) from err
 
 
 class Hessian(CurvatureOperator):
@@ -45,6 +59,11 @@ class Hessian(CurvatureOperator):
     """
 
     IS_PSD = False
+    #: How products with several columns (``H @ V``, ``to_dense``) ran: ``"vmap"``, one batched
+    #: backward (``is_grads_batched``), or ``"loop"``, one backward per column, the fallback for
+    #: double backwards without a batching rule (e.g. GroupNorm's); the hand-written MLP path
+    #: loops over columns as well.
+    batched_products: str = "vmap"
 
     def _prepare(self, batch: Batch) -> _HessianState | MLPHessian:
         # a TorchFunctionMode (e.g. positive_curvature_mode) may change the recorded graph's
@@ -57,7 +76,7 @@ class Hessian(CurvatureOperator):
         leaves = self.fmodel.leaves()
         with torch.enable_grad():
             out = self.fmodel(leaves, batch.inputs)
-            loss = self.loss_fn(out, batch.targets)
+            loss = _loss_of(self.loss_fn, out, batch.targets)
             _check_scalar(loss, self.loss_fn)
             grad = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return _HessianState(leaves, list(grad), loss.detach())
@@ -87,9 +106,7 @@ class Hessian(CurvatureOperator):
         ]
         if not outs:
             return zeros
-        grads = torch.autograd.grad(
-            outs, wrt, tans, retain_graph=True, allow_unused=True, is_grads_batched=batched
-        )
+        grads = batched_grad(self, outs, wrt, tans, batched)
         return [g if g is not None else z for g, z in zip(grads, zeros)]
 
     def _apply_mlp(

@@ -32,6 +32,8 @@ __all__ = [
     "AutogradLinearization",
     "SequentialLinearization",
     "backward_into",
+    "batched_grad",
+    "grad_columns",
     "linearize",
     "sequential_layers",
 ]
@@ -45,6 +47,9 @@ class Linearization:
     z: Tensor
     leaves: list[Tensor]
     _z_graph: Tensor
+    #: ``"vmap"`` (batched products in one backward) or ``"loop"`` (one backward per column,
+    #: after a batched backward without a batching rule raised)
+    batched_products: str = "vmap"
 
     def jvp(self, tangents: Tangents, batched: bool = False) -> Tensor | None:
         """Return :math:`Jv` (shape of ``z``, or ``(K, *z.shape)`` when batched)."""
@@ -65,14 +70,7 @@ class Linearization:
         """
         idx = range(len(self.leaves)) if indices is None else indices
         wrt = [self.leaves[i] for i in idx]
-        grads = torch.autograd.grad(
-            self._z_graph,
-            wrt,
-            cotangent,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+        grads = batched_grad(self, [self._z_graph], wrt, [cotangent], batched)
         lead = cotangent.shape[:1] if batched else ()
         return [
             g if g is not None else torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)
@@ -94,6 +92,72 @@ class Linearization:
         """
         wrt = self.leaves if indices is None else [self.leaves[i] for i in indices]
         backward_into(self._z_graph, cotangent, wrt, out)
+
+
+def grad_columns(
+    outputs: Sequence[Tensor], wrt: Sequence[Tensor], cotangents: Sequence[Tensor]
+) -> list[Tensor | None]:
+    """``torch.autograd.grad(..., is_grads_batched=True)`` computed one column at a time.
+
+    The fallback for backward passes without a batching rule (e.g. GroupNorm's double
+    backward).
+
+    Args:
+        outputs: Tensors to differentiate (graphs retained).
+        wrt: Tensors to differentiate with respect to.
+        cotangents: One per output, each with a leading column dimension ``K``.
+
+    Returns:
+        One ``(K, *shape)`` tensor per entry of ``wrt`` (``None`` where unused).
+    """
+    K = cotangents[0].shape[0]
+    columns = [
+        torch.autograd.grad(
+            outputs, wrt, [c[k] for c in cotangents], retain_graph=True, allow_unused=True
+        )
+        for k in range(K)
+    ]
+    stacked: list[Tensor | None] = []
+    for i in range(len(wrt)):
+        parts = [col[i] for col in columns]
+        stacked.append(None if any(p is None for p in parts) else torch.stack(parts))  # type: ignore[misc]
+    return stacked
+
+
+def batched_grad(
+    owner: Any,
+    outputs: Sequence[Tensor],
+    wrt: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    batched: bool,
+) -> Sequence[Tensor | None]:
+    """A retained ``torch.autograd.grad``; batched columns fall back to a loop where needed.
+
+    A batched call that raises (no batching rule for a backward) is repeated one column at a
+    time, and ``owner.batched_products`` is set to ``"loop"`` so later calls loop at once.
+
+    Args:
+        owner: Object carrying the ``batched_products`` flag (``"vmap"`` or ``"loop"``).
+        outputs: Tensors to differentiate.
+        wrt: Tensors to differentiate with respect to.
+        cotangents: One per output (with a leading column dimension when ``batched``).
+        batched: Whether the cotangents carry a column dimension.
+
+    Returns:
+        The gradients (``None`` where unused).
+    """
+    if batched and getattr(owner, "batched_products", "vmap") == "loop":
+        return grad_columns(outputs, wrt, cotangents)
+    try:
+        return torch.autograd.grad(
+            outputs, wrt, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=batched
+        )
+    except RuntimeError:
+        if not batched:
+            raise
+        grads = grad_columns(outputs, wrt, cotangents)
+        owner.batched_products = "loop"
+        return grads
 
 
 def backward_into(
@@ -135,7 +199,10 @@ class AutogradLinearization(Linearization):
         with torch.enable_grad():
             z = fmodel(leaves, inputs)
             if not isinstance(z, Tensor):
-                raise TypeError(f"the model must return a tensor, got {type(z).__name__}")
+                raise TypeError(
+                    f"the model must return a tensor, got {type(z).__name__}; wrap it in a "
+                    "module whose forward returns the outputs the loss takes"
+                )
             self._z_graph = z
             self.z = z.detach()
             self._w = torch.zeros_like(self.z, requires_grad=True)
@@ -150,9 +217,7 @@ class AutogradLinearization(Linearization):
                 tans.append(t)
         if not outs:
             return None
-        (jv,) = torch.autograd.grad(
-            outs, self._w, tans, retain_graph=True, allow_unused=True, is_grads_batched=batched
-        )
+        (jv,) = batched_grad(self, outs, [self._w], tans, batched)
         return jv
 
 

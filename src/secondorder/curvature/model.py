@@ -4,17 +4,31 @@ r"""The model as a pure function of its parameters, and the data it is evaluated
 once, parameters without ``requires_grad`` left out), flattens them into the vector
 :math:`\theta \in \mathbb{R}^n` that curvature operators act on, and calls the module through
 :func:`torch.func.functional_call` with other values for them. Unflattening is a view.
+
+**Data.** ``data`` is one batch ``(inputs, targets)`` or an iterable of batches
+(:func:`as_batches`). ``inputs`` is a tensor, a tuple or list of model arguments (the model is
+called as ``model(*inputs)``), or a mapping such as a Hugging-Face style
+``{"input_ids": ..., "attention_mask": ...}``, which is passed as the model's one positional
+argument, ``model(inputs)`` (wrap a model that takes keyword arguments in a module whose
+``forward(inputs)`` calls ``model(**inputs)``). ``targets`` is whatever the loss takes as its
+second argument (a tensor, a tuple of tensors, ...). A pair is read as one batch unless both its
+elements could be batches themselves (pairs), see :func:`as_batches`; :class:`Batch` says it
+without ambiguity. A batch holds at least one sample: the leading dimension of its first
+tensor input (or of its targets) is its size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
+
+from .attention import differentiable_attention
 
 try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
     _unflatten_views: Any = torch._C._nn.unflatten_dense_tensors
@@ -29,7 +43,7 @@ class Batch:
     """One batch: the model is called as ``model(*inputs)`` and the loss as ``loss(out, targets)``.
 
     Attributes:
-        inputs: The positional inputs of the model.
+        inputs: The positional inputs of the model (a mapping is one positional input).
         targets: The targets handed to the loss.
     """
 
@@ -38,44 +52,81 @@ class Batch:
 
     @property
     def size(self) -> int:
-        """Number of samples: the leading dimension of the first input tensor."""
-        for x in self.inputs:
+        """Number of samples: the leading dimension of the first tensor in the inputs.
+
+        Tensors nested in tuples, lists or mappings count; without an input tensor of at least
+        one dimension, the targets' leading dimension, else 1 (an objective without data).
+        """
+        for x in tree_leaves(self.inputs):
             if isinstance(x, Tensor) and x.ndim > 0:
                 return int(x.shape[0])
-        if isinstance(self.targets, Tensor) and self.targets.ndim > 0:
-            return int(self.targets.shape[0])
+        for t in tree_leaves(self.targets):
+            if isinstance(t, Tensor) and t.ndim > 0:
+                return int(t.shape[0])
         return 1
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} with keys {list(value)[:6]}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of length {len(value)}"
+    return type(value).__name__
 
 
 def _as_batch(item: Any, what: str) -> Batch:
     if isinstance(item, Batch):
-        return item
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        batch = item
+    else:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"{what}: expected a batch (inputs, targets), got {_describe(item)}. A pair "
+                "(inputs, targets) is read as one batch unless both of its elements are pairs "
+                "themselves; otherwise data is an iterable of batches (use "
+                "secondorder.curvature.Batch(inputs, targets) to mark one batch)"
+            )
+        inputs, targets = item
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        batch = Batch(inputs, targets)
+    if batch.size == 0:
+        shapes = [tuple(x.shape) for x in tree_leaves(batch.inputs) if isinstance(x, Tensor)]
         raise ValueError(
-            f"{what}: expected a batch (inputs, targets), got "
-            f"{type(item).__name__}"
-            + (f" of length {len(item)}" if hasattr(item, "__len__") else "")
+            f"{what}: the batch has no samples (inputs of shapes {shapes}); expected at least "
+            "one sample along the leading dimension"
         )
-    inputs, targets = item
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    return Batch(inputs, targets)
+    return batch
+
+
+def _could_be_batch(value: Any) -> bool:
+    """A :class:`Batch` or a pair: what an element of an iterable of batches looks like."""
+    return isinstance(value, Batch) or (isinstance(value, (tuple, list)) and len(value) == 2)
 
 
 def _looks_like_single_batch(data: Any) -> bool:
+    """A pair ``(inputs, targets)`` of which at least one element cannot be a batch.
+
+    Inputs that are a tensor or a mapping, or targets that are a tensor, make the pair one
+    batch; so do tuple targets with tensor inputs (``(x, (y1, y2))``). Only a pair of pairs,
+    e.g. ``[(x1, y1), (x2, y2)]``, is read as two batches.
+    """
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         return False
-    inputs, targets = data
-    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
-    # a batch holds tensors; a list of two batches holds pairs
-    return isinstance(first, Tensor) and not isinstance(targets, (tuple, list))
+    return not all(_could_be_batch(element) for element in data)
 
 
 def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
     """Normalise ``data`` to batches.
 
-    ``data`` is one batch ``(inputs, targets)`` (``inputs`` a tensor or a tuple of tensors) or an
-    iterable of such batches. A one-shot iterator (a generator) is read once into a list, since
-    curvature products pass over the data many times; a re-iterable (a list, a ``DataLoader``)
+    ``data`` is one batch ``(inputs, targets)`` or an iterable of such batches. A pair is one
+    batch when ``inputs`` or ``targets`` cannot be a batch itself, i.e. is not a pair: a
+    tensor, a mapping (a dict of named inputs), a tuple of another length. A pair of pairs,
+    ``[(x1, y1), (x2, y2)]``, is two batches; a single batch of two inputs and two targets,
+    ``((x1, x2), (y1, y2))``, reads the same and must be marked as one, by
+    :class:`Batch` ``(inputs=(x1, x2), targets=(y1, y2))`` or a one-element list
+    ``[((x1, x2), (y1, y2))]``. A one-shot iterator (a generator) is read once into a list,
+    since curvature products pass over the data many times; a re-iterable (a ``DataLoader``)
     is kept and re-iterated.
 
     Args:
@@ -85,21 +136,18 @@ def as_batches(data: Any) -> list[Batch] | Iterable[Batch]:
         A list of :class:`Batch`, or a re-iterable yielding them.
 
     Raises:
-        ValueError: If ``data`` is empty or an element is not a batch.
+        ValueError: If ``data`` is empty, an element is not a batch, or a batch has no samples
+            (the message names the batch).
     """
-    if isinstance(data, Batch):
-        return [data]
-    if _looks_like_single_batch(data):
+    if isinstance(data, Batch) or _looks_like_single_batch(data):
         return [_as_batch(data, "data")]
-    if isinstance(data, Iterator) or not hasattr(data, "__iter__"):
-        if not hasattr(data, "__iter__"):
-            raise ValueError(
-                f"data: expected a batch (inputs, targets) or an iterable of batches, "
-                f"got {type(data).__name__}"
-            )
-        batches = [_as_batch(item, "data") for item in data]
-    elif isinstance(data, (list, tuple)):
-        batches = [_as_batch(item, "data") for item in data]
+    if isinstance(data, Mapping) or isinstance(data, Tensor) or not hasattr(data, "__iter__"):
+        raise ValueError(
+            f"data: expected a batch (inputs, targets) or an iterable of batches, "
+            f"got {_describe(data)}"
+        )
+    if isinstance(data, Iterator) or isinstance(data, (list, tuple)):
+        batches = [_as_batch(item, f"data: batch {i}") for i, item in enumerate(data)]
     else:
         return _ReIterable(data)
     if not batches:
@@ -115,9 +163,9 @@ class _ReIterable:
 
     def __iter__(self) -> Iterator[Batch]:
         empty = True
-        for item in self.source:
+        for i, item in enumerate(self.source):
             empty = False
-            yield _as_batch(item, "data")
+            yield _as_batch(item, f"data: batch {i}")
         if empty:
             raise ValueError("data: expected at least one batch, got an empty iterable")
 
@@ -128,11 +176,14 @@ class FunctionalModel:
     Args:
         model: Any ``nn.Module``.
         params: Optional subset of ``model``'s parameters to differentiate with respect to; by
-            default every parameter with ``requires_grad``. Tied parameters count once.
+            default every parameter with ``requires_grad``, in the order of
+            ``model.named_parameters()``. Given ``params`` keep their order: the flat vector
+            (and every operator's rows and columns) lists them as given. Tied parameters count
+            once.
 
     Raises:
         ValueError: If no trainable parameter remains, or ``params`` holds a tensor that is not
-            a parameter of ``model``.
+            a parameter of ``model`` or the same tensor twice.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor] | None = None) -> None:
@@ -140,18 +191,27 @@ class FunctionalModel:
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.model = model
         named = list(model.named_parameters())  # tied parameters appear once
+        chosen: list[tuple[str, Tensor]]
         if params is None:
             chosen = [(name, p) for name, p in named if p.requires_grad]
         else:
-            wanted = {id(p) for p in params}
-            known = {id(p) for _, p in named}
-            unknown = [i for i, p in enumerate(params) if id(p) not in known]
+            params = list(params)
+            name_of = {id(p): name for name, p in named}
+            unknown = [i for i, p in enumerate(params) if id(p) not in name_of]
             if unknown:
                 raise ValueError(
                     f"params: entries {unknown} are not parameters of the model "
                     f"({type(model).__name__})"
                 )
-            chosen = [(name, p) for name, p in named if id(p) in wanted]
+            first: dict[int, int] = {}
+            repeated = [i for i, p in enumerate(params) if first.setdefault(id(p), i) != i]
+            if repeated:
+                raise ValueError(
+                    f"params: entries {repeated} repeat an earlier entry (the same tensor, e.g. "
+                    "a tied parameter); list every parameter once"
+                )
+            # the user's order: the flat vector is theirs
+            chosen = [(name_of[id(p)], p) for p in params]
         if not chosen:
             raise ValueError(
                 f"model {type(model).__name__} has no trainable parameters "
@@ -248,6 +308,9 @@ class FunctionalModel:
     def __call__(self, tensors: Sequence[Tensor], inputs: tuple[Any, ...]) -> Any:
         """Evaluate the model at the parameter values ``tensors`` on ``inputs``.
 
+        Attention runs under :func:`~secondorder.curvature.attention.differentiable_attention`
+        (the math kernel, no fused fast path), so that every derivative of the output exists.
+
         Args:
             tensors: Values of the selected parameters (in parameter shapes).
             inputs: Positional inputs of the module.
@@ -255,4 +318,5 @@ class FunctionalModel:
         Returns:
             The module's output.
         """
-        return functional_call(self.model, self.parameter_dict(tensors), inputs)
+        with differentiable_attention():
+            return functional_call(self.model, self.parameter_dict(tensors), inputs)
