@@ -104,14 +104,9 @@ def _reference(op_name, model, X, y, params):
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("order", ["reversed", "subset"])
 @pytest.mark.parametrize("op_name", list(OPS))
-def test_operators_follow_the_given_params_order(model_name, order, op_name, request):
+def test_operators_follow_the_given_params_order(model_name, order, op_name):
     if op_name == "ggn_factors" and model_name != "mlp":
         pytest.skip("Jacobian factors serve MLPs only")
-    if op_name == "block_ggn" and model_name == "bn_mlp" and order == "reversed":
-        # BatchNorm's own block, whatever the order: issue 13 item 1, fixed on another branch
-        request.applymarker(
-            pytest.mark.xfail(reason="Sequential engine drops BatchNorm's own tangent (item 1)")
-        )
     torch.manual_seed(0)
     make, inputs = MODELS[model_name]
     model, X = make(), inputs()
