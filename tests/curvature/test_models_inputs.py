@@ -228,6 +228,8 @@ def test_one_step_runs(case, make):
     assert opt.diagnostics.get("rejected_reason") is None or "finite" not in str(
         opt.diagnostics.get("rejected_reason")
     )
+    if isinstance(opt, so.HessianFree):  # its default preconditioner says which path ran
+        assert opt.diagnostics["preconditioner_path"] in ("kronecker", "vmap", "batch")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.random], ids=lambda c: c.name)

@@ -238,7 +238,11 @@ def test_step_that_raises_is_not_reported_accepted(name, batchnorm):
     model, loss_fn, X, y = make_problem()
     if batchnorm:  # the first forward pass of the step is then the running-statistics one
         model = nn.Sequential(model[0], nn.BatchNorm1d(6).to(DT), model[1], model[2]).train()
-    opt = make_opt(name, model, loss_fn, **(_BN_OVERRIDES.get(name, {}) if batchnorm else {}))
+    opt = make_opt(
+        name,
+        model,
+        loss_fn,
+    )
     opt.step(X, y)
     assert opt.diagnostics["accepted"] is True
     fail = {"on": True}
@@ -479,11 +483,6 @@ def _stats(model):
     ]
 
 
-# Hessian-free's default preconditioner takes per-sample gradients under vmap, which
-# train-mode BatchNorm does not allow (issue 13 item 8, another change): here without it
-_BN_OVERRIDES = {"hessian_free": dict(preconditioner=None)}
-
-
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("name", IDS)
 def test_batchnorm_running_stats_move_as_one_forward_pass(name, kind):
@@ -492,7 +491,7 @@ def test_batchnorm_running_stats_move_as_one_forward_pass(name, kind):
     X, y = _bn_data(kind)
     loss_fn = nn.CrossEntropyLoss()
     expected_model = copy.deepcopy(model)
-    opt = make_opt(name, model, loss_fn, **_BN_OVERRIDES.get(name, {}))
+    opt = make_opt(name, model, loss_fn)
     for _ in range(2):
         with torch.no_grad():
             expected_model.load_state_dict(model.state_dict())
@@ -507,7 +506,7 @@ def test_batchnorm_running_stats_move_as_one_forward_pass(name, kind):
 def test_rejected_step_leaves_running_stats_alone(name):
     model = _bn_mlp().train()
     X, y = _bn_data("mlp")
-    opt = make_opt(name, model, nn.CrossEntropyLoss(), **_BN_OVERRIDES.get(name, {}))
+    opt = make_opt(name, model, nn.CrossEntropyLoss())
     opt.step(X, y)
     before = _stats(model)
     bad = X.clone()

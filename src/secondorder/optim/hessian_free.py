@@ -290,8 +290,11 @@ class HessianFree(CurvatureOptimizer):
             (:func:`~secondorder.curvature.diagonal.empirical_fisher_diagonal`; for losses
             without a likelihood the squared per-sample gradients,
             :func:`~secondorder.curvature.diagonal.per_sample_gradient_diagonal`), or ``None``.
-            It costs one vectorised per-sample gradient pass over the gradient data per step
-            and needs a model whose samples are independent (``torch.func.vmap``).
+            It costs one vectorised per-sample gradient pass over the gradient data per step;
+            where samples are coupled (train-mode BatchNorm, Dropout) or ``torch.func.vmap``
+            fails (GRU, LSTM) it falls back to per-row backward passes of the whole batch
+            (:mod:`~secondorder.curvature.per_sample`); ``diagnostics["preconditioner_path"]``
+            says which path ran.
         use_cg_backtracking: Choose among the kept CG iterates by the loss (default: True);
             otherwise take the final iterate.
         use_linesearch: Armijo line search on the chosen step (default: True); otherwise take
@@ -505,16 +508,23 @@ class HessianFree(CurvatureOptimizer):
             )
             self.diagnostics["next_damping"] = self.global_state["damping"]
 
-    def _preconditioner_diagonal(self, batches: list[Batch]) -> Tensor:
+    def _preconditioner_diagonal(self, batches: list[Batch]) -> tuple[Tensor, str]:
+        """The preconditioner's diagonal and the path that computed it (``DiagonalInfo.path``)."""
         params = self.fmodel.params
         diagonal = (
             empirical_fisher_diagonal
             if supports_likelihood(self.loss_fn)
             else per_sample_gradient_diagonal
         )
-        return diagonal(
-            self.model, self.loss_fn, batches, params=params, process_group=self.process_group
+        d, info = diagonal(
+            self.model,
+            self.loss_fn,
+            batches,
+            params=params,
+            process_group=self.process_group,
+            return_info=True,
         )
+        return d, info.path
 
     def _solve(
         self, A: LinearOperator, b: Tensor, x0: Tensor | None, M: LinearOperator | None
@@ -586,7 +596,7 @@ class HessianFree(CurvatureOptimizer):
         tic = clock()
         M = None
         if self.preconditioner == "empirical_fisher":
-            d = self._preconditioner_diagonal(grad_batches)
+            d, diag["preconditioner_path"] = self._preconditioner_diagonal(grad_batches)
             try:  # the preconditioner checks d + lam (finite, > 0) in one pass
                 M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
             except ValueError as err:
