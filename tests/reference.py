@@ -328,8 +328,8 @@ def pch_blocks(
     Returns:
         The blocks on the diagonal, in the model's trainable-parameter order.
     """
-    model = _reference_copy(model)
-    layers = _leaves(model)
+    model_copy = _reference_copy(model)
+    layers = _leaves(model_copy)
     (x,) = inputs
     with reference_mode():
         acts = [x]
@@ -345,5 +345,5 @@ def pch_blocks(
             blocks.update(_parameter_blocks(layer, a, delta, H, curvature))
             if j > 1:
                 H, delta = _backpropagate(layer, a, delta, H, curvature)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model_copy.parameters() if p.requires_grad]
     return torch.block_diag(*[blocks[id(p)] for p in params])

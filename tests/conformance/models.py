@@ -183,7 +183,8 @@ class DictInput(nn.Module):
         return self.b(torch.tanh(self.a(batch["x"]) * batch["scale"]))
 
 
-def _frozen_first(seq: nn.Sequential) -> nn.Sequential:
+def _frozen_first(seq: nn.Module) -> nn.Module:
+    assert isinstance(seq, nn.Sequential)
     for p in seq[0].parameters():
         p.requires_grad_(False)
     return seq
@@ -202,14 +203,18 @@ def _dict_inputs(n: int, g: torch.Generator) -> dict[str, Tensor]:
 
 MODELS: dict[str, ModelSpec] = {}
 for _name, _act, _inplace in ACTIVATIONS:
-    _flags = {"seq": _name in SEQ_ACTIVATIONS, "second_order": _name != "hardsigmoid"}
-    MODELS[f"act_{_name}"] = ModelSpec(
-        _act_mlp(_act), _randn(4), chain=True, block=True, mlp=True, **_flags
-    )
-    if _inplace is not None:
-        MODELS[f"act_{_name}_inplace"] = ModelSpec(
-            _act_mlp(_inplace), _randn(4), chain=True, block=True, mlp=True, **_flags
-        )
+    _seq, _second = _name in SEQ_ACTIVATIONS, _name != "hardsigmoid"
+    for _suffix, _factory in (("", _act), ("_inplace", _inplace)):
+        if _factory is not None:
+            MODELS[f"act_{_name}{_suffix}"] = ModelSpec(
+                _act_mlp(_factory),
+                _randn(4),
+                chain=True,
+                seq=_seq,
+                block=True,
+                mlp=True,
+                second_order=_second,
+            )
 
 MODELS.update(
     {

@@ -20,6 +20,11 @@ def _layernorm_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)).to(DT)
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad.reshape(-1)
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -53,7 +58,7 @@ def test_empirical_fisher_is_a_sum_over_samples_for_vector_outputs():
     for n in range(6):  # per-sample gradients by plain autograd, one sample at a time
         model.zero_grad()
         F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        grads.append(torch.cat([_grad(p) for p in model.parameters()]))
     G = torch.stack(grads)
     want = G.T @ G / 6
     assert _relative(ref.dense_empirical_fisher(model, loss_fn, (x,), y), want) < 1e-12
@@ -68,7 +73,7 @@ def test_empirical_fisher_rows_are_positions_for_sequence_outputs():
         for c in range(3):
             model.zero_grad()
             (model(x[n : n + 1])[0, c] - y[n, c]).square().sum().backward()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            grads.append(torch.cat([_grad(p) for p in model.parameters()]))
     G = torch.stack(grads)
     want = G.T @ G / y.numel()
     got = ref.dense_empirical_fisher(model, nn.MSELoss(), (x,), y)
