@@ -34,7 +34,8 @@ class OpSpec:
     Attributes:
         build: ``build(model, loss_fn, data, streamed)`` returns the operator or the diagonal.
         reference: Which dense reference it equals (a key of ``test_matrix.REFERENCES``).
-        checks: The checks that apply (``OPERATOR_CHECKS``, ``"diag"`` or ``"mc"``).
+        checks: The checks that apply (``OPERATOR_CHECKS``, ``"eigvalsh"``, ``"diag"`` or
+            ``"mc"``).
         needs: Model flags that must hold (``"seq"``, ``"block"``, ``"mlp"``, ``"chain"``).
         likelihood: Needs a likelihood loss.
         splits: The data splits it is checked on (None: all).
@@ -103,6 +104,16 @@ OPERATORS: dict[str, OpSpec] = {
     # params= in another order than the model's: the flat vector follows the given order, or a
     # clear refusal (issue 13 item 20)
     "ggn.params_reversed": OpSpec(_ggn_reversed, "ggn_reversed", refusal="order"),
+    "ggn.block_diagonal": OpSpec(
+        lambda m, lf, d, s: _ggn("autograd")(m, lf, d, s).block_diagonal(),
+        "ggn_blocks",
+        checks=("matvec", "matmat", "dense"),
+    ),
+    "hessian.block_diagonal": OpSpec(
+        lambda m, lf, d, s: _hessian("autograd")(m, lf, d, s).block_diagonal(),
+        "hessian_blocks",
+        checks=("matvec", "matmat", "dense"),
+    ),
     "hessian.mlp": OpSpec(_hessian("auto"), "hessian", needs=("mlp",)),
     "hessian.autograd": OpSpec(_hessian("autograd"), "hessian"),
     "fisher_exact.sequential": OpSpec(
@@ -136,14 +147,14 @@ OPERATORS: dict[str, OpSpec] = {
     "lowrank.kron": OpSpec(
         lambda m, lf, d, s: LowRankGGN(m, lf, d, engine="kron"),
         "ggn",
-        checks=("dense", "gradient"),
+        checks=("dense", "gradient", "eigvalsh"),
         needs=("seq", "mlp"),
         likelihood=True,
     ),
     "lowrank.autograd": OpSpec(
         lambda m, lf, d, s: LowRankGGN(m, lf, d, engine="autograd"),
         "ggn",
-        checks=("dense", "gradient"),
+        checks=("dense", "gradient", "eigvalsh"),
         likelihood=True,
     ),
     "ggn_diagonal": OpSpec(

@@ -15,7 +15,7 @@ with every engine:
 A case is generated only where :meth:`OpSpec.applies` says it is meaningful (a likelihood-based
 Fisher needs a likelihood loss; ``engine="sequential"`` needs a model it supports; ...). Each
 case (one test id) checks ``G @ v``, ``G @ V`` (three columns), ``to_dense()``, ``gradient()``
-and ``loss`` (or the diagonal, or the Monte-Carlo mean) against the dense
+and ``loss`` (or the diagonal, the low-rank spectrum, or the Monte-Carlo mean) against the dense
 reference of ``tests/reference.py`` on the concatenated data, to a relative Frobenius error of
 ``RTOL`` (the Monte-Carlo Fisher with ``MC_SAMPLES`` samples to ``MC_RTOL``). Cases failing on
 the current code are listed, by cause, in ``known_failures.py`` and run as strict xfails.
@@ -202,6 +202,10 @@ def measure(case: Case, check: str, op: Any) -> float:
         return relative_error(op.to_dense(), R)
     if check == "diag":
         return relative_error(op, R.diagonal())
+    if check == "eigvalsh":  # the low-rank factor's nonzero spectrum is the GGN's top one
+        got = op.eigvalsh().flip(0)
+        m = min(got.numel(), P)
+        return relative_error(got[:m], torch.linalg.eigvalsh(R).flip(0)[:m])
     grad_kind = "gradient_reversed" if spec.reference == "ggn_reversed" else "gradient"
     if check == "gradient":
         return relative_error(op.gradient(), _reference(case.model, case.loss, grad_kind))
