@@ -147,7 +147,7 @@ KNOWN_FAILURES: dict[str, str] = {
         "issue 13 item 19: empirical Fisher rows are samples, not positions, for MSE/BCE; "
         "rel. err. 0.18-1"
     ),
-    # ---- issue 13 item 20 (123 cases):
+    # ---- issue 13 item 20 (125 cases):
     # params= in another order is silently reordered to the model's order
     "ggn.params_reversed-*-ce-unequal": (
         "issue 13 item 20: params= in another order is silently reordered to the model's "

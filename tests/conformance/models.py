@@ -288,6 +288,34 @@ MODELS.update(
             seq=True,
             block=True,
         ),
+        "conv3d_maxpool": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv3d(1, 2, 2),
+                nn.ReLU(),
+                nn.MaxPool3d(2),
+                nn.Flatten(),
+                nn.Linear(2, C),
+            ).to(DT),
+            _randn(1, 3, 3, 3),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "reshapes_avgpool1d": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Linear(4, 6),
+                nn.Unflatten(1, (2, 3)),
+                nn.AvgPool1d(2, stride=1),
+                nn.Identity(),
+                nn.Flatten(),
+                nn.Tanh(),
+                nn.Linear(4, C),
+            ).to(DT),
+            _randn(4),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
         "bn_first": ModelSpec(
             lambda: _bn_stats(
                 nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
