@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import DT, LOSSES, BNNet, C, TiedAutoencoder, TwoInputs, _bn_eval, cnn, targets
-from reference import dense_ggn
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import secondorder as so
+from reference import dense_ggn
 from secondorder.curvature.lowrank import LowRankGGN
 
 N = 4

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import CASE_IDS, CASES, DT, LOSSES, targets
-from reference import dense_empirical_fisher, dense_ggn, dense_hessian
 from torch import nn
 
 import secondorder as so
+from reference import dense_empirical_fisher, dense_ggn, dense_hessian
 
 RTOL = 1e-10
 N = 6

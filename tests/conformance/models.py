@@ -1,0 +1,445 @@
+"""Registry of tiny float64 models for the conformance matrix: one entry per layer or situation.
+
+Every model maps a batch of ``N`` samples to outputs of one kind (``ModelSpec.out``):
+``"vec"`` logits ``(N, 3)``, ``"seq"`` logits ``(N, 3, L)`` and ``"logprob"`` log-probabilities
+``(N, 3)``. The flags say which engines the model is meant for; the operators' ``applies``
+predicates read them. Adding an entry adds its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+DT = torch.float64
+C = 3  # number of classes / output features
+L = 4  # length of "seq" outputs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model factory and what it supports.
+
+    Attributes:
+        build: Returns the model (float64, deterministic given the seed set before).
+        inputs: ``inputs(n, generator)`` returns the inputs of ``n`` samples.
+        out: ``"vec"``, ``"seq"`` or ``"logprob"`` (see the module docstring).
+        chain: An ``nn.Sequential`` of plain layers (the dense PCH reference applies).
+        seq: Supported by the hand-written Sequential engine (``engine="sequential"``).
+        block: Supported by the module-wise block-diagonal engine.
+        mlp: Linear layers and elementwise activations only (Jacobian factors, MLP Hessian).
+        second_order: Torch can differentiate the model's backward again (not with Hardsigmoid,
+            whose ``hardsigmoid_backward`` has no derivative): the Hessian references exist.
+        per_sample: The outputs of a sample do not depend on the other samples in the batch
+            (false for train-mode BatchNorm: only one batch is meaningful).
+    """
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.Generator], object]
+    out: str = "vec"
+    chain: bool = False
+    seq: bool = False
+    block: bool = False
+    mlp: bool = False
+    second_order: bool = True
+    per_sample: bool = True
+
+
+def _randn(*shape: int) -> Callable[[int, torch.Generator], Tensor]:
+    return lambda n, g: 1.5 * torch.randn(n, *shape, generator=g, dtype=DT)
+
+
+def _bn_stats(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+# ------------------------------------------------------------------------- activations
+# (name, factory, in-place variant factory or None); non-default arguments where there are any
+ACTIVATIONS: list[tuple[str, Callable[[], nn.Module], Callable[[], nn.Module] | None]] = [
+    ("sigmoid", nn.Sigmoid, None),
+    ("tanh", nn.Tanh, None),
+    ("relu", nn.ReLU, lambda: nn.ReLU(inplace=True)),
+    ("relu6", nn.ReLU6, lambda: nn.ReLU6(inplace=True)),
+    ("leaky_relu", lambda: nn.LeakyReLU(0.2), lambda: nn.LeakyReLU(0.2, inplace=True)),
+    ("silu", nn.SiLU, lambda: nn.SiLU(inplace=True)),
+    ("elu", lambda: nn.ELU(alpha=0.7), lambda: nn.ELU(alpha=0.7, inplace=True)),
+    ("celu", lambda: nn.CELU(alpha=1.3), lambda: nn.CELU(alpha=1.3, inplace=True)),
+    ("selu", nn.SELU, lambda: nn.SELU(inplace=True)),
+    ("gelu_tanh", lambda: nn.GELU(approximate="tanh"), None),
+    ("gelu", nn.GELU, None),
+    ("softplus", lambda: nn.Softplus(beta=2.0, threshold=0.5), None),
+    ("mish", nn.Mish, lambda: nn.Mish(inplace=True)),
+    ("softsign", nn.Softsign, None),
+    ("hardtanh", lambda: nn.Hardtanh(-0.5, 0.7), lambda: nn.Hardtanh(-0.5, 0.7, inplace=True)),
+    ("hardsigmoid", nn.Hardsigmoid, lambda: nn.Hardsigmoid(inplace=True)),
+    ("hardswish", nn.Hardswish, lambda: nn.Hardswish(inplace=True)),
+    ("logsigmoid", nn.LogSigmoid, None),
+]
+# activations the hand-written Sequential engine has a rule for (others: engine="sequential"
+# refuses the model, which is not a silent error and so not a case of the matrix)
+SEQ_ACTIVATIONS = {"sigmoid", "tanh", "relu", "leaky_relu", "silu", "elu", "gelu", "gelu_tanh",
+                   "softplus"}  # fmt: skip
+
+
+def _act_mlp(act: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Linear(4, 5), act(), nn.Linear(5, C)).to(DT)
+
+
+# ---------------------------------------------------------------------- custom modules
+class Residual(nn.Module):
+    """x + tanh(Linear(x)) between two Linear layers, with a buffer and a frozen parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.hidden = nn.Linear(5, 5)
+        self.out = nn.Linear(5, C)
+        self.register_buffer("shift", torch.linspace(-0.3, 0.3, 5))
+        self.frozen = nn.Parameter(torch.randn(5), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        h = h + torch.tanh(self.hidden(h) + self.shift) * self.frozen
+        return self.out(torch.sigmoid(h))
+
+
+class Tied(nn.Module):
+    """The encoder's weight reused, transposed, by the decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+        self.bias_out = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.enc(x))
+        return self.head(torch.tanh(h @ self.enc.weight + self.bias_out))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 4, batch_first=True)
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(
+            4, 2, dim_feedforward=6, dropout=0.0, batch_first=True
+        )
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(x).mean(1))
+
+
+class EmbeddingBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, C)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.emb(idx)).mean(1))
+
+
+class DictInput(nn.Module):
+    """Takes a dict of tensors (Hugging-Face style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, C)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.b(torch.tanh(self.a(batch["x"]) * batch["scale"]))
+
+
+def _frozen_first(seq: nn.Module) -> nn.Module:
+    assert isinstance(seq, nn.Sequential)
+    for p in seq[0].parameters():
+        p.requires_grad_(False)
+    return seq
+
+
+def _tokens(n: int, g: torch.Generator) -> Tensor:
+    return torch.randint(0, 7, (n, 3), generator=g)
+
+
+def _dict_inputs(n: int, g: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "x": torch.randn(n, 4, generator=g, dtype=DT),
+        "scale": torch.rand(n, 1, generator=g, dtype=DT) + 0.5,
+    }
+
+
+MODELS: dict[str, ModelSpec] = {}
+for _name, _act, _inplace in ACTIVATIONS:
+    _seq, _second = _name in SEQ_ACTIVATIONS, _name != "hardsigmoid"
+    for _suffix, _factory in (("", _act), ("_inplace", _inplace)):
+        if _factory is not None:
+            MODELS[f"act_{_name}{_suffix}"] = ModelSpec(
+                _act_mlp(_factory),
+                _randn(4),
+                chain=True,
+                seq=_seq,
+                block=True,
+                mlp=True,
+                second_order=_second,
+            )
+
+MODELS.update(
+    {
+        "conv1d": ModelSpec(
+            lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv1d(3, C, 1)).to(
+                DT
+            ),
+            _randn(2, L),
+            out="seq",
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "conv1d_strided": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+                nn.Sigmoid(),
+                nn.Flatten(),
+                nn.Linear(12, C),
+            ).to(DT),
+            _randn(2, 6),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "conv2d_maxpool": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 2, 3, padding=1),
+                nn.Sigmoid(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(8, C),
+            ).to(DT),
+            _randn(1, 4, 4),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "conv2d_avgpool": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 2, (2, 3), stride=(1, 2), padding=(1, 0), bias=False),
+                nn.Tanh(),
+                nn.AvgPool2d(2),
+                nn.Flatten(),
+                nn.Linear(4, C),
+            ).to(DT),
+            _randn(2, 4, 5),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "conv2d_adaptive": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 2, 3),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(2, C),
+            ).to(DT),
+            _randn(1, 5, 5),
+            chain=True,
+            seq=False,
+            block=True,
+        ),
+        "maxpool1d": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv1d(1, 2, 2), nn.Tanh(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4, C)
+            ).to(DT),
+            _randn(1, 5),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "conv3d_maxpool": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Conv3d(1, 2, 2),
+                nn.ReLU(),
+                nn.MaxPool3d(2),
+                nn.Flatten(),
+                nn.Linear(2, C),
+            ).to(DT),
+            _randn(1, 3, 3, 3),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "reshapes_avgpool1d": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Linear(4, 6),
+                nn.Unflatten(1, (2, 3)),
+                nn.AvgPool1d(2, stride=1),
+                nn.Identity(),
+                nn.Flatten(),
+                nn.Tanh(),
+                nn.Linear(4, C),
+            ).to(DT),
+            _randn(4),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "bn_first": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+            ).eval(),
+            _randn(4),
+            chain=True,
+            seq=True,
+        ),
+        "bn_above_frozen": ModelSpec(
+            lambda: _frozen_first(
+                _bn_stats(
+                    nn.Sequential(
+                        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, C)
+                    ).to(DT)
+                ).eval()
+            ),
+            _randn(4),
+            chain=True,
+            seq=True,
+        ),
+        "bn_middle": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+            ).eval(),
+            _randn(4),
+            chain=True,
+            seq=True,
+        ),
+        "bn_train": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+            ).train(),
+            _randn(4),
+            chain=True,
+            per_sample=False,
+        ),
+        "bn2d": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(
+                    nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, C)
+                ).to(DT)
+            ).eval(),
+            _randn(1, 3, 3),
+            chain=True,
+            seq=True,
+        ),
+        "groupnorm": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(
+                    nn.Conv1d(2, 4, 2),
+                    nn.GroupNorm(2, 4),
+                    nn.Tanh(),
+                    nn.Flatten(),
+                    nn.Linear(12, C),
+                ).to(DT)
+            ),
+            _randn(2, 4),
+            chain=True,
+        ),
+        "layernorm": ModelSpec(
+            lambda: _bn_stats(
+                nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, C)).to(DT)
+            ),
+            _randn(4),
+            chain=True,
+        ),
+        "dropout_eval": ModelSpec(
+            lambda: (
+                nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, C))
+                .to(DT)
+                .eval()
+            ),
+            _randn(4),
+            chain=True,
+            seq=True,
+            block=True,
+        ),
+        "frozen_middle": ModelSpec(
+            lambda: _freeze_middle(
+                nn.Sequential(
+                    nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, C)
+                ).to(DT)
+            ),
+            _randn(4),
+            chain=True,
+            seq=True,
+            block=True,
+            mlp=True,
+        ),
+        "nested_sequential": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Sequential(nn.Linear(5, C))
+            ).to(DT),
+            _randn(4),
+            chain=True,
+            seq=True,
+            block=True,
+            mlp=True,
+        ),
+        "mlp_logsoftmax": ModelSpec(
+            lambda: nn.Sequential(
+                nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C), nn.LogSoftmax(dim=1)
+            ).to(DT),
+            _randn(4),
+            out="logprob",
+            chain=True,
+        ),
+        "residual": ModelSpec(lambda: Residual().to(DT), _randn(4)),
+        "tied": ModelSpec(lambda: Tied().to(DT), _randn(4)),
+        "gru": ModelSpec(lambda: Recurrent(nn.GRU).to(DT), _randn(3, 3)),
+        "lstm": ModelSpec(lambda: Recurrent(nn.LSTM).to(DT), _randn(3, 3)),
+        "attention": ModelSpec(lambda: Attention().to(DT).eval(), _randn(3, 4)),
+        "transformer": ModelSpec(lambda: Encoder().to(DT).eval(), _randn(3, 4)),
+        "embedding": ModelSpec(lambda: EmbeddingBag().to(DT), _tokens),
+        "dict_input": ModelSpec(lambda: DictInput().to(DT), _dict_inputs),
+    }
+)
+
+
+def _freeze_middle(seq: nn.Sequential) -> nn.Sequential:
+    for p in seq[2].parameters():
+        p.requires_grad_(False)
+    return seq
+
+
+# the small model each output kind uses in the loss x split block
+SMALL_MODEL = {"vec": "act_tanh", "seq": "conv1d", "logprob": "mlp_logsoftmax"}
