@@ -78,11 +78,19 @@ def reference_mode() -> Iterator[None]:
         yield
 
 
+class _ExactHardsigmoid(nn.Module):
+    """Hardsigmoid by its definition: torch's backward kernel rounds 1/6 to float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x <= -3, 0.0, torch.where(x >= 3, 1.0, x / 6 + 0.5))
+
+
 def _reference_copy(model: nn.Module) -> nn.Module:
     """A copy that computes the same function without side effects.
 
     Train-mode BatchNorm normalises by batch statistics without updating any; in-place
-    activations compute out of place.
+    activations compute out of place; Hardsigmoid is written by its definition, whose
+    derivatives are exact in float64 (torch's first derivative is not, and it has no second).
     """
     model = copy.deepcopy(model)
     for m in model.modules():
@@ -90,6 +98,9 @@ def _reference_copy(model: nn.Module) -> nn.Module:
             m.track_running_stats = False  # same forward, no in-place buffer update
         if getattr(m, "inplace", False) is True:
             m.inplace = False  # the reference is the out-of-place function
+        for name, child in m.named_children():
+            if type(child) is nn.Hardsigmoid:
+                setattr(m, name, _ExactHardsigmoid())
     return model
 
 

@@ -31,8 +31,8 @@ class ModelSpec:
         seq: Supported by the hand-written Sequential engine (``engine="sequential"``).
         block: Supported by the module-wise block-diagonal engine.
         mlp: Linear layers and elementwise activations only (Jacobian factors, MLP Hessian).
-        second_order: Torch can differentiate the model's backward again (not with Hardsigmoid,
-            whose ``hardsigmoid_backward`` has no derivative): the Hessian references exist.
+        second_order: Torch can differentiate the model's backward again: the Hessian
+            references exist (``tests/reference.py`` writes Hardsigmoid by its definition).
         per_sample: The outputs of a sample do not depend on the other samples in the batch
             (false for train-mode BatchNorm: only one batch is meaningful).
     """
@@ -203,7 +203,7 @@ def _dict_inputs(n: int, g: torch.Generator) -> dict[str, Tensor]:
 
 MODELS: dict[str, ModelSpec] = {}
 for _name, _act, _inplace in ACTIVATIONS:
-    _seq, _second = _name in SEQ_ACTIVATIONS, _name != "hardsigmoid"
+    _seq, _second = _name in SEQ_ACTIVATIONS, True
     for _suffix, _factory in (("", _act), ("_inplace", _inplace)):
         if _factory is not None:
             MODELS[f"act_{_name}{_suffix}"] = ModelSpec(

@@ -29,6 +29,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from .attention import differentiable_attention
+from .twice_differentiable import TwiceDifferentiable, needs_twice_differentiable
 
 try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
     _unflatten_views: Any = torch._C._nn.unflatten_dense_tensors
@@ -190,6 +191,7 @@ class FunctionalModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.model = model
+        self._stand_ins = needs_twice_differentiable(model)
         named = list(model.named_parameters())  # tied parameters appear once
         chosen: list[tuple[str, Tensor]]
         if params is None:
@@ -309,7 +311,9 @@ class FunctionalModel:
         """Evaluate the model at the parameter values ``tensors`` on ``inputs``.
 
         Attention runs under :func:`~secondorder.curvature.attention.differentiable_attention`
-        (the math kernel, no fused fast path), so that every derivative of the output exists.
+        (the math kernel, no fused fast path), and functions without a second derivative in
+        PyTorch under :class:`~secondorder.curvature.twice_differentiable.TwiceDifferentiable`
+        (models that hold them only), so that every derivative of the output exists.
 
         Args:
             tensors: Values of the selected parameters (in parameter shapes).
@@ -319,4 +323,7 @@ class FunctionalModel:
             The module's output.
         """
         with differentiable_attention():
+            if self._stand_ins:
+                with TwiceDifferentiable():
+                    return functional_call(self.model, self.parameter_dict(tensors), inputs)
             return functional_call(self.model, self.parameter_dict(tensors), inputs)
