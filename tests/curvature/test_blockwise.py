@@ -827,3 +827,15 @@ def test_block_cg_overwrite_b_keeps_the_residuals_in_b():
     for xi, ri in zip(x, x_ref):
         torch.testing.assert_close(xi, ri, rtol=0, atol=0)
     assert all(torch.equal(t, f) for t, f in zip(parts, flat.split(sizes)))
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_autograd_engine_is_passed_on_to_the_generic_operator(curvature):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    B = so.BlockDiagonalCurvature(
+        model, nn.CrossEntropyLoss(), (X, y), curvature=curvature, engine="autograd"
+    )
+    assert B.engine == "autograd" and B._op.engine == "autograd"
+    B = so.BlockDiagonalCurvature(model, nn.CrossEntropyLoss(), (X, y), curvature=curvature)
+    assert B.engine == "sequential"

@@ -565,7 +565,7 @@ class BlockDiagonalCurvature(LinearOperator):
         engine: ``"sequential"``: the module-wise engine described above; a model that is not
             an ``nn.Sequential`` of supported layers raises ``ValueError`` naming the layer.
             ``"autograd"``: any module; the blocks of :class:`~secondorder.GGN` or
-            :class:`~secondorder.Hessian` (for PCH, a Hessian recorded under
+            :class:`~secondorder.Hessian` built with ``engine="autograd"`` (for PCH, a Hessian recorded under
             :func:`~secondorder.curvature.pch.positive_curvature_mode`), at the price of about
             one full curvature product per block product. ``"auto"`` (default): sequential
             where supported, else autograd. The engine used is in :attr:`engine`.
@@ -631,12 +631,12 @@ class BlockDiagonalCurvature(LinearOperator):
                     raise
                 specs = None
         self.engine = "sequential" if specs is not None else "autograd"
-        if specs is None:
-            self._build_autograd(model, batches)
+        if specs is None:  # engine="autograd" is passed on; under "auto" GGN/Hessian choose
+            self._build_autograd(model, batches, "autograd" if engine == "autograd" else "auto")
         else:
             self._build_sequential(specs, batches)
 
-    def _build_autograd(self, model: nn.Module, batches: list[Batch]) -> None:
+    def _build_autograd(self, model: nn.Module, batches: list[Batch], engine: str) -> None:
         """Blocks of a generic curvature operator (PCH: Hessian recorded under the mode)."""
         from .ggn import GGN
         from .hessian import Hessian
@@ -646,9 +646,11 @@ class BlockDiagonalCurvature(LinearOperator):
         op: GGN | Hessian
         pg = self.process_group
         if self.curvature == "ggn":
-            op = GGN(model, self.loss_fn, batches, params=params, process_group=pg)
+            op = GGN(model, self.loss_fn, batches, params=params, process_group=pg, engine=engine)
         elif self.curvature == "hessian":
-            op = Hessian(model, self.loss_fn, batches, params=params, process_group=pg)
+            op = Hessian(
+                model, self.loss_fn, batches, params=params, process_group=pg, engine=engine
+            )
         else:
             with positive_curvature_mode(self.curvature[len("pch_") :]):
                 op = Hessian(
