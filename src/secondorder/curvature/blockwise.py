@@ -565,7 +565,7 @@ class BlockDiagonalCurvature(LinearOperator):
             where supported, else autograd. The engine used is in :attr:`engine`.
         process_group: ``torch.distributed`` group (``None``: one process); each rank holds
             its shard of the data, and block products, loss and gradient are all-reduced (one
-            flat all-reduce per sweep) and normalised by the global sample count.
+            flat all-reduce per sweep) and normalised by the global normaliser (:mod:`.weighting`).
 
     Raises:
         ValueError: For an unknown curvature or engine, an unsupported model or layer with

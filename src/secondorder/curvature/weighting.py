@@ -279,8 +279,8 @@ def _generic_is_mean(loss_fn: Any, batch: Batch | None, fmodel: Any) -> bool:
     as_mean, as_sum = (k * La + (n - k) * Lb) / n, La + Lb
     tol = (1e-9 if z.dtype == torch.float64 else 1e-4) * (abs(L) + abs(La) + abs(Lb)) + 1e-30
     is_mean, is_sum = abs(L - as_mean) <= tol, abs(L - as_sum) <= tol
-    if not all(math.isfinite(v) for v in (L, La, Lb)):
-        is_mean, is_sum = declared != "sum", declared == "sum"  # nothing to compare
+    if not math.isfinite(L):  # nothing to compare (a finite mean has finite halves)
+        is_mean, is_sum = declared != "sum", declared == "sum"
     if not (is_mean or is_sum):
         raise ValueError(
             f"loss_fn {loss_fn!r}: with several batches each batch is weighted assuming the loss "
@@ -288,7 +288,8 @@ def _generic_is_mean(loss_fn: Any, batch: Batch | None, fmodel: Any) -> bool:
             f"but on a batch of {n} samples it gives {L:.10g}, while its halves of {k} and "
             f"{n - k} samples give {La:.10g} and {Lb:.10g}: sample-weighted mean {as_mean:.10g}, "
             f"sum {as_sum:.10g}. Pass the data as one batch, or a loss that is a mean or a sum "
-            "over samples (e.g. a torch loss module with its own forward)"
+            "over samples (or a torch loss module with torch's own forward, whose normaliser "
+            "is known)"
         )
     mean = is_mean if not (is_mean and is_sum) else declared != "sum"
     try:
