@@ -473,3 +473,182 @@ def test_optimizer_losses_are_weighted_like_the_operators(name: str) -> None:
     loss, g = _loss_and_gradient(opt.fmodel, loss_fn, batches, lambda t: t)
     _close(loss, ref["loss"], "HF loss")
     _close(g, ref["grad"], "HF gradient")
+
+
+# --------------------------------------------------- Fisher rows: one row per position
+class _PositionModel(nn.Module):
+    """Outputs (N, S, D) for MSE/BCE, or (N, D, S) (class dimension 1) for cross-entropy."""
+
+    def __init__(self, class_dim_1: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = nn.Sequential(nn.Linear(IN, 3), nn.Tanh(), nn.Linear(3, C)).to(DT)
+        self.class_dim_1 = class_dim_1
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.net(x)  # (N, S, C)
+        return z.transpose(1, 2) if self.class_dim_1 else z
+
+
+_POSITION_LOSSES = {
+    "mse": (nn.MSELoss, lambda z, y: F.mse_loss(z, y, reduction="none").sum(-1)),
+    "bcelogits": (
+        nn.BCEWithLogitsLoss,
+        lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(-1),
+    ),
+    "ce": (nn.CrossEntropyLoss, lambda z, y: F.cross_entropy(z, y, reduction="none")),
+}
+
+
+def _position_problem(kind: str, reduction: str) -> dict[str, Any]:
+    S = 2
+    model = _PositionModel(kind == "ce")
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(4, S, IN, generator=g, dtype=DT)
+    if kind == "ce":
+        Y: Tensor = torch.randint(0, C, (4, S), generator=g)
+    elif kind == "mse":
+        Y = torch.randn(4, S, C, generator=g, dtype=DT)
+    else:
+        Y = torch.rand(4, S, C, generator=g, dtype=DT)
+    cls, per_position = _POSITION_LOSSES[kind]
+    loss_fn = cls(reduction=reduction)
+    names = [n for n, _ in model.named_parameters()]
+    values = [p.detach() for p in model.parameters()]
+    shapes, sizes = [v.shape for v in values], [v.numel() for v in values]
+    theta = torch.cat([v.reshape(-1) for v in values])
+
+    def f(th: Tensor) -> Tensor:
+        parts = [t.view(s) for t, s in zip(th.split(sizes), shapes)]
+        return functional_call(model, dict(zip(names, parts)), (X,))
+
+    z = f(theta).detach()
+    J = jacrev(f)(theta).reshape(z.numel(), -1)
+    Hz = jacrev(grad(lambda zz: loss_fn(zz.view(z.shape), Y)))(z.reshape(-1))
+    rows = jacrev(lambda th: per_position(f(th), Y).reshape(-1))(theta)  # (N S, P)
+    assert rows.shape[0] == 4 * S  # one row per position
+    if reduction == "sum":
+        s = 1.0
+    else:
+        s = 1.0 / (Y.numel() if kind == "ce" else z.numel())
+    return {
+        "model": model,
+        "loss_fn": loss_fn,
+        "X": X,
+        "Y": Y,
+        "ggn": J.T @ Hz @ J,
+        "empirical": s * rows.T @ rows,
+        "grad": grad(lambda th: loss_fn(f(th), Y))(theta),
+        "positions": 4 * S,
+    }
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", list(_POSITION_LOSSES))
+def test_fisher_rows_are_positions(kind: str, reduction: str) -> None:
+    p = _position_problem(kind, reduction)
+    model, loss_fn, X, Y = p["model"], p["loss_fn"], p["X"], p["Y"]
+    for data in ((X, Y), [(X[:1], Y[:1]), (X[1:], Y[1:])]):
+        emp = so.Fisher(model, loss_fn, data, kind="empirical")
+        _close(emp.to_dense(), p["empirical"], "empirical Fisher")
+        _close(
+            so.empirical_fisher_diagonal(model, loss_fn, data), p["empirical"].diagonal(), "EF diag"
+        )
+        _close(so.ggn_diagonal(model, loss_fn, data), p["ggn"].diagonal(), "ggn_diagonal")
+        _close(so.Fisher(model, loss_fn, data).to_dense(), p["ggn"], "exact Fisher")
+        low = so.LowRankGGN(model, loss_fn, data)
+        per_row = C - 1 if kind == "ce" else C  # softmax's null column dropped
+        assert low.num_columns == p["positions"] * per_row
+        _close(low.to_dense(), p["ggn"], "LowRankGGN")
+        _close(low.gradient(), p["grad"], "LowRankGGN gradient")
+        mc = so.LowRankGGN(model, loss_fn, data, mc_samples=2)
+        assert mc.num_columns == p["positions"] * 2
+
+
+@pytest.mark.parametrize("kind", list(_POSITION_LOSSES))
+def test_mc_fisher_expectation_is_the_exact_fisher(kind: str) -> None:
+    p = _position_problem(kind, "mean")
+    gen = torch.Generator().manual_seed(0)
+    mc = so.Fisher(
+        p["model"], p["loss_fn"], (p["X"], p["Y"]), kind="mc", num_samples=4000, generator=gen
+    ).to_dense()
+    rel = (mc - p["ggn"]).norm() / p["ggn"].norm()
+    assert rel < 0.06, f"MC Fisher relative error {rel:.3f}"
+
+
+# ------------------------------------------------------------------------ bad targets
+def _builders(model: nn.Module, loss_fn: Any, data: Any) -> list[Callable[[], Any]]:
+    out: list[Callable[[], Any]] = [
+        lambda: so.GGN(model, loss_fn, data),
+        lambda: so.Hessian(model, loss_fn, data),
+        lambda: so.Hessian(model, loss_fn, data, engine="autograd"),
+        lambda: so.BlockDiagonalCurvature(model, loss_fn, data),
+        lambda: so.BlockDiagonalCurvature(model, loss_fn, data, curvature="hessian"),
+    ]
+    from secondorder.curvature.losses import supports_likelihood
+
+    if supports_likelihood(loss_fn):
+        out += [
+            lambda: so.Fisher(model, loss_fn, data, kind="empirical"),
+            lambda: so.ggn_diagonal(model, loss_fn, data),
+            lambda: so.LowRankGGN(model, loss_fn, data),
+        ]
+    return out
+
+
+_BAD_TARGETS = [
+    ("ce", lambda: nn.CrossEntropyLoss(), torch.zeros(N, 1, dtype=torch.long), r"\(9,\)"),
+    ("ce", lambda: nn.CrossEntropyLoss(), torch.zeros(N - 1, dtype=torch.long), r"\(9,\)"),
+    ("ce", lambda: nn.CrossEntropyLoss(), torch.zeros(N, dtype=torch.int32), "torch.int64"),
+    ("ce", lambda: nn.CrossEntropyLoss(), torch.zeros(N, C + 1, dtype=DT), r"\(9, 3\)"),
+    ("ce", lambda: nn.CrossEntropyLoss(), torch.full((N,), C), r"\[0, 3\)"),
+    (
+        "ce-w",
+        lambda: nn.CrossEntropyLoss(weight=_class_weight()),
+        torch.zeros(N, 1).long(),
+        r"\(9,\)",
+    ),
+    ("nll", lambda: nn.NLLLoss(), torch.zeros(N, C, dtype=DT), r"\(9,\)"),
+    ("mse", lambda: nn.MSELoss(), torch.zeros(N, dtype=DT), r"\(9, 3\)"),
+    ("mse", lambda: nn.MSELoss(), torch.zeros(N + 1, C, dtype=DT), r"\(9, 3\)"),
+    ("bcelogits", lambda: nn.BCEWithLogitsLoss(), torch.zeros(N, C, dtype=torch.long), "floating"),
+    ("l1", lambda: nn.L1Loss(), torch.zeros(N, 1, dtype=DT), r"\(9, 3\)"),
+    (
+        "kldiv",
+        lambda: nn.KLDivLoss(reduction="batchmean"),
+        torch.zeros(N, 2, dtype=DT),
+        r"\(9, 3\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_BAD_TARGETS)))
+def test_bad_targets_name_what_is_expected(case: int) -> None:
+    _, make, Y, pattern = _BAD_TARGETS[case]
+    model, loss_fn = _model(), make()
+    X = torch.randn(N, IN, dtype=DT)
+    for build in _builders(model, loss_fn, (X, Y)):
+        with pytest.raises(ValueError, match=pattern):
+            build()
+    # in a list of batches (the bad batch second), too
+    good = _reference("ce-index-mean-ignoreNone-weightFalse-ls0.0")["Y"][:3]
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        good = torch.zeros(3, C, dtype=DT)
+    with pytest.raises(ValueError, match=pattern):
+        so.GGN(model, loss_fn, [(X[:3], good), (X, Y)])
+
+
+def test_targets_torch_accepts_are_accepted() -> None:
+    model = _model()
+    X = torch.randn(N, IN, dtype=DT)
+    y = torch.randint(0, C, (N,))
+    z = model(X).detach()
+    probs32 = torch.softmax(torch.randn(N, C), -1)  # float32 probabilities, float64 outputs
+    for loss_fn, Y in (
+        (nn.CrossEntropyLoss(), y.to(torch.uint8)),
+        (nn.CrossEntropyLoss(), probs32),
+        (nn.NLLLoss(), y.to(torch.uint8)),
+        (nn.MSELoss(), torch.randint(0, 2, (N, C))),
+    ):
+        G = so.GGN(model, loss_fn, (X, Y))
+        _close(G.loss.reshape(()), loss_fn(z, Y), f"{loss_fn} loss")

@@ -187,7 +187,7 @@ class _CrossEntropy(_RowLoss):
             weight = t.sum(-1, keepdim=True)
             t = (1 - eps) * t + eps / C * weight
         else:
-            y = targets.reshape(-1)
+            y = targets.reshape(-1).long()  # uint8 indices too, as torch
             keep = y != loss_fn.ignore_index
             weight = keep.to(z.dtype).unsqueeze(-1)
             t = F.one_hot(torch.where(keep, y, 0), C).to(z.dtype)
