@@ -255,7 +255,11 @@ def _reference(name: str) -> dict[str, Tensor]:
 
     z = f(theta).detach()
     J = jacrev(f)(theta).reshape(z.numel(), -1)
-    Hz = jacrev(grad(lambda zz: loss_fn(zz.view(z.shape), Y)))(z.reshape(-1))
+
+    def output_loss(zz: Tensor) -> Tensor:
+        return loss_fn(zz.view(z.shape), Y)
+
+    Hz = jacrev(grad(output_loss))(z.reshape(-1))
     ref = {
         "X": X,
         "Y": Y,
@@ -265,9 +269,10 @@ def _reference(name: str) -> dict[str, Tensor]:
         "ggn": J.T @ Hz @ J,
         "sizes": torch.tensor(sizes),
     }
-    if case.rows is not None and case.likelihood:
-        per_row, s = case.rows(loss_fn, z, Y)
-        G = jacrev(lambda th: case.rows(loss_fn, f(th), Y)[0])(theta)  # (R, P)
+    rows_of = case.rows
+    if rows_of is not None and case.likelihood:
+        per_row, s = rows_of(loss_fn, z, Y)
+        G = jacrev(lambda th: rows_of(loss_fn, f(th), Y)[0])(theta)  # (R, P)
         ref["empirical"] = s * G.T @ G
         assert per_row.ndim == 1
     return ref
@@ -524,7 +529,11 @@ def _position_problem(kind: str, reduction: str) -> dict[str, Any]:
 
     z = f(theta).detach()
     J = jacrev(f)(theta).reshape(z.numel(), -1)
-    Hz = jacrev(grad(lambda zz: loss_fn(zz.view(z.shape), Y)))(z.reshape(-1))
+
+    def output_loss(zz: Tensor) -> Tensor:
+        return loss_fn(zz.view(z.shape), Y)
+
+    Hz = jacrev(grad(output_loss))(z.reshape(-1))
     rows = jacrev(lambda th: per_position(f(th), Y).reshape(-1))(theta)  # (N S, P)
     assert rows.shape[0] == 4 * S  # one row per position
     if reduction == "sum":
