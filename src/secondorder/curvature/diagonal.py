@@ -343,8 +343,8 @@ def empirical_fisher_diagonal(
         = \sum_b w_b\, s_b \sum_r \big(J_r^\top \nabla_{z_r} \ell_r(y_r)\big)^{\odot 2},
 
     with the same normalisation as ``Fisher(model, loss_fn, data, kind="empirical")`` (rows and
-    :math:`s_b` as in :mod:`.losses`; rows are samples except for cross-entropy on ``(N, C, *d)``
-    outputs, where every position is a row). Costs about one gradient.
+    :math:`s_b` as in :mod:`.losses`: one row per position, every index but the class dimension 1
+    for cross-entropy and every index but the last for MSE and BCE). Costs about one gradient.
 
     Args:
         model: Any ``nn.Module`` whose samples are independent (BatchNorm in eval mode).
