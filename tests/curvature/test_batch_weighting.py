@@ -661,3 +661,42 @@ def test_targets_torch_accepts_are_accepted() -> None:
     ):
         G = so.GGN(model, loss_fn, (X, Y))
         _close(G.loss.reshape(()), loss_fn(z, Y), f"{loss_fn} loss")
+
+
+# --------------------------------------------------------------------- data passes
+class _CountingLoader:
+    """A re-iterable over fixed batches that counts its passes."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self) -> Any:
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("loss", ["ce-index-mean-ignore1-weightTrue-ls0.0", "callable-mean"])
+def test_streamed_data_is_read_once_at_construction(loss: str) -> None:
+    ref, case = _reference(loss), CASES[loss]
+    loader = _CountingLoader(_split_data(ref, SPLITS))
+    G = so.GGN(_model(), case.make(), loader, cache=False, check_deterministic=False)
+    assert loader.passes == 1
+    assert G.num_samples == N
+    _close(G.to_dense(), ref["ggn"], "GGN")
+    cached = _CountingLoader(_split_data(ref, SPLITS))
+    so.GGN(_model(), case.make(), cached, cache=True)
+    assert cached.passes == 1
+
+
+def test_reduction_check_leaves_buffers_alone() -> None:
+    from secondorder.curvature.model import FunctionalModel, as_batches
+    from secondorder.curvature.weighting import batch_weights
+
+    model = nn.Sequential(nn.Linear(IN, 4), nn.BatchNorm1d(4), nn.Linear(4, C)).to(DT).train()
+    before = [b.clone() for b in model.buffers()]
+    X, Y = torch.randn(N, IN, dtype=DT), torch.randn(N, C, dtype=DT)
+    batches = list(as_batches([(X[:4], Y[:4]), (X[4:], Y[4:])]))
+    weights = batch_weights(lambda z, y: ((z - y) ** 2).mean(), batches, FunctionalModel(model))
+    assert weights.mean and weights.weights(batches) == [4 / N, 5 / N]
+    for b, saved in zip(model.buffers(), before):
+        assert torch.equal(b, saved)

@@ -169,15 +169,17 @@ class CurvatureOperator(LinearOperator):
         self._loss: Tensor | None = None
         self._gradient: Tensor | None = None
         # one pass over the data (a streamed loader included) counts the normalisers
-        self._weighting: BatchWeights = batch_weights(loss_fn, batches, self.fmodel, process_group)
+        blist = list(batches) if not self._streamed else []
+        self._weighting: BatchWeights = batch_weights(
+            loss_fn, blist if not self._streamed else batches, self.fmodel, process_group
+        )
         if not self._streamed:
-            blist = list(batches)
-            self.local_num_samples = sum(b.size for b in blist)
+            self.local_num_samples = self._weighting.local_samples
             self.num_samples = self._global_count(self.local_num_samples)
             weighted = [(b, self._weight(b)) for b in blist]
             self._states = [(self._prepare(b), w) for b, w in weighted if w != 0.0]
         else:
-            self.local_num_samples = sum(b.size for b in batches)
+            self.local_num_samples = self._weighting.local_samples  # counted in the same pass
             self.num_samples = self._global_count(self.local_num_samples)
             if check_deterministic:
                 self._check_deterministic()

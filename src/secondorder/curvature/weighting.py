@@ -149,12 +149,14 @@ class BatchWeights:
         loss_fn: The loss.
         mean: False for a sum (every weight is 1).
         total: The global normaliser :math:`D` (1 for a sum).
+        local_samples: The number of samples in this rank's batches (counted in the same pass).
     """
 
-    def __init__(self, loss_fn: Any, mean: bool, total: float) -> None:
+    def __init__(self, loss_fn: Any, mean: bool, total: float, local_samples: int = 0) -> None:
         self.loss_fn = loss_fn
         self.mean = mean
         self.total = total
+        self.local_samples = local_samples
 
     def normaliser(self, batch: Batch) -> float:
         r""":math:`D_b` of ``batch`` (the batch size for a generic callable)."""
@@ -194,9 +196,10 @@ def batch_weights(
             normalisers of a ``"mean"`` add up to 0 (every target ignored).
     """
     cls = torch_loss_class(loss_fn)
-    local, count, candidate = 0.0, 0, None
+    local, count, samples, candidate = 0.0, 0, 0, None
     for batch in batches:
         count += 1
+        samples += batch.size
         if cls is not None:
             local += batch_normaliser(loss_fn, batch.targets)  # type: ignore[operator]
         else:
@@ -229,7 +232,7 @@ def batch_weights(
             f"(ignore_index={getattr(loss_fn, 'ignore_index', None)!r}) or has weight 0: the "
             "mean loss is 0/0"
         )
-    return BatchWeights(loss_fn, mean, total if mean else 1.0)
+    return BatchWeights(loss_fn, mean, total if mean else 1.0, samples)
 
 
 def _split(obj: Any, n: int, k: int) -> tuple[Any, Any]:
