@@ -304,10 +304,6 @@ class _BCEWithLogits(_RowLoss):
         return torch.diag_embed(self._curv.sqrt())
 
 
-def _shape(t: Any) -> str:
-    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
-
-
 def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
     """Refuse targets a listed torch loss would refuse or broadcast, naming what it expects.
 
