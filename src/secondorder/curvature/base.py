@@ -4,12 +4,15 @@ Every curvature matrix :math:`C` here is a sum over batches,
 
 .. math::
     C = \sum_b w_b \, C_b, \qquad
-    w_b = \begin{cases} N_b / N & \text{reduction "mean"} \\ 1 & \text{reduction "sum"}\end{cases}
+    w_b = \begin{cases} D_b / D & \text{reduction "mean"} \\ 1 & \text{reduction "sum"}\end{cases}
 
-where :math:`C_b` is the curvature of the loss on batch :math:`b` (:math:`N_b` samples out of
-:math:`N`), so that the operator on several batches equals the operator on the concatenated
-batch. The loop over batches lives here; subclasses implement ``_prepare`` (work done once per
-batch: the forward pass and the linearisation) and ``_apply`` (one product on one batch).
+where :math:`C_b` is the curvature of the loss on batch :math:`b` and :math:`D_b` the
+normaliser of its mean (:math:`D = \sum_b D_b`): the number of samples, of non-ignored targets,
+the sum of the targets' class weights, ... as the loss defines it (:mod:`.weighting`), so that
+the operator on several batches equals the operator on the concatenated batch. Batches with
+:math:`w_b = 0` (every target ignored) are skipped. The loop over batches lives here;
+subclasses implement ``_prepare`` (work done once per batch: the forward pass and the
+linearisation) and ``_apply`` (one product on one batch).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from ..linalg.operator import BlockDiagonal, LinearOperator
 from .model import Batch, FunctionalModel, as_batches
+from .weighting import BatchWeights, batch_weights
 
 __all__ = ["CurvatureOperator", "allreduce_sum", "global_count"]
 
@@ -126,10 +130,12 @@ class CurvatureOperator(LinearOperator):
         process_group: A ``torch.distributed`` process group for data-parallel use (``None``:
             one process). Each rank holds its shard of the data; every product, the loss and
             the gradient are all-reduced (one flat all-reduce each) and normalised by the global
-            number of samples, so every rank sees the operator of the global batch.
+            normaliser (:mod:`.weighting`), so every rank sees the operator of the global batch.
 
     Raises:
-        ValueError: For empty data, a model without trainable parameters, or bad arguments.
+        ValueError: For empty data, a model without trainable parameters, bad arguments, data
+            whose every target is ignored, or a generic loss callable that is neither a mean
+            nor a sum over samples (:mod:`.weighting`).
     """
 
     SELF_ADJOINT = True
@@ -162,14 +168,18 @@ class CurvatureOperator(LinearOperator):
         self._states: list[tuple[Any, float]] | None = None
         self._loss: Tensor | None = None
         self._gradient: Tensor | None = None
+        # one pass over the data (a streamed loader included) counts the normalisers
+        blist = list(batches) if not self._streamed else []
+        self._weighting: BatchWeights = batch_weights(
+            loss_fn, blist if not self._streamed else batches, self.fmodel, process_group
+        )
         if not self._streamed:
-            blist = list(batches)
-            sizes = [b.size for b in blist]
-            self.local_num_samples = sum(sizes)
+            self.local_num_samples = self._weighting.local_samples
             self.num_samples = self._global_count(self.local_num_samples)
-            self._states = [(self._prepare(b), self._weight(n)) for b, n in zip(blist, sizes)]
+            weighted = [(b, self._weight(b)) for b in blist]
+            self._states = [(self._prepare(b), w) for b, w in weighted if w != 0.0]
         else:
-            self.local_num_samples = sum(b.size for b in batches)
+            self.local_num_samples = self._weighting.local_samples  # counted in the same pass
             self.num_samples = self._global_count(self.local_num_samples)
             if check_deterministic:
                 self._check_deterministic()
@@ -217,15 +227,18 @@ class CurvatureOperator(LinearOperator):
         return allreduce_sum(tensors, self.process_group)
 
     # ---------------------------------------------------------------------- batches
-    def _weight(self, batch_size: int) -> float:
-        return batch_size / self.num_samples if self.reduction == "mean" else 1.0
+    def _weight(self, batch: Batch) -> float:
+        r"""The batch's weight :math:`w_b` (:mod:`.weighting`)."""
+        return self._weighting.weight(batch)
 
     def _iter_states(self) -> Iterator[tuple[Any, float]]:
         if self._states is not None:
             yield from self._states
             return
         for batch in self._batches:
-            yield self._prepare(batch), self._weight(batch.size)
+            weight = self._weight(batch)
+            if weight != 0.0:  # every target ignored: nothing to add (its own mean is 0/0)
+                yield self._prepare(batch), weight
 
     def _check_deterministic(self) -> None:
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -255,8 +268,13 @@ class CurvatureOperator(LinearOperator):
             else:
                 for t, p in zip(total, part):
                     t.add_(p, alpha=weight)
-        if total is None:  # unreachable: as_batches refuses empty data
-            raise ValueError("data: expected at least one batch, got none")
+        if total is None:  # every batch of this rank has weight 0
+            idx = range(len(self.fmodel.params)) if indices is None else indices
+            K = next(t.shape[0] for t in tangents if t is not None)
+            total = [
+                torch.zeros(K, *self.fmodel.shapes[i], dtype=self.dtype, device=self.device)
+                for i in idx
+            ]
         return self._allreduce(total)
 
     def _accumulate_flat(
@@ -353,7 +371,11 @@ class CurvatureOperator(LinearOperator):
             else:
                 for t, gi in zip(grad, g):
                     t.add_(gi, alpha=weight)
-        assert loss is not None and grad is not None
+        if loss is None or grad is None:  # every batch of this rank has weight 0
+            loss = torch.zeros((), dtype=self.dtype, device=self.device)
+            grad = [
+                torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.fmodel.shapes
+            ]
         loss_and_grad = self._allreduce([loss.detach().reshape(1).to(grad[0].dtype), *grad])
         self._loss = loss_and_grad[0].reshape(()).to(loss.dtype)
         self._gradient = self.fmodel.flatten(loss_and_grad[1:])

@@ -67,6 +67,7 @@ from .activations import (
 from .base import allreduce_sum, global_count
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel, as_batches
+from .weighting import batch_weights
 
 __all__ = [
     "CURVATURES",
@@ -542,9 +543,10 @@ class BlockDiagonalCurvature(LinearOperator):
     per trainable parameter tensor (weight and bias of a layer are separate blocks), where
     :math:`H^{\rho}_{z_j,b}` is the output Hessian of layer :math:`j` on batch :math:`b`
     backpropagated with the residual terms modified by :math:`\rho` (module docstring) and
-    :math:`w_b` the batch weight (:math:`N_b/N` for reduction ``"mean"``, 1 for ``"sum"``), so
-    several batches sum to the full-batch blocks. ``"hessian"`` blocks equal the diagonal blocks
-    of :class:`~secondorder.Hessian`, ``"ggn"`` blocks those of :class:`~secondorder.GGN`.
+    :math:`w_b` the batch weight (:math:`D_b/D` for ``"mean"``, :mod:`.weighting`; 1 for
+    ``"sum"``), so several batches sum to the full-batch blocks. ``"hessian"`` blocks equal the
+    diagonal blocks of :class:`~secondorder.Hessian`, ``"ggn"`` blocks those of
+    :class:`~secondorder.GGN`.
 
     Building the operator runs one forward and one backward pass per batch (which also give
     :attr:`loss` and :meth:`gradient`); every product then sweeps only through the layers above
@@ -565,13 +567,14 @@ class BlockDiagonalCurvature(LinearOperator):
         engine: ``"sequential"``: the module-wise engine described above; a model that is not
             an ``nn.Sequential`` of supported layers raises ``ValueError`` naming the layer.
             ``"autograd"``: any module; the blocks of :class:`~secondorder.GGN` or
-            :class:`~secondorder.Hessian` built with ``engine="autograd"`` (for PCH, a Hessian recorded under
-            :func:`~secondorder.curvature.pch.positive_curvature_mode`), at the price of about
-            one full curvature product per block product. ``"auto"`` (default): sequential
-            where supported, else autograd. The engine used is in :attr:`engine`.
+            :class:`~secondorder.Hessian` built with ``engine="autograd"`` (for PCH, a Hessian
+            recorded under :func:`~secondorder.curvature.pch.positive_curvature_mode`), at the
+            price of about one full curvature product per block product. ``"auto"``
+            (default): sequential where supported, else autograd. The engine used is in
+            :attr:`engine`.
         process_group: ``torch.distributed`` group (``None``: one process); each rank holds
             its shard of the data, and block products, loss and gradient are all-reduced (one
-            flat all-reduce per sweep) and normalised by the global sample count.
+            flat all-reduce per sweep) and normalised by the global normaliser (:mod:`.weighting`).
 
     Raises:
         ValueError: For an unknown curvature or engine, an unsupported model or layer with
@@ -664,13 +667,11 @@ class BlockDiagonalCurvature(LinearOperator):
     def _build_sequential(self, specs: list[tuple[str, nn.Module]], batches: list[Batch]) -> None:
         self._specs = specs
         self._lowest = min(j for j, _ in self._layer_of)
-        reduction = getattr(self.loss_fn, "reduction", "mean")
         sizes = [b.size for b in batches]
         self.num_samples = global_count(sum(sizes), self.process_group)
-        self._passes = [
-            self._forward(b, n / self.num_samples if reduction == "mean" else 1.0)
-            for b, n in zip(batches, sizes)
-        ]
+        weighting = batch_weights(self.loss_fn, batches, self.fmodel, self.process_group)
+        weights = weighting.weights(batches)  # D_b / D (.weighting); 0: every target ignored
+        self._passes = [self._forward(b, w) for b, w in zip(batches, weights) if w != 0.0]
         self.IS_PSD = self.curvature != "hessian" and all(p.terms.is_psd for p in self._passes)
         self._loss = torch.stack([p.loss * p.weight for p in self._passes]).sum()
         grads = [

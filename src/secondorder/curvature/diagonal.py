@@ -35,12 +35,13 @@ one matrix product per layer after one batched backward of the :math:`C` (GGN) o
 (empirical Fisher) cotangents: per-sample gradients are never formed.
 
 Over several batches the diagonals combine like the operators
-(:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`N_b / N` for
-``reduction="mean"`` and 1 for ``"sum"``, so the result equals the diagonal of the operator on
+(:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`D_b / D` for
+``reduction="mean"`` (:math:`D_b` the normaliser of batch :math:`b`'s mean, see
+:mod:`.weighting`) and 1 for ``"sum"``, so the result equals the diagonal of the operator on
 the concatenated batch. With a ``process_group`` (data-parallel training), each rank passes its
-shard; the weighted sums and the sample counts are all-reduced (one flat all-reduce) and the
-result is normalised by the global number of samples, so every rank gets the diagonal of the
-global batch.
+shard; the weighted sums and the normalisers are all-reduced (one flat all-reduce) and the
+result is normalised by the global normaliser, so every rank gets the diagonal of the global
+batch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from .per_sample import (
     take_samples,
 )
 from .probes import ProbedForward, probed_forward
+from .weighting import batch_normaliser
 
 __all__ = [
     "DiagonalInfo",
@@ -241,33 +243,47 @@ def _combine(
     data: Any,
     per_batch: Callable[[Batch], tuple[Tensor, float]],
     process_group: Any = None,
+    by_samples: bool = False,
 ) -> Tensor:
-    r"""Weight per-batch diagonals like the operators: ``N_b / N`` (mean) or 1 (sum).
+    r"""Weight per-batch diagonals like the operators: ``D_b / D`` (mean) or 1 (sum).
 
     .. math::
-        d = \frac{1}{N} \sum_{\text{ranks}} \sum_b N_b\, s_b\, d_b \ (\text{mean}), \qquad
+        d = \frac{1}{D} \sum_{\text{ranks}} \sum_b D_b\, s_b\, d_b \ (\text{mean}), \qquad
         d = \sum_{\text{ranks}} \sum_b s_b\, d_b \ (\text{sum}),
 
-    with :math:`N` the number of samples on all ranks of ``process_group`` (one flat
-    all-reduce of the sums and the count).
+    with :math:`D_b` the normaliser of batch :math:`b`'s mean (:mod:`.weighting`; the batch
+    size with ``by_samples``) and :math:`D` its sum on all ranks of ``process_group`` (one flat
+    all-reduce of the sums and the count). Batches with :math:`D_b = 0` are skipped.
 
     Raises:
-        ValueError: If ``data`` holds no batch.
+        ValueError: If ``data`` holds no batch, or every target is ignored.
     """
-    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    if by_samples:
+        mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    else:
+        mean = getattr(loss_fn, "reduction", "mean") != "sum"
     total: Tensor | None = None
-    count = 0
+    count = 0.0
     for batch in as_batches(data):
+        norm = batch_normaliser(loss_fn, batch.targets) if not by_samples else None
+        norm = float(batch.size) if norm is None else norm
+        if mean and norm == 0:  # every target ignored: nothing to add
+            continue
         d, scale = per_batch(batch)
-        d = d * (scale * batch.size if mean else scale)
-        count += batch.size
+        d = d * (scale * norm if mean else scale)
+        count += norm
         total = d if total is None else total + d
     if total is None:
+        if count == 0 and not by_samples:
+            raise ValueError(
+                f"{type(loss_fn).__name__}: every target of the data is ignored: the mean loss "
+                "is 0/0"
+            )
         raise ValueError("data: expected at least one batch, got none")
     if process_group is not None:
-        counted = torch.tensor([float(count)], dtype=total.dtype, device=total.device)
+        counted = torch.tensor([count], dtype=total.dtype, device=total.device)
         (reduced,) = allreduce_sum([torch.cat([total, counted])], process_group)
-        total, count = reduced[:-1], round(float(reduced[-1]))
+        total, count = reduced[:-1], float(reduced[-1])
     return total / count if mean else total
 
 
@@ -412,8 +428,8 @@ def empirical_fisher_diagonal(
         = \sum_b w_b\, s_b \sum_r \big(J_r^\top \nabla_{z_r} \ell_r(y_r)\big)^{\odot 2},
 
     with the same normalisation as ``Fisher(model, loss_fn, data, kind="empirical")`` (rows and
-    :math:`s_b` as in :mod:`.losses`; rows are samples except for cross-entropy on ``(N, C, *d)``
-    outputs, where every position is a row). Costs about one gradient.
+    :math:`s_b` as in :mod:`.losses`: one row per position, every index but the class dimension 1
+    for cross-entropy and every index but the last for MSE and BCE). Costs about one gradient.
 
     Args:
         model: Any ``nn.Module`` (coupled samples: see :mod:`.per_sample`).
@@ -580,5 +596,5 @@ def per_sample_gradient_diagonal(
         # _combine multiplies by N_b (mean) and divides by N: d = (1/N) sum_i
         return total / n if mean else total, 1.0
 
-    d = _combine(loss_fn, data, per_batch, process_group)
+    d = _combine(loss_fn, data, per_batch, process_group, by_samples=True)
     return (d, info) if return_info else d

@@ -19,9 +19,13 @@ _KINDS = ("exact", "mc", "empirical")
 class Fisher(GGN):
     r"""Fisher information of the model's predictive distribution, in one of three kinds.
 
-    With the loss written as :math:`L = s \sum_r \ell_r` over independent rows (samples, or
-    positions for cross-entropy on ``(N, C, *d)`` outputs), :math:`\ell_r = -\log p(y_r\mid z_r)`
-    and :math:`J_r = \partial z_r / \partial\theta`:
+    With the loss written as :math:`L = s \sum_r \ell_r` over independent rows,
+    :math:`\ell_r = -\log p(y_r\mid z_r)` and :math:`J_r = \partial z_r / \partial\theta`. One
+    row is one prediction, one position of one sample, for every loss (:mod:`.losses`):
+    cross-entropy on outputs ``(N, C, *d)`` has ``N prod(d)`` rows of ``C`` logits (every index
+    but the class dimension 1), MSE and BCE-with-logits on outputs ``(N, *d, D)`` have
+    ``N prod(d)`` rows of ``D`` entries (every index but the last); ``(N, D)`` outputs give ``N``
+    rows.
 
     - ``"exact"``: :math:`F = s \sum_r J_r^\top \mathbb{E}_{\hat y\sim p(\cdot\mid z_r)}
       [\nabla\ell_r(\hat y) \nabla\ell_r(\hat y)^\top] J_r = s \sum_r J_r^\top \nabla^2 \ell_r
@@ -33,7 +37,11 @@ class Fisher(GGN):
     - ``"empirical"``: the true targets instead of samples,
       :math:`s \sum_r J_r^\top \nabla\ell_r(y_r) \nabla\ell_r(y_r)^\top J_r`.
 
-    Over several batches the operators combine as in :class:`CurvatureOperator`.
+    The rows matter for the empirical and Monte-Carlo kinds (the exact Fisher is the same for
+    any grouping): the empirical Fisher sums the outer products of per-position gradients, and
+    the Monte-Carlo Fisher draws targets per position, so positions of one sample add no
+    cross terms. Over several batches the operators combine as in :class:`CurvatureOperator`
+    (weights :math:`D_b / D`, :mod:`.weighting`).
 
     Args:
         model: Any ``nn.Module``.

@@ -34,7 +34,8 @@ class GGN(CurvatureOperator):
 
     with :math:`J_b = \partial z_b / \partial \theta` the Jacobian of batch :math:`b`'s outputs
     and :math:`\nabla_z^2 L_b` the Hessian of its loss (which carries the reduction's
-    :math:`1/N_b` for ``"mean"``); :math:`w_b` as in :class:`CurvatureOperator`. The output
+    :math:`1/D_b` for ``"mean"``); :math:`w_b = D_b / D` as in :class:`CurvatureOperator`
+    (:mod:`.weighting`). The output
     Hessian has a closed form for cross-entropy, MSE and BCE-with-logits; any other loss
     callable uses autograd. Each product costs one :math:`Jv` and one :math:`J^\top u`, reusing
     the forward pass made when the operator was built.

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .linearization import backward_into, batched_grad
-from .losses import _check_scalar
+from .losses import _check_scalar, check_targets
 from .mlp_hessian import MLPHessian, mlp_layers
 from .model import Batch
 
@@ -76,6 +76,7 @@ class Hessian(CurvatureOperator):
         leaves = self.fmodel.leaves()
         with torch.enable_grad():
             out = self.fmodel(leaves, batch.inputs)
+            check_targets(self.loss_fn, out, batch.targets)
             loss = _loss_of(self.loss_fn, out, batch.targets)
             _check_scalar(loss, self.loss_fn)
             grad = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)

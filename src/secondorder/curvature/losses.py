@@ -11,11 +11,22 @@ materialising any matrix:
   targets (empirical Fisher), gradients with targets sampled from the model's predictive
   distribution (Monte-Carlo Fisher), and symmetric factors :math:`S_r S_r^\top = \nabla^2 \ell_r`.
 
-Rows are: for ``CrossEntropyLoss`` each position of an output ``(N, C, *d)`` (the class
-dimension moved last), for ``MSELoss`` and ``BCEWithLogitsLoss`` each sample (its outputs
-flattened). The scale :math:`s` follows the loss's ``reduction``: ``"sum"`` gives 1, ``"mean"``
-gives one over the number of rows (cross-entropy, non-ignored rows) or of output entries (MSE,
-BCE), so every quantity is the exact derivative of the loss the user minimises.
+**Rows.** One row is one prediction: one position of one sample. For ``CrossEntropyLoss`` on
+outputs ``(N, C, *d)`` a row is every index except the class dimension 1 (``N prod(d)`` rows of
+``C`` entries); for ``MSELoss`` and ``BCEWithLogitsLoss`` on outputs ``(N, *d, D)`` a row is
+every index except the last (feature) dimension (``N prod(d)`` rows of ``D`` entries), so
+``(N, D)`` outputs give ``N`` rows and ``(N,)`` outputs ``N`` rows of one entry. The empirical
+Fisher :math:`s \sum_r J_r^\top \nabla\ell_r \nabla\ell_r^\top J_r`, its diagonal, the
+Monte-Carlo Fisher and the low-rank GGN's factors all use these rows (as curvlinops does).
+
+The scale :math:`s` follows the loss's ``reduction``: ``"sum"`` gives 1, ``"mean"`` gives one
+over the batch's normaliser (cross-entropy: non-ignored rows, or rows for class probabilities;
+MSE, BCE: output entries; see :mod:`.weighting`), so every quantity is the exact derivative of
+the loss the user minimises.
+
+**Closed forms** apply only to the torch classes themselves and to subclasses that keep their
+``forward`` (:func:`~secondorder.curvature.weighting.torch_loss_class`); a subclass with its own
+``forward``, like any other callable, goes through autograd (:class:`LossTerms`).
 
 Tangents ``U`` have the shape of ``z`` or carry a leading column dimension ``(K, *z.shape)``.
 """
@@ -29,7 +40,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["LossTerms", "loss_terms", "supports_likelihood"]
+from .weighting import torch_loss_class
+
+__all__ = ["LossTerms", "check_targets", "loss_terms", "supports_likelihood"]
 
 
 class LossTerms:
@@ -138,7 +151,8 @@ class _RowLoss(LossTerms):
 
     def to_rows(self, U: Tensor) -> Tensor:
         lead = U.shape[: U.ndim - self.z.ndim]
-        return U.reshape(*lead, self.z.shape[0], -1)
+        width = self.z.shape[-1] if self.z.ndim >= 2 else 1  # one row per position
+        return U.reshape(*lead, -1, width)
 
     def from_rows(self, rows: Tensor) -> Tensor:
         lead = rows.shape[:-2]
@@ -173,7 +187,7 @@ class _CrossEntropy(_RowLoss):
             weight = t.sum(-1, keepdim=True)
             t = (1 - eps) * t + eps / C * weight
         else:
-            y = targets.reshape(-1)
+            y = targets.reshape(-1).long()  # uint8 indices too, as torch
             keep = y != loss_fn.ignore_index
             weight = keep.to(z.dtype).unsqueeze(-1)
             t = F.one_hot(torch.where(keep, y, 0), C).to(z.dtype)
@@ -187,12 +201,16 @@ class _CrossEntropy(_RowLoss):
         self.grad_output = self.from_rows(self._row_grad * self._scale)
 
     def to_rows(self, U: Tensor) -> Tensor:
+        if self.z.ndim == 1:  # unbatched (C,): one row
+            return U.unsqueeze(-2)
         if not self._classdim_last:
             return U
         lead = U.ndim - self.z.ndim
         return U.movedim(lead + 1, -1).reshape(*U.shape[:lead], -1, self.z.shape[1])
 
     def from_rows(self, rows: Tensor) -> Tensor:
+        if self.z.ndim == 1:
+            return rows.squeeze(-2)
         if not self._classdim_last:
             return rows
         lead = rows.shape[:-2]
@@ -233,11 +251,6 @@ class _MSE(_RowLoss):
 
     def __init__(self, loss_fn: nn.MSELoss, z: Tensor, targets: Tensor) -> None:
         super().__init__(z)
-        if targets.shape != z.shape:
-            raise ValueError(
-                f"MSELoss: targets must have the outputs' shape {tuple(z.shape)}, "
-                f"got {tuple(targets.shape)}"
-            )
         self._scale = 1.0 / z.numel() if loss_fn.reduction == "mean" else 1.0
         diff = self.z - targets.to(z.dtype)
         self.value = diff.square().sum() * self._scale
@@ -268,11 +281,6 @@ class _BCEWithLogits(_RowLoss):
 
     def __init__(self, loss_fn: nn.BCEWithLogitsLoss, z: Tensor, targets: Tensor) -> None:
         super().__init__(z)
-        if targets.shape != z.shape:
-            raise ValueError(
-                f"BCEWithLogitsLoss: targets must have the outputs' shape {tuple(z.shape)}, "
-                f"got {tuple(targets.shape)}"
-            )
         self._scale = 1.0 / z.numel() if loss_fn.reduction == "mean" else 1.0
         y = targets.to(z.dtype)
         self.sigma = torch.sigmoid(self.z)
@@ -296,6 +304,73 @@ class _BCEWithLogits(_RowLoss):
         return torch.diag_embed(self._curv.sqrt())
 
 
+def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
+    """Refuse targets a listed torch loss would refuse or broadcast, naming what it expects.
+
+    Cross-entropy and NLL take class indices of dtype ``torch.int64`` (or ``torch.uint8``) and
+    the outputs' shape without the class dimension 1 (``(N, *d)`` for outputs ``(N, C, *d)``,
+    ``()`` for ``(C,)``), or (cross-entropy only) class probabilities of the outputs' shape and
+    a floating dtype; indices lie in ``[0, C)`` unless equal to ``ignore_index``. The elementwise
+    losses take targets of the outputs' shape (no broadcasting); the BCE and KL losses a
+    floating dtype. Generic callables are not checked.
+
+    Args:
+        loss_fn: The loss.
+        z: The batch's outputs.
+        targets: The batch's targets.
+
+    Raises:
+        ValueError: If the targets do not fit, naming the expected shape and dtype.
+    """
+    cls = torch_loss_class(loss_fn)
+    if cls is None or not isinstance(z, Tensor):
+        return
+    name = cls.__name__
+    got = f"got {type(targets).__name__}"
+    if isinstance(targets, Tensor):
+        got = f"got shape {tuple(targets.shape)} and dtype {targets.dtype}"
+    if cls in (nn.CrossEntropyLoss, nn.NLLLoss):
+        if z.ndim == 0:
+            raise ValueError(f"{name}: expected outputs (C,) or (N, C, *d), got shape ()")
+        index_shape = (*z.shape[:1], *z.shape[2:]) if z.ndim >= 2 else ()
+        C = z.shape[1] if z.ndim >= 2 else z.shape[0]
+        probs = cls is nn.CrossEntropyLoss
+        expected = (
+            f"class indices of shape {index_shape} and dtype torch.int64 (or torch.uint8)"
+            + (
+                f", or class probabilities of shape {tuple(z.shape)} and a floating dtype"
+                if probs
+                else ""
+            )
+        )
+        if isinstance(targets, Tensor) and targets.dtype in (torch.int64, torch.uint8):
+            if tuple(targets.shape) != index_shape:
+                raise ValueError(f"{name}: expected targets as {expected}; {got}")
+            keep = targets != loss_fn.ignore_index
+            kept = targets[keep]
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= C):
+                raise ValueError(
+                    f"{name}: class indices must lie in [0, {C}) or equal ignore_index="
+                    f"{loss_fn.ignore_index}; got values in [{int(kept.min())}, {int(kept.max())}]"
+                )
+            return
+        if probs and isinstance(targets, Tensor) and targets.dtype.is_floating_point:
+            if targets.shape == z.shape:
+                return
+        raise ValueError(f"{name}: expected targets as {expected}; {got}")
+    floating = cls in (nn.BCELoss, nn.BCEWithLogitsLoss, nn.KLDivLoss)
+    if (
+        not isinstance(targets, Tensor)
+        or targets.shape != z.shape
+        or (floating and not targets.dtype.is_floating_point)
+        or targets.is_complex()
+    ):
+        dtype = "a floating dtype" if floating else "a real dtype"
+        raise ValueError(
+            f"{name}: expected targets of the outputs' shape {tuple(z.shape)} and {dtype}; {got}"
+        )
+
+
 def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
     """Whether ``loss_fn`` is a core loss with a known likelihood (for Fisher kinds).
 
@@ -305,15 +380,17 @@ def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
 
     Returns:
         True for ``CrossEntropyLoss`` (no class weights), ``MSELoss`` and ``BCEWithLogitsLoss``
-        (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or ``"sum"``.
+        (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or ``"sum"`` and torch's
+        own ``forward`` (a subclass overriding it gets False).
     """
-    if getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
+    cls = torch_loss_class(loss_fn)  # a subclass with its own forward is generic
+    if cls is None or getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
         return False
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if cls is nn.CrossEntropyLoss:
         return loss_fn.weight is None
-    if isinstance(loss_fn, nn.MSELoss):
+    if cls is nn.MSELoss:
         return True
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+    if cls is nn.BCEWithLogitsLoss:
         return loss_fn.weight is None and loss_fn.pos_weight is None
     return False
 
@@ -321,7 +398,9 @@ def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
 def loss_terms(loss_fn: Any, z: Tensor, targets: Any) -> LossTerms:
     """Build the output-space quantities of ``loss_fn`` at outputs ``z``.
 
-    Core losses get closed forms; any other callable falls back to autograd.
+    Core losses get closed forms (only with torch's own ``forward``); any other callable,
+    including a subclass that overrides ``forward``, falls back to autograd. Targets of a
+    listed torch loss are checked first (:func:`check_targets`).
 
     Args:
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
@@ -332,17 +411,18 @@ def loss_terms(loss_fn: Any, z: Tensor, targets: Any) -> LossTerms:
         The :class:`LossTerms` of the batch.
 
     Raises:
-        ValueError: If the loss uses ``reduction="none"``.
+        ValueError: If the loss uses ``reduction="none"``, or for targets that do not fit.
     """
     if getattr(loss_fn, "reduction", "mean") == "none":
         raise ValueError(
             f"{type(loss_fn).__name__}(reduction='none') returns per-sample losses; curvature "
             "needs a scalar loss: use reduction 'mean' or 'sum'"
         )
+    check_targets(loss_fn, z, targets)
     if supports_likelihood(loss_fn) and isinstance(targets, Tensor):
-        if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if type(loss_fn).forward is nn.CrossEntropyLoss.forward:
             return _CrossEntropy(loss_fn, z, targets)
-        if isinstance(loss_fn, nn.MSELoss):
+        if type(loss_fn).forward is nn.MSELoss.forward:
             return _MSE(loss_fn, z, targets)
         return _BCEWithLogits(loss_fn, z, targets)  # type: ignore[arg-type]
     return LossTerms(loss_fn, z, targets)

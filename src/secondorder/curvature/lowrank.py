@@ -74,6 +74,7 @@ from .linearization import sequential_layers
 from .losses import LossTerms, loss_terms, supports_likelihood
 from .model import Batch, FunctionalModel, as_batches
 from .probes import probed_forward
+from .weighting import batch_weights
 
 __all__ = ["LowRankGGN"]
 
@@ -424,9 +425,8 @@ class LowRankGGN:
         self.generator = generator
         batches = list(as_batches(data))
         sizes = [b.size for b in batches]
-        self.num_samples = N = sum(sizes)
-        mean = loss_fn.reduction == "mean"
-        self._weights = [n / N if mean else 1.0 for n in sizes]
+        self.num_samples = sum(sizes)
+        self._weights = batch_weights(loss_fn, batches, self.fmodel).weights(batches)
 
         layers = self._kron_layers() if engine != "autograd" else None
         if engine == "kron" and layers is None:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
-from ..curvature.base import allreduce_sum, global_count
+from ..curvature.base import allreduce_sum
 from ..curvature.jacobian_factors import check_jacobian_factors_option
 from ..curvature.model import Batch, FunctionalModel
 from ..curvature.running_stats import (
@@ -62,6 +62,7 @@ from ..curvature.running_stats import (
     running_stat_modules,
     snapshot_running_stats,
 )
+from ..curvature.weighting import batch_weights
 from ..linalg.errors import NonFiniteError
 
 __all__ = [
@@ -594,15 +595,16 @@ class CurvatureOptimizer(Optimizer):
 
     def _loss_of(self, tensors: Sequence[Tensor], batches: Sequence[Batch]) -> Tensor:
         """The loss at the parameter values ``tensors`` (in parameter shapes) on ``batches``."""
-        sizes = [b.size for b in batches]
-        total = global_count(sum(sizes), self.process_group)
-        mean = getattr(self.loss_fn, "reduction", "mean") == "mean"
+        weighting = batch_weights(self.loss_fn, batches, self.fmodel, self.process_group)
         loss: Tensor | None = None
-        for b, n in zip(batches, sizes):
+        for b, w in zip(batches, weighting.weights(batches)):
+            if w == 0.0:  # every target ignored (its own mean is 0/0)
+                continue
             value = self.loss_fn(self.fmodel(tensors, b.inputs), b.targets)
-            value = value * (n / total) if mean else value
+            value = value * w if w != 1.0 else value
             loss = value if loss is None else loss + value
-        assert loss is not None
+        if loss is None:  # every batch of this rank has weight 0
+            loss = torch.zeros((), dtype=self.fmodel.dtype, device=self.fmodel.device)
         return self._allreduce_sum(loss.detach())
 
     def _allreduce_sum(self, value: Tensor) -> Tensor:

@@ -95,6 +95,7 @@ from torch import Tensor, nn
 from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
 from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch, FunctionalModel, as_batches
+from ..curvature.weighting import batch_weights
 from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
@@ -147,23 +148,25 @@ def _loss_and_gradient(
     loss_fn: Any,
     batches: Sequence[Batch],
     allreduce_sum: Callable[[Tensor], Tensor],
+    process_group: Any = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Loss and flat gradient over ``batches``, weighted like the curvature operators.
 
     .. math::
         L = \sum_b w_b L_b, \quad \nabla L = \sum_b w_b \nabla L_b, \qquad
-        w_b = N_b / N \ (\text{mean}), \quad 1 \ (\text{sum}),
+        w_b = D_b / D \ (\text{mean}), \quad 1 \ (\text{sum}),
 
-    with :math:`N` the number of samples of all batches on all processes: ``allreduce_sum``
-    sums over the process group (the identity for one process), once for :math:`N` and once
-    for the loss and the gradient together. One forward and one backward pass per batch,
-    without second-order graphs.
+    with :math:`D_b` the normaliser of batch :math:`b`'s mean and :math:`D` its sum over all
+    batches on all processes (:mod:`~secondorder.curvature.weighting`): ``allreduce_sum`` sums
+    the loss and the gradient together over the process group (the identity for one process).
+    One forward and one backward pass per batch, without second-order graphs.
 
     Args:
         fmodel: The model as a function of its parameters.
         loss_fn: The loss.
         batches: The data (this process's shard).
         allreduce_sum: Sums a tensor over the process group.
+        process_group: The process group (for the normalisers), or None.
 
     Returns:
         ``(loss, gradient)``: a detached 0-dim tensor and a flat vector.
@@ -171,13 +174,13 @@ def _loss_and_gradient(
     Raises:
         ValueError: If the loss is not a scalar.
     """
-    mean = getattr(loss_fn, "reduction", "mean") == "mean"
-    local = float(sum(b.size for b in batches))
-    total = float(allreduce_sum(torch.tensor(local, dtype=torch.float64)).item())
+    weighting = batch_weights(loss_fn, batches, fmodel, process_group)
     loss: Tensor | None = None
     flat: Tensor | None = None
     for batch in batches:
-        weight = batch.size / total if mean else 1.0
+        weight = weighting.weight(batch)
+        if weight == 0.0:  # every target ignored (its own mean is 0/0)
+            continue
         leaves = fmodel.leaves()
         with torch.enable_grad():
             value = loss_fn(fmodel(leaves, batch.inputs), batch.targets)
@@ -195,7 +198,9 @@ def _loss_and_gradient(
         else:
             flat.add_(g, alpha=weight)
             loss = loss + value * weight
-    assert loss is not None and flat is not None
+    if loss is None or flat is None:  # every batch of this rank has weight 0
+        flat = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
+        loss = torch.zeros((), dtype=fmodel.dtype, device=fmodel.device)
     reduced = allreduce_sum(torch.cat([loss.reshape(1).to(flat.dtype), flat]))
     return reduced[0].to(loss.dtype), reduced[1:]
 
@@ -456,10 +461,11 @@ class HessianFree(CurvatureOptimizer):
 
         Each argument is one batch ``(inputs, targets)`` or an iterable of batches (read once
         into a list); its quantity is accumulated exactly over its batches, weighted like the
-        curvature operators (``N_b / N`` for ``reduction="mean"``, with ``N`` counted over all
-        ranks of the process group). The gradient comes from the curvature's forward pass when
-        ``grad_data`` holds the same tensors as ``curvature_data``, and from one extra
-        forward/backward pass per batch otherwise. The reduction ratio, CG backtracking and
+        curvature operators (``D_b / D`` for ``reduction="mean"``, with ``D`` the normaliser
+        counted over all ranks of the process group, :mod:`~secondorder.curvature.weighting`).
+        The gradient comes from the curvature's forward pass when ``grad_data`` holds the same
+        tensors as ``curvature_data``, and from one extra forward/backward pass per batch
+        otherwise. The reduction ratio, CG backtracking and
         the line search use ``loss_data``.
 
         Args:
@@ -571,7 +577,7 @@ class HessianFree(CurvatureOptimizer):
             grad_loss, grad = C.loss, C.gradient()
         else:
             grad_loss, grad = _loss_and_gradient(
-                self.fmodel, self.loss_fn, grad_batches, self._allreduce_sum
+                self.fmodel, self.loss_fn, grad_batches, self._allreduce_sum, self.process_group
             )
         if _same_batches(loss_batches, grad_batches):
             f0 = grad_loss
