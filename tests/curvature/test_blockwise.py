@@ -608,8 +608,8 @@ def test_block_cg_edge_cases():
     assert info.negative_curvature == [False, True]
     assert torch.allclose(x[1], torch.tensor([1.0, -2.0], dtype=DT))  # plain CG solves it here
     for kwargs, match in [
-        (dict(rtol=-1.0), "rtol must be finite"),
-        (dict(atol=math.inf), "atol must be finite"),
+        (dict(rtol=-1.0), r"rtol must be >= 0 \(inf allowed\)"),
+        (dict(atol=math.nan), r"atol must be >= 0 \(inf allowed\)"),
         (dict(maxiter=1.5), "maxiter must be an int"),
         (dict(shift=[1.0]), "one value per system"),
         (dict(negative_curvature="skip"), "negative_curvature must be"),

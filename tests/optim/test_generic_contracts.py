@@ -112,9 +112,9 @@ def test_empty_batch_is_refused(name):
 def test_hessian_free_acc_step_refuses_empty_data():
     model, loss_fn, X, y = make_problem()
     opt = make_opt("hessian_free", model, loss_fn)
-    with pytest.raises(ValueError, match="batch 1 of loss_data holds no samples"):
+    with pytest.raises(ValueError, match=r"loss_data: .*batch 1\b.*no samples"):
         opt.acc_step([(X, y), (X[:0], y[:0])], (X, y), (X, y))
-    with pytest.raises(ValueError, match="grad_data holds no samples"):
+    with pytest.raises(ValueError, match=r"grad_data: .*no samples"):
         opt.acc_step((X, y), (X[:0], y[:0]), (X, y))
     assert "step" not in opt.global_state
 

@@ -497,9 +497,9 @@ def test_nonfinite_preconditioner_diagonal_rejects_the_step(bad, monkeypatch):
     real = opt._preconditioner_diagonal
 
     def broken(batches):
-        d = real(batches)
+        d, path = real(batches)
         d[2] = bad
-        return d
+        return d, path
 
     monkeypatch.setattr(opt, "_preconditioner_diagonal", broken)
     before = flat(model)
