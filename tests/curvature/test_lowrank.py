@@ -504,11 +504,11 @@ def test_conv_several_batches_equal_the_concatenated_batch():
 
 
 def test_conv_patches_in_chunks_of_samples(monkeypatch):
-    import secondorder.curvature.lowrank as lowrank
+    import secondorder.curvature.lowrank_columns as lowrank_columns
 
     model, loss_fn, x, y, _ = make("cnn", "mse", "mean", n=5)
     whole = LowRankGGN(model, loss_fn, (x, y), engine="kron")
-    monkeypatch.setattr(lowrank, "_PATCH_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(lowrank_columns, "_PATCH_ELEMENTS", 1)  # one sample per chunk
     chunked = LowRankGGN(model, loss_fn, (x, y), engine="kron")
     assert rel_err(chunked.gram(), whole.gram()) <= 1e-12
     assert rel_err(chunked.gradient(), whole.gradient()) <= 1e-12
