@@ -41,11 +41,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import time
-import warnings
-import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -53,9 +50,8 @@ import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
+from ..curvature import CurvatureOperator
 from ..curvature.base import allreduce_sum
-from ..curvature.jacobian_factors import check_jacobian_factors_option
 from ..curvature.model import Batch, FunctionalModel
 from ..curvature.running_stats import (
     restore_running_stats,
@@ -63,96 +59,26 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 from ..curvature.weighting import batch_weights
-from ..linalg.errors import NonFiniteError
+from .curvatures import CURVATURES, build_curvature
+from .distributed import check_ranks_agree
+from .groups import check_cg_group, check_jacobian_factors, check_positive
+from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
+from .state import META_KEY, validate_state_dict
 
 __all__ = [
+    "CURVATURES",
     "CurvatureOptimizer",
     "NonFiniteError",
     "NonFiniteStepWarning",
+    "all_finite",
     "check_cg_group",
     "check_jacobian_factors",
     "check_positive",
+    "vector_norm",
 ]
 
-CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
-_META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and shapes
 
-
-class NonFiniteStepWarning(UserWarning):
-    """A step met a NaN/Inf; it was rejected and the parameters were left unchanged."""
-
-
-def check_positive(
-    name: str, value: Any, *, allow_zero: bool = False, integer: bool = False
-) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite positive (or non-negative) number.
-
-    Args:
-        name: The hyperparameter's name, for the message.
-        value: Its value.
-        allow_zero: Accept 0.
-        integer: Require an ``int``.
-
-    Raises:
-        ValueError: If the value is invalid.
-    """
-    kind = "int" if integer else "number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Invalid {name} value: {value!r} (expected a finite {kind} {bound})")
-
-
-def vector_norm(t: Tensor) -> float:
-    """The Euclidean norm of a flat vector, through one BLAS dot product.
-
-    NaN and Inf entries give a NaN or Inf norm (as ``t.norm()``); so do squares beyond the
-    dtype's range. The dot product runs on one thread, which for the vectors of a step is
-    faster than the parallel reduction behind ``Tensor.norm`` (no wake-up of the pool).
-    """
-    return float(torch.dot(t, t)) ** 0.5
-
-
-def all_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite, at the cost of one reduction.
-
-    A finite sum proves it (NaN and Inf propagate through a sum); only a non-finite sum, which
-    may also be an overflow of finite entries, is confirmed entry by entry.
-    """
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def check_jacobian_factors(value: Any, curvature: str) -> None:
-    """Check an optimizer's ``jacobian_factors`` option against its curvature.
-
-    Raises:
-        ValueError: Unless ``value`` is ``True``, ``False`` or ``"auto"``, or for ``True`` with
-            the Hessian.
-    """
-    check_jacobian_factors_option(value)
-    if value is True and curvature == "hessian":
-        raise ValueError("jacobian_factors=True serves GGN and Fisher products, not the Hessian")
-
-
-def check_cg_group(group: dict[str, Any]) -> None:
-    """Check the hyperparameters of a damped Newton-CG param group (or of the defaults).
-
-    Args:
-        group: Holds ``lr``, ``damping``, ``cg_maxiter``, ``cg_rtol`` and ``cg_atol``.
-
-    Raises:
-        ValueError: Naming the first invalid value.
-    """
-    check_positive("lr", group["lr"])
-    check_positive("damping", group["damping"], allow_zero=True)
-    check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
-    check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
-    check_positive("cg_atol", group["cg_atol"], allow_zero=True)
-
-
-class CurvatureOptimizer(Optimizer):
+class CurvatureOptimizer(NonFiniteGuard, Optimizer):
     """Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
@@ -215,7 +141,8 @@ class CurvatureOptimizer(Optimizer):
         self._warned_nonfinite = False
         self._build_flat_view()
         if process_group is not None:
-            self._check_ranks_agree()
+            params_ = [p for g in self.param_groups for p in g["params"]]
+            check_ranks_agree(params_, process_group, type(self).__name__)
 
     _WARM_START_KEYS: ClassVar[tuple[str, ...]] = ()
     """State entries holding a flat vector carried from step to step (a CG warm start): reset
@@ -297,52 +224,6 @@ class CurvatureOptimizer(Optimizer):
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}: param group {i}: {err}") from None
 
-    @torch.no_grad()
-    def _check_ranks_agree(self) -> None:
-        """One collective: every rank holds parameters of the same shapes and values.
-
-        Raises:
-            ValueError: On every rank, if the shapes or a checksum of the values differ.
-        """
-        import torch.distributed as dist
-
-        group = self.process_group
-        params = [p for g in self.param_groups for p in g["params"]]
-        shapes = [tuple(p.shape) for p in params]
-        signature = zlib.crc32(repr(shapes).encode())
-        s1 = s2 = scale = 0.0
-        for p in params:
-            v = p.detach().to(torch.float64)
-            s1 += float(v.sum())
-            s2 += float((v * v).sum())
-            scale += float(v.abs().sum())
-        numel = sum(p.numel() for p in params)
-        local = torch.tensor([len(shapes), numel, signature, s1, s2, scale], dtype=torch.float64)
-        if dist.get_backend(group) == "nccl":
-            local = local.to(torch.device("cuda", torch.cuda.current_device()))
-        world = dist.get_world_size(group)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=group)
-        rows = [g.cpu().tolist() for g in gathered]
-        ref = rows[0]
-        for rank, row in enumerate(rows[1:], start=1):
-            if row[:3] != ref[:3]:
-                raise ValueError(
-                    f"{type(self).__name__}: the ranks of the process group hold different "
-                    f"parameters: rank {rank} has {int(row[0])} parameter tensors with "
-                    f"{int(row[1])} entries, rank 0 has {int(ref[0])} with {int(ref[1])}"
-                    + (" (same counts, other shapes)" if row[:2] == ref[:2] else "")
-                    + "; build the same model on every rank"
-                )
-            tol = 1e-10 * max(row[5], ref[5], 1e-300)
-            if abs(row[3] - ref[3]) > tol or abs(row[4] - ref[4]) > 1e-10 * max(row[4], ref[4]):
-                raise ValueError(
-                    f"{type(self).__name__}: the ranks of the process group start from different "
-                    f"parameter values (checksum {row[3]!r} on rank {rank}, {ref[3]!r} on rank "
-                    "0); seed every rank identically or broadcast rank 0's parameters before "
-                    "building the optimizer"
-                )
-
     # ------------------------------------------------------------- copy and pickle
     def __getstate__(self) -> dict[str, Any]:
         """Everything, the model and loss included (torch's keeps only groups and state).
@@ -416,7 +297,7 @@ class CurvatureOptimizer(Optimizer):
         if self.generator is not None:
             self.global_state["generator_state"] = self.generator.get_state()
         out = super().state_dict()
-        out[_META_KEY] = {
+        out[META_KEY] = {
             "optimizer": type(self).__name__,
             "param_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
@@ -449,61 +330,7 @@ class CurvatureOptimizer(Optimizer):
             self.generator.set_state(gen_state.to("cpu", torch.uint8))
 
     def _validate_state_dict(self, state_dict: Any) -> None:
-        name = type(self).__name__
-        keys = sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else None
-        if keys is None or not {"state", "param_groups"} <= set(keys):
-            raise ValueError(
-                f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (from "
-                f"state_dict()), got {type(state_dict).__name__}"
-                + (f" with keys {keys}" if keys is not None else "")
-            )
-        meta = state_dict.get(_META_KEY)
-        saved_groups = state_dict["param_groups"]
-        if isinstance(meta, Mapping) and meta.get("optimizer") not in (None, name):
-            raise ValueError(
-                f"{name}.load_state_dict: the state is of a {meta['optimizer']}, not of a {name}"
-            )
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{name}.load_state_dict: the state has {len(saved_groups)} param groups, this "
-                f"optimizer {len(self.param_groups)} (another model or parameter selection)"
-            )
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"{name}.load_state_dict: param group {i} of the state has "
-                    f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])} "
-                    "(another model or parameter selection)"
-                )
-            missing = sorted(set(self.defaults) - set(saved))
-            if missing:
-                raise ValueError(
-                    f"{name}.load_state_dict: param group {i} of the state lacks {missing}: it is "
-                    f"not the state of a {name}"
-                )
-            try:
-                self._check_group({**saved, "params": group["params"]})
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{name}.load_state_dict: param group {i}: {err}") from None
-        if isinstance(meta, Mapping) and "param_shapes" in meta:
-            for i, (shapes, group) in enumerate(zip(meta["param_shapes"], self.param_groups)):
-                for j, (shape, p) in enumerate(zip(shapes, group["params"])):
-                    if list(shape) != list(p.shape):
-                        raise ValueError(
-                            f"{name}.load_state_dict: parameter {j} of param group {i} has "
-                            f"shape {tuple(shape)} in the state and {tuple(p.shape)} here "
-                            "(another model)"
-                        )
-        dim = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
-        for entry in state_dict["state"].values():
-            for key in self._WARM_START_KEYS:
-                value = entry.get(key)
-                if value is not None and (not isinstance(value, Tensor) or value.numel() != dim):
-                    got = value.numel() if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(
-                        f"{name}.load_state_dict: the state's {key!r} has {got} entries, the "
-                        f"trainable parameters {dim} (another model)"
-                    )
+        validate_state_dict(self, state_dict)
 
     @property
     def global_state(self) -> dict[str, Any]:
@@ -534,28 +361,11 @@ class CurvatureOptimizer(Optimizer):
     def _curvature(
         self, kind: str, data: Any, *, generator: torch.Generator | None = None, **kw: Any
     ) -> CurvatureOperator:
-        """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``.
-
-        ``jacobian_factors`` in ``kw`` goes to the GGN and Fisher operators (the Hessian has
-        no such products).
-        """
-        params = self.fmodel.params
+        """Build the curvature operator ``kind`` (one of ``CURVATURES``) on ``data``."""
         kw.setdefault("process_group", self.process_group)
-        if kind == "hessian":
-            kw.pop("jacobian_factors", None)
-        if kind == "ggn":
-            return GGN(self.model, self.loss_fn, data, params=params, **kw)
-        if kind == "hessian":
-            return Hessian(self.model, self.loss_fn, data, params=params, **kw)
-        if kind == "fisher":
-            return Fisher(self.model, self.loss_fn, data, kind="exact", params=params, **kw)
-        if kind == "fisher_mc":
-            return Fisher(
-                self.model, self.loss_fn, data, kind="mc", params=params, generator=generator, **kw
-            )
-        if kind == "empirical_fisher":
-            return Fisher(self.model, self.loss_fn, data, kind="empirical", params=params, **kw)
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+        return build_curvature(
+            kind, self.model, self.loss_fn, data, self.fmodel.params, generator=generator, **kw
+        )
 
     @torch.no_grad()
     def loss_at(self, theta: Tensor, batches: Sequence[Batch]) -> Tensor:
@@ -610,68 +420,6 @@ class CurvatureOptimizer(Optimizer):
     def _allreduce_sum(self, value: Tensor) -> Tensor:
         """Sum a tensor over the process group (identity with one process)."""
         return allreduce_sum([value], self.process_group)[0]
-
-    @torch.no_grad()
-    def _apply_direction(self, direction: Tensor, direction_norm: float) -> float | None:
-        """``theta_g += lr_g * d_g`` for every group; returns the norm of the applied step.
-
-        The scaled step is checked, not only ``d``: if ``lr * d`` is not finite in the
-        parameters' dtype the step is rejected, the parameters untouched, and None returned.
-        """
-        lr = self._group_vector("lr")
-        if isinstance(lr, Tensor):
-            scaled_lr = direction * lr
-            step: Tensor | None = scaled_lr
-            norm = vector_norm(scaled_lr)
-        else:
-            step, norm = None, abs(lr) * direction_norm
-        if not (math.isfinite(norm) and norm <= torch.finfo(direction.dtype).max):
-            # maybe an overflow of lr * d (or only of the norm): look at the entries
-            scaled = step if step is not None else direction * lr
-            if not all_finite(scaled):
-                self._reject("the scaled step lr * d is not finite")
-                return None
-        if step is not None:
-            torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
-        else:
-            assert not isinstance(lr, Tensor)
-            torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
-        return norm
-
-    def _reject(self, reason: str) -> None:
-        """Mark the step rejected for a non-finite value; warn once or raise.
-
-        The warm start the step could have poisoned is dropped (the next step starts CG from
-        zero).
-        """
-        self.diagnostics["accepted"] = False
-        self.diagnostics["rejected_reason"] = reason
-        for key in self._WARM_START_KEYS:
-            self.global_state.pop(key, None)
-        self._on_reject(reason)
-        message = (
-            f"{type(self).__name__}: step {self.global_state.get('step', 0)} rejected: {reason}; "
-            "the parameters were left unchanged"
-        )
-        if self.on_nonfinite == "raise":
-            raise NonFiniteError(message)
-        if not self._warned_nonfinite:
-            warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
-            self._warned_nonfinite = True
-
-    def _on_reject(self, reason: str) -> None:
-        """Hook: react to a rejected step (e.g. raise the damping)."""
-
-    def _check_warm_start(self, key: str) -> Tensor | None:
-        """The warm start ``state[key]``, or None after rejecting the step if it is not finite."""
-        x0 = self.global_state.get(key)
-        if x0 is None or all_finite(x0):
-            return x0
-        self._reject(
-            f"the CG warm start {key!r} (from an earlier step or a loaded state) is not finite; "
-            "it was reset"
-        )
-        return None
 
     # ----------------------------------------------------------------------- step
     def step(self, inputs: Any = None, targets: Any = None) -> Tensor:  # type: ignore[override]
@@ -738,39 +486,6 @@ class CurvatureOptimizer(Optimizer):
         self.diagnostics["time"] = time.perf_counter() - start
         return loss
 
-    def _step_body(self, batches: list[Batch], **kw: Any) -> Tensor:
-        loss, direction = self._compute_direction(batches, **kw)
-        diag = self.diagnostics
-        if "loss" not in diag:  # _check_loss_and_gradient has read it already
-            diag["loss"] = float(loss)
-        if diag.get("accepted", True) and direction is not None:
-            # a finite norm proves every entry finite (one reduction for the check and the
-            # step norm); an infinite one may be an overflow of finite entries
-            norm = vector_norm(direction)
-            if not math.isfinite(norm) and not all_finite(direction):
-                self._reject("the step direction is not finite")
-            else:
-                applied = self._apply_direction(direction, norm)
-                if applied is not None:
-                    diag["step_norm"] = applied
-        if not diag.get("accepted", True):
-            diag["step_norm"] = 0.0
-        return loss
-
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         """Return (loss before the step, flat direction or None if rejected). Subclass hook."""
         raise NotImplementedError
-
-    def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
-        """Record loss and gradient norm; reject and return False if either is non-finite."""
-        grad_norm = vector_norm(grad)
-        loss_f = float(loss)
-        self.diagnostics.update(loss=loss_f, grad_norm=grad_norm)
-        if not math.isfinite(loss_f):
-            self._reject("the loss is not finite")
-            return False
-        # a finite norm proves every entry finite; an infinite one may be an overflow
-        if not math.isfinite(grad_norm) and not bool(torch.isfinite(grad).all()):
-            self._reject("the gradient is not finite")
-            return False
-        return True

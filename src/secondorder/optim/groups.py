@@ -1,0 +1,38 @@
+"""Checks of the optimizers' param groups (hyperparameters valid, options consistent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._checks import check_positive
+from ..curvature.jacobian_factors import check_jacobian_factors_option
+
+__all__ = ["check_cg_group", "check_jacobian_factors", "check_positive"]
+
+
+def check_jacobian_factors(value: Any, curvature: str) -> None:
+    """Check an optimizer's ``jacobian_factors`` option against its curvature.
+
+    Raises:
+        ValueError: Unless ``value`` is ``True``, ``False`` or ``"auto"``, or for ``True`` with
+            the Hessian.
+    """
+    check_jacobian_factors_option(value)
+    if value is True and curvature == "hessian":
+        raise ValueError("jacobian_factors=True serves GGN and Fisher products, not the Hessian")
+
+
+def check_cg_group(group: dict[str, Any]) -> None:
+    """Check the hyperparameters of a damped Newton-CG param group (or of the defaults).
+
+    Args:
+        group: Holds ``lr``, ``damping``, ``cg_maxiter``, ``cg_rtol`` and ``cg_atol``.
+
+    Raises:
+        ValueError: Naming the first invalid value.
+    """
+    check_positive("lr", group["lr"])
+    check_positive("damping", group["damping"], allow_zero=True)
+    check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
+    check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
+    check_positive("cg_atol", group["cg_atol"], allow_zero=True)
