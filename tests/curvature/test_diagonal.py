@@ -168,25 +168,25 @@ def test_per_sample_gradient_diagonal_of_a_value_model():
 
 # ------------------------------------------------ Kronecker fast path (nn.Linear layers)
 def _spy_fast_path(monkeypatch):
-    from secondorder.curvature import diagonal
+    from secondorder.curvature import diagonal_paths
 
     calls = {"fast": 0}
-    real = diagonal._kron_diagonal
+    real = diagonal_paths._kron_diagonal
 
     def spy(*args):
         out = real(*args)
         calls["fast"] += out is not None
         return out
 
-    monkeypatch.setattr(diagonal, "_kron_diagonal", spy)
+    monkeypatch.setattr(diagonal_paths, "_kron_diagonal", spy)
     return calls
 
 
 def _without_fast_path(monkeypatch, fn):
-    from secondorder.curvature import diagonal
+    from secondorder.curvature import diagonal_paths
 
     with monkeypatch.context() as m:
-        m.setattr(diagonal, "_kron_diagonal", lambda *args: None)
+        m.setattr(diagonal_paths, "_kron_diagonal", lambda *args: None)
         return fn()
 
 

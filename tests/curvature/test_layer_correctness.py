@@ -37,7 +37,7 @@ from torch import nn
 import secondorder as so
 from secondorder.curvature.activations import ACTIVATIONS, activation_function
 from secondorder.curvature.blockwise import BlockDiagonalCurvature
-from secondorder.curvature.diagonal import _linear_layers
+from secondorder.curvature.diagonal_paths import _linear_layers
 from secondorder.curvature.lowrank import LowRankGGN
 from secondorder.curvature.mlp_hessian import MLPHessian
 from secondorder.curvature.model import FunctionalModel
