@@ -35,7 +35,7 @@ Every other module goes through :class:`~secondorder.curvature.linearization.Aut
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,10 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .activations import (
-    activation_derivatives,
-    activation_function,
     is_activation,
-    unsupported_activation,
 )
 from .jacobian_factors import (
     JacobianFactors,
@@ -55,125 +52,25 @@ from .jacobian_factors import (
     check_jacobian_factors_option,
 )
 from .model import FunctionalModel
+from .sequential_ops import (
+    CONV,
+    FROM_OUTPUT,
+    MAXPOOL,
+    RESHAPES,
+    conv_backward,
+    conv_weight_jvp,
+    halves,
+    pool_gather,
+    record_layer,
+    sequential_layers,
+)
 
 __all__ = ["SequentialLinearization", "sequential_layers"]
 
-_CONV: dict[type[nn.Module], Callable[..., Tensor]] = {
-    nn.Conv1d: F.conv1d,
-    nn.Conv2d: F.conv2d,
-    nn.Conv3d: F.conv3d,
-}
-_MAXPOOL: dict[type[nn.Module], Callable[..., Any]] = {
-    nn.MaxPool1d: F.max_pool1d,
-    nn.MaxPool2d: F.max_pool2d,
-    nn.MaxPool3d: F.max_pool3d,
-}
-_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 # hidden layers are split in two column blocks at a product's bottom only if each block keeps
 # this many units: narrower blocks make the matrix products measurably slower (on a 200-unit
 # MLP halving cost 17% of a GGN product, on 512 units about 7%)
 _MIN_BLOCK = 256
-_LINEAR_NO_PARAMS = (*_RESHAPES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Dropout)
-# eval-mode BatchNorm (exact types: a subclass may change forward)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _relu_derivative(s: Tensor) -> Tensor:
-    """:math:`1[a > 0] = 1[s > 0]`, a bool mask (one byte per entry)."""
-    return s > 0
-
-
-def _sigmoid_derivative(s: Tensor) -> Tensor:
-    r""":math:`\sigma'(a) = s(1 - s)`."""
-    return s * (1 - s)
-
-
-def _tanh_derivative(s: Tensor) -> Tensor:
-    r""":math:`\tanh'(a) = 1 - s^2`."""
-    return 1 - s * s
-
-
-def _times_relu_derivative(g: Tensor, s: Tensor, out: Tensor | None) -> Tensor:
-    """``g * (s > 0)`` in one pass (into ``out`` if given, which may be ``g``)."""
-    op = torch.ops.aten.threshold_backward
-    return op(g, s, 0) if out is None else op.grad_input(g, s, 0, grad_input=out)
-
-
-def _times_sigmoid_derivative(g: Tensor, s: Tensor, out: Tensor | None) -> Tensor:
-    """``g * s * (1 - s)`` in one pass (into ``out`` if given, which may be ``g``)."""
-    op = torch.ops.aten.sigmoid_backward
-    return op(g, s) if out is None else op.grad_input(g, s, grad_input=out)
-
-
-def _times_tanh_derivative(g: Tensor, s: Tensor, out: Tensor | None) -> Tensor:
-    """``g * (1 - s**2)`` in one pass (into ``out`` if given, which may be ``g``)."""
-    op = torch.ops.aten.tanh_backward
-    return op(g, s) if out is None else op.grad_input(g, s, grad_input=out)
-
-
-# activations whose derivative is a function of their output s: (derivative from s, fused g*σ')
-_FROM_OUTPUT: dict[
-    type[nn.Module],
-    tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor | None], Tensor]],
-] = {
-    nn.ReLU: (_relu_derivative, _times_relu_derivative),
-    nn.Sigmoid: (_sigmoid_derivative, _times_sigmoid_derivative),
-    nn.Tanh: (_tanh_derivative, _times_tanh_derivative),
-}
-
-
-def _supported(module: nn.Module) -> bool:
-    """Whether the engine computes ``module`` exactly: exact torch types, their own forward."""
-    if "forward" in vars(module):  # an instance-level forward replaces the class's
-        return False
-    t = type(module)
-    m: Any = module
-    if t in _CONV:
-        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    if is_activation(module):
-        return unsupported_activation(module) is None
-    if t in _MAXPOOL:
-        return not m.return_indices
-    if t is nn.Linear:
-        return True
-    if t is nn.Dropout:
-        return not m.training or m.p == 0
-    if t in _LINEAR_NO_PARAMS:
-        return True
-    if t in _BATCHNORM:
-        return not m.training and m.track_running_stats
-    return False
-
-
-def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """Flatten nested ``nn.Sequential`` into ``(prefix, layer)`` pairs, or None if unsupported.
-
-    Args:
-        model: The module.
-
-    Returns:
-        The leaf layers with their parameter-name prefixes, or ``None`` when ``model`` is not a
-        (nested) ``nn.Sequential`` of layers the hand-written engine supports, or a layer
-        carries hooks.
-    """
-    if not isinstance(model, nn.Sequential):
-        return None
-    layers: list[tuple[str, nn.Module]] = []
-
-    def visit(module: nn.Module, prefix: str) -> bool:
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            # every entry, as Sequential.forward applies them (named_children skips repeats)
-            children = [
-                (name, child) for name, child in module._modules.items() if child is not None
-            ]
-            return all(visit(child, f"{prefix}{name}.") for name, child in children)
-        hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        if hooks or not _supported(module):
-            return False
-        layers.append((prefix, module))
-        return True
-
-    return layers if visit(model, "") else None
 
 
 class SequentialLinearization:
@@ -212,7 +109,9 @@ class SequentialLinearization:
         x = inputs[0]
         with torch.no_grad():
             for prefix, layer in layers:
-                x = self._forward_layer(layer, prefix, x, frozen, leaves, fmodel.alias)
+                x = record_layer(
+                    self._steps, self._keep_outputs, layer, prefix, x, frozen, leaves, fmodel.alias
+                )
             self.z = x
             self._settle_activations()
         # the lowest step that holds each parameter: vjp stops below the requested ones
@@ -248,7 +147,7 @@ class SequentialLinearization:
             elif is_activation(layer):
                 steps.append(("activation", self._derivative_multiplier(layer, rec)))
             elif isinstance(layer, nn.Dropout) or (
-                isinstance(layer, _RESHAPES) and rec["in_shape"] == rec["out_shape"]
+                isinstance(layer, RESHAPES) and rec["in_shape"] == rec["out_shape"]
             ):
                 steps.append(("identity", None))
             else:
@@ -265,7 +164,7 @@ class SequentialLinearization:
         def multiply(g: Tensor, out: Tensor | None, rows: bool) -> Tensor:
             s = rec.get("s")
             if s is not None:
-                return _FROM_OUTPUT[type(layer)][1](g, s.unsqueeze(1) if rows else s, out)
+                return FROM_OUTPUT[type(layer)][1](g, s.unsqueeze(1) if rows else s, out)
             d = rec["d"].unsqueeze(1) if rows else rec["d"]
             return torch.mul(g, d) if out is None else torch.mul(g, d, out=out)
 
@@ -307,7 +206,7 @@ class SequentialLinearization:
         for layer, rec in self._steps:
             s = rec.get("s")
             if s is not None and s.untyped_storage().data_ptr() not in kept:
-                rec["d"] = _FROM_OUTPUT[type(layer)][0](s)
+                rec["d"] = FROM_OUTPUT[type(layer)][0](s)
                 del rec["s"]
 
     def _is_triple(self, k: int) -> bool:
@@ -325,93 +224,6 @@ class SequentialLinearization:
         )
 
     # ------------------------------------------------------------------ forward
-    def _forward_layer(
-        self,
-        layer: nn.Module,
-        prefix: str,
-        x: Tensor,
-        frozen: dict[str, Tensor],
-        leaves: list[Tensor],
-        alias: dict[str, int],
-    ) -> Tensor:
-        t = type(layer)
-        rec: dict[str, Any] = {"in_shape": x.shape}
-
-        def param(name: str) -> tuple[Tensor | None, int | None]:
-            full = prefix + name
-            if full in alias:  # trainable (tied names included)
-                return leaves[alias[full]].detach(), alias[full]
-            value = frozen.get(full)  # frozen, or absent (bias=False)
-            return (value.detach() if value is not None else None), None
-
-        if t is nn.Linear or t in _CONV:
-            (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")
-            rec["x"], rec["w"], rec["has_bias"] = x, w, b is not None
-            if t is nn.Linear:
-                out = F.linear(x, w, b)  # type: ignore[arg-type]
-            else:
-                rec["kw"] = dict(
-                    stride=layer.stride,
-                    padding=layer.padding,
-                    dilation=layer.dilation,
-                    groups=layer.groups,
-                )
-                out = _CONV[t](x, w, b, **rec["kw"])
-        elif is_activation(layer):  # out of place, also for inplace=True
-            if t in _FROM_OUTPUT:
-                out = activation_function(layer)(x)
-                if self._keep_outputs:
-                    rec["s"] = out  # see _settle_activations
-                else:
-                    rec["d"] = _FROM_OUTPUT[t][0](out)
-            else:
-                out, rec["d"], _ = activation_derivatives(layer, x, second=False)
-        elif t in _MAXPOOL:
-            m: Any = layer
-            out, rec["idx"] = _MAXPOOL[t](
-                x,
-                m.kernel_size,
-                m.stride,
-                m.padding,
-                m.dilation,
-                ceil_mode=m.ceil_mode,
-                return_indices=True,
-            )
-            if self._steps and is_activation(self._steps[-1][0]):
-                rec["out_shape"] = out.shape
-                self._steps.insert(-1, (layer, rec))
-                self._pool_activation(self._steps[-1][1], rec["idx"], out)
-                return out
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            (w, rec["iw"]), (b, rec["ib"]) = param("weight"), param("bias")
-            mean, var = layer.running_mean, layer.running_var
-            assert mean is not None and var is not None
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            inv = (var + layer.eps).rsqrt().view(shape)
-            rec["xhat"] = (x - mean.view(shape)) * inv
-            rec["scale"] = inv * w.view(shape) if w is not None else inv
-            rec["shape"] = shape
-            out = rec["xhat"] * (w.view(shape) if w is not None else 1.0)
-            out = out + b.view(shape) if b is not None else out
-        else:  # parameter-free linear layers, eval-mode dropout
-            out = layer(x)
-        rec["out_shape"] = out.shape
-        self._steps.append((layer, rec))
-        return out
-
-    @staticmethod
-    def _pool_activation(rec: dict[str, Any], idx: Tensor, pooled: Tensor) -> None:
-        r"""Move an activation behind the max-pooling that follows it: :math:`P D = D_P P`.
-
-        Its derivative is only needed at the selected entries: :math:`P\sigma'(a)` (gathered
-        at the pooling indices ``idx``), or from the pooled output :math:`P s` (``pooled``).
-        """
-        if "s" in rec:
-            rec["s"] = pooled
-        else:
-            rec["d"] = _pool_gather(rec["d"], idx)
-        rec["in_shape"] = rec["out_shape"] = pooled.shape
-
     # ------------------------------------------------------------------ J v
     def jvp(self, tangents: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
         r"""Return :math:`Jv` (shape of ``z``; ``(K, *z.shape)`` when batched), or None if zero."""
@@ -437,7 +249,7 @@ class SequentialLinearization:
         """
         s = rec.get("s")
         if s is not None:
-            fused = _FROM_OUTPUT[type(layer)][1]
+            fused = FROM_OUTPUT[type(layer)][1]
             return fused(g, s if cols is None else s[:, cols], g if owned else None)
         d = rec["d"] if cols is None else rec["d"][:, cols]
         return g.mul_(d) if owned else g * d
@@ -452,7 +264,7 @@ class SequentialLinearization:
         batched: bool,
     ) -> Tensor | None:
         t = type(layer)
-        if t is nn.Linear or t in _CONV:
+        if t is nn.Linear or t in CONV:
             dw = tangents[rec["iw"]] if rec["iw"] is not None else None
             db = tangents[rec["ib"]] if rec["ib"] is not None else None
             out: Tensor | None = None
@@ -479,13 +291,13 @@ class SequentialLinearization:
                 if fused:
                     db = None  # already added
             else:
-                conv, kw = _CONV[t], rec["kw"]
+                conv, kw = CONV[t], rec["kw"]
                 if dx is not None:
                     out = conv(dx.flatten(0, 1) if batched else dx, rec["w"], None, **kw)
                     if batched:
                         out = out.unflatten(0, (K, -1))
                 if dw is not None:
-                    term = _conv_weight_jvp(conv, kw, rec["x"], dw, K, batched)
+                    term = conv_weight_jvp(conv, kw, rec["x"], dw, K, batched)
                     out = term if out is None else out.add_(term)
             if db is not None:
                 shape = rec["out_shape"]
@@ -517,11 +329,11 @@ class SequentialLinearization:
             return None
         if is_activation(layer):
             return self._times_derivative(layer, rec, dx, True)
-        if t in _MAXPOOL:
+        if t in MAXPOOL:
             idx = rec["idx"]
             if batched:
                 dx, idx = dx.flatten(0, 1), idx.repeat(K, *([1] * (idx.ndim - 1)))
-            out = _pool_gather(dx, idx)
+            out = pool_gather(dx, idx)
             return out.unflatten(0, (K, -1)) if batched else out
         if batched:  # parameter-free linear layers act per sample
             return layer(dx.flatten(0, 1)).unflatten(0, (K, -1))
@@ -574,7 +386,7 @@ class SequentialLinearization:
         (_, lower), (act, act_rec), (_, upper) = self._steps[k : k + 3]
         gw, gb = target.get(lower["iw"]), target.get(lower["ib"])
         x, w2 = lower["x"], upper["w"]
-        for cols in _halves(w2.shape[1]):
+        for cols in halves(w2.shape[1]):
             h = self._times_derivative(act, act_rec, u @ w2[:, cols], True, cols)
             if gw is not None:
                 gw[cols].addmm_(h.T, x)
@@ -645,19 +457,19 @@ class SequentialLinearization:
             if gb is not None:
                 gb.add_(u3.sum(1))
             return (u @ rec["w"], True) if need_input else (u, owned)
-        if t in _CONV:
+        if t in CONV:
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             kw, w = rec["kw"], rec["w"]
             if gw is not None:
                 for k in range(K):  # one weight gradient per column
-                    gw[k].add_(_conv_backward(u[k], rec["x"], w, kw, [False, True, False])[1])
+                    gw[k].add_(conv_backward(u[k], rec["x"], w, kw, [False, True, False])[1])
             if gb is not None and rec["has_bias"]:
                 gb.add_(u.sum(dim=(1, *range(3, u.ndim))))
             if not need_input:
                 return u, owned
             flat = u.flatten(0, 1)  # (K N, out, *spatial): the columns ride along the batch
             x_cols = rec["x"].expand(K, *rec["x"].shape).flatten(0, 1)
-            grad_input = _conv_backward(flat, x_cols, w, kw, [True, False, False])[0]
+            grad_input = conv_backward(flat, x_cols, w, kw, [True, False, False])[0]
             return grad_input.unflatten(0, (K, -1)), True
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
@@ -671,13 +483,13 @@ class SequentialLinearization:
             return u, owned
         if is_activation(layer):
             return self._times_derivative(layer, rec, u, owned), True
-        if t in _MAXPOOL:
+        if t in MAXPOOL:
             idx = rec["idx"]
             grad = u.new_zeros(K, *rec["in_shape"])
             index = idx.flatten(2).expand(K, *idx.flatten(2).shape)
             grad.flatten(3).scatter_add_(3, index, u.flatten(3))
             return grad, True
-        if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
+        if isinstance(layer, RESHAPES) or isinstance(layer, nn.Dropout):
             return u.reshape(K, *rec["in_shape"]), owned
         # other parameter-free per-sample linear layers (average pooling): the columns ride
         # along the batch dimension
@@ -704,12 +516,12 @@ class SequentialLinearization:
             if gb is not None:
                 gb.add_(u2.sum(0))
             return (u @ rec["w"], True) if need_input else (u, owned)
-        if t in _CONV:
+        if t in CONV:
             gw, gb = target.get(rec["iw"]), target.get(rec["ib"])
             kw, w = rec["kw"], rec["w"]
             mask = [need_input, gw is not None, gb is not None and rec["has_bias"]]
             bias_sizes = [w.shape[0]] if rec["has_bias"] else None
-            grads = _conv_backward(u, rec["x"], w, kw, mask, bias_sizes)
+            grads = conv_backward(u, rec["x"], w, kw, mask, bias_sizes)
             if gw is not None:
                 gw.add_(grads[1])
             if gb is not None:
@@ -727,66 +539,15 @@ class SequentialLinearization:
             return u, owned
         if is_activation(layer):
             return self._times_derivative(layer, rec, u, owned), True
-        if t in _MAXPOOL:
+        if t in MAXPOOL:
             idx = rec["idx"]
             grad = u.new_zeros(rec["in_shape"])
             grad.flatten(2).scatter_add_(2, idx.flatten(2), u.flatten(2))
             return grad, True
-        if isinstance(layer, _RESHAPES) or isinstance(layer, nn.Dropout):
+        if isinstance(layer, RESHAPES) or isinstance(layer, nn.Dropout):
             return u.reshape(rec["in_shape"]), owned
         # other parameter-free linear layers (average pooling): differentiate the layer alone
         with torch.enable_grad():
             probe = u.new_zeros(rec["in_shape"], requires_grad=True)
             (grad,) = torch.autograd.grad(layer(probe), probe, u)
         return grad, True
-
-
-def _conv_backward(
-    grad: Tensor,
-    x: Tensor,
-    w: Tensor,
-    kw: dict[str, Any],
-    mask: list[bool],
-    bias_sizes: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``aten.convolution_backward`` of ``conv(x, w, **kw)`` for the output gradient ``grad``.
-
-    Returns the input, weight and bias gradients; only those ``mask`` asks for are computed.
-    """
-    return torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        w,
-        bias_sizes,
-        list(kw["stride"]),
-        list(kw["padding"]),
-        list(kw["dilation"]),
-        False,
-        [0] * (w.ndim - 2),
-        kw["groups"],
-        mask,
-    )
-
-
-def _conv_weight_jvp(
-    conv: Callable[..., Tensor], kw: dict[str, Any], x: Tensor, dw: Tensor, K: int, batched: bool
-) -> Tensor:
-    """``conv(x, dW)`` for one tangent, or for K tangents at once (stacked output channels)."""
-    if not batched:
-        return conv(x, dw, None, **kw)
-    if kw["groups"] == 1:
-        out_ch = dw.shape[1]
-        y = conv(x, dw.flatten(0, 1), None, **kw)
-        return y.unflatten(1, (K, out_ch)).transpose(0, 1).contiguous()
-    return torch.stack([conv(x, dw[k], None, **kw) for k in range(K)])
-
-
-def _pool_gather(t: Tensor, idx: Tensor) -> Tensor:
-    """The entries of ``t`` (shape of a max-pooling input) that the pooling ``idx`` selects."""
-    return t.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
-
-
-def _halves(n: int) -> list[slice]:
-    """Two column blocks covering ``range(n)`` (one if ``n < 2``)."""
-    h = (n + 1) // 2
-    return [slice(0, h), slice(h, n)] if n > 1 else [slice(0, n)]
