@@ -11,10 +11,19 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "LIKELIHOOD_LOSSES",
     "check_choice",
+    "check_chunk_size",
+    "check_int",
     "check_positive",
     "finite_floats",
 ]
+
+LIKELIHOOD_LOSSES = (
+    "nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss with reduction 'mean' or 'sum' "
+    "and no weights"
+)
+"""The losses with a likelihood (a symmetric factor of their Hessian; MC and exact Fisher)."""
 
 
 def check_positive(
@@ -86,3 +95,34 @@ def finite_floats(name: str, value: float | Sequence[float], n: int) -> list[flo
     if not all(math.isfinite(s) for s in floats):
         raise ValueError(f"{name}: expected finite floats, got {floats}")
     return floats
+
+
+def check_int(name: str, value: Any, minimum: int = 1, note: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an ``int`` (not a bool) ``>= minimum``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: Its value.
+        minimum: The smallest accepted value.
+        note: Appended to the expectation in parentheses (e.g. what 0 means).
+
+    Raises:
+        ValueError: ``"<name> must be a positive int, got <value>"`` (``minimum=1``) or
+            ``"<name> must be an int >= <minimum> (<note>), got <value>"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        what += f" ({note})" if note else ""
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` is None or an int >= 1.
+
+    Raises:
+        ValueError: ``"chunk_size must be None or an int >= 1, got <value>"``.
+    """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")

@@ -47,13 +47,13 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, finite_floats
 from ..linalg.operator import LinearOperator
 from .base import allreduce_sum, global_count
 from .blockwise_layers import parameter_layers, sequential_blocks
@@ -73,20 +73,6 @@ __all__ = [
 
 CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
 ENGINES = ("auto", "sequential", "autograd")
-
-
-def _block_shifts(shift: float | Sequence[float], n: int) -> list[float]:
-    """One finite float per block from a float or a sequence of ``n``."""
-    values: list[Any] = list(shift) if isinstance(shift, (list, tuple)) else [shift] * n
-    if len(values) != n:
-        raise ValueError(f"shift: expected one value per index ({n}), got {len(values)}")
-    try:
-        floats = [float(s) for s in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"shift: expected floats, got {shift!r}") from None
-    if not all(math.isfinite(s) for s in floats):
-        raise ValueError(f"shift: expected finite floats, got {floats}")
-    return floats
 
 
 class BlockDiagonalCurvature(LinearOperator):
@@ -166,10 +152,8 @@ class BlockDiagonalCurvature(LinearOperator):
         process_group: Any = None,
     ) -> None:
         self.process_group = process_group
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        check_choice("curvature", curvature, CURVATURES)
+        check_choice("engine", engine, ENGINES)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.fmodel = FunctionalModel(model, params)
@@ -336,7 +320,7 @@ class BlockDiagonalCurvature(LinearOperator):
             raise ValueError(f"got {len(indices)} indices but {len(vectors)} vectors")
         if len(set(indices)) != len(indices):
             raise ValueError(f"block indices must be distinct, got {list(indices)}")
-        shifts = _block_shifts(shift, len(indices))
+        shifts = finite_floats("shift", shift, len(indices))
         if not indices:
             return []
         for i, v in zip(indices, vectors):

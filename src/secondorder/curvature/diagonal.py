@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from .._checks import LIKELIHOOD_LOSSES, check_chunk_size
 from .base import allreduce_sum
 from .diagonal_paths import accumulate_squares, row_factor_diagonal, sample_chunks
 from .losses import supports_likelihood
@@ -68,18 +69,10 @@ __all__ = [
 def _check_likelihood(loss_fn: Any, what: str) -> None:
     if not supports_likelihood(loss_fn):
         raise ValueError(
-            f"{what} needs a loss with a likelihood: nn.CrossEntropyLoss (no class weights), "
-            f"nn.MSELoss or nn.BCEWithLogitsLoss (no weights), reduction 'mean' or 'sum'; got "
+            f"{what} needs a loss with a likelihood: {LIKELIHOOD_LOSSES}; got "
             f"{loss_fn!r}. For other losses use per_sample_gradient_diagonal, or the dense "
             "diagonal of a small operator (GGN(...).to_dense().diagonal())"
         )
-
-
-def _check_chunk(chunk_size: Any) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def _combine(
@@ -214,7 +207,7 @@ def ggn_diagonal(
         True
     """
     _check_likelihood(loss_fn, "ggn_diagonal")
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     fmodel = FunctionalModel(model, params)
     info = DiagonalInfo()
     d = _combine(
@@ -296,7 +289,7 @@ def empirical_fisher_diagonal(
             batch at all, or an invalid ``chunk_size``.
     """
     _check_likelihood(loss_fn, "empirical_fisher_diagonal")
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     fmodel = FunctionalModel(model, params)
     info = DiagonalInfo()
     d = _combine(
@@ -383,7 +376,7 @@ def per_sample_gradient_diagonal(
         ValueError: For an invalid ``chunk_size``, no batch at all, or a loss returning a
             non-scalar.
     """
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     fmodel = FunctionalModel(model, params)
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     info = DiagonalInfo()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
 from .ggn import GGN
 from .losses import supports_likelihood
 from .model import Batch
@@ -67,15 +68,12 @@ class Fisher(GGN):
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> None:
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        check_choice("kind", kind, _KINDS)
+        check_int("num_samples", num_samples)
         if not supports_likelihood(loss_fn):
             raise ValueError(
-                f"Fisher(kind={kind!r}) needs a loss with a likelihood: nn.CrossEntropyLoss, "
-                f"nn.MSELoss or nn.BCEWithLogitsLoss with reduction 'mean' or 'sum' and no "
-                f"weights; got {loss_fn!r} (use GGN or Hessian for other losses)"
+                f"Fisher(kind={kind!r}) needs a loss with a likelihood: {LIKELIHOOD_LOSSES}; "
+                f"got {loss_fn!r} (use GGN or Hessian for other losses)"
             )
         self.kind = kind
         self.num_samples_mc = num_samples

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
 from .losses import LossTerms, supports_likelihood
 from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns, kron_layers
@@ -61,8 +62,8 @@ from .weighting import batch_weights
 
 __all__ = ["LowRankGGN"]
 
-_ENGINES = ("auto", "kron", "autograd")
-_EIGENSOLVERS = ("auto", "torch", "lapack")
+ENGINES = ("auto", "kron", "autograd")
+EIGENSOLVERS = ("auto", "torch", "lapack")
 
 
 class LowRankGGN(GramSpectrum):
@@ -136,21 +137,15 @@ class LowRankGGN(GramSpectrum):
         engine: str = "auto",
         eigensolver: str = "auto",
     ) -> None:
-        if eigensolver not in _EIGENSOLVERS:
-            raise ValueError(f"eigensolver must be one of {_EIGENSOLVERS}, got {eigensolver!r}")
+        check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         self.eigensolver = eigensolver
         if not supports_likelihood(loss_fn):
             raise ValueError(
                 "LowRankGGN needs a loss with a likelihood (a symmetric factor of its Hessian): "
-                "nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss with reduction 'mean' "
-                f"or 'sum' and no weights; got {loss_fn!r}"
+                f"{LIKELIHOOD_LOSSES}; got {loss_fn!r}"
             )
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
-            raise ValueError(
-                f"mc_samples must be an int >= 0 (0: exact factor), got {mc_samples!r}"
-            )
-        if engine not in _ENGINES:
-            raise ValueError(f"engine must be one of {_ENGINES}, got {engine!r}")
+        check_int("mc_samples", mc_samples, 0, "0: exact factor")
+        check_choice("engine", engine, ENGINES)
         self.fmodel = FunctionalModel(model, params)
         self.loss_fn = loss_fn
         self.mc_samples = mc_samples

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..linalg.dense_eig import krylov_applies, top_eigh
 from ..linalg.tridiagonal import Tridiagonal
 from .lowrank_columns import Columns
@@ -92,8 +93,7 @@ class GramSpectrum:
             ValueError: If ``k`` is not a positive int.
             FloatingPointError: If the Gram matrix is not finite.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        check_int("k", k)
         entry = self._entry(params)
         D = self.num_columns
         k = min(k, D)

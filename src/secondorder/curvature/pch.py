@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._checks import check_choice
 from .blockwise import BlockDiagonalCurvature
 from .pch_mode import MODIFICATIONS, positive_curvature_mode
 
@@ -42,6 +43,5 @@ class PCH(BlockDiagonalCurvature):
     def __init__(
         self, model: Any, loss_fn: Any, data: Any, *, modify: str = "clip", **kwargs: Any
     ) -> None:
-        if modify not in MODIFICATIONS:
-            raise ValueError(f"modify must be one of {MODIFICATIONS}, got {modify!r}")
+        check_choice("modify", modify, MODIFICATIONS)
         super().__init__(model, loss_fn, data, curvature=f"pch_{modify}", **kwargs)

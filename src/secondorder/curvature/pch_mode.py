@@ -38,6 +38,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .._checks import check_choice
+
 __all__ = ["MODIFICATIONS", "positive_curvature_mode"]
 
 MODIFICATIONS = ("clip", "abs")
@@ -157,8 +159,7 @@ class positive_curvature_mode(TorchFunctionMode):
     """
 
     def __init__(self, modify: str) -> None:
-        if modify not in MODIFICATIONS:
-            raise ValueError(f"modify must be one of {MODIFICATIONS}, got {modify!r}")
+        check_choice("modify", modify, MODIFICATIONS)
         super().__init__()
         self.modify = modify
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
 
 __all__ = ["CURVATURES", "build_curvature"]
@@ -44,4 +45,5 @@ def build_curvature(
         return Fisher(model, loss_fn, data, kind="mc", params=params, generator=generator, **kw)
     if kind == "empirical_fisher":
         return Fisher(model, loss_fn, data, kind="empirical", params=params, **kw)
-    raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+    check_choice("curvature", kind, CURVATURES)
+    raise AssertionError  # unreachable: check_choice raised

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import LIKELIHOOD_LOSSES, check_choice, check_positive
 from ..curvature.losses import supports_likelihood
-from ..curvature.lowrank import LowRankGGN
+from ..curvature.lowrank import EIGENSOLVERS, ENGINES, LowRankGGN
 from ..curvature.model import Batch
-from .base import CurvatureOptimizer, check_positive
+from .base import CurvatureOptimizer
 
 __all__ = ["ConstantDamping", "DirectionalDampedNewton", "TopK", "constant_damping", "top_k"]
 
@@ -293,17 +294,12 @@ class DirectionalDampedNewton(CurvatureOptimizer):
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
-        if engine not in ("auto", "kron", "autograd"):
-            raise ValueError(f"engine must be 'auto', 'kron' or 'autograd', got {engine!r}")
-        if eigensolver not in ("auto", "torch", "lapack"):
-            raise ValueError(
-                f"eigensolver must be 'auto', 'torch' or 'lapack', got {eigensolver!r}"
-            )
+        check_choice("engine", engine, ENGINES)
+        check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         if not supports_likelihood(loss_fn):
             raise ValueError(
-                "DirectionalDampedNewton needs a loss with a likelihood: nn.CrossEntropyLoss, "
-                "nn.MSELoss or nn.BCEWithLogitsLoss with reduction 'mean' or 'sum' and no "
-                f"weights; got {loss_fn!r}"
+                "DirectionalDampedNewton needs a loss with a likelihood: "
+                f"{LIKELIHOOD_LOSSES}; got {loss_fn!r}"
             )
         defaults = dict(
             lr=lr,

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from ..curvature.model import Batch
 from ..linalg.cg import CGStatus, cg
 from ..linalg.operator import Diagonal, Identity, LinearOperator
@@ -97,8 +98,7 @@ class NewtonCG(CurvatureOptimizer):
         )
         check_cg_group(defaults)
         check_positive("num_samples", num_samples, integer=True)
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        check_choice("curvature", curvature, CURVATURES)
         check_jacobian_factors(jacobian_factors, curvature)
         if preconditioner is not None and not callable(preconditioner):
             raise ValueError(
@@ -238,8 +238,7 @@ class NaturalGradient(NewtonCG):
         fisher: str = "exact",
         **kwargs: Any,
     ) -> None:
-        if fisher not in self._KIND:
-            raise ValueError(f"fisher must be one of {tuple(self._KIND)}, got {fisher!r}")
+        check_choice("fisher", fisher, tuple(self._KIND))
         if "curvature" in kwargs:
             raise ValueError("NaturalGradient takes `fisher=`, not `curvature=`")
         self.fisher = fisher
