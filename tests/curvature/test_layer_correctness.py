@@ -148,7 +148,7 @@ def _pch(modify: str, engine: str) -> Callable[[Case, dict[str, Any], Any], None
 def _lowrank(case: Case, ref: dict[str, Any], data: Any) -> None:
     op = LowRankGGN(case.model, nn.CrossEntropyLoss(), data)
     if case.mlp or case.kron:
-        assert op.engine == "kron"
+        assert op.engine == "sequential"
     assert rel_err(op.to_dense(), ref["ggn"]) <= RTOL
 
 

@@ -64,11 +64,11 @@ def conv1d_net() -> nn.Module:  # strided, dilated, padded Conv1d; no bias on th
 
 
 MODELS = {
-    "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "kron"),
-    "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "kron"),
+    "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
+    "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "autograd"),
-    "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "kron"),
-    "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "kron"),
+    "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "sequential"),
+    "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "sequential"),
     "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
     "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "autograd"),
@@ -227,7 +227,7 @@ def test_kron_and_autograd_engines_agree(loss_name):
     params = [p for p in model.parameters() if p.requires_grad][1:]  # and a subset
     kron = LowRankGGN(model, loss_fn, (x, y), params=params, engine="kron")
     auto = LowRankGGN(model, loss_fn, (x, y), params=params, engine="autograd")
-    assert kron.engine == "kron" and auto.engine == "autograd"
+    assert kron.engine == "sequential" and auto.engine == "autograd"
     assert rel_err(kron.gram(), auto.gram()) <= 1e-12
     assert rel_err(kron.factor(), auto.factor()) <= 1e-12
     assert rel_err(kron.gradient(), auto.gradient()) <= 1e-12
@@ -460,7 +460,7 @@ def test_conv_kron_equals_autograd_and_dense(name, loss_name, mc):
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     kron = LowRankGGN(model, loss_fn, (x, y), mc_samples=mc, generator=gen(), engine="kron")
     auto = LowRankGGN(model, loss_fn, (x, y), mc_samples=mc, generator=gen(), engine="autograd")
-    assert kron.engine == "kron" and auto.engine == "autograd"
+    assert kron.engine == "sequential" and auto.engine == "autograd"
     assert torch.equal(kron.column_sample, auto.column_sample)
     params = list(model.parameters())
     offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
@@ -492,7 +492,7 @@ def test_conv_several_batches_equal_the_concatenated_batch():
     split = [((X[:2],), y[:2]), ((X[2:],), y[2:])]
     parts = LowRankGGN(model, loss_fn, split, engine="kron")
     whole = LowRankGGN(model, loss_fn, (x, y), engine="autograd")
-    assert parts.engine == "kron" and parts.num_samples == 6
+    assert parts.engine == "sequential" and parts.num_samples == 6
     assert rel_err(parts.gram(), whole.gram()) <= 1e-12
     assert rel_err(parts.gradient(), whole.gradient()) <= 1e-12
     assert rel_err(parts.factor(), whole.factor()) <= 1e-12
@@ -545,6 +545,6 @@ def test_unsupported_convolutions_fall_back(conv):
     auto = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
     conv = model[2][1] if isinstance(model[2], nn.Sequential) else model[2]
     assert kron.engine == (
-        "kron" if conv.padding_mode == "zeros" and conv.padding != "same" else "autograd"
+        "sequential" if conv.padding_mode == "zeros" and conv.padding != "same" else "autograd"
     )
     assert rel_err(kron.gram(), auto.gram()) <= 1e-12

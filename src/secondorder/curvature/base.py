@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..linalg.operator import BlockDiagonal, LinearOperator
 from .model import Batch, FunctionalModel, as_batches
+from .vocabulary import canonical_engine
 from .weighting import BatchWeights, batch_weights
 
 __all__ = ["CurvatureOperator", "allreduce_sum", "global_count"]
@@ -154,8 +155,7 @@ class CurvatureOperator(LinearOperator):
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        if engine not in ("auto", "sequential", "autograd"):
-            raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        engine = canonical_engine(engine)
         self.fmodel = FunctionalModel(model, params)
         super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
         self.loss_fn = loss_fn

@@ -62,6 +62,7 @@ from .ggn import GGN
 from .hessian import Hessian
 from .model import Batch, FunctionalModel, as_batches
 from .pch_mode import positive_curvature_mode
+from .vocabulary import BLOCK_CURVATURES, ENGINES, canonical_engine
 from .weighting import batch_weights
 
 __all__ = [
@@ -71,8 +72,7 @@ __all__ = [
     "sequential_blocks",
 ]
 
-CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
-ENGINES = ("auto", "sequential", "autograd")
+CURVATURES = BLOCK_CURVATURES
 
 
 class BlockDiagonalCurvature(LinearOperator):
@@ -153,7 +153,7 @@ class BlockDiagonalCurvature(LinearOperator):
     ) -> None:
         self.process_group = process_group
         check_choice("curvature", curvature, CURVATURES)
-        check_choice("engine", engine, ENGINES)
+        engine = canonical_engine(engine)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.fmodel = FunctionalModel(model, params)

@@ -11,10 +11,11 @@ from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
 from .ggn import GGN
 from .losses import supports_likelihood
 from .model import Batch
+from .vocabulary import FISHER_KINDS
 
 __all__ = ["Fisher"]
 
-_KINDS = ("exact", "mc", "empirical")
+_KINDS = FISHER_KINDS
 
 
 class Fisher(GGN):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .model import FunctionalModel
 from .sequential import SequentialLinearization, sequential_layers
+from .vocabulary import canonical_engine
 
 __all__ = [
     "AutogradLinearization",
@@ -247,8 +248,7 @@ def linearize(
         ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
             ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
-    if engine not in ("auto", "sequential", "autograd"):
-        raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+    engine = canonical_engine(engine)
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):

@@ -35,7 +35,7 @@ MSE: :math:`\frac1C \lVert z_n - y_n \rVert^2`); for ``"sum"`` it is :math:`N \e
 Everything is computed from the *kernels* :math:`V^\top V` and :math:`[g_1, \dots, g_N]^\top V`,
 which add up over parameters, so every param group (a subset of parameters, i.e. a diagonal
 block of :math:`G`) gets its own Gram matrix at no extra backward pass. Two engines build the
-columns, ``"kron"`` and ``"autograd"`` (:mod:`secondorder.curvature.lowrank_engines`); the
+columns, ``"sequential"`` and ``"autograd"`` (:mod:`secondorder.curvature.lowrank_engines`); the
 Gram eigenpairs come from :mod:`secondorder.curvature.lowrank_spectrum`.
 
 References:
@@ -58,12 +58,10 @@ from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns, kron_layers
 from .lowrank_spectrum import GramSpectrum
 from .model import FunctionalModel, as_batches
+from .vocabulary import EIGENSOLVERS, canonical_engine
 from .weighting import batch_weights
 
 __all__ = ["LowRankGGN"]
-
-ENGINES = ("auto", "kron", "autograd")
-EIGENSOLVERS = ("auto", "torch", "lapack")
 
 
 class LowRankGGN(GramSpectrum):
@@ -93,7 +91,9 @@ class LowRankGGN(GramSpectrum):
         mc_samples: 0 for the exact factor (:math:`C' = C`), else the number :math:`M` of
             targets drawn per row for a Monte-Carlo factor (:math:`C' = M`).
         generator: Random generator for the Monte-Carlo factor (default: a fresh one seeded 0).
-        engine: ``"auto"`` (``"kron"`` where it applies, else ``"autograd"``), ``"kron"`` or
+        engine: ``"auto"`` (``"sequential"`` where it applies, else ``"autograd"``),
+            ``"sequential"`` (the Kronecker-factored columns of
+            :mod:`~secondorder.curvature.lowrank_engines`; ``"kron"`` is its former name) or
             ``"autograd"``.
         eigensolver: ``"auto"`` (default): the leading eigenpairs (:meth:`leading_eigh`, and
             positions requested by the other methods that all lie among the few largest) by
@@ -107,7 +107,7 @@ class LowRankGGN(GramSpectrum):
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,
-            ``engine="kron"`` on a model it does not support, or rows that do not divide into
+            ``engine="sequential"`` on a model it does not support, or rows that do not divide into
             samples.
         TypeError: If the model does not return a tensor.
 
@@ -145,7 +145,7 @@ class LowRankGGN(GramSpectrum):
                 f"{LIKELIHOOD_LOSSES}; got {loss_fn!r}"
             )
         check_int("mc_samples", mc_samples, 0, "0: exact factor")
-        check_choice("engine", engine, ENGINES)
+        engine = canonical_engine(engine)
         self.fmodel = FunctionalModel(model, params)
         self.loss_fn = loss_fn
         self.mc_samples = mc_samples
@@ -158,11 +158,12 @@ class LowRankGGN(GramSpectrum):
         self._weights = batch_weights(loss_fn, batches, self.fmodel).weights(batches)
 
         layers = kron_layers(self.fmodel) if engine != "autograd" else None
-        if engine == "kron" and layers is None:
+        if engine == "sequential" and layers is None:
             raise ValueError(
-                "engine='kron' needs an nn.Sequential of supported layers whose selected "
-                "parameters all belong to nn.Linear layers or to nn.Conv1d/nn.Conv2d layers with "
-                "groups=1 and numeric zero padding (untied); use engine='autograd'"
+                "engine='sequential' (formerly 'kron') needs an nn.Sequential of supported "
+                "layers whose selected parameters all belong to nn.Linear layers or to "
+                "nn.Conv1d/nn.Conv2d layers with groups=1 and numeric zero padding (untied); use "
+                "engine='autograd'"
             )
         built = (
             kron_columns(self.fmodel, loss_fn, layers, batches, self._weights, self._factor)
@@ -170,16 +171,16 @@ class LowRankGGN(GramSpectrum):
             else None
         )
         if built is None:
-            if engine == "kron":
+            if engine == "sequential":
                 raise ValueError(
-                    "engine='kron' needs 2-D inputs (N, d) to every nn.Linear layer with selected "
-                    "parameters, batched inputs to every such convolution and one loss row per "
-                    "sample; use engine='autograd'"
+                    "engine='sequential' (formerly 'kron') needs 2-D inputs (N, d) to every "
+                    "nn.Linear layer with selected parameters, batched inputs to every such "
+                    "convolution and one loss row per sample; use engine='autograd'"
                 )
             built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
             self.engine = "autograd"
         else:
-            self.engine = "kron"
+            self.engine = "sequential"
         self.loss, self.column_sample = built.loss, built.column_sample
         self._columns = built.columns
         self._owner = {i: c for c in self._columns for i in c.indices}

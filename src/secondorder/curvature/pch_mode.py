@@ -39,10 +39,11 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .._checks import check_choice
+from .vocabulary import PCH_MODIFICATIONS
 
 __all__ = ["MODIFICATIONS", "positive_curvature_mode"]
 
-MODIFICATIONS = ("clip", "abs")
+MODIFICATIONS = PCH_MODIFICATIONS
 
 _INTERCEPTED: set[Any] = {
     torch.sigmoid,

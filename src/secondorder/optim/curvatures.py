@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from .._checks import check_choice
 from ..curvature import GGN, CurvatureOperator, Fisher, Hessian
+from ..curvature.vocabulary import OPTIMIZER_CURVATURES
 
 __all__ = ["CURVATURES", "build_curvature"]
 
-CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
+CURVATURES = OPTIMIZER_CURVATURES
 
 
 def build_curvature(

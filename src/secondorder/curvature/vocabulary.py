@@ -1,0 +1,65 @@
+"""The names the library accepts, listed once: engines, curvature matrices, Fisher kinds.
+
+Every constructor validates against these tuples (:func:`~secondorder._checks.check_choice`),
+so a name is added or renamed here and nowhere else.
+
+Engines say HOW products are computed: ``"sequential"`` the hand-written engines for an
+``nn.Sequential`` of supported layers (module by module; for :class:`~.lowrank.LowRankGGN` its
+Kronecker-factored columns), ``"autograd"`` the generic path through ``torch.func`` and double
+backward for any module, ``"auto"`` the hand-written one where it applies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from .._checks import check_choice
+
+__all__ = [
+    "BLOCK_CURVATURES",
+    "CURVATURES",
+    "EIGENSOLVERS",
+    "ENGINES",
+    "FISHER_KINDS",
+    "OPTIMIZER_CURVATURES",
+    "PCH_MODIFICATIONS",
+    "Curvature",
+    "Eigensolver",
+    "Engine",
+    "FisherKind",
+    "canonical_engine",
+]
+
+Engine = Literal["auto", "sequential", "autograd"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+ENGINE_ALIASES = {"kron": "sequential"}  # LowRankGGN's former name of its hand-written path
+
+Curvature = Literal[
+    "ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher", "pch_clip", "pch_abs"
+]
+CURVATURES: tuple[str, ...] = get_args(Curvature)
+# the matrices each family of methods offers
+OPTIMIZER_CURVATURES = ("ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher")
+BLOCK_CURVATURES = ("ggn", "hessian", "pch_abs", "pch_clip")
+
+FisherKind = Literal["exact", "mc", "empirical"]
+FISHER_KINDS: tuple[str, ...] = get_args(FisherKind)
+
+PCHModification = Literal["clip", "abs"]
+PCH_MODIFICATIONS: tuple[str, ...] = get_args(PCHModification)
+
+Eigensolver = Literal["auto", "torch", "lapack"]
+EIGENSOLVERS: tuple[str, ...] = get_args(Eigensolver)
+
+
+def canonical_engine(engine: object) -> str:
+    """``engine`` validated against :data:`ENGINES` (old aliases mapped to their name).
+
+    Raises:
+        ValueError: ``"engine must be one of ('auto', 'sequential', 'autograd'), got ..."``.
+    """
+    if isinstance(engine, str):
+        engine = ENGINE_ALIASES.get(engine, engine)
+    check_choice("engine", engine, ENGINES)
+    assert isinstance(engine, str)
+    return engine
