@@ -3,7 +3,7 @@
 The reference is the same operator without factors, itself tested against dense autograd
 references elsewhere; here every path of the factored products (single and batched J v and
 J^T u, blocks, head and top layers, stored factors, missing tangents) is compared with it, and
-the ``"auto"`` rule is checked to build the factors exactly at the break-even product.
+the fast path is checked to be taken for ``jacobian_factors=True`` only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import secondorder as so
-from secondorder.curvature import jacobian_factors as jf
+from secondorder.curvature.factored import FactoredLinearization
+from secondorder.curvature.sequential import SequentialLinearization
 
 DT = torch.float64
 
@@ -182,50 +183,21 @@ def test_frozen_layers_and_parameter_subsets():
     torch.testing.assert_close(factored.to_dense(), plain.to_dense(), rtol=1e-12, atol=1e-13)
 
 
-def test_auto_builds_at_the_break_even_product():
-    torch.manual_seed(0)
-    model = _mlp(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
-    X, y = torch.randn(40, 4, dtype=DT), torch.randint(0, 3, (40,))
-    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors="auto")
-    ref = so.GGN(model, nn.CrossEntropyLoss(), (X, y))
-    factors = _lin(G).factors
-    assert factors is not None and factors.breakeven is not None and factors.breakeven > 1
-    v = torch.randn(G.shape[0], dtype=DT)
-    for k in range(1, factors.breakeven + 2):
-        torch.testing.assert_close(G @ v, ref @ v, rtol=1e-12, atol=1e-13)
-        assert (factors.B is not None) == (k >= factors.breakeven), k
-
-
-def test_auto_respects_the_memory_budget(monkeypatch):
-    monkeypatch.setattr(jf, "MIN_BUDGET_BYTES", 0)
-    monkeypatch.setattr(jf, "BUDGET_TIMES_LINEARIZATION", 0)
+def test_true_selects_the_fast_path_and_auto_the_reference():
+    """The fast path is chosen by ``jacobian_factors=True`` only; the retired "auto" is False."""
     model, shape = MODELS["deep-relu"]
     X, y = _data(shape)
-    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors="auto")
-    factors = _lin(G).factors
-    v = torch.randn(G.shape[0], dtype=DT)
-    for _ in range(30):
-        G @ v
-    assert factors is not None and factors.B is None
-
-
-def test_auto_never_builds_without_a_saving():
-    """A wide output layer (C large against the widths) makes the factors cost more."""
-    torch.manual_seed(0)
-    model = _mlp(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 50))
-    X, y = torch.randn(10, 4, dtype=DT), torch.randint(0, 50, (10,))
-    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors="auto")
-    factors = _lin(G).factors
-    assert factors is not None and factors.breakeven is None
-    for _ in range(50):
+    for option, factored in ((True, True), (False, False), ("auto", False)):
+        G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors=option)
         G @ torch.ones(G.shape[0], dtype=DT)
-    assert factors.B is None
+        assert isinstance(_lin(G), FactoredLinearization) is factored, option
+    assert _lin(G).__class__ is SequentialLinearization
 
 
 def test_bad_options_and_unsupported_models_raise():
     model, shape = MODELS["silu-tanh"]
     X, y = _data(shape)
-    with pytest.raises(ValueError, match="jacobian_factors must be True, False or 'auto'"):
+    with pytest.raises(ValueError, match="jacobian_factors must be True or False"):
         so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors="yes")
     with pytest.raises(ValueError, match=r"jacobian_factors=True needs an nn\.Sequential MLP"):
         so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors=True, engine="autograd")
@@ -235,11 +207,11 @@ def test_bad_options_and_unsupported_models_raise():
         so.GGN(
             cnn, nn.CrossEntropyLoss(), (images, torch.randint(0, 3, (5,))), jacobian_factors=True
         )
-    # "auto" keeps the usual products for such models
+    # "auto" (retired: False) keeps the usual products for such models
     G = so.GGN(
         cnn, nn.CrossEntropyLoss(), (images, torch.randint(0, 3, (5,))), jacobian_factors="auto"
     )
-    assert _lin(G).factors is None
+    assert not isinstance(_lin(G), FactoredLinearization)
     with pytest.raises(ValueError, match="not the Hessian"):
         so.NewtonCG(model, nn.CrossEntropyLoss(), curvature="hessian", jacobian_factors=True)
     with pytest.raises(ValueError, match="jacobian_factors must be"):

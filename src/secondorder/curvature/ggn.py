@@ -48,11 +48,10 @@ class GGN(CurvatureOperator):
             activations), compute products through the per-layer output-Jacobian factors
             (:mod:`~secondorder.curvature.jacobian_factors`): two matrix products per layer
             instead of four, after building factors that hold ``N C`` numbers per hidden unit.
-            ``False`` (default), ``True`` (built at the first product; a ``ValueError`` for a
-            network that does not qualify) or ``"auto"`` (built once the product count
-            reaches their break-even point and if they fit the memory budget; other
-            networks keep the usual products). Iterative solvers that apply the operator many
-            times gain most; the optimizers pass ``"auto"``.
+            ``False`` (default) or ``True`` (the separate fast path
+            :class:`~secondorder.curvature.factored.FactoredLinearization`, factors built at
+            the first product; a ``ValueError`` for a network that does not qualify). The
+            retired ``"auto"`` means ``False``. Measured gains: ``BENCHMARKS.md``.
         **kwargs: Forwarded to :class:`CurvatureOperator` (``params``, ``cache``, ...).
 
     Example:

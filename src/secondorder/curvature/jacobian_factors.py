@@ -26,15 +26,13 @@ when :math:`C` is small against the widths. The top layer, whose output is :math
 
 Building them back-propagates the :math:`C` output directions through the network (one
 ``(N C, out) @ (out, in)`` matrix product per layer, about :math:`C/2` products' worth of work)
-and holds :math:`N C H` numbers. With ``jacobian_factors="auto"`` a linearisation builds them
-when its product count reaches the break-even point of a cost model (the ski-rental rule: at
-most twice the cost of the better choice made in hindsight) and only if they fit a memory
-budget; ``True`` builds them at the first product.
+and holds :math:`N C H` numbers. They serve
+:class:`~secondorder.curvature.factored.FactoredLinearization`, which ``jacobian_factors=True``
+selects and which builds them at its first product.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,21 +42,15 @@ from torch import Tensor
 
 __all__ = ["JacobianFactors", "add_weight_cotangent", "check_jacobian_factors_option"]
 
-# measured on the 2-core CPU: a batched (N, 1, h) @ (N, h, C) contraction costs about six times
-# more per multiply-add than a large matrix product (it is bound by reading the factors)
-CONTRACTION_COST = 6.0
-# the factors must save at least this share of a product to be worth building
-MIN_SAVING = 0.1
-# "auto" memory budget: the factors may hold this many times what the linearisation holds,
-# and at least MIN_BUDGET_BYTES
-BUDGET_TIMES_LINEARIZATION = 4
-MIN_BUDGET_BYTES = 64 * 2**20
-
 
 def check_jacobian_factors_option(value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is ``True``, ``False`` or ``"auto"``."""
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``.
+
+    ``"auto"`` is still accepted and means ``False``: the cost model that chose when to build
+    the factors is retired; the fast path is taken only for ``True``.
+    """
     if not (isinstance(value, bool) or value == "auto"):
-        raise ValueError(f"jacobian_factors must be True, False or 'auto', got {value!r}")
+        raise ValueError(f"jacobian_factors must be True or False, got {value!r}")
 
 
 @dataclass
@@ -83,17 +75,16 @@ Step = tuple[str | None, Any]
 class JacobianFactors:
     r"""The factors :math:`B_l` of an MLP's Linear layers and products with them.
 
-    Build one with :meth:`plan` (which checks that the network qualifies and prices the
-    factors); :meth:`build` computes them.
+    Build one with :meth:`plan` (which checks that the network qualifies); :meth:`build`
+    computes them.
 
     Args:
         steps: The network's steps, bottom to top (see :data:`Step`).
         z: The outputs, shape ``(N, C)``.
         lowest: Index of the lowest step holding a trainable parameter.
-        held_bytes: Bytes the linearisation holds (for the memory budget).
     """
 
-    def __init__(self, steps: list[Step], z: Tensor, lowest: int, held_bytes: int) -> None:
+    def __init__(self, steps: list[Step], z: Tensor, lowest: int) -> None:
         self._steps = steps
         self._lowest = lowest
         self.num_samples, self.num_outputs = (int(s) for s in z.shape)
@@ -106,22 +97,11 @@ class JacobianFactors:
         self._head_acts: list[Any] = []  # activations between head and top, bottom to top
         head_step = self._find_head(steps, top, lowest)
         width = 0
-        standard = factored = build = 0.0
-        shared = True  # the back-propagated directions are the same for every sample so far
         for k in range(top, lowest - 1, -1):
             kind, rec = steps[k]
-            if kind == "activation":
-                shared = False
             if kind != "linear":
                 continue
-            out_f, in_f = rec["w"].shape
-            mm = float(N * in_f * out_f)
-            if k > lowest:  # forward mode W dx and reverse mode u W; C directions to build
-                standard += 2 * mm
-                build += (C / N if shared else C) * mm
-            if rec["iw"] is not None:  # dW x and u^T x, either way
-                standard += 2 * mm
-                factored += 2 * mm
+            out_f = rec["w"].shape[0]
             if rec["iw"] is None and rec["ib"] is None:
                 continue
             layer = _Layer(k, rec["iw"], rec["ib"], rec["x"], rec["w"], None)
@@ -129,20 +109,13 @@ class JacobianFactors:
                 self.top = layer
             elif k == head_step:
                 self.head = layer  # through the top layer: (N, out) x (out, C) each way
-                factored += 2 * N * C * out_f
             else:
                 layer.cols = slice(width, width + out_f)
                 width += out_f
                 self.layers.append(layer)
         self.layers.reverse()  # bottom to top
         self.width = width
-        factored += CONTRACTION_COST * 2 * N * C * width
-        saving = standard - factored
-        self.breakeven: int | None = (
-            max(1, math.ceil(build / saving)) if saving > MIN_SAVING * standard else None
-        )
-        self.nbytes = N * C * width * z.element_size()
-        self.budget = max(MIN_BUDGET_BYTES, BUDGET_TIMES_LINEARIZATION * held_bytes)
+        self.nbytes = N * C * width * z.element_size()  # what build() will hold
         self._z = z
         self.B: Tensor | None = None
 
@@ -168,9 +141,7 @@ class JacobianFactors:
         return None
 
     @classmethod
-    def plan(
-        cls, steps: list[Step] | None, z: Tensor, lowest: int, held_bytes: int
-    ) -> JacobianFactors | None:
+    def plan(cls, steps: list[Step] | None, z: Tensor, lowest: int) -> JacobianFactors | None:
         """The factors of a qualifying network (unbuilt), or ``None``.
 
         The network qualifies if ``z`` is 2-D, every step from the lowest trainable one up is
@@ -181,17 +152,9 @@ class JacobianFactors:
             return None
         if any(kind is None for kind, _ in steps[lowest:]):
             return None
-        factors = cls(steps, z, lowest, held_bytes)
+        factors = cls(steps, z, lowest)
         trainable = factors.layers or factors.head is not None or factors.top is not None
         return factors if trainable else None
-
-    def worth_building(self, products: int, mode: bool | str) -> bool:
-        """Whether to build the factors before product number ``products`` (1-based)."""
-        if mode is True:
-            return True
-        return (
-            self.breakeven is not None and products >= self.breakeven and self.nbytes <= self.budget
-        )
 
     # ------------------------------------------------------------------ build
     @torch.no_grad()

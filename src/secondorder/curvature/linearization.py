@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .factored import FactoredLinearization
 from .model import FunctionalModel
 from .sequential import SequentialLinearization, sequential_layers
 from .vocabulary import canonical_engine
@@ -237,9 +238,9 @@ def linearize(
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
             autograd otherwise), ``"sequential"`` or ``"autograd"``.
-        jacobian_factors: ``False``, ``True`` or ``"auto"``: whether products of an MLP go
-            through its output-Jacobian factors (see
-            :class:`~secondorder.curvature.sequential.SequentialLinearization`).
+        jacobian_factors: ``True`` selects the fast path for MLPs,
+            :class:`~secondorder.curvature.factored.FactoredLinearization` (products through
+            the output-Jacobian factors); ``False`` (or the retired ``"auto"``) the reference.
 
     Returns:
         The linearisation.
@@ -252,7 +253,9 @@ def linearize(
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
-            return SequentialLinearization(fmodel, layers, inputs, leaves, jacobian_factors)
+            if jacobian_factors is True:
+                return FactoredLinearization(fmodel, layers, inputs, leaves)
+            return SequentialLinearization(fmodel, layers, inputs, leaves)
         if engine == "sequential":
             raise ValueError(
                 f"engine='sequential' needs an nn.Sequential of supported layers called on one "

@@ -45,12 +45,7 @@ from torch.nn import functional as F
 from .activations import (
     is_activation,
 )
-from .jacobian_factors import (
-    JacobianFactors,
-    Step,
-    add_weight_cotangent,
-    check_jacobian_factors_option,
-)
+from .jacobian_factors import add_weight_cotangent
 from .model import FunctionalModel
 from .sequential_ops import (
     CONV,
@@ -76,18 +71,14 @@ _MIN_BLOCK = 256
 class SequentialLinearization:
     """Linearisation of an ``nn.Sequential`` of supported layers (see the module docstring).
 
+    The fast path through an MLP's output-Jacobian factors is a separate subclass,
+    :class:`~secondorder.curvature.factored.FactoredLinearization`.
+
     Args:
         fmodel: The model as a function of its parameters (an ``nn.Sequential``).
         layers: Its leaf layers from :func:`sequential_layers`.
         inputs: A single input tensor in a tuple.
         leaves: Tensors holding the parameter values.
-        jacobian_factors: Whether products of an MLP go through its output-Jacobian factors
-            (:mod:`.jacobian_factors`): ``False``, ``True`` (built at the first product) or
-            ``"auto"`` (built once the product count reaches their break-even point, if they
-            fit the memory budget).
-
-    Raises:
-        ValueError: For ``jacobian_factors=True`` on a network that does not qualify.
     """
 
     def __init__(
@@ -96,9 +87,7 @@ class SequentialLinearization:
         layers: list[tuple[str, nn.Module]],
         inputs: tuple[Any, ...],
         leaves: list[Tensor],
-        jacobian_factors: bool | str = False,
     ) -> None:
-        check_jacobian_factors_option(jacobian_factors)
         self.leaves = leaves
         self._numels = fmodel.numels
         frozen = fmodel.parameter_dict(leaves)
@@ -123,77 +112,6 @@ class SequentialLinearization:
                     self._lowest_step[i] = min(self._lowest_step[i], k)
         # steps k starting a (2-D) Linear, activation, Linear triple: blocked at a product's bottom
         self._triples = {k for k in range(len(self._steps) - 2) if self._is_triple(k)}
-        self._factor_mode = jacobian_factors
-        self._products = 0
-        self.factors: JacobianFactors | None = None
-        if jacobian_factors is not False:
-            self.factors = JacobianFactors.plan(
-                self._factor_steps(), self.z, min(self._lowest_step), self._held_bytes()
-            )
-            if self.factors is None and jacobian_factors is True:
-                raise ValueError(
-                    "jacobian_factors=True needs an nn.Sequential whose trainable layers are "
-                    "Linear layers on 2-D inputs, with only elementwise activations above the "
-                    "lowest of them, 2-D outputs, and a trainable layer below the top one"
-                )
-
-    def _factor_steps(self) -> list[Step]:
-        """The steps as the output-Jacobian factors see them (:data:`.jacobian_factors.Step`)."""
-        steps: list[Step] = []
-        for layer, rec in self._steps:
-            t = type(layer)
-            if t is nn.Linear and rec["x"].ndim == 2:
-                steps.append(("linear", rec))
-            elif is_activation(layer):
-                steps.append(("activation", self._derivative_multiplier(layer, rec)))
-            elif isinstance(layer, nn.Dropout) or (
-                isinstance(layer, RESHAPES) and rec["in_shape"] == rec["out_shape"]
-            ):
-                steps.append(("identity", None))
-            else:
-                steps.append((None, None))
-        return steps
-
-    @staticmethod
-    def _derivative_multiplier(layer: nn.Module, rec: dict[str, Any]) -> tuple[Any, Any]:
-        r"""Two ``(g, out) -> g \odot \sigma'`` (into ``out`` if given).
-
-        The first takes ``g`` of shape ``(N, R, width)``, the second ``(..., N, width)``.
-        """
-
-        def multiply(g: Tensor, out: Tensor | None, rows: bool) -> Tensor:
-            s = rec.get("s")
-            if s is not None:
-                return FROM_OUTPUT[type(layer)][1](g, s.unsqueeze(1) if rows else s, out)
-            d = rec["d"].unsqueeze(1) if rows else rec["d"]
-            return torch.mul(g, d) if out is None else torch.mul(g, d, out=out)
-
-        return (
-            lambda g, out: multiply(g, out, True),
-            lambda g, out: multiply(g, out, False),
-        )
-
-    def _held_bytes(self) -> int:
-        """Bytes of the tensors the steps keep (each storage once)."""
-        held: dict[int, int] = {}
-        for _, rec in self._steps:
-            for value in rec.values():
-                if isinstance(value, Tensor):
-                    storage = value.untyped_storage()
-                    held[storage.data_ptr()] = storage.nbytes()
-        return sum(held.values())
-
-    def _use_factors(self, count: int) -> bool:
-        """Count ``count`` more products; whether they go through the built factors."""
-        factors = self.factors
-        if factors is None:
-            return False
-        self._products += count
-        if factors.B is None:
-            if not factors.worth_building(self._products, self._factor_mode):
-                return False
-            factors.build()
-        return True
 
     def _settle_activations(self) -> None:
         """Replace each kept activation output that no later layer stores by its derivative.
@@ -229,10 +147,6 @@ class SequentialLinearization:
         r"""Return :math:`Jv` (shape of ``z``; ``(K, *z.shape)`` when batched), or None if zero."""
         dx: Tensor | None = None
         K = next(t.shape[0] for t in tangents if t is not None) if batched else 0
-        if self._use_factors(K if batched else 1):
-            assert self.factors is not None
-            with torch.no_grad():
-                return self.factors.jvp(tangents, batched)
         with torch.no_grad():
             for layer, rec in self._steps:
                 dx = self._jvp_layer(layer, rec, dx, tangents, K, batched)
@@ -350,10 +264,6 @@ class SequentialLinearization:
             out: Buffers in the requested parameters' shapes, accumulated into.
             indices: Requested parameters (default all).
         """
-        if self.factors is not None and self.factors.B is not None:
-            with torch.no_grad():
-                self.factors.vjp_into(cotangent, out, indices)
-            return
         idx = list(range(len(self.leaves))) if indices is None else list(indices)
         target = {i: buf for i, buf in zip(idx, out)}
         stop = min((self._lowest_step[i] for i in idx), default=len(self._steps))
@@ -415,10 +325,6 @@ class SequentialLinearization:
         K = cotangent.shape[0]
         bufs = [self.leaves[i].new_zeros(K, *self.leaves[i].shape) for i in idx]
         target = {i: buf for i, buf in zip(idx, bufs)}
-        if self.factors is not None and self.factors.B is not None:
-            with torch.no_grad():
-                self.factors.vjp_batched(cotangent, target)
-            return bufs
         stop = min((self._lowest_step[i] for i in idx), default=len(self._steps))
         u, owned = cotangent, False
         with torch.no_grad():

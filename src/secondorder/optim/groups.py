@@ -14,8 +14,8 @@ def check_jacobian_factors(value: Any, curvature: str) -> None:
     """Check an optimizer's ``jacobian_factors`` option against its curvature.
 
     Raises:
-        ValueError: Unless ``value`` is ``True``, ``False`` or ``"auto"``, or for ``True`` with
-            the Hessian.
+        ValueError: Unless ``value`` is ``True`` or ``False`` (or the retired ``"auto"``, which
+            means ``False``), or for ``True`` with the Hessian.
     """
     check_jacobian_factors_option(value)
     if value is True and curvature == "hessian":

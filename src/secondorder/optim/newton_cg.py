@@ -55,9 +55,8 @@ class NewtonCG(CurvatureOptimizer):
         on_nonfinite: ``"skip"`` or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
         jacobian_factors: Whether GGN and Fisher products of an MLP go through its
-            output-Jacobian factors (:mod:`~secondorder.curvature.jacobian_factors`):
-            ``"auto"`` (default: built once CG has done enough products for them to pay, if
-            they fit the memory budget), ``True`` or ``False``.
+            output-Jacobian factors (:mod:`~secondorder.curvature.factored`): ``False``
+            (default) or ``True`` (MLPs only; see ``BENCHMARKS.md`` for what it saves).
         process_group: ``torch.distributed`` group for data-parallel training (see
             :class:`~secondorder.optim.base.CurvatureOptimizer`). With ``"fisher_mc"`` and no
             ``generator``, rank ``r`` draws from a generator seeded with ``r``, so ranks draw
@@ -90,7 +89,7 @@ class NewtonCG(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
-        jacobian_factors: bool | str = "auto",
+        jacobian_factors: bool | str = False,
         process_group: Any = None,
     ) -> None:
         defaults = dict(
