@@ -39,14 +39,11 @@ The contract implemented once, here, for every subclass:
 
 from __future__ import annotations
 
-import functools
-import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -245,49 +242,6 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the state written by :meth:`__getstate__` (torch adds its hooks)."""
         super().__setstate__(state)
-
-    # ----------------------------------------------------------- step wrapper
-    @staticmethod
-    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
-        """``torch.optim.Optimizer``'s wrapper of ``step``, profiling only while profiled.
-
-        The wrapper runs the global and per-optimizer step pre-hooks (which may replace the
-        arguments) and post-hooks around ``step``, as torch's does. Torch's also opens a
-        ``record_function`` range on every step, which costs 10 µs warm and about 70 µs
-        after another model's step on a CPU even with no profiler listening; here the range
-        is opened (by torch's own wrapper) only when ``torch.autograd._profiler_enabled()``.
-        """
-        profiled = Optimizer.profile_hook_step(func)
-        pre_global = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
-        post_global = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
-        if pre_global is None or post_global is None:  # a torch without them: its wrapper
-            return profiled
-
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if torch.autograd._profiler_enabled():
-                return profiled(*args, **kwargs)
-            self = args[0]
-            for pre_hook in itertools.chain(
-                pre_global.values(), self._optimizer_step_pre_hooks.values()
-            ):
-                result = pre_hook(self, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(
-                            f"{func} must return None or a tuple of (new_args, new_kwargs), "
-                            f"but got {result}."
-                        )
-                    args, kwargs = result
-            out = func(*args, **kwargs)
-            self._optimizer_step_code()
-            for post_hook in itertools.chain(
-                self._optimizer_step_post_hooks.values(), post_global.values()
-            ):
-                post_hook(self, args, kwargs)
-            return out
-
-        return wrapper
 
     # --------------------------------------------------------------------- state
     generator: torch.Generator | None = None
