@@ -36,7 +36,7 @@ _LINEAR_PARAM_FREE = (
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # a convolution's weight products use an im2col matrix of its input if it has at least this many
-# input features per output (below, the convolution backward is faster on CPU) and fits this size
+# input features per output (below, the convolution backward is cheaper) and fits this size
 _PATCH_MIN_FEATURES = 64
 _PATCH_MAX_NUMEL = 2**25
 
@@ -367,7 +367,7 @@ class _MaxPool(Layer):
                 f"got shape {tuple(x.shape)}"
             )
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
-        if d > 1 and x.device.type == "cpu":  # the channels-last kernel is ~4x faster on CPU
+        if d > 1 and x.device.type == "cpu":  # CPU: the channels-last kernel is the fast one
             fmt = torch.channels_last if d == 2 else torch.channels_last_3d
             x_in = x.contiguous(memory_format=fmt)
         else:

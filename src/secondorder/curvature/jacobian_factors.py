@@ -394,7 +394,7 @@ def _linear_tangent(layer: _Layer, tangents: Sequence[Tensor | None]) -> Tensor 
 
 
 # a Linear layer with at most this many input features gets its weight cotangent as (x^T g)^T:
-# with the reduction dimension long and the output narrow, MKL's g^T x is 3x slower
+# with the reduction dimension long and the output narrow, MKL's g^T x is the slow order
 _NARROW_INPUT = 8
 
 

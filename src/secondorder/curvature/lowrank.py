@@ -102,8 +102,8 @@ class LowRankGGN(GramSpectrum):
             that is cheaper or the iteration does not converge), the full spectrum by
             ``torch.linalg.eigh``. ``"torch"``: always ``torch.linalg.eigh`` of the whole Gram
             matrix. ``"lapack"``: SciPy's tridiagonal reduction with eigenvectors only for the
-            chosen directions (faster alone, but SciPy's OpenBLAS threads contend with torch's
-            unless ``OPENBLAS_NUM_THREADS=1``, which made steps 100x slower in our benchmark).
+            chosen directions (SciPy's OpenBLAS threads contend with torch's unless
+            ``OPENBLAS_NUM_THREADS=1``; measurements in ``BENCHMARKS.md``).
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,

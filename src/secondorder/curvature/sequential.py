@@ -62,9 +62,8 @@ from .sequential_ops import (
 
 __all__ = ["SequentialLinearization", "sequential_layers"]
 
-# hidden layers are split in two column blocks at a product's bottom only if each block keeps
-# this many units: narrower blocks make the matrix products measurably slower (on a 200-unit
-# MLP halving cost 17% of a GGN product, on 512 units about 7%)
+# hidden layers are split in two column blocks at a product's bottom (to bound the memory) only
+# if each block keeps this many units: narrower blocks slow the matrix products (BENCHMARKS.md)
 _MIN_BLOCK = 256
 
 

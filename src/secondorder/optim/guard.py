@@ -29,8 +29,7 @@ def vector_norm(t: Tensor) -> float:
     """The Euclidean norm of a flat vector, through one BLAS dot product.
 
     NaN and Inf entries give a NaN or Inf norm (as ``t.norm()``); so do squares beyond the
-    dtype's range. The dot product runs on one thread, which for the vectors of a step is
-    faster than the parallel reduction behind ``Tensor.norm`` (no wake-up of the pool).
+    dtype's range.
     """
     return float(torch.dot(t, t)) ** 0.5
 
