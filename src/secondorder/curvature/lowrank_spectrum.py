@@ -3,7 +3,7 @@ r"""Eigenpairs of the low-rank GGN's per-block Gram matrices :math:`V^\top V`, c
 A mixin of :class:`~secondorder.curvature.lowrank.LowRankGGN`: the full spectrum by
 ``torch.linalg.eigh``, the leading pairs by restarted block Krylov iteration
 (:func:`~secondorder.linalg.dense_eig.top_eigh`), or chosen pairs through LAPACK's tridiagonal
-reduction (:class:`~secondorder.linalg.tridiagonal.Tridiagonal`).
+reduction (:class:`~secondorder.linalg.lapack_tridiagonal.Tridiagonal`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..linalg.dense_eig import krylov_applies, top_eigh
-from ..linalg.tridiagonal import Tridiagonal
+from ..linalg.lapack_tridiagonal import Tridiagonal
 from .lowrank_columns import Columns
 
 
