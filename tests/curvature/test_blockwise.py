@@ -19,6 +19,7 @@ from secondorder.curvature.blockwise import (
 )
 from secondorder.curvature.pch import PCH, positive_curvature_mode
 from secondorder.linalg.block_cg import block_cg
+from secondorder.linalg.status import SolverStatus as S
 
 DT = torch.float64
 TOL = 1e-10
@@ -582,7 +583,7 @@ def test_block_cg_equals_cg_per_system():
         assert info.iterations[i] == ref_info.iterations
         assert torch.allclose(x[i], ref, rtol=1e-10, atol=1e-12)
         assert info.residual_norms[i] == pytest.approx(ref_info.residual_norm, rel=1e-6, abs=1e-9)
-        assert info.status[i] == ("converged" if ref_info.converged else "maxiter")
+        assert info.status[i] == (S.CONVERGED if ref_info.converged else S.MAXITER)
     assert info.sweeps == max(info.iterations) == len(calls)
     # systems leave the sweeps once they stop
     assert all(len(c) <= len(p) for p, c in itertools.pairwise(calls))
@@ -596,13 +597,13 @@ def test_block_cg_edge_cases():
 
     zero = [torch.zeros(3, dtype=DT), torch.zeros(2, dtype=DT)]
     x, info = block_cg(apply, zero)
-    assert info.status == ["converged", "converged"] and info.sweeps == 0
+    assert info.status == [S.CONVERGED, S.CONVERGED] and info.sweeps == 0
     b = [torch.ones(3, dtype=DT), torch.tensor([1.0, 2.0], dtype=DT)]
     x, info = block_cg(apply, b, maxiter=0)
-    assert info.status == ["maxiter", "maxiter"] and torch.equal(x[0], torch.zeros(3, dtype=DT))
+    assert info.status == [S.MAXITER, S.MAXITER] and torch.equal(x[0], torch.zeros(3, dtype=DT))
     # indefinite system: p^T A p = 1 - 4 < 0 in the first iteration
     x, info = block_cg(apply, b, rtol=1e-12, negative_curvature="stop")
-    assert info.status == ["converged", "negative_curvature"]
+    assert info.status == [S.CONVERGED, S.NEGATIVE_CURVATURE]
     assert info.iterations[1] == 0 and torch.equal(x[1], torch.zeros(2, dtype=DT))
     x, info = block_cg(apply, b, rtol=1e-12, negative_curvature="continue")
     assert info.negative_curvature == [False, True]
@@ -633,7 +634,7 @@ def test_block_cg_solves_systems_of_different_dtypes():
 
     x, info = block_cg(apply, b, shift=0.3, rtol=1e-6, maxiter=[20, 20, 5])
     assert [xi.dtype for xi in x] == [DT, torch.float32, DT]
-    assert info.status == ["converged", "converged", "converged"] and info.iterations[2] == 0
+    assert info.status == [S.CONVERGED] * 3 and info.iterations[2] == 0
     for i in range(2):
         M = A[i] + 0.3 * torch.eye(A[i].shape[0], dtype=A[i].dtype)
         ref, ref_info = so.cg(M, b[i], rtol=1e-6, maxiter=20)
@@ -668,7 +669,7 @@ def test_block_cg_keeps_the_shapes_of_b(mixed_dtypes):
         torch.testing.assert_close(
             xi.reshape(-1), torch.linalg.solve(M, bi.reshape(-1)), rtol=tol, atol=tol
         )
-    assert info.status == ["converged"] * 3
+    assert info.status == [S.CONVERGED] * 3
 
 
 def test_block_cg_on_one_flat_b_cut_by_sizes():
@@ -693,7 +694,7 @@ def test_block_cg_on_one_flat_b_cut_by_sizes():
     bad = flat.clone()
     bad[6] = math.nan  # in the third system
     _, info_bad = block_cg(apply, bad, sizes=sizes, **kw)
-    assert math.isnan(info_bad.rhs_norms[2]) and info_bad.status[2] == "nonfinite"
+    assert math.isnan(info_bad.rhs_norms[2]) and info_bad.status[2] == S.NONFINITE
     assert info_bad.iterations[2] == 0 and info_bad.rhs_norms[0] == pytest.approx(norms[0])
     out = torch.full_like(flat, math.nan)
     x, info = block_cg(apply, work, sizes=sizes, out=out, overwrite_b=True, **kw)

@@ -40,6 +40,7 @@ from secondorder.linalg import (
     spectral_density,
     top_eigh,
 )
+from secondorder.linalg.status import SolverStatus
 
 F64 = torch.float64
 
@@ -92,7 +93,7 @@ def cg_callable_with_preconditioner(a: torch.Tensor, b: torch.Tensor) -> bool:
 def block_cg_list(a: torch.Tensor, b: torch.Tensor) -> bool:
     x, info = block_cg(lambda idx, vs: [a @ v for v in vs], [b], rtol=1e-10, maxiter=100)
     assert bool(torch.isfinite(x[0]).all())
-    return info.status == ["nonfinite"]
+    return info.status == [SolverStatus.NONFINITE]
 
 
 @_info_solver
@@ -108,7 +109,7 @@ def block_cg_flat(a: torch.Tensor, b: torch.Tensor) -> bool:
         maxiter=100,
     )
     assert all(bool(torch.isfinite(xi).all()) for xi in x)
-    return info.status == ["nonfinite", "nonfinite"]
+    return info.status == [SolverStatus.NONFINITE] * 2
 
 
 @pytest.mark.parametrize("kind", ["nan_operator", "inf_operator", "nan_rhs"])

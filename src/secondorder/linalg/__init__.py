@@ -5,7 +5,7 @@ This layer knows nothing of neural networks; it imports only torch (and scipy la
 
 from .block_cg import BlockCGInfo, block_cg
 from .cg import CGInfo, CGStatus, cg
-from .dense_eig import top_eigh as top_eigh
+from .dense_eig import TopEigh, top_eigh
 from .errors import NonFiniteError
 from .estimators import (
     diagonal_estimate,
@@ -21,6 +21,7 @@ from .preconditioners import (
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
 )
+from .status import SolverStatus
 
 __all__ = [
     # errors
@@ -33,6 +34,7 @@ __all__ = [
     "LinearOperator",
     "aslinearoperator",
     # solvers
+    "SolverStatus",
     "CGInfo",
     "CGStatus",
     "cg",
@@ -41,6 +43,8 @@ __all__ = [
     # spectral tools
     "LanczosDecomposition",
     "LanczosInfo",
+    "TopEigh",
+    "top_eigh",
     "eigmax",
     "lanczos",
     "lanczos_tridiag",

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .cg import residual_threshold
 from .scalars import host_floats
+from .status import SolverStatus
 
 __all__ = ["BlockCGInfo", "block_cg"]
 
@@ -30,9 +31,10 @@ class BlockCGInfo:
         iterations: CG iterations per system.
         residual_norms: The last (recursively updated) residual norm per system.
         tolerances: ``max(rtol * norm(b_i), atol)`` per system.
-        status: Why each system stopped: ``"converged"`` (``norm(r) <= tol``), ``"maxiter"``,
-            ``"negative_curvature"`` (``p^T A p <= 0`` with ``negative_curvature="stop"``),
-            ``"breakdown"`` (``p^T A p == 0``) or ``"nonfinite"`` (a NaN/Inf appeared).
+        status: Why each system stopped, a :class:`~secondorder.linalg.status.SolverStatus`:
+            ``CONVERGED`` (``norm(r) <= tol``), ``MAXITER``, ``NEGATIVE_CURVATURE``
+            (``p^T A p < 0`` with ``negative_curvature="stop"``), ``BREAKDOWN``
+            (``p^T A p == 0``) or ``NONFINITE`` (a NaN/Inf appeared).
         sweeps: Number of batched operator applications (the largest iteration count).
         negative_curvature: Per system, whether any search direction had ``p^T A p <= 0``.
         rhs_norms: :math:`\|b_i\|_2` per system (NaN or Inf where ``b_i`` is not finite).
@@ -41,7 +43,7 @@ class BlockCGInfo:
     iterations: list[int]
     residual_norms: list[float]
     tolerances: list[float]
-    status: list[str]
+    status: list[SolverStatus]
     sweeps: int = 0
     negative_curvature: list[bool] = field(default_factory=list)
     rhs_norms: list[float] = field(default_factory=list)
@@ -49,7 +51,20 @@ class BlockCGInfo:
     @property
     def converged(self) -> list[bool]:
         """Per system, whether the residual tolerance was met."""
-        return [s == "converged" for s in self.status]
+        return [s == SolverStatus.CONVERGED for s in self.status]
+
+    @property
+    def message(self) -> str:
+        """One line per system that did not converge, saying why and what to try."""
+        lines = [
+            f"system {i}: {s.name} after {it} iterations (residual {res:.3e} > tol {tol:.3e}): "
+            f"{s.message}"
+            for i, (s, it, res, tol) in enumerate(
+                zip(self.status, self.iterations, self.residual_norms, self.tolerances)
+            )
+            if s != SolverStatus.CONVERGED
+        ]
+        return "\n".join(lines) if lines else "every system converged."
 
 
 def _per_system(value: Any, n: int, name: str) -> list[Any]:
@@ -152,7 +167,7 @@ def block_cg(
         >>> b = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]
         >>> x, info = block_cg(lambda idx, vs: [A[i] @ v for i, v in zip(idx, vs)], b, rtol=1e-8)
         >>> info.status, torch.allclose(x[1], torch.tensor([2.0]))
-        (['converged', 'converged'], True)
+        ([<SolverStatus.CONVERGED: 0>, <SolverStatus.CONVERGED: 0>], True)
     """
     flat_b: Tensor | None = None
     if isinstance(b, Tensor):
@@ -249,16 +264,16 @@ def block_cg(
         for rt, at, v in zip(rtols, atols, rr)
     ]
     iterations = [0] * n
-    status = ["running"] * n
+    status: list[SolverStatus | None] = [None] * n  # None while the system runs
     negative = [False] * n
     for i in range(n):
         if not math.isfinite(rr[i]):
-            status[i] = "nonfinite"
+            status[i] = SolverStatus.NONFINITE
         elif math.sqrt(rr[i]) <= tol[i]:
-            status[i] = "converged"
+            status[i] = SolverStatus.CONVERGED
         elif maxiters[i] == 0:
-            status[i] = "maxiter"
-    active = [i for i in range(n) if status[i] == "running"]
+            status[i] = SolverStatus.MAXITER
+    active = [i for i in range(n) if status[i] is None]
     # one shift for all systems (the usual case): one batched in-place add per sweep
     common_shift = shifts[0] if shared and len(set(shifts)) == 1 else None
     sweeps = 0
@@ -282,11 +297,11 @@ def block_cg(
             if curv <= 0:
                 negative[i] = True
             if not math.isfinite(curv):
-                status[i] = "nonfinite"
+                status[i] = SolverStatus.NONFINITE
             elif curv == 0.0:
-                status[i] = "breakdown"
+                status[i] = SolverStatus.BREAKDOWN
             elif curv < 0 and stop_negative:
-                status[i] = "negative_curvature"
+                status[i] = SolverStatus.NEGATIVE_CURVATURE
             else:
                 alpha = rr[i] / curv
                 x[i].add_(p[i], alpha=alpha)
@@ -297,20 +312,20 @@ def block_cg(
             for i, value in zip(stepped, rr_new):
                 iterations[i] += 1
                 if not math.isfinite(value):
-                    status[i] = "nonfinite"
+                    status[i] = SolverStatus.NONFINITE
                 elif math.sqrt(value) <= tol[i]:
-                    status[i] = "converged"
+                    status[i] = SolverStatus.CONVERGED
                 elif iterations[i] >= maxiters[i]:
-                    status[i] = "maxiter"
+                    status[i] = SolverStatus.MAXITER
                 else:
                     torch.add(r[i], p[i], alpha=value / rr[i], out=p[i])  # p = r + beta p
                 rr[i] = value
-        active = [i for i in active if status[i] == "running"]
+        active = [i for i in active if status[i] is None]
     info = BlockCGInfo(
         iterations=iterations,
         residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],
         tolerances=tol,
-        status=status,
+        status=[s if s is not None else SolverStatus.MAXITER for s in status],
         sweeps=sweeps,
         negative_curvature=negative,
         rhs_norms=rhs_norms,

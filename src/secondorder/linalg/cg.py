@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any, Literal
 
 import torch
@@ -37,32 +36,15 @@ from torch import Tensor
 
 from .operator import LinearOperator, aslinearoperator
 from .scalars import host_floats
+from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
 
 _STOP_RULES = ("residual", "martens")
 
 
-class CGStatus(IntEnum):
-    """Why :func:`cg` stopped; ``0`` means the requested tolerance was met.
-
-    Attributes:
-        CONVERGED: ``norm(r) <= max(rtol * norm(b), atol)``.
-        MAXITER: ``maxiter`` iterations ran without meeting a stopping rule.
-        NEGATIVE_CURVATURE: A search direction ``p`` had numerically non-positive curvature
-            ``p^T A p``: ``A`` is not positive definite (along ``p``).
-        NONFINITE: A NaN or Inf appeared (in ``A p``, the step, the residual or ``M^{-1} r``).
-        MARTENS: Martens' relative-progress rule on the quadratic model stopped the solve.
-        INDEFINITE_PRECONDITIONER: ``r^T M^{-1} r <= 0`` for a non-zero residual: the
-            preconditioner is not positive definite.
-    """
-
-    CONVERGED = 0
-    MAXITER = 1
-    NEGATIVE_CURVATURE = 2
-    NONFINITE = 3
-    MARTENS = 4
-    INDEFINITE_PRECONDITIONER = 5
+CGStatus = SolverStatus
+"""The former name of :class:`~secondorder.linalg.status.SolverStatus` (kept as an alias)."""
 
 
 @dataclass
@@ -72,7 +54,7 @@ class CGInfo:
     Attributes:
         iterations: Number of CG iterations whose iterate was accepted; the returned ``x`` is
             ``x_iterations`` (``x_0`` is the initial guess).
-        status: Why the solve stopped (a :class:`CGStatus`).
+        status: Why the solve stopped (a :class:`~secondorder.linalg.status.SolverStatus`).
         message: A sentence saying why it stopped and what to try.
         residual_norms: ``norm(r_k)`` for ``k = 0 .. iterations`` (the recursively updated
             residual, as in every CG implementation), including the initial one.
@@ -87,7 +69,7 @@ class CGInfo:
     """
 
     iterations: int
-    status: CGStatus
+    status: SolverStatus
     message: str
     residual_norms: list[float] = field(default_factory=list)
     quadratic_values: list[float] = field(default_factory=list)
@@ -99,7 +81,7 @@ class CGInfo:
     @property
     def converged(self) -> bool:
         """Whether a requested stopping rule was met (``CONVERGED`` or ``MARTENS``)."""
-        return self.status in (CGStatus.CONVERGED, CGStatus.MARTENS)
+        return self.status.success
 
     @property
     def residual_norm(self) -> float:
@@ -236,24 +218,24 @@ def _check_vector(v: Any, name: str, like: Tensor | None = None) -> Tensor:
 
 
 _MESSAGES = {
-    CGStatus.CONVERGED: "converged: norm(r) <= max(rtol*norm(b), atol) = {tol:.3e} "
+    SolverStatus.CONVERGED: "converged: norm(r) <= max(rtol*norm(b), atol) = {tol:.3e} "
     "after {it} iterations.",
-    CGStatus.MAXITER: "stopped at maxiter={it} with norm(r) = {res:.3e} > tol = {tol:.3e}; "
+    SolverStatus.MAXITER: "stopped at maxiter={it} with norm(r) = {res:.3e} > tol = {tol:.3e}; "
     "try a larger maxiter, a preconditioner M, more damping, or a looser rtol/atol.",
-    CGStatus.NEGATIVE_CURVATURE: "non-positive curvature p^T A p = {curv:.3e} in iteration {next}: "
-    "A is not positive definite along p; returned the last iterate x_{it}. Add damping "
-    "(A + lam*I) or use a positive semi-definite curvature (GGN, Fisher).",
-    CGStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
+    SolverStatus.NEGATIVE_CURVATURE: "non-positive curvature p^T A p = {curv:.3e} in "
+    "iteration {next}: A is not positive definite along p; returned the last iterate "
+    "x_{it}. Add damping (A + lam*I) or use a positive semi-definite curvature (GGN, Fisher).",
+    SolverStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
     "returned the last finite iterate x_{it}. Check the operator and b for NaN/Inf, "
     "or use float64.",
-    CGStatus.MARTENS: "stopped by Martens' rule: the quadratic model improved by less than "
+    SolverStatus.MARTENS: "stopped by Martens' rule: the quadratic model improved by less than "
     "k*martens_eps relative to its value over the last k={k} iterations (at iteration {it}).",
-    CGStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
+    SolverStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
     "iteration {it}: the preconditioner M is not positive definite; returned x_{it}.",
 }
 
 
-def _message(status: CGStatus, **kw: Any) -> str:
+def _message(status: SolverStatus, **kw: Any) -> str:
     defaults: dict[str, Any] = {"tol": math.nan, "it": 0, "res": math.nan, "curv": math.nan}
     defaults.update(k=0, rz=math.nan, where="the computation")
     defaults.update(kw)
@@ -453,7 +435,7 @@ def cg(
     negatives = 0
     before_negative: tuple[int, Tensor, float] | None = None
 
-    def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
+    def finish(status: SolverStatus) -> tuple[Tensor, CGInfo]:
         nonlocal x, it
         if it > 0 and not x_bound < x_safe and not bool(torch.isfinite(x).all()):
             # a step overflowed (alpha * p beyond the dtype's range): never hand out Inf/NaN
@@ -462,7 +444,7 @@ def cg(
             msg_kw["where"] = "the iterate (a step overflowed; x was reset to x0)"
             msg_kw["next"] = it
             it = 0
-            status = CGStatus.NONFINITE
+            status = SolverStatus.NONFINITE
         if keep_iterates and (not iterates or iterates[-1][0] != it):
             iterates.append((it, x.clone(), phis[-1]))
         if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
@@ -485,16 +467,16 @@ def cg(
     if not all(math.isfinite(v) for v in (bb_f, rr_f, phi_f)):
         msg_kw["where"] = "b, the initial residual b - A x0 or its norm"
         msg_kw["next"] = 0
-        return finish(CGStatus.NONFINITE)
+        return finish(SolverStatus.NONFINITE)
     if residual_norms[0] <= tol:
-        return finish(CGStatus.CONVERGED)
+        return finish(SolverStatus.CONVERGED)
     if not (math.isfinite(rz_f) and math.isfinite(pp_f)):
         msg_kw["where"] = "M^-1 r"
         msg_kw["next"] = 0
-        return finish(CGStatus.NONFINITE)
+        return finish(SolverStatus.NONFINITE)
     if rz_f <= 0:
         msg_kw["rz"] = rz_f
-        return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+        return finish(SolverStatus.INDEFINITE_PRECONDITIONER)
 
     rho_max = 0.0  # largest Rayleigh quotient p^T A p / p^T p seen so far
     for i in range(1, max_it + 1):
@@ -517,9 +499,9 @@ def cg(
             msg_kw["next"] = i
             if math.isfinite(pap_f):
                 msg_kw["curv"] = pap_f
-                return finish(CGStatus.NEGATIVE_CURVATURE)
+                return finish(SolverStatus.NEGATIVE_CURVATURE)
             msg_kw["where"] = "A p"
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
         if pp_f > 0:
             rho_max = max(rho_max, abs(pap_f) / pp_f)
         if through and alpha_f < 0:
@@ -545,7 +527,7 @@ def cg(
             phis.append(phi_f)
             msg_kw["where"] = "the residual"
             msg_kw["next"] = i
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
 
         it = i
         res = math.sqrt(rr_f)
@@ -560,18 +542,18 @@ def cg(
             callback(x.clone())
 
         if res <= tol:
-            return finish(CGStatus.CONVERGED)
+            return finish(SolverStatus.CONVERGED)
         if martens:
             k = _martens_k(i)
             if i > k and phi_f < 0 and (phi_f - phis[i - k]) / phi_f < k * eps_k:
                 msg_kw["k"] = k
-                return finish(CGStatus.MARTENS)
+                return finish(SolverStatus.MARTENS)
         if not math.isfinite(rz_new_f):
             msg_kw["where"] = "M^-1 r or the search direction"
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
         if rz_new_f <= 0:
             msg_kw["rz"] = rz_new_f
-            return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+            return finish(SolverStatus.INDEFINITE_PRECONDITIONER)
         beta = rz_new_f / rz_f
         torch.add(z, p, alpha=beta, out=p)  # p = z + beta p
         if apply_m is None:
@@ -579,7 +561,7 @@ def cg(
             pp_f = rr_f + beta * beta * pp_f
             if not math.isfinite(pp_f):
                 msg_kw["where"] = "the search direction"
-                return finish(CGStatus.NONFINITE)
+                return finish(SolverStatus.NONFINITE)
         rz_f = rz_new_f
 
-    return finish(CGStatus.MAXITER)
+    return finish(SolverStatus.MAXITER)

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
+from .status import SolverStatus
 
 __all__ = ["TopEigh", "krylov_applies", "top_eigh"]
 
@@ -74,6 +75,15 @@ class TopEigh(NamedTuple):
     cycles: int
     products: int
     residual: float
+
+    @property
+    def status(self) -> SolverStatus:
+        """Always ``CONVERGED``.
+
+        A Krylov run out of budget falls back to ``torch.linalg.eigh`` (``method="eigh"``),
+        and NaN/Inf raise :class:`NonFiniteError`.
+        """
+        return SolverStatus.CONVERGED
 
 
 def default_tol(D: int, dtype: torch.dtype) -> float:

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cg import CGStatus
 from .errors import NonFiniteError
 from .operator import LinearOperator, aslinearoperator
+from .status import SolverStatus
 
 __all__ = [
     "LanczosDecomposition",
@@ -247,8 +247,8 @@ class LanczosInfo:
         residual_bounds: ``(k,)`` bounds on :math:`\lVert A y_i - \theta_i y_i \rVert`, in the
             order of the returned eigenvalues (computed in float64).
         message: Why the iteration stopped, and what to try if it did not converge.
-        status: ``CGStatus.CONVERGED``, ``CGStatus.MAXITER`` (not converged within
-            ``maxiter``) or ``CGStatus.NONFINITE`` (a product with ``A`` held NaN/Inf; the
+        status: ``SolverStatus.CONVERGED``, ``SolverStatus.MAXITER`` (not converged within
+            ``maxiter``) or ``SolverStatus.NONFINITE`` (a product with ``A`` held NaN/Inf; the
             returned eigenpairs are NaN).
     """
 
@@ -258,7 +258,7 @@ class LanczosInfo:
     num_restarts: int
     residual_bounds: Tensor
     message: str
-    status: CGStatus = CGStatus.CONVERGED
+    status: SolverStatus = SolverStatus.CONVERGED
 
 
 def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -446,7 +446,7 @@ def _nonfinite_result(
             f"{what} held NaN/Inf after {matvecs} products: no eigenpairs; check the operator "
             "and v0 for NaN/Inf (or use float64 if the products overflow)"
         ),
-        status=CGStatus.NONFINITE,
+        status=SolverStatus.NONFINITE,
     )
     nan = math.nan
     evals = torch.full((k,), nan, dtype=op.dtype, device=op.device)
@@ -807,8 +807,9 @@ def lanczos(
         ``return_info=True`` also the :class:`LanczosInfo`. If the iteration does not
         converge, the current Ritz pairs are returned and a ``RuntimeWarning`` is issued
         unless ``return_info=True``. If ``v0`` or a product with ``A`` holds NaN/Inf, the
-        eigenpairs are NaN and ``info.status`` is ``CGStatus.NONFINITE`` with ``return_info=True``;
-        without it :class:`~secondorder.linalg.errors.NonFiniteError` is raised.
+        eigenpairs are NaN and ``info.status`` is ``SolverStatus.NONFINITE`` with
+        ``return_info=True``; without it
+        :class:`~secondorder.linalg.errors.NonFiniteError` is raised.
 
     Raises:
         TypeError: If ``A`` is not an operator, an integer argument is not an int, or
@@ -892,7 +893,7 @@ def lanczos(
         num_restarts=run.restarts,
         residual_bounds=torch.from_numpy(run.bounds),
         message=message,
-        status=CGStatus.CONVERGED if run.converged else CGStatus.MAXITER,
+        status=SolverStatus.CONVERGED if run.converged else SolverStatus.MAXITER,
     )
     out_evals = torch.from_numpy(run.evals).to(device=op.device, dtype=op.dtype)
     if return_info:
@@ -908,7 +909,7 @@ def _checked(
     """The result of :func:`lanczos`; without ``return_info`` a non-finite one raises."""
     if return_info:
         return evals, evecs, info
-    if info.status == CGStatus.NONFINITE:
+    if info.status == SolverStatus.NONFINITE:
         raise NonFiniteError(f"lanczos: {info.message}")
     return evals, evecs
 
@@ -946,7 +947,7 @@ def eigmax(
     evals, _, info = lanczos(
         A, 1, "largest", tol=tol, maxiter=maxiter, generator=generator, return_info=True
     )
-    if info.status == CGStatus.NONFINITE:
+    if info.status == SolverStatus.NONFINITE:
         raise NonFiniteError(f"eigmax: {info.message}")
     if not info.converged:
         warnings.warn(f"eigmax: {info.message}", RuntimeWarning, stacklevel=2)

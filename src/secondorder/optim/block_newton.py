@@ -36,6 +36,7 @@ from ..curvature.blockwise import (
 )
 from ..curvature.model import Batch
 from ..linalg.block_cg import block_cg
+from ..linalg.status import SolverStatus
 from .base import CurvatureOptimizer, check_cg_group
 
 __all__ = ["BlockDiagonalNewtonCG"]
@@ -197,7 +198,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         )
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):
-            if status == "negative_curvature" and its == 0:
+            if status == SolverStatus.NEGATIVE_CURVATURE and its == 0:
                 # no descent direction found: the gradient step (-g_i, untouched in rhs as no
                 # step was taken)
                 fallback.append(i)
@@ -211,13 +212,17 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             cg_block_iterations=info.iterations,
             cg_sweeps=info.sweeps,
             cg_residuals=info.residual_norms,
-            cg_status=info.status,
+            cg_status=[s.name.lower() for s in info.status],
             damping=damping if isinstance(damping, float) or len(set(damping)) > 1 else damping[0],
         )
         if fallback:
             self.diagnostics["fallback_gradient_blocks"] = fallback
-        if "nonfinite" in info.status:
-            bad = [self.fmodel.names[i] for i, s in enumerate(info.status) if s == "nonfinite"]
+        if SolverStatus.NONFINITE in info.status:
+            bad = [
+                self.fmodel.names[i]
+                for i, s in enumerate(info.status)
+                if s == SolverStatus.NONFINITE
+            ]
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
             return loss, None
         return loss, direction
