@@ -11,6 +11,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from secondorder.linalg import CGStatus, Dense, SolverStatus, block_cg, cg, eigmax, lanczos
+from secondorder.linalg.cg_callbacks import MartensStop
 
 F64 = torch.float64
 
@@ -49,8 +50,8 @@ def test_cg_infinite_martens_eps() -> None:
     n = 60
     a = torch.diag(torch.linspace(1.0, 1e4, n, dtype=F64))
     b = torch.ones(n, dtype=F64)
-    _, info = cg(a, b, rtol=0.0, maxiter=200, stop_rule="martens", martens_eps=math.inf)
-    assert info.status == CGStatus.MARTENS and info.iterations == 11
+    _, info = cg(a, b, rtol=0.0, maxiter=200, callback=MartensStop(eps=math.inf))
+    assert info.status == CGStatus.CALLBACK and info.iterations == 11
 
 
 def test_cg_infinite_rtol_with_nonfinite_b_is_still_reported() -> None:

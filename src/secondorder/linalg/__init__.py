@@ -5,6 +5,7 @@ This layer knows nothing of neural networks; it imports only torch (and scipy la
 
 from .block_cg import BlockCGInfo, block_cg
 from .cg import CGInfo, CGStatus, cg
+from .cg_callbacks import CallbackList, CGState, IterateGrid, MartensStop
 from .dense_eig import TopEigh, top_eigh
 from .errors import NonFiniteError
 from .estimators import (
@@ -38,6 +39,10 @@ __all__ = [
     "CGInfo",
     "CGStatus",
     "cg",
+    "CGState",
+    "CallbackList",
+    "IterateGrid",
+    "MartensStop",
     "BlockCGInfo",
     "block_cg",
     # spectral tools

@@ -15,17 +15,14 @@ CG minimises the quadratic model
 
 and every iterate's value :math:`\phi(x_k)` is recorded for free by the recurrence
 :math:`\phi(x_k + \alpha_k p_k) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
-p_k^\top A p_k` (CG's :math:`p_k^\top r_k = r_k^\top z_k`). This enables Martens'
-relative-progress stopping rule and the snapshots that Hessian-free optimisation uses for CG
-backtracking.
-
-References:
-    J. Martens, "Deep learning via Hessian-free optimization", ICML 2010, §4.4 (stopping rule)
-    and §4.6 (CG backtracking).
+p_k^\top A p_k` (CG's :math:`p_k^\top r_k = r_k^\top z_k`). Application rules that need it
+(Martens' relative-progress stopping rule, the iterate snapshots of CG backtracking) come in
+through the callback (:mod:`~secondorder.linalg.cg_callbacks`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +31,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .cg_callbacks import CGState
 from .operator import LinearOperator, aslinearoperator
 from .scalars import host_floats
 from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
-
-_STOP_RULES = ("residual", "martens")
-
 
 CGStatus = SolverStatus
 """The former name of :class:`~secondorder.linalg.status.SolverStatus` (kept as an alias)."""
@@ -62,8 +57,6 @@ class CGInfo:
             ``k = 0 .. iterations``.
         tol: The absolute residual threshold ``max(rtol * norm(b), atol)``.
         num_matvecs: Number of products with ``A`` (one per iteration, one more for ``x0``).
-        iterates: With ``keep_iterates=True``, snapshots ``(k, x_k, phi(x_k))`` at the
-            iterations ``ceil(gamma**j)`` and at the last iteration, in increasing ``k``.
         negative_curvature_directions: With ``negative_curvature="continue"``, how many
             directions of negative curvature the solve stepped along.
     """
@@ -75,12 +68,11 @@ class CGInfo:
     quadratic_values: list[float] = field(default_factory=list)
     tol: float = 0.0
     num_matvecs: int = 0
-    iterates: list[tuple[int, Tensor, float]] = field(default_factory=list)
     negative_curvature_directions: int = 0
 
     @property
     def converged(self) -> bool:
-        """Whether a requested stopping rule was met (``CONVERGED`` or ``MARTENS``)."""
+        """Whether a requested stopping rule was met (``CONVERGED`` or ``CALLBACK``)."""
         return self.status.success
 
     @property
@@ -151,15 +143,6 @@ def _check_nonneg(value: Any, name: str) -> float:
     return out
 
 
-def _finite_above(value: Any, bound: float, allow_inf: bool = False) -> bool:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return False
-    finite = math.isfinite(out) or (allow_inf and out == math.inf)
-    return not isinstance(value, bool) and finite and out > bound
-
-
 def residual_threshold(rtol: float, rhs_norm: float, atol: float) -> float:
     """``max(rtol * rhs_norm, atol)``, with ``inf * 0 = 0`` (an infinite rtol and ``b = 0``)."""
     relative = rtol * rhs_norm if rhs_norm != 0 else 0.0
@@ -170,9 +153,6 @@ def _check_arguments(
     rtol: float,
     atol: float,
     maxiter: int | None,
-    stop_rule: str,
-    martens_eps: float,
-    backtrack_gamma: float,
     callback: Any,
 ) -> tuple[float, float]:
     rtol_f = _check_nonneg(rtol, "rtol")
@@ -181,18 +161,12 @@ def _check_arguments(
         isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0
     ):
         raise ValueError(f"maxiter must be None or an int >= 0, got {maxiter!r}")
-    if stop_rule not in _STOP_RULES:
-        raise ValueError(f"stop_rule must be one of {_STOP_RULES}, got {stop_rule!r}")
-    if rtol_f == 0 and atol_f == 0 and maxiter is None and stop_rule == "residual":
+    if rtol_f == 0 and atol_f == 0 and maxiter is None and callback is None:
         raise ValueError(
-            "no stopping criterion: rtol=0, atol=0 and maxiter=None with stop_rule='residual' "
-            "would run the 10*n default iterations for an exact zero residual; give rtol > 0, "
-            "atol > 0, an explicit maxiter, or stop_rule='martens'"
+            "no stopping criterion: rtol=0, atol=0 and maxiter=None without a callback would "
+            "run the 10*n default iterations for an exact zero residual; give rtol > 0, "
+            "atol > 0, an explicit maxiter, or a callback that stops the solve"
         )
-    if not _finite_above(martens_eps, 0.0, allow_inf=True):
-        raise ValueError(f"martens_eps must be a float > 0 (inf allowed), got {martens_eps!r}")
-    if not _finite_above(backtrack_gamma, 1.0):
-        raise ValueError(f"backtrack_gamma must be a finite float > 1, got {backtrack_gamma!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be None or callable, got {type(callback).__name__}")
     return rtol_f, atol_f
@@ -228,8 +202,8 @@ _MESSAGES = {
     SolverStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
     "returned the last finite iterate x_{it}. Check the operator and b for NaN/Inf, "
     "or use float64.",
-    SolverStatus.MARTENS: "stopped by Martens' rule: the quadratic model improved by less than "
-    "k*martens_eps relative to its value over the last k={k} iterations (at iteration {it}).",
+    SolverStatus.CALLBACK: "stopped by the callback (it returned True or raised "
+    "StopIteration) after iteration {it}, with norm(r) = {res:.3e} (tol = {tol:.3e}).",
     SolverStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
     "iteration {it}: the preconditioner M is not positive definite; returned x_{it}.",
 }
@@ -237,15 +211,18 @@ _MESSAGES = {
 
 def _message(status: SolverStatus, **kw: Any) -> str:
     defaults: dict[str, Any] = {"tol": math.nan, "it": 0, "res": math.nan, "curv": math.nan}
-    defaults.update(k=0, rz=math.nan, where="the computation")
+    defaults.update(rz=math.nan, where="the computation")
     defaults.update(kw)
     defaults.setdefault("next", defaults["it"] + 1)
     return _MESSAGES[status].format(**defaults)
 
 
-def _martens_k(i: int) -> int:
-    """``k = max(10, ceil(i / 10))`` in exact integer arithmetic."""
-    return max(10, -(-i // 10))
+def _wants_state(callback: Callable[..., Any]) -> bool:
+    """Whether ``callback`` takes ``intermediate_result`` (scipy.optimize's convention)."""
+    try:
+        return "intermediate_result" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):  # no signature (some builtins): the scipy form callback(xk)
+        return False
 
 
 # ------------------------------------------------------------------------- cg
@@ -258,11 +235,7 @@ def cg(
     atol: float = 0.0,
     maxiter: int | None = None,
     M: LinearOperator | Tensor | Callable[[Tensor], Tensor] | None = None,
-    callback: Callable[[Tensor], Any] | None = None,
-    stop_rule: Literal["residual", "martens"] = "residual",
-    martens_eps: float = 5e-4,
-    keep_iterates: bool = False,
-    backtrack_gamma: float = 1.3,
+    callback: Callable[..., Any] | None = None,
     negative_curvature: Literal["stop", "continue"] = "stop",
 ) -> tuple[Tensor, CGInfo]:
     r"""Solve :math:`A x = b` by (preconditioned) conjugate gradient.
@@ -280,21 +253,25 @@ def cg(
         \|r_k\|_2 \le \max(\mathrm{rtol}\,\|b\|_2,\ \mathrm{atol}),
 
     checked for :math:`k = 0` too, or after ``maxiter`` iterations (``maxiter=None`` means
-    ``10 * n``). ``rtol = atol = 0`` together with ``maxiter=None`` and
-    ``stop_rule="residual"`` is refused as having no stopping criterion; pass ``maxiter`` to
-    run a fixed number of iterations.
+    ``10 * n``), or when the callback asks to stop. ``rtol = atol = 0`` together with
+    ``maxiter=None`` and no callback is refused as having no stopping criterion; pass
+    ``maxiter`` to run a fixed number of iterations.
 
-    **Martens' rule** (``stop_rule="martens"``; the residual rule still applies). With the
+    **Callback** (scipy's conventions). After each iteration :math:`k \ge 1`, a callback with a
+    parameter named ``intermediate_result`` (as in ``scipy.optimize.minimize``) is called as
+    ``callback(intermediate_result=state)`` with a
+    :class:`~secondorder.linalg.cg_callbacks.CGState`: the iteration, the iterate itself
+    (not a copy), the residual norms, the step length, the curvature and the values of the
     quadratic model :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x`, computed for free by the
     recurrence :math:`\phi(x_{k+1}) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
-    p_k^\top A p_k` from :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r_0)`, the solve stops at
-    iteration :math:`i` if
-
-    .. math::
-
-        i > k, \quad \phi(x_i) < 0 \quad\text{and}\quad
-        \frac{\phi(x_i) - \phi(x_{i-k})}{\phi(x_i)} < k\,\varepsilon,
-        \qquad k = \max(10, \lceil i/10 \rceil),\ \varepsilon = \texttt{martens\_eps}.
+    p_k^\top A p_k` from :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r_0)`. Any other callable
+    is called as ``callback(xk)`` with a copy of the iterate (as ``scipy.sparse.linalg.cg``).
+    If the callback returns ``True`` or raises ``StopIteration``, the solve stops with status
+    ``CALLBACK`` and returns :math:`x_k`, unless the residual rule holds at :math:`k` too
+    (then ``CONVERGED``). Martens' relative-progress rule
+    (:class:`~secondorder.linalg.cg_callbacks.MartensStop`) and the iterate snapshots of CG
+    backtracking (:class:`~secondorder.linalg.cg_callbacks.IterateGrid`) are such callbacks;
+    :class:`~secondorder.linalg.cg_callbacks.CallbackList` combines several.
 
     **Breakdowns.** If a search direction has numerically non-positive curvature,
 
@@ -317,14 +294,8 @@ def cg(
     for Hessian-free with the Hessian). Only curvature at the rounding level,
     :math:`|p_k^\top A p_k| \le \epsilon_{\mathrm{mach}} \rho_{\max} \|p_k\|^2` with
     :math:`\rho_{\max}` now the largest :math:`|p_j^\top A p_j| / \|p_j\|^2`, stops the solve
-    (``NEGATIVE_CURVATURE``). With ``keep_iterates`` the last iterate before the first negative
-    direction (what ``"stop"`` would return) is kept as a snapshot too;
-    ``info.negative_curvature_directions`` counts the negative directions taken.
-
-    **Backtracking snapshots** (``keep_iterates=True``, Martens 2010 §4.6): ``info.iterates``
-    holds ``(k, x_k.clone(), phi(x_k))`` for :math:`k = \lceil \gamma^j \rceil`,
-    :math:`j = 0, 1, \dots` (with :math:`\gamma` = ``backtrack_gamma``) and for the last
-    iterate.
+    (``NEGATIVE_CURVATURE``). Such a step has a negative ``step_length`` in the callback's
+    state; ``info.negative_curvature_directions`` counts the negative directions taken.
 
     The solve is not differentiated through: ``b`` and ``x0`` are detached, and neither is
     modified. Besides one product with ``A`` and one application of ``M``, an iteration costs
@@ -342,11 +313,10 @@ def cg(
         maxiter: Maximal number of iterations (``>= 0``); ``None`` means ``10 * n``.
         M: Preconditioner applying :math:`M^{-1}` (operator, 2-D tensor or callable), symmetric
             positive definite; ``None`` for plain CG.
-        callback: Called as ``callback(x_k)`` with a copy of the iterate after each iteration.
-        stop_rule: ``"residual"`` or ``"martens"`` (adds Martens' rule above).
-        martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``, ``inf`` allowed).
-        keep_iterates: Keep backtracking snapshots in ``info.iterates``.
-        backtrack_gamma: The grid ratio :math:`\gamma > 1` of the snapshots.
+        callback: Called after each iteration (see *Callback*): as
+            ``callback(intermediate_result=state)`` if it has that parameter, else as
+            ``callback(x_k)`` with a copy of the iterate; returning ``True`` (or raising
+            ``StopIteration``) stops the solve.
         negative_curvature: ``"stop"`` (default) or ``"continue"`` (see above).
 
     Returns:
@@ -355,9 +325,8 @@ def cg(
 
     Raises:
         ValueError: If ``b``, ``x0``, ``A`` or ``M`` have the wrong type, shape, dtype or
-            device, if a callable returns the wrong shape, or if a tolerance, ``maxiter``,
-            ``stop_rule``, ``martens_eps`` or ``backtrack_gamma`` is invalid or no stopping
-            criterion is given.
+            device, if a callable returns the wrong shape, or if a tolerance, ``maxiter`` or
+            ``callback`` is invalid or no stopping criterion is given.
 
     Example:
         >>> import torch
@@ -371,9 +340,7 @@ def cg(
     b = _check_vector(b, "b")
     n = b.shape[0]
     dtype, device = b.dtype, b.device
-    rtol_f, atol_f = _check_arguments(
-        rtol, atol, maxiter, stop_rule, martens_eps, backtrack_gamma, callback
-    )
+    rtol_f, atol_f = _check_arguments(rtol, atol, maxiter, callback)
     apply_a = _as_apply(A, "A", n, dtype, device)
     apply_m = None if M is None else _as_apply(M, "M", n, dtype, device)
     if x0 is not None:
@@ -384,9 +351,7 @@ def cg(
         )
     through = negative_curvature == "continue"
     max_it = 10 * n if maxiter is None else maxiter
-    martens = stop_rule == "martens"
-    eps_k = float(martens_eps)
-    gamma = float(backtrack_gamma)
+    wants_state = callback is not None and _wants_state(callback)
     eps = torch.finfo(dtype).eps
 
     b = b.detach()
@@ -427,29 +392,20 @@ def cg(
     tol = residual_threshold(rtol_f, math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
     residual_norms = [math.sqrt(rr_f) if rr_f >= 0 else math.nan]
     phis = [phi_f]
-    iterates: list[tuple[int, Tensor, float]] = []
     it = 0
     msg_kw: dict[str, Any] = {}
-    next_keep_j = 0
-    next_keep = 1
     negatives = 0
-    before_negative: tuple[int, Tensor, float] | None = None
 
     def finish(status: SolverStatus) -> tuple[Tensor, CGInfo]:
         nonlocal x, it
         if it > 0 and not x_bound < x_safe and not bool(torch.isfinite(x).all()):
             # a step overflowed (alpha * p beyond the dtype's range): never hand out Inf/NaN
             x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-            del residual_norms[1:], phis[1:], iterates[:]
+            del residual_norms[1:], phis[1:]
             msg_kw["where"] = "the iterate (a step overflowed; x was reset to x0)"
             msg_kw["next"] = it
             it = 0
             status = SolverStatus.NONFINITE
-        if keep_iterates and (not iterates or iterates[-1][0] != it):
-            iterates.append((it, x.clone(), phis[-1]))
-        if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
-            iterates.append(before_negative)
-            iterates.sort(key=lambda item: item[0])
         message = _message(status, tol=tol, it=it, res=residual_norms[-1], **msg_kw)
         info = CGInfo(
             iterations=it,
@@ -459,7 +415,6 @@ def cg(
             quadratic_values=phis,
             tol=tol,
             num_matvecs=num_matvecs,
-            iterates=iterates,
             negative_curvature_directions=negatives,
         )
         return x, info
@@ -504,10 +459,8 @@ def cg(
             return finish(SolverStatus.NONFINITE)
         if pp_f > 0:
             rho_max = max(rho_max, abs(pap_f) / pp_f)
-        if through and alpha_f < 0:
+        if alpha_f < 0:
             negatives += 1
-            if keep_iterates and before_negative is None and it > 0:
-                before_negative = (it, x.clone(), phis[-1])
         x.add_(p, alpha=alpha_f)
         r.add_(ap, alpha=-alpha_f)
         x_bound += abs(alpha_f) * math.sqrt(pp_f)
@@ -533,21 +486,21 @@ def cg(
         res = math.sqrt(rr_f)
         residual_norms.append(res)
         phis.append(phi_f)
-        if keep_iterates and i == next_keep:
-            iterates.append((i, x.clone(), phi_f))
-            while next_keep <= i:
-                next_keep_j += 1
-                next_keep = math.ceil(gamma**next_keep_j)
+        stop = False
         if callback is not None:
-            callback(x.clone())
+            try:
+                if wants_state:
+                    state = CGState(i, x, residual_norms, phis, alpha_f, pap_f)
+                    stop = callback(intermediate_result=state) is True
+                else:
+                    stop = callback(x.clone()) is True
+            except StopIteration:
+                stop = True
 
         if res <= tol:
             return finish(SolverStatus.CONVERGED)
-        if martens:
-            k = _martens_k(i)
-            if i > k and phi_f < 0 and (phi_f - phis[i - k]) / phi_f < k * eps_k:
-                msg_kw["k"] = k
-                return finish(SolverStatus.MARTENS)
+        if stop:
+            return finish(SolverStatus.CALLBACK)
         if not math.isfinite(rz_new_f):
             msg_kw["where"] = "M^-1 r or the search direction"
             return finish(SolverStatus.NONFINITE)

@@ -97,6 +97,7 @@ from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch, FunctionalModel, as_batches
 from ..curvature.weighting import batch_weights
 from ..linalg.cg import CGInfo, CGStatus, cg
+from ..linalg.cg_callbacks import CallbackList, IterateGrid, MartensStop
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
 from ..linalg.scalars import host_floats
@@ -534,9 +535,17 @@ class HessianFree(CurvatureOptimizer):
 
     def _solve(
         self, A: LinearOperator, b: Tensor, x0: Tensor | None, M: LinearOperator | None
-    ) -> tuple[Tensor, CGInfo, int]:
-        """Run PCG on ``A x = b``; returns ``(x, info, negative directions passed)``."""
+    ) -> tuple[Tensor, CGInfo, list[tuple[int, Tensor, float]]]:
+        """Run PCG on ``A x = b``; returns ``(x, info, kept iterates)``."""
         group = self.param_groups[0]
+        through = self.negative_curvature == "continue"
+        grid = (
+            IterateGrid(_BACKTRACK_GAMMA, keep_before_negative=through)
+            if self.use_cg_backtracking
+            else None
+        )
+        martens = MartensStop(group["martens_eps"]) if self.martens_stop else None
+        callbacks = CallbackList([grid, martens])
         x, info = cg(
             A,
             b,
@@ -545,13 +554,11 @@ class HessianFree(CurvatureOptimizer):
             atol=0.0,
             maxiter=group["cg_maxiter"],
             M=M,
-            stop_rule="martens" if self.martens_stop else "residual",
-            martens_eps=group["martens_eps"],
-            keep_iterates=self.use_cg_backtracking,
-            backtrack_gamma=_BACKTRACK_GAMMA,
-            negative_curvature="continue" if self.negative_curvature == "continue" else "stop",
+            callback=callbacks if callbacks.callbacks else None,
+            negative_curvature="continue" if through else "stop",
         )
-        return x, info, info.negative_curvature_directions
+        kept = grid.snapshots(x, info) if grid is not None else []
+        return x, info, kept
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss_batches: list[Batch] = kw.get("loss_batches") or batches
@@ -617,12 +624,14 @@ class HessianFree(CurvatureOptimizer):
         decay = float(group["cg_decay_x0"])
         x0 = previous * decay if previous is not None and decay > 0 else None
         diag["warm_start"] = x0 is not None
-        x, info, passed = self._solve(A, -grad, x0, M)
+        x, info, kept = self._solve(A, -grad, x0, M)
+        passed = info.negative_curvature_directions
         stopped_at_negative = info.status == CGStatus.NEGATIVE_CURVATURE
         diag.update(
             cg_iterations=info.iterations,
             cg_residual=info.residual_norm,
-            cg_status=info.status.name.lower(),
+            # only Martens' rule stops CG through the callback here
+            cg_status="martens" if info.status == CGStatus.CALLBACK else info.status.name.lower(),
             negative_curvature=stopped_at_negative or passed > 0,
             cg_negative_directions=passed,
             time_cg=clock() - tic,
@@ -637,7 +646,6 @@ class HessianFree(CurvatureOptimizer):
 
         # 3. CG backtracking over the kept iterates that descend          [M10] §4.6
         tic = clock()
-        kept = info.iterates if self.use_cg_backtracking else []
         if not kept:
             kept = [(info.iterations, x, info.quadratic_values[-1])]
         slopes = host_floats([torch.dot(grad, xk) for _, xk, _ in kept])
