@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .cg import residual_threshold
-from .scalars import host_floats
 from .status import SolverStatus
 
 __all__ = ["BlockCGInfo", "block_cg"]
@@ -74,27 +73,6 @@ def _per_system(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
-def _consecutive(b: Sequence[Tensor]) -> Tensor | None:
-    """One flat view of the ``b_i`` if they are 1-D, contiguous and consecutive in memory.
-
-    The ``b_i`` share dtype and device (the caller checks). Memory at consecutive addresses
-    inside the first one's storage is that storage's, whatever storage objects the others
-    hold.
-    """
-    first = b[0]
-    itemsize = first.element_size()
-    address = first.data_ptr()
-    total = 0
-    for bi in b:
-        if bi.ndim != 1 or not bi.is_contiguous() or bi.data_ptr() != address:
-            return None
-        address += bi.numel() * itemsize
-        total += bi.numel()
-    if (first.storage_offset() + total) * itemsize > first.untyped_storage().nbytes():
-        return None
-    return first.detach().as_strided((total,), (1,))
-
-
 def block_cg(
     apply: Callable[[list[int], list[Tensor]], list[Tensor]],
     b: Sequence[Tensor] | Tensor,
@@ -106,7 +84,6 @@ def block_cg(
     maxiter: int | Sequence[int] = 20,
     negative_curvature: str = "continue",
     out: Tensor | None = None,
-    overwrite_b: bool = False,
 ) -> tuple[list[Tensor], BlockCGInfo]:
     r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
 
@@ -133,8 +110,8 @@ def block_cg(
             vectors (without the shift).
         b: Right-hand sides, tensors of any shapes; ``apply`` gets the vectors of system
             ``i`` in the shape of ``b[i]`` and returns its products in that shape (or flat).
-            Or one flat tensor holding them all, cut by ``sizes`` (the cheapest form for the
-            blocks of a parameter vector: no per-system checks, one buffer).
+            Or one flat tensor holding them all, cut by ``sizes`` (the blocks of a parameter
+            vector).
         sizes: With a flat ``b``: the systems' lengths, in order, summing to ``b.numel()``.
         shift: :math:`\lambda_i` (a float for all systems, or one per system).
         rtol: Relative tolerance(s), ``>= 0`` (``inf``: the system stops at once with ``x = 0``).
@@ -144,13 +121,7 @@ def block_cg(
         out: Optional flat buffer for the solutions: a 1-D tensor of length
             :math:`\sum_i` ``b[i].numel()`` with the dtype and device of the ``b_i`` (which must
             share them); the solutions are written into it, concatenated in order, and the
-            returned ``x`` are views of it. Saves the concatenation when the caller wants one
-            vector.
-        overwrite_b: Allow the solver to keep the residuals in the memory of ``b`` (as
-            scipy's ``overwrite_b``): ``b`` then holds garbage afterwards, except that a
-            system that took no step keeps its ``b_i``. Used (saving a copy) when the ``b_i``
-            are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector,
-            or ``b`` is flat.
+            returned ``x`` are views of it.
 
     Returns:
         ``(x, info)``: the solutions in the shapes of the ``b_i`` (new tensors, or views of
@@ -235,29 +206,21 @@ def block_cg(
             )
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
     if shared:
-        # every system's vectors are views of one flat buffer each: three allocations, not 3n;
-        # with overwrite_b the residuals live in b's memory (flat, or consecutive views)
-        r_views: list[Tensor] | None = None
+        # every system's vectors are views of one flat buffer each: three allocations, not 3n
         if flat_b is not None:
-            flat_r = flat_b.detach() if overwrite_b else flat_b.detach().clone()
+            flat_r = flat_b.detach().clone()
         else:
-            consecutive = _consecutive(systems) if overwrite_b else None
-            if consecutive is None:
-                flat_r = torch.cat([bi.detach().reshape(-1) for bi in systems])
-            else:
-                flat_r = consecutive
-                if not any(bi.requires_grad for bi in systems):
-                    r_views = list(systems)  # the b_i are the residual vectors already
+            flat_r = torch.cat([bi.detach().reshape(-1) for bi in systems])
         flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
         flat_p = flat_r.clone()
         x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
-        r = r_views if r_views is not None else list(flat_r.split(sizes))
+        r = list(flat_r.split(sizes))
     else:
         r = [bi.detach().reshape(-1).clone() for bi in systems]
         x = [torch.zeros_like(ri) for ri in r]
         p = [ri.clone() for ri in r]
     p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, systems)]
-    rr = host_floats([torch.dot(ri, ri) for ri in r])
+    rr = [torch.dot(ri, ri).item() for ri in r]
     rhs_norms = [math.sqrt(v) if v >= 0 else math.nan for v in rr]
     tol = [
         residual_threshold(rt, math.sqrt(v), at) if math.isfinite(v) else at
@@ -291,7 +254,7 @@ def block_cg(
             for i, a in zip(active, ap):
                 if shifts[i] != 0.0:
                     a.add_(p[i], alpha=shifts[i])
-        pap = host_floats([torch.dot(pi, a) for pi, a in zip(p_active, ap)])
+        pap = [torch.dot(pi, a).item() for pi, a in zip(p_active, ap)]
         stepped = []
         for i, a, curv in zip(active, ap, pap):
             if curv <= 0:
@@ -308,7 +271,7 @@ def block_cg(
                 r[i].sub_(a, alpha=alpha)
                 stepped.append(i)
         if stepped:
-            rr_new = host_floats([torch.dot(r[i], r[i]) for i in stepped])
+            rr_new = [torch.dot(r[i], r[i]).item() for i in stepped]
             for i, value in zip(stepped, rr_new):
                 iterations[i] += 1
                 if not math.isfinite(value):

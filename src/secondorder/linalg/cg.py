@@ -2,10 +2,9 @@ r"""Preconditioned conjugate gradient for symmetric positive (semi-)definite sys
 
 :func:`cg` solves :math:`A x = b` for a symmetric positive definite :math:`A` given as a
 :class:`~secondorder.linalg.operator.LinearOperator`, a 2-D tensor or a callable ``v -> A v``.
-It is the inner loop of every Newton-type optimizer in this library, so it is written to cost
-little besides the products with :math:`A`: five in-place passes over the vectors and two
-host synchronisations per iteration; the step lengths are Python floats, so no tiny scalar
-tensor operations are dispatched.
+It is the inner loop of every Newton-type optimizer in this library; besides one product with
+:math:`A` an iteration makes five in-place passes over the vectors and reads its step length
+and residual norm as Python floats.
 
 CG minimises the quadratic model
 
@@ -33,7 +32,6 @@ from torch import Tensor
 
 from .cg_callbacks import CGState
 from .operator import LinearOperator, aslinearoperator
-from .scalars import host_floats
 from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
@@ -372,14 +370,14 @@ def cg(
         if isinstance(M, LinearOperator) and type(M)._matvec_out is not LinearOperator._matvec_out
         else None
     )
-    # the scalars of the start, in one host transfer; those known to be equal are not recomputed
+    # the scalars of the start; those known to be equal are not recomputed
     # (r = b without x0, z = r without M, and x^T x = x^T b = x^T r = 0 without x0)
     scalars = [torch.dot(b, b)]
     if x0 is not None:
         scalars += [torch.dot(r, r), torch.dot(x, b), torch.dot(x, r), torch.dot(x, x)]
     if apply_m is not None:
         scalars += [torch.dot(r, z), torch.dot(p, p)]
-    values = host_floats(scalars)
+    values = [v.item() for v in scalars]
     bb_f = values[0]
     rr_f, xb_f, xr_f, xx_f = values[1:5] if x0 is not None else (bb_f, 0.0, 0.0, 0.0)
     rz_f, pp_f = values[-2:] if apply_m is not None else (rr_f, rr_f)
@@ -440,9 +438,9 @@ def cg(
         if ap.requires_grad:
             ap = ap.detach()
         if apply_m is None:  # ||p||^2 is known from the recurrence below
-            pap_f = torch.dot(p, ap).item()  # host synchronisation 1 of 2
+            pap_f = torch.dot(p, ap).item()
         else:
-            pap_f, pp_f = host_floats([torch.dot(p, ap), torch.dot(p, p)])
+            pap_f, pp_f = torch.dot(p, ap).item(), torch.dot(p, p).item()
         # the step is refused (x stays exactly as it is) for rounding-level or NaN curvature
         threshold = eps * rho_max * pp_f
         if through:
@@ -466,11 +464,11 @@ def cg(
         x_bound += abs(alpha_f) * math.sqrt(pp_f)
         if apply_m is None:
             z = r
-            rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
+            rz_new_f = rr_f = torch.dot(r, r).item()
         else:
             # a diagonal M writes into z's buffer: the old z is not needed, p was updated from it
             z = m_out(r, z) if m_out is not None else apply_m(r).detach()
-            rz_new_f, rr_f = host_floats([torch.dot(r, z), torch.dot(r, r)])
+            rz_new_f, rr_f = torch.dot(r, z).item(), torch.dot(r, r).item()
         # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
         phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f
         if not (math.isfinite(rr_f) and math.isfinite(phi_f)):

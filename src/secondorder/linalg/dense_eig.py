@@ -105,7 +105,7 @@ def default_tol(D: int, dtype: torch.dtype) -> float:
 def block_size(k: int, D: int, oversample: int | None = None) -> int:
     r"""Block width :math:`b = k + p`, rounded up to a multiple of 8, at most :math:`D`.
 
-    Multiples of 8 make the products with ``A`` markedly faster on CPUs.
+    Multiples of 8 suit the CPU's matrix kernels.
 
     Args:
         k: Wanted pairs.

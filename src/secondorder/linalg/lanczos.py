@@ -19,9 +19,8 @@ All of them assume :math:`A = A^\top`; this is not checked (many operators, such
 symmetric factors, do not declare ``SELF_ADJOINT``). Applied to a non-symmetric operator they
 return the eigenpairs of the symmetric part of its projection, which is rarely what one wants.
 
-The only expensive calls are products with ``A``; everything else is a handful of dense
-``(n, m)`` matrix-vector products per step plus an eigen-decomposition of an ``m x m``
-matrix (in NumPy, tens of microseconds).
+Besides the products with ``A``, a step costs a few dense ``(n, m)`` matrix-vector products
+(Gram-Schmidt) and an eigendecomposition of an ``m x m`` matrix (in NumPy, float64).
 
 References:
     C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
@@ -523,10 +522,8 @@ def _restarted_lanczos(
     with a view of it; the new vector is normalized straight into the buffer, and the Ritz
     vectors come out of one ``(k, m) @ (m, n)`` product (returned as a transposed view, so
     each eigenvector is contiguous). The projected matrix :math:`T = Q^\top A Q` and its
-    eigenpairs are kept in float64 NumPy arrays: at ``ncv`` of a few dozen an
-    eigendecomposition costs tens of microseconds, less than one Gram-Schmidt pass over
-    ``n = 10^4 .. 10^5``, so the Ritz test runs after every product and the iteration stops
-    at the first product that suffices.
+    eigenpairs are kept in float64 NumPy arrays; the Ritz test runs after every product and
+    the iteration stops at the first product that suffices.
     """
     n, b = start.shape
     eps = torch.finfo(op.dtype).eps
@@ -544,7 +541,6 @@ def _restarted_lanczos(
     local = False  # whether A Q_j couples only to the previous block (a plain step)
     work = torch.empty_like(start[:, 0] if b == 1 else start)
     while True:
-        # one vector: the operator's matvec path (no column-batching overhead)
         W: Tensor = op @ Qt[M] if b == 1 else op @ Qt[M : M + b].T.contiguous()
         matvecs += b
         W, H, norm = _orthogonalize(Qt, M, W, local, work)
@@ -581,117 +577,7 @@ def _restarted_lanczos(
             torch.div(W, float(B[0, 0]), out=Qt[M])
         else:
             Qt[M : M + b] = V
-    # (k, M) @ (M, n) and a transposed view: each eigenvector is contiguous, and this is
-    # several times faster than (n, M) @ (M, k) with the transposed basis
-    S_idx = torch.from_numpy(np.ascontiguousarray(S[:, idx].T)).to(op.device, op.dtype)
-    evecs = (S_idx @ Qt[:M]).T
-    return _Run(theta[idx], evecs, bounds[idx], ok, bool(ok.all()), matvecs, restarts)
-
-
-def _single_vector_step(
-    Qt: Tensor, M: int, W: Tensor, local: bool, work: Tensor, T: np.ndarray
-) -> float:
-    r"""Orthogonalize :math:`w = A q_M` into ``work`` and fill column ``M`` of ``T``.
-
-    The one-vector case of :func:`_orthogonalize`, with scalars as Python floats: the
-    three-term recurrence against :math:`q_{M-1}, q_M` (``local``) or a full pass, then a
-    full pass, then further passes only by the DGKS criterion. Writes
-    :math:`T_{:M+1, M} = Q^\top A q_M` (and its mirror) and returns
-    :math:`\beta = \lVert w' \rVert`. One device-to-host transfer per pass.
-    """
-    lo = M - 1 if local else 0
-    rows = Qt[lo : M + 1]
-    C = torch.mv(rows, W)
-    torch.addmv(W, rows.T, C, alpha=-1.0, out=work)
-    parts = [C]
-    if local:
-        parts.append(torch.mv(Qt[: M + 1], work))
-        work.addmv_(Qt[: M + 1].T, parts[1], alpha=-1.0)
-    parts.append(torch.linalg.vector_norm(work).reshape(1))
-    small = torch.cat(parts).cpu().numpy().astype(np.float64)
-    col = T[: M + 1, M]
-    col[lo:] = small[: M + 1 - lo]
-    last = small[M + 1 - lo : -1] if local else col
-    if local:
-        col += last
-    beta, before2 = float(small[-1]), float(last @ last)
-    for _ in range(2):  # DGKS: another pass if the last one removed too much
-        if beta * beta >= _DGKS_ETA**2 * (before2 + beta * beta):
-            break
-        H = torch.mv(Qt[: M + 1], work)
-        work.addmv_(Qt[: M + 1].T, H, alpha=-1.0)
-        extra = torch.cat([H, torch.linalg.vector_norm(work).reshape(1)])
-        small = extra.cpu().numpy().astype(np.float64)
-        col += small[:-1]
-        before2, beta = beta * beta, float(small[-1])
-    T[M, : M + 1] = col
-    return beta
-
-
-def _single_vector_lanczos(
-    op: LinearOperator,
-    k: int,
-    which: str,
-    rtol: float,
-    maxiter: int,
-    ncv: int,
-    start: Tensor,
-    gen: torch.Generator,
-) -> _Run:
-    r"""Thick-restart Lanczos for ``block_size=1``: :func:`_restarted_lanczos` with scalars.
-
-    The same iteration (and the same results up to rounding) with the per-step
-    bookkeeping cut to a handful of tensor and NumPy calls: on a CPU with small ``n`` those
-    calls, not the arithmetic, are most of the time between two products.
-    """
-    n = start.shape[0]
-    eps = torch.finfo(op.dtype).eps
-    keep = min(ncv - 1, k + (ncv - k) // 2)
-    Qt = torch.empty(ncv, n, dtype=op.dtype, device=op.device)
-    T = np.zeros((ncv, ncv))
-    torch.div(start[:, 0], start.norm(), out=Qt[0])
-    work = torch.empty(n, dtype=op.dtype, device=op.device)
-    M = matvecs = restarts = 0
-    anorm = 0.0
-    local = False
-    while True:
-        W: Tensor = op @ Qt[M]
-        matvecs += 1
-        beta = _single_vector_step(Qt, M, W, local, work, T)
-        col = T[: M + 1, M]
-        step_norm = math.sqrt(float(col @ col) + beta * beta)
-        anorm = max(anorm, step_norm)
-        if not math.isfinite(step_norm):  # A q_M held NaN/Inf (its norm and coefficients do)
-            return _Run(
-                np.empty(0), Qt, np.empty(0), np.empty(0), False, matvecs, restarts, nonfinite=True
-            )
-        M += 1
-        local = True
-        V = None
-        if beta <= _breakdown_tol(op.dtype, M + 1) * anorm:  # invariant subspace
-            V, _ = _orthonormalize_block(work.unsqueeze(1), Qt[:M], anorm, gen, op)
-            beta = 0.0
-        if M >= k:
-            theta, S = np.linalg.eigh(T[:M, :M])
-            bounds = np.abs(beta * S[M - 1])
-            idx, ok = _ritz_test(theta, bounds, k, which, rtol, eps)
-            if ok.all() or matvecs + 1 > maxiter:
-                break
-            if matvecs >= n and matvecs + n <= maxiter:
-                return _Run(theta, Qt, bounds, ok, False, matvecs, restarts, fallback=True)
-        if M + 1 > ncv:
-            kept = _kept(M, k, keep, which)
-            S_keep = torch.from_numpy(S[:, kept]).to(device=op.device, dtype=op.dtype)
-            Qt[: kept.size] = S_keep.T @ Qt[:M]
-            M = kept.size
-            T[:] = 0.0
-            T[:M, :M] = np.diag(theta[kept])
-            restarts += 1
-            local = False  # the next vector couples to every kept Ritz vector
-        if V is None:
-            torch.div(work, beta, out=Qt[M])
-        else:
-            Qt[M] = V[:, 0]
+    # (k, M) @ (M, n) and a transposed view: each eigenvector is contiguous
     S_idx = torch.from_numpy(np.ascontiguousarray(S[:, idx].T)).to(op.device, op.dtype)
     evecs = (S_idx @ Qt[:M]).T
     return _Run(theta[idx], evecs, bounds[idx], ok, bool(ok.all()), matvecs, restarts)
@@ -868,10 +754,7 @@ def lanczos(
             start = torch.cat([v0.unsqueeze(1), _randn(n, b - 1, op, gen)], dim=1)
         else:
             start = v0.reshape(n, b)
-        if b == 1 and bool(start.any()):
-            run = _single_vector_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
-        else:
-            run = _restarted_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
+        run = _restarted_lanczos(op, k, which, rtol, maxiter, ncv, start, gen)
     if run.nonfinite:
         evals, evecs, info = _nonfinite_result(op, k, run.matvecs, run.restarts)
         return _checked(evals, evecs, info, return_info)

@@ -175,8 +175,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             rtol = [float(g["cg_rtol"]) for g in groups]
             atol = [float(g["cg_atol"]) for g in groups]
             maxiter = [int(g["cg_maxiter"]) for g in groups]
-        # the right-hand sides -g_i, one flat vector whose memory CG may keep its residuals in:
-        # the solutions are then the step directions themselves
+        # the right-hand sides -g_i, one flat vector; the solutions land in `direction`
         rhs = torch.neg(grad)
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
@@ -194,7 +193,6 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             maxiter=maxiter,
             negative_curvature=self.negative_curvature,
             out=direction,
-            overwrite_b=True,
         )
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):

@@ -100,7 +100,6 @@ from ..linalg.cg import CGInfo, CGStatus, cg
 from ..linalg.cg_callbacks import CallbackList, IterateGrid, MartensStop
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
-from ..linalg.scalars import host_floats
 from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
 from .damping import levenberg_marquardt, reduction_ratio
 from .linesearch import armijo_backtracking
@@ -648,7 +647,7 @@ class HessianFree(CurvatureOptimizer):
         tic = clock()
         if not kept:
             kept = [(info.iterations, x, info.quadratic_values[-1])]
-        slopes = host_floats([torch.dot(grad, xk) for _, xk, _ in kept])
+        slopes = [torch.dot(grad, xk).item() for _, xk, _ in kept]
         candidates = [(k, xk, phi, s) for (k, xk, phi), s in zip(kept, slopes) if s < 0]
         if not candidates:  # no descent direction from CG: the damped gradient step
             delta = grad / -lam
