@@ -62,9 +62,12 @@ on both rules walk the valley equally fast). On small tanh networks with the Hes
 stopping ends lower: after 25 steps it had the lower loss in 27 of 32 runs (MSE and
 cross-entropy, 8 seeds each, with and without the preconditioner), so it is the default.
 
-Each piece is a separate, switchable layer: ``adapt_damping``, ``martens_stop``,
-``cg_decay_x0 = 0``, ``preconditioner=None``, ``use_cg_backtracking`` and ``use_linesearch``
-turn them off one at a time.
+Each piece is a separately tested function or class of :mod:`.hessian_free_parts`
+(:func:`~.hessian_free_parts.truncated_cg`, :func:`~.hessian_free_parts.cg_backtracking`,
+:class:`~.hessian_free_parts.LevenbergMarquardt`, :class:`~.hessian_free_parts.ArmijoLineSearch`);
+``preconditioner=``, ``damping_rule=`` and ``linesearch=`` take replacements, and
+``adapt_damping``, ``martens_stop``, ``cg_decay_x0 = 0``, ``preconditioner=None``,
+``use_cg_backtracking`` and ``use_linesearch`` turn the pieces off one at a time.
 
 References:
     J. Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -96,13 +99,21 @@ from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_
 from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch, FunctionalModel, as_batches
 from ..curvature.weighting import batch_weights
-from ..linalg.cg import CGInfo, CGStatus, cg
-from ..linalg.cg_callbacks import CallbackList, IterateGrid, MartensStop
+from ..linalg.cg import CGInfo, CGStatus
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
 from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
-from .damping import levenberg_marquardt, reduction_ratio
-from .linesearch import armijo_backtracking
+from .damping import reduction_ratio
+from .hessian_free_parts import (
+    BACKTRACK_GAMMA,
+    ArmijoLineSearch,
+    LevenbergMarquardt,
+    cg_backtracking,
+    descent_candidates,
+    nan_as_inf,
+    predicted_change,
+    truncated_cg,
+)
 
 __all__ = ["HessianFree"]
 
@@ -110,7 +121,6 @@ _CURVATURES = ("ggn", "hessian")
 _PRECONDITIONERS = ("empirical_fisher", None)
 _NEGATIVE_CURVATURE = ("stop", "continue")
 _PRECONDITIONER_EXPONENT = 0.75  # [M10] §4.7
-_BACKTRACK_GAMMA = 1.3  # [M10] §4.6
 
 
 def _valid_damping(value: Any) -> bool:
@@ -290,7 +300,9 @@ class HessianFree(CurvatureOptimizer):
         cg_decay_x0: Warm start :math:`x_0 = \texttt{cg\_decay\_x0} \cdot \delta_{\mathrm{prev}}`
             with :math:`\delta_{\mathrm{prev}}` the previous final CG iterate; ``0`` starts
             from zero (default: 0.95).
-        preconditioner: ``"empirical_fisher"``: :math:`M = (\operatorname{diag}(F_{\mathrm{emp}})
+        preconditioner: A callable ``build(grad_batches, damping) -> LinearOperator`` (applying
+            :math:`M^{-1}`; ``None`` for none), or
+            ``"empirical_fisher"``: :math:`M = (\operatorname{diag}(F_{\mathrm{emp}})
             + \lambda)^{3/4}` with the exact empirical-Fisher diagonal on the gradient data
             (:func:`~secondorder.curvature.diagonal.empirical_fisher_diagonal`; for losses
             without a likelihood the squared per-sample gradients,
@@ -302,13 +314,20 @@ class HessianFree(CurvatureOptimizer):
             says which path ran.
         use_cg_backtracking: Choose among the kept CG iterates by the loss (default: True);
             otherwise take the final iterate.
-        use_linesearch: Armijo line search on the chosen step (default: True); otherwise take
+        use_linesearch: Line search on the chosen step (default: True); otherwise take
             it with :math:`\alpha = 1` unless the loss there is not finite.
         ls_c: Armijo constant in ``(0, 1)`` (default: 1e-2).
         ls_shrink: Line-search backtracking factor in ``(0, 1)`` (default: 0.8).
         ls_max_steps: Maximal loss evaluations of the line search (default: 30).
         min_damping: Lower bound of :math:`\lambda` (default: 1e-8).
         max_damping: Upper bound of :math:`\lambda` (default: 1e8).
+        damping_rule: A callable ``rule(damping, rho) -> new damping`` (``rho`` is NaN for a
+            failed step); default: :class:`~.hessian_free_parts.LevenbergMarquardt` with the
+            group's ``min_damping``/``max_damping``. Used when ``adapt_damping``.
+        linesearch: A callable ``search(f, f0, slope) -> (alpha, f(alpha), info)`` with
+            ``f(alpha)`` the loss at :math:`\theta + \alpha\,\mathrm{lr}\,\delta`; default:
+            :class:`~.hessian_free_parts.ArmijoLineSearch` with the group's ``ls_c``,
+            ``ls_shrink`` and ``ls_max_steps``. Used when ``use_linesearch``.
         params: Parameters (one group) of ``model``; default: all trainable ones.
         on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
@@ -352,7 +371,9 @@ class HessianFree(CurvatureOptimizer):
         martens_stop: bool = True,
         martens_eps: float = 5e-4,
         cg_decay_x0: float = 0.95,
-        preconditioner: str | None = "empirical_fisher",
+        preconditioner: str | Callable[[list[Batch], float], LinearOperator | None] | None = (
+            "empirical_fisher"
+        ),
         use_cg_backtracking: bool = True,
         use_linesearch: bool = True,
         ls_c: float = 1e-2,
@@ -360,6 +381,8 @@ class HessianFree(CurvatureOptimizer):
         ls_max_steps: int = 30,
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
+        damping_rule: Callable[[float, float], float] | None = None,
+        linesearch: Callable[..., tuple[float, float, Any]] | None = None,
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
@@ -373,10 +396,14 @@ class HessianFree(CurvatureOptimizer):
                 f"negative_curvature must be one of {_NEGATIVE_CURVATURE}, got "
                 f"{negative_curvature!r}"
             )
-        if preconditioner not in _PRECONDITIONERS:
+        if not callable(preconditioner) and preconditioner not in _PRECONDITIONERS:
             raise ValueError(
-                f"preconditioner must be one of {_PRECONDITIONERS}, got {preconditioner!r}"
+                f"preconditioner must be one of {_PRECONDITIONERS} or a callable "
+                f"(grad_batches, damping) -> LinearOperator, got {preconditioner!r}"
             )
+        for name, piece in (("damping_rule", damping_rule), ("linesearch", linesearch)):
+            if piece is not None and not callable(piece):
+                raise ValueError(f"{name} must be None or callable, got {piece!r}")
         for name, flag in (
             ("adapt_damping", adapt_damping),
             ("martens_stop", martens_stop),
@@ -419,6 +446,8 @@ class HessianFree(CurvatureOptimizer):
         self.preconditioner = preconditioner
         self.use_cg_backtracking = use_cg_backtracking
         self.use_linesearch = use_linesearch
+        self.damping_rule = damping_rule
+        self.linesearch = linesearch
         self.engine = engine
         self.jacobian_factors = jacobian_factors
 
@@ -503,16 +532,27 @@ class HessianFree(CurvatureOptimizer):
                     "not a finite positive number"
                 )
 
+    def _damping_rule(self) -> Callable[[float, float], float]:
+        """The damping update: the user's, or Levenberg-Marquardt with the group's bounds."""
+        if self.damping_rule is not None:
+            return self.damping_rule
+        group = self.param_groups[0]
+        return LevenbergMarquardt(
+            min_damping=group["min_damping"], max_damping=group["max_damping"]
+        )
+
+    def _linesearch(self) -> Callable[..., tuple[float, float, Any]]:
+        """The line search: the user's, or Armijo with the group's constants."""
+        if self.linesearch is not None:
+            return self.linesearch
+        group = self.param_groups[0]
+        return ArmijoLineSearch(group["ls_c"], group["ls_shrink"], group["ls_max_steps"])
+
     def _on_reject(self, reason: str) -> None:
         if self.adapt_damping:
-            group = self.param_groups[0]
-            self.global_state["damping"] = levenberg_marquardt(
-                self._current_damping(),
-                math.nan,
-                min_damping=group["min_damping"],
-                max_damping=group["max_damping"],
-            )
-            self.diagnostics["next_damping"] = self.global_state["damping"]
+            new_lam = self._damping_rule()(self._current_damping(), math.nan)
+            self.global_state["damping"] = new_lam
+            self.diagnostics["next_damping"] = new_lam
 
     def _preconditioner_diagonal(self, batches: list[Batch]) -> tuple[Tensor, str]:
         """The preconditioner's diagonal and the path that computed it (``DiagonalInfo.path``)."""
@@ -535,29 +575,29 @@ class HessianFree(CurvatureOptimizer):
     def _solve(
         self, A: LinearOperator, b: Tensor, x0: Tensor | None, M: LinearOperator | None
     ) -> tuple[Tensor, CGInfo, list[tuple[int, Tensor, float]]]:
-        """Run PCG on ``A x = b``; returns ``(x, info, kept iterates)``."""
+        """Truncated PCG on ``A x = b``; returns ``(x, info, kept iterates)``."""
         group = self.param_groups[0]
-        through = self.negative_curvature == "continue"
-        grid = (
-            IterateGrid(_BACKTRACK_GAMMA, keep_before_negative=through)
-            if self.use_cg_backtracking
-            else None
-        )
-        martens = MartensStop(group["martens_eps"]) if self.martens_stop else None
-        callbacks = CallbackList([grid, martens])
-        x, info = cg(
+        return truncated_cg(
             A,
             b,
             x0,
+            M,
             rtol=group["cg_rtol"],
-            atol=0.0,
             maxiter=group["cg_maxiter"],
-            M=M,
-            callback=callbacks if callbacks.callbacks else None,
-            negative_curvature="continue" if through else "stop",
+            martens_eps=group["martens_eps"] if self.martens_stop else None,
+            backtracking_gamma=BACKTRACK_GAMMA if self.use_cg_backtracking else None,
+            negative_curvature=self.negative_curvature,
         )
-        kept = grid.snapshots(x, info) if grid is not None else []
-        return x, info, kept
+
+    def _build_preconditioner(self, grad_batches: list[Batch], lam: float) -> LinearOperator | None:
+        """The preconditioner (applying M^-1) for this step; ValueError if unusable."""
+        if self.preconditioner is None:
+            return None
+        if callable(self.preconditioner):
+            return self.preconditioner(grad_batches, lam)
+        d, self.diagnostics["preconditioner_path"] = self._preconditioner_diagonal(grad_batches)
+        # the preconditioner checks d + lam (finite, > 0) in one pass
+        return JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss_batches: list[Batch] = kw.get("loss_batches") or batches
@@ -606,14 +646,11 @@ class HessianFree(CurvatureOptimizer):
 
         # 2. preconditioned CG on (C + lam I) delta = -g      [M10] §4.1, §4.4, §4.5, §4.7
         tic = clock()
-        M = None
-        if self.preconditioner == "empirical_fisher":
-            d, diag["preconditioner_path"] = self._preconditioner_diagonal(grad_batches)
-            try:  # the preconditioner checks d + lam (finite, > 0) in one pass
-                M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
-            except ValueError as err:
-                self._reject(f"the preconditioner's diagonal is not usable ({err})")
-                return f0, None
+        try:
+            M = self._build_preconditioner(grad_batches, lam)
+        except ValueError as err:
+            self._reject(f"the preconditioner's diagonal is not usable ({err})")
+            return f0, None
         diag["time_preconditioner"] = clock() - tic
         tic = clock()
         A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
@@ -647,12 +684,8 @@ class HessianFree(CurvatureOptimizer):
         tic = clock()
         if not kept:
             kept = [(info.iterations, x, info.quadratic_values[-1])]
-        slopes = [torch.dot(grad, xk).item() for _, xk, _ in kept]
-        candidates = [(k, xk, phi, s) for (k, xk, phi), s in zip(kept, slopes) if s < 0]
-        if not candidates:  # no descent direction from CG: the damped gradient step
-            delta = grad / -lam
-            phi = float(0.5 * torch.dot(delta, A @ delta) + torch.dot(grad, delta))
-            candidates = [(0, delta, phi, float(torch.dot(grad, delta)))]
+        candidates, fallback = descent_candidates(kept, grad, A.matvec, lam)
+        if fallback:  # no descent direction from CG: the damped gradient step
             diag["fallback"] = "gradient"
         evaluations = 0
 
@@ -660,50 +693,32 @@ class HessianFree(CurvatureOptimizer):
             """The loss at theta + scale * direction (NaN read as +Inf)."""
             nonlocal evaluations
             evaluations += 1
-            value = float(self.loss_along(direction, scale, loss_batches))
-            return value if not math.isnan(value) else math.inf
+            return nan_as_inf(float(self.loss_along(direction, scale, loss_batches)))
 
-        # the last candidate first, then backwards while the loss decreases (Martens' code)
-        k, delta, phi, slope = candidates[-1]
-        f_new = loss_along(lr, delta)
-        for cand in reversed(candidates[:-1]):
-            value = loss_along(lr, cand[1])
-            if not value < f_new:
-                break
-            (k, delta, phi, slope), f_new = cand, value
-        diag["chosen_iterate"] = k if diag["fallback"] is None else None
+        chosen, f_new = cg_backtracking(candidates, lambda d: loss_along(lr, d))
+        delta, slope = chosen.step, chosen.slope
+        diag["chosen_iterate"] = chosen.iteration if not fallback else None
         diag["time_backtracking"] = clock() - tic
 
-        # 4. reduction ratio at the chosen iterate and Levenberg-Marquardt [M10] §4.1, [MS12] §8.5
-        predicted = lr * lr * (phi - slope) + lr * slope  # phi(lr delta) = q(lr delta) - q(0)
+        # 4. reduction ratio at the chosen iterate and the damping rule [M10] §4.1, [MS12] §8.5
+        predicted = predicted_change(chosen.phi, slope, lr)  # phi(lr delta) = q(lr delta) - q(0)
         rho = reduction_ratio(f0_f, f_new, predicted)
         new_lam = lam
         if self.adapt_damping:
-            new_lam = levenberg_marquardt(
-                lam,
-                math.nan if stopped_at_negative else rho,
-                min_damping=group["min_damping"],
-                max_damping=group["max_damping"],
-            )
+            new_lam = self._damping_rule()(lam, math.nan if stopped_at_negative else rho)
             state["damping"] = new_lam
         diag.update(rho=rho, predicted_change=predicted, next_damping=new_lam)
 
-        # 5. Armijo line search from alpha = 1                             [MS12] §8.8
+        # 5. line search from alpha = 1                                    [MS12] §8.8
         tic = clock()
         alpha = 1.0
         if self.use_linesearch:
+            f_one = f_new
 
             def along(a: float) -> float:
-                return f_new if a == 1.0 else loss_along(a * lr, delta)
+                return f_one if a == 1.0 else loss_along(a * lr, delta)
 
-            alpha, f_new, ls = armijo_backtracking(
-                along,
-                f0_f,
-                lr * slope,
-                c=group["ls_c"],
-                shrink=group["ls_shrink"],
-                max_steps=group["ls_max_steps"],
-            )
+            alpha, f_new, ls = self._linesearch()(along, f0_f, lr * slope)
             diag["linesearch"] = ls.message
         diag.update(
             alpha=alpha,
