@@ -711,24 +711,6 @@ def test_block_cg_on_one_flat_b_cut_by_sizes():
             block_cg(apply, **bad)
 
 
-def test_consecutive_views_are_recognised_and_nothing_else():
-    from secondorder.linalg.block_cg import _consecutive
-
-    base = torch.arange(20, dtype=DT)
-    flat = _consecutive(base[3:15].split([4, 1, 7]))
-    assert flat is not None and flat.data_ptr() == base[3:].data_ptr()
-    assert torch.equal(flat, base[3:15])
-    for b in [
-        list(base[:10].split([4, 6]))[::-1],  # out of order
-        [base[:4], base[:4]],  # overlapping
-        [base[:4], base[5:9]],  # a gap
-        [base[0:8:2], base[8:10]],  # strided
-        [base[:6].view(2, 3), base[6:9]],  # not 1-D
-        [base[:4].clone(), base[4:8].clone()],  # separate storages
-    ]:
-        assert _consecutive(b) is None
-
-
 def test_block_cg_on_curvature_blocks_equals_cg_on_block_operators():
     model, loss_fn, X, y = make("cnn", n=4)
     B = BlockDiagonalCurvature(model, loss_fn, (X, y), curvature="pch_clip")
