@@ -343,7 +343,7 @@ def _orthonormal_rows(m: int, n: int, seed: int, dtype: torch.dtype = F64) -> Te
 @pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("b", [1, 3])
 def test_orthogonalize_matches_dense_projection(local: bool, b: int) -> None:
-    from secondorder.linalg.lanczos import _orthogonalize
+    from secondorder.linalg.krylov import _orthogonalize
 
     n, M = 300, 12  # 12 basis rows already multiplied, the current block is rows M..M+b
     Qt = _orthonormal_rows(M + b, n, seed=0)
@@ -366,7 +366,7 @@ def test_orthogonalize_matches_dense_projection(local: bool, b: int) -> None:
 def test_orthogonalize_second_pass_on_cancellation() -> None:
     # W almost in the span of the basis: one pass leaves relative non-orthogonality
     # ~ eps ||w|| / ||w'|| = 1e-8, the DGKS criterion triggers another pass
-    from secondorder.linalg.lanczos import _orthogonalize
+    from secondorder.linalg.krylov import _orthogonalize
 
     n, M = 400, 10
     Qt = _orthonormal_rows(M + 1, n, seed=2)

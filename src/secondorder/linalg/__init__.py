@@ -1,6 +1,11 @@
 """Linear algebra on flat 1-D tensors: operators, Krylov solvers, estimators, preconditioners.
 
 This layer knows nothing of neural networks; it imports only torch (and scipy lazily).
+Modules: ``operator`` (LinearOperator and the atoms), ``combinators`` (sums, scalings,
+products, adjoints), ``checks`` (argument checks), ``status`` (SolverStatus), ``cg`` and
+``cg_callbacks``, ``block_cg``, ``krylov`` (orthonormal bases), ``tridiagonal``
+(lanczos_tridiag), ``thick_restart`` and ``lanczos`` (eigenpairs), ``dense_eig``,
+``estimators``, ``preconditioners`` (Jacobi; re-exports ``nystrom`` and ``pivoted_cholesky``).
 """
 
 from .block_cg import BlockCGInfo, block_cg

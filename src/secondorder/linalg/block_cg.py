@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cg import residual_threshold
+from .checks import residual_threshold
 from .status import SolverStatus
 
 __all__ = ["BlockCGInfo", "block_cg"]

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .cg_callbacks import CGState
-from .operator import LinearOperator, aslinearoperator
+from .checks import _as_apply, _check_nonneg, _check_vector, residual_threshold
+from .operator import LinearOperator
 from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
@@ -80,71 +81,6 @@ class CGInfo:
 
 
 # ----------------------------------------------------------------------- checks
-def _describe(v: Any) -> str:
-    if isinstance(v, Tensor):
-        return f"tensor of shape {tuple(v.shape)}, dtype {v.dtype}, device {v.device}"
-    return type(v).__name__
-
-
-def _as_apply(
-    op: Any, name: str, n: int, dtype: torch.dtype, device: torch.device
-) -> Callable[[Tensor], Tensor]:
-    """Return a checked function ``v -> op @ v`` for an operator, a 2-D tensor or a callable."""
-    if isinstance(op, Tensor):
-        if op.ndim != 2:
-            raise ValueError(
-                f"{name}: expected a 2-D tensor of shape ({n}, {n}), got {_describe(op)}"
-            )
-        op = aslinearoperator(op.detach())
-    if isinstance(op, LinearOperator):
-        if op.shape != (n, n):
-            raise ValueError(
-                f"{name}: expected shape ({n}, {n}) to match b of length {n}, got shape {op.shape}"
-            )
-        if op.dtype != dtype or op.device != device:
-            raise ValueError(
-                f"{name}: expected dtype {dtype} and device {device} (those of b), "
-                f"got dtype {op.dtype} and device {op.device}"
-            )
-        return op.matvec
-    if callable(op):
-
-        def apply(v: Tensor) -> Tensor:
-            out = op(v)
-            if (
-                not isinstance(out, Tensor)
-                or out.shape != v.shape
-                or out.dtype != dtype
-                or out.device != device
-            ):
-                raise ValueError(
-                    f"{name}: the callable must map a ({n},) tensor of dtype {dtype} on {device} "
-                    f"to one of the same shape, dtype and device, got {_describe(out)}"
-                )
-            return out
-
-        return apply
-    raise ValueError(
-        f"{name}: expected a LinearOperator, a 2-D tensor or a callable v -> {name} v, "
-        f"got {type(op).__name__}"
-    )
-
-
-def _check_nonneg(value: Any, name: str) -> float:
-    """``float(value)`` for a tolerance ``>= 0`` (``inf`` included: it is met at once)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative float, got {value!r}") from None
-    if isinstance(value, bool) or not out >= 0:
-        raise ValueError(f"{name} must be a non-negative float (inf allowed), got {value!r}")
-    return out
-
-
-def residual_threshold(rtol: float, rhs_norm: float, atol: float) -> float:
-    """``max(rtol * rhs_norm, atol)``, with ``inf * 0 = 0`` (an infinite rtol and ``b = 0``)."""
-    relative = rtol * rhs_norm if rhs_norm != 0 else 0.0
-    return max(relative, atol)
 
 
 def _check_arguments(
@@ -168,25 +104,6 @@ def _check_arguments(
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be None or callable, got {type(callback).__name__}")
     return rtol_f, atol_f
-
-
-def _check_vector(v: Any, name: str, like: Tensor | None = None) -> Tensor:
-    if not isinstance(v, Tensor):
-        raise ValueError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
-    if like is None:
-        if v.ndim != 1:
-            raise ValueError(
-                f"{name}: expected a 1-D tensor of shape (n,), got shape {tuple(v.shape)}"
-            )
-        if not v.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a real floating dtype, got {v.dtype}")
-        return v
-    if v.shape != like.shape or v.dtype != like.dtype or v.device != like.device:
-        raise ValueError(
-            f"{name}: expected shape {tuple(like.shape)}, dtype {like.dtype} and device "
-            f"{like.device} (those of b), got {_describe(v)}"
-        )
-    return v
 
 
 _MESSAGES = {
