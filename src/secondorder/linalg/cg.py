@@ -281,12 +281,6 @@ def cg(
         r = b - ax
     z = r if apply_m is None else apply_m(r).detach()
     p = z.clone()
-    # a preconditioner that writes its product in place (a diagonal) reuses z's buffer
-    m_out = (
-        M._matvec_out
-        if isinstance(M, LinearOperator) and type(M)._matvec_out is not LinearOperator._matvec_out
-        else None
-    )
     # the scalars of the start; those known to be equal are not recomputed
     # (r = b without x0, z = r without M, and x^T x = x^T b = x^T r = 0 without x0)
     scalars = [torch.dot(b, b)]
@@ -383,8 +377,7 @@ def cg(
             z = r
             rz_new_f = rr_f = torch.dot(r, r).item()
         else:
-            # a diagonal M writes into z's buffer: the old z is not needed, p was updated from it
-            z = m_out(r, z) if m_out is not None else apply_m(r).detach()
+            z = apply_m(r).detach()
             rz_new_f, rr_f = torch.dot(r, z).item(), torch.dot(r, r).item()
         # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
         phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f

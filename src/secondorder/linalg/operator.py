@@ -123,15 +123,6 @@ class LinearOperator:
         return self.matvec(x)
 
     # Subclass hooks --------------------------------------------------------
-    def _matvec_out(self, x: Tensor, out: Tensor) -> Tensor:
-        """``A x`` for a checked vector ``x``, written into ``out`` and returned.
-
-        ``out`` has the shape, dtype and device of ``x`` and does not alias it. Operators that
-        can write their product in place (diagonals) override this; solvers use it only where
-        it is overridden.
-        """
-        return out.copy_(self._matvec(x))
-
     def _matvec_plus(self, x: Tensor, shift: float) -> Tensor:
         """``A x + shift * x`` (overridden where the output can start at ``shift * x``)."""
         return _add_shift(self._matvec(x), x, shift)
@@ -333,9 +324,6 @@ class Diagonal(LinearOperator):
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self.diagonal * x
-
-    def _matvec_out(self, x: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(self.diagonal, x, out=out)
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.diagonal.unsqueeze(1) * X

@@ -126,9 +126,6 @@ class JacobiPreconditioner(LinearOperator):
     def _matvec(self, x: Tensor) -> Tensor:
         return self.inverse_diagonal * x
 
-    def _matvec_out(self, x: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(self.inverse_diagonal, x, out=out)
-
     def _matmat(self, X: Tensor) -> Tensor:
         return self.inverse_diagonal.unsqueeze(1) * X
 
