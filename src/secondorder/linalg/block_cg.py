@@ -237,8 +237,6 @@ def block_cg(
         elif maxiters[i] == 0:
             status[i] = SolverStatus.MAXITER
     active = [i for i in range(n) if status[i] is None]
-    # one shift for all systems (the usual case): one batched in-place add per sweep
-    common_shift = shifts[0] if shared and len(set(shifts)) == 1 else None
     sweeps = 0
     while active:
         sweeps += 1
@@ -247,13 +245,9 @@ def block_cg(
             ap = apply(active, p_active)
         else:
             ap = [a.reshape(-1) for a in apply(active, [p_seen[i] for i in active])]
-        if common_shift is not None:
-            if common_shift != 0.0:
-                torch._foreach_add_(ap, p_active, alpha=common_shift)
-        else:
-            for i, a in zip(active, ap):
-                if shifts[i] != 0.0:
-                    a.add_(p[i], alpha=shifts[i])
+        for i, a in zip(active, ap):
+            if shifts[i] != 0.0:
+                a.add_(p[i], alpha=shifts[i])
         pap = [torch.dot(pi, a).item() for pi, a in zip(p_active, ap)]
         stepped = []
         for i, a, curv in zip(active, ap, pap):
