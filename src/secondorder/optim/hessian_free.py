@@ -98,9 +98,10 @@ from torch import Tensor, nn
 from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
 from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch
-from ..linalg.cg import CGInfo, CGStatus
+from ..linalg.cg import CGInfo
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
+from ..linalg.status import SolverStatus
 from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
 from .damping import reduction_ratio
 from .hessian_free_data import (
@@ -575,17 +576,18 @@ class HessianFree(CurvatureOptimizer):
         diag["warm_start"] = x0 is not None
         x, info, kept = self._solve(A, -grad, x0, M)
         passed = info.negative_curvature_directions
-        stopped_at_negative = info.status == CGStatus.NEGATIVE_CURVATURE
+        # only Martens' rule stops CG through the callback here
+        status = "martens" if info.status == SolverStatus.CALLBACK else info.status.name.lower()
+        stopped_at_negative = info.status == SolverStatus.NEGATIVE_CURVATURE
         diag.update(
             cg_iterations=info.iterations,
             cg_residual=info.residual_norm,
-            # only Martens' rule stops CG through the callback here
-            cg_status="martens" if info.status == CGStatus.CALLBACK else info.status.name.lower(),
+            cg_status=status,
             negative_curvature=stopped_at_negative or passed > 0,
             cg_negative_directions=passed,
             time_cg=clock() - tic,
         )
-        if info.status == CGStatus.NONFINITE:
+        if info.status == SolverStatus.NONFINITE:
             self._reject("a curvature product was not finite during CG")
             return f0, None
         if info.iterations == 0 and x0 is None:
