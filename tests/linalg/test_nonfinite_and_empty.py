@@ -1,7 +1,7 @@
 """Fault injection: NaN/Inf operators and right-hand sides, and products with zero columns.
 
 Every solver and estimator reports a NaN/Inf in the same way: functions that return an info
-object report it there (``CGStatus.NONFINITE`` / ``"nonfinite"``) and do not raise; functions
+object report it there (``SolverStatus.NONFINITE``) and do not raise; functions
 that return only numbers raise :class:`~secondorder.linalg.NonFiniteError` (a ``ValueError``
 and a ``FloatingPointError``), never torch's ``_LinAlgError`` nor a NaN result. Every
 :class:`LinearOperator` maps ``(n, 0)`` to ``(m, 0)`` and ``(0, m)`` to ``(0, n)``.
