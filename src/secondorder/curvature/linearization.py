@@ -235,7 +235,8 @@ def linearize(
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
-            autograd otherwise), ``"sequential"`` or ``"autograd"``.
+            autograd otherwise), ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node
+            on the traced model, :mod:`.engines.graph`).
         jacobian_factors: ``False``, ``True`` or ``"auto"``: whether products of an MLP go
             through its output-Jacobian factors (see
             :class:`~secondorder.curvature.sequential.SequentialLinearization`).
@@ -247,8 +248,14 @@ def linearize(
         ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
             ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
-    if engine not in ("auto", "sequential", "autograd"):
-        raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+    if engine not in ("auto", "sequential", "autograd", "graph"):
+        raise ValueError(
+            f"engine must be 'auto', 'sequential', 'autograd' or 'graph', got {engine!r}"
+        )
+    if engine == "graph":  # the model as a traced graph (engines/graph.py); its own fallback
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
