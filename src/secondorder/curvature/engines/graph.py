@@ -41,7 +41,7 @@ from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
 from ..twice_differentiable import TwiceDifferentiable
-from .ops import FUNCTION_ACTIVATIONS, IN_PLACE, op_kind
+from .ops import IN_PLACE, module_of, op_kind
 from .steps import (
     AutogradStep,
     CatStep,
@@ -53,6 +53,7 @@ from .steps import (
     Step,
     SumStep,
     TupleItemStep,
+    flat_tensors,
 )
 
 __all__ = ["GraphLinearization", "graph_linearization", "trace"]
@@ -281,13 +282,16 @@ class GraphLinearization(Linearization):
         if node.op == "call_module":
             self._module(node, inputs)
             return
-        if (
-            not inputs
-            or (node.op == "call_method" and node.target in _METADATA_METHODS)
-            or (node.op == "call_function" and node.target in _METADATA_FUNCS)
-        ):
+        if not inputs:
             self._env[node] = self._call(node)
             return
+        if (node.op == "call_method" and node.target in _METADATA_METHODS) or (
+            node.op == "call_function" and node.target in _METADATA_FUNCS
+        ):  # sizes, dtypes, ...: constants unless they hold a value of the parameters (``.T``)
+            value = self._call(node)
+            if not any(_is_float(v) for v in flat_tensors(value)):
+                self._env[node] = value
+                return
         self._function(node, inputs)
 
     def _call(self, node: fx.Node, subst: dict[fx.Node, Any] | None = None) -> Any:
@@ -412,12 +416,12 @@ class GraphLinearization(Linearization):
                 return self._call(node, {x_node: a})
 
             step = LinearStep(edges, f, self._env[x_node])
-        else:  # activation function: the rule of its module
-            factory, _ = FUNCTION_ACTIVATIONS[node.target]
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-            module = factory(**kwargs)
-            rule, _ = rule_for(module)
-            assert rule is not None
+        else:  # a function computed by the rule of its module
+            module = module_of(node)
+            rule = rule_for(module)[0] if module is not None else None
+            if module is None or rule is None:
+                self._autograd(node, inputs)
+                return
             value, ctx = rule.forward(module, self._env[edges[0]], {})
             step = RuleStep(module, rule, ctx, edges, {})
         self._add(node, step, value)
@@ -477,15 +481,21 @@ def _accumulate(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _agrees(lin: GraphLinearization, fmodel: FunctionalModel, inputs: tuple[Any, ...]) -> bool:
-    """Whether the traced graph reproduces the model's output on this batch."""
+def _reference_output(
+    fmodel: FunctionalModel, leaves: list[Tensor], inputs: tuple[Any, ...]
+) -> Any:
+    """The model's own output (running statistics left as they were)."""
     with torch.no_grad(), frozen_running_stats(fmodel.model):
-        ref = fmodel([leaf.detach() for leaf in lin.leaves], inputs)
-    if not isinstance(ref, Tensor) or ref.shape != lin.z.shape:
+        return fmodel([leaf.detach() for leaf in leaves], inputs)
+
+
+def _agrees(z: Tensor, ref: Any) -> bool:
+    """Whether the traced graph's output ``z`` reproduces the model's output ``ref``."""
+    if not isinstance(ref, Tensor) or ref.shape != z.shape:
         return False
     tol = 1e-10 if ref.dtype == torch.float64 else 1e-4
     scale = max(float(ref.abs().max()), 1.0) if ref.numel() else 1.0
-    return bool(((lin.z - ref).abs() <= tol * scale).all())
+    return bool(((z - ref).abs() <= tol * scale).all())
 
 
 def graph_linearization(
@@ -506,15 +516,18 @@ def graph_linearization(
     model = fmodel.model
     graph, reason = trace(model)
     if graph is not None:
+        fingerprint, stored, verified = _CACHE[model]
+        # the model's own output first: its running statistics are restored before the graph's
+        # forward pass saves them for its products
+        ref = None if verified else _reference_output(fmodel, leaves, inputs)
         try:
             lin = GraphLinearization(fmodel, graph, inputs, leaves)
         except _Unsupported as e:
             reason = f"the traced graph cannot be linearised: {e}"
         else:
-            fingerprint, stored, verified = _CACHE[model]
             if verified:
                 return lin
-            if _agrees(lin, fmodel, inputs):
+            if _agrees(lin.z, ref):
                 _CACHE[model] = (fingerprint, stored, True)
                 return lin
             reason = "the traced graph does not reproduce the model's output"

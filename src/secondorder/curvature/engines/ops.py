@@ -12,8 +12,8 @@ every other argument as a constant:
   ``transpose``, ``mean``, ``sum``, ``expand``, average pooling): :math:`dy = f(dx)` (columns
   by ``torch.vmap``), :math:`dx = f^\top u` by ``torch.func.vjp`` of :math:`f` (linear, so its
   pullback does not depend on the point);
-- ``activation``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ... as the layer rule of the
-  matching activation module (one activation table).
+- ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ... by the layer rule
+  of the matching module (one activation table).
 
 :func:`op_kind` returns the kind of a node, or ``None`` (the node is differentiated by autograd).
 """
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FUNCTION_ACTIVATIONS", "IN_PLACE", "op_kind"]
+__all__ = ["FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
 
 _SUM_FUNCS = {operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg}
 _SUM_METHODS = {"add", "sub", "neg"}
@@ -65,8 +65,11 @@ _LINEAR_METHODS = {
     "__getitem__",
 }
 
-#: functions and methods that are activations of the table: (module factory, kwargs it reads)
-FUNCTION_ACTIVATIONS: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+#: functions and methods computed by the rule of a module: (module factory, argument names after
+#: the input, in order); activations of the table and max-pooling
+FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     torch.relu: (nn.ReLU, ()),
     F.relu: (nn.ReLU, ("inplace",)),
     torch.tanh: (nn.Tanh, ()),
@@ -81,7 +84,24 @@ FUNCTION_ACTIVATIONS: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]
     "relu": (nn.ReLU, ()),
     "tanh": (nn.Tanh, ()),
     "sigmoid": (nn.Sigmoid, ()),
+    F.max_pool1d: (nn.MaxPool1d, _POOL_ARGS),
+    F.max_pool2d: (nn.MaxPool2d, _POOL_ARGS),
+    F.max_pool3d: (nn.MaxPool3d, _POOL_ARGS),
 }
+
+
+def module_of(node: Any) -> nn.Module | None:
+    """The module whose rule computes a function node of :data:`FUNCTION_MODULES`, or None."""
+    factory, names = FUNCTION_MODULES[node.target]
+    kwargs = dict(zip(names, node.args[1:]))
+    kwargs.update(node.kwargs)
+    kwargs.pop("inplace", None)  # evaluated out of place (checked by the trace)
+    if kwargs.pop("return_indices", False):
+        return None
+    if any(hasattr(v, "op") for v in kwargs.values()):
+        return None
+    return factory(**kwargs)
+
 
 #: in-place operations and their out-of-place counterparts (evaluated out of place)
 IN_PLACE: dict[Any, Any] = {
@@ -105,7 +125,7 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
         active: Whether an argument node depends on the parameters.
 
     Returns:
-        ``"sum"``, ``"product"``, ``"cat"``, ``"reshape"``, ``"linear"``, ``"activation"``, or
+        ``"sum"``, ``"product"``, ``"cat"``, ``"reshape"``, ``"linear"``, ``"module"``, or
         ``None`` when no rule applies (the node goes to autograd).
     """
     target, args, kwargs = node.target, node.args, node.kwargs
@@ -120,9 +140,9 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
         return None if divides and active(args[1]) else "product"
     if target in _CAT_FUNCS:
         return "cat" if len(args) >= 1 and isinstance(args[0], (list, tuple)) else None
-    entry = FUNCTION_ACTIVATIONS.get(target) if not isinstance(target, str) or method else None
-    if entry is not None and len(args) == 1 and set(kwargs) <= set(entry[1]):
-        return "activation"
+    entry = FUNCTION_MODULES.get(target) if not isinstance(target, str) or method else None
+    if entry is not None and len(args) <= 1 + len(entry[1]) and set(kwargs) <= set(entry[1]):
+        return "module"
     if len(act_args) != 1 or any(
         hasattr(v, "op") and active(v) for v in kwargs.values()
     ):  # one active input, the others constants
@@ -132,5 +152,7 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
     if target in _RESHAPE_FUNCS or (method and target in _RESHAPE_METHODS):
         return "reshape"
     if target in _LINEAR_FUNCS or (method and target in _LINEAR_METHODS):
+        return "linear"
+    if target is getattr and len(args) == 2 and args[1] in ("T", "mT"):
         return "linear"
     return None

@@ -57,6 +57,17 @@ def _lead(t: Tensor, batched: bool) -> tuple[int, ...]:
     return (t.shape[0],) if batched else ()
 
 
+def _align(t: Tensor, ndim: int, batched: bool) -> Tensor:
+    """View a column-batched tangent ``(K, *s)`` as ``(K, 1, ..., *s)`` with ``ndim`` dims after K.
+
+    Broadcasting aligns trailing dimensions, so the column dimension must not meet the
+    operand's own leading ones.
+    """
+    if not batched or t.ndim - 1 >= ndim:
+        return t
+    return t.view(t.shape[0], *([1] * (ndim - t.ndim + 1)), *t.shape[1:])
+
+
 class ParamStep(Step):
     """A trainable parameter read by ``get_attr``."""
 
@@ -120,6 +131,7 @@ class SumStep(Step):
         total: Tensor | None = None
         for s, t in zip(self.signs, tin):
             if t is not None:
+                t = _align(t, len(self.out), batched)
                 term = t if s == 1.0 else -t
                 total = term if total is None else total + term
         if total is None:
@@ -155,6 +167,11 @@ class ProductStep(Step):
             if t is None:
                 continue
             other = self._other(i)
+            ndim = max(
+                self.values[0].ndim if isinstance(self.values[0], Tensor) else 0,
+                self.values[1].ndim if isinstance(self.values[1], Tensor) else 0,
+            )
+            t = _align(t, ndim, batched)
             term = t / other if self.divide else t * other
             total = term if total is None else total + term
         return total
