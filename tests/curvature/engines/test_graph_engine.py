@@ -207,12 +207,27 @@ class InPlaceView(nn.Module):
         return self.b(v + h)
 
 
+class NoGrad(nn.Module):
+    """A branch computed under ``torch.no_grad()``: a trace would differentiate it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        with torch.no_grad():
+            scale = torch.sigmoid(h)
+        return self.b(h * scale)
+
+
 @pytest.mark.parametrize(
     ("cls", "reason"),
-    [(Aliased, "does not reproduce"), (InPlaceView, "in-place")],
+    [(Aliased, "does not reproduce"), (InPlaceView, "in-place"), (NoGrad, "gradients disabled")],
 )
-def test_in_place_aliasing_is_never_silently_wrong(cls: type[nn.Module], reason: str) -> None:
-    """Whole-model autograd, equal to the eager model's GGN.
+def test_trace_mismatches_are_never_silently_wrong(cls: type[nn.Module], reason: str) -> None:
+    """In-place aliasing, in-place views, no_grad blocks: whole-model autograd, exact.
 
     ``tests/reference.py`` evaluates in-place activations out of place, which changes these
     models; the reference here differentiates the eager model itself: :math:`J^\top H J` with
@@ -231,6 +246,14 @@ def test_in_place_aliasing_is_never_silently_wrong(cls: type[nn.Module], reason:
     J = torch.cat([jac[n].reshape(z.numel(), -1) for n in params], 1)
     H = torch.func.jacrev(torch.func.grad(lambda zz: loss_fn(zz, y)))(z).reshape(z.numel(), -1)
     assert tm.relative_error(G.to_dense(), J.T @ H @ J) < 1e-10
+
+
+def test_parametrized_layers_go_to_autograd() -> None:
+    torch.manual_seed(0)
+    model = MLP((4, 5, 10)).to(DT)
+    nn.utils.parametrizations.weight_norm(model.layers[0])
+    nodes = _check(model, *_data(4))
+    assert nodes == ["layers_0"]
 
 
 def test_vjp_of_requested_parameters_and_columns() -> None:

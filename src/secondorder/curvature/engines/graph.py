@@ -77,6 +77,18 @@ def _hooked(m: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
+    """Leaves: modules with a rule or hooks, torch's modules; notes nodes made without grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.without_grad: list[str] = []
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if not torch.is_grad_enabled():  # inside torch.no_grad() in forward: fx records no mode
+            self.without_grad.append(node.name)
+        return node
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if rule_for(m)[0] is not None or _hooked(m) or "forward" in vars(m):
             return True
@@ -155,12 +167,16 @@ def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
     elif nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         reason = "global module hooks are registered"
     else:
+        tracer = _Tracer()
         try:
-            graph = _Tracer().trace(model)
+            with torch.enable_grad():
+                graph = tracer.trace(model)
         except Exception as e:  # any tracing failure means: not traceable
             reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
         else:
             reason = _check_in_place(graph, model)
+            if tracer.without_grad:
+                reason = f"the forward computes {tracer.without_grad[:3]} with gradients disabled"
             if reason is None:
                 _out_of_place(graph)
     _CACHE[model] = (fingerprint, graph if reason is None else reason, False)

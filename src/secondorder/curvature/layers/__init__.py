@@ -11,6 +11,7 @@ against ``torch.func.jvp``/``vjp`` of the single module.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..activations import ACTIVATIONS
 from . import conv, elementwise, linear, norm, pooling, reshape
@@ -69,8 +70,8 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str | None]:
 
     Returns:
         ``(rule, None)``, or ``(None, why)`` when the exact type has no registered rule (a
-        subclass may change ``forward``), the module has hooks or an instance-level
-        ``forward``, or the rule refuses one of its options.
+        subclass may change ``forward``), the module has hooks, an instance-level ``forward``
+        or parametrized parameters, or the rule refuses one of its options.
     """
     rule = RULES.get(type(module))
     if rule is None:
@@ -79,5 +80,7 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str | None]:
         return None, "it has an instance-level forward"
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
         return None, "it has hooks"
+    if parametrize.is_parametrized(module):
+        return None, "its parameters are parametrized"
     why = rule.unsupported(module)
     return (None, why) if why is not None else (rule, None)
