@@ -264,6 +264,12 @@ class GraphLinearization(Linearization):
         # keep only what the products need: values of the nodes are dropped
         self._env = {}
 
+    @property
+    def batched_products(self) -> str:  # type: ignore[override]
+        """``"loop"`` if a node differentiated by autograd loops over columns, else ``"vmap"``."""
+        loops = any(getattr(step, "batched_products", "vmap") == "loop" for _, step in self.steps)
+        return "loop" if loops else "vmap"
+
     # ----------------------------------------------------------------- forward
     def _active(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and a in self._mask
@@ -497,6 +503,22 @@ def _accumulate(a: Any, b: Any) -> Any:
     return a + b
 
 
+class _RandomState:
+    """The default generators' state (CPU, and the parameters' CUDA device), to restore."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = None
+        if device.type == "cuda":
+            self.device = device
+            self.cuda = torch.cuda.get_rng_state(device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 def _reference_output(
     fmodel: FunctionalModel, leaves: list[Tensor], inputs: tuple[Any, ...]
 ) -> Any:
@@ -534,8 +556,11 @@ def graph_linearization(
     if graph is not None:
         fingerprint, stored, verified = _CACHE[model]
         # the model's own output first: its running statistics are restored before the graph's
-        # forward pass saves them for its products
+        # forward pass saves them for its products, and so is the random state (a forward that
+        # draws random numbers draws the same ones as without the check)
+        rng = _RandomState(fmodel.device)
         ref = None if verified else _reference_output(fmodel, leaves, inputs)
+        rng.restore()
         try:
             lin = GraphLinearization(fmodel, graph, inputs, leaves)
         except _Unsupported as e:
@@ -548,6 +573,7 @@ def graph_linearization(
                 return lin
             reason = "the traced graph does not reproduce the model's output"
             _CACHE[model] = (fingerprint, reason, False)
+        rng.restore()
     fallback: Any = AutogradLinearization(fmodel, inputs, leaves)
     fallback.path = "autograd"
     fallback.fallback_reason = reason
