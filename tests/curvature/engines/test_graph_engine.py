@@ -248,6 +248,49 @@ def test_trace_mismatches_are_never_silently_wrong(cls: type[nn.Module], reason:
     assert tm.relative_error(G.to_dense(), J.T @ H @ J) < 1e-10
 
 
+class Scaled(nn.Module):
+    """A plain attribute the trace bakes in as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 10)
+        self.scale = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.a(x)) * self.scale
+
+
+def test_changed_attribute_is_retraced() -> None:
+    torch.manual_seed(0)
+    model = Scaled().to(DT)
+    _check(model, *_data(4))
+    model.scale = 3.0
+    _check(model, *_data(4))
+
+
+class GradHook(nn.Module):
+    """A tensor hook in forward changes the gradient; the rules would not see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        h.register_hook(lambda g: 2 * g)
+        return self.b(h)
+
+
+def test_tensor_hooks_take_the_autograd_path() -> None:
+    model = GradHook().to(DT)
+    G = so.GGN(model, nn.CrossEntropyLoss(), _data(4), engine="graph")
+    lin = G._states[0][0].lin
+    assert lin.path == "autograd", lin.fallback_reason
+    A = so.GGN(model, nn.CrossEntropyLoss(), _data(4), engine="autograd")
+    torch.testing.assert_close(G.to_dense(), A.to_dense(), rtol=1e-12, atol=1e-14)
+
+
 def test_parametrized_layers_go_to_autograd() -> None:
     torch.manual_seed(0)
     model = MLP((4, 5, 10)).to(DT)

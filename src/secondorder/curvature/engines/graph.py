@@ -64,6 +64,12 @@ _VIEW_NAMES = {
     *("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "transpose"),
     *("permute", "t", "expand", "narrow", "select", "detach", "view_as", "expand_as"),
 }
+_GRAD_METHODS = {
+    "register_hook",
+    "retain_grad",
+    "requires_grad_",
+    "register_post_accumulate_grad_hook",
+}
 # model -> (fingerprint, graph or reason, verified)
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, bool]] = weakref.WeakKeyDictionary()
 
@@ -110,6 +116,8 @@ def _mutated_input(node: fx.Node, model: nn.Module) -> Any:
 def _check_in_place(graph: fx.Graph, model: nn.Module) -> str | None:
     """Why evaluating ``graph``'s in-place nodes out of place could differ, or None."""
     for node in graph.nodes:
+        if node.op == "call_method" and node.target in _GRAD_METHODS:
+            return f"the forward calls Tensor.{node.target}, which the products would not honour"
         arg = _mutated_input(node, model)
         if arg is None:
             continue
@@ -144,6 +152,15 @@ def _out_of_place(graph: fx.Graph) -> None:
             node.kwargs = {**node.kwargs, "inplace": False}
 
 
+def _settings(m: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The module's plain attributes: a trace bakes them in, so a change must retrace."""
+    return tuple(
+        (k, repr(v))
+        for k, v in vars(m).items()
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+    )
+
+
 def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
     """Trace ``model`` into an fx graph (once per model state), or say why it cannot be.
 
@@ -154,7 +171,7 @@ def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
         ``(graph, None)`` or ``(None, reason)``.
     """
     fingerprint = tuple(
-        (id(m), m.training, _hooked(m), "forward" in vars(m)) for m in model.modules()
+        (id(m), m.training, _hooked(m), "forward" in vars(m), _settings(m)) for m in model.modules()
     )
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint:
