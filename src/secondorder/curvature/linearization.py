@@ -235,8 +235,9 @@ def linearize(
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
-            autograd otherwise), ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node
-            on the traced model, :mod:`.engines.graph`).
+            the graph engine otherwise, autograd under a torch-function mode),
+            ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node on the traced
+            model, :mod:`.engines.graph`, whole-model autograd where it cannot trace).
         jacobian_factors: ``False``, ``True`` or ``"auto"``: whether products of an MLP go
             through its output-Jacobian factors (see
             :class:`~secondorder.curvature.sequential.SequentialLinearization`).
@@ -270,4 +271,8 @@ def linearize(
             f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
             f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
         )
+    if engine == "auto" and not torch._C._is_torch_function_mode_enabled():
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     return AutogradLinearization(fmodel, inputs, leaves)
