@@ -11,8 +11,9 @@ Problems (float32, eval mode, ``CrossEntropyLoss``):
 Per problem and engine, in one interleaved run (``_harness.time_interleaved``, 2 threads):
 one GGN·v with the operator built beforehand ("per product") and building the operator plus
 one product ("build + 1"), each as a ratio to the median of one gradient (forward, loss and
-backward of the same batch, of the problem's first model). All products are checked equal to
-the autograd engine's first.
+backward of the same batch, of the problem's first model), and the memory of a GGN·v (what the
+operator holds plus the product's peak) over a gradient's peak. All products are checked equal
+to the autograd engine's first.
 
 Usage::
 
@@ -31,7 +32,14 @@ import torch
 from torch import nn
 
 import secondorder as so
-from _harness import markdown_table, ratio, set_threads, time_interleaved
+from _harness import (
+    markdown_table,
+    operator_memory,
+    peak_memory,
+    ratio,
+    set_threads,
+    time_interleaved,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "curvature" / "engines"))
 from graph_models import MLP, ResNet, randomize_batchnorm
@@ -76,6 +84,7 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
     loss_fn = nn.CrossEntropyLoss()
     fns: dict[str, Callable[[], Any]] = {}
     info: list[tuple[str, int, str, str]] = []
+    memory: dict[str, float] = {}  # footprint of a GGN·v (operator + product) / a gradient's
     for label, model, engines in variants:
         params = [p for p in model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
@@ -87,6 +96,7 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
             loss_fn(model(X), y).backward()
 
         fns[f"gradient {label}"] = gradient
+        grad_peak = peak_memory(gradient)[0].peak
         ops = {e: so.GGN(model, loss_fn, (X, y), engine=e) for e in engines}
         want = ops["autograd"] @ v
         for e, op in ops.items():
@@ -98,6 +108,11 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
                 so.GGN(model, loss_fn, (X, y), engine=e) @ v
             )
             info.append((label, n, e, path))
+            built, applied = operator_memory(
+                lambda e=e, model=model: so.GGN(model, loss_fn, (X, y), engine=e),
+                lambda op, v=v: op @ v,
+            )
+            memory[f"{label} {e}"] = (built.retained + applied.peak) / grad_peak
     t = time_interleaved(fns, repeats=repeats, warmup=2)
     g = t[f"gradient {variants[0][0]}"]
     return [
@@ -109,6 +124,7 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
             f"{t[f'gradient {label}'].median * 1e3:.1f}",
             str(ratio(t[f"product {label} {e}"], g)),
             str(ratio(t[f"build+1 {label} {e}"], g)),
+            f"{memory[f'{label} {e}']:.2f}",
         ]
         for label, n, e, path in info
     ]
@@ -121,9 +137,16 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(2)
     rows = [row for name in args.problems.split(",") for row in measure(name, args.repeats)]
-    header = ["problem", "params", "engine", "path", "gradient ms", "GGN·v", "build + 1"]
+    header = [
+        *("problem", "params", "engine", "path", "gradient ms"),
+        *("GGN·v", "build + 1", "memory"),
+    ]
     print(markdown_table(header, rows))
-    print("\nGGN·v and build + 1: median (IQR) in gradients; 2 threads, paired and interleaved.")
+    print(
+        "\nGGN·v and build + 1: median (IQR) in gradients; 2 threads, paired and interleaved. "
+        "memory: tensor bytes held by the operator plus the peak of one product, over the peak "
+        "of one gradient."
+    )
 
 
 if __name__ == "__main__":
