@@ -140,6 +140,31 @@ def test_module_called_twice() -> None:
     assert nodes == ["matmul"]  # the matrix product of two active values goes to autograd
 
 
+class LinearOps(nn.Module):
+    """Functions linear in one active input between layers, some with computed arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(5, 10)
+        self.c = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))  # (N, 6)
+        n = h.size(0)
+        p = h.view(n, 2, 3).permute(0, 2, 1).transpose(1, 2)  # (N, 2, 3)
+        q = torch.narrow(p, 2, 0, p.size(2) - 1).mean(dim=1)  # (N, 2)
+        r = h[:, 1:4].sum(1, keepdim=True).expand(n, 3)  # (N, 3)
+        s = torch.cat([q, r], 1) - torch.nn.functional.avg_pool1d(h.unsqueeze(1), 2, 1).squeeze(1)
+        t = s + (h @ self.c.weight.T)[:, :5].contiguous() / 3.0
+        return self.b(torch.sigmoid(t) * 2.0 + t)
+
+
+def test_linear_functions_between_layers() -> None:
+    torch.manual_seed(0)
+    assert _check(LinearOps().to(DT), *_data(4)) == ["matmul"]
+
+
 class Unsupported(nn.Module):
     """A torch function without a rule between layers: differentiated by autograd alone."""
 

@@ -450,9 +450,11 @@ class GraphLinearization(Linearization):
             step = ReshapeStep(edges, self._env[edges[0]].shape, value.shape)
         elif kind == "linear":
             x_node = edges[0]
+            # the other arguments' values now: the products run after the values are dropped
+            held = {n: self._env[n] for n in node.all_input_nodes if n is not x_node}
 
-            def f(a: Tensor, node: fx.Node = node, x_node: Any = x_node) -> Any:
-                return self._call(node, {x_node: a})
+            def f(a: Tensor, node: fx.Node = node, x_node: Any = x_node, held: Any = held) -> Any:
+                return self._call(node, {**held, x_node: a})
 
             step = LinearStep(edges, f, self._env[x_node])
         else:  # a function computed by the rule of its module
