@@ -1,7 +1,8 @@
 r"""The model's computation as a graph: :math:`Jv` and :math:`J^\top u` node by node.
 
-The model is traced once by ``torch.fx`` (modules with a layer rule, torch's own modules and
-modules with hooks stay whole, as leaves; custom modules are traced through), so residual
+The model is traced once by ``torch.fx`` (:mod:`.trace`: modules with a layer rule, torch's own
+modules and modules with hooks stay whole, as leaves; custom modules are traced through; traces
+that an out-of-place, grad-enabled evaluation could get wrong are refused), so residual
 additions, concatenations, reshapes, a module called twice, parameters read directly and
 torch functions between layers are nodes of one graph. One forward pass evaluates every node
 that depends on the parameters as a step (:mod:`.steps`) keeping what its products need:
@@ -25,7 +26,6 @@ through :class:`~secondorder.curvature.linearization.AutogradLinearization`; the
 from __future__ import annotations
 
 import operator
-import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -41,7 +41,7 @@ from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
 from ..twice_differentiable import TwiceDifferentiable
-from .ops import IN_PLACE, module_of, op_kind
+from .ops import module_of, op_kind
 from .steps import (
     AutogradStep,
     CatStep,
@@ -55,149 +55,16 @@ from .steps import (
     TupleItemStep,
     flat_tensors,
 )
+from .trace import CACHE, trace
 
 __all__ = ["GraphLinearization", "graph_linearization", "trace"]
 
 _METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "stride", "type", "__len__"}
 _METADATA_FUNCS = {getattr, len, torch.numel}
-_VIEW_NAMES = {
-    *("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "transpose"),
-    *("permute", "t", "expand", "narrow", "select", "detach", "view_as", "expand_as"),
-}
-_GRAD_METHODS = {
-    "register_hook",
-    "retain_grad",
-    "requires_grad_",
-    "register_post_accumulate_grad_hook",
-}
-# model -> (fingerprint, graph or reason, verified)
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, bool]] = weakref.WeakKeyDictionary()
 
 
 class _Unsupported(Exception):
     """The traced graph cannot be linearised node by node (the message says why)."""
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
-
-
-class _Tracer(fx.Tracer):
-    """Leaves: modules with a rule or hooks, torch's modules; notes nodes made without grad."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.without_grad: list[str] = []
-
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
-        if not torch.is_grad_enabled():  # inside torch.no_grad() in forward: fx records no mode
-            self.without_grad.append(node.name)
-        return node
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if rule_for(m)[0] is not None or _hooked(m) or "forward" in vars(m):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _mutated_input(node: fx.Node, model: nn.Module) -> Any:
-    """The argument an in-place node overwrites, or None for an out-of-place node."""
-    if node.op == "call_module":
-        inplace = getattr(model.get_submodule(str(node.target)), "inplace", False)
-        return node.args[0] if inplace and node.args else None
-    if node.op == "call_method" and str(node.target).endswith("_"):
-        return node.args[0]
-    if node.op == "call_function" and (node.target in IN_PLACE or node.kwargs.get("inplace")):
-        return node.args[0]
-    return None
-
-
-def _check_in_place(graph: fx.Graph, model: nn.Module) -> str | None:
-    """Why evaluating ``graph``'s in-place nodes out of place could differ, or None."""
-    for node in graph.nodes:
-        if node.op == "call_method" and node.target in _GRAD_METHODS:
-            return f"the forward calls Tensor.{node.target}, which the products would not honour"
-        arg = _mutated_input(node, model)
-        if arg is None:
-            continue
-        viewish = isinstance(arg, fx.Node) and (
-            arg.op in ("placeholder", "get_attr")
-            or str(arg.target).split(".")[-1] in _VIEW_NAMES
-            or arg.target is operator.getitem
-            or (
-                arg.op == "call_module"
-                and isinstance(
-                    model.get_submodule(str(arg.target)),
-                    (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout),
-                )
-            )
-        )
-        if not isinstance(arg, fx.Node) or len(arg.users) != 1 or viewish:
-            return (
-                f"the in-place node {node.name} overwrites {arg}, which is read elsewhere or a "
-                "view of another value"
-            )
-    return None
-
-
-def _out_of_place(graph: fx.Graph) -> None:
-    """Replace in-place calls by their out-of-place forms (safe after :func:`_check_in_place`)."""
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in IN_PLACE:
-            node.target = IN_PLACE[node.target]
-        elif node.op == "call_method" and str(node.target).endswith("_"):
-            node.target = str(node.target)[:-1]
-        if node.op != "call_module" and node.kwargs.get("inplace"):
-            node.kwargs = {**node.kwargs, "inplace": False}
-
-
-def _settings(m: nn.Module) -> tuple[tuple[str, str], ...]:
-    """The module's plain attributes: a trace bakes them in, so a change must retrace."""
-    return tuple(
-        (k, repr(v))
-        for k, v in vars(m).items()
-        if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
-    )
-
-
-def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
-    """Trace ``model`` into an fx graph (once per model state), or say why it cannot be.
-
-    Args:
-        model: Any module.
-
-    Returns:
-        ``(graph, None)`` or ``(None, reason)``.
-    """
-    fingerprint = tuple(
-        (id(m), m.training, _hooked(m), "forward" in vars(m), _settings(m)) for m in model.modules()
-    )
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        stored = cached[1]
-        return (stored, None) if isinstance(stored, fx.Graph) else (None, stored)
-    reason: str | None = None
-    graph: Any = None
-    if _hooked(model) or "forward" in vars(model):
-        reason = "the model has hooks or an instance-level forward"
-    elif nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        reason = "global module hooks are registered"
-    else:
-        tracer = _Tracer()
-        try:
-            with torch.enable_grad():
-                graph = tracer.trace(model)
-        except Exception as e:  # any tracing failure means: not traceable
-            reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
-        else:
-            reason = _check_in_place(graph, model)
-            if tracer.without_grad:
-                reason = f"the forward computes {tracer.without_grad[:3]} with gradients disabled"
-            if reason is None:
-                _out_of_place(graph)
-    _CACHE[model] = (fingerprint, graph if reason is None else reason, False)
-    return (graph, None) if reason is None else (None, reason)
 
 
 def _fetch(model: nn.Module, target: str) -> Any:
@@ -573,7 +440,7 @@ def graph_linearization(
     model = fmodel.model
     graph, reason = trace(model)
     if graph is not None:
-        fingerprint, stored, verified = _CACHE[model]
+        fingerprint, stored, verified = CACHE[model]
         # the model's own output first: its running statistics are restored before the graph's
         # forward pass saves them for its products, and so is the random state (a forward that
         # draws random numbers draws the same ones as without the check)
@@ -588,10 +455,10 @@ def graph_linearization(
             if verified:
                 return lin
             if _agrees(lin.z, ref):
-                _CACHE[model] = (fingerprint, stored, True)
+                CACHE[model] = (fingerprint, stored, True)
                 return lin
             reason = "the traced graph does not reproduce the model's output"
-            _CACHE[model] = (fingerprint, reason, False)
+            CACHE[model] = (fingerprint, reason, False)
         rng.restore()
     fallback: Any = AutogradLinearization(fmodel, inputs, leaves)
     fallback.path = "autograd"
