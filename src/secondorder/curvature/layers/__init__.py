@@ -35,6 +35,7 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm2d: _BN,
     nn.BatchNorm3d: _BN,
     nn.LayerNorm: norm.LayerNormRule(),
+    nn.GroupNorm: norm.GroupNormRule(),
     nn.Flatten: _RESHAPE,
     nn.Unflatten: _RESHAPE,
     nn.Identity: _RESHAPE,

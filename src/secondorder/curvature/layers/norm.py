@@ -1,4 +1,4 @@
-r"""Normalisation layers: BatchNorm with running statistics (eval mode) and LayerNorm.
+r"""Normalisation layers: BatchNorm with running statistics (eval mode), LayerNorm, GroupNorm.
 
 **BatchNorm (eval)** is affine per channel (dimension 1): with
 :math:`s = (\hat\sigma^2 + \epsilon)^{-1/2}` and :math:`\hat x = (x - \hat\mu) s`,
@@ -17,6 +17,7 @@ over those entries, the Jacobian of :math:`\hat x` is symmetric,
     d\hat x = r\,\big(dx - \langle dx\rangle - \hat x \langle \hat x\, dx\rangle\big),
 
 so the same map serves :math:`dx` from :math:`\gamma u` in the reverse product.
+**GroupNorm** applies it over each group of channels (and the spatial dimensions).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, channel_view
 
-__all__ = ["BatchNormEvalRule", "LayerNormRule"]
+__all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
 
 
 class BatchNormEvalRule(Rule):
@@ -154,6 +155,76 @@ class LayerNormRule(Rule):
         return self._normalise(ctx, u * w if w is not None else u)
 
 
+class GroupNormRule(Rule):
+    r"""Rule of ``nn.GroupNorm``: LayerNorm's map over each group of channels, affine per channel.
+
+    With :math:`x` of shape ``(N, C, *S)`` viewed as ``(N, G, C/G * prod(S))``, :math:`\hat x`
+    normalises the last dimension; :math:`y = \gamma_c \hat x + \beta_c`.
+    """
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        m: Any = module
+        w, b = params.get("weight"), params.get("bias")
+        xg = x.reshape(x.shape[0], m.num_groups, -1)
+        var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
+        r = (var + m.eps).rsqrt()
+        ctx = {"xhat": (xg - mean) * r, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
+        return F.group_norm(x, m.num_groups, w, b, m.eps), ctx
+
+    @staticmethod
+    def _grouped(ctx: Context, t: Tensor, batched: bool) -> Tensor:
+        """``r (t - <t> - xhat <xhat t>)`` per group, ``t`` in the input's shape."""
+        xhat = ctx["xhat"]
+        lead = t.shape[:1] if batched else ()
+        tg = t.reshape(*lead, *xhat.shape)
+        return LayerNormRule._normalise(ctx, tg).reshape(*lead, *ctx["shape"])
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        shape, w = ctx["shape"], ctx["w"]
+        xhat = ctx["xhat"].reshape(shape)
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = None
+        if dx is not None:
+            out = self._grouped(ctx, dx, batched)
+            if w is not None:
+                out = out.mul_(channel_view(w, len(shape), 1, False))
+        if dw is not None:
+            term = xhat * channel_view(dw, len(shape), 1, batched)
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            bias = channel_view(db, len(shape), 1, batched)
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *shape).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        shape, w = ctx["shape"], ctx["w"]
+        lead = 1 if batched else 0
+        dims = [d for d in range(lead, u.ndim) if d != lead + 1]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        if gw is not None:
+            gw.add_((u * ctx["xhat"].reshape(shape)).sum(dims))
+        if gb is not None:
+            gb.add_(u.sum(dims))
+        if not need_input:
+            return None
+        g = u * channel_view(w, len(shape), 1, False) if w is not None else u
+        return self._grouped(ctx, g, batched)
+
+
 def _bn_stats(m: Any) -> Any:
     with torch.no_grad():
         m.running_mean.uniform_(-0.5, 0.5)
@@ -183,4 +254,7 @@ EXAMPLES = [
     Example(lambda: _ln(nn.LayerNorm((3, 4))), (2, 5, 3, 4), "layernorm_2d"),
     Example(lambda: _ln(nn.LayerNorm(4, bias=False)), (3, 2, 4), "layernorm_nobias"),
     Example(lambda: nn.LayerNorm(4, elementwise_affine=False), (3, 4), "layernorm_plain"),
+    Example(lambda: _ln(nn.GroupNorm(2, 4)), (3, 4, 5), "groupnorm1d"),
+    Example(lambda: _ln(nn.GroupNorm(3, 6)), (2, 6, 2, 3), "groupnorm2d"),
+    Example(lambda: nn.GroupNorm(1, 2, affine=False), (3, 2, 4), "groupnorm_plain"),
 ]
