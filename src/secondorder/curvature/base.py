@@ -154,8 +154,10 @@ class CurvatureOperator(LinearOperator):
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        if engine not in ("auto", "sequential", "autograd"):
-            raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        if engine not in ("auto", "sequential", "autograd", "graph"):
+            raise ValueError(
+                f"engine must be 'auto', 'sequential', 'autograd' or 'graph', got {engine!r}"
+            )
         self.fmodel = FunctionalModel(model, params)
         super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
         self.loss_fn = loss_fn

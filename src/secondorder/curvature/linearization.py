@@ -235,7 +235,9 @@ def linearize(
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
-            autograd otherwise), ``"sequential"`` or ``"autograd"``.
+            the graph engine otherwise, autograd under a torch-function mode),
+            ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node on the traced
+            model, :mod:`.engines.graph`, whole-model autograd where it cannot trace).
         jacobian_factors: ``False``, ``True`` or ``"auto"``: whether products of an MLP go
             through its output-Jacobian factors (see
             :class:`~secondorder.curvature.sequential.SequentialLinearization`).
@@ -247,8 +249,14 @@ def linearize(
         ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
             ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
-    if engine not in ("auto", "sequential", "autograd"):
-        raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+    if engine not in ("auto", "sequential", "autograd", "graph"):
+        raise ValueError(
+            f"engine must be 'auto', 'sequential', 'autograd' or 'graph', got {engine!r}"
+        )
+    if engine == "graph":  # the model as a traced graph (engines/graph.py); its own fallback
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
@@ -263,4 +271,8 @@ def linearize(
             f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
             f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
         )
+    if engine == "auto" and not torch._C._is_torch_function_mode_enabled():
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     return AutogradLinearization(fmodel, inputs, leaves)
