@@ -210,6 +210,7 @@ def install_probe(so: Any) -> Probe:
         probe.wrap(newton, "cg", "CG overhead")
     if hf is not None:
         probe.wrap(hf, "cg", "CG overhead")
+        probe.wrap(hf, "truncated_cg", "CG overhead")  # issue 14: HF's CG is composed there
         probe.wrap(hf, "_cg_through_negative_curvature", "CG overhead")
         probe.wrap(hf, "_loss_and_gradient", "gradient")
         probe.wrap(hf.HessianFree, "_preconditioner_diagonal", "preconditioner")

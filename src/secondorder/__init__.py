@@ -29,6 +29,7 @@ from .linalg import (
     LinearOperator,
     NystromPreconditioner,
     PivotedCholeskyPreconditioner,
+    SolverStatus,
     aslinearoperator,
     cg,
     diagonal_estimate,
@@ -76,6 +77,7 @@ __all__ = [
     # solvers and spectral tools
     "CGInfo",
     "CGStatus",
+    "SolverStatus",
     "cg",
     "LanczosInfo",
     "eigmax",

@@ -12,12 +12,14 @@ from secondorder.optim.base import CURVATURES as OPTIM
 
 
 def test_engine_names_and_alias():
-    assert voc.ENGINES == ("auto", "sequential", "autograd")
+    assert voc.ENGINES == ("auto", "sequential", "autograd", "graph")
     assert [voc.canonical_engine(e) for e in voc.ENGINES] == list(voc.ENGINES)
     assert voc.canonical_engine("kron") == "sequential"
     for bad in ("fast", None, 1, ["auto"]):
         with pytest.raises(ValueError, match="engine must be one of"):
             voc.canonical_engine(bad)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        voc.canonical_engine("graph", voc.NON_GRAPH_ENGINES)  # no graph engine there
 
 
 def test_families_take_their_names_from_the_vocabulary():

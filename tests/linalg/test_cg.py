@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from secondorder.linalg.cg import CGInfo, CGStatus, cg
+from secondorder.linalg.cg_callbacks import CallbackList, CGState, IterateGrid, MartensStop
 from secondorder.linalg.operator import Dense, Diagonal, Identity
 
 F64 = torch.float64
@@ -223,48 +224,149 @@ def test_martens_rule_stops_where_the_formula_says(eps: float) -> None:
     expected = _martens_expected_stop(full.quadratic_values, eps)
     assert expected is not None and 11 <= expected < 300
 
-    x, info = cg(a, b, rtol=0.0, atol=0.0, maxiter=300, stop_rule="martens", martens_eps=eps)
-    assert info.status == CGStatus.MARTENS and info.converged
+    rule = MartensStop(eps)
+    x, info = cg(a, b, rtol=0.0, atol=0.0, maxiter=300, callback=rule)
+    assert info.status == CGStatus.CALLBACK and info.converged and rule.stopped_at == expected
     assert info.iterations == expected
     assert info.quadratic_values == full.quadratic_values[: expected + 1]
     torch.testing.assert_close(x, xs[expected - 1], rtol=0, atol=0)
-    assert "Martens" in info.message
+    assert "callback" in info.message
+
+
+def test_martens_rule_alone_on_a_phi_sequence() -> None:
+    # the rule as a pure function of the recorded phi values (no solve)
+    phis = [0.0] + [-1.0 + 0.5**i for i in range(1, 40)]
+    rule = MartensStop(1e-3)
+    stops = [
+        i
+        for i in range(1, len(phis))
+        if rule(CGState(i, torch.zeros(1), [1.0] * (i + 1), phis[: i + 1], 1.0, 1.0))
+    ]
+    assert stops and stops[0] == _martens_expected_stop(phis, 1e-3) and stops[0] > 10
+    assert rule.stopped_at == stops[-1]
+    assert MartensStop.window(9) == 10 and MartensStop.window(101) == 11
+    with pytest.raises(ValueError, match=r"eps must be a float > 0 \(inf allowed\), got 0\.0"):
+        MartensStop(0.0)
 
 
 def test_martens_rule_defers_to_residual_tolerance() -> None:
     a, _, b = _problem("clustered")
-    _, info = cg(a, b, rtol=1e-6, stop_rule="martens")
+    _, info = cg(a, b, rtol=1e-6, callback=MartensStop())
     assert info.status == CGStatus.CONVERGED  # converges in fewer than 11 iterations
 
 
 def test_martens_rule_alone_is_a_stopping_criterion() -> None:
     a, _, b = _problem("poisson")
-    _, info = cg(a, b, rtol=0.0, atol=0.0, stop_rule="martens")
-    assert info.status in (CGStatus.MARTENS, CGStatus.CONVERGED)
+    _, info = cg(a, b, rtol=0.0, atol=0.0, callback=MartensStop())
+    assert info.status in (CGStatus.CALLBACK, CGStatus.CONVERGED)
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_callback_stops_the_solve(how: str) -> None:
+    a, _, b = _problem("poisson")
+    xs, record = _record()
+
+    def stop_at_3(intermediate_result: CGState) -> bool:
+        record(intermediate_result.x)
+        if intermediate_result.iteration == 3:
+            if how == "raise":
+                raise StopIteration
+            return True
+        return False
+
+    x, info = cg(a, b, rtol=1e-12, callback=stop_at_3)
+    assert info.status == CGStatus.CALLBACK and info.iterations == 3 and len(xs) == 3
+    torch.testing.assert_close(x, xs[-1], rtol=0, atol=0)
+    # a scipy-style callback that returns True stops too; one returning other values does not
+    _, info = cg(a, b, rtol=1e-12, callback=lambda xk: True)
+    assert info.status == CGStatus.CALLBACK and info.iterations == 1
+    _, info = cg(a, b, rtol=1e-8, callback=lambda xk: 1)
+    assert info.status == CGStatus.CONVERGED
+
+
+def test_callback_state_matches_the_solve() -> None:
+    a, _, b = _problem("geometric")
+    x0 = torch.randn_like(b)
+    states: list[tuple[int, Tensor, float, float, float, float]] = []
+
+    def cb(intermediate_result: CGState) -> None:
+        s = intermediate_result
+        values = (s.residual_norm, s.quadratic_value, s.step_length, s.curvature)
+        states.append((s.iteration, s.x.clone(), *values))
+
+    xs, record = _record()
+    x, info = cg(a, b, x0, rtol=1e-8, maxiter=50, callback=cb)
+    y, ref = cg(a, b, x0, rtol=1e-8, maxiter=50, callback=record)
+    assert torch.equal(x, y) and info.iterations == ref.iterations == len(states)
+    for (k, xk, res, phi, alpha, curv), xr in zip(states, xs):
+        torch.testing.assert_close(xk, xr, rtol=0, atol=0)
+        assert res == info.residual_norms[k] and phi == info.quadratic_values[k]
+        assert phi == pytest.approx(float(0.5 * xk @ a @ xk - b @ xk), rel=1e-8, abs=1e-10)
+        assert alpha > 0 and curv > 0
 
 
 @pytest.mark.parametrize("gamma", [1.3, 2.0])
-def test_keep_iterates_on_the_backtracking_grid(gamma: float) -> None:
+def test_iterate_grid_keeps_the_backtracking_grid(gamma: float) -> None:
     n = 200
     a = _spd(torch.logspace(-2.0, 1.0, n, dtype=F64), seed=4)
     b = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=F64)
     xs, cb = _record()
-    x, info = cg(a, b, rtol=0.0, maxiter=30, callback=cb, keep_iterates=True, backtrack_gamma=gamma)
+    grid = IterateGrid(gamma)
+
+    def record(intermediate_result: CGState) -> None:
+        cb(intermediate_result.x)
+
+    x, info = cg(a, b, rtol=0.0, maxiter=30, callback=CallbackList([record, grid]))
     assert info.iterations == 30
-    grid = sorted({math.ceil(gamma**j) for j in range(40) if math.ceil(gamma**j) <= 30} | {30})
-    assert [it for it, _, _ in info.iterates] == grid
-    for it, xk, phi in info.iterates:
+    expected = sorted({math.ceil(gamma**j) for j in range(40) if math.ceil(gamma**j) <= 30} | {30})
+    iterates = grid.snapshots(x, info)
+    assert [it for it, _, _ in iterates] == expected
+    assert grid.grid(30) + ([] if grid.grid(30)[-1] == 30 else [30]) == expected
+    for it, xk, phi in iterates:
         torch.testing.assert_close(xk, xs[it - 1], rtol=0, atol=0)
         assert phi == info.quadratic_values[it]
-    assert info.iterates[-1][1].data_ptr() != x.data_ptr()  # snapshots are copies
+    assert iterates[-1][1].data_ptr() != x.data_ptr()  # snapshots are copies
     if gamma == 1.3:
-        assert grid[:10] == [1, 2, 3, 4, 5, 7, 9, 11, 14, 18]
+        assert expected[:10] == [1, 2, 3, 4, 5, 7, 9, 11, 14, 18]
 
 
-def test_keep_iterates_off_keeps_nothing() -> None:
-    a, _, b = _problem("poisson")
-    _, info = cg(a, b)
-    assert info.iterates == []
+def test_iterate_grid_alone() -> None:
+    # fed by hand: keeps copies at 1, 2, 4, 8 (gamma = 2), the final iterate added at the end
+    grid = IterateGrid(2.0)
+    x = torch.zeros(3, dtype=F64)
+    phis = [0.0]
+    for i in range(1, 11):
+        x += 1.0
+        phis.append(-float(i))
+        assert grid(CGState(i, x, [1.0] * (i + 1), phis, 1.0, 1.0)) is False
+    assert [k for k, _, _ in grid.kept] == [1, 2, 4, 8]
+    assert [float(v[0]) for _, v, _ in grid.kept] == [1.0, 2.0, 4.0, 8.0]
+
+    class Info:
+        iterations = 10
+        quadratic_values = phis
+
+    snaps = grid.snapshots(x, Info)
+    assert [k for k, _, _ in snaps] == [1, 2, 4, 8, 10] and snaps[-1][2] == -10.0
+    Info.iterations = 0  # an overflow reset x to x0: every later snapshot is dropped
+    assert [k for k, _, _ in grid.snapshots(x, Info)] == [0]
+    with pytest.raises(ValueError, match=r"gamma must be a float > 1, finite, got 1\.0"):
+        IterateGrid(1.0)
+
+
+def test_callback_list_runs_every_callback() -> None:
+    calls: list[str] = []
+
+    def first(intermediate_result: CGState) -> bool:
+        calls.append("first")
+        return True
+
+    def second(intermediate_result: CGState) -> None:
+        calls.append("second")
+
+    state = CGState(1, torch.zeros(1), [1.0, 1.0], [0.0, -1.0], 1.0, 1.0)
+    assert CallbackList([first, None, second])(state) is True and calls == ["first", "second"]
+    assert CallbackList([second])(state) is False
 
 
 # --------------------------------------------------------------- breakdowns
@@ -376,7 +478,7 @@ def test_inputs_are_not_modified() -> None:
     a, _, b = _problem("geometric")
     x0 = torch.randn_like(b)
     b_copy, x0_copy = b.clone(), x0.clone()
-    x, info = cg(a, b, x0, rtol=1e-8, maxiter=50, keep_iterates=True)
+    x, info = cg(a, b, x0, rtol=1e-8, maxiter=50, callback=IterateGrid())
     assert torch.equal(b, b_copy) and torch.equal(x0, x0_copy)
     assert x.data_ptr() not in (b.data_ptr(), x0.data_ptr())
     assert info.iterations > 1
@@ -425,9 +527,6 @@ def test_info_type() -> None:
         ({"maxiter": -1}, r"maxiter must be None or an int >= 0, got -1"),
         ({"maxiter": 2.5}, r"maxiter must be None or an int >= 0, got 2\.5"),
         ({"rtol": 0.0, "atol": 0.0}, r"no stopping criterion"),
-        ({"stop_rule": "relative"}, r"stop_rule must be one of .*got 'relative'"),
-        ({"martens_eps": 0.0}, r"martens_eps must be a float > 0 \(inf allowed\), got 0\.0"),
-        ({"backtrack_gamma": 1.0}, r"backtrack_gamma must be a finite float > 1, got 1\.0"),
         ({"callback": 3}, r"callback must be None or callable, got int"),
     ],
 )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from secondorder.linalg.cg import CGStatus, cg
+from secondorder.linalg.cg_callbacks import CallbackList, IterateGrid, MartensStop
 from secondorder.linalg.preconditioners import JacobiPreconditioner
 
 DT = torch.float64
@@ -18,17 +19,11 @@ def _symmetric(eigenvalues, seed=0):
 
 
 def _solve_through(A, b, x0=None, M=None, martens=False, **kw):
-    kw = {"rtol": 1e-12, "maxiter": 50, "martens_eps": 5e-4, **kw}
-    kw.setdefault("keep_iterates", True)
-    x, info = cg(
-        A,
-        b,
-        x0,
-        M=M,
-        stop_rule="martens" if martens else "residual",
-        negative_curvature="continue",
-        **kw,
-    )
+    kw = {"rtol": 1e-12, "maxiter": 50, **kw}
+    grid = IterateGrid(keep_before_negative=True)
+    callback = CallbackList([grid, MartensStop(5e-4) if martens else None])
+    x, info = cg(A, b, x0, M=M, callback=callback, negative_curvature="continue", **kw)
+    info.iterates = grid.snapshots(x, info)
     return x, info, info.negative_curvature_directions
 
 
@@ -49,9 +44,10 @@ def test_cg_through_negative_curvature_solves_indefinite_systems(preconditioned)
 def test_cg_through_negative_curvature_equals_cg_without_negative_curvature():
     A = _symmetric([0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], seed=1)
     b = torch.linspace(-1, 1, 8, dtype=DT)
-    kw = dict(rtol=1e-9, maxiter=40, martens=True, martens_eps=5e-4, keep_iterates=True)
-    x, info, negative = _solve_through(A, b, **kw)
-    y, ref = cg(A, b, rtol=1e-9, maxiter=40, stop_rule="martens", keep_iterates=True)
+    x, info, negative = _solve_through(A, b, rtol=1e-9, maxiter=40, martens=True)
+    grid = IterateGrid()
+    y, ref = cg(A, b, rtol=1e-9, maxiter=40, callback=CallbackList([grid, MartensStop()]))
+    ref.iterates = grid.snapshots(y, ref)
     assert negative == 0 and info.status == ref.status and info.iterations == ref.iterations
     assert torch.allclose(x, y, rtol=0, atol=1e-12)
     assert [k for k, _, _ in info.iterates] == [k for k, _, _ in ref.iterates]

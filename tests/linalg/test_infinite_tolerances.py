@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse.linalg as spla
 import torch
 
-from secondorder.linalg import CGStatus, Dense, block_cg, cg, eigmax, lanczos
+from secondorder.linalg import CGStatus, Dense, SolverStatus, block_cg, cg, eigmax, lanczos
+from secondorder.linalg.cg_callbacks import MartensStop
 
 F64 = torch.float64
 
@@ -49,8 +50,8 @@ def test_cg_infinite_martens_eps() -> None:
     n = 60
     a = torch.diag(torch.linspace(1.0, 1e4, n, dtype=F64))
     b = torch.ones(n, dtype=F64)
-    _, info = cg(a, b, rtol=0.0, maxiter=200, stop_rule="martens", martens_eps=math.inf)
-    assert info.status == CGStatus.MARTENS and info.iterations == 11
+    _, info = cg(a, b, rtol=0.0, maxiter=200, callback=MartensStop(eps=math.inf))
+    assert info.status == CGStatus.CALLBACK and info.iterations == 11
 
 
 def test_cg_infinite_rtol_with_nonfinite_b_is_still_reported() -> None:
@@ -91,7 +92,7 @@ def test_block_cg_infinite_tolerance(rtols: list, atols: list, flat: bool) -> No
         x, info = block_cg(apply, torch.cat(rhs), sizes=[8, 5], rtol=rtols, atol=atols)
     else:
         x, info = block_cg(apply, rhs, rtol=rtols, atol=atols)
-    assert info.status == ["converged", "converged"]
+    assert info.status == [SolverStatus.CONVERGED] * 2
     for i in range(2):
         if math.inf in (rtols[i], atols[i]):
             assert info.iterations[i] == 0 and not bool(x[i].any())
@@ -103,7 +104,8 @@ def test_block_cg_infinite_tolerance(rtols: list, atols: list, flat: bool) -> No
 def test_block_cg_infinite_rtol_with_zero_rhs() -> None:
     a, b = _problem()
     x, info = block_cg(lambda idx, vs: [a @ v for v in vs], [torch.zeros_like(b)], rtol=math.inf)
-    assert info.status == ["converged"] and info.tolerances == [0.0] and not bool(x[0].any())
+    assert info.status == [SolverStatus.CONVERGED] and info.tolerances == [0.0]
+    assert not bool(x[0].any())
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan])

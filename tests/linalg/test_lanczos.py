@@ -343,7 +343,7 @@ def _orthonormal_rows(m: int, n: int, seed: int, dtype: torch.dtype = F64) -> Te
 @pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("b", [1, 3])
 def test_orthogonalize_matches_dense_projection(local: bool, b: int) -> None:
-    from secondorder.linalg.lanczos import _orthogonalize
+    from secondorder.linalg.krylov import _orthogonalize
 
     n, M = 300, 12  # 12 basis rows already multiplied, the current block is rows M..M+b
     Qt = _orthonormal_rows(M + b, n, seed=0)
@@ -366,7 +366,7 @@ def test_orthogonalize_matches_dense_projection(local: bool, b: int) -> None:
 def test_orthogonalize_second_pass_on_cancellation() -> None:
     # W almost in the span of the basis: one pass leaves relative non-orthogonality
     # ~ eps ||w|| / ||w'|| = 1e-8, the DGKS criterion triggers another pass
-    from secondorder.linalg.lanczos import _orthogonalize
+    from secondorder.linalg.krylov import _orthogonalize
 
     n, M = 400, 10
     Qt = _orthonormal_rows(M + 1, n, seed=2)
@@ -415,20 +415,3 @@ def test_float32_large_operator_matches_float64_reference() -> None:
     torch.testing.assert_close(U.T @ U, torch.eye(5, dtype=F64), rtol=0, atol=1e-5)
     residual = (spec.unsqueeze(1) * U - U * evals.double()).norm(dim=0)
     assert torch.all(residual <= 1e-5 * evals.double())
-
-
-@pytest.mark.parametrize("which", ["largest", "both"])
-def test_single_vector_path_matches_the_block_path(which: str) -> None:
-    # block_size=1 runs a scalar version of the block iteration: same products, same pairs
-    from secondorder.linalg.lanczos import _restarted_lanczos, _single_vector_lanczos
-
-    M = with_spectrum(clustered_spectrum(), seed=17)
-    op = Dense(M)
-    start = torch.randn(200, 1, generator=torch.Generator().manual_seed(5), dtype=F64)
-    args = (op, 4, which, 1e-10, 2000, 12, start, torch.Generator().manual_seed(0))
-    block, single = _restarted_lanczos(*args), _single_vector_lanczos(*args)
-    assert block.converged and single.converged
-    assert single.matvecs == block.matvecs and single.restarts == block.restarts >= 1
-    np.testing.assert_allclose(single.evals, block.evals, rtol=0, atol=1e-12)
-    overlap = (single.evecs * block.evecs).sum(dim=0).abs()
-    torch.testing.assert_close(overlap, torch.ones(4, dtype=F64), rtol=0, atol=1e-8)

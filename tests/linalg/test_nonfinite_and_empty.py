@@ -1,7 +1,7 @@
 """Fault injection: NaN/Inf operators and right-hand sides, and products with zero columns.
 
 Every solver and estimator reports a NaN/Inf in the same way: functions that return an info
-object report it there (``CGStatus.NONFINITE`` / ``"nonfinite"``) and do not raise; functions
+object report it there (``SolverStatus.NONFINITE``) and do not raise; functions
 that return only numbers raise :class:`~secondorder.linalg.NonFiniteError` (a ``ValueError``
 and a ``FloatingPointError``), never torch's ``_LinAlgError`` nor a NaN result. Every
 :class:`LinearOperator` maps ``(n, 0)`` to ``(m, 0)`` and ``(0, m)`` to ``(0, n)``.
@@ -40,6 +40,7 @@ from secondorder.linalg import (
     spectral_density,
     top_eigh,
 )
+from secondorder.linalg.status import SolverStatus
 
 F64 = torch.float64
 
@@ -92,7 +93,7 @@ def cg_callable_with_preconditioner(a: torch.Tensor, b: torch.Tensor) -> bool:
 def block_cg_list(a: torch.Tensor, b: torch.Tensor) -> bool:
     x, info = block_cg(lambda idx, vs: [a @ v for v in vs], [b], rtol=1e-10, maxiter=100)
     assert bool(torch.isfinite(x[0]).all())
-    return info.status == ["nonfinite"]
+    return info.status == [SolverStatus.NONFINITE]
 
 
 @_info_solver
@@ -108,7 +109,7 @@ def block_cg_flat(a: torch.Tensor, b: torch.Tensor) -> bool:
         maxiter=100,
     )
     assert all(bool(torch.isfinite(xi).all()) for xi in x)
-    return info.status == ["nonfinite", "nonfinite"]
+    return info.status == [SolverStatus.NONFINITE] * 2
 
 
 @pytest.mark.parametrize("kind", ["nan_operator", "inf_operator", "nan_rhs"])

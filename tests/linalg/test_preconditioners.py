@@ -131,9 +131,8 @@ def test_jacobi_fast_powers_are_accurate_in_float32(exponent: float) -> None:
     assert rel < 4 * torch.finfo(torch.float32).eps
 
 
-def test_preconditioner_in_place_product_gives_the_same_solve() -> None:
-    # cg writes a diagonal preconditioner's product into a reused buffer; the iterates must
-    # equal those with the same preconditioner given as a plain callable
+def test_preconditioner_operator_and_callable_give_the_same_solve() -> None:
+    # a preconditioner given as an operator and as a plain callable: the same iterates
     n = 120
     a = _spd(torch.logspace(-2.0, 2.0, n, dtype=F64), seed=3)
     b = torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(0))

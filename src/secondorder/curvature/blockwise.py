@@ -62,7 +62,7 @@ from .ggn import GGN
 from .hessian import Hessian
 from .model import Batch, FunctionalModel, as_batches
 from .pch_mode import positive_curvature_mode
-from .vocabulary import BLOCK_CURVATURES, ENGINES, canonical_engine
+from .vocabulary import BLOCK_CURVATURES, NON_GRAPH_ENGINES, canonical_engine
 from .weighting import batch_weights
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
 ]
 
 CURVATURES = BLOCK_CURVATURES
+ENGINES = NON_GRAPH_ENGINES
 
 
 class BlockDiagonalCurvature(LinearOperator):
@@ -153,7 +154,7 @@ class BlockDiagonalCurvature(LinearOperator):
     ) -> None:
         self.process_group = process_group
         check_choice("curvature", curvature, CURVATURES)
-        engine = canonical_engine(engine)
+        engine = canonical_engine(engine, NON_GRAPH_ENGINES)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.fmodel = FunctionalModel(model, params)

@@ -237,7 +237,9 @@ def linearize(
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
         engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
-            autograd otherwise), ``"sequential"`` or ``"autograd"``.
+            the graph engine otherwise, autograd under a torch-function mode),
+            ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node on the traced
+            model, :mod:`.engines.graph`, whole-model autograd where it cannot trace).
         jacobian_factors: ``True`` selects the fast path for MLPs,
             :class:`~secondorder.curvature.factored.FactoredLinearization` (products through
             the output-Jacobian factors); ``False`` (or the retired ``"auto"``) the reference.
@@ -250,6 +252,10 @@ def linearize(
             ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
     engine = canonical_engine(engine)
+    if engine == "graph":  # the model as a traced graph (engines/graph.py); its own fallback
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     if engine != "autograd":
         layers = sequential_layers(fmodel.model)
         if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
@@ -266,4 +272,8 @@ def linearize(
             f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
             f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
         )
+    if engine == "auto" and not torch._C._is_torch_function_mode_enabled():
+        from .engines.graph import graph_linearization
+
+        return graph_linearization(fmodel, inputs, leaves)
     return AutogradLinearization(fmodel, inputs, leaves)

@@ -58,10 +58,12 @@ from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns, kron_layers
 from .lowrank_spectrum import GramSpectrum
 from .model import FunctionalModel, as_batches
-from .vocabulary import EIGENSOLVERS, canonical_engine
+from .vocabulary import EIGENSOLVERS, NON_GRAPH_ENGINES, canonical_engine
 from .weighting import batch_weights
 
 __all__ = ["LowRankGGN"]
+
+ENGINES = NON_GRAPH_ENGINES
 
 
 class LowRankGGN(GramSpectrum):
@@ -145,7 +147,7 @@ class LowRankGGN(GramSpectrum):
                 f"{LIKELIHOOD_LOSSES}; got {loss_fn!r}"
             )
         check_int("mc_samples", mc_samples, 0, "0: exact factor")
-        engine = canonical_engine(engine)
+        engine = canonical_engine(engine, ENGINES)
         self.fmodel = FunctionalModel(model, params)
         self.loss_fn = loss_fn
         self.mc_samples = mc_samples

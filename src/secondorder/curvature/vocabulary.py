@@ -6,7 +6,9 @@ so a name is added or renamed here and nowhere else.
 Engines say HOW products are computed: ``"sequential"`` the hand-written engines for an
 ``nn.Sequential`` of supported layers (module by module; for :class:`~.lowrank.LowRankGGN` its
 Kronecker-factored columns), ``"autograd"`` the generic path through ``torch.func`` and double
-backward for any module, ``"auto"`` the hand-written one where it applies.
+backward for any module, ``"graph"`` the model traced as a graph of nodes with one rule per
+layer (:mod:`~secondorder.curvature.engines.graph`), ``"auto"`` the hand-written one where it
+applies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "CURVATURES",
     "EIGENSOLVERS",
     "ENGINES",
+    "NON_GRAPH_ENGINES",
     "FISHER_KINDS",
     "OPTIMIZER_CURVATURES",
     "PCH_MODIFICATIONS",
@@ -30,8 +33,10 @@ __all__ = [
     "canonical_engine",
 ]
 
-Engine = Literal["auto", "sequential", "autograd"]
+Engine = Literal["auto", "sequential", "autograd", "graph"]
 ENGINES: tuple[str, ...] = get_args(Engine)
+# the operators that have no graph engine (block-diagonal, low-rank) take these
+NON_GRAPH_ENGINES = ("auto", "sequential", "autograd")
 ENGINE_ALIASES = {"kron": "sequential"}  # LowRankGGN's former name of its hand-written path
 
 Curvature = Literal[
@@ -52,14 +57,21 @@ Eigensolver = Literal["auto", "torch", "lapack"]
 EIGENSOLVERS: tuple[str, ...] = get_args(Eigensolver)
 
 
-def canonical_engine(engine: object) -> str:
-    """``engine`` validated against :data:`ENGINES` (old aliases mapped to their name).
+def canonical_engine(engine: object, allowed: tuple[str, ...] = ENGINES) -> str:
+    """``engine`` validated against ``allowed`` (old aliases mapped to their name).
+
+    Args:
+        engine: The engine argument.
+        allowed: The engines the caller offers (default :data:`ENGINES`).
+
+    Returns:
+        The engine's name.
 
     Raises:
-        ValueError: ``"engine must be one of ('auto', 'sequential', 'autograd'), got ..."``.
+        ValueError: ``"engine must be one of ('auto', 'sequential', 'autograd', 'graph'), ..."``.
     """
     if isinstance(engine, str):
         engine = ENGINE_ALIASES.get(engine, engine)
-    check_choice("engine", engine, ENGINES)
+    check_choice("engine", engine, allowed)
     assert isinstance(engine, str)
     return engine

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cg import residual_threshold
-from .scalars import host_floats
+from .checks import residual_threshold
+from .status import SolverStatus
 
 __all__ = ["BlockCGInfo", "block_cg"]
 
@@ -30,9 +30,10 @@ class BlockCGInfo:
         iterations: CG iterations per system.
         residual_norms: The last (recursively updated) residual norm per system.
         tolerances: ``max(rtol * norm(b_i), atol)`` per system.
-        status: Why each system stopped: ``"converged"`` (``norm(r) <= tol``), ``"maxiter"``,
-            ``"negative_curvature"`` (``p^T A p <= 0`` with ``negative_curvature="stop"``),
-            ``"breakdown"`` (``p^T A p == 0``) or ``"nonfinite"`` (a NaN/Inf appeared).
+        status: Why each system stopped, a :class:`~secondorder.linalg.status.SolverStatus`:
+            ``CONVERGED`` (``norm(r) <= tol``), ``MAXITER``, ``NEGATIVE_CURVATURE``
+            (``p^T A p < 0`` with ``negative_curvature="stop"``), ``BREAKDOWN``
+            (``p^T A p == 0``) or ``NONFINITE`` (a NaN/Inf appeared).
         sweeps: Number of batched operator applications (the largest iteration count).
         negative_curvature: Per system, whether any search direction had ``p^T A p <= 0``.
         rhs_norms: :math:`\|b_i\|_2` per system (NaN or Inf where ``b_i`` is not finite).
@@ -41,7 +42,7 @@ class BlockCGInfo:
     iterations: list[int]
     residual_norms: list[float]
     tolerances: list[float]
-    status: list[str]
+    status: list[SolverStatus]
     sweeps: int = 0
     negative_curvature: list[bool] = field(default_factory=list)
     rhs_norms: list[float] = field(default_factory=list)
@@ -49,7 +50,20 @@ class BlockCGInfo:
     @property
     def converged(self) -> list[bool]:
         """Per system, whether the residual tolerance was met."""
-        return [s == "converged" for s in self.status]
+        return [s == SolverStatus.CONVERGED for s in self.status]
+
+    @property
+    def message(self) -> str:
+        """One line per system that did not converge, saying why and what to try."""
+        lines = [
+            f"system {i}: {s.name} after {it} iterations (residual {res:.3e} > tol {tol:.3e}): "
+            f"{s.message}"
+            for i, (s, it, res, tol) in enumerate(
+                zip(self.status, self.iterations, self.residual_norms, self.tolerances)
+            )
+            if s != SolverStatus.CONVERGED
+        ]
+        return "\n".join(lines) if lines else "every system converged."
 
 
 def _per_system(value: Any, n: int, name: str) -> list[Any]:
@@ -57,27 +71,6 @@ def _per_system(value: Any, n: int, name: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name}: expected one value per system ({n}), got {len(values)}")
     return values
-
-
-def _consecutive(b: Sequence[Tensor]) -> Tensor | None:
-    """One flat view of the ``b_i`` if they are 1-D, contiguous and consecutive in memory.
-
-    The ``b_i`` share dtype and device (the caller checks). Memory at consecutive addresses
-    inside the first one's storage is that storage's, whatever storage objects the others
-    hold.
-    """
-    first = b[0]
-    itemsize = first.element_size()
-    address = first.data_ptr()
-    total = 0
-    for bi in b:
-        if bi.ndim != 1 or not bi.is_contiguous() or bi.data_ptr() != address:
-            return None
-        address += bi.numel() * itemsize
-        total += bi.numel()
-    if (first.storage_offset() + total) * itemsize > first.untyped_storage().nbytes():
-        return None
-    return first.detach().as_strided((total,), (1,))
 
 
 def block_cg(
@@ -91,7 +84,6 @@ def block_cg(
     maxiter: int | Sequence[int] = 20,
     negative_curvature: str = "continue",
     out: Tensor | None = None,
-    overwrite_b: bool = False,
 ) -> tuple[list[Tensor], BlockCGInfo]:
     r"""Solve :math:`(A_i + \lambda_i I) x_i = b_i` for several systems by CG in lock-step.
 
@@ -118,8 +110,8 @@ def block_cg(
             vectors (without the shift).
         b: Right-hand sides, tensors of any shapes; ``apply`` gets the vectors of system
             ``i`` in the shape of ``b[i]`` and returns its products in that shape (or flat).
-            Or one flat tensor holding them all, cut by ``sizes`` (the cheapest form for the
-            blocks of a parameter vector: no per-system checks, one buffer).
+            Or one flat tensor holding them all, cut by ``sizes`` (the blocks of a parameter
+            vector).
         sizes: With a flat ``b``: the systems' lengths, in order, summing to ``b.numel()``.
         shift: :math:`\lambda_i` (a float for all systems, or one per system).
         rtol: Relative tolerance(s), ``>= 0`` (``inf``: the system stops at once with ``x = 0``).
@@ -129,13 +121,7 @@ def block_cg(
         out: Optional flat buffer for the solutions: a 1-D tensor of length
             :math:`\sum_i` ``b[i].numel()`` with the dtype and device of the ``b_i`` (which must
             share them); the solutions are written into it, concatenated in order, and the
-            returned ``x`` are views of it. Saves the concatenation when the caller wants one
-            vector.
-        overwrite_b: Allow the solver to keep the residuals in the memory of ``b`` (as
-            scipy's ``overwrite_b``): ``b`` then holds garbage afterwards, except that a
-            system that took no step keeps its ``b_i``. Used (saving a copy) when the ``b_i``
-            are 1-D, contiguous and consecutive in one buffer, e.g. the ``split`` of a vector,
-            or ``b`` is flat.
+            returned ``x`` are views of it.
 
     Returns:
         ``(x, info)``: the solutions in the shapes of the ``b_i`` (new tensors, or views of
@@ -152,7 +138,7 @@ def block_cg(
         >>> b = [torch.tensor([1.0, 2.0]), torch.tensor([4.0])]
         >>> x, info = block_cg(lambda idx, vs: [A[i] @ v for i, v in zip(idx, vs)], b, rtol=1e-8)
         >>> info.status, torch.allclose(x[1], torch.tensor([2.0]))
-        (['converged', 'converged'], True)
+        ([<SolverStatus.CONVERGED: 0>, <SolverStatus.CONVERGED: 0>], True)
     """
     flat_b: Tensor | None = None
     if isinstance(b, Tensor):
@@ -220,47 +206,37 @@ def block_cg(
             )
             raise ValueError(f"out: expected a 1-D tensor of shape {expected}, {want}; got {got}")
     if shared:
-        # every system's vectors are views of one flat buffer each: three allocations, not 3n;
-        # with overwrite_b the residuals live in b's memory (flat, or consecutive views)
-        r_views: list[Tensor] | None = None
+        # every system's vectors are views of one flat buffer each: three allocations, not 3n
         if flat_b is not None:
-            flat_r = flat_b.detach() if overwrite_b else flat_b.detach().clone()
+            flat_r = flat_b.detach().clone()
         else:
-            consecutive = _consecutive(systems) if overwrite_b else None
-            if consecutive is None:
-                flat_r = torch.cat([bi.detach().reshape(-1) for bi in systems])
-            else:
-                flat_r = consecutive
-                if not any(bi.requires_grad for bi in systems):
-                    r_views = list(systems)  # the b_i are the residual vectors already
+            flat_r = torch.cat([bi.detach().reshape(-1) for bi in systems])
         flat_x = flat_r.new_zeros(flat_r.shape) if out is None else out.zero_()  # x_0 = 0
         flat_p = flat_r.clone()
         x, p = (list(v.split(sizes)) for v in (flat_x, flat_p))
-        r = r_views if r_views is not None else list(flat_r.split(sizes))
+        r = list(flat_r.split(sizes))
     else:
         r = [bi.detach().reshape(-1).clone() for bi in systems]
         x = [torch.zeros_like(ri) for ri in r]
         p = [ri.clone() for ri in r]
     p_seen = p if flat_shapes else [pi.view(bi.shape) for pi, bi in zip(p, systems)]
-    rr = host_floats([torch.dot(ri, ri) for ri in r])
+    rr = [torch.dot(ri, ri).item() for ri in r]
     rhs_norms = [math.sqrt(v) if v >= 0 else math.nan for v in rr]
     tol = [
         residual_threshold(rt, math.sqrt(v), at) if math.isfinite(v) else at
         for rt, at, v in zip(rtols, atols, rr)
     ]
     iterations = [0] * n
-    status = ["running"] * n
+    status: list[SolverStatus | None] = [None] * n  # None while the system runs
     negative = [False] * n
     for i in range(n):
         if not math.isfinite(rr[i]):
-            status[i] = "nonfinite"
+            status[i] = SolverStatus.NONFINITE
         elif math.sqrt(rr[i]) <= tol[i]:
-            status[i] = "converged"
+            status[i] = SolverStatus.CONVERGED
         elif maxiters[i] == 0:
-            status[i] = "maxiter"
-    active = [i for i in range(n) if status[i] == "running"]
-    # one shift for all systems (the usual case): one batched in-place add per sweep
-    common_shift = shifts[0] if shared and len(set(shifts)) == 1 else None
+            status[i] = SolverStatus.MAXITER
+    active = [i for i in range(n) if status[i] is None]
     sweeps = 0
     while active:
         sweeps += 1
@@ -269,48 +245,44 @@ def block_cg(
             ap = apply(active, p_active)
         else:
             ap = [a.reshape(-1) for a in apply(active, [p_seen[i] for i in active])]
-        if common_shift is not None:
-            if common_shift != 0.0:
-                torch._foreach_add_(ap, p_active, alpha=common_shift)
-        else:
-            for i, a in zip(active, ap):
-                if shifts[i] != 0.0:
-                    a.add_(p[i], alpha=shifts[i])
-        pap = host_floats([torch.dot(pi, a) for pi, a in zip(p_active, ap)])
+        for i, a in zip(active, ap):
+            if shifts[i] != 0.0:
+                a.add_(p[i], alpha=shifts[i])
+        pap = [torch.dot(pi, a).item() for pi, a in zip(p_active, ap)]
         stepped = []
         for i, a, curv in zip(active, ap, pap):
             if curv <= 0:
                 negative[i] = True
             if not math.isfinite(curv):
-                status[i] = "nonfinite"
+                status[i] = SolverStatus.NONFINITE
             elif curv == 0.0:
-                status[i] = "breakdown"
+                status[i] = SolverStatus.BREAKDOWN
             elif curv < 0 and stop_negative:
-                status[i] = "negative_curvature"
+                status[i] = SolverStatus.NEGATIVE_CURVATURE
             else:
                 alpha = rr[i] / curv
                 x[i].add_(p[i], alpha=alpha)
                 r[i].sub_(a, alpha=alpha)
                 stepped.append(i)
         if stepped:
-            rr_new = host_floats([torch.dot(r[i], r[i]) for i in stepped])
+            rr_new = [torch.dot(r[i], r[i]).item() for i in stepped]
             for i, value in zip(stepped, rr_new):
                 iterations[i] += 1
                 if not math.isfinite(value):
-                    status[i] = "nonfinite"
+                    status[i] = SolverStatus.NONFINITE
                 elif math.sqrt(value) <= tol[i]:
-                    status[i] = "converged"
+                    status[i] = SolverStatus.CONVERGED
                 elif iterations[i] >= maxiters[i]:
-                    status[i] = "maxiter"
+                    status[i] = SolverStatus.MAXITER
                 else:
                     torch.add(r[i], p[i], alpha=value / rr[i], out=p[i])  # p = r + beta p
                 rr[i] = value
-        active = [i for i in active if status[i] == "running"]
+        active = [i for i in active if status[i] is None]
     info = BlockCGInfo(
         iterations=iterations,
         residual_norms=[math.sqrt(v) if v >= 0 else math.nan for v in rr],
         tolerances=tol,
-        status=status,
+        status=[s if s is not None else SolverStatus.MAXITER for s in status],
         sweeps=sweeps,
         negative_curvature=negative,
         rhs_norms=rhs_norms,

@@ -2,10 +2,9 @@ r"""Preconditioned conjugate gradient for symmetric positive (semi-)definite sys
 
 :func:`cg` solves :math:`A x = b` for a symmetric positive definite :math:`A` given as a
 :class:`~secondorder.linalg.operator.LinearOperator`, a 2-D tensor or a callable ``v -> A v``.
-It is the inner loop of every Newton-type optimizer in this library, so it is written to cost
-little besides the products with :math:`A`: five in-place passes over the vectors and two
-host synchronisations per iteration; the step lengths are Python floats, so no tiny scalar
-tensor operations are dispatched.
+It is the inner loop of every Newton-type optimizer in this library; besides one product with
+:math:`A` an iteration makes five in-place passes over the vectors and reads its step length
+and residual norm as Python floats.
 
 CG minimises the quadratic model
 
@@ -15,54 +14,31 @@ CG minimises the quadratic model
 
 and every iterate's value :math:`\phi(x_k)` is recorded for free by the recurrence
 :math:`\phi(x_k + \alpha_k p_k) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
-p_k^\top A p_k` (CG's :math:`p_k^\top r_k = r_k^\top z_k`). This enables Martens'
-relative-progress stopping rule and the snapshots that Hessian-free optimisation uses for CG
-backtracking.
-
-References:
-    J. Martens, "Deep learning via Hessian-free optimization", ICML 2010, §4.4 (stopping rule)
-    and §4.6 (CG backtracking).
+p_k^\top A p_k` (CG's :math:`p_k^\top r_k = r_k^\top z_k`). Application rules that need it
+(Martens' relative-progress stopping rule, the iterate snapshots of CG backtracking) come in
+through the callback (:mod:`~secondorder.linalg.cg_callbacks`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator, aslinearoperator
-from .scalars import host_floats
+from .cg_callbacks import CGState
+from .checks import _as_apply, _check_nonneg, _check_vector, residual_threshold
+from .operator import LinearOperator
+from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
 
-_STOP_RULES = ("residual", "martens")
-
-
-class CGStatus(IntEnum):
-    """Why :func:`cg` stopped; ``0`` means the requested tolerance was met.
-
-    Attributes:
-        CONVERGED: ``norm(r) <= max(rtol * norm(b), atol)``.
-        MAXITER: ``maxiter`` iterations ran without meeting a stopping rule.
-        NEGATIVE_CURVATURE: A search direction ``p`` had numerically non-positive curvature
-            ``p^T A p``: ``A`` is not positive definite (along ``p``).
-        NONFINITE: A NaN or Inf appeared (in ``A p``, the step, the residual or ``M^{-1} r``).
-        MARTENS: Martens' relative-progress rule on the quadratic model stopped the solve.
-        INDEFINITE_PRECONDITIONER: ``r^T M^{-1} r <= 0`` for a non-zero residual: the
-            preconditioner is not positive definite.
-    """
-
-    CONVERGED = 0
-    MAXITER = 1
-    NEGATIVE_CURVATURE = 2
-    NONFINITE = 3
-    MARTENS = 4
-    INDEFINITE_PRECONDITIONER = 5
+CGStatus = SolverStatus
+"""The former name of :class:`~secondorder.linalg.status.SolverStatus` (kept as an alias)."""
 
 
 @dataclass
@@ -72,7 +48,7 @@ class CGInfo:
     Attributes:
         iterations: Number of CG iterations whose iterate was accepted; the returned ``x`` is
             ``x_iterations`` (``x_0`` is the initial guess).
-        status: Why the solve stopped (a :class:`CGStatus`).
+        status: Why the solve stopped (a :class:`~secondorder.linalg.status.SolverStatus`).
         message: A sentence saying why it stopped and what to try.
         residual_norms: ``norm(r_k)`` for ``k = 0 .. iterations`` (the recursively updated
             residual, as in every CG implementation), including the initial one.
@@ -80,26 +56,23 @@ class CGInfo:
             ``k = 0 .. iterations``.
         tol: The absolute residual threshold ``max(rtol * norm(b), atol)``.
         num_matvecs: Number of products with ``A`` (one per iteration, one more for ``x0``).
-        iterates: With ``keep_iterates=True``, snapshots ``(k, x_k, phi(x_k))`` at the
-            iterations ``ceil(gamma**j)`` and at the last iteration, in increasing ``k``.
         negative_curvature_directions: With ``negative_curvature="continue"``, how many
             directions of negative curvature the solve stepped along.
     """
 
     iterations: int
-    status: CGStatus
+    status: SolverStatus
     message: str
     residual_norms: list[float] = field(default_factory=list)
     quadratic_values: list[float] = field(default_factory=list)
     tol: float = 0.0
     num_matvecs: int = 0
-    iterates: list[tuple[int, Tensor, float]] = field(default_factory=list)
     negative_curvature_directions: int = 0
 
     @property
     def converged(self) -> bool:
-        """Whether a requested stopping rule was met (``CONVERGED`` or ``MARTENS``)."""
-        return self.status in (CGStatus.CONVERGED, CGStatus.MARTENS)
+        """Whether a requested stopping rule was met (``CONVERGED`` or ``CALLBACK``)."""
+        return self.status.success
 
     @property
     def residual_norm(self) -> float:
@@ -108,89 +81,12 @@ class CGInfo:
 
 
 # ----------------------------------------------------------------------- checks
-def _describe(v: Any) -> str:
-    if isinstance(v, Tensor):
-        return f"tensor of shape {tuple(v.shape)}, dtype {v.dtype}, device {v.device}"
-    return type(v).__name__
-
-
-def _as_apply(
-    op: Any, name: str, n: int, dtype: torch.dtype, device: torch.device
-) -> Callable[[Tensor], Tensor]:
-    """Return a checked function ``v -> op @ v`` for an operator, a 2-D tensor or a callable."""
-    if isinstance(op, Tensor):
-        if op.ndim != 2:
-            raise ValueError(
-                f"{name}: expected a 2-D tensor of shape ({n}, {n}), got {_describe(op)}"
-            )
-        op = aslinearoperator(op.detach())
-    if isinstance(op, LinearOperator):
-        if op.shape != (n, n):
-            raise ValueError(
-                f"{name}: expected shape ({n}, {n}) to match b of length {n}, got shape {op.shape}"
-            )
-        if op.dtype != dtype or op.device != device:
-            raise ValueError(
-                f"{name}: expected dtype {dtype} and device {device} (those of b), "
-                f"got dtype {op.dtype} and device {op.device}"
-            )
-        return op.matvec
-    if callable(op):
-
-        def apply(v: Tensor) -> Tensor:
-            out = op(v)
-            if (
-                not isinstance(out, Tensor)
-                or out.shape != v.shape
-                or out.dtype != dtype
-                or out.device != device
-            ):
-                raise ValueError(
-                    f"{name}: the callable must map a ({n},) tensor of dtype {dtype} on {device} "
-                    f"to one of the same shape, dtype and device, got {_describe(out)}"
-                )
-            return out
-
-        return apply
-    raise ValueError(
-        f"{name}: expected a LinearOperator, a 2-D tensor or a callable v -> {name} v, "
-        f"got {type(op).__name__}"
-    )
-
-
-def _check_nonneg(value: Any, name: str) -> float:
-    """``float(value)`` for a tolerance ``>= 0`` (``inf`` included: it is met at once)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative float, got {value!r}") from None
-    if isinstance(value, bool) or not out >= 0:
-        raise ValueError(f"{name} must be a non-negative float (inf allowed), got {value!r}")
-    return out
-
-
-def _finite_above(value: Any, bound: float, allow_inf: bool = False) -> bool:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return False
-    finite = math.isfinite(out) or (allow_inf and out == math.inf)
-    return not isinstance(value, bool) and finite and out > bound
-
-
-def residual_threshold(rtol: float, rhs_norm: float, atol: float) -> float:
-    """``max(rtol * rhs_norm, atol)``, with ``inf * 0 = 0`` (an infinite rtol and ``b = 0``)."""
-    relative = rtol * rhs_norm if rhs_norm != 0 else 0.0
-    return max(relative, atol)
 
 
 def _check_arguments(
     rtol: float,
     atol: float,
     maxiter: int | None,
-    stop_rule: str,
-    martens_eps: float,
-    backtrack_gamma: float,
     callback: Any,
 ) -> tuple[float, float]:
     rtol_f = _check_nonneg(rtol, "rtol")
@@ -199,71 +95,49 @@ def _check_arguments(
         isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0
     ):
         raise ValueError(f"maxiter must be None or an int >= 0, got {maxiter!r}")
-    if stop_rule not in _STOP_RULES:
-        raise ValueError(f"stop_rule must be one of {_STOP_RULES}, got {stop_rule!r}")
-    if rtol_f == 0 and atol_f == 0 and maxiter is None and stop_rule == "residual":
+    if rtol_f == 0 and atol_f == 0 and maxiter is None and callback is None:
         raise ValueError(
-            "no stopping criterion: rtol=0, atol=0 and maxiter=None with stop_rule='residual' "
-            "would run the 10*n default iterations for an exact zero residual; give rtol > 0, "
-            "atol > 0, an explicit maxiter, or stop_rule='martens'"
+            "no stopping criterion: rtol=0, atol=0 and maxiter=None without a callback would "
+            "run the 10*n default iterations for an exact zero residual; give rtol > 0, "
+            "atol > 0, an explicit maxiter, or a callback that stops the solve"
         )
-    if not _finite_above(martens_eps, 0.0, allow_inf=True):
-        raise ValueError(f"martens_eps must be a float > 0 (inf allowed), got {martens_eps!r}")
-    if not _finite_above(backtrack_gamma, 1.0):
-        raise ValueError(f"backtrack_gamma must be a finite float > 1, got {backtrack_gamma!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be None or callable, got {type(callback).__name__}")
     return rtol_f, atol_f
 
 
-def _check_vector(v: Any, name: str, like: Tensor | None = None) -> Tensor:
-    if not isinstance(v, Tensor):
-        raise ValueError(f"{name}: expected a 1-D torch.Tensor, got {type(v).__name__}")
-    if like is None:
-        if v.ndim != 1:
-            raise ValueError(
-                f"{name}: expected a 1-D tensor of shape (n,), got shape {tuple(v.shape)}"
-            )
-        if not v.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a real floating dtype, got {v.dtype}")
-        return v
-    if v.shape != like.shape or v.dtype != like.dtype or v.device != like.device:
-        raise ValueError(
-            f"{name}: expected shape {tuple(like.shape)}, dtype {like.dtype} and device "
-            f"{like.device} (those of b), got {_describe(v)}"
-        )
-    return v
-
-
 _MESSAGES = {
-    CGStatus.CONVERGED: "converged: norm(r) <= max(rtol*norm(b), atol) = {tol:.3e} "
+    SolverStatus.CONVERGED: "converged: norm(r) <= max(rtol*norm(b), atol) = {tol:.3e} "
     "after {it} iterations.",
-    CGStatus.MAXITER: "stopped at maxiter={it} with norm(r) = {res:.3e} > tol = {tol:.3e}; "
+    SolverStatus.MAXITER: "stopped at maxiter={it} with norm(r) = {res:.3e} > tol = {tol:.3e}; "
     "try a larger maxiter, a preconditioner M, more damping, or a looser rtol/atol.",
-    CGStatus.NEGATIVE_CURVATURE: "non-positive curvature p^T A p = {curv:.3e} in iteration {next}: "
-    "A is not positive definite along p; returned the last iterate x_{it}. Add damping "
-    "(A + lam*I) or use a positive semi-definite curvature (GGN, Fisher).",
-    CGStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
+    SolverStatus.NEGATIVE_CURVATURE: "non-positive curvature p^T A p = {curv:.3e} in "
+    "iteration {next}: A is not positive definite along p; returned the last iterate "
+    "x_{it}. Add damping (A + lam*I) or use a positive semi-definite curvature (GGN, Fisher).",
+    SolverStatus.NONFINITE: "a non-finite value (NaN/Inf) appeared in {where} in iteration {next}; "
     "returned the last finite iterate x_{it}. Check the operator and b for NaN/Inf, "
     "or use float64.",
-    CGStatus.MARTENS: "stopped by Martens' rule: the quadratic model improved by less than "
-    "k*martens_eps relative to its value over the last k={k} iterations (at iteration {it}).",
-    CGStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
+    SolverStatus.CALLBACK: "stopped by the callback (it returned True or raised "
+    "StopIteration) after iteration {it}, with norm(r) = {res:.3e} (tol = {tol:.3e}).",
+    SolverStatus.INDEFINITE_PRECONDITIONER: "r^T M^-1 r = {rz:.3e} <= 0 for a non-zero residual in "
     "iteration {it}: the preconditioner M is not positive definite; returned x_{it}.",
 }
 
 
-def _message(status: CGStatus, **kw: Any) -> str:
+def _message(status: SolverStatus, **kw: Any) -> str:
     defaults: dict[str, Any] = {"tol": math.nan, "it": 0, "res": math.nan, "curv": math.nan}
-    defaults.update(k=0, rz=math.nan, where="the computation")
+    defaults.update(rz=math.nan, where="the computation")
     defaults.update(kw)
     defaults.setdefault("next", defaults["it"] + 1)
     return _MESSAGES[status].format(**defaults)
 
 
-def _martens_k(i: int) -> int:
-    """``k = max(10, ceil(i / 10))`` in exact integer arithmetic."""
-    return max(10, -(-i // 10))
+def _wants_state(callback: Callable[..., Any]) -> bool:
+    """Whether ``callback`` takes ``intermediate_result`` (scipy.optimize's convention)."""
+    try:
+        return "intermediate_result" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):  # no signature (some builtins): the scipy form callback(xk)
+        return False
 
 
 # ------------------------------------------------------------------------- cg
@@ -276,11 +150,7 @@ def cg(
     atol: float = 0.0,
     maxiter: int | None = None,
     M: LinearOperator | Tensor | Callable[[Tensor], Tensor] | None = None,
-    callback: Callable[[Tensor], Any] | None = None,
-    stop_rule: Literal["residual", "martens"] = "residual",
-    martens_eps: float = 5e-4,
-    keep_iterates: bool = False,
-    backtrack_gamma: float = 1.3,
+    callback: Callable[..., Any] | None = None,
     negative_curvature: Literal["stop", "continue"] = "stop",
 ) -> tuple[Tensor, CGInfo]:
     r"""Solve :math:`A x = b` by (preconditioned) conjugate gradient.
@@ -298,21 +168,25 @@ def cg(
         \|r_k\|_2 \le \max(\mathrm{rtol}\,\|b\|_2,\ \mathrm{atol}),
 
     checked for :math:`k = 0` too, or after ``maxiter`` iterations (``maxiter=None`` means
-    ``10 * n``). ``rtol = atol = 0`` together with ``maxiter=None`` and
-    ``stop_rule="residual"`` is refused as having no stopping criterion; pass ``maxiter`` to
-    run a fixed number of iterations.
+    ``10 * n``), or when the callback asks to stop. ``rtol = atol = 0`` together with
+    ``maxiter=None`` and no callback is refused as having no stopping criterion; pass
+    ``maxiter`` to run a fixed number of iterations.
 
-    **Martens' rule** (``stop_rule="martens"``; the residual rule still applies). With the
+    **Callback** (scipy's conventions). After each iteration :math:`k \ge 1`, a callback with a
+    parameter named ``intermediate_result`` (as in ``scipy.optimize.minimize``) is called as
+    ``callback(intermediate_result=state)`` with a
+    :class:`~secondorder.linalg.cg_callbacks.CGState`: the iteration, the iterate itself
+    (not a copy), the residual norms, the step length, the curvature and the values of the
     quadratic model :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x`, computed for free by the
     recurrence :math:`\phi(x_{k+1}) = \phi(x_k) - \alpha_k r_k^\top z_k + \tfrac12 \alpha_k^2
-    p_k^\top A p_k` from :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r_0)`, the solve stops at
-    iteration :math:`i` if
-
-    .. math::
-
-        i > k, \quad \phi(x_i) < 0 \quad\text{and}\quad
-        \frac{\phi(x_i) - \phi(x_{i-k})}{\phi(x_i)} < k\,\varepsilon,
-        \qquad k = \max(10, \lceil i/10 \rceil),\ \varepsilon = \texttt{martens\_eps}.
+    p_k^\top A p_k` from :math:`\phi(x_0) = -\tfrac12 x_0^\top (b + r_0)`. Any other callable
+    is called as ``callback(xk)`` with a copy of the iterate (as ``scipy.sparse.linalg.cg``).
+    If the callback returns ``True`` or raises ``StopIteration``, the solve stops with status
+    ``CALLBACK`` and returns :math:`x_k`, unless the residual rule holds at :math:`k` too
+    (then ``CONVERGED``). Martens' relative-progress rule
+    (:class:`~secondorder.linalg.cg_callbacks.MartensStop`) and the iterate snapshots of CG
+    backtracking (:class:`~secondorder.linalg.cg_callbacks.IterateGrid`) are such callbacks;
+    :class:`~secondorder.linalg.cg_callbacks.CallbackList` combines several.
 
     **Breakdowns.** If a search direction has numerically non-positive curvature,
 
@@ -335,14 +209,8 @@ def cg(
     for Hessian-free with the Hessian). Only curvature at the rounding level,
     :math:`|p_k^\top A p_k| \le \epsilon_{\mathrm{mach}} \rho_{\max} \|p_k\|^2` with
     :math:`\rho_{\max}` now the largest :math:`|p_j^\top A p_j| / \|p_j\|^2`, stops the solve
-    (``NEGATIVE_CURVATURE``). With ``keep_iterates`` the last iterate before the first negative
-    direction (what ``"stop"`` would return) is kept as a snapshot too;
-    ``info.negative_curvature_directions`` counts the negative directions taken.
-
-    **Backtracking snapshots** (``keep_iterates=True``, Martens 2010 §4.6): ``info.iterates``
-    holds ``(k, x_k.clone(), phi(x_k))`` for :math:`k = \lceil \gamma^j \rceil`,
-    :math:`j = 0, 1, \dots` (with :math:`\gamma` = ``backtrack_gamma``) and for the last
-    iterate.
+    (``NEGATIVE_CURVATURE``). Such a step has a negative ``step_length`` in the callback's
+    state; ``info.negative_curvature_directions`` counts the negative directions taken.
 
     The solve is not differentiated through: ``b`` and ``x0`` are detached, and neither is
     modified. Besides one product with ``A`` and one application of ``M``, an iteration costs
@@ -360,11 +228,10 @@ def cg(
         maxiter: Maximal number of iterations (``>= 0``); ``None`` means ``10 * n``.
         M: Preconditioner applying :math:`M^{-1}` (operator, 2-D tensor or callable), symmetric
             positive definite; ``None`` for plain CG.
-        callback: Called as ``callback(x_k)`` with a copy of the iterate after each iteration.
-        stop_rule: ``"residual"`` or ``"martens"`` (adds Martens' rule above).
-        martens_eps: The :math:`\varepsilon` of Martens' rule (``> 0``, ``inf`` allowed).
-        keep_iterates: Keep backtracking snapshots in ``info.iterates``.
-        backtrack_gamma: The grid ratio :math:`\gamma > 1` of the snapshots.
+        callback: Called after each iteration (see *Callback*): as
+            ``callback(intermediate_result=state)`` if it has that parameter, else as
+            ``callback(x_k)`` with a copy of the iterate; returning ``True`` (or raising
+            ``StopIteration``) stops the solve.
         negative_curvature: ``"stop"`` (default) or ``"continue"`` (see above).
 
     Returns:
@@ -373,9 +240,8 @@ def cg(
 
     Raises:
         ValueError: If ``b``, ``x0``, ``A`` or ``M`` have the wrong type, shape, dtype or
-            device, if a callable returns the wrong shape, or if a tolerance, ``maxiter``,
-            ``stop_rule``, ``martens_eps`` or ``backtrack_gamma`` is invalid or no stopping
-            criterion is given.
+            device, if a callable returns the wrong shape, or if a tolerance, ``maxiter`` or
+            ``callback`` is invalid or no stopping criterion is given.
 
     Example:
         >>> import torch
@@ -389,9 +255,7 @@ def cg(
     b = _check_vector(b, "b")
     n = b.shape[0]
     dtype, device = b.dtype, b.device
-    rtol_f, atol_f = _check_arguments(
-        rtol, atol, maxiter, stop_rule, martens_eps, backtrack_gamma, callback
-    )
+    rtol_f, atol_f = _check_arguments(rtol, atol, maxiter, callback)
     apply_a = _as_apply(A, "A", n, dtype, device)
     apply_m = None if M is None else _as_apply(M, "M", n, dtype, device)
     if x0 is not None:
@@ -402,9 +266,7 @@ def cg(
         )
     through = negative_curvature == "continue"
     max_it = 10 * n if maxiter is None else maxiter
-    martens = stop_rule == "martens"
-    eps_k = float(martens_eps)
-    gamma = float(backtrack_gamma)
+    wants_state = callback is not None and _wants_state(callback)
     eps = torch.finfo(dtype).eps
 
     b = b.detach()
@@ -419,20 +281,14 @@ def cg(
         r = b - ax
     z = r if apply_m is None else apply_m(r).detach()
     p = z.clone()
-    # a preconditioner that writes its product in place (a diagonal) reuses z's buffer
-    m_out = (
-        M._matvec_out
-        if isinstance(M, LinearOperator) and type(M)._matvec_out is not LinearOperator._matvec_out
-        else None
-    )
-    # the scalars of the start, in one host transfer; those known to be equal are not recomputed
+    # the scalars of the start; those known to be equal are not recomputed
     # (r = b without x0, z = r without M, and x^T x = x^T b = x^T r = 0 without x0)
     scalars = [torch.dot(b, b)]
     if x0 is not None:
         scalars += [torch.dot(r, r), torch.dot(x, b), torch.dot(x, r), torch.dot(x, x)]
     if apply_m is not None:
         scalars += [torch.dot(r, z), torch.dot(p, p)]
-    values = host_floats(scalars)
+    values = [v.item() for v in scalars]
     bb_f = values[0]
     rr_f, xb_f, xr_f, xx_f = values[1:5] if x0 is not None else (bb_f, 0.0, 0.0, 0.0)
     rz_f, pp_f = values[-2:] if apply_m is not None else (rr_f, rr_f)
@@ -445,29 +301,20 @@ def cg(
     tol = residual_threshold(rtol_f, math.sqrt(bb_f), atol_f) if math.isfinite(bb_f) else atol_f
     residual_norms = [math.sqrt(rr_f) if rr_f >= 0 else math.nan]
     phis = [phi_f]
-    iterates: list[tuple[int, Tensor, float]] = []
     it = 0
     msg_kw: dict[str, Any] = {}
-    next_keep_j = 0
-    next_keep = 1
     negatives = 0
-    before_negative: tuple[int, Tensor, float] | None = None
 
-    def finish(status: CGStatus) -> tuple[Tensor, CGInfo]:
+    def finish(status: SolverStatus) -> tuple[Tensor, CGInfo]:
         nonlocal x, it
         if it > 0 and not x_bound < x_safe and not bool(torch.isfinite(x).all()):
             # a step overflowed (alpha * p beyond the dtype's range): never hand out Inf/NaN
             x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-            del residual_norms[1:], phis[1:], iterates[:]
+            del residual_norms[1:], phis[1:]
             msg_kw["where"] = "the iterate (a step overflowed; x was reset to x0)"
             msg_kw["next"] = it
             it = 0
-            status = CGStatus.NONFINITE
-        if keep_iterates and (not iterates or iterates[-1][0] != it):
-            iterates.append((it, x.clone(), phis[-1]))
-        if before_negative is not None and all(k != before_negative[0] for k, _, _ in iterates):
-            iterates.append(before_negative)
-            iterates.sort(key=lambda item: item[0])
+            status = SolverStatus.NONFINITE
         message = _message(status, tol=tol, it=it, res=residual_norms[-1], **msg_kw)
         info = CGInfo(
             iterations=it,
@@ -477,7 +324,6 @@ def cg(
             quadratic_values=phis,
             tol=tol,
             num_matvecs=num_matvecs,
-            iterates=iterates,
             negative_curvature_directions=negatives,
         )
         return x, info
@@ -485,16 +331,16 @@ def cg(
     if not all(math.isfinite(v) for v in (bb_f, rr_f, phi_f)):
         msg_kw["where"] = "b, the initial residual b - A x0 or its norm"
         msg_kw["next"] = 0
-        return finish(CGStatus.NONFINITE)
+        return finish(SolverStatus.NONFINITE)
     if residual_norms[0] <= tol:
-        return finish(CGStatus.CONVERGED)
+        return finish(SolverStatus.CONVERGED)
     if not (math.isfinite(rz_f) and math.isfinite(pp_f)):
         msg_kw["where"] = "M^-1 r"
         msg_kw["next"] = 0
-        return finish(CGStatus.NONFINITE)
+        return finish(SolverStatus.NONFINITE)
     if rz_f <= 0:
         msg_kw["rz"] = rz_f
-        return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+        return finish(SolverStatus.INDEFINITE_PRECONDITIONER)
 
     rho_max = 0.0  # largest Rayleigh quotient p^T A p / p^T p seen so far
     for i in range(1, max_it + 1):
@@ -503,9 +349,9 @@ def cg(
         if ap.requires_grad:
             ap = ap.detach()
         if apply_m is None:  # ||p||^2 is known from the recurrence below
-            pap_f = torch.dot(p, ap).item()  # host synchronisation 1 of 2
+            pap_f = torch.dot(p, ap).item()
         else:
-            pap_f, pp_f = host_floats([torch.dot(p, ap), torch.dot(p, p)])
+            pap_f, pp_f = torch.dot(p, ap).item(), torch.dot(p, p).item()
         # the step is refused (x stays exactly as it is) for rounding-level or NaN curvature
         threshold = eps * rho_max * pp_f
         if through:
@@ -517,25 +363,22 @@ def cg(
             msg_kw["next"] = i
             if math.isfinite(pap_f):
                 msg_kw["curv"] = pap_f
-                return finish(CGStatus.NEGATIVE_CURVATURE)
+                return finish(SolverStatus.NEGATIVE_CURVATURE)
             msg_kw["where"] = "A p"
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
         if pp_f > 0:
             rho_max = max(rho_max, abs(pap_f) / pp_f)
-        if through and alpha_f < 0:
+        if alpha_f < 0:
             negatives += 1
-            if keep_iterates and before_negative is None and it > 0:
-                before_negative = (it, x.clone(), phis[-1])
         x.add_(p, alpha=alpha_f)
         r.add_(ap, alpha=-alpha_f)
         x_bound += abs(alpha_f) * math.sqrt(pp_f)
         if apply_m is None:
             z = r
-            rz_new_f = rr_f = torch.dot(r, r).item()  # host synchronisation 2 of 2
+            rz_new_f = rr_f = torch.dot(r, r).item()
         else:
-            # a diagonal M writes into z's buffer: the old z is not needed, p was updated from it
-            z = m_out(r, z) if m_out is not None else apply_m(r).detach()
-            rz_new_f, rr_f = host_floats([torch.dot(r, z), torch.dot(r, r)])
+            z = apply_m(r).detach()
+            rz_new_f, rr_f = torch.dot(r, z).item(), torch.dot(r, r).item()
         # phi(x + a p) = phi(x) - a p^T r + a^2 p^T A p / 2, and p^T r = r^T z in CG
         phi_f = phis[-1] - alpha_f * rz_f + 0.5 * alpha_f * alpha_f * pap_f
         if not (math.isfinite(rr_f) and math.isfinite(phi_f)):
@@ -545,33 +388,33 @@ def cg(
             phis.append(phi_f)
             msg_kw["where"] = "the residual"
             msg_kw["next"] = i
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
 
         it = i
         res = math.sqrt(rr_f)
         residual_norms.append(res)
         phis.append(phi_f)
-        if keep_iterates and i == next_keep:
-            iterates.append((i, x.clone(), phi_f))
-            while next_keep <= i:
-                next_keep_j += 1
-                next_keep = math.ceil(gamma**next_keep_j)
+        stop = False
         if callback is not None:
-            callback(x.clone())
+            try:
+                if wants_state:
+                    state = CGState(i, x, residual_norms, phis, alpha_f, pap_f)
+                    stop = callback(intermediate_result=state) is True
+                else:
+                    stop = callback(x.clone()) is True
+            except StopIteration:
+                stop = True
 
         if res <= tol:
-            return finish(CGStatus.CONVERGED)
-        if martens:
-            k = _martens_k(i)
-            if i > k and phi_f < 0 and (phi_f - phis[i - k]) / phi_f < k * eps_k:
-                msg_kw["k"] = k
-                return finish(CGStatus.MARTENS)
+            return finish(SolverStatus.CONVERGED)
+        if stop:
+            return finish(SolverStatus.CALLBACK)
         if not math.isfinite(rz_new_f):
             msg_kw["where"] = "M^-1 r or the search direction"
-            return finish(CGStatus.NONFINITE)
+            return finish(SolverStatus.NONFINITE)
         if rz_new_f <= 0:
             msg_kw["rz"] = rz_new_f
-            return finish(CGStatus.INDEFINITE_PRECONDITIONER)
+            return finish(SolverStatus.INDEFINITE_PRECONDITIONER)
         beta = rz_new_f / rz_f
         torch.add(z, p, alpha=beta, out=p)  # p = z + beta p
         if apply_m is None:
@@ -579,7 +422,7 @@ def cg(
             pp_f = rr_f + beta * beta * pp_f
             if not math.isfinite(pp_f):
                 msg_kw["where"] = "the search direction"
-                return finish(CGStatus.NONFINITE)
+                return finish(SolverStatus.NONFINITE)
         rz_f = rz_new_f
 
-    return finish(CGStatus.MAXITER)
+    return finish(SolverStatus.MAXITER)

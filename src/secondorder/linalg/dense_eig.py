@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
+from .status import SolverStatus
 
 __all__ = ["TopEigh", "krylov_applies", "top_eigh"]
 
@@ -75,6 +76,15 @@ class TopEigh(NamedTuple):
     products: int
     residual: float
 
+    @property
+    def status(self) -> SolverStatus:
+        """Always ``CONVERGED``.
+
+        A Krylov run out of budget falls back to ``torch.linalg.eigh`` (``method="eigh"``),
+        and NaN/Inf raise :class:`NonFiniteError`.
+        """
+        return SolverStatus.CONVERGED
+
 
 def default_tol(D: int, dtype: torch.dtype) -> float:
     r"""The default residual tolerance :math:`10 \sqrt{D}\, \epsilon` of ``dtype``.
@@ -95,7 +105,7 @@ def default_tol(D: int, dtype: torch.dtype) -> float:
 def block_size(k: int, D: int, oversample: int | None = None) -> int:
     r"""Block width :math:`b = k + p`, rounded up to a multiple of 8, at most :math:`D`.
 
-    Multiples of 8 make the products with ``A`` markedly faster on CPUs.
+    Multiples of 8 suit the CPU's matrix kernels.
 
     Args:
         k: Wanted pairs.

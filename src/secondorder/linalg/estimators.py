@@ -29,8 +29,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
+from .checks import _check_int, _generator, _square_operator
 from .errors import NonFiniteError
-from .lanczos import _check_int, _generator, _square_operator, lanczos_tridiag
+from .lanczos import lanczos_tridiag
 from .operator import LinearOperator
 
 __all__ = [

@@ -15,7 +15,6 @@ device and raises ``ValueError`` naming what it expected and what it got.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,6 +105,8 @@ class LinearOperator:
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
+            from .combinators import _Product
+
             return _Product([self, other])
         return self.matvec(other)
 
@@ -122,15 +123,6 @@ class LinearOperator:
         return self.matvec(x)
 
     # Subclass hooks --------------------------------------------------------
-    def _matvec_out(self, x: Tensor, out: Tensor) -> Tensor:
-        """``A x`` for a checked vector ``x``, written into ``out`` and returned.
-
-        ``out`` has the shape, dtype and device of ``x`` and does not alias it. Operators that
-        can write their product in place (diagonals) override this; solvers use it only where
-        it is overridden.
-        """
-        return out.copy_(self._matvec(x))
-
     def _matvec_plus(self, x: Tensor, shift: float) -> Tensor:
         """``A x + shift * x`` (overridden where the output can start at ``shift * x``)."""
         return _add_shift(self._matvec(x), x, shift)
@@ -167,16 +159,22 @@ class LinearOperator:
         """Return the adjoint operator ``A.T``."""
         if self.SELF_ADJOINT:
             return self
+        from .combinators import _Adjoint
+
         return _Adjoint(self)
 
     def __add__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
+        from .combinators import _Sum
+
         return _Sum([self, other])
 
     def __sub__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
+        from .combinators import _Scaled, _Sum
+
         return _Sum([self, _Scaled(other, -1.0)])
 
     def __mul__(self, scalar: Any) -> LinearOperator:
@@ -184,6 +182,8 @@ class LinearOperator:
             scalar = scalar.item()
         if not isinstance(scalar, (int, float)):
             return NotImplemented
+        from .combinators import _Scaled
+
         return _Scaled(self, float(scalar))
 
     __rmul__ = __mul__
@@ -191,9 +191,13 @@ class LinearOperator:
     def __truediv__(self, scalar: Any) -> LinearOperator:
         if not isinstance(scalar, (int, float)):
             return NotImplemented
+        from .combinators import _Scaled
+
         return _Scaled(self, 1.0 / float(scalar))
 
     def __neg__(self) -> LinearOperator:
+        from .combinators import _Scaled
+
         return _Scaled(self, -1.0)
 
     # --------------------------------------------------------------- exports
@@ -257,6 +261,29 @@ class LinearOperator:
         )
 
 
+# ---------------------------------------------------------------- shared helpers
+def _check_compatible(ops: Sequence[LinearOperator], what: str) -> None:
+    first = ops[0]
+    for op in ops[1:]:
+        if op.dtype != first.dtype:
+            raise ValueError(
+                f"{what}: operators must share a dtype, got {first.dtype} and {op.dtype}"
+            )
+        if op.device != first.device:
+            raise ValueError(
+                f"{what}: operators must share a device, got {first.device} and {op.device}"
+            )
+
+
+def _add_shift(out: Tensor, x: Tensor, shift: float) -> Tensor:
+    """``out + shift * x``, in place unless ``out`` shares memory with the input ``x``."""
+    if not shift:
+        return out
+    if out.data_ptr() == x.data_ptr():
+        return out + shift * x
+    return out.add_(x, alpha=shift)
+
+
 # ---------------------------------------------------------------------- atoms
 class Identity(LinearOperator):
     r"""The identity :math:`I_n`; ``G + lam * Identity(n, ...)`` is Tikhonov damping."""
@@ -297,9 +324,6 @@ class Diagonal(LinearOperator):
 
     def _matvec(self, x: Tensor) -> Tensor:
         return self.diagonal * x
-
-    def _matvec_out(self, x: Tensor, out: Tensor) -> Tensor:
-        return torch.mul(self.diagonal, x, out=out)
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.diagonal.unsqueeze(1) * X
@@ -394,152 +418,3 @@ def aslinearoperator(A: Any) -> LinearOperator:
     if isinstance(A, Tensor) and A.ndim == 2:
         return Dense(A)
     raise TypeError(f"expected a LinearOperator or a 2-D tensor, got {type(A).__name__}")
-
-
-# ---------------------------------------------------------------- combinators
-def _check_compatible(ops: Sequence[LinearOperator], what: str) -> None:
-    first = ops[0]
-    for op in ops[1:]:
-        if op.dtype != first.dtype:
-            raise ValueError(
-                f"{what}: operators must share a dtype, got {first.dtype} and {op.dtype}"
-            )
-        if op.device != first.device:
-            raise ValueError(
-                f"{what}: operators must share a device, got {first.device} and {op.device}"
-            )
-
-
-class _Sum(LinearOperator):
-    ops: list[LinearOperator]
-
-    def __init__(self, ops: Sequence[LinearOperator]) -> None:
-        flat: list[LinearOperator] = []
-        for op in ops:
-            flat.extend(op.ops if isinstance(op, _Sum) else [op])
-        shapes = {op.shape for op in flat}
-        if len(shapes) != 1:
-            raise ValueError(f"sum of operators needs equal shapes, got {sorted(shapes)}")
-        _check_compatible(flat, "sum of operators")
-        super().__init__(flat[0].shape, flat[0].dtype, flat[0].device)
-        self.ops = flat
-        self.SELF_ADJOINT = all(op.SELF_ADJOINT for op in flat)
-        self.IS_PSD = all(op.IS_PSD for op in flat)
-        # multiples of the identity (damping) are added in place: no product, no temporary
-        self._shift = sum(_identity_multiple(op) or 0.0 for op in flat)
-        self._general = [op for op in flat if _identity_multiple(op) is None]
-
-    def _matvec(self, x: Tensor) -> Tensor:
-        if not self._general:
-            return x * self._shift
-        if len(self._general) == 1:  # damping: the operator may fold the shift into its output
-            return self._general[0]._matvec_plus(x, self._shift)
-        out = self._general[0]._matvec(x)
-        for op in self._general[1:]:
-            out = out + op._matvec(x)
-        return _add_shift(out, x, self._shift)
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        if not self._general:
-            return X * self._shift
-        out = self._general[0]._matmat(X)
-        for op in self._general[1:]:
-            out = out + op._matmat(X)
-        return _add_shift(out, X, self._shift)
-
-    def _rmatmat(self, X: Tensor) -> Tensor:
-        out = self.ops[0]._rmatmat(X)
-        for op in self.ops[1:]:
-            out = out + op._rmatmat(X)
-        return out
-
-
-def _add_shift(out: Tensor, x: Tensor, shift: float) -> Tensor:
-    """``out + shift * x``, in place unless ``out`` shares memory with the input ``x``."""
-    if not shift:
-        return out
-    if out.data_ptr() == x.data_ptr():
-        return out + shift * x
-    return out.add_(x, alpha=shift)
-
-
-def _identity_multiple(op: LinearOperator) -> float | None:
-    """``c`` if ``op`` is ``c * Identity``, else None."""
-    if isinstance(op, Identity):
-        return 1.0
-    if isinstance(op, _Scaled) and isinstance(op.op, Identity):
-        return op.scalar
-    return None
-
-
-class _Scaled(LinearOperator):
-    op: LinearOperator
-    scalar: float
-
-    def __init__(self, op: LinearOperator, scalar: float) -> None:
-        super().__init__(op.shape, op.dtype, op.device)
-        if isinstance(op, _Scaled):  # fold nested scalings
-            inner: _Scaled = op
-            op, scalar = inner.op, inner.scalar * scalar
-        self.op = op
-        self.scalar = scalar
-        self.SELF_ADJOINT = op.SELF_ADJOINT
-        self.IS_PSD = op.IS_PSD and scalar >= 0
-
-    def _matvec(self, x: Tensor) -> Tensor:
-        return self.op._matvec(x) * self.scalar
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.op._matmat(X) * self.scalar
-
-    def _rmatmat(self, X: Tensor) -> Tensor:
-        return self.op._rmatmat(X) * self.scalar
-
-
-class _Product(LinearOperator):
-    """``A_1 @ A_2 @ ... @ A_p`` applied right to left."""
-
-    ops: list[LinearOperator]
-
-    def __init__(self, ops: Sequence[LinearOperator]) -> None:
-        flat: list[LinearOperator] = []
-        for op in ops:
-            flat.extend(op.ops if isinstance(op, _Product) else [op])
-        for left, right in itertools.pairwise(flat):
-            if left.shape[1] != right.shape[0]:
-                raise ValueError(
-                    f"cannot compose a {left.shape} operator with a {right.shape} operator"
-                )
-        _check_compatible(flat, "composition")
-        super().__init__((flat[0].shape[0], flat[-1].shape[1]), flat[0].dtype, flat[0].device)
-        self.ops = flat
-
-    def _matvec(self, x: Tensor) -> Tensor:
-        for op in reversed(self.ops):
-            x = op._matvec(x)
-        return x
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        for op in reversed(self.ops):
-            X = op._matmat(X)
-        return X
-
-    def _rmatmat(self, X: Tensor) -> Tensor:
-        for op in self.ops:
-            X = op._rmatmat(X)
-        return X
-
-
-class _Adjoint(LinearOperator):
-    def __init__(self, op: LinearOperator) -> None:
-        super().__init__((op.shape[1], op.shape[0]), op.dtype, op.device)
-        self.op = op
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.op._rmatmat(X)
-
-    def _rmatmat(self, X: Tensor) -> Tensor:
-        return self.op._matmat(X)
-
-    def adjoint(self) -> LinearOperator:
-        return self.op

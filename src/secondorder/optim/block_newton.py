@@ -36,6 +36,7 @@ from ..curvature.blockwise import (
 )
 from ..curvature.model import Batch
 from ..linalg.block_cg import block_cg
+from ..linalg.status import SolverStatus
 from .base import CurvatureOptimizer, check_cg_group
 
 __all__ = ["BlockDiagonalNewtonCG"]
@@ -174,8 +175,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             rtol = [float(g["cg_rtol"]) for g in groups]
             atol = [float(g["cg_atol"]) for g in groups]
             maxiter = [int(g["cg_maxiter"]) for g in groups]
-        # the right-hand sides -g_i, one flat vector whose memory CG may keep its residuals in:
-        # the solutions are then the step directions themselves
+        # the right-hand sides -g_i, one flat vector; the solutions land in `direction`
         rhs = torch.neg(grad)
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
@@ -193,11 +193,10 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             maxiter=maxiter,
             negative_curvature=self.negative_curvature,
             out=direction,
-            overwrite_b=True,
         )
         fallback = []
         for i, (status, its) in enumerate(zip(info.status, info.iterations)):
-            if status == "negative_curvature" and its == 0:
+            if status == SolverStatus.NEGATIVE_CURVATURE and its == 0:
                 # no descent direction found: the gradient step (-g_i, untouched in rhs as no
                 # step was taken)
                 fallback.append(i)
@@ -211,13 +210,17 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             cg_block_iterations=info.iterations,
             cg_sweeps=info.sweeps,
             cg_residuals=info.residual_norms,
-            cg_status=info.status,
+            cg_status=[s.name.lower() for s in info.status],
             damping=damping if isinstance(damping, float) or len(set(damping)) > 1 else damping[0],
         )
         if fallback:
             self.diagnostics["fallback_gradient_blocks"] = fallback
-        if "nonfinite" in info.status:
-            bad = [self.fmodel.names[i] for i, s in enumerate(info.status) if s == "nonfinite"]
+        if SolverStatus.NONFINITE in info.status:
+            bad = [
+                self.fmodel.names[i]
+                for i, s in enumerate(info.status)
+                if s == SolverStatus.NONFINITE
+            ]
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
             return loss, None
         return loss, direction

@@ -31,7 +31,7 @@ from .._checks import LIKELIHOOD_LOSSES, check_choice, check_positive
 from ..curvature.losses import supports_likelihood
 from ..curvature.lowrank import LowRankGGN
 from ..curvature.model import Batch
-from ..curvature.vocabulary import EIGENSOLVERS, canonical_engine
+from ..curvature.vocabulary import EIGENSOLVERS, NON_GRAPH_ENGINES, canonical_engine
 from .base import CurvatureOptimizer
 
 __all__ = ["ConstantDamping", "DirectionalDampedNewton", "TopK", "constant_damping", "top_k"]
@@ -295,7 +295,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
-        engine = canonical_engine(engine)
+        engine = canonical_engine(engine, NON_GRAPH_ENGINES)
         check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         if not supports_likelihood(loss_fn):
             raise ValueError(

@@ -62,9 +62,12 @@ on both rules walk the valley equally fast). On small tanh networks with the Hes
 stopping ends lower: after 25 steps it had the lower loss in 27 of 32 runs (MSE and
 cross-entropy, 8 seeds each, with and without the preconditioner), so it is the default.
 
-Each piece is a separate, switchable layer: ``adapt_damping``, ``martens_stop``,
-``cg_decay_x0 = 0``, ``preconditioner=None``, ``use_cg_backtracking`` and ``use_linesearch``
-turn them off one at a time.
+Each piece is a separately tested function or class of :mod:`.hessian_free_parts`
+(:func:`~.hessian_free_parts.truncated_cg`, :func:`~.hessian_free_parts.cg_backtracking`,
+:class:`~.hessian_free_parts.LevenbergMarquardt`, :class:`~.hessian_free_parts.ArmijoLineSearch`);
+``preconditioner=``, ``damping_rule=`` and ``linesearch=`` take replacements, and
+``adapt_damping``, ``martens_stop``, ``cg_decay_x0 = 0``, ``preconditioner=None``,
+``use_cg_backtracking`` and ``use_linesearch`` turn the pieces off one at a time.
 
 References:
     J. Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -86,7 +89,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,15 +97,29 @@ from torch import Tensor, nn
 
 from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
 from ..curvature.losses import supports_likelihood
-from ..curvature.model import Batch, FunctionalModel, as_batches
-from ..curvature.weighting import batch_weights
-from ..linalg.cg import CGInfo, CGStatus, cg
+from ..curvature.model import Batch
+from ..linalg.cg import CGInfo
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
-from ..linalg.scalars import host_floats
+from ..linalg.status import SolverStatus
 from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
-from .damping import levenberg_marquardt, reduction_ratio
-from .linesearch import armijo_backtracking
+from .damping import reduction_ratio
+from .hessian_free_data import (
+    _as_batch_list,
+    _loss_and_gradient,
+    _same_batches,
+    _valid_damping,
+)
+from .hessian_free_parts import (
+    BACKTRACK_GAMMA,
+    ArmijoLineSearch,
+    LevenbergMarquardt,
+    cg_backtracking,
+    descent_candidates,
+    nan_as_inf,
+    predicted_change,
+    truncated_cg,
+)
 
 __all__ = ["HessianFree"]
 
@@ -110,99 +127,6 @@ _CURVATURES = ("ggn", "hessian")
 _PRECONDITIONERS = ("empirical_fisher", None)
 _NEGATIVE_CURVATURE = ("stop", "continue")
 _PRECONDITIONER_EXPONENT = 0.75  # [M10] §4.7
-_BACKTRACK_GAMMA = 1.3  # [M10] §4.6
-
-
-def _valid_damping(value: Any) -> bool:
-    """Whether a damping state is a finite positive number."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
-def _same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
-    """Whether two batch lists hold the very same tensors (identity, not equality)."""
-    if a is b:
-        return True
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x is y:
-            continue
-        if len(x.inputs) != len(y.inputs) or x.targets is not y.targets:
-            return False
-        if any(p is not q for p, q in zip(x.inputs, y.inputs)):
-            return False
-    return True
-
-
-def _as_batch_list(data: Any, name: str) -> list[Batch]:
-    try:
-        return list(as_batches(data))
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-
-
-def _loss_and_gradient(
-    fmodel: FunctionalModel,
-    loss_fn: Any,
-    batches: Sequence[Batch],
-    allreduce_sum: Callable[[Tensor], Tensor],
-    process_group: Any = None,
-) -> tuple[Tensor, Tensor]:
-    r"""Loss and flat gradient over ``batches``, weighted like the curvature operators.
-
-    .. math::
-        L = \sum_b w_b L_b, \quad \nabla L = \sum_b w_b \nabla L_b, \qquad
-        w_b = D_b / D \ (\text{mean}), \quad 1 \ (\text{sum}),
-
-    with :math:`D_b` the normaliser of batch :math:`b`'s mean and :math:`D` its sum over all
-    batches on all processes (:mod:`~secondorder.curvature.weighting`): ``allreduce_sum`` sums
-    the loss and the gradient together over the process group (the identity for one process).
-    One forward and one backward pass per batch, without second-order graphs.
-
-    Args:
-        fmodel: The model as a function of its parameters.
-        loss_fn: The loss.
-        batches: The data (this process's shard).
-        allreduce_sum: Sums a tensor over the process group.
-        process_group: The process group (for the normalisers), or None.
-
-    Returns:
-        ``(loss, gradient)``: a detached 0-dim tensor and a flat vector.
-
-    Raises:
-        ValueError: If the loss is not a scalar.
-    """
-    weighting = batch_weights(loss_fn, batches, fmodel, process_group)
-    loss: Tensor | None = None
-    flat: Tensor | None = None
-    for batch in batches:
-        weight = weighting.weight(batch)
-        if weight == 0.0:  # every target ignored (its own mean is 0/0)
-            continue
-        leaves = fmodel.leaves()
-        with torch.enable_grad():
-            value = loss_fn(fmodel(leaves, batch.inputs), batch.targets)
-            if not isinstance(value, Tensor) or value.ndim != 0:
-                raise ValueError(
-                    f"loss_fn {loss_fn!r} must return a scalar tensor (reduction 'mean' or 'sum')"
-                )
-            grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        g = fmodel.flatten(
-            [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(grads, leaves)]
-        )
-        value = value.detach()
-        if flat is None or loss is None:
-            flat, loss = g * weight, value * weight
-        else:
-            flat.add_(g, alpha=weight)
-            loss = loss + value * weight
-    if loss is None or flat is None:  # every batch of this rank has weight 0
-        flat = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
-        loss = torch.zeros((), dtype=fmodel.dtype, device=fmodel.device)
-    reduced = allreduce_sum(torch.cat([loss.reshape(1).to(flat.dtype), flat]))
-    return reduced[0].to(loss.dtype), reduced[1:]
 
 
 class HessianFree(CurvatureOptimizer):
@@ -290,7 +214,9 @@ class HessianFree(CurvatureOptimizer):
         cg_decay_x0: Warm start :math:`x_0 = \texttt{cg\_decay\_x0} \cdot \delta_{\mathrm{prev}}`
             with :math:`\delta_{\mathrm{prev}}` the previous final CG iterate; ``0`` starts
             from zero (default: 0.95).
-        preconditioner: ``"empirical_fisher"``: :math:`M = (\operatorname{diag}(F_{\mathrm{emp}})
+        preconditioner: A callable ``build(grad_batches, damping) -> LinearOperator`` (applying
+            :math:`M^{-1}`; ``None`` for none), or
+            ``"empirical_fisher"``: :math:`M = (\operatorname{diag}(F_{\mathrm{emp}})
             + \lambda)^{3/4}` with the exact empirical-Fisher diagonal on the gradient data
             (:func:`~secondorder.curvature.diagonal.empirical_fisher_diagonal`; for losses
             without a likelihood the squared per-sample gradients,
@@ -302,13 +228,20 @@ class HessianFree(CurvatureOptimizer):
             says which path ran.
         use_cg_backtracking: Choose among the kept CG iterates by the loss (default: True);
             otherwise take the final iterate.
-        use_linesearch: Armijo line search on the chosen step (default: True); otherwise take
+        use_linesearch: Line search on the chosen step (default: True); otherwise take
             it with :math:`\alpha = 1` unless the loss there is not finite.
         ls_c: Armijo constant in ``(0, 1)`` (default: 1e-2).
         ls_shrink: Line-search backtracking factor in ``(0, 1)`` (default: 0.8).
         ls_max_steps: Maximal loss evaluations of the line search (default: 30).
         min_damping: Lower bound of :math:`\lambda` (default: 1e-8).
         max_damping: Upper bound of :math:`\lambda` (default: 1e8).
+        damping_rule: A callable ``rule(damping, rho) -> new damping`` (``rho`` is NaN for a
+            failed step); default: :class:`~.hessian_free_parts.LevenbergMarquardt` with the
+            group's ``min_damping``/``max_damping``. Used when ``adapt_damping``.
+        linesearch: A callable ``search(f, f0, slope) -> (alpha, f(alpha), info)`` with
+            ``f(alpha)`` the loss at :math:`\theta + \alpha\,\mathrm{lr}\,\delta`; default:
+            :class:`~.hessian_free_parts.ArmijoLineSearch` with the group's ``ls_c``,
+            ``ls_shrink`` and ``ls_max_steps``. Used when ``use_linesearch``.
         params: Parameters (one group) of ``model``; default: all trainable ones.
         on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
@@ -352,7 +285,9 @@ class HessianFree(CurvatureOptimizer):
         martens_stop: bool = True,
         martens_eps: float = 5e-4,
         cg_decay_x0: float = 0.95,
-        preconditioner: str | None = "empirical_fisher",
+        preconditioner: str | Callable[[list[Batch], float], LinearOperator | None] | None = (
+            "empirical_fisher"
+        ),
         use_cg_backtracking: bool = True,
         use_linesearch: bool = True,
         ls_c: float = 1e-2,
@@ -360,6 +295,8 @@ class HessianFree(CurvatureOptimizer):
         ls_max_steps: int = 30,
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
+        damping_rule: Callable[[float, float], float] | None = None,
+        linesearch: Callable[..., tuple[float, float, Any]] | None = None,
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
@@ -373,10 +310,14 @@ class HessianFree(CurvatureOptimizer):
                 f"negative_curvature must be one of {_NEGATIVE_CURVATURE}, got "
                 f"{negative_curvature!r}"
             )
-        if preconditioner not in _PRECONDITIONERS:
+        if not callable(preconditioner) and preconditioner not in _PRECONDITIONERS:
             raise ValueError(
-                f"preconditioner must be one of {_PRECONDITIONERS}, got {preconditioner!r}"
+                f"preconditioner must be one of {_PRECONDITIONERS} or a callable "
+                f"(grad_batches, damping) -> LinearOperator, got {preconditioner!r}"
             )
+        for name, piece in (("damping_rule", damping_rule), ("linesearch", linesearch)):
+            if piece is not None and not callable(piece):
+                raise ValueError(f"{name} must be None or callable, got {piece!r}")
         for name, flag in (
             ("adapt_damping", adapt_damping),
             ("martens_stop", martens_stop),
@@ -419,6 +360,8 @@ class HessianFree(CurvatureOptimizer):
         self.preconditioner = preconditioner
         self.use_cg_backtracking = use_cg_backtracking
         self.use_linesearch = use_linesearch
+        self.damping_rule = damping_rule
+        self.linesearch = linesearch
         self.engine = engine
         self.jacobian_factors = jacobian_factors
 
@@ -503,16 +446,27 @@ class HessianFree(CurvatureOptimizer):
                     "not a finite positive number"
                 )
 
+    def _damping_rule(self) -> Callable[[float, float], float]:
+        """The damping update: the user's, or Levenberg-Marquardt with the group's bounds."""
+        if self.damping_rule is not None:
+            return self.damping_rule
+        group = self.param_groups[0]
+        return LevenbergMarquardt(
+            min_damping=group["min_damping"], max_damping=group["max_damping"]
+        )
+
+    def _linesearch(self) -> Callable[..., tuple[float, float, Any]]:
+        """The line search: the user's, or Armijo with the group's constants."""
+        if self.linesearch is not None:
+            return self.linesearch
+        group = self.param_groups[0]
+        return ArmijoLineSearch(group["ls_c"], group["ls_shrink"], group["ls_max_steps"])
+
     def _on_reject(self, reason: str) -> None:
         if self.adapt_damping:
-            group = self.param_groups[0]
-            self.global_state["damping"] = levenberg_marquardt(
-                self._current_damping(),
-                math.nan,
-                min_damping=group["min_damping"],
-                max_damping=group["max_damping"],
-            )
-            self.diagnostics["next_damping"] = self.global_state["damping"]
+            new_lam = self._damping_rule()(self._current_damping(), math.nan)
+            self.global_state["damping"] = new_lam
+            self.diagnostics["next_damping"] = new_lam
 
     def _preconditioner_diagonal(self, batches: list[Batch]) -> tuple[Tensor, str]:
         """The preconditioner's diagonal and the path that computed it (``DiagonalInfo.path``)."""
@@ -534,24 +488,30 @@ class HessianFree(CurvatureOptimizer):
 
     def _solve(
         self, A: LinearOperator, b: Tensor, x0: Tensor | None, M: LinearOperator | None
-    ) -> tuple[Tensor, CGInfo, int]:
-        """Run PCG on ``A x = b``; returns ``(x, info, negative directions passed)``."""
+    ) -> tuple[Tensor, CGInfo, list[tuple[int, Tensor, float]]]:
+        """Truncated PCG on ``A x = b``; returns ``(x, info, kept iterates)``."""
         group = self.param_groups[0]
-        x, info = cg(
+        return truncated_cg(
             A,
             b,
             x0,
+            M,
             rtol=group["cg_rtol"],
-            atol=0.0,
             maxiter=group["cg_maxiter"],
-            M=M,
-            stop_rule="martens" if self.martens_stop else "residual",
-            martens_eps=group["martens_eps"],
-            keep_iterates=self.use_cg_backtracking,
-            backtrack_gamma=_BACKTRACK_GAMMA,
-            negative_curvature="continue" if self.negative_curvature == "continue" else "stop",
+            martens_eps=group["martens_eps"] if self.martens_stop else None,
+            backtracking_gamma=BACKTRACK_GAMMA if self.use_cg_backtracking else None,
+            negative_curvature=self.negative_curvature,
         )
-        return x, info, info.negative_curvature_directions
+
+    def _build_preconditioner(self, grad_batches: list[Batch], lam: float) -> LinearOperator | None:
+        """The preconditioner (applying M^-1) for this step; ValueError if unusable."""
+        if self.preconditioner is None:
+            return None
+        if callable(self.preconditioner):
+            return self.preconditioner(grad_batches, lam)
+        d, self.diagnostics["preconditioner_path"] = self._preconditioner_diagonal(grad_batches)
+        # the preconditioner checks d + lam (finite, > 0) in one pass
+        return JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss_batches: list[Batch] = kw.get("loss_batches") or batches
@@ -600,14 +560,11 @@ class HessianFree(CurvatureOptimizer):
 
         # 2. preconditioned CG on (C + lam I) delta = -g      [M10] §4.1, §4.4, §4.5, §4.7
         tic = clock()
-        M = None
-        if self.preconditioner == "empirical_fisher":
-            d, diag["preconditioner_path"] = self._preconditioner_diagonal(grad_batches)
-            try:  # the preconditioner checks d + lam (finite, > 0) in one pass
-                M = JacobiPreconditioner(d, damping=lam, exponent=_PRECONDITIONER_EXPONENT)
-            except ValueError as err:
-                self._reject(f"the preconditioner's diagonal is not usable ({err})")
-                return f0, None
+        try:
+            M = self._build_preconditioner(grad_batches, lam)
+        except ValueError as err:
+            self._reject(f"the preconditioner's diagonal is not usable ({err})")
+            return f0, None
         diag["time_preconditioner"] = clock() - tic
         tic = clock()
         A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
@@ -617,17 +574,20 @@ class HessianFree(CurvatureOptimizer):
         decay = float(group["cg_decay_x0"])
         x0 = previous * decay if previous is not None and decay > 0 else None
         diag["warm_start"] = x0 is not None
-        x, info, passed = self._solve(A, -grad, x0, M)
-        stopped_at_negative = info.status == CGStatus.NEGATIVE_CURVATURE
+        x, info, kept = self._solve(A, -grad, x0, M)
+        passed = info.negative_curvature_directions
+        # only Martens' rule stops CG through the callback here
+        status = "martens" if info.status == SolverStatus.CALLBACK else info.status.name.lower()
+        stopped_at_negative = info.status == SolverStatus.NEGATIVE_CURVATURE
         diag.update(
             cg_iterations=info.iterations,
             cg_residual=info.residual_norm,
-            cg_status=info.status.name.lower(),
+            cg_status=status,
             negative_curvature=stopped_at_negative or passed > 0,
             cg_negative_directions=passed,
             time_cg=clock() - tic,
         )
-        if info.status == CGStatus.NONFINITE:
+        if info.status == SolverStatus.NONFINITE:
             self._reject("a curvature product was not finite during CG")
             return f0, None
         if info.iterations == 0 and x0 is None:
@@ -637,15 +597,10 @@ class HessianFree(CurvatureOptimizer):
 
         # 3. CG backtracking over the kept iterates that descend          [M10] §4.6
         tic = clock()
-        kept = info.iterates if self.use_cg_backtracking else []
         if not kept:
             kept = [(info.iterations, x, info.quadratic_values[-1])]
-        slopes = host_floats([torch.dot(grad, xk) for _, xk, _ in kept])
-        candidates = [(k, xk, phi, s) for (k, xk, phi), s in zip(kept, slopes) if s < 0]
-        if not candidates:  # no descent direction from CG: the damped gradient step
-            delta = grad / -lam
-            phi = float(0.5 * torch.dot(delta, A @ delta) + torch.dot(grad, delta))
-            candidates = [(0, delta, phi, float(torch.dot(grad, delta)))]
+        candidates, fallback = descent_candidates(kept, grad, A.matvec, lam)
+        if fallback:  # no descent direction from CG: the damped gradient step
             diag["fallback"] = "gradient"
         evaluations = 0
 
@@ -653,50 +608,32 @@ class HessianFree(CurvatureOptimizer):
             """The loss at theta + scale * direction (NaN read as +Inf)."""
             nonlocal evaluations
             evaluations += 1
-            value = float(self.loss_along(direction, scale, loss_batches))
-            return value if not math.isnan(value) else math.inf
+            return nan_as_inf(float(self.loss_along(direction, scale, loss_batches)))
 
-        # the last candidate first, then backwards while the loss decreases (Martens' code)
-        k, delta, phi, slope = candidates[-1]
-        f_new = loss_along(lr, delta)
-        for cand in reversed(candidates[:-1]):
-            value = loss_along(lr, cand[1])
-            if not value < f_new:
-                break
-            (k, delta, phi, slope), f_new = cand, value
-        diag["chosen_iterate"] = k if diag["fallback"] is None else None
+        chosen, f_new = cg_backtracking(candidates, lambda d: loss_along(lr, d))
+        delta, slope = chosen.step, chosen.slope
+        diag["chosen_iterate"] = chosen.iteration if not fallback else None
         diag["time_backtracking"] = clock() - tic
 
-        # 4. reduction ratio at the chosen iterate and Levenberg-Marquardt [M10] §4.1, [MS12] §8.5
-        predicted = lr * lr * (phi - slope) + lr * slope  # phi(lr delta) = q(lr delta) - q(0)
+        # 4. reduction ratio at the chosen iterate and the damping rule [M10] §4.1, [MS12] §8.5
+        predicted = predicted_change(chosen.phi, slope, lr)  # phi(lr delta) = q(lr delta) - q(0)
         rho = reduction_ratio(f0_f, f_new, predicted)
         new_lam = lam
         if self.adapt_damping:
-            new_lam = levenberg_marquardt(
-                lam,
-                math.nan if stopped_at_negative else rho,
-                min_damping=group["min_damping"],
-                max_damping=group["max_damping"],
-            )
+            new_lam = self._damping_rule()(lam, math.nan if stopped_at_negative else rho)
             state["damping"] = new_lam
         diag.update(rho=rho, predicted_change=predicted, next_damping=new_lam)
 
-        # 5. Armijo line search from alpha = 1                             [MS12] §8.8
+        # 5. line search from alpha = 1                                    [MS12] §8.8
         tic = clock()
         alpha = 1.0
         if self.use_linesearch:
+            f_one = f_new
 
             def along(a: float) -> float:
-                return f_new if a == 1.0 else loss_along(a * lr, delta)
+                return f_one if a == 1.0 else loss_along(a * lr, delta)
 
-            alpha, f_new, ls = armijo_backtracking(
-                along,
-                f0_f,
-                lr * slope,
-                c=group["ls_c"],
-                shrink=group["ls_shrink"],
-                max_steps=group["ls_max_steps"],
-            )
+            alpha, f_new, ls = self._linesearch()(along, f0_f, lr * slope)
             diag["linesearch"] = ls.message
         diag.update(
             alpha=alpha,

@@ -1,0 +1,158 @@
+r"""Rules for the torch functions and tensor methods a traced ``forward`` calls between layers.
+
+Each op rule sees the node's *active* inputs (values that depend on the parameters) and treats
+every other argument as a constant:
+
+- ``sum``: ``a + b``, ``a - b``, ``-a`` (with broadcasting): :math:`dy = \pm da \pm db`, the
+  cotangent summed back to each input's shape;
+- ``product``: ``a * b``, ``a / c`` (``c`` constant): :math:`dy = da\, b + a\, db`;
+- ``cat``: concatenation, :math:`dy = [da, db]`, the cotangent split;
+- ``reshape``: ``view``, ``reshape``, ``flatten``, ``squeeze``, ``unsqueeze``, ``contiguous``;
+- ``linear``: any other function linear in its one active input (indexing, ``permute``,
+  ``transpose``, ``mean``, ``sum``, ``expand``, average pooling): :math:`dy = f(dx)` (columns
+  by ``torch.vmap``), :math:`dx = f^\top u` by ``torch.func.vjp`` of :math:`f` (linear, so its
+  pullback does not depend on the point);
+- ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ... by the layer rule
+  of the matching module (one activation table).
+
+:func:`op_kind` returns the kind of a node, or ``None`` (the node is differentiated by autograd).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
+
+_SUM_FUNCS = {operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg}
+_SUM_METHODS = {"add", "sub", "neg"}
+_PRODUCT_FUNCS = {operator.mul, operator.truediv, torch.mul, torch.div}
+_PRODUCT_METHODS = {"mul", "div"}
+_CAT_FUNCS = {torch.cat, torch.concat}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+_LINEAR_FUNCS = {
+    operator.getitem,
+    torch.permute,
+    torch.transpose,
+    torch.mean,
+    torch.sum,
+    torch.narrow,
+    torch.select,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+}
+_LINEAR_METHODS = {
+    "permute",
+    "transpose",
+    "t",
+    "mean",
+    "sum",
+    "expand",
+    "expand_as",
+    "narrow",
+    "select",
+    "__getitem__",
+}
+
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+#: functions and methods computed by the rule of a module: (module factory, argument names after
+#: the input, in order); activations of the table and max-pooling
+FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
+    torch.relu: (nn.ReLU, ()),
+    F.relu: (nn.ReLU, ("inplace",)),
+    torch.tanh: (nn.Tanh, ()),
+    F.tanh: (nn.Tanh, ()),
+    torch.sigmoid: (nn.Sigmoid, ()),
+    F.sigmoid: (nn.Sigmoid, ()),
+    F.silu: (nn.SiLU, ("inplace",)),
+    F.gelu: (nn.GELU, ("approximate",)),
+    F.elu: (nn.ELU, ("alpha", "inplace")),
+    F.softplus: (nn.Softplus, ("beta", "threshold")),
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace")),
+    "relu": (nn.ReLU, ()),
+    "tanh": (nn.Tanh, ()),
+    "sigmoid": (nn.Sigmoid, ()),
+    F.max_pool1d: (nn.MaxPool1d, _POOL_ARGS),
+    F.max_pool2d: (nn.MaxPool2d, _POOL_ARGS),
+    F.max_pool3d: (nn.MaxPool3d, _POOL_ARGS),
+}
+
+
+def module_of(node: Any) -> nn.Module | None:
+    """The module whose rule computes a function node of :data:`FUNCTION_MODULES`, or None."""
+    factory, names = FUNCTION_MODULES[node.target]
+    kwargs = dict(zip(names, node.args[1:]))
+    kwargs.update(node.kwargs)
+    kwargs.pop("inplace", None)  # evaluated out of place (checked by the trace)
+    if kwargs.pop("return_indices", False):
+        return None
+    if any(hasattr(v, "op") for v in kwargs.values()):
+        return None
+    return factory(**kwargs)
+
+
+#: in-place operations and their out-of-place counterparts (evaluated out of place)
+IN_PLACE: dict[Any, Any] = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    torch.relu_: torch.relu,
+}
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
+    """The op rule serving an fx ``call_function``/``call_method`` node, or None.
+
+    Args:
+        node: The fx node (in-place targets already replaced by out-of-place ones).
+        active: Whether an argument node depends on the parameters.
+
+    Returns:
+        ``"sum"``, ``"product"``, ``"cat"``, ``"reshape"``, ``"linear"``, ``"module"``, or
+        ``None`` when no rule applies (the node goes to autograd).
+    """
+    target, args, kwargs = node.target, node.args, node.kwargs
+    method = node.op == "call_method"
+    act_args = [a for a in args if hasattr(a, "op") and active(a)]
+    if (target in _SUM_FUNCS or (method and target in _SUM_METHODS)) and not kwargs:
+        return "sum" if len(args) <= 2 else None
+    if (target in _PRODUCT_FUNCS or (method and target in _PRODUCT_METHODS)) and not kwargs:
+        if len(args) != 2:
+            return None
+        divides = target in (operator.truediv, torch.div) or target == "div"
+        return None if divides and active(args[1]) else "product"
+    if target in _CAT_FUNCS:
+        return "cat" if len(args) >= 1 and isinstance(args[0], (list, tuple)) else None
+    entry = FUNCTION_MODULES.get(target) if not isinstance(target, str) or method else None
+    if entry is not None and len(args) <= 1 + len(entry[1]) and set(kwargs) <= set(entry[1]):
+        return "module"
+    if len(act_args) != 1 or any(
+        hasattr(v, "op") and active(v) for v in kwargs.values()
+    ):  # one active input, the others constants
+        return None
+    if args[0] is not act_args[0]:
+        return None
+    if target in _RESHAPE_FUNCS or (method and target in _RESHAPE_METHODS):
+        return "reshape"
+    if target in _LINEAR_FUNCS or (method and target in _LINEAR_METHODS):
+        return "linear"
+    if target is getattr and len(args) == 2 and args[1] in ("T", "mT"):
+        return "linear"
+    return None

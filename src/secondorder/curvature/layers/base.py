@@ -1,0 +1,101 @@
+r"""The contract of a layer rule: forward, :math:`Jv` and :math:`J^\top u` of one module.
+
+A rule computes a module's output from its input ``x`` and its own parameters, and keeps in a
+context dictionary only what the products need (the input of a linear map, an activation's
+derivative, ...). With :math:`y = f(x, \theta)`:
+
+- ``jvp``: :math:`dy = \partial_x f\, dx + \sum_p \partial_{\theta_p} f\, d\theta_p`
+  (``dx`` and any ``dparams`` entry may be ``None``: a zero tangent);
+- ``vjp``: :math:`dx = (\partial_x f)^\top u` (only if ``need_input``), and
+  :math:`g_p \mathrel{+}= (\partial_{\theta_p} f)^\top u` accumulated in place into the buffers
+  ``grads[p]`` (only the parameters present in ``grads``).
+
+With ``batched=True`` every tangent, cotangent and buffer carries a leading column dimension
+``K``; the context is shared by the columns. Parameters are named as in the module's own
+``_parameters`` (``"weight"``, ``"bias"``); a parameter the module lacks is ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Example", "Rule", "channel_view", "per_sample", "sum_to"]
+
+Params = Mapping[str, Tensor | None]
+Context = dict[str, Any]
+
+
+class Rule:
+    """Base class of layer rules (module docstring); one instance serves every module of a type."""
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Why the rule cannot compute ``module`` exactly (an option it ignores), or None."""
+        return None
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:
+        """Return the output and the context the products need."""
+        raise NotImplementedError
+
+    def jvp(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        batched: bool,
+    ) -> Tensor | None:
+        """Return the output tangent (``None`` if every tangent is zero)."""
+        raise NotImplementedError
+
+    def vjp(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        """Accumulate parameter cotangents into ``grads``; return the input cotangent or None."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Example:
+    """A module and an input shape for the registry-wide contract test."""
+
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def channel_view(t: Tensor, ndim: int, dim: int, batched: bool) -> Tensor:
+    """View a per-channel tensor (``(C,)`` or ``(K, C)``) to broadcast along ``dim`` of ``ndim``."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return t.view(t.shape[0], *shape) if batched else t.view(shape)
+
+
+def sum_to(t: Tensor, shape: torch.Size | tuple[int, ...], batched: bool) -> Tensor:
+    """Sum ``t`` (broadcast result, with a leading column dimension if ``batched``) to ``shape``."""
+    lead = 1 if batched else 0
+    extra = t.ndim - lead - len(shape)
+    if extra > 0:
+        t = t.sum(dim=tuple(range(lead, lead + extra)))
+    dims = tuple(lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t
+
+
+def per_sample(fn: Callable[[Tensor], Tensor], t: Tensor, batched: bool) -> Tensor:
+    """Apply a layer acting on each leading index separately to ``t`` (columns ride along)."""
+    if not batched:
+        return fn(t)
+    return fn(t.flatten(0, 1)).unflatten(0, (t.shape[0], -1))

@@ -1,0 +1,150 @@
+r"""``nn.Conv1d/2d/3d`` with zero padding: :math:`y = W \star x + b`, linear in ``x`` and ``W``.
+
+.. math::
+    dy = W \star dx + dW \star x + db,
+
+and the reverse products are ATen's ``convolution_backward`` (input, weight and bias gradients,
+each computed only where asked). Batched input tangents and cotangents ride along the batch
+dimension; batched weight tangents stack along the output channels (``groups=1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import Context, Example, Params, Rule, channel_view
+
+__all__ = ["ConvRule"]
+
+_FUNCTIONS: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
+
+
+def _backward(
+    u: Tensor, x: Tensor, w: Tensor, m: Any, mask: list[bool], bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.aten.convolution_backward(
+        u,
+        x,
+        w,
+        [w.shape[0]] if bias else None,
+        list(m.stride),
+        list(m.padding),
+        list(m.dilation),
+        False,
+        [0] * (w.ndim - 2),
+        m.groups,
+        mask,
+    )
+
+
+class ConvRule(Rule):
+    """Rule of ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` (module docstring)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
+        m: Any = module
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r} (only 'zeros')"
+        if isinstance(m.padding, str):
+            return f"padding={m.padding!r} (only numeric padding)"
+        return None
+
+    @staticmethod
+    def _conv(m: Any, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        fn = _FUNCTIONS[type(m)]
+        return fn(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        w, b = params["weight"], params.get("bias")
+        assert w is not None
+        out = self._conv(module, x, w, b)
+        return out, {"x": x, "w": w, "batch": x.ndim == w.ndim, "out_shape": out.shape}
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        m: Any = module
+        x: Tensor = ctx["x"]
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = None
+        if dx is not None:
+            if batched and ctx["batch"]:
+                out = self._conv(m, dx.flatten(0, 1), ctx["w"]).unflatten(0, (dx.shape[0], -1))
+            else:  # an unbatched input: the columns are the batch
+                out = self._conv(m, dx, ctx["w"])
+        if dw is not None:
+            if not batched:
+                term = self._conv(m, x, dw)
+            elif m.groups == 1:
+                K, c_out = dw.shape[0], dw.shape[1]
+                y = self._conv(m, x, dw.flatten(0, 1))
+                dim = 1 if ctx["batch"] else 0
+                term = y.unflatten(dim, (K, c_out)).movedim(dim, 0)
+            else:
+                term = torch.stack([self._conv(m, x, dw[k]) for k in range(dw.shape[0])])
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            ndim = x.ndim
+            bias = channel_view(db, ndim, 1 if ctx["batch"] else 0, batched)
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *ctx["out_shape"]).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        m: Any = module
+        x, w = ctx["x"], ctx["w"]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        if not ctx["batch"]:  # unbatched (C, *spatial) input: add a batch of one
+            x = x.unsqueeze(0)
+            u = u.unsqueeze(1) if batched else u.unsqueeze(0)
+        if not batched:
+            mask = [need_input, gw is not None, gb is not None]
+            gi, g_w, g_b = _backward(u, x, w, m, mask, gb is not None)
+            if gw is not None:
+                gw.add_(g_w)
+            if gb is not None:
+                gb.add_(g_b)
+            out = gi if need_input else None
+        else:
+            K = u.shape[0]
+            if gw is not None:
+                for k in range(K):  # one weight gradient per column
+                    gw[k].add_(_backward(u[k], x, w, m, [False, True, False], False)[1])
+            if gb is not None:
+                gb.add_(u.sum(dim=(1, *range(3, u.ndim))))
+            out = None
+            if need_input:
+                xs = x.expand(K, *x.shape).flatten(0, 1)
+                gi = _backward(u.flatten(0, 1), xs, w, m, [True, False, False], False)[0]
+                out = gi.unflatten(0, (K, -1))
+        if out is not None and not ctx["batch"]:
+            out = out.squeeze(1) if batched else out.squeeze(0)
+        return out
+
+
+EXAMPLES = [
+    Example(lambda: nn.Conv1d(2, 3, 3, padding=1), (4, 2, 6), "conv1d"),
+    Example(lambda: nn.Conv1d(4, 4, 3, stride=2, dilation=2, groups=2), (3, 4, 9), "conv1d_groups"),
+    Example(lambda: nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)), (2, 2, 5, 6), "conv2d"),
+    Example(lambda: nn.Conv2d(2, 2, 3, bias=False), (2, 4, 4), "conv2d_unbatched_nobias"),
+    Example(lambda: nn.Conv3d(1, 2, 2), (2, 1, 3, 3, 3), "conv3d"),
+]

@@ -1,0 +1,83 @@
+r"""``nn.Linear`` on inputs ``(..., d_in)``: :math:`y = x W^\top + b`.
+
+.. math::
+    dy = dx\, W^\top + x\, dW^\top + db, \qquad
+    dx = u W, \quad dW \mathrel{+}= u^\top x, \quad db \mathrel{+}= \textstyle\sum u,
+
+with every leading dimension of ``x`` flattened into rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import Context, Example, Params, Rule
+
+__all__ = ["LinearRule"]
+
+
+class LinearRule(Rule):
+    """Rule of ``nn.Linear`` (module docstring)."""
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        w, b = params["weight"], params.get("bias")
+        assert w is not None
+        return F.linear(x, w, b), {"x": x, "w": w}
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        x: Tensor = ctx["x"]
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = F.linear(dx, ctx["w"]) if dx is not None else None
+        if dw is not None:
+            if batched:  # (K, out, in) -> (K, 1.., in, out), broadcast over x's rows
+                dwt = dw.transpose(-1, -2)
+                term = x @ dwt.reshape(dw.shape[0], *([1] * (x.ndim - 2)), *dwt.shape[1:])
+            else:
+                term = F.linear(x, dw)
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            bias = db.view(db.shape[0], *([1] * (x.ndim - 1)), -1) if batched else db
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *x.shape[:-1], db.shape[-1]).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        x: Tensor = ctx["x"]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        x2 = x.reshape(-1, x.shape[-1])
+        if batched:
+            K = u.shape[0]
+            u3 = u.reshape(K, -1, u.shape[-1])
+            if gw is not None:
+                gw.baddbmm_(u3.transpose(1, 2), x2.expand(K, *x2.shape))
+            if gb is not None:
+                gb.add_(u3.sum(1))
+        else:
+            u2 = u.reshape(-1, u.shape[-1])
+            if gw is not None:
+                gw.addmm_(u2.T, x2)
+            if gb is not None:
+                gb.add_(u2.sum(0))
+        return u @ ctx["w"] if need_input else None
+
+
+EXAMPLES = [
+    Example(lambda: nn.Linear(4, 3), (5, 4), "linear"),
+    Example(lambda: nn.Linear(4, 3, bias=False), (2, 3, 4), "linear_3d_nobias"),
+]

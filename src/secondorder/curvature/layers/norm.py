@@ -1,0 +1,260 @@
+r"""Normalisation layers: BatchNorm with running statistics (eval mode), LayerNorm, GroupNorm.
+
+**BatchNorm (eval)** is affine per channel (dimension 1): with
+:math:`s = (\hat\sigma^2 + \epsilon)^{-1/2}` and :math:`\hat x = (x - \hat\mu) s`,
+:math:`y = \gamma \hat x + \beta`, so
+
+.. math::
+    dy = \gamma s\, dx + \hat x\, d\gamma + d\beta, \qquad
+    dx = \gamma s\, u, \quad d\gamma \mathrel{+}= \textstyle\sum \hat x u, \quad
+    d\beta \mathrel{+}= \textstyle\sum u.
+
+**LayerNorm** normalises over the last ``D`` dimensions (:math:`m` entries): with
+:math:`r = (\operatorname{var} x + \epsilon)^{-1/2}` and the mean :math:`\langle\cdot\rangle`
+over those entries, the Jacobian of :math:`\hat x` is symmetric,
+
+.. math::
+    d\hat x = r\,\big(dx - \langle dx\rangle - \hat x \langle \hat x\, dx\rangle\big),
+
+so the same map serves :math:`dx` from :math:`\gamma u` in the reverse product.
+**GroupNorm** applies it over each group of channels (and the spatial dimensions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .base import Context, Example, Params, Rule, channel_view
+
+__all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
+
+
+class BatchNormEvalRule(Rule):
+    """Rule of ``nn.BatchNorm1d/2d/3d`` normalising by running statistics (module docstring)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
+        m: Any = module
+        if m.training or not m.track_running_stats or m.running_mean is None:
+            return "it normalises by batch statistics (training mode or no running statistics)"
+        return None
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        m: Any = module
+        w, b = params.get("weight"), params.get("bias")
+        dim = 1 if x.ndim > 1 else 0
+        inv = channel_view((m.running_var + m.eps).rsqrt(), x.ndim, dim, False)
+        xhat = (x - channel_view(m.running_mean, x.ndim, dim, False)) * inv
+        out = F.batch_norm(x, m.running_mean, m.running_var, w, b, False, 0.0, m.eps)
+        scale = inv * channel_view(w, x.ndim, dim, False) if w is not None else inv
+        return out, {"xhat": xhat, "scale": scale, "dim": dim}
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        xhat, dim = ctx["xhat"], ctx["dim"]
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = dx * ctx["scale"] if dx is not None else None
+        if dw is not None:
+            term = xhat * channel_view(dw, xhat.ndim, dim, batched)
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            bias = channel_view(db, xhat.ndim, dim, batched)
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *xhat.shape).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        lead = 1 if batched else 0
+        dims = [d for d in range(lead, u.ndim) if d != lead + ctx["dim"]]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        if gw is not None:
+            gw.add_((u * ctx["xhat"]).sum(dims))
+        if gb is not None:
+            gb.add_(u.sum(dims))
+        return u * ctx["scale"] if need_input else None
+
+
+class LayerNormRule(Rule):
+    """Rule of ``nn.LayerNorm`` (module docstring)."""
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        m: Any = module
+        w, b = params.get("weight"), params.get("bias")
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        r = (var + m.eps).rsqrt()
+        xhat = (x - mean) * r
+        out = F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+        return out, {"xhat": xhat, "r": r, "w": w, "dims": dims}
+
+    @staticmethod
+    def _normalise(ctx: Context, t: Tensor) -> Tensor:
+        xhat, dims = ctx["xhat"], ctx["dims"]
+        inner = (t * xhat).mean(dims, keepdim=True)
+        return (t - t.mean(dims, keepdim=True)).sub_(xhat * inner).mul_(ctx["r"])
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        xhat, w = ctx["xhat"], ctx["w"]
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = None
+        if dx is not None:
+            out = self._normalise(ctx, dx)
+            if w is not None:
+                out = out.mul_(w)
+        lead_ones = [1] * (xhat.ndim - len(ctx["dims"]))
+        if dw is not None:
+            view = dw.view(dw.shape[0], *lead_ones, *dw.shape[1:]) if batched else dw
+            term = xhat * view
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            bias = db.view(db.shape[0], *lead_ones, *db.shape[1:]) if batched else db
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *xhat.shape).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        xhat, w = ctx["xhat"], ctx["w"]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        lead = 1 if batched else 0
+        outer = tuple(range(lead, u.ndim - len(ctx["dims"])))
+        if gw is not None:
+            gw.add_((u * xhat).sum(outer))
+        if gb is not None:
+            gb.add_(u.sum(outer))
+        if not need_input:
+            return None
+        return self._normalise(ctx, u * w if w is not None else u)
+
+
+class GroupNormRule(Rule):
+    r"""Rule of ``nn.GroupNorm``: LayerNorm's map over each group of channels, affine per channel.
+
+    With :math:`x` of shape ``(N, C, *S)`` viewed as ``(N, G, C/G * prod(S))``, :math:`\hat x`
+    normalises the last dimension; :math:`y = \gamma_c \hat x + \beta_c`.
+    """
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        m: Any = module
+        w, b = params.get("weight"), params.get("bias")
+        xg = x.reshape(x.shape[0], m.num_groups, -1)
+        var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
+        r = (var + m.eps).rsqrt()
+        ctx = {"xhat": (xg - mean) * r, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
+        return F.group_norm(x, m.num_groups, w, b, m.eps), ctx
+
+    @staticmethod
+    def _grouped(ctx: Context, t: Tensor, batched: bool) -> Tensor:
+        """``r (t - <t> - xhat <xhat t>)`` per group, ``t`` in the input's shape."""
+        xhat = ctx["xhat"]
+        lead = t.shape[:1] if batched else ()
+        tg = t.reshape(*lead, *xhat.shape)
+        return LayerNormRule._normalise(ctx, tg).reshape(*lead, *ctx["shape"])
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        shape, w = ctx["shape"], ctx["w"]
+        xhat = ctx["xhat"].reshape(shape)
+        dw, db = dparams.get("weight"), dparams.get("bias")
+        out = None
+        if dx is not None:
+            out = self._grouped(ctx, dx, batched)
+            if w is not None:
+                out = out.mul_(channel_view(w, len(shape), 1, False))
+        if dw is not None:
+            term = xhat * channel_view(dw, len(shape), 1, batched)
+            out = term if out is None else out.add_(term)
+        if db is not None:
+            bias = channel_view(db, len(shape), 1, batched)
+            if out is None:
+                lead = (db.shape[0],) if batched else ()
+                out = bias.expand(*lead, *shape).clone()
+            else:
+                out = out.add_(bias)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        shape, w = ctx["shape"], ctx["w"]
+        lead = 1 if batched else 0
+        dims = [d for d in range(lead, u.ndim) if d != lead + 1]
+        gw, gb = grads.get("weight"), grads.get("bias")
+        if gw is not None:
+            gw.add_((u * ctx["xhat"].reshape(shape)).sum(dims))
+        if gb is not None:
+            gb.add_(u.sum(dims))
+        if not need_input:
+            return None
+        g = u * channel_view(w, len(shape), 1, False) if w is not None else u
+        return self._grouped(ctx, g, batched)
+
+
+def _bn_stats(m: Any) -> Any:
+    with torch.no_grad():
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        if m.weight is not None:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def _ln(m: Any) -> Any:
+    with torch.no_grad():
+        if m.weight is not None:
+            m.weight.uniform_(0.5, 1.5)
+        if getattr(m, "bias", None) is not None:
+            m.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+EXAMPLES = [
+    Example(lambda: _bn_stats(nn.BatchNorm1d(3)), (4, 3), "batchnorm1d"),
+    Example(lambda: _bn_stats(nn.BatchNorm1d(3)), (4, 3, 5), "batchnorm1d_seq"),
+    Example(lambda: _bn_stats(nn.BatchNorm2d(2)), (3, 2, 3, 4), "batchnorm2d"),
+    Example(lambda: _bn_stats(nn.BatchNorm2d(2, affine=False)), (3, 2, 2, 2), "batchnorm2d_plain"),
+    Example(lambda: _bn_stats(nn.BatchNorm3d(2)), (2, 2, 2, 2, 2), "batchnorm3d"),
+    Example(lambda: _ln(nn.LayerNorm(5)), (3, 5), "layernorm"),
+    Example(lambda: _ln(nn.LayerNorm((3, 4))), (2, 5, 3, 4), "layernorm_2d"),
+    Example(lambda: _ln(nn.LayerNorm(4, bias=False)), (3, 2, 4), "layernorm_nobias"),
+    Example(lambda: nn.LayerNorm(4, elementwise_affine=False), (3, 4), "layernorm_plain"),
+    Example(lambda: _ln(nn.GroupNorm(2, 4)), (3, 4, 5), "groupnorm1d"),
+    Example(lambda: _ln(nn.GroupNorm(3, 6)), (2, 6, 2, 3), "groupnorm2d"),
+    Example(lambda: nn.GroupNorm(1, 2, affine=False), (3, 2, 4), "groupnorm_plain"),
+]

@@ -1,0 +1,63 @@
+r"""Layers that only rearrange or copy entries.
+
+``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``, ``nn.Dropout`` in eval mode (or ``p = 0``).
+Both products are the same rearrangement:
+:math:`dy = \operatorname{reshape}(dx)`, :math:`dx = \operatorname{reshape}^{-1}(u)`
+(row-major reshapes, the columns dimension in front).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .base import Context, Example, Params, Rule
+
+__all__ = ["ReshapeRule"]
+
+
+class ReshapeRule(Rule):
+    """Rule of the parameter-free reshaping layers (module docstring)."""
+
+    def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
+        m: Any = module
+        if isinstance(module, nn.Dropout) and module.training and m.p > 0:
+            return "Dropout in training mode is random"
+        return None
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        out = x if isinstance(module, (nn.Dropout, nn.Identity)) else module(x)
+        return out, {"in_shape": x.shape, "out_shape": out.shape}
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        if dx is None:
+            return None
+        lead = dx.shape[:1] if batched else ()
+        return dx.reshape(*lead, *ctx["out_shape"])
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        if not need_input:
+            return None
+        lead = u.shape[:1] if batched else ()
+        return u.reshape(*lead, *ctx["in_shape"])
+
+
+EXAMPLES = [
+    Example(nn.Flatten, (3, 2, 4), "flatten"),
+    Example(lambda: nn.Flatten(0, -1), (3, 2, 4), "flatten_all"),
+    Example(lambda: nn.Unflatten(1, (2, 3)), (4, 6), "unflatten"),
+    Example(nn.Identity, (3, 4), "identity"),
+    Example(lambda: nn.Dropout(0.5).eval(), (3, 4), "dropout_eval"),
+]

@@ -1,0 +1,109 @@
+"""Contract test of every layer rule against ``torch.func.jvp``/``vjp`` of the single module.
+
+Parametrised over the registry's examples (``secondorder.curvature.layers.EXAMPLES``), so a new
+rule is tested by adding it with its examples; every registered type must have one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from secondorder.curvature.layers import EXAMPLES, RULES, rule_for
+from secondorder.curvature.twice_differentiable import TwiceDifferentiable
+
+DT = torch.float64
+K = 3
+
+
+def _setup(example):
+    torch.manual_seed(0)
+    module = example.build().to(DT)
+    rule, why = rule_for(module)
+    assert rule is not None, why
+    x = torch.randn(*example.shape, dtype=DT)
+    params = {k: v.detach() for k, v in module._parameters.items() if v is not None}
+    return module, rule, x, params
+
+
+def _f(module, params, x):
+    # Hardsigmoid by its definition: torch's own backward multiplies by a float32 1/6
+    with TwiceDifferentiable():
+        return functional_call(module, params, (x,))
+
+
+def test_every_rule_has_an_example():
+    covered = {type(e.build()) for e in EXAMPLES}
+    assert set(RULES) <= covered, set(RULES) - covered
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
+def test_forward_jvp_vjp(example):
+    module, rule, x, params = _setup(example)
+    out, ctx = rule.forward(module, x, params)
+    want = _f(module, params, x)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    dx = torch.randn_like(x)
+    dp = {k: torch.randn_like(v) for k, v in params.items()}
+    _, jv = torch.func.jvp(lambda x_, p_: _f(module, p_, x_), (x, params), (dx, dp))
+    torch.testing.assert_close(rule.jvp(module, ctx, dx, dp, False), jv, rtol=1e-10, atol=1e-12)
+    # input tangent alone, parameter tangents alone
+    _, jx = torch.func.jvp(lambda x_: _f(module, params, x_), (x,), (dx,))
+    torch.testing.assert_close(rule.jvp(module, ctx, dx, {}, False), jx, rtol=1e-10, atol=1e-12)
+    if dp:
+        _, jp = torch.func.jvp(lambda p_: _f(module, p_, x), (params,), (dp,))
+        got = rule.jvp(module, ctx, None, dp, False)
+        torch.testing.assert_close(got, jp, rtol=1e-10, atol=1e-12)
+    u = torch.randn_like(want)
+    _, vjp_fn = torch.func.vjp(lambda x_, p_: _f(module, p_, x_), x, params)
+    gx, gp = vjp_fn(u)
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    got_x = rule.vjp(module, ctx, u, True, grads, False)
+    torch.testing.assert_close(got_x, gx, rtol=1e-10, atol=1e-12)
+    for k in params:
+        torch.testing.assert_close(grads[k], gp[k], rtol=1e-10, atol=1e-12)
+    assert rule.vjp(module, ctx, u, False, {}, False) is None
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
+def test_batched_columns(example):
+    """K columns at once equal K single products."""
+    module, rule, x, params = _setup(example)
+    out, ctx = rule.forward(module, x, params)
+    dX = torch.randn(K, *x.shape, dtype=DT)
+    dP = {k: torch.randn(K, *v.shape, dtype=DT) for k, v in params.items()}
+    for dxs, dps in ((dX, dP), (dX, {}), (None, dP)):
+        if dxs is None and not dps:
+            continue
+        got = rule.jvp(module, ctx, dxs, dps, True)
+        for k in range(K):
+            col = rule.jvp(
+                module,
+                ctx,
+                None if dxs is None else dxs[k],
+                {n: t[k] for n, t in dps.items()},
+                False,
+            )
+            torch.testing.assert_close(got[k], col, rtol=1e-10, atol=1e-12)
+    U = torch.randn(K, *out.shape, dtype=DT)
+    grads = {n: torch.zeros(K, *v.shape, dtype=DT) for n, v in params.items()}
+    gx = rule.vjp(module, ctx, U, True, grads, True)
+    for k in range(K):
+        g1 = {n: torch.zeros_like(v) for n, v in params.items()}
+        gx1 = rule.vjp(module, ctx, U[k], True, g1, False)
+        torch.testing.assert_close(gx[k], gx1, rtol=1e-10, atol=1e-12)
+        for n in params:
+            torch.testing.assert_close(grads[n][k], g1[n], rtol=1e-10, atol=1e-12)
+
+
+def test_refusals_name_the_reason():
+    assert rule_for(torch.nn.GRU(2, 2))[0] is None
+    bn = torch.nn.BatchNorm1d(3).train()
+    rule, why = rule_for(bn)
+    assert rule is None and "batch statistics" in why
+    relu = torch.nn.ReLU()
+    relu.register_forward_hook(lambda *a: None)
+    assert rule_for(relu) == (None, "it has hooks")
+    conv = torch.nn.Conv2d(1, 1, 3, padding="same")
+    assert "padding" in rule_for(conv)[1]
