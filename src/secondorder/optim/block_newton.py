@@ -35,6 +35,7 @@ from ..curvature.blockwise import (
     sequential_blocks,
 )
 from ..curvature.model import Batch
+from ..curvature.vocabulary import canonical_engine
 from ..linalg.block_cg import block_cg
 from ..linalg.status import SolverStatus
 from .base import CurvatureOptimizer, check_cg_group
@@ -123,8 +124,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
         )
         check_cg_group(defaults)
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        engine = canonical_engine(engine, ENGINES)
         if engine == "sequential":
             sequential_blocks(model)  # raises for unsupported models, naming the layer
         super().__init__(

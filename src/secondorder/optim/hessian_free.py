@@ -98,6 +98,7 @@ from torch import Tensor, nn
 from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
 from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch
+from ..curvature.vocabulary import canonical_engine
 from ..linalg.cg import CGInfo
 from ..linalg.operator import Identity, LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
@@ -246,9 +247,8 @@ class HessianFree(CurvatureOptimizer):
         on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
         jacobian_factors: Whether GGN products of an MLP go through its output-Jacobian
-            factors (:mod:`~secondorder.curvature.jacobian_factors`): ``"auto"`` (default:
-            built once CG has done enough products for them to pay, if they fit the memory
-            budget), ``True`` or ``False``.
+            factors (:mod:`~secondorder.curvature.factored`): ``False`` (default) or ``True``
+            (MLPs only; see ``BENCHMARKS.md`` for what it saves).
         process_group: A ``torch.distributed`` process group for data-parallel training
             (default: ``None``, one process); see above.
 
@@ -300,7 +300,7 @@ class HessianFree(CurvatureOptimizer):
         params: Any = None,
         on_nonfinite: str = "skip",
         engine: str = "auto",
-        jacobian_factors: bool | str = "auto",
+        jacobian_factors: bool | str = False,
         process_group: Any = None,
     ) -> None:
         if curvature not in _CURVATURES:
@@ -326,8 +326,7 @@ class HessianFree(CurvatureOptimizer):
         ):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
-        if engine not in ("auto", "sequential", "autograd"):
-            raise ValueError(f"engine must be 'auto', 'sequential' or 'autograd', got {engine!r}")
+        engine = canonical_engine(engine)
         check_jacobian_factors(jacobian_factors, curvature)
         defaults = dict(
             lr=lr,
