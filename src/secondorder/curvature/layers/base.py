@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Example", "Rule", "channel_view", "per_sample", "sum_to"]
+__all__ = ["Example", "Rule", "add_bias_tangent", "channel_view", "per_sample", "sum_to"]
 
 Params = Mapping[str, Tensor | None]
 Context = dict[str, Any]
@@ -73,6 +73,24 @@ class Example:
     shape: tuple[int, ...]
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def add_bias_tangent(out: Tensor | None, bias: Tensor, shape: Any, batched: bool) -> Tensor:
+    """``out + bias`` in place, or ``bias`` broadcast to the output (``(K, *shape)`` if batched).
+
+    Args:
+        out: The output tangent so far, or None when no other term reached it.
+        bias: The bias tangent, viewed to broadcast against the output.
+        shape: The output's shape without the K dimension.
+        batched: Whether tangents carry a leading K dimension (the bias's first).
+
+    Returns:
+        The output tangent.
+    """
+    if out is not None:
+        return out.add_(bias)
+    lead = (bias.shape[0],) if batched else ()
+    return bias.expand(*lead, *shape).clone()
 
 
 def channel_view(t: Tensor, ndim: int, dim: int, batched: bool) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Context, Example, Params, Rule, channel_view
+from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 
 __all__ = ["ConvRule"]
 
@@ -94,11 +94,7 @@ class ConvRule(Rule):
         if db is not None:
             ndim = x.ndim
             bias = channel_view(db, ndim, 1 if ctx["batch"] else 0, batched)
-            if out is None:
-                lead = (db.shape[0],) if batched else ()
-                out = bias.expand(*lead, *ctx["out_shape"]).clone()
-            else:
-                out = out.add_(bias)
+            out = add_bias_tangent(out, bias, ctx["out_shape"], batched)
         return out
 
     def vjp(  # noqa: D102

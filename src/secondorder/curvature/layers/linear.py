@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Context, Example, Params, Rule
+from .base import Context, Example, Params, Rule, add_bias_tangent
 
 __all__ = ["LinearRule"]
 
@@ -42,11 +42,7 @@ class LinearRule(Rule):
             out = term if out is None else out.add_(term)
         if db is not None:
             bias = db.view(db.shape[0], *([1] * (x.ndim - 1)), -1) if batched else db
-            if out is None:
-                lead = (db.shape[0],) if batched else ()
-                out = bias.expand(*lead, *x.shape[:-1], db.shape[-1]).clone()
-            else:
-                out = out.add_(bias)
+            out = add_bias_tangent(out, bias, (*x.shape[:-1], db.shape[-1]), batched)
         return out
 
     def vjp(  # noqa: D102

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import Context, Example, Params, Rule, channel_view
+from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 
 __all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
 
@@ -64,11 +64,7 @@ class BatchNormEvalRule(Rule):
             out = term if out is None else out.add_(term)
         if db is not None:
             bias = channel_view(db, xhat.ndim, dim, batched)
-            if out is None:
-                lead = (db.shape[0],) if batched else ()
-                out = bias.expand(*lead, *xhat.shape).clone()
-            else:
-                out = out.add_(bias)
+            out = add_bias_tangent(out, bias, xhat.shape, batched)
         return out
 
     def vjp(  # noqa: D102
@@ -126,11 +122,7 @@ class LayerNormRule(Rule):
             out = term if out is None else out.add_(term)
         if db is not None:
             bias = db.view(db.shape[0], *lead_ones, *db.shape[1:]) if batched else db
-            if out is None:
-                lead = (db.shape[0],) if batched else ()
-                out = bias.expand(*lead, *xhat.shape).clone()
-            else:
-                out = out.add_(bias)
+            out = add_bias_tangent(out, bias, xhat.shape, batched)
         return out
 
     def vjp(  # noqa: D102
@@ -195,11 +187,7 @@ class GroupNormRule(Rule):
             out = term if out is None else out.add_(term)
         if db is not None:
             bias = channel_view(db, len(shape), 1, batched)
-            if out is None:
-                lead = (db.shape[0],) if batched else ()
-                out = bias.expand(*lead, *shape).clone()
-            else:
-                out = out.add_(bias)
+            out = add_bias_tangent(out, bias, shape, batched)
         return out
 
     def vjp(  # noqa: D102
