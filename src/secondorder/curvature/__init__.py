@@ -6,6 +6,7 @@ from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradie
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
+from .linearization import EngineInfo
 from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
 from .pch import PCH
@@ -18,6 +19,7 @@ __all__ = [
     "Batch",
     "CurvatureOperator",
     "DiagonalInfo",
+    "EngineInfo",
     "Fisher",
     "FunctionalModel",
     "Hessian",

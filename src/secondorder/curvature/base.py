@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg.operator import BlockDiagonal, LinearOperator
+from .linearization import EngineInfo
 from .model import Batch, FunctionalModel, as_batches
 from .vocabulary import canonical_engine
 from .weighting import BatchWeights, batch_weights
@@ -379,6 +380,22 @@ class CurvatureOperator(LinearOperator):
         loss_and_grad = self._allreduce([loss.detach().reshape(1).to(grad[0].dtype), *grad])
         self._loss = loss_and_grad[0].reshape(()).to(loss.dtype)
         self._gradient = self.fmodel.flatten(loss_and_grad[1:])
+
+    @property
+    def engine_info(self) -> list[EngineInfo]:
+        """Which engine computes each cached batch's products, and where it fell back.
+
+        One :class:`~secondorder.curvature.linearization.EngineInfo` per batch kept by the
+        operator (batches with weight 0 are not kept); empty for streamed data
+        (``cache=False``), whose batches are linearised anew for every product.
+        """
+        if self._states is None:
+            return []
+        return [self._engine_info(state) for state, _ in self._states]
+
+    def _engine_info(self, state: Any) -> EngineInfo:
+        lin = getattr(state, "lin", None)
+        return EngineInfo.of(lin) if lin is not None else EngineInfo("autograd")
 
     def block(self, index: int) -> LinearOperator:
         """The diagonal block of parameter tensor ``index`` (rows and columns of that tensor).

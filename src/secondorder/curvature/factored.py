@@ -38,6 +38,8 @@ class FactoredLinearization(SequentialLinearization):
         ValueError: If the network does not qualify (see :meth:`JacobianFactors.plan`).
     """
 
+    path = "factored"
+
     def __init__(
         self,
         fmodel: FunctionalModel,

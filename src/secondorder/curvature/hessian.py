@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
-from .linearization import backward_into, batched_grad
+from .linearization import EngineInfo, backward_into, batched_grad
 from .losses import _check_scalar, check_targets
 from .mlp_hessian import MLPHessian, mlp_layers
 from .model import Batch
@@ -64,6 +64,9 @@ class Hessian(CurvatureOperator):
     #: double backwards without a batching rule (e.g. GroupNorm's); the hand-written MLP path
     #: loops over columns as well.
     batched_products: str = "vmap"
+
+    def _engine_info(self, state: Any) -> EngineInfo:
+        return EngineInfo("mlp_hessian" if isinstance(state, MLPHessian) else "autograd")
 
     def _prepare(self, batch: Batch) -> _HessianState | MLPHessian:
         # a TorchFunctionMode (e.g. positive_curvature_mode) may change the recorded graph's

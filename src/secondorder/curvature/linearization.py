@@ -20,6 +20,7 @@ every entry and every output-space tensor carries a leading column dimension ``K
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .vocabulary import canonical_engine
 
 __all__ = [
     "AutogradLinearization",
+    "EngineInfo",
     "SequentialLinearization",
     "backward_into",
     "batched_grad",
@@ -41,6 +43,40 @@ __all__ = [
 ]
 
 Tangents = Sequence[Tensor | None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Which engine computed one batch's curvature products.
+
+    Attributes:
+        path: ``"sequential"`` (the hand-written ``nn.Sequential`` engine), ``"factored"``
+            (its output-Jacobian-factor fast path), ``"graph"`` (the traced model, node by
+            node), ``"autograd"`` (whole-model autograd) or ``"mlp_hessian"`` (the hand-written
+            R-operator of :class:`~secondorder.Hessian` on MLPs).
+        fallback_reason: Why the graph engine fell back to whole-model autograd (else None).
+        autograd_nodes: Nodes of the traced graph differentiated by autograd on their own.
+    """
+
+    path: str
+    fallback_reason: str | None = None
+    autograd_nodes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, lin: Any) -> EngineInfo:
+        """Describe a linearisation (any engine's).
+
+        Args:
+            lin: A linearisation built by :func:`linearize`.
+
+        Returns:
+            Its engine, fallback reason and per-node autograd fallbacks.
+        """
+        return cls(
+            getattr(lin, "path", type(lin).__name__),
+            getattr(lin, "fallback_reason", None),
+            tuple(getattr(lin, "autograd_nodes", ())),
+        )
 
 
 class Linearization:
@@ -195,6 +231,9 @@ class AutogradLinearization(Linearization):
         inputs: Positional inputs of the batch.
         leaves: Leaf tensors holding the parameter values (``requires_grad=True``).
     """
+
+    path = "autograd"
+    fallback_reason: str | None = None
 
     def __init__(self, fmodel: FunctionalModel, inputs: tuple[Any, ...], leaves: list[Tensor]):
         self.leaves = leaves

@@ -80,6 +80,8 @@ class SequentialLinearization:
         leaves: Tensors holding the parameter values.
     """
 
+    path = "sequential"  # the engine that computes the products (see EngineInfo)
+
     def __init__(
         self,
         fmodel: FunctionalModel,
