@@ -54,13 +54,8 @@ step :math:`-(C + \lambda I)^{-1} g` although it is a saddle point of :math:`\ph
 iterate before the first negative direction stays a backtracking candidate, and steps that do
 not descend are never taken.
 
-On the Rosenbrock function from :math:`(-1, 3)` with the Hessian, the first step meets negative
-curvature in CG's second iteration. Stopping there gives :math:`f = 339` (117 without the
-preconditioner) after the first step; continuing gives the damped Newton step, which lands in
-the valley at :math:`f = 4.01`, and :math:`f < 10^{-6}` is reached within 20 steps (from there
-on both rules walk the valley equally fast). On small tanh networks with the Hessian, however,
-stopping ends lower: after 25 steps it had the lower loss in 27 of 32 runs (MSE and
-cross-entropy, 8 seeds each, with and without the preconditioner), so it is the default.
+Stopping is the default; the measurements behind the choice (Rosenbrock, small tanh
+networks) are in ``BENCHMARKS.md``, "Hessian-free: stopping CG at negative curvature".
 
 Each piece is a separately tested function or class of :mod:`.hessian_free_parts`
 (:func:`~.hessian_free_parts.truncated_cg`, :func:`~.hessian_free_parts.cg_backtracking`,
@@ -68,6 +63,8 @@ Each piece is a separately tested function or class of :mod:`.hessian_free_parts
 ``preconditioner=``, ``damping_rule=`` and ``linesearch=`` take replacements, and
 ``adapt_damping``, ``martens_stop``, ``cg_decay_x0 = 0``, ``preconditioner=None``,
 ``use_cg_backtracking`` and ``use_linesearch`` turn the pieces off one at a time.
+One step composes them in :func:`~.hessian_free_step.compute_direction`; the option checks
+are in :mod:`.hessian_free_checks`.
 
 References:
     J. Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -88,11 +85,9 @@ References:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..curvature.diagonal import empirical_fisher_diagonal, per_sample_gradient_diagonal
@@ -100,33 +95,24 @@ from ..curvature.losses import supports_likelihood
 from ..curvature.model import Batch
 from ..curvature.vocabulary import canonical_engine
 from ..linalg.cg import CGInfo
-from ..linalg.operator import Identity, LinearOperator
+from ..linalg.operator import LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
-from ..linalg.status import SolverStatus
-from .base import CurvatureOptimizer, check_jacobian_factors, check_positive
-from .damping import reduction_ratio
+from .base import CurvatureOptimizer, check_jacobian_factors
+from .hessian_free_checks import check_hyperparameters, check_options
 from .hessian_free_data import (
     _as_batch_list,
-    _loss_and_gradient,
-    _same_batches,
     _valid_damping,
 )
 from .hessian_free_parts import (
     BACKTRACK_GAMMA,
     ArmijoLineSearch,
     LevenbergMarquardt,
-    cg_backtracking,
-    descent_candidates,
-    nan_as_inf,
-    predicted_change,
     truncated_cg,
 )
+from .hessian_free_step import compute_direction
 
 __all__ = ["HessianFree"]
 
-_CURVATURES = ("ggn", "hessian")
-_PRECONDITIONERS = ("empirical_fisher", None)
-_NEGATIVE_CURVATURE = ("stop", "continue")
 _PRECONDITIONER_EXPONENT = 0.75  # [M10] §4.7
 
 
@@ -303,29 +289,17 @@ class HessianFree(CurvatureOptimizer):
         jacobian_factors: bool | str = False,
         process_group: Any = None,
     ) -> None:
-        if curvature not in _CURVATURES:
-            raise ValueError(f"curvature must be one of {_CURVATURES}, got {curvature!r}")
-        if negative_curvature not in _NEGATIVE_CURVATURE:
-            raise ValueError(
-                f"negative_curvature must be one of {_NEGATIVE_CURVATURE}, got "
-                f"{negative_curvature!r}"
-            )
-        if not callable(preconditioner) and preconditioner not in _PRECONDITIONERS:
-            raise ValueError(
-                f"preconditioner must be one of {_PRECONDITIONERS} or a callable "
-                f"(grad_batches, damping) -> LinearOperator, got {preconditioner!r}"
-            )
-        for name, piece in (("damping_rule", damping_rule), ("linesearch", linesearch)):
-            if piece is not None and not callable(piece):
-                raise ValueError(f"{name} must be None or callable, got {piece!r}")
-        for name, flag in (
-            ("adapt_damping", adapt_damping),
-            ("martens_stop", martens_stop),
-            ("use_cg_backtracking", use_cg_backtracking),
-            ("use_linesearch", use_linesearch),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        check_options(
+            curvature,
+            negative_curvature,
+            preconditioner,
+            damping_rule,
+            linesearch,
+            adapt_damping=adapt_damping,
+            martens_stop=martens_stop,
+            use_cg_backtracking=use_cg_backtracking,
+            use_linesearch=use_linesearch,
+        )
         engine = canonical_engine(engine)
         check_jacobian_factors(jacobian_factors, curvature)
         defaults = dict(
@@ -341,7 +315,7 @@ class HessianFree(CurvatureOptimizer):
             min_damping=min_damping,
             max_damping=max_damping,
         )
-        self._check_hyperparameters(defaults)
+        check_hyperparameters(defaults)
         super().__init__(
             model,
             loss_fn,
@@ -351,7 +325,7 @@ class HessianFree(CurvatureOptimizer):
             allow_groups=False,
             process_group=process_group,
         )
-        self._check_hyperparameters(self.param_groups[0])
+        check_hyperparameters(self.param_groups[0])
         self.curvature = curvature
         self.negative_curvature = negative_curvature
         self.adapt_damping = adapt_damping
@@ -367,35 +341,7 @@ class HessianFree(CurvatureOptimizer):
     _WARM_START_KEYS = ("x0",)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        self._check_hyperparameters(group)
-
-    @staticmethod
-    def _check_hyperparameters(group: dict[str, Any]) -> None:
-        check_positive("lr", group["lr"])
-        check_positive("damping", group["damping"])
-        check_positive("cg_maxiter", group["cg_maxiter"], integer=True)
-        check_positive("cg_rtol", group["cg_rtol"], allow_zero=True)
-        check_positive("martens_eps", group["martens_eps"])
-        check_positive("cg_decay_x0", group["cg_decay_x0"], allow_zero=True)
-        if group["cg_decay_x0"] > 1:
-            raise ValueError(
-                f"Invalid cg_decay_x0 value: {group['cg_decay_x0']!r} (expected a number in [0, 1])"
-            )
-        for name in ("ls_c", "ls_shrink"):
-            check_positive(name, group[name])
-            if group[name] >= 1:
-                raise ValueError(
-                    f"Invalid {name} value: {group[name]!r} (expected a number in (0, 1))"
-                )
-        check_positive("ls_max_steps", group["ls_max_steps"], integer=True)
-        check_positive("min_damping", group["min_damping"])
-        check_positive("max_damping", group["max_damping"])
-        lo, lam, hi = group["min_damping"], group["damping"], group["max_damping"]
-        if not lo <= lam <= hi:
-            raise ValueError(
-                f"Invalid damping value: {lam!r} (expected min_damping={lo!r} <= damping <= "
-                f"max_damping={hi!r})"
-            )
+        check_hyperparameters(group)
 
     # ------------------------------------------------------------------ public steps
     def acc_step(self, loss_data: Any, grad_data: Any, curvature_data: Any) -> Tensor:
@@ -515,135 +461,4 @@ class HessianFree(CurvatureOptimizer):
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss_batches: list[Batch] = kw.get("loss_batches") or batches
         grad_batches: list[Batch] = kw.get("grad_batches") or batches
-        group = self.param_groups[0]
-        state = self.global_state
-        diag = self.diagnostics
-        lam = self._current_damping()
-        lr = float(group["lr"])
-        diag.update(damping=lam, rho=math.nan, alpha=0.0, fallback=None, chosen_iterate=None)
-        clock = time.perf_counter
-        tic = clock()
-
-        # 1. curvature, gradient and loss (one forward pass when the data coincide)
-        C = self._curvature(
-            self.curvature,
-            batches,
-            engine=self.engine,
-            cache=True,
-            jacobian_factors=self.jacobian_factors,
-        )
-        if _same_batches(grad_batches, batches):
-            grad_loss, grad = C.loss, C.gradient()
-        else:
-            grad_loss, grad = _loss_and_gradient(
-                self.fmodel, self.loss_fn, grad_batches, self._allreduce_sum, self.process_group
-            )
-        if _same_batches(loss_batches, grad_batches):
-            f0 = grad_loss
-        elif _same_batches(loss_batches, batches):
-            f0 = C.loss
-        else:
-            f0 = self.loss_at(self.fmodel.current(), loss_batches)
-        diag["time_curvature"] = clock() - tic
-        if not self._check_loss_and_gradient(f0, grad):
-            return f0, None
-        if not math.isfinite(float(grad_loss)):
-            self._reject("the loss on the gradient data is not finite")
-            return f0, None
-        f0_f = float(f0)
-        if diag["grad_norm"] == 0.0:  # a stationary point: nothing to do
-            diag.update(cg_iterations=0, cg_residual=0.0, cg_status="zero_gradient")
-            diag.update(negative_curvature=False, cg_negative_directions=0)
-            diag.update(next_damping=lam, new_loss=f0_f, loss_evaluations=0)
-            return f0, torch.zeros_like(grad)
-
-        # 2. preconditioned CG on (C + lam I) delta = -g      [M10] §4.1, §4.4, §4.5, §4.7
-        tic = clock()
-        try:
-            M = self._build_preconditioner(grad_batches, lam)
-        except ValueError as err:
-            self._reject(f"the preconditioner's diagonal is not usable ({err})")
-            return f0, None
-        diag["time_preconditioner"] = clock() - tic
-        tic = clock()
-        A = C + Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
-        previous = self._check_warm_start("x0")
-        if not diag["accepted"]:
-            return f0, None
-        decay = float(group["cg_decay_x0"])
-        x0 = previous * decay if previous is not None and decay > 0 else None
-        diag["warm_start"] = x0 is not None
-        x, info, kept = self._solve(A, -grad, x0, M)
-        passed = info.negative_curvature_directions
-        # only Martens' rule stops CG through the callback here
-        status = "martens" if info.status == SolverStatus.CALLBACK else info.status.name.lower()
-        stopped_at_negative = info.status == SolverStatus.NEGATIVE_CURVATURE
-        diag.update(
-            cg_iterations=info.iterations,
-            cg_residual=info.residual_norm,
-            cg_status=status,
-            negative_curvature=stopped_at_negative or passed > 0,
-            cg_negative_directions=passed,
-            time_cg=clock() - tic,
-        )
-        if info.status == SolverStatus.NONFINITE:
-            self._reject("a curvature product was not finite during CG")
-            return f0, None
-        if info.iterations == 0 and x0 is None:
-            state.pop("x0", None)  # CG did not move from zero: nothing to warm-start from
-        else:
-            state["x0"] = x  # the final iterate, not the backtracked one   [M10] §4.6
-
-        # 3. CG backtracking over the kept iterates that descend          [M10] §4.6
-        tic = clock()
-        if not kept:
-            kept = [(info.iterations, x, info.quadratic_values[-1])]
-        candidates, fallback = descent_candidates(kept, grad, A.matvec, lam)
-        if fallback:  # no descent direction from CG: the damped gradient step
-            diag["fallback"] = "gradient"
-        evaluations = 0
-
-        def loss_along(scale: float, direction: Tensor) -> float:
-            """The loss at theta + scale * direction (NaN read as +Inf)."""
-            nonlocal evaluations
-            evaluations += 1
-            return nan_as_inf(float(self.loss_along(direction, scale, loss_batches)))
-
-        chosen, f_new = cg_backtracking(candidates, lambda d: loss_along(lr, d))
-        delta, slope = chosen.step, chosen.slope
-        diag["chosen_iterate"] = chosen.iteration if not fallback else None
-        diag["time_backtracking"] = clock() - tic
-
-        # 4. reduction ratio at the chosen iterate and the damping rule [M10] §4.1, [MS12] §8.5
-        predicted = predicted_change(chosen.phi, slope, lr)  # phi(lr delta) = q(lr delta) - q(0)
-        rho = reduction_ratio(f0_f, f_new, predicted)
-        new_lam = lam
-        if self.adapt_damping:
-            new_lam = self._damping_rule()(lam, math.nan if stopped_at_negative else rho)
-            state["damping"] = new_lam
-        diag.update(rho=rho, predicted_change=predicted, next_damping=new_lam)
-
-        # 5. line search from alpha = 1                                    [MS12] §8.8
-        tic = clock()
-        alpha = 1.0
-        if self.use_linesearch:
-            f_one = f_new
-
-            def along(a: float) -> float:
-                return f_one if a == 1.0 else loss_along(a * lr, delta)
-
-            alpha, f_new, ls = self._linesearch()(along, f0_f, lr * slope)
-            diag["linesearch"] = ls.message
-        diag.update(
-            alpha=alpha,
-            new_loss=f_new,
-            loss_evaluations=evaluations,
-            time_linesearch=clock() - tic,
-        )
-        if self.use_linesearch and alpha == 0.0:
-            diag.update(accepted=False, rejected_reason="the line search found no decrease")
-            return f0, None
-        if not math.isfinite(f_new):
-            self._reject("the loss at the new parameters is not finite")
-            return f0, None
-        return f0, delta if alpha == 1.0 else delta * alpha
+        return compute_direction(self, batches, loss_batches, grad_batches)
