@@ -468,7 +468,7 @@ def test_subclass_whose_mean_is_not_over_samples_is_refused() -> None:
 @pytest.mark.parametrize("name", ["ce-index-mean-ignore1-weightTrue-ls0.15", "callable-sum"])
 def test_optimizer_losses_are_weighted_like_the_operators(name: str) -> None:
     from secondorder.curvature.model import as_batches
-    from secondorder.optim.hessian_free import _loss_and_gradient
+    from secondorder.optim.hessian_free_data import _loss_and_gradient
 
     ref, case = _reference(name), CASES[name]
     model, loss_fn = _model(), case.make()
