@@ -181,6 +181,7 @@ def install_probe(so: Any) -> Probe:
     optim_base = module("secondorder.optim.base")
     newton = module("secondorder.optim.newton_cg")
     hf = module("secondorder.optim.hessian_free")
+    hf_step = module("secondorder.optim.hessian_free_step")  # issue 14: HF's step body
     block = module("secondorder.optim.block_newton")
     blockwise = module("secondorder.curvature.blockwise")
     lowrank = module("secondorder.curvature.lowrank")
@@ -214,6 +215,8 @@ def install_probe(so: Any) -> Probe:
         probe.wrap(hf, "_cg_through_negative_curvature", "CG overhead")
         probe.wrap(hf, "_loss_and_gradient", "gradient")
         probe.wrap(hf.HessianFree, "_preconditioner_diagonal", "preconditioner")
+    if hf_step is not None:
+        probe.wrap(hf_step, "_loss_and_gradient", "gradient")
     if block is not None:
         probe.wrap(block, "block_cg", "CG overhead")
     if blockwise is not None:
