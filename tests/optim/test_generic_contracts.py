@@ -302,6 +302,25 @@ def test_copied_model_and_optimizer_are_an_independent_pair(name, how):
     assert _same(_params(model), _params(model2))  # the same step, bit for bit
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", IDS)
+def test_copy_loads_a_state_saved_before_the_copy(name, how):
+    # torch's Optimizer.__setstate__ adds bookkeeping keys to the copy's defaults
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt(name, model, loss_fn)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.step(X, y)
+    if how == "deepcopy":
+        _, opt2 = copy.deepcopy((model, opt))
+    else:
+        _, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    opt2.load_state_dict(saved)
+    opt2.load_state_dict(opt.state_dict())
+    opt.load_state_dict(opt2.state_dict())
+    opt2.step(X, y)
+    assert opt2.diagnostics["accepted"]
+
+
 @pytest.mark.parametrize("name", ["newton_cg_ggn", "hessian_free", "directional"])
 def test_copy_and_pickle_with_an_lr_scheduler_attached(name):
     model, loss_fn, X, y = make_problem()

@@ -12,6 +12,11 @@ __all__ = ["META_KEY", "validate_state_dict"]
 META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and shapes
 
 
+# keys torch.optim.Optimizer adds to `defaults` itself (``__setstate__``, after a copy or an
+# unpickling), which a state saved before the copy does not hold
+_TORCH_KEYS = frozenset({"differentiable"})
+
+
 def validate_state_dict(opt: Any, state_dict: Any) -> None:
     """Check that ``state_dict`` belongs to the optimizer ``opt``.
 
@@ -49,7 +54,7 @@ def validate_state_dict(opt: Any, state_dict: Any) -> None:
                 f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])} "
                 "(another model or parameter selection)"
             )
-        missing = sorted(set(opt.defaults) - set(saved))
+        missing = sorted(set(opt.defaults) - set(saved) - _TORCH_KEYS)
         if missing:
             raise ValueError(
                 f"{name}.load_state_dict: param group {i} of the state lacks {missing}: it is "
