@@ -235,9 +235,10 @@ def install_probe(so: Any) -> Probe:
             "directional_derivatives",
             "derivatives_of_pairs",
             "gram_eigenvectors",
-        ):
-            probe.wrap(cls, name, "curvature")
-        probe.wrap(cls, "factor_matmul", "curvature")
+            "factor_matmul",
+        ):  # on the class that defines it (issue 14 moved some into a mixin)
+            owner = next((k for k in cls.__mro__ if name in vars(k)), cls)
+            probe.wrap(owner, name, "curvature")
     return probe
 
 
