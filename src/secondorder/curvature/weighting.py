@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import Batch
+from .running_stats import frozen_running_stats
 
 __all__ = ["BatchWeights", "batch_normaliser", "batch_weights", "torch_loss_class"]
 
@@ -262,15 +263,8 @@ def _generic_is_mean(loss_fn: Any, batch: Batch | None, fmodel: Any) -> bool:
     if batch is None or fmodel is None:  # nothing to check on: the documented assumption
         return declared != "sum"
     n, k = batch.size, batch.size // 2
-    model = fmodel.model
-    buffers = [b.clone() for b in model.buffers()]  # the check must not move BatchNorm stats
-    try:
-        with torch.no_grad():
-            z = fmodel([p.detach() for p in fmodel.params], batch.inputs)
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
+    with torch.no_grad(), frozen_running_stats(fmodel.model):  # the check moves no statistics
+        z = fmodel([p.detach() for p in fmodel.params], batch.inputs)
     if not (isinstance(z, Tensor) and z.ndim > 0 and z.shape[0] == n):
         return declared != "sum"  # outputs without the batch's leading dimension: unchecked
     (za, zb), (ya, yb) = _split(z, n, k), _split(batch.targets, n, k)
