@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .model import Batch
 from .running_stats import frozen_running_stats
@@ -238,10 +239,12 @@ def batch_weights(
 
 def _split(obj: Any, n: int, k: int) -> tuple[Any, Any]:
     """Split tensors with leading dimension ``n`` at ``k``; other values go to both halves."""
-    if isinstance(obj, Tensor):
-        if obj.ndim > 0 and obj.shape[0] == n:
-            return obj[:k], obj[k:]
-        return obj, obj
+    leaves, spec = tree_flatten(obj)
+    cut = [
+        (x[:k], x[k:]) if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == n else (x, x)
+        for x in leaves
+    ]
+    return tree_unflatten([a for a, _ in cut], spec), tree_unflatten([b for _, b in cut], spec)
     if isinstance(obj, (tuple, list)):
         parts = [_split(o, n, k) for o in obj]
         return type(obj)(p[0] for p in parts), type(obj)(p[1] for p in parts)
