@@ -20,6 +20,7 @@ tensor input (or of its targets) is its size.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,8 +323,22 @@ class FunctionalModel:
         Returns:
             The module's output.
         """
-        with differentiable_attention():
-            if self._stand_ins:
-                with TwiceDifferentiable():
-                    return functional_call(self.model, self.parameter_dict(tensors), inputs)
+        with self.differentiable():
             return functional_call(self.model, self.parameter_dict(tensors), inputs)
+
+    def differentiable(self) -> ExitStack:
+        """A ``with`` block in which every derivative of the model's forward exists.
+
+        It runs attention under
+        :func:`~secondorder.curvature.attention.differentiable_attention`. For models that
+        hold functions without a second derivative in PyTorch it also enters
+        :class:`~secondorder.curvature.twice_differentiable.TwiceDifferentiable`.
+
+        Returns:
+            The entered contexts, closed when the block exits.
+        """
+        stack = ExitStack()
+        stack.enter_context(differentiable_attention())
+        if self._stand_ins:
+            stack.enter_context(TwiceDifferentiable())
+        return stack

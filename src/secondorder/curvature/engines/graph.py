@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
-from ..attention import differentiable_attention
 from ..layers import rule_for
 from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
-from ..twice_differentiable import TwiceDifferentiable
 from .ops import module_of, op_kind
 from .steps import (
     AutogradStep,
@@ -111,11 +108,7 @@ class GraphLinearization(Linearization):
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(inputs) > len(placeholders):
             raise _Unsupported(f"{len(inputs)} inputs for {len(placeholders)} placeholders")
-        with ExitStack() as stack:
-            stack.enter_context(differentiable_attention())
-            if fmodel._stand_ins:
-                stack.enter_context(TwiceDifferentiable())
-            stack.enter_context(torch.no_grad())
+        with fmodel.differentiable(), torch.no_grad():
             out_node = None
             for node in graph.nodes:
                 if node.op == "placeholder":
