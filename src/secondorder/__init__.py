@@ -51,6 +51,7 @@ from .optim import (
     NewtonCG,
     NonFiniteError,
     NonFiniteStepWarning,
+    update_bn,
 )
 
 __version__ = "0.1.0"
@@ -102,5 +103,6 @@ __all__ = [
     "NewtonCG",
     "NonFiniteError",
     "NonFiniteStepWarning",
+    "update_bn",
     "__version__",
 ]

@@ -1,6 +1,7 @@
 """torch.optim optimizers built from curvature operators and Krylov solvers."""
 
 from .base import CurvatureOptimizer, NonFiniteError, NonFiniteStepWarning
+from .batchnorm import update_bn
 from .block_newton import BlockDiagonalNewtonCG
 from .damping import levenberg_marquardt, reduction_ratio
 from .directional import ConstantDamping, DirectionalDampedNewton, TopK, constant_damping, top_k
@@ -26,4 +27,5 @@ __all__ = [
     "levenberg_marquardt",
     "reduction_ratio",
     "top_k",
+    "update_bn",
 ]
