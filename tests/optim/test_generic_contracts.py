@@ -43,6 +43,10 @@ CORRUPTIONS = [
     ("cg_maxiter", 0),
     ("cg_maxiter", 2.5),
     ("cg_rtol", -1.0),
+    ("weight_decay", -0.1),
+    ("weight_decay", math.nan),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", math.inf),
 ]
 
 

@@ -69,7 +69,6 @@ __all__ = [
 ]
 
 
-
 # ---------------------------------------------------------------------------- run recorder
 class RunRecorder:
     """The output directory, clock and metadata of one experiment run.

@@ -58,7 +58,13 @@ from ..curvature.running_stats import (
 from ..curvature.weighting import batch_weights
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
-from .groups import check_cg_group, check_jacobian_factors, check_positive
+from .groups import (
+    COMMON_DEFAULTS,
+    check_cg_group,
+    check_common_group,
+    check_jacobian_factors,
+    check_positive,
+)
 from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
 from .state import META_KEY, validate_state_dict
 
@@ -76,7 +82,7 @@ __all__ = [
 
 
 class CurvatureOptimizer(NonFiniteGuard, Optimizer):
-    """Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
+    r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
         model: The ``nn.Module`` to train.
@@ -85,12 +91,21 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         params: Parameters or param-group dicts (default: every trainable parameter of
             ``model``). All must belong to ``model``.
         on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        weight_decay: Decoupled weight decay (as ``AdamW``): an applied step is
+            :math:`\theta_g \leftarrow (1 - \mathrm{lr}_g \lambda_g)\,\theta_g +
+            \mathrm{lr}_g d_g`; a param-group hyperparameter (default 0).
+        max_grad_norm: Scale each param group's gradient to at most this norm before the
+            direction is computed from it (``None``: no clipping, the default); a param-group
+            hyperparameter. ``.grad`` keeps the unclipped batch gradient.
         allow_groups: Whether several param groups are supported by the method.
         process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
             process). Each rank passes its shard of the batch; curvature products, gradients
             and losses are all-reduced, so every rank computes the same step and the
             parameters stay identical without being broadcast. Construction checks (one
             ``all_gather``) that every rank holds parameters of the same shapes and values.
+
+    After a step that computed a finite gradient, each trained parameter's ``.grad`` holds the
+    batch gradient at the parameters the step started from (as after ``loss.backward()``).
 
     Copies: ``copy.deepcopy(opt)`` and ``pickle`` carry the model and the loss with the
     optimizer, so the copy trains a copy of the model and leaves the original alone (as a
@@ -113,7 +128,12 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         on_nonfinite: str = "skip",
         allow_groups: bool = True,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
     ) -> None:
+        common = {"weight_decay": weight_decay, "max_grad_norm": max_grad_norm}
+        check_common_group(common)
+        defaults = {**defaults, **common}
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -217,6 +237,7 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         """
         for i, group in enumerate(self.param_groups):
             try:
+                check_common_group(group)
                 self._check_group(group)
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}: param group {i}: {err}") from None
@@ -271,6 +292,9 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         """
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state saved before these existed: their defaults
+            for key in COMMON_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         # the global state lives on the first parameter of the first group; a checkpoint that
         # kept it elsewhere (an older layout) has it moved there
         anchor = self.param_groups[0]["params"][0]
@@ -443,3 +467,43 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         """Return (loss before the step, flat direction or None if rejected). Subclass hook."""
         raise NotImplementedError
+
+    def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
+        """The guard's check; then ``.grad`` gets the batch gradient and ``grad`` is clipped.
+
+        ``grad`` (flat) is scaled in place per param group to at most its ``max_grad_norm``;
+        ``diagnostics["grad_clip"]`` is the smallest factor applied (1.0: none).
+        """
+        if not super()._check_loss_and_gradient(loss, grad):
+            return False
+        with torch.no_grad():
+            for p, g in zip(self.fmodel.params, self.fmodel.unflatten(grad)):
+                if p.grad is None or p.grad.shape != p.shape:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.copy_(g)
+            clip = 1.0
+            for group, slices in zip(self.param_groups, self._group_slices):
+                limit = group.get("max_grad_norm")
+                if limit is None or not slices:
+                    continue
+                parts = [grad[a:b] for a, b in slices]
+                norm = float(torch.linalg.vector_norm(torch.cat(parts)))
+                if norm > limit:
+                    scale = limit / norm
+                    for part in parts:
+                        part.mul_(scale)
+                    clip = min(clip, scale)
+        self.diagnostics["grad_clip"] = clip
+        return True
+
+    def _before_update(self) -> None:
+        r"""Decoupled weight decay, :math:`\theta_g \leftarrow (1 - lr_g \lambda_g) \theta_g`.
+
+        Called once the step is known to be applied, before :math:`\theta \mathrel{+}= lr\, d`.
+        """
+        for group in self.param_groups:
+            rate = float(group["lr"]) * float(group.get("weight_decay", 0.0))
+            params = [p for p in group["params"] if p.requires_grad]
+            if rate and params:
+                torch._foreach_mul_(params, 1.0 - rate)

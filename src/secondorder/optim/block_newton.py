@@ -74,6 +74,10 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         process_group: ``torch.distributed`` group for data-parallel training (see
             :class:`~secondorder.optim.base.CurvatureOptimizer`): block products, loss and
             gradient are all-reduced, so every rank runs the same lock-step CG.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
 
     After each step ``diagnostics`` holds ``loss``, ``grad_norm``; per block (lists in
     parameter order, the names in ``blocks``) ``cg_block_iterations``, ``cg_residuals``,
@@ -113,6 +117,8 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         on_nonfinite: str = "skip",
         engine: str = "auto",
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -134,6 +140,8 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
         )
         for group in self.param_groups:
             check_cg_group(group)

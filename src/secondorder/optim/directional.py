@@ -260,6 +260,10 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             correct and identical across ranks, but not split across them. With
             ``mc_samples > 0`` give every rank the same generator seed (the default does), so
             all ranks draw the same targets for the global batch.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
 
     Raises:
         ValueError: For invalid hyperparameters or a loss without a likelihood.
@@ -292,6 +296,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         engine: str = "auto",
         eigensolver: str = "auto",
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
@@ -314,6 +320,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
         )
         for i, group in enumerate(self.param_groups):
             try:

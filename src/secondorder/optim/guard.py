@@ -104,12 +104,16 @@ class NonFiniteGuard:
             if not all_finite(scaled):
                 self._reject("the scaled step lr * d is not finite")
                 return None
+        self._before_update()
         if step is not None:
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
         else:
             assert not isinstance(lr, Tensor)
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
         return norm
+
+    def _before_update(self) -> None:
+        """Called once the step is known to be applied, before ``theta += lr * d`` (a hook)."""
 
     def _reject(self, reason: str) -> None:
         """Mark the step rejected for a non-finite value; warn once or raise.

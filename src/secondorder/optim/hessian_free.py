@@ -237,6 +237,10 @@ class HessianFree(CurvatureOptimizer):
             (MLPs only; see ``BENCHMARKS.md`` for what it saves).
         process_group: A ``torch.distributed`` process group for data-parallel training
             (default: ``None``, one process); see above.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
 
     Raises:
         ValueError: For an invalid hyperparameter (the message names it and its value), an
@@ -288,6 +292,8 @@ class HessianFree(CurvatureOptimizer):
         engine: str = "auto",
         jacobian_factors: bool | str = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_options(
             curvature,
@@ -324,6 +330,8 @@ class HessianFree(CurvatureOptimizer):
             on_nonfinite=on_nonfinite,
             allow_groups=False,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
         )
         check_hyperparameters(self.param_groups[0])
         self.curvature = curvature

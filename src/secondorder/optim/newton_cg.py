@@ -61,6 +61,10 @@ class NewtonCG(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`). With ``"fisher_mc"`` and no
             ``generator``, rank ``r`` draws from a generator seeded with ``r``, so ranks draw
             different targets, reproducibly.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
 
     With ``curvature="hessian"`` the matrix may be indefinite: CG stops at the first direction
     of non-positive curvature and the last iterate (a descent direction) is used; if that
@@ -91,6 +95,8 @@ class NewtonCG(CurvatureOptimizer):
         engine: str = "auto",
         jacobian_factors: bool | str = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
@@ -111,6 +117,8 @@ class NewtonCG(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
         )
         for group in self.param_groups:
             check_cg_group(group)
