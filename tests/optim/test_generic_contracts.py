@@ -69,8 +69,6 @@ def test_corrupted_hyperparameter_is_refused_before_touching_anything(name, key,
 
 @pytest.mark.parametrize("name", IDS)
 def test_corruption_in_a_later_group_names_it(name):
-    if OPTIMIZERS[name][0] == "HessianFree":
-        pytest.skip("one param group only")
     model, loss_fn, X, y = make_problem()
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
     opt = make_opt(name, model, loss_fn, params=groups)
@@ -353,11 +351,6 @@ def test_add_param_group_trains_the_new_parameters(name):
     model, loss_fn, X, y = make_problem()
     reference_model = copy.deepcopy(model)
     first, last = list(model[0].parameters()), list(model[2].parameters())
-    if OPTIMIZERS[name][0] == "HessianFree":
-        opt = make_opt(name, model, loss_fn, params=first)
-        with pytest.raises(ValueError, match="add_param_group is not supported"):
-            opt.add_param_group({"params": last})
-        return
     opt = make_opt(name, model, loss_fn, params=[{"params": first}])
     opt.add_param_group({"params": last})
     groups = [
@@ -377,8 +370,6 @@ def test_add_param_group_trains_the_new_parameters(name):
 
 @pytest.mark.parametrize("name", IDS)
 def test_add_param_group_refuses_bad_groups(name):
-    if OPTIMIZERS[name][0] == "HessianFree":
-        pytest.skip("one param group only")
     model, loss_fn, X, y = make_problem()
     opt = make_opt(name, model, loss_fn, params=list(model[0].parameters()))
     with pytest.raises(ValueError, match="Invalid lr value"):

@@ -127,3 +127,24 @@ def test_invalid_values_are_refused_at_construction(name, bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"Invalid {key} value"):
         make_opt(name, model, loss_fn, **bad)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_casting_the_model_after_construction_is_followed(name):
+    model, loss_fn, X, y = make_problem()  # float64
+    opt = make_opt(name, model, loss_fn)
+    opt.step(X, y)
+    model.float()
+    opt.step(X.float(), y)
+    assert opt.diagnostics["accepted"], opt.diagnostics.get("rejected_reason")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for value in opt.global_state.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert value.dtype == torch.float32
+    # and the step is the one a fresh optimizer with the same state would take
+    twin = copy.deepcopy(model)
+    fresh = make_opt(name, twin, loss_fn)
+    fresh.load_state_dict(opt.state_dict())
+    opt.step(X.float(), y)
+    fresh.step(X.float(), y)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=0, atol=0)

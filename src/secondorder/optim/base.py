@@ -56,8 +56,10 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 from ..curvature.weighting import batch_weights
+from .closure import FORMS, record_closure
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
+from .gradient import GradientHabits
 from .groups import (
     COMMON_DEFAULTS,
     check_cg_group,
@@ -81,7 +83,10 @@ __all__ = [
 ]
 
 
-class CurvatureOptimizer(NonFiniteGuard, Optimizer):
+_MISSING: Any = object()  # step() called without a batch
+
+
+class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
     r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
@@ -185,6 +190,7 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         ]
         self._param_list: list[Tensor] = list(self.fmodel.params)  # for torch._foreach_add_
         self._trainable = tuple(trainable)
+        self._placement = tuple((p.dtype, p.device) for p in trainable)
         self._norm_layers = running_stat_modules(self.model, training_only=False)
         self._flat_view_built = True
         if rebuilt:  # the flat vector changed meaning: a warm start of the old one is void
@@ -192,11 +198,18 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
                 self.global_state.pop(key, None)
 
     def _sync_flat_view(self) -> None:
-        """Follow parameters frozen or unfrozen since the last step (``requires_grad``)."""
+        """Follow parameters frozen or unfrozen (``requires_grad``), cast or moved since."""
         now = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         old = self._trainable
         if len(now) != len(old) or any(a is not b for a, b in zip(now, old)):
             self._build_flat_view()
+        elif tuple((p.dtype, p.device) for p in now) != self._placement:
+            # model.double() / model.to(device) after construction: follow the parameters
+            self._build_flat_view()
+            dtype, device = self.fmodel.dtype, self.fmodel.device
+            for key, value in list(self.global_state.items()):
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.global_state[key] = value.to(device=device, dtype=dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its parameters join the flat vector from the next step on.
@@ -400,20 +413,37 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     # ----------------------------------------------------------------------- step
-    def step(self, inputs: Any = None, targets: Any = None) -> Tensor:  # type: ignore[override]
-        """Take one training step on the batch ``(inputs, targets)``.
+    def step(self, inputs: Any = _MISSING, targets: Any = _MISSING) -> Tensor:  # type: ignore[override]
+        """Take one training step on the batch ``(inputs, targets)``, or on a closure's batch.
 
         Args:
             inputs: A tensor or a tuple of tensors; the model is called as ``model(*inputs)``.
-            targets: The targets handed to ``loss_fn``.
+                Or a closure in the torch.optim form, called once, which calls the model once
+                and returns ``loss_fn(outputs, targets)`` (``loss_fn`` an ``nn.Module``) or
+                ``(outputs, targets)`` (:mod:`~secondorder.optim.closure`).
+            targets: The targets handed to ``loss_fn`` (not with a closure).
 
         Returns:
             The loss at the parameters the step started from.
 
         Raises:
-            ValueError: For an empty batch or a hyperparameter made invalid in
-                ``param_groups`` (nothing is touched then).
+            TypeError: If called without a batch or a closure (the message names both forms).
+            ValueError: For an empty batch, a closure that does not reveal its batch, or a
+                hyperparameter made invalid in ``param_groups`` (nothing is touched then).
         """
+        if inputs is _MISSING or (callable(inputs) and not isinstance(inputs, (Tensor, nn.Module))):
+            if inputs is _MISSING or targets is not _MISSING:
+                raise TypeError(
+                    f"{type(self).__name__}.step: expected {FORMS}; got "
+                    + ("no arguments" if inputs is _MISSING else "a closure and targets")
+                    + ". A curvature optimizer needs the batch: a step after loss.backward() "
+                    "alone cannot be computed"
+                )
+            return self._run_step([record_closure(self.model, self.loss_fn, inputs)])
+        if targets is _MISSING:
+            raise TypeError(
+                f"{type(self).__name__}.step: got inputs but no targets; expected {FORMS}"
+            )
         return self._run_step([self._batch(inputs, targets)])
 
     @staticmethod
@@ -467,43 +497,3 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         """Return (loss before the step, flat direction or None if rejected). Subclass hook."""
         raise NotImplementedError
-
-    def _check_loss_and_gradient(self, loss: Tensor, grad: Tensor) -> bool:
-        """The guard's check; then ``.grad`` gets the batch gradient and ``grad`` is clipped.
-
-        ``grad`` (flat) is scaled in place per param group to at most its ``max_grad_norm``;
-        ``diagnostics["grad_clip"]`` is the smallest factor applied (1.0: none).
-        """
-        if not super()._check_loss_and_gradient(loss, grad):
-            return False
-        with torch.no_grad():
-            for p, g in zip(self.fmodel.params, self.fmodel.unflatten(grad)):
-                if p.grad is None or p.grad.shape != p.shape:
-                    p.grad = g.detach().clone()
-                else:
-                    p.grad.copy_(g)
-            clip = 1.0
-            for group, slices in zip(self.param_groups, self._group_slices):
-                limit = group.get("max_grad_norm")
-                if limit is None or not slices:
-                    continue
-                parts = [grad[a:b] for a, b in slices]
-                norm = float(torch.linalg.vector_norm(torch.cat(parts)))
-                if norm > limit:
-                    scale = limit / norm
-                    for part in parts:
-                        part.mul_(scale)
-                    clip = min(clip, scale)
-        self.diagnostics["grad_clip"] = clip
-        return True
-
-    def _before_update(self) -> None:
-        r"""Decoupled weight decay, :math:`\theta_g \leftarrow (1 - lr_g \lambda_g) \theta_g`.
-
-        Called once the step is known to be applied, before :math:`\theta \mathrel{+}= lr\, d`.
-        """
-        for group in self.param_groups:
-            rate = float(group["lr"]) * float(group.get("weight_decay", 0.0))
-            params = [p for p in group["params"] if p.requires_grad]
-            if rate and params:
-                torch._foreach_mul_(params, 1.0 - rate)
