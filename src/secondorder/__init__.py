@@ -44,6 +44,7 @@ from .linalg import top_eigh as top_eigh
 from .optim import (
     BlockDiagonalNewtonCG,
     CurvatureOptimizer,
+    CurvaturePreconditioner,
     DirectionalDampedNewton,
     GaussNewton,
     HessianFree,
@@ -96,6 +97,7 @@ __all__ = [
     # optimizers
     "BlockDiagonalNewtonCG",
     "CurvatureOptimizer",
+    "CurvaturePreconditioner",
     "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",

@@ -8,11 +8,13 @@ from .directional import ConstantDamping, DirectionalDampedNewton, TopK, constan
 from .hessian_free import HessianFree
 from .linesearch import LineSearchInfo, armijo_backtracking
 from .newton_cg import GaussNewton, NaturalGradient, NewtonCG
+from .preconditioner_mode import CurvaturePreconditioner
 
 __all__ = [
     "BlockDiagonalNewtonCG",
     "ConstantDamping",
     "CurvatureOptimizer",
+    "CurvaturePreconditioner",
     "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",
