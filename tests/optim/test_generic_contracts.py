@@ -47,6 +47,8 @@ CORRUPTIONS = [
     ("weight_decay", math.nan),
     ("max_grad_norm", 0.0),
     ("max_grad_norm", math.inf),
+    ("momentum", 1.0),
+    ("momentum", -0.5),
 ]
 
 

@@ -148,3 +148,37 @@ def test_casting_the_model_after_construction_is_followed(name):
     opt.step(X.float(), y)
     fresh.step(X.float(), y)
     torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_momentum_is_heavy_ball_on_the_step(name):
+    model, loss_fn, X, y = make_problem()
+    twin = copy.deepcopy(model)
+    plain = make_opt(name, twin, loss_fn)
+    heavy = make_opt(name, model, loss_fn, momentum=0.5)
+    theta0 = flat_params(model)
+    plain.step(X, y)
+    heavy.step(X, y)
+    theta1 = flat_params(model)
+    torch.testing.assert_close(theta1, flat_params(twin), rtol=0, atol=0)  # no buffer yet
+    plain.step(X, y)
+    heavy.step(X, y)
+    # v2 = d2 + 0.5 v1 with lr v1 = theta1 - theta0
+    expected = flat_params(twin) + 0.5 * (theta1 - theta0)
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-9, atol=1e-12)
+    assert "momentum_buffer" in heavy.global_state
+    assert "momentum_buffer" not in plain.global_state
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_one_cycle_lr_works_unchanged(name):
+    model, loss_fn, X, y = make_problem()
+    opt = make_opt(name, model, loss_fn)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=6)
+    seen = set()
+    for _ in range(5):
+        opt.step(X, y)
+        scheduler.step()
+        seen.add((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        assert opt.diagnostics["accepted"], opt.diagnostics.get("rejected_reason")
+    assert len(seen) == 5  # both are driven by the scheduler

@@ -59,7 +59,6 @@ from ..curvature.weighting import batch_weights
 from .closure import FORMS, record_closure
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
-from .gradient import GradientHabits
 from .groups import (
     COMMON_DEFAULTS,
     check_cg_group,
@@ -68,6 +67,7 @@ from .groups import (
     check_positive,
 )
 from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
+from .habits import GradientHabits
 from .state import META_KEY, validate_state_dict
 
 __all__ = [
@@ -102,6 +102,9 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         max_grad_norm: Scale each param group's gradient to at most this norm before the
             direction is computed from it (``None``: no clipping, the default); a param-group
             hyperparameter. ``.grad`` keeps the unclipped batch gradient.
+        momentum: Heavy-ball momentum on the direction, :math:`v = d + \mu v_{prev}`, applied
+            as :math:`\theta \mathrel{+}= lr\, v` (default 0; a param-group hyperparameter in
+            [0, 1), so ``OneCycleLR``'s momentum cycling works).
         allow_groups: Whether several param groups are supported by the method.
         process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
             process). Each rank passes its shard of the batch; curvature products, gradients
@@ -135,8 +138,10 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         process_group: Any = None,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         common = {"weight_decay": weight_decay, "max_grad_norm": max_grad_norm}
+        common["momentum"] = momentum
         check_common_group(common)
         defaults = {**defaults, **common}
         if not isinstance(model, nn.Module):

@@ -78,6 +78,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`).
         max_grad_norm: Clip each param group's gradient to this norm before the direction
             is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
 
     After each step ``diagnostics`` holds ``loss``, ``grad_norm``; per block (lists in
     parameter order, the names in ``blocks``) ``cg_block_iterations``, ``cg_residuals``,
@@ -119,6 +120,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         process_group: Any = None,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -142,6 +144,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             process_group=process_group,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for group in self.param_groups:
             check_cg_group(group)

@@ -264,6 +264,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`).
         max_grad_norm: Clip each param group's gradient to this norm before the direction
             is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
 
     Raises:
         ValueError: For invalid hyperparameters or a loss without a likelihood.
@@ -298,6 +299,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         process_group: Any = None,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
@@ -322,6 +324,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             process_group=process_group,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for i, group in enumerate(self.param_groups):
             try:

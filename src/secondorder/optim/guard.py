@@ -77,9 +77,11 @@ class NonFiniteGuard:
             if not math.isfinite(norm) and not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
+                direction, norm = self._with_momentum(direction, norm)
                 applied = self._apply_direction(direction, norm)
                 if applied is not None:
                     diag["step_norm"] = applied
+                    self._after_update(direction)
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
         return loss
@@ -111,6 +113,13 @@ class NonFiniteGuard:
             assert not isinstance(lr, Tensor)
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
         return norm
+
+    def _with_momentum(self, direction: Tensor, norm: float) -> tuple[Tensor, float]:
+        """The direction to apply and its norm (a hook: heavy-ball momentum)."""
+        return direction, norm
+
+    def _after_update(self, direction: Tensor) -> None:
+        """Called after ``direction`` was applied (a hook)."""
 
     def _before_update(self) -> None:
         """Called once the step is known to be applied, before ``theta += lr * d`` (a hook)."""

@@ -179,8 +179,8 @@ class HessianFree(CurvatureOptimizer):
     ``time_linesearch`` and ``time``.
 
     The damping, the step length and CG act on the whole step: several param groups are
-    accepted when they differ only in ``weight_decay`` and ``max_grad_norm`` (e.g. no decay on
-    biases). State (kept on the first parameter,
+    accepted when they differ only in ``weight_decay``, ``max_grad_norm`` and ``momentum``
+    (e.g. no decay on biases). State (kept on the first parameter,
     carried by ``state_dict``): ``"step"``, ``"damping"`` (the current :math:`\lambda`) and
     ``"x0"`` (the last final CG iterate, the next warm start before decay).
 
@@ -244,6 +244,7 @@ class HessianFree(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`).
         max_grad_norm: Clip each param group's gradient to this norm before the direction
             is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
 
     Raises:
         ValueError: For an invalid hyperparameter (the message names it and its value), an
@@ -297,6 +298,7 @@ class HessianFree(CurvatureOptimizer):
         process_group: Any = None,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         check_options(
             curvature,
@@ -334,6 +336,7 @@ class HessianFree(CurvatureOptimizer):
             process_group=process_group,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         self._check_groups()  # every group, and that they differ only where they may
         self.curvature = curvature
@@ -363,7 +366,7 @@ class HessianFree(CurvatureOptimizer):
                         f"{key}={group.get(key)!r} differs from the first param group's "
                         f"{first.get(key)!r}: Hessian-free's step length, damping, CG and line "
                         "search act on the whole step, so param groups may differ only in "
-                        "weight_decay and max_grad_norm"
+                        "weight_decay, max_grad_norm and momentum"
                     )
 
     # ------------------------------------------------------------------ public steps

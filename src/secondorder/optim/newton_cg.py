@@ -65,6 +65,7 @@ class NewtonCG(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`).
         max_grad_norm: Clip each param group's gradient to this norm before the direction
             is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
 
     With ``curvature="hessian"`` the matrix may be indefinite: CG stops at the first direction
     of non-positive curvature and the last iterate (a descent direction) is used; if that
@@ -97,6 +98,7 @@ class NewtonCG(CurvatureOptimizer):
         process_group: Any = None,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         defaults = dict(
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
@@ -119,6 +121,7 @@ class NewtonCG(CurvatureOptimizer):
             process_group=process_group,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for group in self.param_groups:
             check_cg_group(group)

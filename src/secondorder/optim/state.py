@@ -16,7 +16,7 @@ META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and 
 # unpickling), which a state saved before the copy does not hold
 _TORCH_KEYS = frozenset({"differentiable"})
 # hyperparameters added to every optimizer later: a state saved before gets their defaults
-_LATER_KEYS = frozenset({"weight_decay", "max_grad_norm"})
+_LATER_KEYS = frozenset({"weight_decay", "max_grad_norm", "momentum"})
 
 
 def validate_state_dict(opt: Any, state_dict: Any) -> None:
