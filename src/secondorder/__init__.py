@@ -52,6 +52,7 @@ from .optim import (
     NewtonCG,
     NonFiniteError,
     NonFiniteStepWarning,
+    RejectedStepWarning,
     update_bn,
 )
 
@@ -105,6 +106,7 @@ __all__ = [
     "NewtonCG",
     "NonFiniteError",
     "NonFiniteStepWarning",
+    "RejectedStepWarning",
     "update_bn",
     "__version__",
 ]

@@ -1,5 +1,6 @@
 """torch.optim optimizers built from curvature operators and Krylov solvers."""
 
+from .adaptive import RejectedStepWarning
 from .base import CurvatureOptimizer, NonFiniteError, NonFiniteStepWarning
 from .batchnorm import update_bn
 from .block_newton import BlockDiagonalNewtonCG
@@ -23,6 +24,7 @@ __all__ = [
     "NewtonCG",
     "NonFiniteError",
     "NonFiniteStepWarning",
+    "RejectedStepWarning",
     "TopK",
     "armijo_backtracking",
     "constant_damping",

@@ -15,10 +15,11 @@ The contract implemented once, here, for every subclass:
   touching the parameters; the base applies ``theta_g <- theta_g + lr_g * d_g`` per group;
 - the non-finite guard: a NaN/Inf in the loss, the gradient, a curvature product or the
   direction leaves the parameters exactly as they were, marks the step rejected, lets the
-  subclass react (raise its damping), warns once, and with ``on_nonfinite="raise"`` raises
-  :class:`NonFiniteError`. The guard covers the scaled step actually applied
-  (``lr_g * d_g``). A rejected step drops the CG warm start it could have poisoned; a step
-  that raises leaves ``diagnostics["accepted"] = False``;
+  subclass react (raise its damping), warns with the reason on every rejection (counted in
+  ``state["rejections"]``), and with ``on_nonfinite="raise"`` raises :class:`NonFiniteError`.
+  The guard covers the scaled step actually applied (``lr_g * d_g``). A rejected step drops
+  the CG warm start it could have poisoned; a step that raises leaves
+  ``diagnostics["accepted"] = False``;
 - the trainable parameters are those of the param groups with ``requires_grad``, read on
   every step: a parameter frozen after construction is skipped (as torch's optimizers do) and
   :meth:`~CurvatureOptimizer.add_param_group` adds parameters to the flat vector;
@@ -95,7 +96,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         defaults: Default hyperparameters of the param groups.
         params: Parameters or param-group dicts (default: every trainable parameter of
             ``model``). All must belong to ``model``.
-        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject the step and warn) or ``"raise"``.
         weight_decay: Decoupled weight decay (as ``AdamW``): an applied step is
             :math:`\theta_g \leftarrow (1 - \mathrm{lr}_g \lambda_g)\,\theta_g +
             \mathrm{lr}_g d_g`; a param-group hyperparameter (default 0).
@@ -165,7 +166,6 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
         self.diagnostics: dict[str, Any] = {}
-        self._warned_nonfinite = False
         self._build_flat_view()
         if process_group is not None:
             params_ = [p for g in self.param_groups for p in g["params"]]

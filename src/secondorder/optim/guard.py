@@ -1,7 +1,7 @@
 """The non-finite guard of the optimizers: a NaN/Inf never reaches the parameters.
 
 A step whose loss, gradient, warm start, direction or scaled step ``lr * d`` is not finite is
-rejected: the parameters stay unchanged, the warm start is dropped, and the optimizer warns once
+rejected: the parameters stay unchanged, the warm start is dropped, and the optimizer warns
 (``on_nonfinite="skip"``) or raises :class:`~secondorder.linalg.errors.NonFiniteError`
 (``"raise"``).
 """
@@ -49,7 +49,6 @@ class NonFiniteGuard:
     _WARM_START_KEYS: ClassVar[tuple[str, ...]] = ()
     diagnostics: dict[str, Any]
     on_nonfinite: str
-    _warned_nonfinite: bool
     fmodel: FunctionalModel
     _param_list: list[Tensor]
 
@@ -125,11 +124,12 @@ class NonFiniteGuard:
         """Called once the step is known to be applied, before ``theta += lr * d`` (a hook)."""
 
     def _reject(self, reason: str) -> None:
-        """Mark the step rejected for a non-finite value; warn once or raise.
+        """Mark the step rejected for a non-finite value; warn (every time) or raise.
 
         The warm start the step could have poisoned is dropped (the next step starts CG from
-        zero).
+        zero); ``state["rejections"]`` counts the rejected steps and trials of the run.
         """
+        self.global_state["rejections"] = int(self.global_state.get("rejections", 0)) + 1
         self.diagnostics["accepted"] = False
         self.diagnostics["rejected_reason"] = reason
         for key in self._WARM_START_KEYS:
@@ -141,9 +141,7 @@ class NonFiniteGuard:
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        if not self._warned_nonfinite:
-            warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
-            self._warned_nonfinite = True
+        warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
 
     def _on_reject(self, reason: str) -> None:
         """Hook: react to a rejected step (e.g. raise the damping)."""

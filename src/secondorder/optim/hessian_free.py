@@ -233,7 +233,7 @@ class HessianFree(CurvatureOptimizer):
             :class:`~.hessian_free_parts.ArmijoLineSearch` with the group's ``ls_c``,
             ``ls_shrink`` and ``ls_max_steps``. Used when ``use_linesearch``.
         params: Parameters (one group) of ``model``; default: all trainable ones.
-        on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject and warn) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
         jacobian_factors: Whether GGN products of an MLP go through its output-Jacobian
             factors (:mod:`~secondorder.curvature.factored`): ``False`` (default) or ``True``
