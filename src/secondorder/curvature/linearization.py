@@ -29,7 +29,6 @@ from torch import Tensor
 from .factored import FactoredLinearization
 from .model import FunctionalModel
 from .sequential import SequentialLinearization, sequential_layers
-from .vocabulary import canonical_engine
 
 __all__ = [
     "AutogradLinearization",
@@ -269,7 +268,9 @@ def linearize(
     engine: str = "auto",
     jacobian_factors: bool | str = False,
 ) -> Linearization | SequentialLinearization:
-    """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the chosen engine.
+    """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the engine that ``select`` chooses.
+
+    :func:`~secondorder.curvature.engines.dispatch.select` is the one place of that choice.
 
     Args:
         fmodel: The model as a function of its parameters.
@@ -290,29 +291,15 @@ def linearize(
         ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
             ``jacobian_factors=True`` on a model the hand-written engine does not serve.
     """
-    engine = canonical_engine(engine)
-    if engine == "graph":  # the model as a traced graph (engines/graph.py); its own fallback
-        from .engines.graph import graph_linearization
+    from .engines.dispatch import select, sequential_chain
+    from .engines.graph import graph_linearization
 
+    path = select(fmodel, inputs, engine, jacobian_factors)
+    if path == "graph":
         return graph_linearization(fmodel, inputs, leaves)
-    if engine != "autograd":
-        layers = sequential_layers(fmodel.model)
-        if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
-            if jacobian_factors is True:
-                return FactoredLinearization(fmodel, layers, inputs, leaves)
-            return SequentialLinearization(fmodel, layers, inputs, leaves)
-        if engine == "sequential":
-            raise ValueError(
-                f"engine='sequential' needs an nn.Sequential of supported layers called on one "
-                f"tensor; {type(fmodel.model).__name__} is not (use engine='auto')"
-            )
-    if jacobian_factors is True:
-        raise ValueError(
-            f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
-            f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
-        )
-    if engine == "auto" and not torch._C._is_torch_function_mode_enabled():
-        from .engines.graph import graph_linearization
-
-        return graph_linearization(fmodel, inputs, leaves)
+    if path in ("sequential", "factored"):
+        layers = sequential_chain(fmodel, inputs)
+        assert layers is not None
+        cls = FactoredLinearization if path == "factored" else SequentialLinearization
+        return cls(fmodel, layers, inputs, leaves)
     return AutogradLinearization(fmodel, inputs, leaves)

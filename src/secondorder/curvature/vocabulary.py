@@ -22,6 +22,7 @@ __all__ = [
     "CURVATURES",
     "EIGENSOLVERS",
     "ENGINES",
+    "ENGINE_PATHS",
     "NON_GRAPH_ENGINES",
     "FISHER_KINDS",
     "OPTIMIZER_CURVATURES",
@@ -29,6 +30,7 @@ __all__ = [
     "Curvature",
     "Eigensolver",
     "Engine",
+    "EnginePath",
     "FisherKind",
     "canonical_engine",
 ]
@@ -38,6 +40,10 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 # the operators that have no graph engine (block-diagonal, low-rank) take these
 NON_GRAPH_ENGINES = ("auto", "sequential", "autograd")
 ENGINE_ALIASES = {"kron": "sequential"}  # LowRankGGN's former name of its hand-written path
+#: the paths that compute products, as :func:`~.engines.dispatch.select` chooses them and
+#: :class:`~.linearization.EngineInfo` reports them
+EnginePath = Literal["sequential", "factored", "graph", "autograd", "mlp_hessian"]
+ENGINE_PATHS: tuple[str, ...] = get_args(EnginePath)
 
 Curvature = Literal[
     "ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher", "pch_clip", "pch_abs"
