@@ -1,10 +1,11 @@
-"""The memory savings of the Sequential and the graph engine keep their products exact.
+"""The graph engine's memory savings on ``nn.Sequential`` models keep its products exact.
 
-Covers: activation derivatives taken from kept outputs (ReLU, sigmoid, tanh), activations moved
-behind max-pooling, the column-blocked ``Linear, activation, Linear`` at a product's bottom, and
-the fallbacks (outputs not kept by a later layer, in-place layers). Each product is compared
-with the autograd engine in float64, for ``engine="sequential"`` and ``engine="graph"`` (whose
-savings are the rewrites of ``curvature/engines/memory.py``).
+Covers the rewrites of ``curvature/engines/memory.py``: activations moved behind max-pooling,
+applied in place where their operand is fresh and unshared, and the column-blocked
+``Linear, activation, Linear`` at a product's bottom; and what the linearisation keeps (the layer
+inputs, ReLU, sigmoid and tanh derivatives from their kept outputs). Each product is compared
+with the autograd engine in float64, for ``engine="graph"`` and ``"sequential"``, its alias (the
+name of the former hand-written ``nn.Sequential`` engine, whose savings these are).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 import secondorder as so
-from secondorder.curvature import sequential
 from secondorder.curvature.engines import memory
 
 DT = torch.float64
@@ -113,7 +113,6 @@ def _build(name: str, seed: int = 0):
 def blocking(request, monkeypatch):
     """Run with the default block threshold and with every hidden layer split in two."""
     if request.param:
-        monkeypatch.setattr(sequential, "_MIN_BLOCK", 1)
         monkeypatch.setattr(memory, "MIN_BLOCK", 1)
     return request.param
 
@@ -163,59 +162,6 @@ def test_block_diagonal_blocks_match(blocking, engine):
         end = start + p.numel()
         assert rel_err(block, dense[start:end, start:end]) <= RTOL
         start = end
-
-
-def _kept(name: str) -> list[tuple[str, set[str]]]:
-    model, loss_fn, X, y = _build(name)
-    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
-    lin = G._states[0][0].lin
-    return [(type(layer).__name__, set(rec)) for layer, rec in lin._steps]
-
-
-def test_relu_and_sigmoid_keep_no_derivative():
-    """ReLU, sigmoid and tanh feeding a stored input keep no derivative tensor."""
-    for name in ("relu_mlp", "sigmoid_mlp", "tanh_mlp"):
-        acts = [keys for kind, keys in _kept(name) if kind in ("ReLU", "Sigmoid", "Tanh")]
-        assert acts and all("d" not in keys and "s" in keys for keys in acts)
-    acts = [keys for kind, keys in _kept("silu_mlp") if kind == "SiLU"]
-    assert all("d" in keys for keys in acts)
-
-
-def test_activation_moves_behind_pooling():
-    steps = [kind for kind, _ in _kept("sigmoid_cnn_pool")]
-    assert steps[:3] == ["Conv2d", "MaxPool2d", "Sigmoid"]
-    assert steps[3:6] == ["Conv2d", "MaxPool2d", "ReLU"]
-    model, loss_fn, X, y = _build("silu_then_pool")
-    lin = so.GGN(model, loss_fn, (X, y), engine="sequential")._states[0][0].lin
-    (pool, pool_rec), (act, act_rec) = lin._steps[1:3]
-    assert isinstance(pool, nn.MaxPool1d) and isinstance(act, nn.SiLU)
-    assert act_rec["d"].shape == pool_rec["idx"].shape  # only the pooled entries
-
-
-def test_outputs_not_kept_fall_back_to_derivatives():
-    kinds = dict(_kept("output_not_kept"))
-    assert "d" in kinds["Tanh"] and "s" not in kinds["Tanh"]  # BatchNorm keeps x-hat, not s
-    assert "s" in kinds["Sigmoid"]  # the model output is kept anyway
-    kinds = dict(_kept("inplace_relu"))
-    assert all("s" not in keys for keys in kinds.values())
-
-
-def test_held_memory_of_relu_mlp_is_the_layer_inputs():
-    """The operator's stored tensors for a ReLU MLP are its layer inputs and nothing else."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
-    )
-    X, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
-    lin = so.GGN(model, nn.CrossEntropyLoss(), (X, y))._states[0][0].lin
-    storages = {
-        v.untyped_storage().data_ptr()
-        for _, rec in lin._steps
-        for key, v in rec.items()
-        if isinstance(v, torch.Tensor) and key not in ("w",)
-    }
-    inputs = {rec["x"].untyped_storage().data_ptr() for _, rec in lin._steps if "x" in rec}
-    assert storages == inputs
 
 
 # ------------------------------------------------------------ the graph engine's rewrites
@@ -278,3 +224,32 @@ def test_graph_in_place_only_where_unshared(blocking):
     assert flags == {"relu": (False, True), "tanh": (True, False)}
     ref = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="autograd")
     assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
+
+
+def test_relu_sigmoid_tanh_keep_their_output_and_others_the_derivative():
+    """ReLU, sigmoid and tanh keep their output (the next Linear's stored input), SiLU sigma'."""
+    for name in ("relu_mlp", "sigmoid_mlp", "tanh_mlp"):
+        acts = [s for _, s in _graph_steps(name).steps if hasattr(s, "act")]
+        assert len(acts) == 2 and all(set(s.act.ctx) == {"s"} for s in acts)
+    acts = [s for _, s in _graph_steps("silu_mlp").steps if hasattr(s, "act")]
+    assert len(acts) == 2 and all(set(s.act.ctx) == {"d"} for s in acts)
+
+
+def test_held_memory_of_relu_mlp_is_the_layer_inputs():
+    """The operator's stored tensors for a ReLU MLP are its layer inputs and nothing else."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    X, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    lin = so.GGN(model, nn.CrossEntropyLoss(), (X, y))._states[0][0].lin
+    assert lin.path == "graph"
+    ctxs = [getattr(s, "act", s).ctx for _, s in lin.steps]
+    storages = {
+        v.untyped_storage().data_ptr()
+        for ctx in ctxs
+        for key, v in ctx.items()
+        if isinstance(v, torch.Tensor) and key != "w"
+    }
+    inputs = {ctx["x"].untyped_storage().data_ptr() for ctx in ctxs if "x" in ctx}
+    assert storages == inputs

@@ -5,8 +5,10 @@ Every product of :math:`J` and :math:`J^\top` is computed by one of these paths 
 :class:`~secondorder.curvature.linearization.EngineInfo` reports):
 
 - ``"graph"``: the model traced as a graph of nodes with one rule per layer
-  (:mod:`.graph`; ``nn.Sequential`` is a chain of such nodes). It falls back to whole-model
-  autograd on its own where it cannot trace, and its result then reports ``"autograd"``;
+  (:mod:`.graph`; ``nn.Sequential`` is a chain of such nodes, and ``engine="sequential"``, the
+  name of the former hand-written ``nn.Sequential`` engine, is an alias). It falls back to
+  whole-model autograd on its own where it cannot trace, and its result then reports
+  ``"autograd"``;
 - ``"factored"``: the explicit fast path for MLPs through the output-Jacobian factors
   (:class:`~secondorder.curvature.factored.FactoredLinearization`), only for
   ``jacobian_factors=True``;
@@ -66,35 +68,28 @@ def select(
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of one batch.
         engine: ``"auto"`` (the graph engine; whole-model autograd under a torch-function
-            mode), ``"graph"``, ``"autograd"``, or ``"sequential"`` (an alias of ``"graph"`` that
-            also requires an ``nn.Sequential`` of supported layers on one tensor).
+            mode), ``"graph"``, ``"autograd"``, or ``"sequential"`` (the former hand-written
+            ``nn.Sequential`` engine, now an alias of ``"graph"``).
         jacobian_factors: ``True`` selects ``"factored"`` (an ``nn.Sequential`` MLP on one
             tensor); ``False`` or the retired ``"auto"`` the reference paths.
 
     Returns:
-        ``"graph"``, ``"factored"`` or ``"autograd"``.
+        ``"graph"``, ``"factored"`` or ``"autograd"`` (``"sequential"`` is no longer a path).
 
     Raises:
-        ValueError: For an unknown engine, ``"sequential"`` on a model that is not an
-            ``nn.Sequential`` of supported layers on one tensor, or ``jacobian_factors=True``
-            on such a model with ``engine="autograd"``/``"graph"`` or on any other model.
+        ValueError: For an unknown engine, or ``jacobian_factors=True`` with
+            ``engine="autograd"`` or on a model that is not an ``nn.Sequential`` of supported
+            layers on one tensor (``engine="graph"`` ignores the option).
     """
     engine = canonical_engine(engine)
-    chain = sequential_chain(fmodel, inputs) if engine in ("auto", "sequential") else None
-    if engine == "sequential" and chain is None:
-        raise ValueError(
-            f"engine='sequential' needs an nn.Sequential of supported layers called on one "
-            f"tensor; {type(fmodel.model).__name__} is not (use engine='auto')"
-        )
     if jacobian_factors is True and engine != "graph":
-        if chain is None:
+        if engine == "autograd" or sequential_chain(fmodel, inputs) is None:
             raise ValueError(
                 f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
-                f"hand-written engine); {type(fmodel.model).__name__} is not one"
+                f"factored fast path); {type(fmodel.model).__name__} with engine={engine!r} "
+                "goes through the graph or autograd engine"
             )
         return "factored"
-    if chain is not None:
-        return "sequential"
     if engine == "autograd" or (engine == "auto" and torch._C._is_torch_function_mode_enabled()):
         return "autograd"
-    return "graph"
+    return "graph"  # "auto", "graph" and "sequential", its alias: nn.Sequential is a chain
