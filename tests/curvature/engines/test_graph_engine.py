@@ -364,3 +364,26 @@ def test_tied_parameters_stay_the_models_parameters(engine: str) -> None:
     assert again.shape == G.shape
     R = ref.dense_ggn(model, nn.CrossEntropyLoss(), (X,), y)
     assert tm.relative_error(again.to_dense(), R) < 1e-10
+
+
+def test_residual_cnn_with_batchnorm_in_training_mode() -> None:
+    """Batch statistics couple the samples: the BatchNorm rule, no node left to autograd."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNet((2, 3)).to(DT)).train()
+    X, y = _data(1, 6, 6)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="graph")
+    info = G.engine_info[0]
+    assert info.path == "graph" and info.autograd_nodes == (), info
+    # the running statistics move as after one plain forward pass
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    with torch.no_grad():
+        model(X)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(built[k], v, rtol=0, atol=0)
+    model.load_state_dict(start)
+    R = ref.dense_ggn(model, nn.CrossEntropyLoss(), (X,), y)
+    assert tm.relative_error(G.to_dense(), R) < 1e-10
+    A = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="autograd")
+    assert tm.relative_error(G.to_dense(), A.to_dense()) < 1e-12
