@@ -82,7 +82,7 @@ _IN_PLACE = {
 
 def times_derivative(act: RuleStep, ctx: dict[str, Any], g: Tensor, in_place: bool) -> Tensor:
     r""":math:`\sigma' \odot g` of an activation step with context ``ctx`` (into ``g`` if asked)."""
-    if not in_place:
+    if not in_place or ("s" in ctx and type(act.module) not in _IN_PLACE):
         out = act.rule.jvp(act.module, ctx, g, {}, False)
         assert out is not None
         return out
