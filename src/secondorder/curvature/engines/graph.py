@@ -13,6 +13,11 @@ that depends on the parameters as a step (:mod:`.steps`) keeping what its produc
 - any other node by autograd on that node alone
   (:class:`~secondorder.curvature.engines.steps.AutogradStep`).
 
+``nn.Sequential`` is a chain of such nodes. After the forward pass, the rewrites of
+:mod:`.memory` move activations behind max-pooling, apply them in place where their operand is
+fresh and unshared, and mark the ``Linear, activation, Linear`` triples that the bottom of a
+reverse pass computes in column blocks; the products are unchanged.
+
 :math:`Jv` runs the steps forward, :math:`J^\top u` backward (skipping steps that reach no
 requested parameter); no autograd graph of the model is kept. The first linearisation of a
 model also evaluates the model itself and compares the outputs, so a trace that does not
