@@ -85,10 +85,14 @@ def test_linear_layers_on_sequence_inputs(engine):
     assert rel_err(G @ V, expected @ V) <= RTOL
 
 
-def test_sequential_engine_refuses_other_modules():
+def test_sequential_engine_is_the_graph_engine_on_other_modules():
+    # engine="sequential" names the former hand-written nn.Sequential engine: now the graph
+    # engine's alias, it serves any module (this one exactly, as autograd does)
     model, loss_fn, inputs, y = build(CASES[3], "ce", "mean")  # bn_module
-    with pytest.raises(ValueError, match="engine='sequential'"):
-        so.GGN(model, loss_fn, (inputs, y), engine="sequential")
+    G = so.GGN(model, loss_fn, (inputs, y), engine="sequential")
+    ref = so.GGN(model, loss_fn, (inputs, y), engine="autograd")
+    assert G.engine_info[0].path == "graph"
+    assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
 
 
 @pytest.mark.parametrize("op_name", list(OPERATORS))

@@ -33,7 +33,10 @@ class LinearRule(Rule):
         x: Tensor = ctx["x"]
         dw, db = dparams.get("weight"), dparams.get("bias")
         out = F.linear(dx, ctx["w"]) if dx is not None else None
-        if dw is not None:
+        if dw is not None and out is not None and not batched and out.is_contiguous():
+            # x dW^T added into the new tensor out, without a temporary of its size
+            out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), dw.T)
+        elif dw is not None:
             if batched:  # (K, out, in) -> (K, 1.., in, out), broadcast over x's rows
                 dwt = dw.transpose(-1, -2)
                 term = x @ dwt.reshape(dw.shape[0], *([1] * (x.ndim - 2)), *dwt.shape[1:])
