@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from .._checks import check_choice
 from .vocabulary import PCH_MODIFICATIONS
 
-__all__ = ["MODIFICATIONS", "positive_curvature_mode"]
+__all__ = ["MODIFICATIONS", "modify_residual", "positive_curvature_mode"]
 
 MODIFICATIONS = PCH_MODIFICATIONS
 
@@ -67,8 +67,12 @@ _INTERCEPTED: set[Any] = {
 }
 
 
-def _modify(r: Tensor, modify: str) -> Tensor:
+def modify_residual(r: Tensor, modify: str) -> Tensor:
+    r""":math:`\rho(r)`: :math:`\max(r, 0)` for ``"clip"``, :math:`|r|` for ``"abs"``."""
     return r.clamp_min(0) if modify == "clip" else r.abs()
+
+
+_modify = modify_residual
 
 
 def _derivatives(fn: Callable[[Tensor], Tensor], a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

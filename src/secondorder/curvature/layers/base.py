@@ -13,6 +13,25 @@ derivative, ...). With :math:`y = f(x, \theta)`:
 With ``batched=True`` every tangent, cotangent and buffer carries a leading column dimension
 ``K``; the context is shared by the columns. Parameters are named as in the module's own
 ``_parameters`` (``"weight"``, ``"bias"``); a parameter the module lacks is ``None``.
+
+**Second-order (residual) term** for Hessian products (Pearlmutter's R-operator node by node).
+With :math:`\delta = \partial L / \partial y` the gradient cotangent at the output (fixed by the
+build), the residual is the directional derivative of the pullback with :math:`\delta` held
+fixed,
+
+.. math::
+    (r_x, r_\theta) = \frac{d}{d\epsilon}\Big[J(x + \epsilon\, dx, \theta + \epsilon\,
+    d\theta)^\top \delta\Big]_{\epsilon=0}
+    = \nabla^2_{(x,\theta)} \langle \delta, f(x, \theta) \rangle\, (dx, d\theta),
+
+so the reverse pass of :math:`Hv` is :math:`R\{\delta_x\} = J_x^\top R\{\delta_y\} + r_x`,
+:math:`R\{g_\theta\} = J_\theta^\top R\{\delta_y\} + r_\theta`. ``prepare_residual`` runs
+once per build and keeps what the residual needs (``None``: the residual is zero at this
+point, e.g. a piecewise-linear layer); ``residual`` returns :math:`r_x` (if ``need_input``) and
+adds :math:`r_\theta` into ``grads`` like ``vjp``. ``modify="clip"|"abs"`` (the PCH) replaces an
+elementwise activation's :math:`\delta \odot f''(a)` by :math:`\rho(\delta \odot f''(a))`;
+every other rule keeps its exact term. The default (:func:`generic_residual`) is exact for any
+rule: ``torch.func.jvp`` of ``torch.func.vjp`` of the single module.
 """
 
 from __future__ import annotations
@@ -24,7 +43,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Example", "Rule", "add_bias_tangent", "channel_view", "per_sample", "sum_to"]
+__all__ = [
+    "Example",
+    "Rule",
+    "add_bias_tangent",
+    "channel_view",
+    "generic_residual",
+    "per_sample",
+    "sum_to",
+]
 
 Params = Mapping[str, Tensor | None]
 Context = dict[str, Any]
@@ -63,6 +90,44 @@ class Rule:
     ) -> Tensor | None:
         """Accumulate parameter cotangents into ``grads``; return the input cotangent or None."""
         raise NotImplementedError
+
+    def prepare_residual(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        """What :meth:`residual` needs at the gradient cotangent ``delta`` (None: it is zero).
+
+        Args:
+            module: The module.
+            ctx: Its forward context.
+            x: Its input.
+            params: Every parameter value of the module (trainable or not).
+            delta: The gradient cotangent at its output (shape of the output).
+            modify: ``None``, or the PCH modification ``"clip"``/``"abs"``.
+
+        Returns:
+            The residual's context, or None where the residual vanishes.
+        """
+        return {"x": x, "params": dict(params), "delta": delta}
+
+    def residual(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        r"""Add :math:`r_\theta` into ``grads``; return :math:`r_x` (or None if zero/not needed)."""
+        return generic_residual(module, rctx, dx, dparams, need_input, grads, batched)
 
 
 @dataclass(frozen=True)
@@ -117,3 +182,59 @@ def per_sample(fn: Callable[[Tensor], Tensor], t: Tensor, batched: bool) -> Tens
     if not batched:
         return fn(t)
     return fn(t.flatten(0, 1)).unflatten(0, (t.shape[0], -1))
+
+
+def generic_residual(
+    module: nn.Module,
+    rctx: Context,
+    dx: Tensor | None,
+    dparams: Params,
+    need_input: bool,
+    grads: Mapping[str, Tensor],
+    batched: bool,
+) -> Tensor | None:
+    r"""The residual by ``torch.func``: jvp of the single module's vjp at fixed :math:`\delta`.
+
+    Args:
+        module: The module.
+        rctx: ``{"x", "params", "delta"}`` of :meth:`Rule.prepare_residual`'s default.
+        dx: Input tangent (``None``: zero), ``(K, *x.shape)`` if batched.
+        dparams: Parameter tangents by name (missing or ``None``: zero).
+        need_input: Whether :math:`r_x` is returned.
+        grads: Buffers :math:`r_\theta` is added into (by name).
+        batched: Whether tangents and buffers carry a leading column dimension.
+
+    Returns:
+        :math:`r_x`, or None.
+    """
+    x, params, delta = rctx["x"], rctx["params"], rctx["delta"]
+    names = [n for n in params if dparams.get(n) is not None]
+    if dx is None and not names:
+        return None
+
+    def pullback(x_: Tensor, p_: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        def f(a: Tensor, q: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(module, q, (a,))
+
+        return torch.func.vjp(f, x_, p_)[1](delta)  # type: ignore[no-any-return]
+
+    def column(k: int | None) -> Tensor:
+        def pick(t: Tensor | None) -> Tensor | None:
+            return t if t is None or k is None else t[k]
+
+        tx = pick(dx)
+        tp = {n: pick(dparams.get(n)) for n in params}
+        tangent_x = tx if tx is not None else torch.zeros_like(x)
+        tangent_p = {n: t if t is not None else torch.zeros_like(params[n]) for n, t in tp.items()}
+        _, (rx, rp) = torch.func.jvp(pullback, (x, params), (tangent_x, tangent_p))
+        for n, buf in grads.items():
+            if n in rp:
+                (buf if k is None else buf[k]).add_(rp[n])
+        return rx  # type: ignore[no-any-return]
+
+    if not batched:
+        rx = column(None)
+        return rx if need_input else None
+    K = (dx if dx is not None else dparams[names[0]]).shape[0]  # type: ignore[union-attr]
+    cols = [column(k) for k in range(K)]
+    return torch.stack(cols) if need_input else None
