@@ -30,8 +30,8 @@ once per build and keeps what the residual needs (``None``: the residual is zero
 point, e.g. a piecewise-linear layer); ``residual`` returns :math:`r_x` (if ``need_input``) and
 adds :math:`r_\theta` into ``grads`` like ``vjp``. ``modify="clip"|"abs"`` (the PCH) replaces an
 elementwise activation's :math:`\delta \odot f''(a)` by :math:`\rho(\delta \odot f''(a))`;
-every other rule keeps its exact term. The default (:func:`generic_residual`) is exact for any
-rule: ``torch.func.jvp`` of ``torch.func.vjp`` of the single module.
+every other rule keeps its exact term. The default (:func:`generic_prepare`,
+:func:`generic_residual`) is exact for any rule: the double backward of the single module.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "Rule",
     "add_bias_tangent",
     "channel_view",
+    "generic_prepare",
     "generic_residual",
     "per_sample",
     "sum_to",
@@ -113,7 +114,7 @@ class Rule:
         Returns:
             The residual's context, or None where the residual vanishes.
         """
-        return {"x": x, "params": dict(params), "delta": delta}
+        return generic_prepare(module, x, params, delta)
 
     def residual(
         self,
@@ -184,6 +185,30 @@ def per_sample(fn: Callable[[Tensor], Tensor], t: Tensor, batched: bool) -> Tens
     return fn(t.flatten(0, 1)).unflatten(0, (t.shape[0], -1))
 
 
+def generic_prepare(module: nn.Module, x: Tensor, params: Params, delta: Tensor) -> Context | None:
+    r"""The graph of :math:`g = \nabla_{(x,\theta)} \langle \delta, f(x, \theta) \rangle`.
+
+    Args:
+        module: The module.
+        x: Its input.
+        params: Every parameter value of the module.
+        delta: The gradient cotangent at its output.
+
+    Returns:
+        ``{"leaves", "names", "g"}`` for :func:`generic_residual`, or None where :math:`g` does
+        not depend on the input and the parameters (a linear module).
+    """
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        pl = {n: p.detach().requires_grad_(True) for n, p in params.items() if p is not None}
+        y = torch.func.functional_call(module, pl, (xl,))
+        leaves = [xl, *pl.values()]
+        g = torch.autograd.grad(y, leaves, delta, create_graph=True, allow_unused=True)
+    if not any(gi is not None and gi.requires_grad for gi in g):
+        return None
+    return {"leaves": leaves, "names": list(pl), "g": list(g)}
+
+
 def generic_residual(
     module: nn.Module,
     rctx: Context,
@@ -193,11 +218,15 @@ def generic_residual(
     grads: Mapping[str, Tensor],
     batched: bool,
 ) -> Tensor | None:
-    r"""The residual by ``torch.func``: jvp of the single module's vjp at fixed :math:`\delta`.
+    r"""The residual by double backward of the single module: :math:`\nabla_{(x,\theta)} g`.
+
+    :math:`g` (:func:`generic_prepare`) is a gradient, so its Jacobian is the symmetric Hessian
+    of :math:`\langle \delta, f \rangle` and one backward of :math:`g` against
+    :math:`(dx, d\theta)` gives :math:`(r_x, r_\theta)`.
 
     Args:
         module: The module.
-        rctx: ``{"x", "params", "delta"}`` of :meth:`Rule.prepare_residual`'s default.
+        rctx: The context of :func:`generic_prepare`.
         dx: Input tangent (``None``: zero), ``(K, *x.shape)`` if batched.
         dparams: Parameter tangents by name (missing or ``None``: zero).
         need_input: Whether :math:`r_x` is returned.
@@ -207,34 +236,41 @@ def generic_residual(
     Returns:
         :math:`r_x`, or None.
     """
-    x, params, delta = rctx["x"], rctx["params"], rctx["delta"]
-    names = [n for n in params if dparams.get(n) is not None]
-    if dx is None and not names:
+    leaves, names, g = rctx["leaves"], rctx["names"], rctx["g"]
+    tangents = [dx, *(dparams.get(n) for n in names)]
+    outs, tans = [], []
+    for gi, t in zip(g, tangents):
+        if gi is not None and t is not None and gi.requires_grad:
+            outs.append(gi)
+            tans.append(t)
+    slots = ([0] if need_input else []) + [1 + k for k, n in enumerate(names) if n in grads]
+    if not outs or not slots:
         return None
-
-    def pullback(x_: Tensor, p_: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        def f(a: Tensor, q: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(module, q, (a,))
-
-        return torch.func.vjp(f, x_, p_)[1](delta)  # type: ignore[no-any-return]
-
-    def column(k: int | None) -> Tensor:
-        def pick(t: Tensor | None) -> Tensor | None:
-            return t if t is None or k is None else t[k]
-
-        tx = pick(dx)
-        tp = {n: pick(dparams.get(n)) for n in params}
-        tangent_x = tx if tx is not None else torch.zeros_like(x)
-        tangent_p = {n: t if t is not None else torch.zeros_like(params[n]) for n, t in tp.items()}
-        _, (rx, rp) = torch.func.jvp(pullback, (x, params), (tangent_x, tangent_p))
-        for n, buf in grads.items():
-            if n in rp:
-                (buf if k is None else buf[k]).add_(rp[n])
-        return rx  # type: ignore[no-any-return]
-
+    wrt = [leaves[k] for k in slots]
     if not batched:
-        rx = column(None)
-        return rx if need_input else None
-    K = (dx if dx is not None else dparams[names[0]]).shape[0]  # type: ignore[union-attr]
-    cols = [column(k) for k in range(K)]
-    return torch.stack(cols) if need_input else None
+        got = torch.autograd.grad(outs, wrt, tans, retain_graph=True, allow_unused=True)
+    else:
+        try:
+            got = torch.autograd.grad(
+                outs, wrt, tans, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:  # no batching rule for this double backward: one column at a time
+            cols = [
+                torch.autograd.grad(
+                    outs, wrt, [t[k] for t in tans], retain_graph=True, allow_unused=True
+                )
+                for k in range(tans[0].shape[0])
+            ]
+            got = tuple(
+                None if any(c[i] is None for c in cols) else torch.stack([c[i] for c in cols])  # type: ignore[misc]
+                for i in range(len(wrt))
+            )
+    rx = None
+    for k, r in zip(slots, got):
+        if r is None:
+            continue
+        if k == 0:
+            rx = r
+        else:
+            grads[names[k - 1]].add_(r)
+    return rx
