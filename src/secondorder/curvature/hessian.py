@@ -48,15 +48,17 @@ def _loss_of(loss_fn: Any, out: Any, targets: Any) -> Any:
 class Hessian(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla_\theta^2 L = \sum_b w_b \nabla_\theta^2 L_b` (indefinite).
 
-    With ``engine="auto"`` or ``"graph"``, the model is traced and each product is
-    Pearlmutter's R-operator node by node (:mod:`.engines.second_order`): one :math:`Jv`, one
-    :math:`J^\top u` and each nonlinear node's second-order (residual) term, with no autograd
-    graph of the model; the build is one forward and one backward pass. Where the model cannot
-    be traced (``engine_info`` says why), and with ``engine="autograd"``, building runs one
+    With ``engine="graph"``, and with ``"auto"`` for every model but an ``nn.Sequential`` MLP,
+    the model is traced and each product is Pearlmutter's R-operator node by node
+    (:mod:`.engines.second_order`): one :math:`Jv`, one :math:`J^\top u` and each nonlinear
+    node's second-order (residual) term, with no autograd graph of the model; the build is one
+    forward and one backward pass. An ``nn.Sequential`` MLP (Linear layers, elementwise
+    activations, reshapes) on one tensor takes the hand-written R-operator of
+    :mod:`.mlp_hessian` under ``"auto"`` and ``"sequential"``. Where the model cannot be
+    traced (``engine_info`` says why), and with ``engine="autograd"``, building runs one
     forward and one backward pass with ``create_graph=True`` per batch and each product is one
-    backward pass through that gradient graph (reverse over reverse). ``engine="sequential"``
-    takes the hand-written R-operator for an ``nn.Sequential`` MLP (:mod:`.mlp_hessian`), the
-    graph engine for other models. Works for any module and any scalar loss callable.
+    backward pass through that gradient graph (reverse over reverse). Works for any module and
+    any scalar loss callable.
 
     Args:
         model: Any ``nn.Module``.
@@ -104,7 +106,8 @@ class Hessian(CurvatureOperator):
         # double backward: then the products must go through that graph
         reason = None
         if self.engine != "autograd" and not torch._C._is_torch_function_mode_enabled():
-            if self.engine == "sequential" and self.modify is None and len(batch.inputs) == 1:
+            mlp = self.engine in ("auto", "sequential") and self.modify is None
+            if mlp and len(batch.inputs) == 1:
                 layers = mlp_layers(self.fmodel.model)
                 if layers is not None and isinstance(batch.inputs[0], Tensor):
                     return MLPHessian(
