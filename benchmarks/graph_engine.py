@@ -13,10 +13,9 @@ one GGN·v with the operator built beforehand ("per product") and building the o
 one product ("build + 1"), each as a ratio to the median of one gradient (forward, loss and
 backward of the same batch, of the problem's first model), and the memory of a GGN·v (what the
 operator holds plus the product's peak) over a gradient's peak. A second table gives one
-Hessian·v per product (``so.Hessian``: the graph engine's R-operator, the whole-model double
-backward ``"autograd"``, and for ``nn.Sequential`` the hand-written MLP R-operator under
-``"sequential"``), timed in the same interleaved run. All products are checked equal to the
-autograd engine's first.
+Hessian·v per product (``so.Hessian``: the graph engine's R-operator and the whole-model double
+backward ``"autograd"``), timed in the same interleaved run. All products are checked equal to
+the autograd engine's first.
 
 Usage::
 
@@ -124,10 +123,7 @@ def measure(name: str, repeats: int) -> tuple[list[list[Any]], list[list[Any]]]:
                 lambda op, v=v: op @ v,
             )
             memory[f"{label} {e}"] = (built.retained + applied.peak) / grad_peak
-        hessians = {
-            e: so.Hessian(model, loss_fn, (X, y), engine=e)
-            for e in HESSIAN_ENGINES[label.split("(")[1].rstrip(")")]
-        }
+        hessians = {e: so.Hessian(model, loss_fn, (X, y), engine=e) for e in HESSIAN_ENGINES}
         want = hessians["autograd"] @ v
         for e, op in hessians.items():
             err = float(((op @ v) - want).norm() / want.norm())

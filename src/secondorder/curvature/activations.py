@@ -14,7 +14,7 @@ arguments it honours: the exact class (a subclass may change ``forward``), no in
 ``forward``, no hooks, and no public attribute the entry does not read (an argument a later
 torch version adds is refused rather than ignored). Engines send a refused module down their
 autograd path or raise. Used by the Sequential engine (:mod:`.sequential`), the block-diagonal
-engine (:mod:`.blockwise`), the MLP Hessian (:mod:`.mlp_hessian`) and the probed forward
+engine (:mod:`.blockwise`), the graph engine's rules (:mod:`.layers`) and the probed forward
 passes of the Kronecker paths (:mod:`.probes`).
 """
 

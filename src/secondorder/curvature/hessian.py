@@ -15,7 +15,6 @@ from .base import CurvatureOperator
 from .engines.second_order import GraphHessian, graph_hessian
 from .linearization import EngineInfo, backward_into, batched_grad
 from .losses import _check_scalar, check_targets
-from .mlp_hessian import MLPHessian, mlp_layers
 from .model import Batch
 from .pch_mode import positive_curvature_mode
 from .vocabulary import PCH_MODIFICATIONS
@@ -48,17 +47,15 @@ def _loss_of(loss_fn: Any, out: Any, targets: Any) -> Any:
 class Hessian(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla_\theta^2 L = \sum_b w_b \nabla_\theta^2 L_b` (indefinite).
 
-    With ``engine="graph"``, and with ``"auto"`` for every model but an ``nn.Sequential`` MLP,
-    the model is traced and each product is Pearlmutter's R-operator node by node
+    With ``engine="auto"``, ``"graph"`` or ``"sequential"`` (``nn.Sequential`` is a graph like
+    any other), the model is traced and each product is Pearlmutter's R-operator node by node
     (:mod:`.engines.second_order`): one :math:`Jv`, one :math:`J^\top u` and each nonlinear
     node's second-order (residual) term, with no autograd graph of the model; the build is one
-    forward and one backward pass. An ``nn.Sequential`` MLP (Linear layers, elementwise
-    activations, reshapes) on one tensor takes the hand-written R-operator of
-    :mod:`.mlp_hessian` under ``"auto"`` and ``"sequential"``. Where the model cannot be
-    traced (``engine_info`` says why), and with ``engine="autograd"``, building runs one
-    forward and one backward pass with ``create_graph=True`` per batch and each product is one
-    backward pass through that gradient graph (reverse over reverse). Works for any module and
-    any scalar loss callable.
+    forward and one backward pass. Where the model cannot be traced (``engine_info`` says why),
+    under a ``TorchFunctionMode``, and with ``engine="autograd"``, building runs one forward and
+    one backward pass with ``create_graph=True`` per batch and each product is one backward
+    pass through that gradient graph (reverse over reverse). Works for any module and any
+    scalar loss callable.
 
     Args:
         model: Any ``nn.Module``.
@@ -82,8 +79,7 @@ class Hessian(CurvatureOperator):
     IS_PSD = False
     #: How products with several columns (``H @ V``, ``to_dense``) ran: ``"vmap"``, one batched
     #: backward (``is_grads_batched``), or ``"loop"``, one backward per column, the fallback for
-    #: double backwards without a batching rule (e.g. GroupNorm's); the hand-written MLP path
-    #: loops over columns as well.
+    #: double backwards without a batching rule (e.g. GroupNorm's).
     batched_products: str = "vmap"
 
     def __init__(
@@ -97,22 +93,13 @@ class Hessian(CurvatureOperator):
     def _engine_info(self, state: Any) -> EngineInfo:
         if isinstance(state, GraphHessian):
             return EngineInfo.of(state.lin)
-        if isinstance(state, MLPHessian):
-            return EngineInfo("mlp_hessian")
         return EngineInfo("autograd", state.fallback_reason)
 
-    def _prepare(self, batch: Batch) -> _HessianState | MLPHessian | GraphHessian:
+    def _prepare(self, batch: Batch) -> _HessianState | GraphHessian:
         # a TorchFunctionMode (e.g. positive_curvature_mode) may change the recorded graph's
         # double backward: then the products must go through that graph
         reason = None
         if self.engine != "autograd" and not torch._C._is_torch_function_mode_enabled():
-            mlp = self.engine in ("auto", "sequential") and self.modify is None
-            if mlp and len(batch.inputs) == 1:
-                layers = mlp_layers(self.fmodel.model)
-                if layers is not None and isinstance(batch.inputs[0], Tensor):
-                    return MLPHessian(
-                        self.fmodel, layers, batch.inputs, batch.targets, self.loss_fn
-                    )
             got = graph_hessian(self.fmodel, batch.inputs, batch.targets, self.loss_fn, self.modify)
             if isinstance(got, GraphHessian):
                 return got
@@ -142,8 +129,6 @@ class Hessian(CurvatureOperator):
     ) -> list[Tensor]:
         if isinstance(state, GraphHessian):
             return state.hvp(tangents, indices, batched)
-        if isinstance(state, MLPHessian):
-            return self._apply_mlp(state, tangents, indices, batched)
         idx = list(range(len(state.leaves))) if indices is None else list(indices)
         outs, tans = [], []
         for g, t in zip(state.grad, tangents):
@@ -163,27 +148,6 @@ class Hessian(CurvatureOperator):
         grads = batched_grad(self, outs, wrt, tans, batched)
         return [g if g is not None else z for g, z in zip(grads, zeros)]
 
-    def _apply_mlp(
-        self,
-        state: MLPHessian,
-        tangents: list[Tensor | None],
-        indices: Sequence[int] | None,
-        batched: bool,
-    ) -> list[Tensor]:
-        """Products of the R-operator path, one column at a time when batched."""
-        idx = list(range(len(self.fmodel.params))) if indices is None else list(indices)
-        shapes = [self.fmodel.shapes[i] for i in idx]
-        if not batched:
-            bufs = [self.fmodel.params[i].new_zeros(shape) for i, shape in zip(idx, shapes)]
-            self._apply_into(state, tangents, indices, bufs, 1.0)
-            return bufs
-        K = next(t.shape[0] for t in tangents if t is not None)
-        bufs = [self.fmodel.params[i].new_zeros(K, *shape) for i, shape in zip(idx, shapes)]
-        for k in range(K):
-            column = [t[k] if t is not None else None for t in tangents]
-            self._apply_into(state, column, indices, [b[k] for b in bufs], 1.0)
-        return bufs
-
     def _apply_into(
         self,
         state: Any,
@@ -197,15 +161,6 @@ class Hessian(CurvatureOperator):
                 tangents = [t * weight if t is not None else None for t in tangents]
             state.hvp_into(tangents, out, indices)
             return
-        if isinstance(state, MLPHessian):
-            idx = range(len(self.fmodel.params)) if indices is None else indices
-            full: list[Tensor | None] = [None] * len(self.fmodel.params)
-            for i, buf in zip(idx, out):
-                full[i] = buf
-            if weight != 1.0:
-                tangents = [t * weight if t is not None else None for t in tangents]
-            state.hvp_into(tangents, full)
-            return
         outs, tans = [], []
         for g, t in zip(state.grad, tangents):
             if g is not None and t is not None and g.requires_grad:
@@ -217,7 +172,7 @@ class Hessian(CurvatureOperator):
         backward_into(outs, tans, wrt, out)
 
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
-        if isinstance(state, (MLPHessian, GraphHessian)):
+        if isinstance(state, GraphHessian):
             return state.loss, state.gradient
         grads = [
             g.detach() if g is not None else torch.zeros_like(p)

@@ -150,7 +150,8 @@ def test_engine_info_names_the_path() -> None:
     info = so.Hessian(model, CE, (X, y), engine="autograd").engine_info[0]
     assert info.path == "autograd" and info.fallback_reason is None
     seq = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 10)).to(DT)
-    assert so.Hessian(seq, CE, (X, y)).engine_info[0].path == "mlp_hessian"
+    assert so.Hessian(seq, CE, (X, y)).engine_info[0].path == "graph"
+    assert so.Hessian(seq, CE, (X, y), engine="sequential").engine_info[0].path == "graph"
     assert so.Hessian(seq, CE, (X, y), engine="graph").engine_info[0].path == "graph"
     assert so.Hessian(seq, CE, (X, y), modify="abs").engine_info[0].path == "graph"
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4, 10)).to(DT)

@@ -31,13 +31,14 @@ import torch
 from torch import Tensor, fx
 
 from ..._checks import check_choice
+from ..layers.base import Rule
 from ..linearization import Linearization
 from ..losses import LossTerms, loss_terms
 from ..model import FunctionalModel
 from ..vocabulary import PCH_MODIFICATIONS
 from .graph import GraphLinearization, graph_linearization
 from .step_base import Step
-from .steps import RuleStep
+from .steps import ProductStep, RuleStep
 
 __all__ = ["GraphHessian", "SecondOrderGraph", "graph_hessian"]
 
@@ -70,6 +71,13 @@ def _accumulate(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _owns_residual(step: Step) -> bool:
+    """Whether the step's residual cotangents are new tensors (explicit rules, products)."""
+    if isinstance(step, RuleStep):
+        return type(step.rule).residual is not Rule.residual
+    return isinstance(step, ProductStep)
+
+
 class GraphHessian:
     """One batch's Hessian products (or the PCH-modified ones) on the graph engine.
 
@@ -92,12 +100,14 @@ class GraphHessian:
         self.loss = terms.value
         grads = {i: torch.zeros_like(leaf.detach()) for i, leaf in enumerate(lin.leaves)}
         self._rctx: list[Any] = [None] * len(lin.steps)
+        self._owns = [False] * len(lin.steps)
         cots: dict[fx.Node, Any] = {lin._out: terms.grad_output}
         with torch.no_grad():
             for k in range(len(lin.steps) - 1, -1, -1):
                 node, step = lin.steps[k]
                 u = cots.pop(node, None)
                 self._rctx[k] = step.prepare_residual(u, modify)
+                self._owns[k] = _owns_residual(step)
                 if u is None:
                     continue
                 for n, g in zip(step.inputs, step.vjp(u, [True] * len(step.inputs), grads, False)):
@@ -113,6 +123,7 @@ class GraphHessian:
             requested |= 1 << i
         env: dict[fx.Node, Any] = {}
         inject: dict[fx.Node, Any] = {}  # r_x per node, added to its cotangent
+        owned: set[fx.Node] = set()  # nodes whose r_x is a new tensor (added into in place)
         with torch.no_grad():
             for k, (node, step) in enumerate(lin.steps):
                 tin = [env.get(n) for n in step.inputs]
@@ -121,8 +132,15 @@ class GraphHessian:
                     need = [bool(lin._mask[n] & requested) for n in step.inputs]
                     res = step.residual(rctx, tin, tangents, need, grads, batched)
                     for n, r in zip(step.inputs, res):
-                        if r is not None:
-                            inject[n] = _accumulate(inject.get(n), r)
+                        if r is None:
+                            continue
+                        if n in inject:
+                            inject[n] = _accumulate(inject[n], r)
+                            owned.add(n)
+                        else:
+                            inject[n] = r
+                            if self._owns[k]:
+                                owned.add(n)
                 env[node] = step.jvp(tin, tangents, batched)
                 for n in lin._last_use.get(k, ()):
                     env.pop(n, None)
@@ -132,7 +150,11 @@ class GraphHessian:
             if dz is not None:
                 cots[lin._out] = self.terms.hessian_matmat(dz)
             for node, step in reversed(lin.steps):
-                u = _accumulate(cots.pop(node, None), inject.pop(node, None))
+                u, r = cots.pop(node, None), inject.pop(node, None)
+                if node in owned and isinstance(u, Tensor) and u.shape == r.shape:
+                    u = r.add_(u)
+                else:
+                    u = _accumulate(u, r)
                 if u is None or not (lin._mask[node] & requested):
                     continue
                 need = [bool(lin._mask[n] & requested) for n in step.inputs]
