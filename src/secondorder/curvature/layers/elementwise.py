@@ -80,10 +80,11 @@ class ElementwiseRule(Rule):
         delta: Tensor,
         modify: str | None = None,
     ) -> Context | None:
-        t, s = type(module), ctx.get("s")
+        t = type(module)
         d2: Tensor | None
         if t is nn.ReLU:
             return None
+        s: Tensor = ctx["s"] if t in _FROM_OUTPUT else x
         if t is nn.Sigmoid:  # s (1 - s) (1 - 2 s)
             d1 = torch.addcmul(s, s, s, value=-1)
             d2 = torch.addcmul(d1, d1, s, value=-2)
