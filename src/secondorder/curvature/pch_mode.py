@@ -26,6 +26,12 @@ max-pooling) have no residual.
 Any other nonlinearity (products of activations, normalisation, attention) keeps its exact
 second-order term, so the PSD guarantee only holds for networks whose nonlinearities are all
 intercepted, with a convex loss.
+
+The graph engine computes the same modified products without recording a graph:
+``Hessian(model, loss_fn, data, modify="clip"|"abs")`` (:mod:`.engines.second_order`, which
+applies :func:`modify_residual` to every elementwise activation's :math:`\delta \odot f''` and
+evaluates nodes without a rule again under this mode); the double backward here remains for
+models it cannot trace.
 """
 
 from __future__ import annotations
