@@ -79,8 +79,21 @@ class Hessian(CurvatureOperator):
     IS_PSD = False
     #: How products with several columns (``H @ V``, ``to_dense``) ran: ``"vmap"``, one batched
     #: backward (``is_grads_batched``), or ``"loop"``, one backward per column, the fallback for
-    #: double backwards without a batching rule (e.g. GroupNorm's).
-    batched_products: str = "vmap"
+    #: double backwards without a batching rule (e.g. GroupNorm's); on the graph engine, a
+    #: node differentiated by autograd that loops makes it ``"loop"`` too.
+    _batched_products: str = "vmap"
+
+    @property
+    def batched_products(self) -> str:
+        """``"vmap"`` or ``"loop"``: how products with several columns ran (comment above)."""
+        graphs = [s.lin for s, _ in self._states or () if isinstance(s, GraphHessian)]
+        if self._batched_products == "loop" or any(g.batched_products == "loop" for g in graphs):
+            return "loop"
+        return "vmap"
+
+    @batched_products.setter
+    def batched_products(self, value: str) -> None:
+        self._batched_products = value
 
     def __init__(
         self, model: Any, loss_fn: Any, data: Any, *, modify: str | None = None, **kwargs: Any
