@@ -115,7 +115,9 @@ class GraphHessian:
                         cots[n] = _accumulate(cots.get(n), g)
         self.gradient = [grads[i] for i in range(len(lin.leaves))]
 
-    def _product(self, tangents: Sequence[Tensor | None], grads: dict[int, Tensor], batched: bool):
+    def _product(
+        self, tangents: Sequence[Tensor | None], grads: dict[int, Tensor], batched: bool
+    ) -> None:
         """Add :math:`Hv` (blocks in ``grads``, by parameter index) into ``grads``."""
         lin = self.lin
         requested = 0
