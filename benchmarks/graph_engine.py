@@ -50,11 +50,8 @@ PROBLEMS = ("resnet", "mlp")
 Variant = tuple[str, nn.Module, tuple[str, ...]]
 
 
-#: engines of the Hessian·v rows, per variant label's suffix
-HESSIAN_ENGINES = {
-    "custom": ("graph", "autograd"),
-    "Sequential": ("sequential", "graph", "autograd"),
-}
+#: engines of the Hessian·v rows
+HESSIAN_ENGINES = ("graph", "autograd")
 
 
 def make(name: str) -> tuple[list[Variant], torch.Tensor, torch.Tensor]:
