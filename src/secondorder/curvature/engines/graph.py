@@ -430,7 +430,10 @@ def _agrees(z: Tensor, ref: Any) -> bool:
 
 
 def graph_linearization(
-    fmodel: FunctionalModel, inputs: tuple[Any, ...], leaves: list[Tensor]
+    fmodel: FunctionalModel,
+    inputs: tuple[Any, ...],
+    leaves: list[Tensor],
+    cls: type[GraphLinearization] | None = None,
 ) -> Linearization:
     """The graph engine's linearisation, or the whole-model autograd one where it cannot run.
 
@@ -438,6 +441,8 @@ def graph_linearization(
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
+        cls: The class of the graph's linearisation (default :class:`GraphLinearization`; the
+            Hessian's :class:`~.second_order.SecondOrderGraph` keeps what residuals need).
 
     Returns:
         A :class:`GraphLinearization` (``path == "graph"``), or an
@@ -455,7 +460,7 @@ def graph_linearization(
         ref = None if verified else _reference_output(fmodel, leaves, inputs)
         rng.restore()
         try:
-            lin = GraphLinearization(fmodel, graph, inputs, leaves)
+            lin = (cls or GraphLinearization)(fmodel, graph, inputs, leaves)
         except _Unsupported as e:
             reason = f"the traced graph cannot be linearised: {e}"
         else:

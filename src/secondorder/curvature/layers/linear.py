@@ -4,7 +4,11 @@ r"""``nn.Linear`` on inputs ``(..., d_in)``: :math:`y = x W^\top + b`.
     dy = dx\, W^\top + x\, dW^\top + db, \qquad
     dx = u W, \quad dW \mathrel{+}= u^\top x, \quad db \mathrel{+}= \textstyle\sum u,
 
-with every leading dimension of ``x`` flattened into rows.
+with every leading dimension of ``x`` flattened into rows. The map is bilinear in ``(x, W)``,
+so the residual at the gradient cotangent :math:`\delta` is
+
+.. math::
+    r_x = \delta\, dW, \qquad r_W = \delta^\top dx, \qquad r_b = 0.
 """
 
 from __future__ import annotations
@@ -74,6 +78,43 @@ class LinearRule(Rule):
             if gb is not None:
                 gb.add_(u2.sum(0))
         return u @ ctx["w"] if need_input else None
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return {"delta": delta}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        delta: Tensor = rctx["delta"]
+        d2 = delta.reshape(-1, delta.shape[-1])
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        if gw is not None and dx is not None:
+            if batched:
+                dx3 = dx.reshape(dx.shape[0], -1, dx.shape[-1])
+                gw.baddbmm_(d2.T.expand(dx.shape[0], *d2.T.shape), dx3)
+            else:
+                gw.addmm_(d2.T, dx.reshape(-1, dx.shape[-1]))
+        if not need_input or dw is None:
+            return None
+        if batched:  # (K, rows, in) -> (K, *lead, in)
+            return (d2 @ dw).reshape(dw.shape[0], *delta.shape[:-1], dw.shape[-1])
+        return delta @ dw
 
 
 EXAMPLES = [

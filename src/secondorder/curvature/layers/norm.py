@@ -18,6 +18,11 @@ over those entries, the Jacobian of :math:`\hat x` is symmetric,
 
 so the same map serves :math:`dx` from :math:`\gamma u` in the reverse product.
 **GroupNorm** applies it over each group of channels (and the spatial dimensions).
+
+Residuals (second-order terms): BatchNorm (eval) is bilinear in :math:`(x, \gamma)`, so with
+:math:`c = s\,\delta` (per channel :math:`s`), :math:`r_x = c\, d\gamma`,
+:math:`r_\gamma = \sum c\, dx`, :math:`r_\beta = 0`. LayerNorm and GroupNorm use the generic
+residual of :class:`~.base.Rule` (``torch.func``).
 """
 
 from __future__ import annotations
@@ -90,6 +95,42 @@ class BatchNormEvalRule(Rule):
         if gb is not None:
             gb.add_(u.sum(dims))
         return u * ctx["scale"] if need_input else None
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        m: Any = module
+        if params.get("weight") is None:  # affine in x alone
+            return None
+        inv = channel_view((m.running_var + m.eps).rsqrt(), delta.ndim, ctx["dim"], False)
+        return {"c": delta * inv}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        c, dim = rctx["c"], ctx["dim"]
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        if gw is not None and dx is not None:
+            lead = 1 if batched else 0
+            dims = [d for d in range(lead, dx.ndim) if d != lead + dim]
+            gw.add_((c * dx).sum(dims))
+        if not need_input or dw is None:
+            return None
+        return c * channel_view(dw, c.ndim, dim, batched)
 
 
 class LayerNormRule(Rule):
@@ -378,6 +419,31 @@ class BatchNormRule(Rule):
         batched: bool,
     ) -> Tensor | None:
         return ctx["rule"].vjp(module, ctx, u, need_input, grads, batched)
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        rctx = ctx["rule"].prepare_residual(module, ctx, x, params, delta, modify)
+        return None if rctx is None else {**rctx, "rule": ctx["rule"]}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        return rctx["rule"].residual(module, ctx, rctx, dx, dparams, need_input, grads, batched)
 
 
 def _bn_train(m: Any) -> Any:
