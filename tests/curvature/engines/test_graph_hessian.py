@@ -10,6 +10,7 @@ without a rule, an untraceable model) against ``jacrev(grad)``, parameter subset
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -239,3 +240,23 @@ def test_modify_is_checked() -> None:
     X, y = _data(4)
     with pytest.raises(ValueError, match="modify"):
         so.Hessian(Twice().to(DT), CE, (X, y), modify="square")
+
+
+def test_batchnorm_in_training_mode_is_exact_and_moves_the_statistics_once() -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNet((2, 3))).to(DT).train()
+    X, y = _data(1, 6, 6)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(X)  # building moves the statistics as one forward pass does, products never
+    stats = {k: v.clone() for k, v in twin.state_dict().items() if "running" in k}
+    H = so.Hessian(model, CE, (X, y), engine="graph")
+    info = H.engine_info[0]
+    assert info.path == "graph" and not info.autograd_nodes, info
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    Hv = H @ v
+    H @ torch.randn(H.shape[0], 2, dtype=DT)
+    for k, before in stats.items():
+        assert torch.equal(model.state_dict()[k], before), k
+    R = ref.dense_hessian(copy.deepcopy(model), CE, (X,), y)
+    assert tm.relative_error(Hv, R @ v) < 1e-10
