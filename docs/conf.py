@@ -39,12 +39,14 @@ intersphinx_mapping: dict[str, tuple[str, None]] = {}
 autosummary_generate = True
 autosummary_imported_members = True
 autodoc_default_options = {"member-order": "bysource"}
+autodoc_preserve_defaults = True
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
 autodoc_class_signature = "separated"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # "Attributes:" as fields: NamedTuple fields are also members
 add_module_names = False
 
 # -- Markdown --------------------------------------------------------------------------------
