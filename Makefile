@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m secondorder spiral
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples docs/conf.py
+	$(VENV)/bin/ruff format --check src tests benchmarks examples docs/conf.py
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
