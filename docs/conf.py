@@ -61,6 +61,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "abort_on_example_error": True,
+    "run_stale_examples": True,  # every build runs every example against the current code
     "min_reported_time": 1,
     "within_subsection_order": "FileNameSortKey",
 }
