@@ -40,11 +40,13 @@ for _ in range(40):
 print(f"{len(values)} steps, f = {values[-1]:.3g}, x = {path[-1].tolist()}")
 
 path = torch.stack(path)
-a, b = torch.meshgrid(torch.linspace(-1.6, 1.6, 200), torch.linspace(-0.5, 3.3, 200), indexing="xy")
+a, b = torch.meshgrid(torch.linspace(-2.0, 1.6, 200), torch.linspace(-0.8, 3.3, 200), indexing="xy")
 f = (1 - a) ** 2 + 100 * (b - a**2) ** 2
 fig, ax = plt.subplots(figsize=(5, 4))
 ax.contour(a, b, torch.log10(f + 1e-3), levels=25, cmap="viridis")
 ax.plot(path[:, 0], path[:, 1], "o-", color="C3", ms=3, label="Hessian-free iterates")
 ax.plot([1], [1], "k*", ms=12, label="minimum")
+ax.set_xlabel("$x_0$")
+ax.set_ylabel("$x_1$")
 ax.legend()
 fig.tight_layout()
