@@ -22,3 +22,8 @@ def test_guide_snippets_run(page, capsys):
     setup = BLOCK.findall((GUIDE / "index.md").read_text())[0]
     blocks = BLOCK.findall((GUIDE / f"{page}.md").read_text())
     exec(compile(setup + "\n".join(blocks), f"docs/guide/{page}.md", "exec"), {})
+
+
+def test_landing_page_snippet_runs(capsys):
+    (block,) = BLOCK.findall((GUIDE.parent / "index.md").read_text())
+    exec(compile(block, "docs/index.md", "exec"), {})
