@@ -19,10 +19,9 @@ Every product of :math:`J` and :math:`J^\top` is computed by one of these paths 
   therefore see every operation.
 
 Callers: :func:`~secondorder.curvature.linearization.linearize`, through it :class:`~.GGN`, the
-Fisher kinds (:class:`~.Fisher`) and the products every optimizer builds on them. The Hessian,
-the block-diagonal, low-rank and diagonal operators still choose their own paths
-(``hessian.py``, ``blockwise.py``, ``lowrank.py``, ``diagonal_paths.py``); routing them here is
-open.
+Fisher kinds (:class:`~.Fisher`) and the products every optimizer builds on them; and
+:class:`~.Hessian` (``"graph"``: the second-order pass of :mod:`.second_order`, else the double
+backward).
 """
 
 from __future__ import annotations
