@@ -41,7 +41,7 @@ def relu_mlp() -> nn.Module:
     )
 
 
-def unflatten_mlp() -> nn.Module:  # a Linear on 3-D inputs: the kron engine does not apply
+def unflatten_mlp() -> nn.Module:  # a Linear on 3-D inputs: per-sample rows, not Kronecker
     return nn.Sequential(
         nn.Linear(7, 6),
         nn.Unflatten(1, (2, 3)),
@@ -63,15 +63,26 @@ def conv1d_net() -> nn.Module:  # strided, dilated, padded Conv1d; no bias on th
     )
 
 
+class MixingMLP(nn.Module):  # samples interact after the first layer: the autograd engine
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(7, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
 MODELS = {
     "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
-    "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "autograd"),
+    "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "sequential"),
     "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "sequential"),
     "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
-    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "autograd"),
+    "mixing_mlp": (MixingMLP, lambda n: (torch.randn(n, 7),), "autograd"),
+    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "sequential"),
 }
 
 
@@ -365,9 +376,10 @@ def test_errors():
     cnn_model[0] = nn.Conv2d(1, 2, 3, groups=1, padding_mode="circular").to(DT)
     with pytest.raises(ValueError, match="kron"):
         LowRankGGN(cnn_model, loss_fn, (cx, cy), engine="kron")
-    um, _, ux, uy, _ = make("unflatten_mlp", "mse", "mean")
-    with pytest.raises(ValueError, match="2-D inputs"):
-        LowRankGGN(um, loss_fn, (ux, uy), engine="kron")
+    # a step that mixes the samples (a mean over the batch after a layer) refuses, naming it
+    mix, _, mx, my, _ = make("mixing_mlp", "mse", "mean")
+    with pytest.raises(ValueError, match=r"kron.*node mean"):
+        LowRankGGN(mix, loss_fn, (mx, my), engine="kron")
     lr = LowRankGGN(model, loss_fn, (x, y))
     D = lr.num_columns
     with pytest.raises(IndexError, match=rf"\[0, {D}\)"):
@@ -504,11 +516,11 @@ def test_conv_several_batches_equal_the_concatenated_batch():
 
 
 def test_conv_patches_in_chunks_of_samples(monkeypatch):
-    import secondorder.curvature.lowrank_columns as lowrank_columns
+    import secondorder.curvature.layers.conv as conv_rule
 
     model, loss_fn, x, y, _ = make("cnn", "mse", "mean", n=5)
     whole = LowRankGGN(model, loss_fn, (x, y), engine="kron")
-    monkeypatch.setattr(lowrank_columns, "_PATCH_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(conv_rule, "PATCH_ELEMENTS", 1)  # one sample per chunk
     chunked = LowRankGGN(model, loss_fn, (x, y), engine="kron")
     assert rel_err(chunked.gram(), whole.gram()) <= 1e-12
     assert rel_err(chunked.gradient(), whole.gradient()) <= 1e-12

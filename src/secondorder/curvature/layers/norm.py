@@ -37,6 +37,9 @@ __all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
 class BatchNormEvalRule(Rule):
     """Rule of ``nn.BatchNorm1d/2d/3d`` normalising by running statistics (module docstring)."""
 
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return bool(ctx["dim"] == 1)  # batched input
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         m: Any = module
         if m.training or not m.track_running_stats or m.running_mean is None:
@@ -88,6 +91,9 @@ class BatchNormEvalRule(Rule):
 
 class LayerNormRule(Rule):
     """Rule of ``nn.LayerNorm`` (module docstring)."""
+
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return bool(ctx["xhat"].ndim > len(ctx["dims"]))  # the leading dimension not normalised
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
@@ -153,6 +159,9 @@ class GroupNormRule(Rule):
     With :math:`x` of shape ``(N, C, *S)`` viewed as ``(N, G, C/G * prod(S))``, :math:`\hat x`
     normalises the last dimension; :math:`y = \gamma_c \hat x + \beta_c`.
     """
+
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return True  # inputs (N, C, *S), each sample normalised alone
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module

@@ -21,6 +21,11 @@ __all__ = ["ReshapeRule"]
 class ReshapeRule(Rule):
     """Rule of the parameter-free reshaping layers (module docstring)."""
 
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        # a row-major reshape keeping the leading size keeps every row's entries in that row
+        i, o = ctx["in_shape"], ctx["out_shape"]
+        return len(i) >= 1 and len(o) >= 1 and i[0] == o[0]
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         m: Any = module
         if isinstance(module, nn.Dropout) and module.training and m.p > 0:
