@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from cases import CASE_IDS, CASES, DT, LOSSES, targets
+from cases import CASE_IDS, CASES, DT, LOSSES, TwoInputs, targets
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -14,6 +17,10 @@ from secondorder.curvature.diagonal import (
     ggn_diagonal,
     per_sample_gradient_diagonal,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+from factor_models import MixesSamples, ResidualConv, ResidualMLP, SequenceInside
+from graph_models import MLP
 
 RTOL = 1e-10
 N = 6
@@ -242,3 +249,35 @@ def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
     got = ggn_diagonal(tied_model, nn.CrossEntropyLoss(), data)
     ref = so.GGN(tied_model, nn.CrossEntropyLoss(), data).to_dense().diagonal()
     assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL
+
+
+CUSTOM = {
+    "custom_mlp": (lambda: MLP((4, 6, 5, 3)), lambda n: (torch.randn(n, 4),), True),
+    "residual_mlp": (ResidualMLP, lambda n: (torch.randn(n, 4),), True),
+    "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), True),
+    "sequence_inside": (SequenceInside, lambda n: (torch.randn(n, 8),), True),
+    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), True),
+    "mixes_samples": (MixesSamples, lambda n: (torch.randn(n, 4),), False),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_fast_path_on_custom_modules_equals_dense_and_vmap(monkeypatch, name, loss_name):
+    build_model, inputs, fast = CUSTOM[name]
+    torch.manual_seed(0)
+    model = build_model().to(DT)
+    loss_fn = LOSSES[loss_name]("mean")
+    data = [(tuple(t.to(DT) for t in inputs(n)), targets(loss_name, n, seed=n)) for n in (5, 3)]
+    calls = _spy_fast_path(monkeypatch)
+    got_ggn, info = ggn_diagonal(model, loss_fn, data, return_info=True)
+    got_ef = empirical_fisher_diagonal(model, loss_fn, data)
+    assert calls["fast"] == (4 if fast else 0)
+    assert info.paths == (["kronecker"] * 2 if fast else ["batch"] * 2)
+    ref_ggn = so.GGN(model, loss_fn, data).to_dense().diagonal()
+    ref_ef = so.Fisher(model, loss_fn, data, kind="empirical").to_dense().diagonal()
+    assert rel_err(got_ggn, ref_ggn) <= RTOL
+    assert rel_err(got_ef, ref_ef) <= RTOL
+    if fast:
+        slow = _without_fast_path(monkeypatch, lambda: ggn_diagonal(model, loss_fn, data))
+        assert rel_err(got_ggn, slow) <= RTOL

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from cases import DT, LOSSES, BNNet, C, TiedAutoencoder, TwoInputs, _bn_eval, cnn, targets
+from factor_models import MixesSamples, ResidualConv, ResidualMLP
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import secondorder as so
 from reference import dense_ggn
 from secondorder.curvature.lowrank import LowRankGGN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+from graph_models import MLP
 
 N = 4
 
@@ -63,16 +70,6 @@ def conv1d_net() -> nn.Module:  # strided, dilated, padded Conv1d; no bias on th
     )
 
 
-class MixingMLP(nn.Module):  # samples interact after the first layer: the autograd engine
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(7, 5), nn.Linear(5, C)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(0, keepdim=True))
-
-
 MODELS = {
     "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
@@ -81,7 +78,10 @@ MODELS = {
     "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "sequential"),
     "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
-    "mixing_mlp": (MixingMLP, lambda n: (torch.randn(n, 7),), "autograd"),
+    "mixing_mlp": (MixesSamples, lambda n: (torch.randn(n, 4),), "autograd"),
+    "custom_mlp": (lambda: MLP((7, 6, 5, C)), lambda n: (torch.randn(n, 7),), "sequential"),
+    "residual_mlp": (ResidualMLP, lambda n: (torch.randn(n, 4),), "sequential"),
+    "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), "sequential"),
     "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "sequential"),
 }
 
