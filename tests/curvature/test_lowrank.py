@@ -530,7 +530,7 @@ def test_conv_patches_in_chunks_of_samples(monkeypatch):
     "conv",
     [
         lambda: nn.Conv2d(2, 4, 3, groups=2),
-        lambda: nn.Conv2d(2, 3, 3, padding="same"),
+        lambda: nn.Conv2d(2, 3, 2, padding="same"),  # pads one side more: no rule
         lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
         lambda: nn.Conv3d(2, 3, 1),
     ],
@@ -549,8 +549,8 @@ def test_unsupported_convolutions_fall_back(conv):
     assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
     with pytest.raises(ValueError, match="kron"):
         LowRankGGN(model, nn.MSELoss(), (x, y), engine="kron")
-    # frozen, a grouped convolution or Conv3d leaves the rest to the kron engine (a string
-    # padding or another padding mode is outside the Sequential engine's layers altogether)
+    # frozen, a grouped convolution or Conv3d leaves the rest to the kron engine (an asymmetric
+    # 'same' padding or another padding mode has no layer rule: its node goes to autograd)
     for p in model[2].parameters():
         p.requires_grad_(False)
     kron = LowRankGGN(model, nn.MSELoss(), (x, y))
@@ -560,3 +560,21 @@ def test_unsupported_convolutions_fall_back(conv):
         "sequential" if conv.padding_mode == "zeros" and conv.padding != "same" else "autograd"
     )
     assert rel_err(kron.gram(), auto.gram()) <= 1e-12
+
+
+def test_conv_same_and_valid_padding_take_the_fast_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding="same"),
+        nn.Tanh(),
+        nn.Conv2d(2, 3, (3, 1), dilation=(1, 2), padding="valid"),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 6, C),
+    ).to(DT)
+    x, y = torch.randn(N, 1, 6, 6, dtype=DT), torch.randn(N, C, dtype=DT)
+    lr = LowRankGGN(model, nn.MSELoss(), (x, y))
+    auto = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    assert lr.engine == "sequential"
+    assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
+    assert rel_err(lr.gram(), auto.gram()) <= 1e-12
+    assert rel_err(lr.gradient(), auto.gradient()) <= 1e-12

@@ -31,7 +31,7 @@ MORE = [
 ALL = [*EXAMPLES, *MORE]
 # examples whose rule must give per-sample cotangents (the fast paths rely on them)
 PER_SAMPLE = {"linear", "linear_3d_nobias", "linear_4d", "linear_nobias", "conv1d", "conv2d"}
-PER_SAMPLE |= {"conv1d_sd", "c2d", "conv2d_nobias"}
+PER_SAMPLE |= {"conv1d_sd", "c2d", "conv2d_nobias", "conv2d_same", "conv1d_same", "conv1d_valid"}
 
 
 def _setup(example):

@@ -1,5 +1,8 @@
 r"""``nn.Conv1d/2d/3d`` with zero padding: :math:`y = W \star x + b`, linear in ``x`` and ``W``.
 
+Padding ``'valid'`` and ``'same'`` become numbers (``'same'`` only where it pads both sides
+equally).
+
 .. math::
     dy = W \star dx + dW \star x + db,
 
@@ -19,7 +22,7 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 
-__all__ = ["ConvRule", "conv_weight_rows", "unfold"]
+__all__ = ["ConvRule", "conv_weight_rows", "padding", "unfold"]
 
 PATCH_ELEMENTS = 1 << 26  # elements of unfolded input patches held at once
 _SQ_ELEMENTS = 1 << 24  # per-sample rows and patches held at once by sq_param_vjp
@@ -40,13 +43,26 @@ def _backward(
         w,
         [w.shape[0]] if bias else None,
         list(m.stride),
-        list(m.padding),
+        padding(m),
         list(m.dilation),
         False,
         [0] * (w.ndim - 2),
         m.groups,
         mask,
     )
+
+
+def padding(m: Any) -> Any:
+    """Numeric padding per spatial dimension (``'valid'``: 0; ``'same'``: half the span).
+
+    None for ``'same'`` with an even effective kernel (torch pads one side more).
+    """
+    if not isinstance(m.padding, str):
+        return list(m.padding)
+    if m.padding == "valid":
+        return [0] * len(m.kernel_size)
+    spans = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    return None if any(s % 2 for s in spans) else [s // 2 for s in spans]
 
 
 class ConvRule(Rule):
@@ -56,8 +72,8 @@ class ConvRule(Rule):
         m: Any = module
         if m.padding_mode != "zeros":
             return f"padding_mode={m.padding_mode!r} (only 'zeros')"
-        if isinstance(m.padding, str):
-            return f"padding={m.padding!r} (only numeric padding)"
+        if isinstance(m.padding, str) and padding(m) is None:
+            return f"padding={m.padding!r} pads asymmetrically here (an even effective kernel)"
         return None
 
     # per-sample hooks (Rule): sample n's weight cotangent is sum_p u_n[:, p] patches_n[:, p]^T
@@ -92,7 +108,7 @@ class ConvRule(Rule):
     @staticmethod
     def _conv(m: Any, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         fn = _FUNCTIONS[type(m)]
-        return fn(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+        return fn(x, w, b, m.stride, padding(m), m.dilation, m.groups)
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         w, b = params["weight"], params.get("bias")
@@ -175,6 +191,9 @@ EXAMPLES = [
     Example(lambda: nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)), (2, 2, 5, 6), "conv2d"),
     Example(lambda: nn.Conv2d(2, 2, 3, bias=False), (2, 4, 4), "conv2d_unbatched_nobias"),
     Example(lambda: nn.Conv3d(1, 2, 2), (2, 1, 3, 3, 3), "conv3d"),
+    Example(lambda: nn.Conv2d(2, 3, (3, 1), padding="same"), (2, 2, 5, 4), "conv2d_same"),
+    Example(lambda: nn.Conv1d(2, 2, 3, dilation=2, padding="same"), (2, 2, 7), "conv1d_same"),
+    Example(lambda: nn.Conv1d(2, 3, 2, padding="valid"), (3, 2, 5), "conv1d_valid"),
 ]
 
 
@@ -213,11 +232,11 @@ def unfold(layer: Any, x: Tensor) -> Tensor:
             x.unsqueeze(2),
             (1, *layer.kernel_size),
             dilation=(1, *layer.dilation),
-            padding=(0, *layer.padding),
+            padding=(0, *padding(layer)),
             stride=(1, *layer.stride),
         )
     return F.unfold(
-        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        x, layer.kernel_size, dilation=layer.dilation, padding=padding(layer), stride=layer.stride
     )
 
 
