@@ -226,8 +226,9 @@ def test_kronecker_path_is_taken_and_equals_the_vmap_path(monkeypatch, loss_name
         assert rel_err(got_ggn, slow) <= RTOL
 
 
-def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
-    # Linear on (N, T, d) inputs: per-sample gradients are sums over T, not outer products
+def test_fast_path_on_sequence_inputs_and_declines_tied_weights(monkeypatch):
+    # Linear on (N, T, d) inputs and outputs: T loss rows per sample, one cotangent column per
+    # row; the per-sample gradients of each column are sums over T, not outer products
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
     x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 3, 2, dtype=DT)
@@ -243,7 +244,13 @@ def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
             return self.seq(x)
 
     ref = so.Fisher(Wrapped(), nn.MSELoss(), (x, y), kind="empirical").to_dense().diagonal()
-    assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL
+    assert calls["fast"] == 1 and rel_err(got, ref) <= RTOL
+    got = ggn_diagonal(model, nn.MSELoss(), (x, y))
+    ref = so.GGN(Wrapped(), nn.MSELoss(), (x, y)).to_dense().diagonal()
+    assert calls["fast"] == 2 and rel_err(got, ref) <= RTOL
+    slow = _without_fast_path(monkeypatch, lambda: ggn_diagonal(model, nn.MSELoss(), (x, y)))
+    assert rel_err(got, slow) <= RTOL
+    calls["fast"] = 0
     tied_model, inputs = CASES[CASE_IDS.index("tied_sequential")].make(5)
     data = (inputs, targets("ce", 5))
     got = ggn_diagonal(tied_model, nn.CrossEntropyLoss(), data)

@@ -8,7 +8,8 @@ factor, or the loss gradient for the empirical Fisher).
 per-sample hooks (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``; see
 :mod:`~secondorder.curvature.engines.factors`) of a traced model that keeps the samples apart
 (``nn.Sequential`` or a custom module: residual additions, reshapes, functional activations),
-one reverse pass of the :math:`C` (GGN) or one (empirical Fisher) cotangents over the graph
+one reverse pass of the :math:`mC` (GGN) or :math:`m` (empirical Fisher) cotangent columns
+(:math:`m` loss rows per sample, each column holding one row of every sample) over the graph
 engine's steps gives every such layer's output cotangents :math:`g_{nc}`, and its rule the
 squared per-sample parameter cotangents. For a Linear layer with inputs :math:`x_n` of shape
 ``(N, d)`` the per-sample gradient is an outer product, :math:`J_n^\top s = g_n x_n^\top`, so
@@ -101,17 +102,17 @@ def row_factor_diagonal(
         )
     S = factor(terms).detach()  # (R, C, K)
     m, C, K = rows.shape[0] // n, S.shape[1], S.shape[2]
-    if m == 1 and lin is not None:
-        fast = _kron_diagonal(fmodel, lin, terms, S)
+    # cotangents: for row j and column k the z-shaped tensor holding S[i m + j, :, k] in row j of
+    # every sample i (zeros elsewhere): (mK, *z.shape), built for the whole batch via from_rows
+    eye = torch.eye(m, dtype=S.dtype, device=S.device)
+    blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
+    columns = terms.from_rows(blocks.reshape(m * K, n * m, C))
+    if lin is not None:
+        fast = _kron_diagonal(fmodel, lin, columns)
         if fast is not None:
             info.record("kronecker")
             return fast, terms.scale
-    # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
-    # row j of sample i and zeros elsewhere; built for the whole batch via from_rows
-    eye = torch.eye(m, dtype=S.dtype, device=S.device)
-    blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
-    cot = terms.from_rows(blocks.reshape(m * K, n * m, C)).movedim(1, 0)  # (N, mK, *z_i)
-    cot = cot.reshape(n, m * K, 1, *z.shape[1:])
+    cot = columns.movedim(1, 0).reshape(n, m * K, 1, *z.shape[1:])  # (N, mK, 1, *z_i)
     dims = sample_dims(batch.inputs, n)
 
     def one_sample(inputs: tuple[Any, ...], cotangents: Tensor) -> tuple[Any, Tensor]:
@@ -147,16 +148,17 @@ def _factor_forward(fmodel: FunctionalModel, batch: Batch) -> GraphLinearization
 
 
 def _kron_diagonal(
-    fmodel: FunctionalModel, lin: GraphLinearization, terms: LossTerms, S: Tensor
+    fmodel: FunctionalModel, lin: GraphLinearization, columns: Tensor
 ) -> Tensor | None:
-    r""":math:`\sum_n \sum_k (J_n^\top S_n[:, k])^{\odot 2}` from the layers' per-sample rules.
+    r""":math:`\sum_n \sum_k (J_n^\top u_{kn})^{\odot 2}` from the layers' per-sample rules.
 
-    See the module docstring. ``S`` has shape ``(N, C, K)`` (one row per sample). None if a
+    See the module docstring. ``columns`` holds the cotangent columns ``(K', *z.shape)``, each
+    with one row per sample (:math:`K' = mK` for :math:`m` loss rows per sample). None if a
     layer's rule has no formula for its inputs.
     """
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
     parts = total.split(list(fmodel.numels))
-    for layer in layer_cotangents(lin, terms.from_rows(S.permute(2, 0, 1))):
+    for layer in layer_cotangents(lin, columns):
         squares = layer.squares()
         if squares is None:
             return None
