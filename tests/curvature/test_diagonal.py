@@ -20,7 +20,7 @@ from secondorder.curvature.diagonal import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
 from factor_models import MixesSamples, ResidualConv, ResidualMLP, SequenceInside
-from graph_models import MLP
+from graph_models import MLP, ResNet, randomize_batchnorm
 
 RTOL = 1e-10
 N = 6
@@ -264,6 +264,11 @@ CUSTOM = {
     "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), True),
     "sequence_inside": (SequenceInside, lambda n: (torch.randn(n, 8),), True),
     "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), True),
+    "resnet_bn": (
+        lambda: randomize_batchnorm(ResNet((2, 3), 3)),
+        lambda n: (torch.randn(n, 1, 6, 6),),
+        True,
+    ),
     "mixes_samples": (MixesSamples, lambda n: (torch.randn(n, 4),), False),
 }
 

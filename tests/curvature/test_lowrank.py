@@ -17,7 +17,7 @@ from reference import dense_ggn
 from secondorder.curvature.lowrank import LowRankGGN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
-from graph_models import MLP
+from graph_models import MLP, ResNet, randomize_batchnorm
 
 N = 4
 
@@ -76,12 +76,17 @@ MODELS = {
     "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "sequential"),
     "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "sequential"),
-    "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
+    "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "sequential"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
     "mixing_mlp": (MixesSamples, lambda n: (torch.randn(n, 4),), "autograd"),
     "custom_mlp": (lambda: MLP((7, 6, 5, C)), lambda n: (torch.randn(n, 7),), "sequential"),
     "residual_mlp": (ResidualMLP, lambda n: (torch.randn(n, 4),), "sequential"),
     "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), "sequential"),
+    "resnet_bn": (
+        lambda: randomize_batchnorm(ResNet((2, 3), C)),
+        lambda n: (torch.randn(n, 1, 6, 6),),
+        "sequential",
+    ),
     "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "sequential"),
 }
 

@@ -32,6 +32,8 @@ ALL = [*EXAMPLES, *MORE]
 # examples whose rule must give per-sample cotangents (the fast paths rely on them)
 PER_SAMPLE = {"linear", "linear_3d_nobias", "linear_4d", "linear_nobias", "conv1d", "conv2d"}
 PER_SAMPLE |= {"conv1d_sd", "c2d", "conv2d_nobias", "conv2d_same", "conv1d_same", "conv1d_valid"}
+PER_SAMPLE |= {"batchnorm1d", "batchnorm1d_seq", "batchnorm2d", "batchnorm3d", "layernorm"}
+PER_SAMPLE |= {"layernorm_2d", "layernorm_nobias", "groupnorm1d", "groupnorm2d"}
 
 
 def _setup(example):

@@ -22,7 +22,7 @@ so the same map serves :math:`dx` from :math:`\gamma u` in the reverse product.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,13 @@ class BatchNormEvalRule(Rule):
 
     def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
         return bool(ctx["dim"] == 1)  # batched input
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        if ctx["dim"] != 1:
+            return None
+        return _per_channel(ctx["xhat"], u, names)
 
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         m: Any = module
@@ -94,6 +101,21 @@ class LayerNormRule(Rule):
 
     def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
         return bool(ctx["xhat"].ndim > len(ctx["dims"]))  # the leading dimension not normalised
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        if not self.rowwise(module, ctx):
+            return None
+        # gamma, beta act on the normalised dimensions: sum over the middle ones per sample
+        xhat = ctx["xhat"]
+        mid = tuple(range(2, 1 + xhat.ndim - len(ctx["dims"])))
+        out = {}
+        if "weight" in names:
+            out["weight"] = _sum(u * xhat, mid).transpose(0, 1)
+        if "bias" in names:
+            out["bias"] = _sum(u, mid).transpose(0, 1)
+        return out
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
@@ -162,6 +184,11 @@ class GroupNormRule(Rule):
 
     def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
         return True  # inputs (N, C, *S), each sample normalised alone
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        return _per_channel(ctx["xhat"].reshape(ctx["shape"]), u, names)
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
@@ -239,6 +266,22 @@ def _ln(m: Any) -> Any:
         if getattr(m, "bias", None) is not None:
             m.bias.uniform_(-0.5, 0.5)
     return m
+
+
+def _per_channel(xhat: Tensor, u: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-sample cotangents ``(N, K, C)`` of a per-channel affine map on ``(N, C, *S)``."""
+    spatial = tuple(range(3, u.ndim))
+    out = {}
+    if "weight" in names:
+        out["weight"] = _sum(u * xhat, spatial).transpose(0, 1)
+    if "bias" in names:
+        out["bias"] = _sum(u, spatial).transpose(0, 1)
+    return out
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t`` summed over ``dims`` (none: ``t`` itself, where ``Tensor.sum(())`` sums all)."""
+    return t.sum(dims) if dims else t
 
 
 EXAMPLES = [
