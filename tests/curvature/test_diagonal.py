@@ -293,3 +293,17 @@ def test_fast_path_on_custom_modules_equals_dense_and_vmap(monkeypatch, name, lo
     if fast:
         slow = _without_fast_path(monkeypatch, lambda: ggn_diagonal(model, loss_fn, data))
         assert rel_err(got_ggn, slow) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["custom_mlp", "resnet_bn", "sequence_inside"])
+def test_fast_path_in_column_chunks_equals_all_columns(monkeypatch, name):
+    import secondorder.curvature.engines.factors as factors
+
+    build_model, inputs, _ = CUSTOM[name]
+    torch.manual_seed(0)
+    model = build_model().to(DT)
+    data = (tuple(t.to(DT) for t in inputs(4)), targets("ce", 4))
+    whole, info = ggn_diagonal(model, nn.CrossEntropyLoss(), data, return_info=True)
+    monkeypatch.setattr(factors, "_COLUMN_ELEMENTS", 1)  # one column per reverse pass
+    chunked = ggn_diagonal(model, nn.CrossEntropyLoss(), data)
+    assert info.paths == ["kronecker"] and rel_err(chunked, whole) <= 1e-13

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from .engines.factors import factor_linearization, layer_cotangents
+from .engines.factors import column_chunk, factor_linearization, layer_cotangents
 from .engines.graph import GraphLinearization
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel
@@ -158,12 +158,13 @@ def _kron_diagonal(
     """
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
     parts = total.split(list(fmodel.numels))
-    for layer in layer_cotangents(lin, columns):
-        squares = layer.squares()
-        if squares is None:
-            return None
-        for name, i in layer.params.items():
-            parts[i].add_(squares[name].reshape(-1))
+    for chunk in columns.split(column_chunk(lin)):  # squares add up over the columns
+        for layer in layer_cotangents(lin, chunk):
+            squares = layer.squares()
+            if squares is None:
+                return None
+            for name, i in layer.params.items():
+                parts[i].add_(squares[name].reshape(-1))
     return total
 
 

@@ -33,7 +33,15 @@ from .graph import GraphLinearization, graph_linearization
 from .steps import CatStep, ProductStep, ReshapeStep, RuleStep, SumStep
 from .trace import trace
 
-__all__ = ["LayerCotangents", "factor_linearization", "layer_cotangents", "support"]
+__all__ = [
+    "LayerCotangents",
+    "column_chunk",
+    "factor_linearization",
+    "layer_cotangents",
+    "support",
+]
+
+_COLUMN_ELEMENTS = 2**22  # columns x largest saved tensor of one reverse pass (locality)
 
 
 def has_hooks(rule: Rule) -> bool:
@@ -220,3 +228,22 @@ def layer_cotangents(lin: GraphLinearization, cotangents: Tensor) -> list[LayerC
                 if g is not None:
                     cots[n] = g if n not in cots else cots[n] + g
     return found
+
+
+def column_chunk(lin: GraphLinearization) -> int:
+    """Cotangent columns per reverse pass (quantities that add up over columns).
+
+    The largest saved tensor times the columns stays below ``_COLUMN_ELEMENTS``, so that wide
+    activations are swept in cache-sized pieces.
+    """
+    largest = max(
+        (
+            t.numel()
+            for _, step in lin.steps
+            if isinstance(step, RuleStep)
+            for t in step.ctx.values()
+            if isinstance(t, Tensor)
+        ),
+        default=1,
+    )
+    return max(1, _COLUMN_ELEMENTS // max(1, largest))
