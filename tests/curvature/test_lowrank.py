@@ -583,3 +583,24 @@ def test_conv_same_and_valid_padding_take_the_fast_engine():
     assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
     assert rel_err(lr.gram(), auto.gram()) <= 1e-12
     assert rel_err(lr.gradient(), auto.gradient()) <= 1e-12
+
+
+class FunctionalDropout(nn.Module):  # random, and no module tells: found on the traced graph
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.tanh(self.a(x)), 0.4, training=True))
+
+
+def test_refused_fast_engine_leaves_the_random_state_to_the_fallback():
+    torch.manual_seed(0)
+    model = FunctionalDropout().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randn(N, C, dtype=DT)
+    torch.manual_seed(7)
+    auto = LowRankGGN(model, nn.MSELoss(), (x, y))
+    torch.manual_seed(7)
+    ref = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    assert auto.engine == "autograd"
+    assert rel_err(auto.to_dense(), ref.to_dense()) <= 1e-12

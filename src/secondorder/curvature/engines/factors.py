@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 
 from ..layers import Rule, rule_for
 from ..model import FunctionalModel
+from ..per_sample import coupling
 from .graph import GraphLinearization, graph_linearization
 from .steps import CatStep, ProductStep, ReshapeStep, RuleStep, SumStep
 from .trace import trace
@@ -83,9 +84,16 @@ class LayerCotangents:
 
 
 def _static_check(fmodel: FunctionalModel) -> str | None:
-    """Why the traced graph cannot serve (before any forward pass), or None."""
+    """Why the traced graph cannot serve (before any forward pass), or None.
+
+    Refusing here keeps a model that cannot serve from running a forward pass that draws
+    random numbers or updates running statistics before its reference path runs.
+    """
     if len(fmodel.alias) != len(fmodel.params):
         return "parameters are tied (one parameter under several names)"
+    coupled = coupling(fmodel.model)
+    if coupled is not None:
+        return coupled
     graph, reason = trace(fmodel.model)
     if graph is None:
         return f"the model cannot be traced: {reason}"
@@ -97,6 +105,9 @@ def _static_check(fmodel: FunctionalModel) -> str | None:
             continue
         prefix = str(node.target)
         module = fmodel.model.get_submodule(prefix)
+        rule, why = rule_for(module)
+        if rule is None or type(rule).rowwise is Rule.rowwise:
+            return f"{prefix} ({type(module).__name__}): {why or 'samples may interact'}"
         mine = {
             fmodel.alias[f"{prefix}.{n}"]
             for n, _ in module.named_parameters(remove_duplicate=False)
@@ -104,9 +115,8 @@ def _static_check(fmodel: FunctionalModel) -> str | None:
         }
         if not mine:
             continue
-        rule = rule_for(module)[0]
-        if rule is None or not has_hooks(rule) or mine & covered:
-            why = "no per-sample rule" if rule is None or not has_hooks(rule) else "called twice"
+        if not has_hooks(rule) or mine & covered:
+            why = "no per-sample rule" if not has_hooks(rule) else "called twice"
             return f"{prefix} ({type(module).__name__}): {why}"
         covered |= mine
     if covered != set(range(len(fmodel.params))):
@@ -172,6 +182,12 @@ def factor_linearization(
 ) -> tuple[GraphLinearization | None, str | None]:
     """The graph linearisation of one batch where its per-sample layer cotangents are exact.
 
+    Models whose samples interact (:func:`~secondorder.curvature.per_sample.coupling`: BatchNorm
+    by batch statistics, Dropout in training mode), modules without a layer rule or one that
+    keeps samples apart, and parameters outside layers with per-sample rules are refused on the
+    traced graph before any forward pass; where the forward pass runs and the steps refuse,
+    the random state is restored.
+
     Args:
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of the batch.
@@ -184,11 +200,19 @@ def factor_linearization(
     why = _static_check(fmodel)
     if why is not None:
         return None, why
+    rng = torch.get_rng_state()  # a refused forward must not change what the fallback draws
+    cuda = torch.cuda.get_rng_state(fmodel.device) if fmodel.device.type == "cuda" else None
     lin = graph_linearization(fmodel, inputs, [p.detach() for p in fmodel.params])
-    if not isinstance(lin, GraphLinearization):
-        return None, getattr(lin, "fallback_reason", "the graph engine does not apply")
-    why = support(lin, num_samples, len(fmodel.params))
-    return (lin, None) if why is None else (None, why)
+    if isinstance(lin, GraphLinearization):
+        why = support(lin, num_samples, len(fmodel.params))
+    else:
+        why = getattr(lin, "fallback_reason", None) or "the graph engine does not apply"
+    if why is None:
+        return lin, None
+    torch.set_rng_state(rng)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, fmodel.device)
+    return None, why
 
 
 def _output_node(lin: GraphLinearization) -> fx.Node:
