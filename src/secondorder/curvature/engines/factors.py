@@ -207,7 +207,7 @@ def factor_linearization(
         why = support(lin, num_samples, len(fmodel.params))
     else:
         why = getattr(lin, "fallback_reason", None) or "the graph engine does not apply"
-    if why is None:
+    if why is None and isinstance(lin, GraphLinearization):
         return lin, None
     torch.set_rng_state(rng)
     if cuda is not None:
