@@ -202,7 +202,7 @@ def factor_linearization(
         return None, why
     rng = torch.get_rng_state()  # a refused forward must not change what the fallback draws
     cuda = torch.cuda.get_rng_state(fmodel.device) if fmodel.device.type == "cuda" else None
-    lin = graph_linearization(fmodel, inputs, [p.detach() for p in fmodel.params])
+    lin = graph_linearization(fmodel, inputs, fmodel.leaves())  # leaves: its fallback needs them
     if isinstance(lin, GraphLinearization):
         why = support(lin, num_samples, len(fmodel.params))
     else:
