@@ -165,6 +165,7 @@ def _measure(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         cg_maxiter=CG_ITERATIONS,
         cg_rtol=0.0,
         process_group=group,
+        adapt_damping=False,
     )
     theta0 = [p.detach().clone() for p in params]
 

@@ -12,8 +12,10 @@ Per problem and engine, in one interleaved run (``_harness.time_interleaved``, 2
 one GGN·v with the operator built beforehand ("per product") and building the operator plus
 one product ("build + 1"), each as a ratio to the median of one gradient (forward, loss and
 backward of the same batch, of the problem's first model), and the memory of a GGN·v (what the
-operator holds plus the product's peak) over a gradient's peak. All products are checked equal
-to the autograd engine's first.
+operator holds plus the product's peak) over a gradient's peak. A second table gives one
+Hessian·v per product (``so.Hessian``: the graph engine's R-operator and the whole-model double
+backward ``"autograd"``), timed in the same interleaved run. All products are checked equal to
+the autograd engine's first.
 
 Usage::
 
@@ -48,6 +50,10 @@ PROBLEMS = ("resnet", "mlp")
 Variant = tuple[str, nn.Module, tuple[str, ...]]
 
 
+#: engines of the Hessian·v rows
+HESSIAN_ENGINES = ("graph", "autograd")
+
+
 def make(name: str) -> tuple[list[Variant], torch.Tensor, torch.Tensor]:
     """The model variants (label, model, engines), inputs and targets of problem ``name``."""
     torch.manual_seed(0)
@@ -74,8 +80,8 @@ def make(name: str) -> tuple[list[Variant], torch.Tensor, torch.Tensor]:
     )
 
 
-def measure(name: str, repeats: int) -> list[list[Any]]:
-    """Rows of the table for one problem: every variant and engine in one interleaved run.
+def measure(name: str, repeats: int) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Rows of both tables for one problem: every variant and engine in one interleaved run.
 
     Ratios are to the gradient of the problem's first variant (the same function for every
     variant of a problem).
@@ -85,6 +91,7 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
     fns: dict[str, Callable[[], Any]] = {}
     info: list[tuple[str, int, str, str]] = []
     memory: dict[str, float] = {}  # footprint of a GGN·v (operator + product) / a gradient's
+    hessian_info: list[tuple[str, str, str]] = []
     for label, model, engines in variants:
         params = [p for p in model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
@@ -113,9 +120,20 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
                 lambda op, v=v: op @ v,
             )
             memory[f"{label} {e}"] = (built.retained + applied.peak) / grad_peak
+        hessians = {e: so.Hessian(model, loss_fn, (X, y), engine=e) for e in HESSIAN_ENGINES}
+        want = hessians["autograd"] @ v
+        for e, op in hessians.items():
+            err = float(((op @ v) - want).norm() / want.norm())
+            assert err < 1e-4, f"{label}: Hessian engine {e} differs from autograd by {err:.1e}"
+            fns[f"hessian {label} {e}"] = lambda op=op, v=v: op @ v
+            hessian_info.append((label, e, op.engine_info[0].path))
     t = time_interleaved(fns, repeats=repeats, warmup=2)
     g = t[f"gradient {variants[0][0]}"]
-    return [
+    hessian_rows = [
+        [label, e, path, str(ratio(t[f"hessian {label} {e}"], g))]
+        for label, e, path in hessian_info
+    ]
+    ggn_rows = [
         [
             label,
             f"{n:,}",
@@ -128,6 +146,7 @@ def measure(name: str, repeats: int) -> list[list[Any]]:
         ]
         for label, n, e, path in info
     ]
+    return ggn_rows, hessian_rows
 
 
 def main() -> None:
@@ -136,7 +155,8 @@ def main() -> None:
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     args = parser.parse_args()
     set_threads(2)
-    rows = [row for name in args.problems.split(",") for row in measure(name, args.repeats)]
+    tables = [measure(name, args.repeats) for name in args.problems.split(",")]
+    rows = [row for ggn_rows, _ in tables for row in ggn_rows]
     header = [
         *("problem", "params", "engine", "path", "gradient ms"),
         *("GGN·v", "build + 1", "memory"),
@@ -147,6 +167,10 @@ def main() -> None:
         "memory: tensor bytes held by the operator plus the peak of one product, over the peak "
         "of one gradient."
     )
+    print()
+    hessian_rows = [row for _, h in tables for row in h]
+    print(markdown_table(["problem", "engine", "path", "Hessian·v"], hessian_rows))
+    print("\nHessian·v: median (IQR) in gradients, in the same interleaved run as the GGN·v.")
 
 
 if __name__ == "__main__":

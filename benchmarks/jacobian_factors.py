@@ -69,6 +69,7 @@ def measure(name: str, repeats: int) -> list[str]:
             damping=2e-4,
             cg_maxiter=20,
             cg_rtol=1e-3,
+            adapt_damping=False,
             jacobian_factors=option,
         ).step(p.X, p.y)
 

@@ -366,20 +366,32 @@ def our_configs(so: Any, problem: str) -> list[tuple[str, str, Callable[[nn.Modu
 
     if problem in ("A", "B"):
         # seed 000's Gauss-Newton on the true GGN: (5 G + 1e-3 I) s = g <=> lr 0.2, damping 2e-4
-        add("GaussNewton", "GaussNewton", dict(lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3))
-        add("NewtonCG", "NewtonCG (Hessian)", dict(curvature="hessian", cg_maxiter=20))
-        add("NaturalGradient", "NaturalGradient (exact Fisher)", dict(lr=0.5, cg_maxiter=20))
+        # (fixed damping as in the seeds: adaptive damping adds a forward pass per step)
+        fixed = dict(adapt_damping=False, damping=1e-3)
+        add(
+            "GaussNewton",
+            "GaussNewton",
+            dict(lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3, adapt_damping=False),
+        )
+        add("NewtonCG", "NewtonCG (Hessian)", dict(curvature="hessian", cg_maxiter=20, **fixed))
+        add(
+            "NaturalGradient",
+            "NaturalGradient (exact Fisher)",
+            dict(lr=0.5, cg_maxiter=20, **fixed),
+        )
         add(
             "NaturalGradient",
             "NaturalGradient (MC Fisher)",
-            dict(lr=0.5, fisher="mc", cg_maxiter=20),
+            dict(lr=0.5, fisher="mc", cg_maxiter=20, **fixed),
         )
         add("HessianFree", "HessianFree", {})
         # seed 001's settings
         add(
             "BlockDiagonalNewtonCG",
             "BlockDiagonalNewtonCG",
-            dict(lr=0.1, damping=1e-2, cg_maxiter=20, cg_rtol=0.1, cg_atol=1e-6),
+            dict(
+                lr=0.1, damping=1e-2, cg_maxiter=20, cg_rtol=0.1, cg_atol=1e-6, adapt_damping=False
+            ),
         )
     directional = lookup(so, "DirectionalDampedNewton")
     if directional is not None:
@@ -387,7 +399,7 @@ def our_configs(so: Any, problem: str) -> list[tuple[str, str, Callable[[nn.Modu
         add(
             "DirectionalDampedNewton",
             "DirectionalDampedNewton",
-            dict(criterion=top_k(10), damping=1.0),
+            dict(criterion=top_k(10), damping=1.0, adapt_damping=False),
         )
     return out
 

@@ -44,6 +44,7 @@ from .linalg import top_eigh as top_eigh
 from .optim import (
     BlockDiagonalNewtonCG,
     CurvatureOptimizer,
+    CurvaturePreconditioner,
     DirectionalDampedNewton,
     GaussNewton,
     HessianFree,
@@ -51,6 +52,8 @@ from .optim import (
     NewtonCG,
     NonFiniteError,
     NonFiniteStepWarning,
+    RejectedStepWarning,
+    update_bn,
 )
 
 __version__ = "0.1.0"
@@ -95,6 +98,7 @@ __all__ = [
     # optimizers
     "BlockDiagonalNewtonCG",
     "CurvatureOptimizer",
+    "CurvaturePreconditioner",
     "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",
@@ -102,5 +106,7 @@ __all__ = [
     "NewtonCG",
     "NonFiniteError",
     "NonFiniteStepWarning",
+    "RejectedStepWarning",
+    "update_bn",
     "__version__",
 ]

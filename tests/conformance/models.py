@@ -28,7 +28,8 @@ class ModelSpec:
         inputs: ``inputs(n, generator)`` returns the inputs of ``n`` samples.
         out: ``"vec"``, ``"seq"`` or ``"logprob"`` (see the module docstring).
         chain: An ``nn.Sequential`` of plain layers (the dense PCH reference applies).
-        seq: Supported by the hand-written Sequential engine (``engine="sequential"``).
+        seq: Layers the former hand-written Sequential engine served; ``engine="sequential"``
+            (now an alias of the graph engine) is tested on them.
         block: Supported by the module-wise block-diagonal engine.
         mlp: Linear layers and elementwise activations only (Jacobian factors, MLP Hessian).
         second_order: Torch can differentiate the model's backward again: the Hessian

@@ -116,6 +116,7 @@ OPERATORS: dict[str, OpSpec] = {
     ),
     "hessian.mlp": OpSpec(_hessian("auto"), "hessian", needs=("mlp",)),
     "hessian.autograd": OpSpec(_hessian("autograd"), "hessian"),
+    "hessian.graph": OpSpec(_hessian("graph"), "hessian"),
     "fisher_exact.sequential": OpSpec(
         _fisher("exact", "sequential"), "ggn", needs=("seq",), likelihood=True
     ),

@@ -46,14 +46,23 @@ def data(n=6):
 @pytest.mark.parametrize(
     ("make", "kwargs", "path"),
     [
-        (mlp, {}, "sequential"),
+        (mlp, {}, "graph"),
+        (mlp, {"engine": "sequential"}, "graph"),
         (mlp, {"jacobian_factors": True}, "factored"),
         (mlp, {"engine": "autograd"}, "autograd"),
         (mlp, {"engine": "graph"}, "graph"),
         (lambda: Residual().to(DT), {}, "graph"),
         (lambda: Branchy().to(DT), {}, "autograd"),
     ],
-    ids=["sequential", "factored", "autograd", "graph", "residual", "untraceable"],
+    ids=[
+        "sequential",
+        "sequential_alias",
+        "factored",
+        "autograd",
+        "graph",
+        "residual",
+        "untraceable",
+    ],
 )
 def test_ggn_reports_its_engine_per_batch(make, kwargs, path):
     model = make()
@@ -72,10 +81,57 @@ def test_graph_engine_names_its_fallbacks():
 
 
 def test_hessian_reports_its_engine():
-    assert so.Hessian(mlp(), CE, data()).engine_info[0].path == "mlp_hessian"
+    assert so.Hessian(mlp(), CE, data()).engine_info[0].path == "graph"
     assert so.Hessian(mlp(), CE, data(), engine="autograd").engine_info[0].path == "autograd"
 
 
 def test_streamed_data_keeps_no_engine_info():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data(8)), batch_size=4)
     assert so.GGN(mlp(), CE, loader, cache=False).engine_info == []
+
+
+# ----------------------------------------------------------- the one dispatch site
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("make", "engine", "factors", "path"),
+    [
+        (mlp, "auto", False, "graph"),
+        (mlp, "sequential", False, "graph"),  # the former Sequential engine's name: an alias
+        (mlp, "graph", False, "graph"),
+        (mlp, "autograd", False, "autograd"),
+        (mlp, "auto", True, "factored"),
+        (mlp, "sequential", True, "factored"),
+        (mlp, "graph", True, "graph"),  # the graph engine ignores the fast-path option
+        (lambda: Residual().to(DT), "auto", False, "graph"),
+        (lambda: Residual().to(DT), "sequential", False, "graph"),
+    ],
+)
+def test_select_chooses_every_engine(make, engine, factors, path):
+    from secondorder.curvature.engines.dispatch import select
+    from secondorder.curvature.model import FunctionalModel
+
+    fmodel = FunctionalModel(make())
+    X, _ = data()
+    assert select(fmodel, (X,), engine, factors) == path
+    G = so.GGN(fmodel.model, CE, data(), engine=engine, jacobian_factors=factors)
+    assert G.engine_info[0].path == path  # linearize follows select
+
+
+def test_select_refuses_and_defers_to_autograd_under_a_function_mode():
+    from secondorder.curvature.engines.dispatch import select
+    from secondorder.curvature.model import FunctionalModel
+
+    X, _ = data()
+    with pytest.raises(ValueError, match=r"jacobian_factors=True needs an nn\.Sequential MLP"):
+        select(FunctionalModel(mlp()), (X,), "autograd", True)
+    with pytest.raises(ValueError, match=r"jacobian_factors=True needs an nn\.Sequential MLP"):
+        select(FunctionalModel(Residual().to(DT)), (X,), "auto", True)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        select(FunctionalModel(mlp()), (X,), "kfac")
+    with _Mode():  # a torch-function mode may change what autograd records: it must see all
+        assert select(FunctionalModel(mlp()), (X,), "auto") == "autograd"
+        assert select(FunctionalModel(mlp()), (X,), "graph") == "graph"

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import secondorder as so
+from secondorder.curvature.engines.graph import GraphLinearization
 from secondorder.curvature.factored import FactoredLinearization
-from secondorder.curvature.sequential import SequentialLinearization
 
 DT = torch.float64
 
@@ -191,7 +191,7 @@ def test_true_selects_the_fast_path_and_auto_the_reference():
         G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), jacobian_factors=option)
         G @ torch.ones(G.shape[0], dtype=DT)
         assert isinstance(_lin(G), FactoredLinearization) is factored, option
-    assert _lin(G).__class__ is SequentialLinearization
+    assert _lin(G).__class__ is GraphLinearization
 
 
 def test_bad_options_and_unsupported_models_raise():

@@ -1,9 +1,11 @@
-"""The hand-written Sequential engine's memory savings keep its products exact.
+"""The graph engine's memory savings on ``nn.Sequential`` models keep its products exact.
 
-Covers: activation derivatives taken from kept outputs (ReLU, sigmoid, tanh), activations moved
-behind max-pooling, the column-blocked ``Linear, activation, Linear`` at a product's bottom, and
-the fallbacks (outputs not kept by a later layer, in-place layers). Each product is compared
-with the autograd engine in float64.
+Covers the rewrites of ``curvature/engines/memory.py``: activations moved behind max-pooling,
+applied in place where their operand is fresh and unshared, and the column-blocked
+``Linear, activation, Linear`` at a product's bottom; and what the linearisation keeps (the layer
+inputs, ReLU, sigmoid and tanh derivatives from their kept outputs). Each product is compared
+with the autograd engine in float64, for ``engine="graph"`` and ``"sequential"``, its alias (the
+name of the former hand-written ``nn.Sequential`` engine, whose savings these are).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 import secondorder as so
-from secondorder.curvature import sequential
+from secondorder.curvature.engines import memory
 
 DT = torch.float64
 RTOL = 1e-10
@@ -111,14 +113,18 @@ def _build(name: str, seed: int = 0):
 def blocking(request, monkeypatch):
     """Run with the default block threshold and with every hidden layer split in two."""
     if request.param:
-        monkeypatch.setattr(sequential, "_MIN_BLOCK", 1)
+        monkeypatch.setattr(memory, "MIN_BLOCK", 1)
     return request.param
 
 
+ENGINES = pytest.mark.parametrize("engine", ["sequential", "graph"])
+
+
+@ENGINES
 @pytest.mark.parametrize("name", list(MODELS))
-def test_products_match_autograd(name, blocking):
+def test_products_match_autograd(name, blocking, engine):
     model, loss_fn, X, y = _build(name)
-    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    G = so.GGN(model, loss_fn, (X, y), engine=engine)
     ref = so.GGN(model, loss_fn, (X, y), engine="autograd")
     n = G.shape[0]
     gen = torch.Generator().manual_seed(1)
@@ -131,22 +137,24 @@ def test_products_match_autograd(name, blocking):
     assert rel_err(grad, ref_grad) <= RTOL
 
 
+@ENGINES
 @pytest.mark.parametrize("name", ["relu_mlp", "tanh_mlp", "silu_mlp"])
-def test_partial_parameters_and_blocks(name, blocking):
+def test_partial_parameters_and_blocks(name, blocking, engine):
     """Products restricted to parameter subsets stop inside (or below) the blocked triple."""
     model, loss_fn, X, y = _build(name)
     for frozen in (["0.weight"], ["0.bias"], ["0.weight", "0.bias"], ["2.weight"]):
         for pname, p in model.named_parameters():
             p.requires_grad_(pname not in frozen)
-        G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+        G = so.GGN(model, loss_fn, (X, y), engine=engine)
         ref = so.GGN(model, loss_fn, (X, y), engine="autograd")
         assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
 
 
-def test_block_diagonal_blocks_match(blocking):
+@ENGINES
+def test_block_diagonal_blocks_match(blocking, engine):
     """Per-parameter diagonal blocks (vjp into one requested parameter) stay exact."""
     model, loss_fn, X, y = _build("relu_mlp")
-    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    G = so.GGN(model, loss_fn, (X, y), engine=engine)
     dense = so.GGN(model, loss_fn, (X, y), engine="autograd").to_dense()
     start = 0
     for i, p in enumerate(model.parameters()):
@@ -156,39 +164,75 @@ def test_block_diagonal_blocks_match(blocking):
         start = end
 
 
-def _kept(name: str) -> list[tuple[str, set[str]]]:
+# ------------------------------------------------------------ the graph engine's rewrites
+def _graph_steps(name: str):
     model, loss_fn, X, y = _build(name)
-    G = so.GGN(model, loss_fn, (X, y), engine="sequential")
+    return so.GGN(model, loss_fn, (X, y), engine="graph")._states[0][0].lin
+
+
+def test_graph_moves_activation_behind_pooling():
+    lin = _graph_steps("sigmoid_cnn_pool")
+    pooled = [s for _, s in lin.steps if isinstance(s, memory.PooledActivationStep)]
+    assert len(pooled) == 2  # sigmoid and ReLU, each behind its max-pooling
+    assert all(set(s.act.ctx) == {"s"} for s in pooled)
+    (step,) = [s for _, s in _graph_steps("silu_then_pool").steps if hasattr(s, "pool")]
+    assert step.act.ctx["d"].shape == (4, 3, 9)  # only the pooled entries
+
+
+def test_graph_applies_activations_in_place():
+    kinds = [type(s).__name__ for _, s in _graph_steps("relu_mlp").steps]
+    assert kinds.count("InPlaceActivationStep") == 2
+    steps = [s for _, s in _graph_steps("relu_mlp").steps if hasattr(s, "jvp_in_place")]
+    assert all(s.jvp_in_place and s.vjp_in_place for s in steps)
+
+
+def test_graph_blocks_the_bottom_triple(blocking):
+    lin = _graph_steps("relu_mlp")
+    assert len(lin._triples) == (2 if blocking else 0)
+
+
+class _Shared(nn.Module):
+    """Activation inputs and outputs read twice: nothing may be overwritten in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(4, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 3),
+        )
+
+    def forward(self, x):
+        h = self.a(x)
+        s = torch.relu(h)  # h is also read by the sum below
+        t = torch.tanh(self.b(s))
+        return self.d(self.c(t) + t + h)  # t read by c and the sum
+
+
+def test_graph_in_place_only_where_unshared(blocking):
+    torch.manual_seed(0)
+    model = _Shared().to(DT)
+    X, y = torch.randn(7, 4, dtype=DT), torch.randint(0, 3, (7,))
+    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="graph")
     lin = G._states[0][0].lin
-    return [(type(layer).__name__, set(rec)) for layer, rec in lin._steps]
+    flags = {
+        n.name: (s.jvp_in_place, s.vjp_in_place) for n, s in lin.steps if hasattr(s, "jvp_in_place")
+    }
+    # relu: its input h is also summed (no jvp in place); its output feeds one Linear (vjp)
+    # tanh: its input is a Linear's alone (jvp); its output is read twice (no vjp in place)
+    assert flags == {"relu": (False, True), "tanh": (True, False)}
+    ref = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="autograd")
+    assert rel_err(G.to_dense(), ref.to_dense()) <= RTOL
 
 
-def test_relu_and_sigmoid_keep_no_derivative():
-    """ReLU, sigmoid and tanh feeding a stored input keep no derivative tensor."""
+def test_relu_sigmoid_tanh_keep_their_output_and_others_the_derivative():
+    """ReLU, sigmoid and tanh keep their output (the next Linear's stored input), SiLU sigma'."""
     for name in ("relu_mlp", "sigmoid_mlp", "tanh_mlp"):
-        acts = [keys for kind, keys in _kept(name) if kind in ("ReLU", "Sigmoid", "Tanh")]
-        assert acts and all("d" not in keys and "s" in keys for keys in acts)
-    acts = [keys for kind, keys in _kept("silu_mlp") if kind == "SiLU"]
-    assert all("d" in keys for keys in acts)
-
-
-def test_activation_moves_behind_pooling():
-    steps = [kind for kind, _ in _kept("sigmoid_cnn_pool")]
-    assert steps[:3] == ["Conv2d", "MaxPool2d", "Sigmoid"]
-    assert steps[3:6] == ["Conv2d", "MaxPool2d", "ReLU"]
-    model, loss_fn, X, y = _build("silu_then_pool")
-    lin = so.GGN(model, loss_fn, (X, y), engine="sequential")._states[0][0].lin
-    (pool, pool_rec), (act, act_rec) = lin._steps[1:3]
-    assert isinstance(pool, nn.MaxPool1d) and isinstance(act, nn.SiLU)
-    assert act_rec["d"].shape == pool_rec["idx"].shape  # only the pooled entries
-
-
-def test_outputs_not_kept_fall_back_to_derivatives():
-    kinds = dict(_kept("output_not_kept"))
-    assert "d" in kinds["Tanh"] and "s" not in kinds["Tanh"]  # BatchNorm keeps x-hat, not s
-    assert "s" in kinds["Sigmoid"]  # the model output is kept anyway
-    kinds = dict(_kept("inplace_relu"))
-    assert all("s" not in keys for keys in kinds.values())
+        acts = [s for _, s in _graph_steps(name).steps if hasattr(s, "act")]
+        assert len(acts) == 2 and all(set(s.act.ctx) == {"s"} for s in acts)
+    acts = [s for _, s in _graph_steps("silu_mlp").steps if hasattr(s, "act")]
+    assert len(acts) == 2 and all(set(s.act.ctx) == {"d"} for s in acts)
 
 
 def test_held_memory_of_relu_mlp_is_the_layer_inputs():
@@ -199,11 +243,13 @@ def test_held_memory_of_relu_mlp_is_the_layer_inputs():
     )
     X, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
     lin = so.GGN(model, nn.CrossEntropyLoss(), (X, y))._states[0][0].lin
+    assert lin.path == "graph"
+    ctxs = [getattr(s, "act", s).ctx for _, s in lin.steps]
     storages = {
         v.untyped_storage().data_ptr()
-        for _, rec in lin._steps
-        for key, v in rec.items()
-        if isinstance(v, torch.Tensor) and key not in ("w",)
+        for ctx in ctxs
+        for key, v in ctx.items()
+        if isinstance(v, torch.Tensor) and key != "w"
     }
-    inputs = {rec["x"].untyped_storage().data_ptr() for _, rec in lin._steps if "x" in rec}
+    inputs = {ctx["x"].untyped_storage().data_ptr() for ctx in ctxs if "x" in ctx}
     assert storages == inputs

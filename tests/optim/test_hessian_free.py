@@ -399,11 +399,37 @@ def test_acc_step_with_shared_gradient_and_curvature_data():
 
 
 # ------------------------------------------------------------------------------ errors
-def test_several_param_groups_are_refused():
+def test_param_groups_may_differ_only_in_decay_and_clipping():
+    # (changed: several groups used to be refused outright; issue 16 asks for them)
     model = tanh_mlp()
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}]
-    with pytest.raises(ValueError, match="single param group"):
+    with pytest.raises(ValueError, match=r"param group 1: lr=0\.5 differs from the first"):
         HessianFree(model, nn.MSELoss(), params=groups)
+    opt = HessianFree(model, nn.MSELoss(), params=[{"params": model[0].parameters()}])
+    with pytest.raises(ValueError, match=r"damping=0\.5 differs"):
+        opt.add_param_group({"params": model[2].parameters(), "damping": 0.5})
+    assert len(opt.param_groups) == 1
+
+
+def test_param_groups_with_their_own_weight_decay_step_like_one_group():
+    torch.manual_seed(0)
+    model = tanh_mlp()
+    twin = copy.deepcopy(model)
+    X, Y = batch(20)
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+        {"params": [model[0].bias, model[2].bias]},
+    ]
+    opt = HessianFree(model, nn.MSELoss(), params=groups)
+    ref = HessianFree(twin, nn.MSELoss())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(X, Y)
+    ref.step(X, Y)
+    lr = opt.param_groups[0]["lr"]
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        rate = lr * 0.1 if n.endswith("weight") else 0.0
+        expected = before[n] * (1 - rate) + (q.detach() - before[n])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_preconditioner_callable_is_used():
 
     opt = so.GaussNewton(model, loss_fn, preconditioner=jacobi)
     opt.step(X, y)
-    assert calls == [1e-3]
+    assert calls == [opt.param_groups[0]["damping"]]  # the damping the step used
     assert opt.diagnostics["accepted"]
 
 

@@ -13,8 +13,9 @@ and no tensor the engines keep is overwritten.
 arguments it honours: the exact class (a subclass may change ``forward``), no instance-level
 ``forward``, no hooks, and no public attribute the entry does not read (an argument a later
 torch version adds is refused rather than ignored). Engines send a refused module down their
-autograd path or raise. Used by the Sequential engine (:mod:`.sequential`), the block-diagonal
-engine (:mod:`.blockwise`), the MLP Hessian (:mod:`.mlp_hessian`) and the probed forward
+autograd path or raise. Used by the graph engine's elementwise rule (:mod:`.layers.elementwise`,
+with the second derivative of the Hessian's residual), the factored MLP path
+(:mod:`.sequential_ops`), the block-diagonal engine (:mod:`.blockwise`) and the probed forward
 passes of the Kronecker paths (:mod:`.probes`).
 """
 

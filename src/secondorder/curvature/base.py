@@ -127,8 +127,9 @@ class CurvatureOperator(LinearOperator):
         check_deterministic: For streamed data, apply the operator twice to one vector when it
             is built and raise if the results differ (data augmentation, shuffling, Dropout or
             BatchNorm in training mode make the operator ill-defined).
-        engine: How ``J v`` is computed: ``"auto"``, ``"sequential"`` or ``"autograd"``
-            (see :mod:`secondorder.curvature.linearization`).
+        engine: How ``J v`` is computed: ``"auto"``, ``"graph"``, ``"sequential"`` (an alias
+            of ``"graph"``) or ``"autograd"``, chosen by
+            :func:`~secondorder.curvature.engines.dispatch.select`.
         process_group: A ``torch.distributed`` process group for data-parallel use (``None``:
             one process). Each rank holds its shard of the data; every product, the loss and
             the gradient are all-reduced (one flat all-reduce each) and normalised by the global

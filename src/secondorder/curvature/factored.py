@@ -1,11 +1,13 @@
 r"""The fast path for MLPs: products through the output-Jacobian factors, selected explicitly.
 
-:class:`FactoredLinearization` is :class:`~secondorder.curvature.sequential.
-SequentialLinearization` with :math:`Jv` and :math:`J^\top u` computed from the factors
+:class:`FactoredLinearization` records an ``nn.Sequential`` MLP's layers in one forward pass
+(:func:`~secondorder.curvature.sequential_ops.record_layer`: each Linear's input, each
+activation's output or derivative) and computes :math:`Jv` and :math:`J^\top u` from the factors
 :math:`B_l = \partial z / \partial y_l` of :mod:`~secondorder.curvature.jacobian_factors`
-(built at the first product) instead of the layer-by-layer sweeps. Same semantics as the
-reference; ``tests/curvature/test_jacobian_factors.py`` checks every product equal to it.
-It is taken only for ``jacobian_factors=True``; its measured gain is in ``BENCHMARKS.md``.
+(built at the first product) instead of layer-by-layer sweeps. Same semantics as the reference,
+the graph engine (:mod:`~secondorder.curvature.engines.graph`);
+``tests/curvature/test_jacobian_factors.py`` checks every product equal to it. It is taken only
+for ``jacobian_factors=True``; its measured gain is in ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ from torch import Tensor, nn
 from .activations import is_activation
 from .jacobian_factors import JacobianFactors, Step
 from .model import FunctionalModel
-from .sequential import SequentialLinearization
-from .sequential_ops import FROM_OUTPUT, RESHAPES
+from .sequential_ops import FROM_OUTPUT, RESHAPES, record_layer
 
 __all__ = ["FactoredLinearization"]
 
 
-class FactoredLinearization(SequentialLinearization):
-    """A :class:`SequentialLinearization` whose products go through the Jacobian factors.
+class FactoredLinearization:
+    """An ``nn.Sequential`` MLP's linearisation whose products go through the Jacobian factors.
 
     Args:
         fmodel: The model as a function of its parameters (an ``nn.Sequential``).
-        layers: Its leaf layers from :func:`~secondorder.curvature.sequential.sequential_layers`.
+        layers: Its leaf layers (:func:`~.sequential_ops.sequential_layers`).
         inputs: A single input tensor in a tuple.
         leaves: Tensors holding the parameter values.
 
@@ -47,8 +48,28 @@ class FactoredLinearization(SequentialLinearization):
         inputs: tuple[Any, ...],
         leaves: list[Tensor],
     ) -> None:
-        super().__init__(fmodel, layers, inputs, leaves)
-        factors = JacobianFactors.plan(factor_steps(self._steps), self.z, min(self._lowest_step))
+        self.leaves = leaves
+        frozen = fmodel.parameter_dict(leaves)
+        steps: list[tuple[nn.Module, dict[str, Any]]] = []
+        # an in-place layer could overwrite an activation's output kept for its derivative
+        keep_outputs = not any(getattr(layer, "inplace", False) for _, layer in layers)
+        x = inputs[0]
+        with torch.no_grad():
+            for prefix, layer in layers:
+                x = record_layer(
+                    steps, keep_outputs, layer, prefix, x, frozen, leaves, fmodel.alias
+                )
+        self.z = x
+        # the lowest step holding a trainable parameter: the factors start there
+        lowest = min(
+            (
+                k
+                for k, (_, rec) in enumerate(steps)
+                if rec.get("iw") is not None or rec.get("ib") is not None
+            ),
+            default=len(steps),
+        )
+        factors = JacobianFactors.plan(factor_steps(steps), self.z, lowest)
         if factors is None:
             raise ValueError(
                 "jacobian_factors=True needs an nn.Sequential whose trainable layers are "
@@ -93,9 +114,11 @@ class FactoredLinearization(SequentialLinearization):
         Returns:
             One tensor per requested parameter.
         """
-        if not batched:
-            return super().vjp(cotangent, indices, batched)  # through vjp_into above
         idx = list(range(len(self.leaves))) if indices is None else list(indices)
+        if not batched:
+            bufs = [torch.zeros_like(self.leaves[i]) for i in idx]
+            self.vjp_into(cotangent, bufs, idx)
+            return bufs
         K = cotangent.shape[0]
         bufs = [self.leaves[i].new_zeros(K, *self.leaves[i].shape) for i in idx]
         with torch.no_grad():

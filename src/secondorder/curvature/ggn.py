@@ -9,18 +9,18 @@ from typing import Any
 from torch import Tensor
 
 from .base import CurvatureOperator
+from .factored import FactoredLinearization
 from .jacobian_factors import check_jacobian_factors_option
 from .linearization import Linearization, linearize
 from .losses import LossTerms, loss_terms
 from .model import Batch
-from .sequential import SequentialLinearization
 
 __all__ = ["GGN"]
 
 
 @dataclass
 class _GGNState:
-    lin: Linearization | SequentialLinearization
+    lin: Linearization | FactoredLinearization
     terms: LossTerms
     factor: Tensor | None = None  # (S, R, C) gradients for the Monte-Carlo/empirical Fisher
     factor_scale: float = 1.0

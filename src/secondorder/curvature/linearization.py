@@ -2,16 +2,17 @@ r"""The network linearised at a point, on one batch: :math:`Jv` and :math:`J^\to
 
 :math:`J = \partial z / \partial \theta` is the Jacobian of the outputs ``z`` (all samples) with
 respect to the parameters. One forward pass builds a linearisation; every product reuses it.
-Two engines:
+The engines (chosen by :func:`~secondorder.curvature.engines.dispatch.select`):
 
 - :class:`AutogradLinearization` works for any module. The forward graph is kept, and a backward
   with ``create_graph=True`` against a dummy cotangent :math:`w` builds the graph of the linear
   map :math:`w \mapsto J^\top w` once. :math:`J^\top u` is a retained backward of the forward
   graph; :math:`Jv` is the derivative of :math:`v^\top J^\top w` with respect to :math:`w`,
   a backward of that second graph (no forward pass is repeated).
-- :class:`~secondorder.curvature.sequential.SequentialLinearization` serves ``nn.Sequential``
-  stacks of common layers by hand-written forward and reverse mode on stored layer inputs and
-  activation derivatives, without an autograd graph (see that module).
+- :class:`~secondorder.curvature.engines.graph.GraphLinearization` follows the traced model node
+  by node with one rule per layer, without an autograd graph (``nn.Sequential`` included).
+- :class:`~secondorder.curvature.factored.FactoredLinearization`, the explicit fast path for
+  ``nn.Sequential`` MLPs through their output-Jacobian factors.
 
 Tangents are lists with one entry per parameter (``None`` for a zero block); with ``batched=True``
 every entry and every output-space tensor carries a leading column dimension ``K``.
@@ -28,13 +29,11 @@ from torch import Tensor
 
 from .factored import FactoredLinearization
 from .model import FunctionalModel
-from .sequential import SequentialLinearization, sequential_layers
-from .vocabulary import canonical_engine
+from .sequential_ops import sequential_layers
 
 __all__ = [
     "AutogradLinearization",
     "EngineInfo",
-    "SequentialLinearization",
     "backward_into",
     "batched_grad",
     "grad_columns",
@@ -50,10 +49,10 @@ class EngineInfo:
     """Which engine computed one batch's curvature products.
 
     Attributes:
-        path: ``"sequential"`` (the hand-written ``nn.Sequential`` engine), ``"factored"``
-            (its output-Jacobian-factor fast path), ``"graph"`` (the traced model, node by
-            node), ``"autograd"`` (whole-model autograd) or ``"mlp_hessian"`` (the hand-written
-            R-operator of :class:`~secondorder.Hessian` on MLPs).
+        path: ``"graph"`` (the traced model, node by node; ``nn.Sequential`` included),
+            ``"factored"`` (the output-Jacobian-factor fast path for MLPs), ``"autograd"``
+            (whole-model autograd) or ``"mlp_hessian"`` (the hand-written R-operator of
+            :class:`~secondorder.Hessian` on MLPs): :data:`~.vocabulary.EnginePath`.
         fallback_reason: Why the graph engine fell back to whole-model autograd (else None).
         autograd_nodes: Nodes of the traced graph differentiated by autograd on their own.
     """
@@ -268,17 +267,19 @@ def linearize(
     leaves: list[Tensor],
     engine: str = "auto",
     jacobian_factors: bool | str = False,
-) -> Linearization | SequentialLinearization:
-    """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the chosen engine.
+) -> Linearization | FactoredLinearization:
+    """Linearise ``fmodel`` at ``leaves`` on ``inputs`` with the engine that ``select`` chooses.
+
+    :func:`~secondorder.curvature.engines.dispatch.select` is the one place of that choice.
 
     Args:
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
-        engine: ``"auto"`` (hand-written forward mode for supported ``nn.Sequential`` models,
-            the graph engine otherwise, autograd under a torch-function mode),
-            ``"sequential"``, ``"autograd"`` or ``"graph"`` (node by node on the traced
-            model, :mod:`.engines.graph`, whole-model autograd where it cannot trace).
+        engine: ``"auto"`` (the graph engine, :mod:`.engines.graph`: node by node on the
+            traced model, whole-model autograd where it cannot trace; autograd under a
+            torch-function mode), ``"graph"``, ``"sequential"`` (an alias of ``"graph"``, the
+            name of the former hand-written ``nn.Sequential`` engine) or ``"autograd"``.
         jacobian_factors: ``True`` selects the fast path for MLPs,
             :class:`~secondorder.curvature.factored.FactoredLinearization` (products through
             the output-Jacobian factors); ``False`` (or the retired ``"auto"``) the reference.
@@ -287,32 +288,17 @@ def linearize(
         The linearisation.
 
     Raises:
-        ValueError: For an unknown engine, ``"sequential"`` on an unsupported model, or
-            ``jacobian_factors=True`` on a model the hand-written engine does not serve.
+        ValueError: For an unknown engine, or ``jacobian_factors=True`` on a model the
+            factored fast path does not serve.
     """
-    engine = canonical_engine(engine)
-    if engine == "graph":  # the model as a traced graph (engines/graph.py); its own fallback
-        from .engines.graph import graph_linearization
+    from .engines.dispatch import select, sequential_chain
+    from .engines.graph import graph_linearization
 
+    path = select(fmodel, inputs, engine, jacobian_factors)
+    if path == "graph":
         return graph_linearization(fmodel, inputs, leaves)
-    if engine != "autograd":
-        layers = sequential_layers(fmodel.model)
-        if layers is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
-            if jacobian_factors is True:
-                return FactoredLinearization(fmodel, layers, inputs, leaves)
-            return SequentialLinearization(fmodel, layers, inputs, leaves)
-        if engine == "sequential":
-            raise ValueError(
-                f"engine='sequential' needs an nn.Sequential of supported layers called on one "
-                f"tensor; {type(fmodel.model).__name__} is not (use engine='auto')"
-            )
-    if jacobian_factors is True:
-        raise ValueError(
-            f"jacobian_factors=True needs an nn.Sequential MLP on one tensor input (the "
-            f"hand-written engine); {type(fmodel.model).__name__} goes through autograd"
-        )
-    if engine == "auto" and not torch._C._is_torch_function_mode_enabled():
-        from .engines.graph import graph_linearization
-
-        return graph_linearization(fmodel, inputs, leaves)
+    if path == "factored":
+        layers = sequential_chain(fmodel, inputs)
+        assert layers is not None
+        return FactoredLinearization(fmodel, layers, inputs, leaves)
     return AutogradLinearization(fmodel, inputs, leaves)

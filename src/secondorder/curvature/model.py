@@ -247,6 +247,21 @@ class FunctionalModel:
         for name, p in model.named_parameters(remove_duplicate=False):
             if id(p) in index:
                 self.alias[name] = index[id(p)]
+        # torch.func.functional_call leaves plain tensors in place of tied parameters (one
+        # Parameter under two names; torch 2.13): the originals are put back after each call
+        tied = len(list(model.named_parameters(remove_duplicate=False))) > len(
+            list(model.parameters())
+        )
+        self._tied_slots = (
+            [
+                (m, name, p)
+                for m in model.modules()
+                for name, p in m._parameters.items()
+                if p is not None
+            ]
+            if tied
+            else []
+        )
 
     # ------------------------------------------------------------ vectors
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -323,8 +338,13 @@ class FunctionalModel:
         Returns:
             The module's output.
         """
-        with self.differentiable():
-            return functional_call(self.model, self.parameter_dict(tensors), inputs)
+        try:
+            with self.differentiable():
+                return functional_call(self.model, self.parameter_dict(tensors), inputs)
+        finally:
+            for module, name, p in self._tied_slots:
+                if module._parameters.get(name) is not p:
+                    module._parameters[name] = p
 
     def differentiable(self) -> ExitStack:
         """A ``with`` block in which every derivative of the model's forward exists.

@@ -26,6 +26,12 @@ max-pooling) have no residual.
 Any other nonlinearity (products of activations, normalisation, attention) keeps its exact
 second-order term, so the PSD guarantee only holds for networks whose nonlinearities are all
 intercepted, with a convex loss.
+
+The graph engine computes the same modified products without recording a graph:
+``Hessian(model, loss_fn, data, modify="clip"|"abs")`` (:mod:`.engines.second_order`, which
+applies :func:`modify_residual` to every elementwise activation's :math:`\delta \odot f''` and
+evaluates nodes without a rule again under this mode); the double backward here remains for
+models it cannot trace.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from .._checks import check_choice
 from .vocabulary import PCH_MODIFICATIONS
 
-__all__ = ["MODIFICATIONS", "positive_curvature_mode"]
+__all__ = ["MODIFICATIONS", "modify_residual", "positive_curvature_mode"]
 
 MODIFICATIONS = PCH_MODIFICATIONS
 
@@ -67,8 +73,12 @@ _INTERCEPTED: set[Any] = {
 }
 
 
-def _modify(r: Tensor, modify: str) -> Tensor:
+def modify_residual(r: Tensor, modify: str) -> Tensor:
+    r""":math:`\rho(r)`: :math:`\max(r, 0)` for ``"clip"``, :math:`|r|` for ``"abs"``."""
     return r.clamp_min(0) if modify == "clip" else r.abs()
+
+
+_modify = modify_residual
 
 
 def _derivatives(fn: Callable[[Tensor], Tensor], a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,8 +1,11 @@
-r"""The layers of the hand-written ``nn.Sequential`` engine: which it takes, and one forward.
+r"""The layers of an ``nn.Sequential`` chain: which are supported, and one recording forward.
 
-:func:`sequential_layers` decides which models :mod:`~secondorder.curvature.sequential` serves;
-:func:`record_layer` runs one layer forward and records what its derivatives need; the rest are
-the kernels its products share (convolution backward, fused activation derivatives).
+:func:`sequential_layers` decides which ``nn.Sequential`` models count as a chain of supported
+layers (the factored fast path :mod:`~secondorder.curvature.factored` needs one, and the
+Kronecker paths of the diagonals and of :class:`~secondorder.curvature.lowrank.LowRankGGN` use
+it); :func:`record_layer` runs one layer forward and records what its derivatives need (the
+factored path's forward pass). Products of every ``nn.Sequential`` are the graph engine's
+(:mod:`~secondorder.curvature.engines.graph`).
 """
 
 from __future__ import annotations
@@ -230,52 +233,6 @@ def pool_activation(rec: dict[str, Any], idx: Tensor, pooled: Tensor) -> None:
     rec["in_shape"] = rec["out_shape"] = pooled.shape
 
 
-def conv_backward(
-    grad: Tensor,
-    x: Tensor,
-    w: Tensor,
-    kw: dict[str, Any],
-    mask: list[bool],
-    bias_sizes: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``aten.convolution_backward`` of ``conv(x, w, **kw)`` for the output gradient ``grad``.
-
-    Returns the input, weight and bias gradients; only those ``mask`` asks for are computed.
-    """
-    return torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        w,
-        bias_sizes,
-        list(kw["stride"]),
-        list(kw["padding"]),
-        list(kw["dilation"]),
-        False,
-        [0] * (w.ndim - 2),
-        kw["groups"],
-        mask,
-    )
-
-
-def conv_weight_jvp(
-    conv: Callable[..., Tensor], kw: dict[str, Any], x: Tensor, dw: Tensor, K: int, batched: bool
-) -> Tensor:
-    """``conv(x, dW)`` for one tangent, or for K tangents at once (stacked output channels)."""
-    if not batched:
-        return conv(x, dw, None, **kw)
-    if kw["groups"] == 1:
-        out_ch = dw.shape[1]
-        y = conv(x, dw.flatten(0, 1), None, **kw)
-        return y.unflatten(1, (K, out_ch)).transpose(0, 1).contiguous()
-    return torch.stack([conv(x, dw[k], None, **kw) for k in range(K)])
-
-
 def pool_gather(t: Tensor, idx: Tensor) -> Tensor:
     """The entries of ``t`` (shape of a max-pooling input) that the pooling ``idx`` selects."""
     return t.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
-
-
-def halves(n: int) -> list[slice]:
-    """Two column blocks covering ``range(n)`` (one if ``n < 2``)."""
-    h = (n + 1) // 2
-    return [slice(0, h), slice(h, n)] if n > 1 else [slice(0, n)]

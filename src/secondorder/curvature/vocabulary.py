@@ -3,12 +3,14 @@
 Every constructor validates against these tuples (:func:`~secondorder._checks.check_choice`),
 so a name is added or renamed here and nowhere else.
 
-Engines say HOW products are computed: ``"sequential"`` the hand-written engines for an
-``nn.Sequential`` of supported layers (module by module; for :class:`~.lowrank.LowRankGGN` its
-Kronecker-factored columns), ``"autograd"`` the generic path through ``torch.func`` and double
-backward for any module, ``"graph"`` the model traced as a graph of nodes with one rule per
-layer (:mod:`~secondorder.curvature.engines.graph`), ``"auto"`` the hand-written one where it
-applies.
+Engines say HOW products are computed: ``"graph"`` the model traced as a graph of nodes with one
+rule per layer (:mod:`~secondorder.curvature.engines.graph`; ``nn.Sequential`` is a chain),
+``"autograd"`` the generic path through ``torch.func`` and double backward for any module,
+``"auto"`` the best that applies (:func:`~secondorder.curvature.engines.dispatch.select` for
+:class:`~.GGN` and the Fisher kinds). ``"sequential"`` is, for :class:`~.GGN` and the Fisher
+kinds, an alias of ``"graph"`` (the name of the former hand-written ``nn.Sequential`` engine);
+for the block-diagonal operators, :class:`~.lowrank.LowRankGGN` (its Kronecker-factored
+columns) and the Hessian it still names their hand-written module-wise paths.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "CURVATURES",
     "EIGENSOLVERS",
     "ENGINES",
+    "ENGINE_PATHS",
     "NON_GRAPH_ENGINES",
     "FISHER_KINDS",
     "OPTIMIZER_CURVATURES",
@@ -29,6 +32,7 @@ __all__ = [
     "Curvature",
     "Eigensolver",
     "Engine",
+    "EnginePath",
     "FisherKind",
     "canonical_engine",
 ]
@@ -38,6 +42,10 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 # the operators that have no graph engine (block-diagonal, low-rank) take these
 NON_GRAPH_ENGINES = ("auto", "sequential", "autograd")
 ENGINE_ALIASES = {"kron": "sequential"}  # LowRankGGN's former name of its hand-written path
+#: the paths that compute products, as :func:`~.engines.dispatch.select` chooses them and
+#: :class:`~.linearization.EngineInfo` reports them
+EnginePath = Literal["graph", "factored", "autograd", "mlp_hessian"]
+ENGINE_PATHS: tuple[str, ...] = get_args(EnginePath)
 
 Curvature = Literal[
     "ggn", "hessian", "fisher", "fisher_mc", "empirical_fisher", "pch_clip", "pch_abs"

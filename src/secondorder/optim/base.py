@@ -15,10 +15,11 @@ The contract implemented once, here, for every subclass:
   touching the parameters; the base applies ``theta_g <- theta_g + lr_g * d_g`` per group;
 - the non-finite guard: a NaN/Inf in the loss, the gradient, a curvature product or the
   direction leaves the parameters exactly as they were, marks the step rejected, lets the
-  subclass react (raise its damping), warns once, and with ``on_nonfinite="raise"`` raises
-  :class:`NonFiniteError`. The guard covers the scaled step actually applied
-  (``lr_g * d_g``). A rejected step drops the CG warm start it could have poisoned; a step
-  that raises leaves ``diagnostics["accepted"] = False``;
+  subclass react (raise its damping), warns with the reason on every rejection (counted in
+  ``state["rejections"]``), and with ``on_nonfinite="raise"`` raises :class:`NonFiniteError`.
+  The guard covers the scaled step actually applied (``lr_g * d_g``). A rejected step drops
+  the CG warm start it could have poisoned; a step that raises leaves
+  ``diagnostics["accepted"] = False``;
 - the trainable parameters are those of the param groups with ``requires_grad``, read on
   every step: a parameter frozen after construction is skipped (as torch's optimizers do) and
   :meth:`~CurvatureOptimizer.add_param_group` adds parameters to the flat vector;
@@ -56,10 +57,18 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 from ..curvature.weighting import batch_weights
+from .closure import FORMS, record_closure
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
-from .groups import check_cg_group, check_jacobian_factors, check_positive
+from .groups import (
+    COMMON_DEFAULTS,
+    check_cg_group,
+    check_common_group,
+    check_jacobian_factors,
+    check_positive,
+)
 from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
+from .habits import GradientHabits
 from .state import META_KEY, validate_state_dict
 
 __all__ = [
@@ -75,8 +84,11 @@ __all__ = [
 ]
 
 
-class CurvatureOptimizer(NonFiniteGuard, Optimizer):
-    """Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
+_MISSING: Any = object()  # step() called without a batch
+
+
+class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
+    r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
         model: The ``nn.Module`` to train.
@@ -84,13 +96,25 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         defaults: Default hyperparameters of the param groups.
         params: Parameters or param-group dicts (default: every trainable parameter of
             ``model``). All must belong to ``model``.
-        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject the step and warn) or ``"raise"``.
+        weight_decay: Decoupled weight decay (as ``AdamW``): an applied step is
+            :math:`\theta_g \leftarrow (1 - \mathrm{lr}_g \lambda_g)\,\theta_g +
+            \mathrm{lr}_g d_g`; a param-group hyperparameter (default 0).
+        max_grad_norm: Scale each param group's gradient to at most this norm before the
+            direction is computed from it (``None``: no clipping, the default); a param-group
+            hyperparameter. ``.grad`` keeps the unclipped batch gradient.
+        momentum: Heavy-ball momentum on the direction, :math:`v = d + \mu v_{prev}`, applied
+            as :math:`\theta \mathrel{+}= lr\, v` (default 0; a param-group hyperparameter in
+            [0, 1), so ``OneCycleLR``'s momentum cycling works).
         allow_groups: Whether several param groups are supported by the method.
         process_group: A ``torch.distributed`` group for data-parallel training (``None``: one
             process). Each rank passes its shard of the batch; curvature products, gradients
             and losses are all-reduced, so every rank computes the same step and the
             parameters stay identical without being broadcast. Construction checks (one
             ``all_gather``) that every rank holds parameters of the same shapes and values.
+
+    After a step that computed a finite gradient, each trained parameter's ``.grad`` holds the
+    batch gradient at the parameters the step started from (as after ``loss.backward()``).
 
     Copies: ``copy.deepcopy(opt)`` and ``pickle`` carry the model and the loss with the
     optimizer, so the copy trains a copy of the model and leaves the original alone (as a
@@ -113,7 +137,14 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         on_nonfinite: str = "skip",
         allow_groups: bool = True,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
+        common = {"weight_decay": weight_decay, "max_grad_norm": max_grad_norm}
+        common["momentum"] = momentum
+        check_common_group(common)
+        defaults = {**defaults, **common}
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -135,7 +166,6 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
         self.diagnostics: dict[str, Any] = {}
-        self._warned_nonfinite = False
         self._build_flat_view()
         if process_group is not None:
             params_ = [p for g in self.param_groups for p in g["params"]]
@@ -165,6 +195,7 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         ]
         self._param_list: list[Tensor] = list(self.fmodel.params)  # for torch._foreach_add_
         self._trainable = tuple(trainable)
+        self._placement = tuple((p.dtype, p.device) for p in trainable)
         self._norm_layers = running_stat_modules(self.model, training_only=False)
         self._flat_view_built = True
         if rebuilt:  # the flat vector changed meaning: a warm start of the old one is void
@@ -172,11 +203,18 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
                 self.global_state.pop(key, None)
 
     def _sync_flat_view(self) -> None:
-        """Follow parameters frozen or unfrozen since the last step (``requires_grad``)."""
+        """Follow parameters frozen or unfrozen (``requires_grad``), cast or moved since."""
         now = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         old = self._trainable
         if len(now) != len(old) or any(a is not b for a, b in zip(now, old)):
             self._build_flat_view()
+        elif tuple((p.dtype, p.device) for p in now) != self._placement:
+            # model.double() / model.to(device) after construction: follow the parameters
+            self._build_flat_view()
+            dtype, device = self.fmodel.dtype, self.fmodel.device
+            for key, value in list(self.global_state.items()):
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.global_state[key] = value.to(device=device, dtype=dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its parameters join the flat vector from the next step on.
@@ -217,6 +255,7 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         """
         for i, group in enumerate(self.param_groups):
             try:
+                check_common_group(group)
                 self._check_group(group)
             except ValueError as err:
                 raise ValueError(f"{type(self).__name__}: param group {i}: {err}") from None
@@ -271,6 +310,9 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         """
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state saved before these existed: their defaults
+            for key in COMMON_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         # the global state lives on the first parameter of the first group; a checkpoint that
         # kept it elsewhere (an older layout) has it moved there
         anchor = self.param_groups[0]["params"][0]
@@ -376,20 +418,37 @@ class CurvatureOptimizer(NonFiniteGuard, Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     # ----------------------------------------------------------------------- step
-    def step(self, inputs: Any = None, targets: Any = None) -> Tensor:  # type: ignore[override]
-        """Take one training step on the batch ``(inputs, targets)``.
+    def step(self, inputs: Any = _MISSING, targets: Any = _MISSING) -> Tensor:  # type: ignore[override]
+        """Take one training step on the batch ``(inputs, targets)``, or on a closure's batch.
 
         Args:
             inputs: A tensor or a tuple of tensors; the model is called as ``model(*inputs)``.
-            targets: The targets handed to ``loss_fn``.
+                Or a closure in the torch.optim form, called once, which calls the model once
+                and returns ``loss_fn(outputs, targets)`` (``loss_fn`` an ``nn.Module``) or
+                ``(outputs, targets)`` (:mod:`~secondorder.optim.closure`).
+            targets: The targets handed to ``loss_fn`` (not with a closure).
 
         Returns:
             The loss at the parameters the step started from.
 
         Raises:
-            ValueError: For an empty batch or a hyperparameter made invalid in
-                ``param_groups`` (nothing is touched then).
+            TypeError: If called without a batch or a closure (the message names both forms).
+            ValueError: For an empty batch, a closure that does not reveal its batch, or a
+                hyperparameter made invalid in ``param_groups`` (nothing is touched then).
         """
+        if inputs is _MISSING or (callable(inputs) and not isinstance(inputs, (Tensor, nn.Module))):
+            if inputs is _MISSING or targets is not _MISSING:
+                raise TypeError(
+                    f"{type(self).__name__}.step: expected {FORMS}; got "
+                    + ("no arguments" if inputs is _MISSING else "a closure and targets")
+                    + ". A curvature optimizer needs the batch: a step after loss.backward() "
+                    "alone cannot be computed"
+                )
+            return self._run_step([record_closure(self.model, self.loss_fn, inputs)])
+        if targets is _MISSING:
+            raise TypeError(
+                f"{type(self).__name__}.step: got inputs but no targets; expected {FORMS}"
+            )
         return self._run_step([self._batch(inputs, targets)])
 
     @staticmethod

@@ -23,6 +23,7 @@ along directions of negative curvature too (``negative_curvature="continue"``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,7 +39,8 @@ from ..curvature.model import Batch
 from ..curvature.vocabulary import canonical_engine
 from ..linalg.block_cg import block_cg
 from ..linalg.status import SolverStatus
-from .base import CurvatureOptimizer, check_cg_group
+from .adaptive import Trial, adaptive_direction
+from .base import CurvatureOptimizer, check_cg_group, check_positive
 
 __all__ = ["BlockDiagonalNewtonCG"]
 
@@ -66,7 +68,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             if that is the first, the block takes the plain gradient step).
         params: Parameters or param-group dicts; groups may set their own ``lr``, ``damping``,
             ``cg_maxiter``, ``cg_rtol`` and ``cg_atol``.
-        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject the step and warn) or ``"raise"``.
         engine: ``"auto"`` (default), ``"sequential"`` or ``"autograd"``: how the blocks are
             computed (see :class:`~secondorder.curvature.blockwise.BlockDiagonalCurvature`);
             the fast module-wise engine serves ``nn.Sequential`` models of supported layers,
@@ -74,6 +76,15 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         process_group: ``torch.distributed`` group for data-parallel training (see
             :class:`~secondorder.optim.base.CurvatureOptimizer`): block products, loss and
             gradient are all-reduced, so every rank runs the same lock-step CG.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
+        adapt_damping: Levenberg-Marquardt on a scale of the damping, with step acceptance, as
+            for :class:`~secondorder.optim.newton_cg.NewtonCG` (:mod:`..adaptive`; the model's
+            change costs one block-diagonal product per trial). Default True.
+        damping_retries: Solves after a rejected trial before the step is skipped (default 3).
 
     After each step ``diagnostics`` holds ``loss``, ``grad_norm``; per block (lists in
     parameter order, the names in ``blocks``) ``cg_block_iterations``, ``cg_residuals``,
@@ -113,6 +124,11 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         on_nonfinite: str = "skip",
         engine: str = "auto",
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
+        adapt_damping: bool = True,
+        damping_retries: int = 3,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -134,10 +150,16 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for group in self.param_groups:
             check_cg_group(group)
         self.curvature = curvature
+        self.adapt_damping = bool(adapt_damping)
+        check_positive("damping_retries", damping_retries, allow_zero=True, integer=True)
+        self.damping_retries = damping_retries
         self.negative_curvature = negative_curvature
         self.engine = engine
 
@@ -162,26 +184,37 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         loss, grad = C.loss, C.gradient()
         if not self._check_loss_and_gradient(loss, grad):
             return loss, None
+        direction = adaptive_direction(
+            self, loss, grad, batches, lambda kappa: self._solve(C, grad, kappa)
+        )
+        return loss, direction
+
+    def _solve(self, C: BlockDiagonalCurvature, grad: Tensor, kappa: float) -> Trial | None:
+        r"""Block CG on :math:`(C_i + \kappa\lambda_i I) s_i = g_i`; the trial direction."""
         # per-block hyperparameters: scalars when one group holds every block (the usual case)
         if len(self.param_groups) == 1:
             group = self.param_groups[0]
-            damping: float | list[float] = float(group["damping"])
+            damping: float | list[float] = float(group["damping"]) * kappa
             rtol: float | list[float] = float(group["cg_rtol"])
             atol: float | list[float] = float(group["cg_atol"])
             maxiter: int | list[int] = int(group["cg_maxiter"])
         else:
             groups = self._block_groups()
-            damping = [float(g["damping"]) for g in groups]
+            damping = [float(g["damping"]) * kappa for g in groups]
             rtol = [float(g["cg_rtol"]) for g in groups]
             atol = [float(g["cg_atol"]) for g in groups]
             maxiter = [int(g["cg_maxiter"]) for g in groups]
         # the right-hand sides -g_i, one flat vector; the solutions land in `direction`
         rhs = torch.neg(grad)
+        blocks = list(range(len(C.block_sizes)))
 
         def damped_blocks(indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
             # (C_i + lambda_i I) v_i, the damping fused into the block products
             shift = damping if isinstance(damping, float) else [damping[i] for i in indices]
             return C.apply_blocks(indices, vectors, shift=shift)
+
+        def damped(v: Tensor) -> Tensor:
+            return torch.cat(damped_blocks(blocks, list(v.split(C.block_sizes))))
 
         direction = torch.empty_like(grad)  # the solutions land here, block after block
         solutions, info = block_cg(
@@ -222,5 +255,9 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
                 if s == SolverStatus.NONFINITE
             ]
             self._reject(f"a curvature product was not finite during CG (blocks {bad})")
-            return loss, None
-        return loss, direction
+            return None
+        if not self.adapt_damping:
+            return Trial(direction, math.nan)
+        # the damped block model's change g'd + d'(C + lambda) d / 2 (one block product)
+        change = float(grad @ direction + 0.5 * (direction @ damped(direction)))
+        return Trial(direction, change, damped)

@@ -21,7 +21,6 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,156 +31,23 @@ from ..curvature.losses import supports_likelihood
 from ..curvature.lowrank import LowRankGGN
 from ..curvature.model import Batch
 from ..curvature.vocabulary import EIGENSOLVERS, NON_GRAPH_ENGINES, canonical_engine
+from .adaptive import Trial, adaptive_direction
 from .base import CurvatureOptimizer
+from .directional_rules import (
+    ConstantDamping,
+    Criterion,
+    Damping,
+    TopK,
+    _as_damping,
+    _decode_group,
+    _encode_group,
+    constant_damping,
+    top_k,
+)
 
 __all__ = ["ConstantDamping", "DirectionalDampedNewton", "TopK", "constant_damping", "top_k"]
 
-Criterion = Callable[[Tensor], Any]
 _DIAGNOSTICS = ("indices", "evals", "gammas", "lambdas", "dampings", "num_dropped", "eigensolver")
-Damping = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-
-
-class TopK:
-    """Criterion choosing the ``k`` largest eigenvalues (all of them if there are fewer).
-
-    It declares ``num_leading = k``: it looks at, and chooses among, the ``k`` largest
-    eigenvalues only, so :class:`DirectionalDampedNewton` computes just those eigenpairs
-    (:meth:`~secondorder.curvature.lowrank.LowRankGGN.leading_eigh`) and passes them.
-
-    Args:
-        k: Number of directions.
-
-    Raises:
-        ValueError: If ``k`` is not a positive int.
-    """
-
-    def __init__(self, k: int) -> None:
-        check_positive("k", k, integer=True)
-        self.k = k
-
-    @property
-    def num_leading(self) -> int:
-        """The number of leading eigenvalues this criterion needs: ``k``."""
-        return self.k
-
-    def __call__(self, evals: Tensor) -> list[int]:
-        """Return the positions of the ``k`` largest of the ascending ``evals``.
-
-        Args:
-            evals: Gram eigenvalues in ascending order (all ``D``, or the leading ones).
-
-        Returns:
-            Indices into ``evals``.
-        """
-        D = evals.numel()
-        return list(range(D - min(self.k, D), D))
-
-    def __repr__(self) -> str:
-        return f"top_k({self.k})"
-
-
-class ConstantDamping:
-    r"""Damping :math:`\delta_k = \delta` for every direction.
-
-    Args:
-        delta: The damping, a finite number >= 0.
-
-    Raises:
-        ValueError: If ``delta`` is negative or not finite.
-    """
-
-    def __init__(self, delta: float) -> None:
-        check_positive("damping", delta, allow_zero=True)
-        self.delta = float(delta)
-
-    def __call__(self, evals: Tensor, evecs: Tensor, gammas: Tensor, lambdas: Tensor) -> Tensor:
-        """Return the damping of each direction.
-
-        Args:
-            evals: Chosen GGN eigenvalues, shape ``(K,)``.
-            evecs: Their Gram-matrix eigenvectors, shape ``(D, K)``.
-            gammas: Per-sample directional gradients, shape ``(N, K)``.
-            lambdas: Per-sample directional curvatures, shape ``(N, K)``.
-
-        Returns:
-            Shape ``(K,)``.
-        """
-        return torch.full_like(evals, self.delta)
-
-    def __repr__(self) -> str:
-        return f"constant_damping({self.delta})"
-
-
-def top_k(k: int) -> TopK:
-    """Criterion choosing the ``k`` largest eigenvalues (see :class:`TopK`).
-
-    Args:
-        k: Number of directions.
-
-    Returns:
-        The criterion.
-    """
-    return TopK(k)
-
-
-def constant_damping(delta: float) -> ConstantDamping:
-    """Constant damping ``delta`` along every direction (see :class:`ConstantDamping`).
-
-    Args:
-        delta: The damping.
-
-    Returns:
-        The damping callable.
-    """
-    return ConstantDamping(delta)
-
-
-def _as_damping(value: Any, where: str) -> Damping:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return constant_damping(value)
-    if not callable(value):
-        raise TypeError(
-            f"{where}: damping must be a number or a callable (evals, evecs, gammas, lambdas) "
-            f"-> (K,) tensor, got {type(value).__name__}"
-        )
-    return value
-
-
-def _encode_group(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group of :meth:`DirectionalDampedNewton.state_dict` with plain data only."""
-    out = dict(group)
-    criterion, damping = group.get("criterion"), group.get("damping")
-    if isinstance(criterion, TopK):
-        out["criterion"] = {"top_k": criterion.k}
-    elif criterion is not None and not isinstance(criterion, dict):
-        out["criterion"] = {"callable": repr(criterion)}
-    if isinstance(damping, ConstantDamping):
-        out["damping"] = {"constant_damping": damping.delta}
-    elif damping is not None and not isinstance(damping, (dict, int, float)):
-        out["damping"] = {"callable": repr(damping)}
-    return out
-
-
-def _decode_group(group: Any, current: dict[str, Any] | None) -> Any:
-    """Undo :func:`_encode_group`; a stored custom callable becomes ``current``'s own."""
-    if not isinstance(group, dict):
-        return group
-    out = dict(group)
-    for key in ("criterion", "damping"):
-        value = group.get(key)
-        if not isinstance(value, dict):
-            continue
-        if "top_k" in value:
-            out[key] = TopK(value["top_k"])
-        elif "constant_damping" in value:
-            out[key] = ConstantDamping(value["constant_damping"])
-        elif "callable" in value and current is not None:
-            out[key] = current[key]
-        else:
-            raise ValueError(
-                f"DirectionalDampedNewton.load_state_dict: cannot read the stored {key} {value!r}"
-            )
-    return out
 
 
 def _gather_batches(batches: list[Batch], group: Any) -> list[Batch]:
@@ -248,7 +114,7 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             Monte-Carlo factor (the Gram matrix then has size :math:`N M`).
         generator: Random generator for ``mc_samples > 0`` (default: seeded with 0; its state
             is saved in ``state_dict``).
-        on_nonfinite: ``"skip"`` (reject the step, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject the step and warn) or ``"raise"``.
         engine: ``"auto"``, ``"kron"`` or ``"autograd"``
             (see :class:`~secondorder.curvature.lowrank.LowRankGGN`).
         eigensolver: ``"auto"`` (block Krylov for criteria with ``num_leading`` where it pays
@@ -260,6 +126,16 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             correct and identical across ranks, but not split across them. With
             ``mc_samples > 0`` give every rank the same generator seed (the default does), so
             all ranks draw the same targets for the global batch.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
+        adapt_damping: Levenberg-Marquardt on a scale :math:`\kappa \ge 1` of every
+            :math:`\delta_k`, with step acceptance (:mod:`~secondorder.optim.adaptive`; the model
+            change :math:`-\tfrac12\sum_k \gamma_k^2/(\lambda_k + \kappa\delta_k)` is exact in the
+            subspace). Default True; the seed's constant damping is ``adapt_damping=False``.
+        damping_retries: Solves after a rejected trial before the step is skipped (default 3).
 
     Raises:
         ValueError: For invalid hyperparameters or a loss without a likelihood.
@@ -292,9 +168,15 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         engine: str = "auto",
         eigensolver: str = "auto",
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
+        adapt_damping: bool = True,
+        damping_retries: int = 3,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, allow_zero=True, integer=True)
+        check_positive("damping_retries", damping_retries, allow_zero=True, integer=True)
         engine = canonical_engine(engine, NON_GRAPH_ENGINES)
         check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         if not supports_likelihood(loss_fn):
@@ -314,6 +196,9 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for i, group in enumerate(self.param_groups):
             try:
@@ -324,6 +209,8 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         self.engine = engine
         self.eigensolver = eigensolver
         self.generator = generator
+        self.adapt_damping = bool(adapt_damping)
+        self.damping_retries = damping_retries
         if mc_samples > 0 and generator is None:
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
 
@@ -444,11 +331,10 @@ class DirectionalDampedNewton(CurvatureOptimizer):
         loss, grad = lowrank.loss, lowrank.gradient()
         if not self._check_loss_and_gradient(loss, grad):
             return loss, None
-        fm = self.fmodel
-        direction = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
         diag = self.diagnostics
         for key in _DIAGNOSTICS:
             diag[key] = []
+        pieces = []  # per group: (index, slices, params, U, lam, gamma, lambda, delta)
         for gi, (group, slices) in enumerate(zip(self.param_groups, self._group_slices)):
             params = [p for p in group["params"] if p.requires_grad]
             if not params:  # every parameter of the group is frozen
@@ -476,7 +362,6 @@ class DirectionalDampedNewton(CurvatureOptimizer):
                 )
             delta = delta.detach().to(device=lam.device, dtype=lam.dtype)
             gamma_k, lambda_k = gammas.mean(0), lambdas.mean(0)
-            denom = lambda_k + delta
             diag["evals"].append(lam.tolist())
             diag["gammas"].append(gamma_k.tolist())
             diag["lambdas"].append(lambda_k.tolist())
@@ -484,15 +369,35 @@ class DirectionalDampedNewton(CurvatureOptimizer):
             if not bool(torch.isfinite(delta).all()):
                 self._reject(f"param group {gi}: the damping is not finite")
                 return loss, None
-            if bool((denom <= 0).any()):
-                bad = [i for i, d in zip(positions, denom.tolist()) if d <= 0]
+            if bool((lambda_k + delta <= 0).any()):
+                bad = [i for i, d in zip(positions, (lambda_k + delta).tolist()) if d <= 0]
                 self._reject(
                     f"param group {gi}: lambda_k + delta_k <= 0 for eigenvalues {bad} (the step "
                     "would be infinite or point uphill)"
                 )
                 return loss, None
-            coeffs = U @ (-gamma_k / (denom * lam.sqrt()))  # s = V (sum_k c_k u_k / sqrt(lam_k))
-            step = lowrank.factor_matmul(coeffs, params)
-            for (a, b), part in zip(slices, step.split([b - a for a, b in slices])):
-                direction[a:b] = part
-        return loss, direction
+            pieces.append((gi, slices, params, U, lam, gamma_k, lambda_k, delta))
+
+        def solve(kappa: float) -> Trial:
+            r"""Steps :math:`-\gamma_k / (\lambda_k + \kappa\delta_k)` along each direction."""
+            fm = self.fmodel
+            direction = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
+            # along e_k the step lr * c_k, c_k = -gamma_k / denom_k, changes the model by
+            # (lr^2 / 2 - lr) gamma_k^2 / denom_k (the groups' subspaces are orthogonal)
+            weights: list[tuple[dict[str, Any], float]] = []
+            for gi, slices, params, U, lam, gamma_k, lambda_k, delta in pieces:
+                denom = lambda_k + delta * kappa
+                coeffs = U @ (
+                    -gamma_k / (denom * lam.sqrt())
+                )  # s = V (sum_k c_k u_k / sqrt(lam_k))
+                step = lowrank.factor_matmul(coeffs, params)
+                for (a, b), part in zip(slices, step.split([b - a for a, b in slices])):
+                    direction[a:b] = part
+                weights.append((self.param_groups[gi], float((gamma_k**2 / denom).sum())))
+
+            def predict() -> float:
+                return sum((0.5 * g["lr"] ** 2 - g["lr"]) * w for g, w in weights)
+
+            return Trial(direction, -0.5 * sum(w for _, w in weights), predict=predict)
+
+        return loss, adaptive_direction(self, loss, grad, batches, solve)

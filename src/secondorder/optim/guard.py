@@ -1,7 +1,7 @@
 """The non-finite guard of the optimizers: a NaN/Inf never reaches the parameters.
 
 A step whose loss, gradient, warm start, direction or scaled step ``lr * d`` is not finite is
-rejected: the parameters stay unchanged, the warm start is dropped, and the optimizer warns once
+rejected: the parameters stay unchanged, the warm start is dropped, and the optimizer warns
 (``on_nonfinite="skip"``) or raises :class:`~secondorder.linalg.errors.NonFiniteError`
 (``"raise"``).
 """
@@ -49,7 +49,6 @@ class NonFiniteGuard:
     _WARM_START_KEYS: ClassVar[tuple[str, ...]] = ()
     diagnostics: dict[str, Any]
     on_nonfinite: str
-    _warned_nonfinite: bool
     fmodel: FunctionalModel
     _param_list: list[Tensor]
 
@@ -77,9 +76,11 @@ class NonFiniteGuard:
             if not math.isfinite(norm) and not all_finite(direction):
                 self._reject("the step direction is not finite")
             else:
+                direction, norm = self._with_momentum(direction, norm)
                 applied = self._apply_direction(direction, norm)
                 if applied is not None:
                     diag["step_norm"] = applied
+                    self._after_update(direction)
         if not diag.get("accepted", True):
             diag["step_norm"] = 0.0
         return loss
@@ -104,6 +105,7 @@ class NonFiniteGuard:
             if not all_finite(scaled):
                 self._reject("the scaled step lr * d is not finite")
                 return None
+        self._before_update()
         if step is not None:
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
         else:
@@ -111,12 +113,23 @@ class NonFiniteGuard:
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
         return norm
 
+    def _with_momentum(self, direction: Tensor, norm: float) -> tuple[Tensor, float]:
+        """The direction to apply and its norm (a hook: heavy-ball momentum)."""
+        return direction, norm
+
+    def _after_update(self, direction: Tensor) -> None:
+        """Called after ``direction`` was applied (a hook)."""
+
+    def _before_update(self) -> None:
+        """Called once the step is known to be applied, before ``theta += lr * d`` (a hook)."""
+
     def _reject(self, reason: str) -> None:
-        """Mark the step rejected for a non-finite value; warn once or raise.
+        """Mark the step rejected for a non-finite value; warn (every time) or raise.
 
         The warm start the step could have poisoned is dropped (the next step starts CG from
-        zero).
+        zero); ``state["rejections"]`` counts the rejected steps and trials of the run.
         """
+        self.global_state["rejections"] = int(self.global_state.get("rejections", 0)) + 1
         self.diagnostics["accepted"] = False
         self.diagnostics["rejected_reason"] = reason
         for key in self._WARM_START_KEYS:
@@ -128,9 +141,7 @@ class NonFiniteGuard:
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        if not self._warned_nonfinite:
-            warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
-            self._warned_nonfinite = True
+        warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
 
     def _on_reject(self, reason: str) -> None:
         """Hook: react to a rejected step (e.g. raise the damping)."""

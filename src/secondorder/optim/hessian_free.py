@@ -98,6 +98,7 @@ from ..linalg.cg import CGInfo
 from ..linalg.operator import LinearOperator
 from ..linalg.preconditioners import JacobiPreconditioner
 from .base import CurvatureOptimizer, check_jacobian_factors
+from .groups import COMMON_DEFAULTS
 from .hessian_free_checks import check_hyperparameters, check_options
 from .hessian_free_data import (
     _as_batch_list,
@@ -177,7 +178,9 @@ class HessianFree(CurvatureOptimizer):
     ``time_curvature``, ``time_preconditioner``, ``time_cg``, ``time_backtracking``,
     ``time_linesearch`` and ``time``.
 
-    The damping adapts globally, so one param group only. State (kept on the first parameter,
+    The damping, the step length and CG act on the whole step: several param groups are
+    accepted when they differ only in ``weight_decay``, ``max_grad_norm`` and ``momentum``
+    (e.g. no decay on biases). State (kept on the first parameter,
     carried by ``state_dict``): ``"step"``, ``"damping"`` (the current :math:`\lambda`) and
     ``"x0"`` (the last final CG iterate, the next warm start before decay).
 
@@ -230,18 +233,23 @@ class HessianFree(CurvatureOptimizer):
             :class:`~.hessian_free_parts.ArmijoLineSearch` with the group's ``ls_c``,
             ``ls_shrink`` and ``ls_max_steps``. Used when ``use_linesearch``.
         params: Parameters (one group) of ``model``; default: all trainable ones.
-        on_nonfinite: ``"skip"`` (reject, warn once) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (reject and warn) or ``"raise"``.
         engine: Linearisation engine of the curvature operators (``"auto"``).
         jacobian_factors: Whether GGN products of an MLP go through its output-Jacobian
             factors (:mod:`~secondorder.curvature.factored`): ``False`` (default) or ``True``
             (MLPs only; see ``BENCHMARKS.md`` for what it saves).
         process_group: A ``torch.distributed`` process group for data-parallel training
             (default: ``None``, one process); see above.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
 
     Raises:
         ValueError: For an invalid hyperparameter (the message names it and its value), an
-            unknown ``curvature``/``negative_curvature``/``preconditioner``, or several param
-            groups.
+            unknown ``curvature``/``negative_curvature``/``preconditioner``, or param groups
+            that differ in another hyperparameter than ``weight_decay`` and ``max_grad_norm``.
 
     Example:
         >>> import torch
@@ -288,6 +296,9 @@ class HessianFree(CurvatureOptimizer):
         engine: str = "auto",
         jacobian_factors: bool | str = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
     ) -> None:
         check_options(
             curvature,
@@ -322,10 +333,12 @@ class HessianFree(CurvatureOptimizer):
             defaults,
             params=params,
             on_nonfinite=on_nonfinite,
-            allow_groups=False,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
-        check_hyperparameters(self.param_groups[0])
+        self._check_groups()  # every group, and that they differ only where they may
         self.curvature = curvature
         self.negative_curvature = negative_curvature
         self.adapt_damping = adapt_damping
@@ -341,7 +354,20 @@ class HessianFree(CurvatureOptimizer):
     _WARM_START_KEYS = ("x0",)
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        """Check a group's values; they must equal the first group's (see :meth:`__init__`)."""
         check_hyperparameters(group)
+        if self.param_groups and group is not self.param_groups[0]:
+            first = self.param_groups[0]
+            for key in self.defaults:
+                if key in COMMON_DEFAULTS or key == "differentiable":  # torch's own key
+                    continue
+                if group.get(key) != first.get(key):
+                    raise ValueError(
+                        f"{key}={group.get(key)!r} differs from the first param group's "
+                        f"{first.get(key)!r}: Hessian-free's step length, damping, CG and line "
+                        "search act on the whole step, so param groups may differ only in "
+                        "weight_decay, max_grad_norm and momentum"
+                    )
 
     # ------------------------------------------------------------------ public steps
     def acc_step(self, loss_data: Any, grad_data: Any, curvature_data: Any) -> Tensor:

@@ -22,6 +22,7 @@ from .._checks import check_choice
 from ..curvature.model import Batch
 from ..linalg.cg import CGStatus, cg
 from ..linalg.operator import Diagonal, Identity, LinearOperator
+from .adaptive import Trial, adaptive_direction
 from .base import (
     CURVATURES,
     CurvatureOptimizer,
@@ -40,7 +41,8 @@ class NewtonCG(CurvatureOptimizer):
         model: The model to train.
         loss_fn: The loss, ``loss_fn(outputs, targets) -> scalar``.
         lr: Step size applied to the solution (default: 1).
-        damping: Tikhonov damping :math:`\lambda` (default: 1e-3).
+        damping: Tikhonov damping :math:`\lambda`, the smallest used under ``adapt_damping``
+            (default: 1).
         curvature: ``"ggn"``, ``"hessian"``, ``"fisher"`` (exact), ``"fisher_mc"`` or
             ``"empirical_fisher"`` (default: ``"ggn"``).
         cg_maxiter: Maximum CG iterations per step (default: 20).
@@ -61,6 +63,23 @@ class NewtonCG(CurvatureOptimizer):
             :class:`~secondorder.optim.base.CurvatureOptimizer`). With ``"fisher_mc"`` and no
             ``generator``, rank ``r`` draws from a generator seeded with ``r``, so ranks draw
             different targets, reproducibly.
+        weight_decay: Decoupled weight decay per param group (default 0; see
+            :class:`~secondorder.optim.base.CurvatureOptimizer`).
+        max_grad_norm: Clip each param group's gradient to this norm before the direction
+            is computed (default ``None``: no clipping).
+        momentum: Heavy-ball momentum on the step, per param group (default 0).
+        adapt_damping: Adapt a scale of the damping by Levenberg-Marquardt on the reduction
+            ratio and accept a step only if the loss on the batch fell; a rejected trial is
+            solved again with 10x the damping (:mod:`~secondorder.optim.adaptive`). Default
+            True; ``False`` keeps the damping fixed and takes every finite step.
+        damping_retries: Solves after a rejected trial before the step is skipped (default 3).
+
+    The damping used is ``damping * state["damping_scale"]``: the scale starts at 1, rises when
+    the model predicts the loss poorly or a trial is rejected, and relaxes back to 1
+    (``diagnostics`` report ``damping``, ``rho``, ``rejections``). Tuning: on mini-batches the
+    default ``damping=1`` keeps steps from fitting their batch too closely; on full-batch
+    problems a small ``damping`` (1e-3) lets steps approach Newton's; ``lr`` below 1 shortens
+    steps on noisy batches.
 
     With ``curvature="hessian"`` the matrix may be indefinite: CG stops at the first direction
     of non-positive curvature and the last iterate (a descent direction) is used; if that
@@ -76,7 +95,7 @@ class NewtonCG(CurvatureOptimizer):
         model: nn.Module,
         loss_fn: Any,
         lr: float = 1.0,
-        damping: float = 1e-3,
+        damping: float = 1.0,
         *,
         curvature: str = "ggn",
         cg_maxiter: int = 20,
@@ -91,12 +110,18 @@ class NewtonCG(CurvatureOptimizer):
         engine: str = "auto",
         jacobian_factors: bool | str = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
+        adapt_damping: bool = True,
+        damping_retries: int = 3,
     ) -> None:
         defaults = dict(
             lr=lr, damping=damping, cg_maxiter=cg_maxiter, cg_rtol=cg_rtol, cg_atol=cg_atol
         )
         check_cg_group(defaults)
         check_positive("num_samples", num_samples, integer=True)
+        check_positive("damping_retries", damping_retries, allow_zero=True, integer=True)
         check_choice("curvature", curvature, CURVATURES)
         check_jacobian_factors(jacobian_factors, curvature)
         if preconditioner is not None and not callable(preconditioner):
@@ -111,11 +136,16 @@ class NewtonCG(CurvatureOptimizer):
             params=params,
             on_nonfinite=on_nonfinite,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            momentum=momentum,
         )
         for group in self.param_groups:
             check_cg_group(group)
         self.curvature = curvature
         self.warm_start = warm_start
+        self.adapt_damping = bool(adapt_damping)
+        self.damping_retries = damping_retries
         self.preconditioner = preconditioner
         self.num_samples = num_samples
         self.engine = engine
@@ -131,11 +161,12 @@ class NewtonCG(CurvatureOptimizer):
         check_cg_group(group)
 
     # -------------------------------------------------------------------- step
-    def _damping_operator(self) -> LinearOperator:
+    def _damping_operator(self, scale: float = 1.0) -> LinearOperator:
         lam = self._group_vector("damping")
         if isinstance(lam, Tensor):
-            return Diagonal(lam)
-        return Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device) * lam
+            return Diagonal(lam * scale)
+        eye = Identity(self.fmodel.dim, dtype=self.fmodel.dtype, device=self.fmodel.device)
+        return eye * (lam * scale)
 
     def _build(self, batches: list[Batch]) -> Any:
         kw: dict[str, Any] = {
@@ -152,15 +183,25 @@ class NewtonCG(CurvatureOptimizer):
         loss, grad = C.loss, C.gradient()
         if not self._check_loss_and_gradient(loss, grad):
             return loss, None
-        group = self.param_groups[0]
-        A = C + self._damping_operator()
-        M = self.preconditioner(C, self._group_vector("damping")) if self.preconditioner else None
-        state = self.global_state
         x0 = None
         if self.warm_start:
             x0 = self._check_warm_start("cg_x0")
             if not self.diagnostics["accepted"]:
                 return loss, None
+        direction = adaptive_direction(
+            self, loss, grad, batches, lambda kappa: self._solve(C, grad, x0, kappa)
+        )
+        if direction is not None and self.warm_start:
+            self.global_state["cg_x0"] = (-direction).detach().clone()
+        return loss, direction
+
+    def _solve(self, C: Any, grad: Tensor, x0: Tensor | None, kappa: float) -> Trial | None:
+        r"""CG on :math:`(C + \kappa\Lambda) s = g`; the trial direction :math:`-s`."""
+        group = self.param_groups[0]
+        A = C + self._damping_operator(kappa)
+        M = None
+        if self.preconditioner:
+            M = self.preconditioner(C, self._group_vector("damping") * kappa)
         s, info = cg(
             A,
             grad,
@@ -175,17 +216,17 @@ class NewtonCG(CurvatureOptimizer):
             cg_iterations=info.iterations,
             cg_residual=info.residual_norm,
             cg_status=info.status.name.lower(),
-            damping=float(group["damping"]),
+            damping=float(group["damping"]) * kappa,
         )
         if info.status == CGStatus.NONFINITE:
             self._reject("a curvature product was not finite during CG")
-            return loss, None
+            return None
+        change = info.quadratic_values[-1]  # phi(s) = q(-s) - q(0)
         if info.status == CGStatus.NEGATIVE_CURVATURE and info.iterations == 0 and x0 is None:
             s = grad.clone()  # no descent direction found: fall back to the gradient
             diag["fallback"] = "gradient"
-        if self.warm_start:
-            state["cg_x0"] = s.detach().clone()
-        return loss, -s
+            change = float(0.5 * (s @ A.matvec(s)) - grad @ s)
+        return Trial(-s, change, A.matvec)
 
 
 class GaussNewton(NewtonCG):
@@ -195,12 +236,12 @@ class GaussNewton(NewtonCG):
         model: The model to train.
         loss_fn: The loss.
         lr: Step size (default: 1).
-        damping: Tikhonov damping (default: 1e-3).
+        damping: Tikhonov damping, the smallest used under ``adapt_damping`` (default: 1).
         **kwargs: Further :class:`NewtonCG` options (``cg_maxiter``, ``cg_rtol``, ...).
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: Any, lr: float = 1.0, damping: float = 1e-3, **kwargs: Any
+        self, model: nn.Module, loss_fn: Any, lr: float = 1.0, damping: float = 1.0, **kwargs: Any
     ) -> None:
         if "curvature" in kwargs:
             raise ValueError("GaussNewton uses the GGN; use NewtonCG to choose another curvature")
@@ -214,7 +255,7 @@ class NaturalGradient(NewtonCG):
         model: The model to train.
         loss_fn: The loss (cross-entropy, MSE or BCE-with-logits: a likelihood is needed).
         lr: Step size (default: 1).
-        damping: Tikhonov damping (default: 1e-3).
+        damping: Tikhonov damping, the smallest used under ``adapt_damping`` (default: 1).
         fisher: ``"exact"``, ``"mc"`` (targets sampled from the model) or ``"empirical"``.
         **kwargs: Further :class:`NewtonCG` options (``num_samples``, ``generator``, ...).
 
@@ -233,7 +274,7 @@ class NaturalGradient(NewtonCG):
         model: nn.Module,
         loss_fn: Any,
         lr: float = 1.0,
-        damping: float = 1e-3,
+        damping: float = 1.0,
         fisher: str = "exact",
         **kwargs: Any,
     ) -> None:

@@ -15,6 +15,8 @@ META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and 
 # keys torch.optim.Optimizer adds to `defaults` itself (``__setstate__``, after a copy or an
 # unpickling), which a state saved before the copy does not hold
 _TORCH_KEYS = frozenset({"differentiable"})
+# hyperparameters added to every optimizer later: a state saved before gets their defaults
+_LATER_KEYS = frozenset({"weight_decay", "max_grad_norm", "momentum"})
 
 
 def validate_state_dict(opt: Any, state_dict: Any) -> None:
@@ -54,7 +56,7 @@ def validate_state_dict(opt: Any, state_dict: Any) -> None:
                 f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])} "
                 "(another model or parameter selection)"
             )
-        missing = sorted(set(opt.defaults) - set(saved) - _TORCH_KEYS)
+        missing = sorted(set(opt.defaults) - set(saved) - _TORCH_KEYS - _LATER_KEYS)
         if missing:
             raise ValueError(
                 f"{name}.load_state_dict: param group {i} of the state lacks {missing}: it is "

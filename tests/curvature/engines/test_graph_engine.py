@@ -342,3 +342,48 @@ def test_vjp_of_requested_parameters_and_columns() -> None:
         buf = torch.zeros_like(part)
         lin.vjp_into(U[0], [buf], indices=[i])
         torch.testing.assert_close(buf, full[0][i], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["auto", "graph", "autograd"])
+def test_tied_parameters_stay_the_models_parameters(engine: str) -> None:
+    """torch.func.functional_call puts plain tensors in place of tied parameters (torch 2.13).
+
+    The model must keep its own Parameter objects (an optimizer holds them), and a second
+    operator must see the same trainable parameters.
+    """
+    tied = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), tied, nn.Tanh(), tied, nn.Linear(4, 2))
+    model = model.to(DT)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    X, y = _data(3, n=6, classes=2)
+    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine=engine)
+    G @ torch.ones(G.shape[0], dtype=DT)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p and p.requires_grad for n, p in before.items())
+    again = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine=engine)
+    assert again.shape == G.shape
+    R = ref.dense_ggn(model, nn.CrossEntropyLoss(), (X,), y)
+    assert tm.relative_error(again.to_dense(), R) < 1e-10
+
+
+def test_residual_cnn_with_batchnorm_in_training_mode() -> None:
+    """Batch statistics couple the samples: the BatchNorm rule, no node left to autograd."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNet((2, 3)).to(DT)).train()
+    X, y = _data(1, 6, 6)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    G = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="graph")
+    info = G.engine_info[0]
+    assert info.path == "graph" and info.autograd_nodes == (), info
+    # the running statistics move as after one plain forward pass
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    with torch.no_grad():
+        model(X)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(built[k], v, rtol=0, atol=0)
+    model.load_state_dict(start)
+    R = ref.dense_ggn(model, nn.CrossEntropyLoss(), (X,), y)
+    assert tm.relative_error(G.to_dense(), R) < 1e-10
+    A = so.GGN(model, nn.CrossEntropyLoss(), (X, y), engine="autograd")
+    assert tm.relative_error(G.to_dense(), A.to_dense()) < 1e-12

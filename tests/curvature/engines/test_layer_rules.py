@@ -29,8 +29,11 @@ def _setup(example):
 
 def _f(module, params, x):
     # Hardsigmoid by its definition: torch's own backward multiplies by a float32 1/6
+    # buffers copied inside: a training-mode BatchNorm updates its running statistics in place,
+    # which torch.func refuses on a captured tensor
+    buffers = {k: b.clone() for k, b in module.named_buffers()}
     with TwiceDifferentiable():
-        return functional_call(module, params, (x,))
+        return functional_call(module, {**params, **buffers}, (x,))
 
 
 def test_every_rule_has_an_example():
@@ -99,9 +102,11 @@ def test_batched_columns(example):
 
 def test_refusals_name_the_reason():
     assert rule_for(torch.nn.GRU(2, 2))[0] is None
-    bn = torch.nn.BatchNorm1d(3).train()
-    rule, why = rule_for(bn)
-    assert rule is None and "batch statistics" in why
+    dropout = torch.nn.Dropout(0.5).train()
+    rule, why = rule_for(dropout)
+    assert rule is None and "random" in why
+    # BatchNorm by batch statistics has its rule (training mode, or no running statistics)
+    assert rule_for(torch.nn.BatchNorm1d(3).train())[0] is not None
     relu = torch.nn.ReLU()
     relu.register_forward_hook(lambda *a: None)
     assert rule_for(relu) == (None, "it has hooks")

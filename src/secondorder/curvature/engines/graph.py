@@ -13,6 +13,11 @@ that depends on the parameters as a step (:mod:`.steps`) keeping what its produc
 - any other node by autograd on that node alone
   (:class:`~secondorder.curvature.engines.steps.AutogradStep`).
 
+``nn.Sequential`` is a chain of such nodes. After the forward pass, the rewrites of
+:mod:`.memory` move activations behind max-pooling, apply them in place where their operand is
+fresh and unshared, and mark the ``Linear, activation, Linear`` triples that the bottom of a
+reverse pass computes in column blocks; the products are unchanged.
+
 :math:`Jv` runs the steps forward, :math:`J^\top u` backward (skipping steps that reach no
 requested parameter); no autograd graph of the model is kept. The first linearisation of a
 model also evaluates the model itself and compares the outputs, so a trace that does not
@@ -38,6 +43,7 @@ from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
+from .memory import find_triples, in_place_activations, pool_activations
 from .ops import module_of, op_kind
 from .steps import (
     AutogradStep,
@@ -127,6 +133,10 @@ class GraphLinearization(Linearization):
             raise _Unsupported("the model does not return one tensor")
         self._out = out_node
         self.z = self._env[out_node]
+        # memory-saving rewrites (engines/memory.py): the products stay the same
+        self.steps = pool_activations(self.steps, self._env, out_node)
+        self.steps = in_place_activations(self.steps, out_node)
+        self._triples = find_triples(self.steps, out_node)
         index = {n: k for k, (n, _) in enumerate(self.steps)}
         # after which step each active node's tangent is no longer needed
         self._last_use: dict[int, list[fx.Node]] = {}
@@ -349,6 +359,10 @@ class GraphLinearization(Linearization):
                 u = cots.pop(node, None)
                 if u is None or not (self._mask[node] & requested):
                     continue
+                triple = self._triples.get(node)
+                if triple is not None and triple.applies(self._mask, requested, batched):
+                    triple.vjp(u, grads)  # the bottom of the pass in column blocks
+                    continue
                 need = [bool(self._mask[n] & requested) for n in step.inputs]
                 for n, g in zip(step.inputs, step.vjp(u, need, grads, batched)):
                     if g is not None:
@@ -416,7 +430,10 @@ def _agrees(z: Tensor, ref: Any) -> bool:
 
 
 def graph_linearization(
-    fmodel: FunctionalModel, inputs: tuple[Any, ...], leaves: list[Tensor]
+    fmodel: FunctionalModel,
+    inputs: tuple[Any, ...],
+    leaves: list[Tensor],
+    cls: type[GraphLinearization] | None = None,
 ) -> Linearization:
     """The graph engine's linearisation, or the whole-model autograd one where it cannot run.
 
@@ -424,6 +441,8 @@ def graph_linearization(
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of one batch.
         leaves: Leaf tensors holding the parameter values.
+        cls: The class of the graph's linearisation (default :class:`GraphLinearization`; the
+            Hessian's :class:`~.second_order.SecondOrderGraph` keeps what residuals need).
 
     Returns:
         A :class:`GraphLinearization` (``path == "graph"``), or an
@@ -441,7 +460,7 @@ def graph_linearization(
         ref = None if verified else _reference_output(fmodel, leaves, inputs)
         rng.restore()
         try:
-            lin = GraphLinearization(fmodel, graph, inputs, leaves)
+            lin = (cls or GraphLinearization)(fmodel, graph, inputs, leaves)
         except _Unsupported as e:
             reason = f"the traced graph cannot be linearised: {e}"
         else:

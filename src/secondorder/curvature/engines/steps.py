@@ -6,6 +6,16 @@ Every step was evaluated once, when the graph was linearised, and keeps what its
 ``vjp(u, need, grads, batched)`` maps an output cotangent to one cotangent per active input
 (``None`` where ``need`` is false or zero) and adds parameter cotangents into ``grads``
 (parameter index -> buffer, only the requested ones). Tangents of tuple-valued nodes are tuples.
+
+Second order (Hessian products, :mod:`.second_order`): ``prepare_residual(delta, modify)`` keeps,
+once per build, what the node's residual needs at its gradient cotangent ``delta`` (``None``:
+zero); ``residual(rctx, tin, tangents, need, grads, batched)`` returns the residual cotangents
+:math:`r_x` of the active inputs and adds :math:`r_\theta` into ``grads``, with
+:math:`(r_x, r_\theta) = \nabla^2_{(x,\theta)}\langle\delta, f\rangle\,(dx, d\theta)`
+(:mod:`..layers.base`). Sums, concatenations, reshapes, linear functions, parameters and tuple
+items are linear: no residual. A product :math:`a b` of two active values has
+:math:`r_a = \delta\, db`, :math:`r_b = \delta\, da`; a module by its rule's residual; a node
+differentiated by autograd by the double backward of that node alone.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.base import Rule, sum_to
-from ..linearization import batched_grad
+from .autograd_step import AutogradStep, flat_tensors, rebuild
+from .step_base import Grads, Step
 
 __all__ = [
     "AutogradStep",
@@ -33,24 +44,6 @@ __all__ = [
     "flat_tensors",
     "rebuild",
 ]
-
-Grads = dict[int, Tensor]
-
-
-class Step:
-    """Base class (module docstring)."""
-
-    inputs: list[Any]  # active input nodes, one per edge
-    name: str = ""
-    kind: str = ""
-
-    def jvp(self, tin: list[Any], tangents: Sequence[Tensor | None], batched: bool) -> Any:
-        """Output tangent from the input and parameter tangents."""
-        raise NotImplementedError
-
-    def vjp(self, u: Any, need: list[bool], grads: Grads, batched: bool) -> list[Any]:
-        """Input cotangents from the output cotangent; parameter cotangents into ``grads``."""
-        raise NotImplementedError
 
 
 def _lead(t: Tensor, batched: bool) -> tuple[int, ...]:
@@ -117,6 +110,35 @@ class RuleStep(Step):
         need_input = bool(need) and need[0]
         dx = self.rule.vjp(self.module, self.ctx, u, need_input, bufs, batched)
         return [dx] if self.inputs else []
+
+    #: the module's input and parameter values, kept by a second-order linearisation until
+    #: :meth:`prepare_residual` (``None`` otherwise)
+    second_order_values: tuple[Tensor, dict[str, Tensor]] | None = None
+
+    def prepare_residual(self, delta: Any, modify: str | None) -> Any:  # noqa: D102
+        values, self.second_order_values = self.second_order_values, None
+        if delta is None:
+            return None
+        if values is None:
+            raise RuntimeError("a second-order pass needs a linearisation that kept its inputs")
+        x, params = values
+        return self.rule.prepare_residual(self.module, self.ctx, x, params, delta, modify)
+
+    def residual(  # noqa: D102
+        self,
+        rctx: Any,
+        tin: list[Any],
+        tangents: Sequence[Tensor | None],
+        need: list[bool],
+        grads: Grads,
+        batched: bool,
+    ) -> list[Any]:
+        dx = tin[0] if tin else None
+        dp = {name: tangents[i] for name, i in self.params.items()}
+        bufs = {name: grads[i] for name, i in self.params.items() if i in grads}
+        need_input = bool(need) and need[0]
+        r = self.rule.residual(self.module, self.ctx, rctx, dx, dp, need_input, bufs, batched)
+        return [r] if self.inputs else []
 
 
 class SumStep(Step):
@@ -185,6 +207,29 @@ class ProductStep(Step):
                 continue
             other = self._other(i)
             g = u / other if self.divide else u * other
+            out.append(sum_to(g, tuple(self.values[i].shape), batched))
+        return out
+
+    def prepare_residual(self, delta: Any, modify: str | None) -> Any:  # noqa: D102
+        return delta if all(self.active) and delta is not None else None
+
+    def residual(  # noqa: D102
+        self,
+        rctx: Any,
+        tin: list[Any],
+        tangents: Sequence[Tensor | None],
+        need: list[bool],
+        grads: Grads,
+        batched: bool,
+    ) -> list[Any]:
+        out: list[Any] = []
+        for i, n in enumerate(need):  # both slots active: r_a = delta db, r_b = delta da
+            t = tin[1 - i]
+            if not n or t is None:
+                out.append(None)
+                continue
+            ndim = max(self.values[0].ndim, self.values[1].ndim)
+            g = _align(t, ndim, batched) * rctx
             out.append(sum_to(g, tuple(self.values[i].shape), batched))
         return out
 
@@ -274,136 +319,3 @@ class TupleItemStep(Step):
         cot: list[Any] = [None] * self.length
         cot[self.index] = u
         return [tuple(cot)]
-
-
-def flat_tensors(value: Any) -> list[Any]:
-    """The leaves of nested tuples and lists, in order."""
-    if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in flat_tensors(v)]
-    return [value]
-
-
-def rebuild(template: Any, leaves: Any) -> Any:
-    """Nested tuples shaped as ``template`` from an iterator of leaves."""
-    if isinstance(template, (tuple, list)):
-        return tuple(rebuild(v, leaves) for v in template)
-    return next(leaves)
-
-
-def flat_like(template: Any, value: Any) -> list[Any]:
-    """The leaves of ``value`` as ``template`` nests them (``None`` for every leaf of a None)."""
-    if isinstance(template, (tuple, list)):
-        if value is None:
-            return [None] * len(flat_tensors(template))
-        return [leaf for t, v in zip(template, value) for leaf in flat_like(t, v)]
-    return [value]
-
-
-def _differentiable(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.is_floating_point()
-
-
-class AutogradStep(Step):
-    r"""A node without a rule, differentiated by autograd on its own.
-
-    The node's function is evaluated once on leaf copies of its active inputs and of the
-    trainable parameters it reads. :math:`J^\top u` is a retained backward of that graph;
-    :math:`J v` differentiates the graph of :math:`w \mapsto J^\top w` (built at the first
-    product, as :class:`~secondorder.curvature.linearization.AutogradLinearization` does for a
-    whole model) with respect to :math:`w`.
-    """
-
-    kind = "autograd"
-    batched_products = "vmap"
-
-    def __init__(
-        self,
-        inputs: list[Any],
-        call: Callable[[list[Any], list[Tensor]], Any],
-        values: list[Any],
-        params: list[tuple[int, Tensor]],
-    ) -> None:
-        self.inputs = inputs
-        self.param_index = [i for i, _ in params]
-        self._in_templates = values
-        with torch.enable_grad():
-            leaf_values = []
-            self._in_leaves: list[list[Tensor | None]] = []
-            for v in values:
-                leaves = [
-                    t.detach().requires_grad_(True) if _differentiable(t) else t
-                    for t in flat_tensors(v)
-                ]
-                self._in_leaves.append([t if _differentiable(t) else None for t in leaves])
-                leaf_values.append(rebuild(v, iter(leaves)))
-            self._p_leaves = [p.detach().requires_grad_(True) for _, p in params]
-            out = call(leaf_values, self._p_leaves)
-        self._template = out
-        outs = flat_tensors(out)
-        self._out_mask = [isinstance(o, Tensor) and o.requires_grad for o in outs]
-        self._outs = [o for o, m in zip(outs, self._out_mask) if m]
-        self.value = rebuild(out, iter([o.detach() if isinstance(o, Tensor) else o for o in outs]))
-        self._wrt = [t for ls in self._in_leaves for t in ls if t is not None] + self._p_leaves
-        self._w: list[Tensor] | None = None
-        self._jtw: list[Tensor | None] = []
-
-    def _build_jtw(self) -> None:
-        with torch.enable_grad():
-            self._w = [torch.zeros_like(o, requires_grad=True) for o in self._outs]
-            jtw = torch.autograd.grad(
-                self._outs, self._wrt, self._w, create_graph=True, allow_unused=True
-            )
-        self._jtw = list(jtw)
-
-    def jvp(self, tin: list[Any], tangents: Sequence[Tensor | None], batched: bool) -> Any:  # noqa: D102
-        flat_t: list[Tensor | None] = []
-        for leaves, template, t in zip(self._in_leaves, self._in_templates, tin):
-            ts = flat_like(template, t)
-            flat_t.extend(tt for tt, leaf in zip(ts, leaves) if leaf is not None)
-        flat_t.extend(tangents[i] for i in self.param_index)
-        if self._w is None:
-            self._build_jtw()
-        outs, tans = [], []
-        for g, t in zip(self._jtw, flat_t):
-            if g is not None and t is not None and g.requires_grad:
-                outs.append(g)
-                tans.append(t)
-        if not outs:
-            return None
-        assert self._w is not None
-        jv = batched_grad(self, outs, self._w, tans, batched)
-        it = iter(jv)
-        leaves = [next(it) if m else None for m in self._out_mask]
-        return rebuild(self._template, iter(leaves))
-
-    def vjp(self, u: Any, need: list[bool], grads: Grads, batched: bool) -> list[Any]:  # noqa: D102
-        cots = flat_like(self._template, u)
-        outs, cs = [], []
-        for o, c in zip(self._outs, [c for c, m in zip(cots, self._out_mask) if m]):
-            if c is not None:
-                outs.append(o)
-                cs.append(c)
-        result: list[Any] = [None] * len(self.inputs)
-        if not outs:
-            return result
-        wrt: list[Tensor] = []
-        for leaves, n in zip(self._in_leaves, need):
-            wrt.extend(t for t in leaves if t is not None and n)
-        p_slots = [k for k, i in enumerate(self.param_index) if i in grads]
-        wrt.extend(self._p_leaves[k] for k in p_slots)
-        if not wrt:
-            return result
-        got = iter(batched_grad(self, outs, wrt, cs, batched))
-        for j, (leaves, n) in enumerate(zip(self._in_leaves, need)):
-            if not n:
-                continue
-            parts = [next(got) if t is not None else None for t in leaves]
-            if len(parts) == 1:
-                result[j] = parts[0]
-            else:
-                result[j] = tuple(parts)
-        for k in p_slots:
-            g = next(got)
-            if g is not None:
-                grads[self.param_index[k]].add_(g)
-        return result

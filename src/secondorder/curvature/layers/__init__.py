@@ -21,7 +21,7 @@ __all__ = ["EXAMPLES", "RULES", "Example", "Rule", "rule_for"]
 
 _ACT = elementwise.ElementwiseRule()
 _CONV = conv.ConvRule()
-_BN = norm.BatchNormEvalRule()
+_BN = norm.BatchNormRule()  # by the statistics the module uses (eval or batch)
 _RESHAPE = reshape.ReshapeRule()
 _MAX = pooling.MaxPoolRule()
 _AVG = pooling.AveragePoolRule()

@@ -13,6 +13,25 @@ derivative, ...). With :math:`y = f(x, \theta)`:
 With ``batched=True`` every tangent, cotangent and buffer carries a leading column dimension
 ``K``; the context is shared by the columns. Parameters are named as in the module's own
 ``_parameters`` (``"weight"``, ``"bias"``); a parameter the module lacks is ``None``.
+
+**Second-order (residual) term** for Hessian products (Pearlmutter's R-operator node by node).
+With :math:`\delta = \partial L / \partial y` the gradient cotangent at the output (fixed by the
+build), the residual is the directional derivative of the pullback with :math:`\delta` held
+fixed,
+
+.. math::
+    (r_x, r_\theta) = \frac{d}{d\epsilon}\Big[J(x + \epsilon\, dx, \theta + \epsilon\,
+    d\theta)^\top \delta\Big]_{\epsilon=0}
+    = \nabla^2_{(x,\theta)} \langle \delta, f(x, \theta) \rangle\, (dx, d\theta),
+
+so the reverse pass of :math:`Hv` is :math:`R\{\delta_x\} = J_x^\top R\{\delta_y\} + r_x`,
+:math:`R\{g_\theta\} = J_\theta^\top R\{\delta_y\} + r_\theta`. ``prepare_residual`` runs
+once per build and keeps what the residual needs (``None``: the residual is zero at this
+point, e.g. a piecewise-linear layer); ``residual`` returns :math:`r_x` (if ``need_input``) and
+adds :math:`r_\theta` into ``grads`` like ``vjp``. ``modify="clip"|"abs"`` (the PCH) replaces an
+elementwise activation's :math:`\delta \odot f''(a)` by :math:`\rho(\delta \odot f''(a))`;
+every other rule keeps its exact term. The default (:func:`generic_prepare`,
+:func:`generic_residual`) is exact for any rule: the double backward of the single module.
 """
 
 from __future__ import annotations
@@ -24,7 +43,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Example", "Rule", "add_bias_tangent", "channel_view", "per_sample", "sum_to"]
+__all__ = [
+    "Example",
+    "Rule",
+    "add_bias_tangent",
+    "channel_view",
+    "generic_prepare",
+    "generic_residual",
+    "per_sample",
+    "sum_to",
+]
 
 Params = Mapping[str, Tensor | None]
 Context = dict[str, Any]
@@ -109,6 +137,44 @@ class Rule:
         """Accumulate parameter cotangents into ``grads``; return the input cotangent or None."""
         raise NotImplementedError
 
+    def prepare_residual(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        """What :meth:`residual` needs at the gradient cotangent ``delta`` (None: it is zero).
+
+        Args:
+            module: The module.
+            ctx: Its forward context.
+            x: Its input.
+            params: Every parameter value of the module (trainable or not).
+            delta: The gradient cotangent at its output (shape of the output).
+            modify: ``None``, or the PCH modification ``"clip"``/``"abs"``.
+
+        Returns:
+            The residual's context, or None where the residual vanishes.
+        """
+        return generic_prepare(module, x, params, delta)
+
+    def residual(
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        r"""Add :math:`r_\theta` into ``grads``; return :math:`r_x` (or None if zero/not needed)."""
+        return generic_residual(module, rctx, dx, dparams, need_input, grads, batched)
+
 
 @dataclass(frozen=True)
 class Example:
@@ -162,3 +228,97 @@ def per_sample(fn: Callable[[Tensor], Tensor], t: Tensor, batched: bool) -> Tens
     if not batched:
         return fn(t)
     return fn(t.flatten(0, 1)).unflatten(0, (t.shape[0], -1))
+
+
+def generic_prepare(module: nn.Module, x: Tensor, params: Params, delta: Tensor) -> Context | None:
+    r"""The graph of :math:`g = \nabla_{(x,\theta)} \langle \delta, f(x, \theta) \rangle`.
+
+    Args:
+        module: The module.
+        x: Its input.
+        params: Every parameter value of the module.
+        delta: The gradient cotangent at its output.
+
+    Returns:
+        ``{"leaves", "names", "g"}`` for :func:`generic_residual`, or None where :math:`g` does
+        not depend on the input and the parameters (a linear module).
+    """
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        pl = {n: p.detach().requires_grad_(True) for n, p in params.items() if p is not None}
+        # buffers are copies: a module in training mode (BatchNorm) updates its running
+        # statistics in place, and a residual must not move them
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        y = torch.func.functional_call(module, {**buffers, **pl}, (xl,))
+        leaves = [xl, *pl.values()]
+        g = torch.autograd.grad(y, leaves, delta, create_graph=True, allow_unused=True)
+    if not any(gi is not None and gi.requires_grad for gi in g):
+        return None
+    return {"leaves": leaves, "names": list(pl), "g": list(g)}
+
+
+def generic_residual(
+    module: nn.Module,
+    rctx: Context,
+    dx: Tensor | None,
+    dparams: Params,
+    need_input: bool,
+    grads: Mapping[str, Tensor],
+    batched: bool,
+) -> Tensor | None:
+    r"""The residual by double backward of the single module: :math:`\nabla_{(x,\theta)} g`.
+
+    :math:`g` (:func:`generic_prepare`) is a gradient, so its Jacobian is the symmetric Hessian
+    of :math:`\langle \delta, f \rangle` and one backward of :math:`g` against
+    :math:`(dx, d\theta)` gives :math:`(r_x, r_\theta)`.
+
+    Args:
+        module: The module.
+        rctx: The context of :func:`generic_prepare`.
+        dx: Input tangent (``None``: zero), ``(K, *x.shape)`` if batched.
+        dparams: Parameter tangents by name (missing or ``None``: zero).
+        need_input: Whether :math:`r_x` is returned.
+        grads: Buffers :math:`r_\theta` is added into (by name).
+        batched: Whether tangents and buffers carry a leading column dimension.
+
+    Returns:
+        :math:`r_x`, or None.
+    """
+    leaves, names, g = rctx["leaves"], rctx["names"], rctx["g"]
+    tangents = [dx, *(dparams.get(n) for n in names)]
+    outs, tans = [], []
+    for gi, t in zip(g, tangents):
+        if gi is not None and t is not None and gi.requires_grad:
+            outs.append(gi)
+            tans.append(t)
+    slots = ([0] if need_input else []) + [1 + k for k, n in enumerate(names) if n in grads]
+    if not outs or not slots:
+        return None
+    wrt = [leaves[k] for k in slots]
+    if not batched:
+        got = torch.autograd.grad(outs, wrt, tans, retain_graph=True, allow_unused=True)
+    else:
+        try:
+            got = torch.autograd.grad(
+                outs, wrt, tans, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:  # no batching rule for this double backward: one column at a time
+            cols = [
+                torch.autograd.grad(
+                    outs, wrt, [t[k] for t in tans], retain_graph=True, allow_unused=True
+                )
+                for k in range(tans[0].shape[0])
+            ]
+            got = tuple(
+                None if any(c[i] is None for c in cols) else torch.stack([c[i] for c in cols])  # type: ignore[misc]
+                for i in range(len(wrt))
+            )
+    rx = None
+    for k, r in zip(slots, got):
+        if r is None:
+            continue
+        if k == 0:
+            rx = r
+        else:
+            grads[names[k - 1]].add_(r)
+    return rx

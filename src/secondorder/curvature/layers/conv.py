@@ -9,6 +9,12 @@ equally).
 and the reverse products are ATen's ``convolution_backward`` (input, weight and bias gradients,
 each computed only where asked). Batched input tangents and cotangents ride along the batch
 dimension; batched weight tangents stack along the output channels (``groups=1``).
+
+The map is bilinear in ``(x, W)``, so the residual at the gradient cotangent :math:`\delta` is
+the input gradient of :math:`\delta` through the convolution with :math:`dW` and the weight
+gradient of :math:`(dx, \delta)`: :math:`r_x = dW^\top \star \delta`,
+:math:`r_W = \delta \star dx`, :math:`r_b = 0` (ATen's ``convolution_backward``; one call per
+column when batched).
 """
 
 from __future__ import annotations
@@ -181,6 +187,55 @@ class ConvRule(Rule):
                 gi = _backward(u.flatten(0, 1), xs, w, m, [True, False, False], False)[0]
                 out = gi.unflatten(0, (K, -1))
         if out is not None and not ctx["batch"]:
+            out = out.squeeze(1) if batched else out.squeeze(0)
+        return out
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return {"delta": delta if ctx["batch"] else delta.unsqueeze(0)}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        m: Any = module
+        x, w, delta = ctx["x"], ctx["w"], rctx["delta"]
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        if not ctx["batch"]:  # unbatched (C, *spatial) input: add a batch of one
+            x = x.unsqueeze(0)
+            if dx is not None:
+                dx = dx.unsqueeze(1) if batched else dx.unsqueeze(0)
+        if gw is not None and dx is not None:
+            cols = range(dx.shape[0]) if batched else [None]
+            for k in cols:
+                dxk, gk = (dx, gw) if k is None else (dx[k], gw[k])
+                gk.add_(_backward(delta, dxk, w, m, [False, True, False], False)[1])
+        if not need_input or dw is None:
+            return None
+        if batched:
+            out = torch.stack(
+                [
+                    _backward(delta, x, dw[k], m, [True, False, False], False)[0]
+                    for k in range(len(dw))
+                ]
+            )
+        else:
+            out = _backward(delta, x, dw, m, [True, False, False], False)[0]
+        if not ctx["batch"]:
             out = out.squeeze(1) if batched else out.squeeze(0)
         return out
 

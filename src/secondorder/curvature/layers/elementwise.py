@@ -6,6 +6,11 @@ sigmoid and tanh, whose derivative is a function of the output :math:`s`, it kee
 instead (usually the next layer's stored input, so no extra memory) and the products apply
 ATen's fused ``*_backward`` kernels. Modules the table refuses (hooks, unknown arguments, an
 instance-level ``forward``) have no rule.
+
+The residual (second-order term) is diagonal: :math:`r_x = \rho(\sigma''(x) \odot \delta)
+\odot dx` with :math:`\rho` the identity, or the PCH's ``"clip"``/``"abs"``; the coefficient is
+computed once per build (:math:`\sigma''` from the output for sigmoid and tanh, else from the
+table), and it vanishes for ReLU.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import Tensor, nn
 
 from ..activations import ACTIVATIONS, activation_derivatives, activation_function
 from ..activations import unsupported_activation as _unsupported
+from ..pch_mode import modify_residual
 from .base import Context, Example, Params, Rule
 
 __all__ = ["ElementwiseRule"]
@@ -67,6 +73,45 @@ class ElementwiseRule(Rule):
         batched: bool,
     ) -> Tensor | None:
         return self._times(module, ctx, u) if need_input else None
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        t = type(module)
+        d2: Tensor | None
+        if t is nn.ReLU:
+            return None
+        s: Tensor = ctx["s"] if t in _FROM_OUTPUT else x
+        if t is nn.Sigmoid:  # s (1 - s) (1 - 2 s)
+            d1 = torch.addcmul(s, s, s, value=-1)
+            d2 = torch.addcmul(d1, d1, s, value=-2)
+        elif t is nn.Tanh:  # -2 s (1 - s^2)
+            d2 = torch.addcmul(torch.ones_like(s), s, s, value=-1).mul_(s).mul_(-2)
+        else:
+            d2 = activation_derivatives(module, x, second=True)[2]
+        if d2 is None:
+            return None
+        r = d2 * delta
+        return {"r": modify_residual(r, modify) if modify is not None else r}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        return rctx["r"] * dx if need_input and dx is not None else None
 
 
 # non-default arguments where the constructor needs them or they change the function

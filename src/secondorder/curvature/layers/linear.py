@@ -4,7 +4,11 @@ r"""``nn.Linear`` on inputs ``(..., d_in)``: :math:`y = x W^\top + b`.
     dy = dx\, W^\top + x\, dW^\top + db, \qquad
     dx = u W, \quad dW \mathrel{+}= u^\top x, \quad db \mathrel{+}= \textstyle\sum u,
 
-with every leading dimension of ``x`` flattened into rows.
+with every leading dimension of ``x`` flattened into rows. The map is bilinear in ``(x, W)``,
+so the residual at the gradient cotangent :math:`\delta` is
+
+.. math::
+    r_x = \delta\, dW, \qquad r_W = \delta^\top dx, \qquad r_b = 0.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ class LinearRule(Rule):
         x: Tensor = ctx["x"]
         dw, db = dparams.get("weight"), dparams.get("bias")
         out = F.linear(dx, ctx["w"]) if dx is not None else None
-        if dw is not None:
+        if dw is not None and out is not None and not batched and out.is_contiguous():
+            # x dW^T added into the new tensor out, without a temporary of its size
+            out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), dw.T)
+        elif dw is not None:
             if batched:  # (K, out, in) -> (K, 1.., in, out), broadcast over x's rows
                 dwt = dw.transpose(-1, -2)
                 term = x @ dwt.reshape(dw.shape[0], *([1] * (x.ndim - 2)), *dwt.shape[1:])
@@ -114,6 +121,43 @@ class LinearRule(Rule):
             if gb is not None:
                 gb.add_(u2.sum(0))
         return u @ ctx["w"] if need_input else None
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return {"delta": delta}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        delta: Tensor = rctx["delta"]
+        d2 = delta.reshape(-1, delta.shape[-1])
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        if gw is not None and dx is not None:
+            if batched:
+                dx3 = dx.reshape(dx.shape[0], -1, dx.shape[-1])
+                gw.baddbmm_(d2.T.expand(dx.shape[0], *d2.T.shape), dx3)
+            else:
+                gw.addmm_(d2.T, dx.reshape(-1, dx.shape[-1]))
+        if not need_input or dw is None:
+            return None
+        if batched:  # (K, rows, in) -> (K, *lead, in)
+            return (d2 @ dw).reshape(dw.shape[0], *delta.shape[:-1], dw.shape[-1])
+        return delta @ dw
 
 
 def _per_sample(x: Tensor, u: Tensor, names: Sequence[str]) -> dict[str, Tensor]:

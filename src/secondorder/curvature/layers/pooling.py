@@ -75,6 +75,17 @@ class MaxPoolRule(Rule):
         grad.flatten(lead).scatter_add_(lead, idx.expand(*flat_u.shape), flat_u)
         return grad
 
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return None  # linear in its input (at the selected indices): no second-order term
+
 
 class AveragePoolRule(Rule):
     """Rule of ``nn.AvgPool1d/2d/3d`` and ``nn.AdaptiveAvgPool1d/2d/3d`` (module docstring)."""
@@ -109,6 +120,17 @@ class AveragePoolRule(Rule):
             probe = u.new_zeros(shape, requires_grad=True)
             (grad,) = torch.autograd.grad(module(probe), probe, u.flatten(0, 1) if batched else u)
         return grad.unflatten(0, (u.shape[0], -1)) if batched else grad
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return None  # linear in its input (at the selected indices): no second-order term
 
 
 EXAMPLES = [

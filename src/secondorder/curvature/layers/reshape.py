@@ -60,6 +60,17 @@ class ReshapeRule(Rule):
         lead = u.shape[:1] if batched else ()
         return u.reshape(*lead, *ctx["in_shape"])
 
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        return None  # linear in its input (at the selected indices): no second-order term
+
 
 EXAMPLES = [
     Example(nn.Flatten, (3, 2, 4), "flatten"),

@@ -23,6 +23,7 @@ NAME = "bench"
 HELP = "Run the benchmark scripts (operators, solvers, optimizers, distributed) and collect tables."
 
 SCRIPTS = ("operators", "solvers", "optimizers", "distributed")
+REQUIRES: tuple[str, ...] = ()  # the scripts run in their own interpreter
 
 
 def _script_list(text: str) -> str:
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args: Parsed command-line arguments.
 
     Returns:
-        Per script: the command, exit code, wall time and the path of its table.
+        Per script: the command, exit code, wall time and the path of its table; ``"failed"``
+        lists the scripts that exited non-zero (the command then exits with code 1).
 
     Raises:
         FileNotFoundError: If the benchmark scripts are not beside the package.
@@ -84,14 +86,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--only: unknown benchmark(s) {unknown}; expected some of {SCRIPTS}")
     refenv = root / ".refenv" / "bin" / "python"
     python = args.python or (str(refenv) if refenv.exists() else sys.executable)
+    out = Path(args.out).resolve()  # the scripts run in the source tree, not in the cwd
     results: dict[str, Any] = {}
+    failed: list[str] = []
     sections = ["# Benchmarks", "", f"Interpreter: `{python}`; threads: {args.threads or 2}.", ""]
     for name in names:
         script = bench_dir / f"{name}.py"
         if not script.exists():
             results[name] = {"skipped": f"{script} not found"}
+            failed.append(f"{name} (not found)")
             continue
-        table = args.out / f"{name}.md"
+        table = out / f"{name}.md"
         cmd = [python, str(script), "--markdown", str(table)]
         if args.quick and name == "operators":
             cmd += ["--repeats", "10", "--problems", "A"]
@@ -99,8 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
         wall = time.perf_counter() - start
         log = proc.stdout + proc.stderr
-        write_atomically(args.out / f"{name}.log", partial(Path.write_text, data=log))
+        write_atomically(out / f"{name}.log", partial(Path.write_text, data=log))
         results[name] = {"command": cmd, "returncode": proc.returncode, "wall_s": wall}
+        if proc.returncode != 0:
+            failed.append(f"{name} (exit {proc.returncode}, log in {name}.log)")
         sections += [f"## {name} (exit {proc.returncode}, {wall:.0f} s)", ""]
         if table.exists():
             results[name]["table"] = table.name
@@ -108,6 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             sections.append("```\n" + (proc.stdout + proc.stderr)[-3000:] + "\n```")
         sections.append("")
-    write_markdown(args.out / "summary.md", "\n".join(sections) + "\n")
+    write_markdown(out / "summary.md", "\n".join(sections) + "\n")
     print("\n".join(sections))
+    if failed:
+        results["failed"] = failed
     return results

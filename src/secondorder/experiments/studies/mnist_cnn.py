@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cg_rtol=args.cg_rtol,
                 cg_atol=args.cg_atol,
                 process_group=ctx.group,
+                adapt_damping=False,  # seed 001's fixed damping
             )
         )
         for name, curv in CURVATURES.items()

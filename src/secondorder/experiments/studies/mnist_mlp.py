@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cg_maxiter=args.cg_maxiter,
         cg_rtol=args.cg_rtol,
         process_group=ctx.group,
+        adapt_damping=False,  # seed 002's fixed damping
     )
     # rank 0 draws as a single process does; the other ranks from their own streams
     mc_seed = args.seed + 1_000_003 * ctx.rank
