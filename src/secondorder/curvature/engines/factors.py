@@ -31,6 +31,7 @@ from ..layers import Rule, rule_for
 from ..model import FunctionalModel
 from ..per_sample import coupling
 from .graph import GraphLinearization, graph_linearization
+from .memory import InPlaceActivationStep, PooledActivationStep
 from .steps import CatStep, ProductStep, ReshapeStep, RuleStep, SumStep
 from .trace import trace
 
@@ -152,6 +153,12 @@ def support(lin: GraphLinearization, num_samples: int, num_params: int) -> str |
                 if i in owners:
                     return f"a parameter is used by {owners[i]} and {node.name}"
                 owners[i] = node.name
+        elif isinstance(step, (InPlaceActivationStep, PooledActivationStep)):
+            # memory rewrites of an activation (and the max-pooling after it): elementwise, and
+            # in place only on fresh cotangents that no other step reads
+            parts = [step.act, getattr(step, "pool", step.act)]
+            if not all(p.rule.rowwise(p.module, p.ctx) for p in parts):
+                return f"{where} may mix the samples"
         elif isinstance(step, SumStep):
             if not _leading([tuple(s) for s in step.shapes], tuple(step.out)):
                 return f"{where} broadcasts a value across samples"

@@ -448,6 +448,15 @@ class BatchNormRule(Rule):
         """The rule of ``module``'s current mode."""
         return self.train_rule if _batch_statistics(module) else self.eval_rule
 
+    # per-sample hooks (Rule): those of the rule that built the context (none in training mode)
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return ctx["rule"].rowwise(module, ctx)
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        return ctx["rule"].per_sample_param_vjp(module, ctx, u, names)
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         return self.pick(module).unsupported(module)
 
