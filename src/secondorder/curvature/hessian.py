@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._checks import check_choice
 from .base import CurvatureOperator
+from .engines.dispatch import select
 from .engines.second_order import GraphHessian, graph_hessian
 from .linearization import EngineInfo, backward_into, batched_grad
 from .losses import _check_scalar, check_targets
@@ -109,10 +110,11 @@ class Hessian(CurvatureOperator):
         return EngineInfo("autograd", state.fallback_reason)
 
     def _prepare(self, batch: Batch) -> _HessianState | GraphHessian:
-        # a TorchFunctionMode (e.g. positive_curvature_mode) may change the recorded graph's
-        # double backward: then the products must go through that graph
+        # the one dispatch site: the graph engine, or whole-model autograd (engine="autograd",
+        # or a TorchFunctionMode such as positive_curvature_mode that may change the recorded
+        # graph's double backward: then the products must go through that graph)
         reason = None
-        if self.engine != "autograd" and not torch._C._is_torch_function_mode_enabled():
+        if select(self.fmodel, batch.inputs, self.engine) == "graph":
             got = graph_hessian(self.fmodel, batch.inputs, batch.targets, self.loss_fn, self.modify)
             if isinstance(got, GraphHessian):
                 return got

@@ -7,8 +7,10 @@ change :math:`q(\delta) - q(0) = g^\top\delta + \tfrac12 \delta^\top (C + \kappa
 the loss on the step's batch gives the actual change; their ratio is :math:`\rho`
 (:func:`~secondorder.optim.damping.reduction_ratio`). With ``adapt_damping=True``:
 
-- the step is **accepted** only when the loss on the batch is finite and fell
-  (:math:`\rho > 0`); then :math:`\kappa` follows Martens' Levenberg-Marquardt rule
+- the step is **accepted** only when the loss on the batch is finite and did not rise
+  (:math:`\rho \ge 0` where the model predicts a decrease); then :math:`\kappa` follows
+  Martens' Levenberg-Marquardt rule (an undefined :math:`\rho`, where the model predicts no
+  decrease, counts as a poor model)
   (:func:`~secondorder.optim.damping.levenberg_marquardt`: :math:`\times 3/2` when
   :math:`\rho < 1/4`, :math:`\times 2/3` when :math:`\rho > 3/4`);
 - a **rejected** trial multiplies :math:`\kappa` by :data:`REJECT_FACTOR` and solves again with
@@ -121,7 +123,7 @@ def adaptive_direction(
         f_new = float(opt.loss_along(trial.direction * scale, 1.0, batches))
         rho = reduction_ratio(f0, f_new, predicted)
         diag.update(damping_scale=kappa, rho=rho, predicted_change=predicted, new_loss=f_new)
-        if math.isfinite(f_new) and rho > 0:
+        if math.isfinite(f_new) and f_new <= f0:  # rho > 0, or a poor model but a decrease
             state["damping_scale"] = min(max(levenberg_marquardt(kappa, rho), MIN_SCALE), MAX_SCALE)
             diag.update(rejections=rejections, next_damping_scale=state["damping_scale"])
             return trial.direction

@@ -26,8 +26,11 @@ TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def _f(module, params, x):
+    # buffers copied inside: a training-mode BatchNorm updates its running statistics in place,
+    # which torch.func refuses on a captured tensor
+    buffers = {k: b.clone() for k, b in module.named_buffers()}
     with TwiceDifferentiable():
-        return functional_call(module, params, (x,))
+        return functional_call(module, {**params, **buffers}, (x,))
 
 
 def _setup(example):

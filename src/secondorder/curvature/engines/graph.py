@@ -43,7 +43,7 @@ from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
-from .memory import find_triples, in_place_activations, pool_activations
+from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
 from .ops import module_of, op_kind
 from .steps import (
     AutogradStep,
@@ -96,6 +96,9 @@ class GraphLinearization(Linearization):
 
     path = "graph"
     fallback_reason: str | None = None
+    #: Whether the memory rewrites of :mod:`.memory` apply (they keep Jv and J^T u, not what
+    #: second-order products need: a subclass for those turns them off).
+    memory_rewrites: bool = True
 
     def __init__(
         self,
@@ -134,9 +137,11 @@ class GraphLinearization(Linearization):
         self._out = out_node
         self.z = self._env[out_node]
         # memory-saving rewrites (engines/memory.py): the products stay the same
-        self.steps = pool_activations(self.steps, self._env, out_node)
-        self.steps = in_place_activations(self.steps, out_node)
-        self._triples = find_triples(self.steps, out_node)
+        self._triples: dict[fx.Node, BottomTriple] = {}
+        if self.memory_rewrites:
+            self.steps = pool_activations(self.steps, self._env, out_node)
+            self.steps = in_place_activations(self.steps, out_node)
+            self._triples = find_triples(self.steps, out_node)
         index = {n: k for k, (n, _) in enumerate(self.steps)}
         # after which step each active node's tangent is no longer needed
         self._last_use: dict[int, list[fx.Node]] = {}

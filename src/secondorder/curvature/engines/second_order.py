@@ -47,7 +47,11 @@ class SecondOrderGraph(GraphLinearization):
     """A graph linearisation whose module steps keep their input and parameter values.
 
     :class:`GraphHessian` hands them to the rules' ``prepare_residual`` once and drops them.
+    The memory rewrites are off: an activation applied in place would overwrite the values kept
+    here, and the rewritten steps have no residual terms.
     """
+
+    memory_rewrites = False
 
     def _add(self, node: fx.Node, step: Step, value: Any, own: int = 0) -> None:
         if isinstance(step, RuleStep):

@@ -27,9 +27,24 @@ class Step:
         """Input cotangents from the output cotangent; parameter cotangents into ``grads``."""
         raise NotImplementedError
 
+    #: Whether the step is linear in its inputs and parameters jointly (sums, concatenations,
+    #: reshapes, linear functions): its residual vanishes. A step that is not linear must
+    #: implement :meth:`prepare_residual` and :meth:`residual`; the default refuses rather than
+    #: take a nonlinear step's second derivative for zero.
+    linear: bool = False
+
     def prepare_residual(self, delta: Any, modify: str | None) -> Any:
-        """What :meth:`residual` needs at the gradient cotangent ``delta`` (None: no residual)."""
-        return None
+        """What :meth:`residual` needs at the gradient cotangent ``delta`` (None: no residual).
+
+        Raises:
+            NotImplementedError: For a step that is not :attr:`linear` and has no residual.
+        """
+        if self.linear:
+            return None
+        raise NotImplementedError(
+            f"{type(self).__name__} has no second-derivative (residual) term; the Hessian "
+            "cannot be computed through it"
+        )
 
     def residual(
         self,

@@ -64,6 +64,8 @@ def _align(t: Tensor, ndim: int, batched: bool) -> Tensor:
 class ParamStep(Step):
     """A trainable parameter read by ``get_attr``."""
 
+    linear = True
+
     kind = "param"
 
     def __init__(self, index: int) -> None:
@@ -143,6 +145,8 @@ class RuleStep(Step):
 
 class SumStep(Step):
     """``a + b``, ``a - b``, ``-a``: signs per active input, broadcast to the output."""
+
+    linear = True
 
     kind = "sum"
 
@@ -237,6 +241,8 @@ class ProductStep(Step):
 class CatStep(Step):
     """``torch.cat(tensors, dim)``: tangents concatenated, cotangents split."""
 
+    linear = True
+
     kind = "cat"
 
     def __init__(
@@ -270,6 +276,8 @@ class CatStep(Step):
 class ReshapeStep(Step):
     """``view``, ``reshape``, ``flatten``, ``(un)squeeze``, ``contiguous`` of one active input."""
 
+    linear = True
+
     kind = "reshape"
 
     def __init__(self, inputs: list[Any], in_shape: Any, out_shape: Any) -> None:
@@ -285,6 +293,8 @@ class ReshapeStep(Step):
 
 class LinearStep(Step):
     """A function linear in its one active input: :math:`f(dx)` and the pullback of :math:`f`."""
+
+    linear = True
 
     kind = "linear"
 
@@ -306,6 +316,8 @@ class LinearStep(Step):
 
 class TupleItemStep(Step):
     """``value[i]`` of a tuple-valued node (a module that returns several outputs)."""
+
+    linear = True
 
     kind = "item"
 
