@@ -152,6 +152,12 @@ OPERATORS: dict[str, OpSpec] = {
         needs=("seq", "mlp"),
         likelihood=True,
     ),
+    "lowrank.auto": OpSpec(  # the per-sample layer engine wherever it applies
+        lambda m, lf, d, s: LowRankGGN(m, lf, d),
+        "ggn",
+        checks=("dense", "gradient", "eigvalsh"),
+        likelihood=True,
+    ),
     "lowrank.autograd": OpSpec(
         lambda m, lf, d, s: LowRankGGN(m, lf, d, engine="autograd"),
         "ggn",

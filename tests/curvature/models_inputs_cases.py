@@ -118,6 +118,7 @@ CASES = [
             nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, C)
         ).double(),
         lambda: torch.randn(N, 1, 5, 5, dtype=DT),
+        path="kronecker",  # the layers' per-sample rules (GroupNorm has one)
     ),
     Case("gru", lambda: Recurrent(nn.GRU).double(), _rnn_input, path="batch"),
     Case("lstm", lambda: Recurrent(nn.LSTM).double(), _rnn_input, path="batch"),

@@ -816,3 +816,28 @@ def test_autograd_engine_is_passed_on_to_the_generic_operator(curvature):
     assert B.engine == "autograd" and B._op.engine == "autograd"
     B = so.BlockDiagonalCurvature(model, nn.CrossEntropyLoss(), (X, y), curvature=curvature)
     assert B.engine == "sequential"
+
+
+def test_supported_layers_come_from_the_registry():
+    """The engine takes a module iff the registry has a rule for it of a kind it implements."""
+    from secondorder.curvature.blockwise_layers import LAYERS, _unsupported_reason
+    from secondorder.curvature.layers import EXAMPLES, rule_for
+
+    for example in EXAMPLES:
+        module = example.build()
+        rule = rule_for(module)[0]
+        assert rule is not None
+        assert (_unsupported_reason(module) is None) == (type(rule) in LAYERS), example.name
+    refused = nn.Conv1d(2, 2, 2, padding="same")  # pads one side more: no rule
+    why = rule_for(refused)[1]
+    assert why is not None and _unsupported_reason(refused) == why
+    with pytest.raises(ValueError, match="pads asymmetrically"):
+        sequential_blocks(nn.Sequential(refused))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding="valid"), nn.Dropout1d(0.3).eval(), nn.Flatten(), nn.Linear(9, 2)
+    ).to(DT)
+    data = (torch.randn(4, 2, 5, dtype=DT), torch.randint(0, 2, (4,)))
+    fast = BlockDiagonalCurvature(model, nn.CrossEntropyLoss(), data, engine="sequential")
+    auto = BlockDiagonalCurvature(model, nn.CrossEntropyLoss(), data, engine="autograd")
+    assert fast.engine == "sequential"
+    torch.testing.assert_close(fast.to_dense(), auto.to_dense(), rtol=1e-10, atol=1e-12)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from cases import CASE_IDS, CASES, DT, LOSSES, targets
+from cases import CASE_IDS, CASES, DT, LOSSES, TwoInputs, targets
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -14,6 +17,10 @@ from secondorder.curvature.diagonal import (
     ggn_diagonal,
     per_sample_gradient_diagonal,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+from factor_models import MixesSamples, ResidualConv, ResidualMLP, SequenceInside
+from graph_models import MLP, ResNet, randomize_batchnorm
 
 RTOL = 1e-10
 N = 6
@@ -219,8 +226,9 @@ def test_kronecker_path_is_taken_and_equals_the_vmap_path(monkeypatch, loss_name
         assert rel_err(got_ggn, slow) <= RTOL
 
 
-def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
-    # Linear on (N, T, d) inputs: per-sample gradients are sums over T, not outer products
+def test_fast_path_on_sequence_inputs_and_declines_tied_weights(monkeypatch):
+    # Linear on (N, T, d) inputs and outputs: T loss rows per sample, one cotangent column per
+    # row; the per-sample gradients of each column are sums over T, not outer products
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
     x, y = torch.randn(5, 3, 4, dtype=DT), torch.randn(5, 3, 2, dtype=DT)
@@ -236,9 +244,66 @@ def test_kronecker_path_declines_sequence_inputs_and_tied_weights(monkeypatch):
             return self.seq(x)
 
     ref = so.Fisher(Wrapped(), nn.MSELoss(), (x, y), kind="empirical").to_dense().diagonal()
-    assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL
+    assert calls["fast"] == 1 and rel_err(got, ref) <= RTOL
+    got = ggn_diagonal(model, nn.MSELoss(), (x, y))
+    ref = so.GGN(Wrapped(), nn.MSELoss(), (x, y)).to_dense().diagonal()
+    assert calls["fast"] == 2 and rel_err(got, ref) <= RTOL
+    slow = _without_fast_path(monkeypatch, lambda: ggn_diagonal(model, nn.MSELoss(), (x, y)))
+    assert rel_err(got, slow) <= RTOL
+    calls["fast"] = 0
     tied_model, inputs = CASES[CASE_IDS.index("tied_sequential")].make(5)
     data = (inputs, targets("ce", 5))
     got = ggn_diagonal(tied_model, nn.CrossEntropyLoss(), data)
     ref = so.GGN(tied_model, nn.CrossEntropyLoss(), data).to_dense().diagonal()
     assert calls["fast"] == 0 and rel_err(got, ref) <= RTOL
+
+
+CUSTOM = {
+    "custom_mlp": (lambda: MLP((4, 6, 5, 3)), lambda n: (torch.randn(n, 4),), True),
+    "residual_mlp": (ResidualMLP, lambda n: (torch.randn(n, 4),), True),
+    "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), True),
+    "sequence_inside": (SequenceInside, lambda n: (torch.randn(n, 8),), True),
+    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), True),
+    "resnet_bn": (
+        lambda: randomize_batchnorm(ResNet((2, 3), 3)),
+        lambda n: (torch.randn(n, 1, 6, 6),),
+        True,
+    ),
+    "mixes_samples": (MixesSamples, lambda n: (torch.randn(n, 4),), False),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_fast_path_on_custom_modules_equals_dense_and_vmap(monkeypatch, name, loss_name):
+    build_model, inputs, fast = CUSTOM[name]
+    torch.manual_seed(0)
+    model = build_model().to(DT)
+    loss_fn = LOSSES[loss_name]("mean")
+    data = [(tuple(t.to(DT) for t in inputs(n)), targets(loss_name, n, seed=n)) for n in (5, 3)]
+    calls = _spy_fast_path(monkeypatch)
+    got_ggn, info = ggn_diagonal(model, loss_fn, data, return_info=True)
+    got_ef = empirical_fisher_diagonal(model, loss_fn, data)
+    assert calls["fast"] == (4 if fast else 0)
+    assert info.paths == (["kronecker"] * 2 if fast else ["batch"] * 2)
+    ref_ggn = so.GGN(model, loss_fn, data).to_dense().diagonal()
+    ref_ef = so.Fisher(model, loss_fn, data, kind="empirical").to_dense().diagonal()
+    assert rel_err(got_ggn, ref_ggn) <= RTOL
+    assert rel_err(got_ef, ref_ef) <= RTOL
+    if fast:
+        slow = _without_fast_path(monkeypatch, lambda: ggn_diagonal(model, loss_fn, data))
+        assert rel_err(got_ggn, slow) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["custom_mlp", "resnet_bn", "sequence_inside"])
+def test_fast_path_in_column_chunks_equals_all_columns(monkeypatch, name):
+    import secondorder.curvature.engines.factors as factors
+
+    build_model, inputs, _ = CUSTOM[name]
+    torch.manual_seed(0)
+    model = build_model().to(DT)
+    data = (tuple(t.to(DT) for t in inputs(4)), targets("ce", 4))
+    whole, info = ggn_diagonal(model, nn.CrossEntropyLoss(), data, return_info=True)
+    monkeypatch.setattr(factors, "_COLUMN_ELEMENTS", 1)  # one column per reverse pass
+    chunked = ggn_diagonal(model, nn.CrossEntropyLoss(), data)
+    assert info.paths == ["kronecker"] and rel_err(chunked, whole) <= 1e-13

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from cases import DT, LOSSES, BNNet, C, TiedAutoencoder, TwoInputs, _bn_eval, cnn, targets
+from factor_models import MixesSamples, ResidualConv, ResidualMLP
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import secondorder as so
 from reference import dense_ggn
 from secondorder.curvature.lowrank import LowRankGGN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engines"))
+from graph_models import MLP, ResNet, randomize_batchnorm
 
 N = 4
 
@@ -41,7 +48,7 @@ def relu_mlp() -> nn.Module:
     )
 
 
-def unflatten_mlp() -> nn.Module:  # a Linear on 3-D inputs: the kron engine does not apply
+def unflatten_mlp() -> nn.Module:  # a Linear on 3-D inputs: per-sample rows, not Kronecker
     return nn.Sequential(
         nn.Linear(7, 6),
         nn.Unflatten(1, (2, 3)),
@@ -66,12 +73,21 @@ def conv1d_net() -> nn.Module:  # strided, dilated, padded Conv1d; no bias on th
 MODELS = {
     "seed_mlp": (seed_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "relu_mlp": (relu_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
-    "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "autograd"),
+    "unflatten_mlp": (unflatten_mlp, lambda n: (torch.randn(n, 7),), "sequential"),
     "cnn": (cnn, lambda n: (torch.randn(n, 1, 12, 12),), "sequential"),
     "conv1d": (conv1d_net, lambda n: (torch.randn(n, 2, 9),), "sequential"),
-    "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "autograd"),
+    "bn_module": (lambda: _bn_eval(BNNet()), lambda n: (torch.randn(n, 4),), "sequential"),
     "tied_module": (TiedAutoencoder, lambda n: (torch.randn(n, 4),), "autograd"),
-    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "autograd"),
+    "mixing_mlp": (MixesSamples, lambda n: (torch.randn(n, 4),), "autograd"),
+    "custom_mlp": (lambda: MLP((7, 6, 5, C)), lambda n: (torch.randn(n, 7),), "sequential"),
+    "residual_mlp": (ResidualMLP, lambda n: (torch.randn(n, 4),), "sequential"),
+    "residual_conv": (ResidualConv, lambda n: (torch.randn(n, 1, 6, 6),), "sequential"),
+    "resnet_bn": (
+        lambda: randomize_batchnorm(ResNet((2, 3), C)),
+        lambda n: (torch.randn(n, 1, 6, 6),),
+        "sequential",
+    ),
+    "two_inputs": (TwoInputs, lambda n: (torch.randn(n, 3), torch.randn(n, 2)), "sequential"),
 }
 
 
@@ -365,9 +381,10 @@ def test_errors():
     cnn_model[0] = nn.Conv2d(1, 2, 3, groups=1, padding_mode="circular").to(DT)
     with pytest.raises(ValueError, match="kron"):
         LowRankGGN(cnn_model, loss_fn, (cx, cy), engine="kron")
-    um, _, ux, uy, _ = make("unflatten_mlp", "mse", "mean")
-    with pytest.raises(ValueError, match="2-D inputs"):
-        LowRankGGN(um, loss_fn, (ux, uy), engine="kron")
+    # a step that mixes the samples (a mean over the batch after a layer) refuses, naming it
+    mix, _, mx, my, _ = make("mixing_mlp", "mse", "mean")
+    with pytest.raises(ValueError, match=r"kron.*node mean"):
+        LowRankGGN(mix, loss_fn, (mx, my), engine="kron")
     lr = LowRankGGN(model, loss_fn, (x, y))
     D = lr.num_columns
     with pytest.raises(IndexError, match=rf"\[0, {D}\)"):
@@ -504,11 +521,11 @@ def test_conv_several_batches_equal_the_concatenated_batch():
 
 
 def test_conv_patches_in_chunks_of_samples(monkeypatch):
-    import secondorder.curvature.lowrank_columns as lowrank_columns
+    import secondorder.curvature.layers.conv as conv_rule
 
     model, loss_fn, x, y, _ = make("cnn", "mse", "mean", n=5)
     whole = LowRankGGN(model, loss_fn, (x, y), engine="kron")
-    monkeypatch.setattr(lowrank_columns, "_PATCH_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(conv_rule, "PATCH_ELEMENTS", 1)  # one sample per chunk
     chunked = LowRankGGN(model, loss_fn, (x, y), engine="kron")
     assert rel_err(chunked.gram(), whole.gram()) <= 1e-12
     assert rel_err(chunked.gradient(), whole.gradient()) <= 1e-12
@@ -518,7 +535,7 @@ def test_conv_patches_in_chunks_of_samples(monkeypatch):
     "conv",
     [
         lambda: nn.Conv2d(2, 4, 3, groups=2),
-        lambda: nn.Conv2d(2, 3, 3, padding="same"),
+        lambda: nn.Conv2d(2, 3, 2, padding="same"),  # pads one side more: no rule
         lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
         lambda: nn.Conv3d(2, 3, 1),
     ],
@@ -537,8 +554,8 @@ def test_unsupported_convolutions_fall_back(conv):
     assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
     with pytest.raises(ValueError, match="kron"):
         LowRankGGN(model, nn.MSELoss(), (x, y), engine="kron")
-    # frozen, a grouped convolution or Conv3d leaves the rest to the kron engine (a string
-    # padding or another padding mode is outside the Sequential engine's layers altogether)
+    # frozen, a grouped convolution or Conv3d leaves the rest to the kron engine (an asymmetric
+    # 'same' padding or another padding mode has no layer rule: its node goes to autograd)
     for p in model[2].parameters():
         p.requires_grad_(False)
     kron = LowRankGGN(model, nn.MSELoss(), (x, y))
@@ -548,3 +565,42 @@ def test_unsupported_convolutions_fall_back(conv):
         "sequential" if conv.padding_mode == "zeros" and conv.padding != "same" else "autograd"
     )
     assert rel_err(kron.gram(), auto.gram()) <= 1e-12
+
+
+def test_conv_same_and_valid_padding_take_the_fast_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding="same"),
+        nn.Tanh(),
+        nn.Conv2d(2, 3, (3, 1), dilation=(1, 2), padding="valid"),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 6, C),
+    ).to(DT)
+    x, y = torch.randn(N, 1, 6, 6, dtype=DT), torch.randn(N, C, dtype=DT)
+    lr = LowRankGGN(model, nn.MSELoss(), (x, y))
+    auto = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    assert lr.engine == "sequential"
+    assert rel_err(lr.to_dense(), dense_ggn(model, nn.MSELoss(), (x,), y)) <= 1e-10
+    assert rel_err(lr.gram(), auto.gram()) <= 1e-12
+    assert rel_err(lr.gradient(), auto.gradient()) <= 1e-12
+
+
+class FunctionalDropout(nn.Module):  # random, and no module tells: found on the traced graph
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.tanh(self.a(x)), 0.4, training=True))
+
+
+def test_refused_fast_engine_leaves_the_random_state_to_the_fallback():
+    torch.manual_seed(0)
+    model = FunctionalDropout().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randn(N, C, dtype=DT)
+    torch.manual_seed(7)
+    auto = LowRankGGN(model, nn.MSELoss(), (x, y))
+    torch.manual_seed(7)
+    ref = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    assert auto.engine == "autograd"
+    assert rel_err(auto.to_dense(), ref.to_dense()) <= 1e-12

@@ -1,5 +1,10 @@
 r"""The layers of the block-diagonal engine: which ``nn.Sequential`` it takes, one class per kind.
 
+Which modules it takes comes from the layer-rule registry (:mod:`.layers`): a module with a rule
+whose class is in :data:`LAYERS`. The engine stays ``nn.Sequential``-only: it backpropagates
+matrices (blocks of the curvature) along a chain of layers, which a graph with branches would
+have to sum over paths.
+
 Each layer stores what one forward pass needs for the backward recursion of
 :mod:`~secondorder.curvature.blockwise`: its input Jacobian applied forwards and backwards,
 the parameter Jacobian, and the residual (second-derivative) term of an activation.
@@ -14,61 +19,44 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn import grad as nn_grad
+from torch.nn.modules.dropout import _DropoutNd
 
-from .activations import (
-    ACTIVATIONS,
-    activation_derivatives,
-    is_activation,
-    unsupported_activation,
-)
+from .activations import activation_derivatives
+from .layers import RULES, Rule, rule_for
+from .layers.conv import ConvRule
+from .layers.conv import padding as conv_padding
+from .layers.elementwise import ElementwiseRule
+from .layers.linear import LinearRule
+from .layers.pooling import AveragePoolRule, MaxPoolRule
+from .layers.reshape import ReshapeRule
 from .model import FunctionalModel
 
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _MAXPOOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_LINEAR_PARAM_FREE = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # a convolution's weight products use an im2col matrix of its input if it has at least this many
 # input features per output (below, the convolution backward is cheaper) and fits this size
 _PATCH_MIN_FEATURES = 64
 _PATCH_MAX_NUMEL = 2**25
 
-SUPPORTED_LAYERS = (
-    "Linear, Conv1d/2d/3d (zero padding), MaxPool1d/2d/3d, AvgPool1d/2d/3d, "
-    "AdaptiveAvgPool1d/2d/3d, Flatten, Unflatten, Identity, Dropout (eval mode or p=0), "
-    + ", ".join(t.__name__ for t in ACTIVATIONS)
-)
-
 
 def _unsupported_reason(module: nn.Module) -> str | None:
-    """Return why ``module`` cannot be a layer of the engine, or None if it can."""
-    t = type(module)
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "it has forward hooks"
-    if "forward" in vars(module):
-        return "it has an instance-level forward"
-    if is_activation(module):
-        return unsupported_activation(module)
-    if t in _MAXPOOL and module.return_indices:  # type: ignore[attr-defined]
-        return "it returns indices (return_indices=True)"
-    if t is nn.Linear or t in _MAXPOOL or t in _RESHAPES or t in _LINEAR_PARAM_FREE:
-        return None
-    if t in _CONV:
-        if module.padding_mode != "zeros":  # type: ignore[attr-defined]
-            return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"  # type: ignore[attr-defined]
-        return None
-    if t in _DROPOUT:
-        if module.training and module.p > 0:  # type: ignore[operator]
-            return "it is a Dropout in training mode (call model.eval() or use p=0)"
-        return None
-    return "its type is not supported"
+    """Why ``module`` cannot be a layer of the engine, or None if it can.
+
+    One source of truth: the layer-rule registry (:func:`~.layers.rule_for`) decides whether a
+    module is computed exactly, and :data:`LAYERS` which of its rules the engine implements.
+    """
+    rule, why = rule_for(module)
+    if rule is None:
+        return why
+    if type(rule) not in LAYERS:
+        return f"the engine has no layer for its rule ({type(rule).__name__})"
+    return None
+
+
+def supported_layers() -> str:
+    """The module types the engine takes, from the registry (for error messages)."""
+    names = [t.__name__ for t, rule in RULES.items() if type(rule) in LAYERS]
+    return ", ".join(names) + " (zero padding; Dropout in eval mode or with p=0)"
 
 
 def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -88,7 +76,7 @@ def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         raise ValueError(
             f"the block-diagonal curvature engine needs an nn.Sequential of supported layers, "
-            f"got {type(model).__name__}; supported layers: {SUPPORTED_LAYERS}"
+            f"got {type(model).__name__}; supported layers: {supported_layers()}"
         )
     layers: list[tuple[str, nn.Module]] = []
 
@@ -104,7 +92,7 @@ def sequential_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if reason is not None:
             raise ValueError(
                 f"layer {prefix.rstrip('.')!r} ({type(module).__name__}) is not supported by the "
-                f"block-diagonal curvature engine: {reason}. Supported layers: {SUPPORTED_LAYERS}"
+                f"block-diagonal curvature engine: {reason}. Supported layers: {supported_layers()}"
             )
         layers.append((prefix, module))
 
@@ -251,19 +239,7 @@ class _Conv(Layer):
             nn_grad.conv2d_weight,
             nn_grad.conv3d_weight,
         )[self.d - 1]
-        padding = m.padding
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0,) * self.d
-            else:  # "same" (stride 1): symmetric only
-                total = [dl * (k - 1) for dl, k in zip(m.dilation, m.kernel_size)]
-                if any(t % 2 for t in total):
-                    raise ValueError(
-                        f"{type(module).__name__} with padding='same' and an even effective "
-                        f"kernel size pads asymmetrically, which is not supported; pad "
-                        f"explicitly instead"
-                    )
-                padding = tuple(t // 2 for t in total)
+        padding = conv_padding(m)  # numeric (the registry refuses an asymmetric 'same')
         self.kw = dict(stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
 
     def forward(self, x: Tensor, second: bool) -> Tensor:
@@ -406,7 +382,7 @@ class _Reshape(Layer):
                 f"{type(m).__name__} acting on dimension 0 mixes the samples of a batch; "
                 f"the block-diagonal engine needs per-sample layers"
             )
-        y = x if isinstance(m, (nn.Identity, *_DROPOUT)) else m(x)
+        y = x if isinstance(m, (nn.Identity, _DropoutNd)) else m(x)
         self.in_shape = x.shape[1:]
         self.out_shape = y.shape[1:]
         return y
@@ -437,17 +413,19 @@ class _LinearParamFree(Layer):
         return g.unflatten(0, (K, -1))
 
 
+#: the layer rules whose modules the engine backpropagates matrices through, with its class
+LAYERS: dict[type[Rule], type[Layer]] = {
+    LinearRule: _Linear,
+    ConvRule: _Conv,
+    ElementwiseRule: _Elementwise,
+    MaxPoolRule: _MaxPool,
+    AveragePoolRule: _LinearParamFree,
+    ReshapeRule: _Reshape,
+}
+
+
 def make_layer(module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> Layer:
-    """The :class:`Layer` of ``module`` with its (detached) ``weight`` and ``bias``."""
-    t = type(module)
-    if t is nn.Linear:
-        return _Linear(module, weight, bias)
-    if t in _CONV:
-        return _Conv(module, weight, bias)
-    if t in _MAXPOOL:
-        return _MaxPool(module, weight, bias)
-    if is_activation(module):
-        return _Elementwise(module, weight, bias)
-    if t in _LINEAR_PARAM_FREE:
-        return _LinearParamFree(module, weight, bias)
-    return _Reshape(module, weight, bias)
+    """The :class:`Layer` of a supported ``module`` with its (detached) ``weight`` and ``bias``."""
+    rule = rule_for(module)[0]
+    assert rule is not None
+    return LAYERS[type(rule)](module, weight, bias)

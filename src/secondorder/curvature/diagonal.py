@@ -20,8 +20,9 @@ samples) or ``vmap`` has no rule for a layer (GRU, LSTM), the products are taken
 whole batch instead (:mod:`.per_sample`, which also defines the per-row quantities for coupled
 samples); the result is the same diagonal of the operator, at about :math:`N` times the cost.
 
-The Kronecker fast path for ``nn.Linear`` layers and the per-sample ``vmap`` path are in
-:mod:`.diagonal_paths`.
+The fast path from the layers' per-sample rules over the graph engine's steps (``nn.Linear``,
+convolutions and normalisations in any traced model that keeps the samples apart) and the
+per-sample ``vmap`` path are in :mod:`.diagonal_paths`.
 
 Over several batches the diagonals combine like the operators
 (:class:`~secondorder.curvature.base.CurvatureOperator`): weights :math:`D_b / D` for

@@ -4,19 +4,24 @@ Both compute, for one batch, :math:`\sum_r \sum_{k} (J_r^\top S_r[:, k])^{\odot 
 factor rows :math:`S_r` of :mod:`~secondorder.curvature.diagonal` (the GGN's loss-Hessian
 factor, or the loss gradient for the empirical Fisher).
 
-**Kronecker fast path.** When the model is an ``nn.Sequential`` whose selected parameters all
-belong to ``nn.Linear`` layers with inputs of shape ``(N, d)`` (one row per sample, no tied
-parameters), the per-sample gradient of a weight is an outer product, :math:`J_n^\top s =
-g_n x_n^\top` with :math:`g_n` the gradient with respect to the layer's output and
-:math:`x_n` its input, so
+**Per-sample layer fast path.** When every selected parameter sits in a layer whose rule has
+per-sample hooks (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``; see
+:mod:`~secondorder.curvature.engines.factors`) of a traced model that keeps the samples apart
+(``nn.Sequential`` or a custom module: residual additions, reshapes, functional activations),
+one reverse pass of the :math:`mC` (GGN) or :math:`m` (empirical Fisher) cotangent columns
+(:math:`m` loss rows per sample, each column holding one row of every sample) over the graph
+engine's steps gives every such layer's output cotangents :math:`g_{nc}`, and its rule the
+squared per-sample parameter cotangents. For a Linear layer with inputs :math:`x_n` of shape
+``(N, d)`` the per-sample gradient is an outer product, :math:`J_n^\top s = g_n x_n^\top`, so
 
 .. math::
     \sum_n \sum_c \big(g_{nc} x_n^\top\big)^{\odot 2}
     = \Big(\sum_c g_{\cdot c}^{\odot 2}\Big)^\top x^{\odot 2},
     \qquad \text{bias: } \sum_n \sum_c g_{nc}^{\odot 2},
 
-one matrix product per layer after one batched backward of the :math:`C` (GGN) or one
-(empirical Fisher) cotangents: per-sample gradients are never formed.
+one matrix product per layer; otherwise (inputs ``(N, T, d)``, convolutions) the rule forms
+the layer's per-sample cotangents in chunks of samples. Models where some parameter is not
+covered, or a step may mix the samples, take the ``vmap`` path.
 
 The fast path is a separate function (:func:`_kron_diagonal`) with the reference's semantics;
 ``tests/curvature/test_diagonal.py`` checks it equal to the ``vmap`` path.
@@ -28,10 +33,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import vjp, vmap
 
-from .linearization import sequential_layers
+from .engines.factors import column_chunk, factor_linearization, layer_cotangents
+from .engines.graph import GraphLinearization
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel
 from .per_sample import (
@@ -43,7 +49,6 @@ from .per_sample import (
     single_sample,
     take_samples,
 )
-from .probes import ProbedForward, probed_forward
 
 # elements of the largest intermediate (samples x columns x parameters) of one vmap call
 _CHUNK_ELEMENTS = 2**22
@@ -75,9 +80,9 @@ def row_factor_diagonal(
         return batch_factor_squares(fmodel, loss_fn, batch, factor, chunk_size)
     n = batch.size
     params = [p.detach() for p in fmodel.params]
-    probed = _kron_forward(fmodel, batch)  # the Kronecker path's forward serves both
-    if probed is not None:
-        z = probed.z.detach()
+    lin = _factor_forward(fmodel, batch)  # the fast path's forward serves both
+    if lin is not None:
+        z = lin.z
     else:
         with torch.no_grad():
             z = fmodel(params, batch.inputs)
@@ -97,17 +102,17 @@ def row_factor_diagonal(
         )
     S = factor(terms).detach()  # (R, C, K)
     m, C, K = rows.shape[0] // n, S.shape[1], S.shape[2]
-    if m == 1 and probed is not None:
-        fast = _kron_diagonal(fmodel, probed, terms, S)
+    # cotangents: for row j and column k the z-shaped tensor holding S[i m + j, :, k] in row j of
+    # every sample i (zeros elsewhere): (mK, *z.shape), built for the whole batch via from_rows
+    eye = torch.eye(m, dtype=S.dtype, device=S.device)
+    blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
+    columns = terms.from_rows(blocks.reshape(m * K, n * m, C))
+    if lin is not None:
+        fast = _kron_diagonal(fmodel, lin, columns)
         if fast is not None:
             info.record("kronecker")
             return fast, terms.scale
-    # cotangents: for sample i, row j, column k the z-shaped tensor holding S[i m + j, :, k] in
-    # row j of sample i and zeros elsewhere; built for the whole batch via from_rows
-    eye = torch.eye(m, dtype=S.dtype, device=S.device)
-    blocks = torch.einsum("njck,jl->jknlc", S.reshape(n, m, C, K), eye)  # (m, K, N, m, C)
-    cot = terms.from_rows(blocks.reshape(m * K, n * m, C)).movedim(1, 0)  # (N, mK, *z_i)
-    cot = cot.reshape(n, m * K, 1, *z.shape[1:])
+    cot = columns.movedim(1, 0).reshape(n, m * K, 1, *z.shape[1:])  # (N, mK, 1, *z_i)
     dims = sample_dims(batch.inputs, n)
 
     def one_sample(inputs: tuple[Any, ...], cotangents: Tensor) -> tuple[Any, Tensor]:
@@ -137,50 +142,29 @@ def row_factor_diagonal(
     return total, terms.scale
 
 
-def _linear_layers(fmodel: FunctionalModel) -> list[tuple[str, nn.Module]] | None:
-    """The Sequential's layers if every selected parameter belongs to an ``nn.Linear``.
-
-    ``None`` for other models, other parameters, or tied parameters.
-    """
-    layers = sequential_layers(fmodel.model)
-    if layers is None or len(fmodel.alias) != len(fmodel.params):  # tied names share an index
-        return None
-    covered = {
-        fmodel.alias[prefix + name]
-        for prefix, layer in layers
-        if type(layer) is nn.Linear
-        for name in ("weight", "bias")
-        if prefix + name in fmodel.alias
-    }
-    return layers if covered == set(range(len(fmodel.params))) else None
-
-
-def _kron_forward(fmodel: FunctionalModel, batch: Batch) -> ProbedForward | None:
-    """The forward pass with probes after the Linear layers, where the fast path applies."""
-    layers = _linear_layers(fmodel)
-    if layers is None or len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
-        return None
-    x = batch.inputs[0]
-    return probed_forward(fmodel, layers, x, lambda m: type(m) is nn.Linear, lambda m: 2)
+def _factor_forward(fmodel: FunctionalModel, batch: Batch) -> GraphLinearization | None:
+    """The graph engine's forward pass of one batch, where the fast path is exact, else None."""
+    return factor_linearization(fmodel, batch.inputs, batch.size)[0]
 
 
 def _kron_diagonal(
-    fmodel: FunctionalModel, probed: ProbedForward, terms: LossTerms, S: Tensor
+    fmodel: FunctionalModel, lin: GraphLinearization, columns: Tensor
 ) -> Tensor | None:
-    r""":math:`\sum_n \sum_k (J_n^\top S_n[:, k])^{\odot 2}` from ``nn.Linear`` Kronecker factors.
+    r""":math:`\sum_n \sum_k (J_n^\top u_{kn})^{\odot 2}` from the layers' per-sample rules.
 
-    See the module docstring. ``S`` has shape ``(N, C, K)`` (one row per sample).
+    See the module docstring. ``columns`` holds the cotangent columns ``(K', *z.shape)``, each
+    with one row per sample (:math:`K' = mK` for :math:`m` loss rows per sample). None if a
+    layer's rule has no formula for its inputs.
     """
-    grads = probed.output_gradients(terms.from_rows(S.permute(2, 0, 1)))  # (K, N, out) each
     total = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
     parts = total.split(list(fmodel.numels))
-    for (prefix, _, xin), g in zip(probed.recorded, grads):
-        g2 = g.square().sum(0)  # (N, out): sum over the K cotangent columns
-        iw, ib = fmodel.alias.get(prefix + "weight"), fmodel.alias.get(prefix + "bias")
-        if iw is not None:
-            parts[iw].view(g2.shape[1], xin.shape[1]).addmm_(g2.T, xin.square())
-        if ib is not None:
-            parts[ib].add_(g2.sum(0))
+    for chunk in columns.split(column_chunk(lin)):  # squares add up over the columns
+        for layer in layer_cotangents(lin, chunk):
+            squares = layer.squares()
+            if squares is None:
+                return None
+            for name, i in layer.params.items():
+                parts[i].add_(squares[name].reshape(-1))
     return total
 
 

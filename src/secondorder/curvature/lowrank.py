@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
 from .losses import LossTerms, supports_likelihood
 from .lowrank_columns import drop_softmax_null_column
-from .lowrank_engines import explicit_columns, kron_columns, kron_layers
+from .lowrank_engines import explicit_columns, kron_columns
 from .lowrank_spectrum import GramSpectrum
 from .model import FunctionalModel, as_batches
 from .vocabulary import EIGENSOLVERS, NON_GRAPH_ENGINES, canonical_engine
@@ -94,9 +94,9 @@ class LowRankGGN(GramSpectrum):
             targets drawn per row for a Monte-Carlo factor (:math:`C' = M`).
         generator: Random generator for the Monte-Carlo factor (default: a fresh one seeded 0).
         engine: ``"auto"`` (``"sequential"`` where it applies, else ``"autograd"``),
-            ``"sequential"`` (the Kronecker-factored columns of
-            :mod:`~secondorder.curvature.lowrank_engines`; ``"kron"`` is its former name) or
-            ``"autograd"``.
+            ``"sequential"`` (columns from the layers' per-sample rules over the graph engine's
+            steps, :mod:`~secondorder.curvature.lowrank_engines`; ``"kron"`` is its former
+            name) or ``"autograd"``.
         eigensolver: ``"auto"`` (default): the leading eigenpairs (:meth:`leading_eigh`, and
             positions requested by the other methods that all lie among the few largest) by
             restarted block Krylov iteration on the Gram matrix
@@ -159,25 +159,17 @@ class LowRankGGN(GramSpectrum):
         self.num_samples = sum(sizes)
         self._weights = batch_weights(loss_fn, batches, self.fmodel).weights(batches)
 
-        layers = kron_layers(self.fmodel) if engine != "autograd" else None
-        if engine == "sequential" and layers is None:
-            raise ValueError(
-                "engine='sequential' (formerly 'kron') needs an nn.Sequential of supported "
-                "layers whose selected parameters all belong to nn.Linear layers or to "
-                "nn.Conv1d/nn.Conv2d layers with groups=1 and numeric zero padding (untied); use "
-                "engine='autograd'"
-            )
-        built = (
-            kron_columns(self.fmodel, loss_fn, layers, batches, self._weights, self._factor)
-            if layers is not None
-            else None
-        )
+        built, why = None, None
+        if engine != "autograd":
+            built, why = kron_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
         if built is None:
             if engine == "sequential":
                 raise ValueError(
-                    "engine='sequential' (formerly 'kron') needs 2-D inputs (N, d) to every "
-                    "nn.Linear layer with selected parameters, batched inputs to every such "
-                    "convolution and one loss row per sample; use engine='autograd'"
+                    "engine='sequential' (formerly 'kron') needs a traceable model whose selected "
+                    "parameters all belong to nn.Linear layers or to nn.Conv1d/nn.Conv2d layers "
+                    "with groups=1 and numeric zero padding (untied, each called once), steps "
+                    f"that keep the samples apart and one loss row per sample; here {why}. "
+                    "Use engine='autograd'"
                 )
             built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
             self.engine = "autograd"

@@ -1,4 +1,4 @@
-r"""Columns of the low-rank GGN factor :math:`V` held per parameter, and conv patch helpers.
+r"""Columns of the low-rank GGN factor :math:`V` held per parameter.
 
 Each object covers some parameters and answers, for them, the kernels
 :math:`V_p^\top V_p` and :math:`G_p^\top V_p` (per-sample gradients :math:`G_p`), the
@@ -8,14 +8,9 @@ combinations :math:`V_p c` and the gradient; see :mod:`secondorder.curvature.low
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-
-_PATCH_ELEMENTS = 1 << 26  # unfolded conv input patches per chunk of samples (kron engine)
-KRON_CONV: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2}  # spatial dimensions
+from torch import Tensor
 
 
 class Columns:
@@ -102,67 +97,6 @@ class LinearColumns(Columns):
         if index == self.bias:
             return self.H.mean(0)
         return self.H.T @ self.X / self.H.shape[0]
-
-
-def kron_conv(layer: nn.Module) -> bool:
-    """Whether the kron engine handles ``layer``: Conv1d/Conv2d, groups 1, numeric zero padding."""
-    m: Any = layer
-    return (
-        type(layer) in KRON_CONV
-        and m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
-
-
-def unfold(layer: Any, x: Tensor) -> Tensor:
-    r"""The input patches :math:`\tilde x_n` of a Conv1d/Conv2d layer.
-
-    A Conv1d input ``(N, in, L)`` is treated as ``(N, in, 1, L)`` with a ``(1, k)`` kernel.
-
-    Args:
-        layer: The convolution (its kernel size, dilation, padding and stride).
-        x: Its input, shape ``(N, in, *spatial)``.
-
-    Returns:
-        Shape ``(N, in * k, P)``, rows ordered as the flattened weight ``(in, *kernel)``.
-    """
-    if type(layer) is nn.Conv1d:
-        return F.unfold(
-            x.unsqueeze(2),
-            (1, *layer.kernel_size),
-            dilation=(1, *layer.dilation),
-            padding=(0, *layer.padding),
-            stride=(1, *layer.stride),
-        )
-    return F.unfold(
-        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-    )
-
-
-def conv_weight_rows(layer: Any, x: Tensor, g: Tensor) -> Tensor:
-    r"""Per-sample products :math:`\sum_p g_{nk}[:, p] \otimes \tilde x_n[:, p]` of a conv layer.
-
-    One batched matmul ``(N, K out, P) @ (N, P, in k)`` per chunk of samples, the chunks
-    bounding the unfolded patches to ``_PATCH_ELEMENTS`` elements.
-
-    Args:
-        layer: The convolution.
-        x: Its input, shape ``(N, in, *spatial)``.
-        g: Output gradients, shape ``(N, K, out, P)``.
-
-    Returns:
-        Shape ``(N, K, out * in * k)`` (flattened like the weight ``(out, in, *kernel)``).
-    """
-    N, K, out, P = g.shape
-    ink = layer.weight.numel() // out
-    rows = g.new_empty(N, K * out, ink)
-    gm = g.reshape(N, K * out, P)
-    step = max(1, _PATCH_ELEMENTS // max(1, ink * P))
-    for s in range(0, N, step):
-        patches = unfold(layer, x[s : s + step])  # (n, in k, P)
-        torch.bmm(gm[s : s + step], patches.transpose(1, 2), out=rows[s : s + step])
-    return rows.view(N, K, out * ink)
 
 
 def drop_softmax_null_column(S: Tensor, p: Tensor) -> Tensor:

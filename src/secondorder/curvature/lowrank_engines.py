@@ -1,19 +1,18 @@
-r"""How the low-rank GGN's columns are built: the ``"kron"`` and ``"autograd"`` engines.
+r"""How the low-rank GGN's columns are built: the ``"sequential"`` and ``"autograd"`` engines.
 
-- ``"kron"`` (``nn.Sequential`` of supported layers whose selected parameters all belong to
-  ``nn.Linear`` layers with inputs of shape ``(N, d)`` or to ``nn.Conv1d``/``nn.Conv2d`` layers
-  with ``groups=1`` and zero padding given by numbers): one batched backward of the
-  :math:`C' + 1` cotangents :math:`[S_{\cdot, c'}]` and :math:`[\nabla \ell]` through zero
-  probes added to the layers' outputs gives every sample's output gradients :math:`f_{n c'}` and
-  :math:`h_n` of each such layer. For a Linear layer with inputs :math:`x_n` the kernels are
-  :math:`(J_n^\top s)^\top (J_m^\top s') = (x_n^\top x_m + 1)(f_{ns}^\top f_{ms'})` (weight plus
-  bias); :math:`V` is never formed; cost :math:`O(D^2 d)` per layer. A convolution's output
-  gradients :math:`f_{nc'} \in \mathbb{R}^{\mathrm{out} \times P}` over its :math:`P` output
-  positions do not factor so: with the unfolded input patches
-  :math:`\tilde x_n \in \mathbb{R}^{\mathrm{in} k \times P}` the weight's column is
-  :math:`f_{nc'} \tilde x_n^\top` (shape ``(out, in k)``) and the bias's :math:`f_{nc'} 1_P`, so
-  the layer's rows of :math:`V` (``D x out in k``) and of the per-sample gradients are formed by
-  one batched matmul per chunk of samples; cost :math:`O(D^2\, \mathrm{out}\, \mathrm{in}\, k)`.
+- ``"sequential"`` (formerly ``"kron"``; any traced model whose selected parameters all sit in
+  layers with per-sample rules and whose steps keep the samples apart, see
+  :mod:`~secondorder.curvature.engines.factors`: ``nn.Linear`` layers, ``nn.Conv1d``/
+  ``nn.Conv2d`` with ``groups=1``, in an ``nn.Sequential`` or a custom module): one reverse
+  pass of the :math:`C' + 1` cotangents :math:`[S_{\cdot, c'}]` and :math:`[\nabla \ell]` over
+  the graph engine's steps gives every such layer's output cotangents :math:`f_{n c'}` and
+  :math:`h_n` for every sample. For a Linear layer with inputs :math:`x_n` of shape ``(N, d)``
+  the kernels are :math:`(J_n^\top s)^\top (J_m^\top s') = (x_n^\top x_m + 1)(f_{ns}^\top
+  f_{ms'})` (weight plus bias); :math:`V` is never formed; cost :math:`O(D^2 d)` per layer.
+  Other layers (a Linear on inputs ``(N, T, d)``, convolutions) give their rows of :math:`V`
+  and of the per-sample gradients from the rule's per-sample cotangents (for a convolution
+  :math:`f_{nc'} \tilde x_n^\top` with the unfolded input patches :math:`\tilde x_n`); cost
+  :math:`O(D^2 \cdot \text{parameters of the layer})`.
 - ``"autograd"`` (any module): :math:`V` and the per-sample gradients are formed explicitly
   (``P x (D + N)``) by batched vector-Jacobian products of the whole batch; cost
   :math:`O(D^2 P)`. Meant for small models and tests.
@@ -28,20 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .linearization import sequential_layers
+from .engines.factors import LayerCotangents, factor_linearization, layer_cotangents
 from .losses import LossTerms, loss_terms
-from .lowrank_columns import (
-    KRON_CONV,
-    Columns,
-    ExplicitColumns,
-    LinearColumns,
-    conv_weight_rows,
-    kron_conv,
-)
+from .lowrank_columns import Columns, ExplicitColumns, LinearColumns
 from .model import Batch, FunctionalModel
-from .probes import probed_forward
 
 _CHUNK = 256  # columns per batched backward in the autograd engine
 
@@ -56,110 +47,84 @@ class Built(NamedTuple):
     column_sample: Tensor
 
 
-def kron_layers(fmodel: FunctionalModel) -> list[tuple[str, nn.Module]] | None:
-    """The layers of ``fmodel`` when the kron engine covers every selected parameter, else None."""
-    layers = sequential_layers(fmodel.model)
-    if layers is None:
-        return None
-    counts: dict[int, int] = {}
-    for i in fmodel.alias.values():
-        counts[i] = counts.get(i, 0) + 1
-    if any(c > 1 for c in counts.values()):  # tied parameters: kernels are not additive
-        return None
-    covered = set()
-    for prefix, layer in layers:
-        if type(layer) is nn.Linear or kron_conv(layer):
-            covered |= {
-                fmodel.alias[prefix + n] for n in ("weight", "bias") if prefix + n in fmodel.alias
-            }
-    return layers if covered == set(range(len(fmodel.params))) else None
-
-
 def kron_columns(
     fmodel: FunctionalModel,
     loss_fn: object,
-    layers: list[tuple[str, nn.Module]],
     batches: Sequence[Batch],
     weights: Sequence[float],
     factor: Factor,
-) -> Built | None:
-    """The kron engine; None where a batch's inputs or loss rows do not fit it."""
-    alias = fmodel.alias
-    per_layer: dict[str, list[tuple[Tensor, ...]]] = {}
-    kinds: dict[str, nn.Module] = {}
+) -> tuple[Built | None, str | None]:
+    """The per-sample layer engine, or ``(None, reason)`` where a batch does not fit it."""
+    parts: dict[tuple[str, ...], list[tuple[Tensor, ...]]] = {}
+    layers: dict[tuple[str, ...], LayerCotangents] = {}
     loss, Cp = None, 0
     for batch, weight in zip(batches, weights):
-        if len(batch.inputs) != 1 or not isinstance(batch.inputs[0], Tensor):
-            return None
-        fwd = probed_forward(
-            fmodel,
-            layers,
-            batch.inputs[0],
-            lambda m: type(m) is nn.Linear or kron_conv(m),
-            lambda m: 2 if type(m) is nn.Linear else 2 + KRON_CONV[type(m)],
-        )
-        if fwd is None:
-            return None
-        terms = loss_terms(loss_fn, fwd.z.detach(), batch.targets)
+        lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
+        if lin is None:
+            return None, why
+        terms = loss_terms(loss_fn, lin.z, batch.targets)
         S, grad_rows = factor(terms, weight)
         if S.shape[0] != batch.size:
-            return None
+            return None, f"{S.shape[0]} loss rows for {batch.size} samples (one per sample)"
         Cp = S.shape[-1]
         # cotangents: column c' of every sample's factor, then the per-sample gradients
         cot = torch.cat([S.permute(2, 0, 1), grad_rows.unsqueeze(0)])  # (C'+1, N, C)
-        grads = fwd.output_gradients(terms.from_rows(cot))
-        for (prefix, layer, xin), g in zip(fwd.recorded, grads):
-            kinds[prefix] = layer
-            part = _layer_part(prefix + "weight" in alias, layer, xin, g)
-            per_layer.setdefault(prefix, []).append(part)
+        for layer in layer_cotangents(lin, terms.from_rows(cot)):
+            part = _layer_part(layer)
+            if part is None:
+                return None, f"node {layer.name}: no per-sample formula for its inputs"
+            key: tuple[str, ...] = (layer.name, "kron" if len(part) == 3 else "rows")
+            layers.setdefault(key, layer)
+            parts.setdefault(key, []).append(part)
         value = terms.value * weight
         loss = value if loss is None else loss + value
     assert loss is not None
+    covered = [i for key in parts for i in layers[key].params.values()]
+    if any(len(p) != len(batches) for p in parts.values()) or sorted(covered) != list(
+        range(len(fmodel.params))
+    ):
+        return None, "a layer's cotangents are zero on some batch, or its form changes"
     columns: list[Columns] = []
     shapes = [p.shape for p in fmodel.params]
-    for prefix, parts in per_layer.items():
-        joined = [torch.cat(t) for t in zip(*parts)]
-        w, b = alias.get(prefix + "weight"), alias.get(prefix + "bias")
-        if type(kinds[prefix]) is nn.Linear:
-            columns.append(LinearColumns(w, b, *joined))
+    for key, layer_parts in parts.items():
+        joined = [torch.cat(t) for t in zip(*layer_parts)]
+        params = layers[key].params
+        if key[1] == "kron":
+            columns.append(LinearColumns(params.get("weight"), params.get("bias"), *joined))
             continue
-        Vw, Gw, Vb, Gb = joined
-        if w is not None:
-            columns.append(ExplicitColumns(w, shapes[w], Vw, Gw))
-        if b is not None:
-            columns.append(ExplicitColumns(b, shapes[b], Vb, Gb))
+        for k, i in enumerate(params.values()):
+            columns.append(ExplicitColumns(i, shapes[i], joined[2 * k], joined[2 * k + 1]))
     num_samples = sum(b.size for b in batches)
     column_sample = torch.arange(num_samples, device=fmodel.device).repeat_interleave(Cp)
-    return Built(columns, loss.detach(), column_sample)
+    return Built(columns, loss.detach(), column_sample), None
 
 
-def _layer_part(with_weight: bool, layer: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, ...]:
-    r"""One batch's share of a layer's columns from its output gradients.
+def _layer_part(layer: LayerCotangents) -> tuple[Tensor, ...] | None:
+    r"""One batch's share of a layer's columns from its output cotangents.
 
     Args:
-        with_weight: Whether the layer's weight is selected.
-        layer: The Linear or convolution layer.
-        x: Its input, shape ``(N, d)`` or ``(N, in, *spatial)``.
-        g: Its output gradients for the :math:`C'` factor columns and the gradient,
-            shape ``(C' + 1, N, out, *spatial)``.
+        layer: The layer step with cotangents ``u`` of shape ``(C' + 1, N, *out)``: the
+            :math:`C'` factor columns, then the per-sample gradients.
 
     Returns:
-        Linear: ``(X, F, H)`` of shapes ``(N, d)``, ``(N, C', out)``, ``(N, out)``.
-        Convolution: the rows of :math:`V` and of the per-sample gradients for the weight,
-        ``(N C', out in k)`` and ``(N, out in k)`` (empty if it is not selected), then for
-        the bias, ``(N C', out)`` and ``(N, out)``.
+        Kronecker form (a Linear layer on inputs ``(N, d)``): ``(X, F, H)`` of shapes
+        ``(N, d)``, ``(N, C', out)``, ``(N, out)``. Otherwise, per parameter of the layer in
+        order, the rows of :math:`V` ``(N C', numel)`` and of the per-sample gradients
+        ``(N, numel)``. None if the rule has no per-sample formula for these inputs.
     """
-    if type(layer) is nn.Linear:
-        return x, g[:-1].transpose(0, 1), g[-1]
-    K, N, out = g.shape[:3]
-    g = g.reshape(K, N, out, -1).transpose(0, 1)  # (N, C' + 1, out, P)
-    if with_weight:
-        rows = conv_weight_rows(layer, x, g)
-        Vw, Gw = rows[:, :-1].reshape(N * (K - 1), -1), rows[:, -1].contiguous()
-    else:
-        Vw = Gw = g.new_empty(N, 0)
-    sums = g.sum(-1)  # (N, C' + 1, out)
-    return Vw, Gw, sums[:, :-1].reshape(N * (K - 1), out), sums[:, -1].contiguous()
+    x, u = layer.kronecker(), layer.u
+    if x is not None:
+        return x, u[:-1].transpose(0, 1), u[-1]
+    rows = layer.per_sample()
+    if rows is None:
+        return None
+    out: list[Tensor] = []
+    for name in layer.params:
+        r = rows[name]  # (N, C' + 1, *shape)
+        N, K = r.shape[:2]
+        r = r.reshape(N, K, -1)
+        out += [r[:, :-1].reshape(N * (K - 1), -1), r[:, -1].contiguous()]
+    return tuple(out)
 
 
 def explicit_columns(

@@ -15,7 +15,7 @@ the diagonals always equal ``GGN(...).to_dense().diagonal()`` (with the same dro
 
 **Paths.** Three ways compute the same numbers:
 
-- ``"kronecker"``: Kronecker factors of ``nn.Linear`` layers (see :mod:`.diagonal`);
+- ``"kronecker"``: per-sample layer rules over the graph engine (see :mod:`.diagonal_paths`);
 - ``"vmap"``: :func:`torch.func.vmap` over samples, each evaluated alone; valid only when the
   samples do not interact, which is checked twice: no module that couples them
   (:func:`coupling`), and the outputs of the samples evaluated alone equal the batch's

@@ -110,5 +110,7 @@ def test_refusals_name_the_reason():
     relu = torch.nn.ReLU()
     relu.register_forward_hook(lambda *a: None)
     assert rule_for(relu) == (None, "it has hooks")
-    conv = torch.nn.Conv2d(1, 1, 3, padding="same")
+    conv = torch.nn.Conv2d(1, 1, 2, padding="same")  # torch pads one side more
     assert "padding" in rule_for(conv)[1]
+    dropout = torch.nn.Dropout2d(0.5)  # training mode
+    assert "random" in rule_for(dropout)[1]

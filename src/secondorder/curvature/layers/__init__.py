@@ -14,14 +14,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..activations import ACTIVATIONS
-from . import conv, elementwise, linear, norm, pooling, reshape
+from . import batchnorm, conv, elementwise, linear, norm, pooling, reshape
 from .base import Example, Rule
 
 __all__ = ["EXAMPLES", "RULES", "Example", "Rule", "rule_for"]
 
 _ACT = elementwise.ElementwiseRule()
 _CONV = conv.ConvRule()
-_BN = norm.BatchNormRule()  # by the statistics the module uses (eval or batch)
+_BN = batchnorm.BatchNormRule()  # by the statistics the module uses (eval or batch)
 _RESHAPE = reshape.ReshapeRule()
 _MAX = pooling.MaxPoolRule()
 _AVG = pooling.AveragePoolRule()
@@ -40,6 +40,9 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Unflatten: _RESHAPE,
     nn.Identity: _RESHAPE,
     nn.Dropout: _RESHAPE,
+    nn.Dropout1d: _RESHAPE,
+    nn.Dropout2d: _RESHAPE,
+    nn.Dropout3d: _RESHAPE,
     nn.MaxPool1d: _MAX,
     nn.MaxPool2d: _MAX,
     nn.MaxPool3d: _MAX,
@@ -57,6 +60,7 @@ EXAMPLES: list[Example] = [
     *linear.EXAMPLES,
     *conv.EXAMPLES,
     *norm.EXAMPLES,
+    *batchnorm.EXAMPLES,
     *elementwise.EXAMPLES,
     *reshape.EXAMPLES,
     *pooling.EXAMPLES,

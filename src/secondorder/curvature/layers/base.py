@@ -36,7 +36,7 @@ every other rule keeps its exact term. The default (:func:`generic_prepare`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,51 @@ class Rule:
     def unsupported(self, module: nn.Module) -> str | None:
         """Why the rule cannot compute ``module`` exactly (an option it ignores), or None."""
         return None
+
+    # Optional hooks of the per-sample fast paths (exact diagonals, low-rank GGN; see
+    # :mod:`secondorder.curvature.engines.factors`). ``u`` holds K output cotangent columns,
+    # shape ``(K, N, ...)``; "sample" n is the leading index of the module's input and output.
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:
+        """Whether output row ``n`` depends on input row ``n`` only (leading size kept).
+
+        Default ``False``: the step is taken to mix the samples.
+        """
+        return False
+
+    def kronecker(self, module: nn.Module, ctx: Context) -> Tensor | None:
+        r"""Input rows :math:`a` ``(N, d)`` if per-sample cotangents are outer products, or None.
+
+        With them, sample :math:`n`'s weight cotangent is :math:`u_n a_n^\top` (shape
+        ``(out, d)``) and its bias cotangent :math:`u_n`, for output cotangent rows ``u_n``.
+        """
+        return None
+
+    def per_sample_param_vjp(
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        r"""Per-sample parameter cotangents :math:`(\partial_{\theta_p} f_n)^\top u_{kn}`.
+
+        Args:
+            module: The module.
+            ctx: Its context from :meth:`forward`.
+            u: Output cotangents ``(K, N, *out)``.
+            names: The parameters wanted.
+
+        Returns:
+            ``{name: (N, K, *param.shape)}``, or None where the rule has no such formula.
+        """
+        return None
+
+    def sq_param_vjp(
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        r""":math:`\sum_{k, n} \big((\partial_{\theta_p} f_n)^\top u_{kn}\big)^{\odot 2}` per name.
+
+        Same arguments as :meth:`per_sample_param_vjp` (whose squares it sums by default);
+        returns ``{name: param.shape}`` or None.
+        """
+        rows = self.per_sample_param_vjp(module, ctx, u, names)
+        return None if rows is None else {k: v.square().sum((0, 1)) for k, v in rows.items()}
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:
         """Return the output and the context the products need."""

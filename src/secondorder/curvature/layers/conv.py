@@ -1,5 +1,8 @@
 r"""``nn.Conv1d/2d/3d`` with zero padding: :math:`y = W \star x + b`, linear in ``x`` and ``W``.
 
+Padding ``'valid'`` and ``'same'`` become numbers (``'same'`` only where it pads both sides
+equally).
+
 .. math::
     dy = W \star dx + dW \star x + db,
 
@@ -16,7 +19,7 @@ column when batched).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +28,10 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 
-__all__ = ["ConvRule"]
+__all__ = ["ConvRule", "conv_weight_rows", "padding", "unfold"]
+
+PATCH_ELEMENTS = 1 << 26  # elements of unfolded input patches held at once
+_SQ_ELEMENTS = 1 << 24  # per-sample rows and patches held at once by sq_param_vjp
 
 _FUNCTIONS: dict[type[nn.Module], Callable[..., Tensor]] = {
     nn.Conv1d: F.conv1d,
@@ -43,13 +49,26 @@ def _backward(
         w,
         [w.shape[0]] if bias else None,
         list(m.stride),
-        list(m.padding),
+        padding(m),
         list(m.dilation),
         False,
         [0] * (w.ndim - 2),
         m.groups,
         mask,
     )
+
+
+def padding(m: Any) -> Any:
+    """Numeric padding per spatial dimension (``'valid'``: 0; ``'same'``: half the span).
+
+    None for ``'same'`` with an even effective kernel (torch pads one side more).
+    """
+    if not isinstance(m.padding, str):
+        return list(m.padding)
+    if m.padding == "valid":
+        return [0] * len(m.kernel_size)
+    spans = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    return None if any(s % 2 for s in spans) else [s // 2 for s in spans]
 
 
 class ConvRule(Rule):
@@ -59,14 +78,43 @@ class ConvRule(Rule):
         m: Any = module
         if m.padding_mode != "zeros":
             return f"padding_mode={m.padding_mode!r} (only 'zeros')"
-        if isinstance(m.padding, str):
-            return f"padding={m.padding!r} (only numeric padding)"
+        if isinstance(m.padding, str) and padding(m) is None:
+            return f"padding={m.padding!r} pads asymmetrically here (an even effective kernel)"
         return None
+
+    # per-sample hooks (Rule): sample n's weight cotangent is sum_p u_n[:, p] patches_n[:, p]^T
+    # over the output positions p (Conv1d/Conv2d, groups=1, batched inputs)
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return bool(ctx["batch"])
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        if not _per_sample_ok(module, ctx):
+            return None
+        return _per_sample(module, ctx["x"], u, names)
+
+    def sq_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        if not _per_sample_ok(module, ctx):
+            return None
+        x: Tensor = ctx["x"]
+        K, N = u.shape[:2]
+        w: Tensor = ctx["w"]
+        size = K * w.numel() + w[0].numel() * u[0, 0, 0].numel()  # rows and patches per sample
+        step = max(1, _SQ_ELEMENTS // size)
+        sq: dict[str, Tensor] = {}
+        for a in range(0, N, step):
+            for k, v in _per_sample(module, x[a : a + step], u[:, a : a + step], names).items():
+                part = v.square().sum((0, 1))
+                sq[k] = part if k not in sq else sq[k].add_(part)
+        return sq
 
     @staticmethod
     def _conv(m: Any, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         fn = _FUNCTIONS[type(m)]
-        return fn(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+        return fn(x, w, b, m.stride, padding(m), m.dilation, m.groups)
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         w, b = params["weight"], params.get("bias")
@@ -198,4 +246,75 @@ EXAMPLES = [
     Example(lambda: nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)), (2, 2, 5, 6), "conv2d"),
     Example(lambda: nn.Conv2d(2, 2, 3, bias=False), (2, 4, 4), "conv2d_unbatched_nobias"),
     Example(lambda: nn.Conv3d(1, 2, 2), (2, 1, 3, 3, 3), "conv3d"),
+    Example(lambda: nn.Conv2d(2, 3, (3, 1), padding="same"), (2, 2, 5, 4), "conv2d_same"),
+    Example(lambda: nn.Conv1d(2, 2, 3, dilation=2, padding="same"), (2, 2, 7), "conv1d_same"),
+    Example(lambda: nn.Conv1d(2, 3, 2, padding="valid"), (3, 2, 5), "conv1d_valid"),
 ]
+
+
+# ----------------------------------------------------------- per-sample weight cotangents
+def _per_sample_ok(module: nn.Module, ctx: Context) -> bool:
+    m: Any = module
+    return type(m) in (nn.Conv1d, nn.Conv2d) and m.groups == 1 and bool(ctx["batch"])
+
+
+def _per_sample(m: Any, x: Tensor, u: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-sample cotangents ``{name: (N, K, *shape)}`` from output cotangents ``(K, N, ...)``."""
+    K, N, out = u.shape[:3]
+    g = u.reshape(K, N, out, -1).transpose(0, 1)  # (N, K, out, P)
+    result = {}
+    if "weight" in names:
+        result["weight"] = conv_weight_rows(m, x, g).view(N, K, *m.weight.shape)
+    if "bias" in names:
+        result["bias"] = g.sum(-1)
+    return result
+
+
+def unfold(layer: Any, x: Tensor) -> Tensor:
+    r"""The input patches :math:`\tilde x_n` of a Conv1d/Conv2d layer (numeric padding).
+
+    A Conv1d input ``(N, in, L)`` is treated as ``(N, in, 1, L)`` with a ``(1, k)`` kernel.
+
+    Args:
+        layer: The convolution (its kernel size, dilation, padding and stride).
+        x: Its input, shape ``(N, in, *spatial)``.
+
+    Returns:
+        Shape ``(N, in * k, P)``, rows ordered as the flattened weight ``(in, *kernel)``.
+    """
+    if type(layer) is nn.Conv1d:
+        return F.unfold(
+            x.unsqueeze(2),
+            (1, *layer.kernel_size),
+            dilation=(1, *layer.dilation),
+            padding=(0, *padding(layer)),
+            stride=(1, *layer.stride),
+        )
+    return F.unfold(
+        x, layer.kernel_size, dilation=layer.dilation, padding=padding(layer), stride=layer.stride
+    )
+
+
+def conv_weight_rows(layer: Any, x: Tensor, g: Tensor) -> Tensor:
+    r"""Per-sample products :math:`\sum_p g_{nk}[:, p] \otimes \tilde x_n[:, p]` of a conv layer.
+
+    One batched matmul ``(N, K out, P) @ (N, P, in k)`` per chunk of samples, the chunks
+    bounding the unfolded patches to ``PATCH_ELEMENTS`` elements.
+
+    Args:
+        layer: The convolution (Conv1d/Conv2d, ``groups=1``, numeric padding).
+        x: Its input, shape ``(N, in, *spatial)``.
+        g: Output cotangents, shape ``(N, K, out, P)``.
+
+    Returns:
+        Shape ``(N, K, out * in * k)`` (flattened like the weight ``(out, in, *kernel)``).
+    """
+    N, K, out, P = g.shape
+    ink = layer.weight.numel() // out
+    rows = g.new_empty(N, K * out, ink)
+    gm = g.reshape(N, K * out, P)
+    step = max(1, PATCH_ELEMENTS // max(1, ink * P))
+    for s in range(0, N, step):
+        patches = unfold(layer, x[s : s + step])  # (n, in k, P)
+        torch.bmm(gm[s : s + step], patches.transpose(1, 2), out=rows[s : s + step])
+    return rows.view(N, K, out * ink)

@@ -38,6 +38,9 @@ _FROM_OUTPUT: dict[type[nn.Module], Callable[[Tensor, Tensor], Tensor]] = {
 class ElementwiseRule(Rule):
     """Rule of every activation in :data:`~secondorder.curvature.activations.ACTIVATIONS`."""
 
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return True  # elementwise
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         return _unsupported(module)
 

@@ -13,8 +13,9 @@ so the residual at the gradient cotangent :math:`\delta` is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -22,9 +23,51 @@ from .base import Context, Example, Params, Rule, add_bias_tangent
 
 __all__ = ["LinearRule"]
 
+_CHUNK_ELEMENTS = 2**22  # per-sample weight cotangents held at once by sq_param_vjp
+
 
 class LinearRule(Rule):
     """Rule of ``nn.Linear`` (module docstring)."""
+
+    # per-sample hooks (Rule): sample n's weight cotangent is sum_t u_{nt} x_{nt}^T over the
+    # middle dimensions t of inputs (N, ..., d); an outer product for inputs (N, d)
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return bool(ctx["x"].ndim >= 2)
+
+    def kronecker(self, module: nn.Module, ctx: Context) -> Tensor | None:  # noqa: D102
+        x: Tensor = ctx["x"]
+        return x if x.ndim == 2 else None
+
+    def per_sample_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        x: Tensor = ctx["x"]
+        if x.ndim < 2:
+            return None
+        return _per_sample(x, u, names)
+
+    def sq_param_vjp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
+    ) -> dict[str, Tensor] | None:
+        x: Tensor = ctx["x"]
+        if x.ndim < 2:
+            return None
+        if x.ndim == 2:  # sum_{k,n} (u_kn x_n^T)^2 = (sum_k u_k^2)^T x^2
+            u2 = u.square().sum(0)  # (N, out)
+            out = {}
+            if "weight" in names:
+                out["weight"] = u2.T @ x.square()
+            if "bias" in names:
+                out["bias"] = u2.sum(0)
+            return out
+        K, N = u.shape[:2]
+        sq: dict[str, Tensor] = {}
+        step = max(1, _CHUNK_ELEMENTS // max(1, K * u.shape[-1] * x.shape[-1]))
+        for a in range(0, N, step):
+            for k, v in _per_sample(x[a : a + step], u[:, a : a + step], names).items():
+                part = v.square().sum((0, 1))
+                sq[k] = part if k not in sq else sq[k].add_(part)
+        return sq
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         w, b = params["weight"], params.get("bias")
@@ -115,6 +158,18 @@ class LinearRule(Rule):
         if batched:  # (K, rows, in) -> (K, *lead, in)
             return (d2 @ dw).reshape(dw.shape[0], *delta.shape[:-1], dw.shape[-1])
         return delta @ dw
+
+
+def _per_sample(x: Tensor, u: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-sample cotangents ``{name: (N, K, *shape)}`` for inputs ``(N, ..., d)``."""
+    K, N = u.shape[:2]
+    u4 = u.reshape(K, N, -1, u.shape[-1])  # (K, N, T, out)
+    out = {}
+    if "weight" in names:
+        out["weight"] = torch.einsum("knto,ntd->nkod", u4, x.reshape(N, -1, x.shape[-1]))
+    if "bias" in names:
+        out["bias"] = u4.sum(2).transpose(0, 1)
+    return out
 
 
 EXAMPLES = [

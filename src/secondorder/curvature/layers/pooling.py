@@ -31,6 +31,9 @@ _SPATIAL: dict[type[nn.Module], int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.Max
 class MaxPoolRule(Rule):
     """Rule of ``nn.MaxPool1d/2d/3d`` (module docstring)."""
 
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        return bool(ctx["lead"] == 2)  # batched input: pools each (sample, channel) alone
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         return "return_indices=True" if getattr(module, "return_indices", False) else None
 
@@ -86,6 +89,10 @@ class MaxPoolRule(Rule):
 
 class AveragePoolRule(Rule):
     """Rule of ``nn.AvgPool1d/2d/3d`` and ``nn.AdaptiveAvgPool1d/2d/3d`` (module docstring)."""
+
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        spatial = int(type(module).__name__[-2])  # ...Pool1d/2d/3d
+        return len(ctx["in_shape"]) == spatial + 2  # batched input
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         return module(x), {"in_shape": x.shape}

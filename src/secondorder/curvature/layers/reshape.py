@@ -1,6 +1,7 @@
 r"""Layers that only rearrange or copy entries.
 
-``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``, ``nn.Dropout`` in eval mode (or ``p = 0``).
+``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``, ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in
+eval mode (or ``p = 0``).
 Both products are the same rearrangement:
 :math:`dy = \operatorname{reshape}(dx)`, :math:`dx = \operatorname{reshape}^{-1}(u)`
 (row-major reshapes, the columns dimension in front).
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from .base import Context, Example, Params, Rule
 
@@ -21,14 +23,19 @@ __all__ = ["ReshapeRule"]
 class ReshapeRule(Rule):
     """Rule of the parameter-free reshaping layers (module docstring)."""
 
+    def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
+        # a row-major reshape keeping the leading size keeps every row's entries in that row
+        i, o = ctx["in_shape"], ctx["out_shape"]
+        return len(i) >= 1 and len(o) >= 1 and i[0] == o[0]
+
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
         m: Any = module
-        if isinstance(module, nn.Dropout) and module.training and m.p > 0:
+        if isinstance(module, _DropoutNd) and module.training and m.p > 0:
             return "Dropout in training mode is random"
         return None
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
-        out = x if isinstance(module, (nn.Dropout, nn.Identity)) else module(x)
+        out = x if isinstance(module, (_DropoutNd, nn.Identity)) else module(x)
         return out, {"in_shape": x.shape, "out_shape": out.shape}
 
     def jvp(  # noqa: D102
@@ -71,4 +78,7 @@ EXAMPLES = [
     Example(lambda: nn.Unflatten(1, (2, 3)), (4, 6), "unflatten"),
     Example(nn.Identity, (3, 4), "identity"),
     Example(lambda: nn.Dropout(0.5).eval(), (3, 4), "dropout_eval"),
+    Example(lambda: nn.Dropout1d(0.5).eval(), (3, 2, 4), "dropout1d_eval"),
+    Example(lambda: nn.Dropout2d(0.0), (2, 3, 2, 2), "dropout2d_p0"),
+    Example(lambda: nn.Dropout3d(0.5).eval(), (2, 2, 2, 2, 2), "dropout3d_eval"),
 ]
