@@ -61,7 +61,6 @@ from .blockwise_pass import Pass, forward_pass
 from .ggn import GGN
 from .hessian import Hessian
 from .model import Batch, FunctionalModel, as_batches
-from .pch_mode import positive_curvature_mode
 from .vocabulary import BLOCK_CURVATURES, NON_GRAPH_ENGINES, canonical_engine
 from .weighting import batch_weights
 
@@ -113,11 +112,11 @@ class BlockDiagonalCurvature(LinearOperator):
         engine: ``"sequential"``: the module-wise engine described above; a model that is not
             an ``nn.Sequential`` of supported layers raises ``ValueError`` naming the layer.
             ``"autograd"``: any module; the blocks of :class:`~secondorder.GGN` or
-            :class:`~secondorder.Hessian` built with ``engine="autograd"`` (for PCH, a Hessian
-            recorded under :func:`~secondorder.curvature.pch.positive_curvature_mode`), at the
-            price of about one full curvature product per block product. ``"auto"``
-            (default): sequential where supported, else autograd. The engine used is in
-            :attr:`engine`.
+            :class:`~secondorder.Hessian` (for PCH, the Hessian with ``modify=``) built with
+            ``engine="autograd"``, at the price of about one full curvature product per block
+            product. ``"auto"`` (default): sequential where supported, else those operators
+            on the graph engine (:func:`~secondorder.curvature.engines.dispatch.select`). The
+            engine used is in :attr:`engine`.
         process_group: ``torch.distributed`` group (``None``: one process); each rank holds
             its shard of the data, and block products, loss and gradient are all-reduced (one
             flat all-reduce per sweep) and normalised by the global normaliser (:mod:`.weighting`).
@@ -184,7 +183,7 @@ class BlockDiagonalCurvature(LinearOperator):
             self._build_sequential(specs, batches)
 
     def _build_autograd(self, model: nn.Module, batches: list[Batch], engine: str) -> None:
-        """Blocks of a generic curvature operator (PCH: Hessian recorded under the mode)."""
+        """Blocks of a generic curvature operator (PCH: the Hessian with ``modify``)."""
         params = self.fmodel.params
         op: GGN | Hessian
         pg = self.process_group
@@ -194,11 +193,16 @@ class BlockDiagonalCurvature(LinearOperator):
             op = Hessian(
                 model, self.loss_fn, batches, params=params, process_group=pg, engine=engine
             )
-        else:
-            with positive_curvature_mode(self.curvature[len("pch_") :]):
-                op = Hessian(
-                    model, self.loss_fn, batches, params=params, process_group=pg, engine="autograd"
-                )
+        else:  # the PCH: the Hessian with every activation's residual modified
+            op = Hessian(
+                model,
+                self.loss_fn,
+                batches,
+                params=params,
+                process_group=pg,
+                engine=engine,
+                modify=self.curvature[len("pch_") :],
+            )
         self._op = op
         self.IS_PSD = self.curvature == "ggn" and op.IS_PSD
         self._loss = op.loss

@@ -27,7 +27,9 @@ class PCH(BlockDiagonalCurvature):
     or its absolute value (``"abs"``); positive semi-definite for a convex loss. This is
     :class:`~secondorder.curvature.blockwise.BlockDiagonalCurvature` with
     ``curvature="pch_" + modify``: the module-wise engine for an ``nn.Sequential``, the
-    modified double backward of :func:`positive_curvature_mode` for other modules.
+    Hessian's modified residual terms (``Hessian(..., modify=)``: the graph engine's rules, or
+    the modified double backward of :func:`positive_curvature_mode` where it falls back) for
+    other modules.
 
     Args:
         model: The network.

@@ -21,7 +21,12 @@ Every product of :math:`J` and :math:`J^\top` is computed by one of these paths 
 Callers: :func:`~secondorder.curvature.linearization.linearize`, through it :class:`~.GGN`, the
 Fisher kinds (:class:`~.Fisher`) and the products every optimizer builds on them; and
 :class:`~.Hessian` (``"graph"``: the second-order pass of :mod:`.second_order`, else the double
-backward).
+backward), through it the PCH and the block-diagonal operators on models the module-wise engine
+does not serve. The structural fast paths are not engines but uses of the graph's layers: the
+exact diagonals and the low-rank GGN take per-layer factors where :mod:`.factors` finds every
+parameter in a layer whose rule provides them (else they fall back to per-sample ``vmap`` /
+autograd), and the module-wise block-diagonal engine takes ``nn.Sequential`` chains of layers
+in its registry table (``blockwise_layers.LAYERS``).
 """
 
 from __future__ import annotations
