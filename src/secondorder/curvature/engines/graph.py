@@ -45,6 +45,7 @@ from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
 from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
 from .ops import module_of, op_kind
+from .step_base import accumulate
 from .steps import (
     AutogradStep,
     CatStep,
@@ -371,7 +372,7 @@ class GraphLinearization(Linearization):
                 need = [bool(self._mask[n] & requested) for n in step.inputs]
                 for n, g in zip(step.inputs, step.vjp(u, need, grads, batched)):
                     if g is not None:
-                        cots[n] = _accumulate(cots.get(n), g)
+                        cots[n] = accumulate(cots.get(n), g)
 
     def vjp(
         self, cotangent: Tensor, indices: Sequence[int] | None = None, batched: bool = False
@@ -389,16 +390,6 @@ class GraphLinearization(Linearization):
         r"""Add :math:`J^\top u` into ``out`` (one buffer per requested parameter) in place."""
         idx = list(range(len(self.leaves))) if indices is None else list(indices)
         self._reverse(cotangent, dict(zip(idx, out)), False)
-
-
-def _accumulate(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, tuple):
-        return tuple(_accumulate(x, y) for x, y in zip(a, b))
-    return a + b
 
 
 class _RandomState:

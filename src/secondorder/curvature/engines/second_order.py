@@ -37,7 +37,7 @@ from ..losses import LossTerms, loss_terms
 from ..model import FunctionalModel
 from ..vocabulary import PCH_MODIFICATIONS
 from .graph import GraphLinearization, graph_linearization
-from .step_base import Step
+from .step_base import Step, accumulate
 from .steps import ProductStep, RuleStep
 
 __all__ = ["GraphHessian", "SecondOrderGraph", "graph_hessian"]
@@ -63,16 +63,6 @@ class SecondOrderGraph(GraphLinearization):
             }
             step.second_order_values = (self._env[x_node], params)  # type: ignore[index]
         super()._add(node, step, value, own)
-
-
-def _accumulate(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, tuple):
-        return tuple(_accumulate(x, y) for x, y in zip(a, b))
-    return a + b
 
 
 def _owns_residual(step: Step) -> bool:
@@ -116,7 +106,7 @@ class GraphHessian:
                     continue
                 for n, g in zip(step.inputs, step.vjp(u, [True] * len(step.inputs), grads, False)):
                     if g is not None:
-                        cots[n] = _accumulate(cots.get(n), g)
+                        cots[n] = accumulate(cots.get(n), g)
         self.gradient = [grads[i] for i in range(len(lin.leaves))]
 
     def _product(
@@ -141,7 +131,7 @@ class GraphHessian:
                         if r is None:
                             continue
                         if n in inject:
-                            inject[n] = _accumulate(inject[n], r)
+                            inject[n] = accumulate(inject[n], r)
                             owned.add(n)
                         else:
                             inject[n] = r
@@ -160,13 +150,13 @@ class GraphHessian:
                 if node in owned and isinstance(u, Tensor) and u.shape == r.shape:
                     u = r.add_(u)
                 else:
-                    u = _accumulate(u, r)
+                    u = accumulate(u, r)
                 if u is None or not (lin._mask[node] & requested):
                     continue
                 need = [bool(lin._mask[n] & requested) for n in step.inputs]
                 for n, g in zip(step.inputs, step.vjp(u, need, grads, batched)):
                     if g is not None:
-                        cots[n] = _accumulate(cots.get(n), g)
+                        cots[n] = accumulate(cots.get(n), g)
 
     def hvp(
         self,

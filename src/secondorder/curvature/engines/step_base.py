@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Grads", "Step"]
+__all__ = ["Grads", "Step", "accumulate"]
 
 Grads = dict[int, Tensor]
 
@@ -57,3 +57,14 @@ class Step:
     ) -> list[Any]:
         """Residual cotangents of the active inputs; parameter residuals into ``grads``."""
         return [None] * len(self.inputs)
+
+
+def accumulate(a: Any, b: Any) -> Any:
+    """``a + b`` for cotangents: ``None`` is zero, tuples (of tuple-valued nodes) add entrywise."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        return tuple(accumulate(x, y) for x, y in zip(a, b))
+    return a + b
