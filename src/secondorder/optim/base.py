@@ -69,7 +69,7 @@ from .groups import (
 )
 from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
 from .habits import GradientHabits
-from .state import META_KEY, validate_state_dict
+from .state import META_KEY, settle_loaded_state, validate_state_dict
 
 __all__ = [
     "CURVATURES",
@@ -310,20 +310,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         """
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a state saved before these existed: their defaults
-            for key in COMMON_DEFAULTS:
-                group.setdefault(key, self.defaults[key])
-        # the global state lives on the first parameter of the first group; a checkpoint that
-        # kept it elsewhere (an older layout) has it moved there
-        anchor = self.param_groups[0]["params"][0]
-        if "step" not in self.state.get(anchor, {}):
-            for p in [p for g in self.param_groups for p in g["params"]]:
-                if "step" in self.state.get(p, {}):
-                    self.state[anchor] = self.state.pop(p)
-                    break
-        gen_state = self.global_state.get("generator_state")
-        if self.generator is not None and gen_state is not None:
-            self.generator.set_state(gen_state.to("cpu", torch.uint8))
+        settle_loaded_state(self, COMMON_DEFAULTS)
 
     def _validate_state_dict(self, state_dict: Any) -> None:
         validate_state_dict(self, state_dict)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["META_KEY", "validate_state_dict"]
+__all__ = ["META_KEY", "settle_loaded_state", "validate_state_dict"]
 
 META_KEY = "secondorder"  # the state_dict entry naming the optimizer class and shapes
 
@@ -85,3 +86,25 @@ def validate_state_dict(opt: Any, state_dict: Any) -> None:
                     f"{name}.load_state_dict: the state's {key!r} has {got} entries, the "
                     f"trainable parameters {dim} (another model)"
                 )
+
+
+def settle_loaded_state(opt: Any, common_defaults: Mapping[str, Any]) -> None:
+    """After torch's ``load_state_dict``: defaults, the global state's place, the generator.
+
+    Hyperparameters added to every optimizer later (``common_defaults``) get the optimizer's
+    defaults in a state saved before them; the global state moves to the first parameter of
+    the first group where an older checkpoint kept it elsewhere; the random generator (if any)
+    takes the saved state.
+    """
+    for group in opt.param_groups:
+        for key in common_defaults:
+            group.setdefault(key, opt.defaults[key])
+    anchor = opt.param_groups[0]["params"][0]
+    if "step" not in opt.state.get(anchor, {}):
+        for p in [p for g in opt.param_groups for p in g["params"]]:
+            if "step" in opt.state.get(p, {}):
+                opt.state[anchor] = opt.state.pop(p)
+                break
+    gen_state = opt.global_state.get("generator_state")
+    if opt.generator is not None and gen_state is not None:
+        opt.generator.set_state(gen_state.to("cpu", torch.uint8))
