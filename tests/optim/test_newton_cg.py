@@ -156,10 +156,10 @@ def test_seed_000_spiral_acceptance():
     results = {}
     for name, make in {
         "gn": lambda m: so.GaussNewton(
-            m, loss_fn, lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3
+            m, loss_fn, lr=0.2, damping=2e-4, cg_maxiter=20, cg_rtol=1e-3, adapt_damping=False
         ),
         "ng": lambda m: so.NaturalGradient(
-            m, loss_fn, lr=0.5, damping=1e-3, cg_maxiter=20, cg_rtol=1e-3
+            m, loss_fn, lr=0.5, damping=1e-3, cg_maxiter=20, cg_rtol=1e-3, adapt_damping=False
         ),
     }.items():
         model = spiral_mlp(seed=0)
