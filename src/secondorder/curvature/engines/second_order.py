@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, fx
 
 from ..._checks import check_choice
-from ..layers.base import Rule
+from ..layers.base import SECOND_DERIVATIVES, Rule
 from ..linearization import Linearization
 from ..losses import LossTerms, loss_terms
 from ..model import FunctionalModel
@@ -213,7 +213,11 @@ def graph_hessian(
         ``None`` where the model does not return one tensor.
     """
     try:
-        lin = graph_linearization(fmodel, inputs, fmodel.leaves(), cls=SecondOrderGraph)
+        token = SECOND_DERIVATIVES.set(True)  # rules compute f'' with f' in the forward pass
+        try:
+            lin = graph_linearization(fmodel, inputs, fmodel.leaves(), cls=SecondOrderGraph)
+        finally:
+            SECOND_DERIVATIVES.reset(token)
     except TypeError:  # the autograd fallback refuses outputs that are not one tensor
         return None
     if not isinstance(lin, SecondOrderGraph):

@@ -37,6 +37,7 @@ every other rule keeps its exact term. The default (:func:`generic_prepare`,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,12 @@ __all__ = [
     "generic_residual",
     "per_sample",
     "sum_to",
+    "SECOND_DERIVATIVES",
 ]
+
+SECOND_DERIVATIVES: ContextVar[bool] = ContextVar("SECOND_DERIVATIVES", default=False)
+"""Set while a forward pass is evaluated for second-order products: rules whose residual needs
+a second derivative compute it with the first (e.g. one sigmoid for SiLU's f' and f'')."""
 
 Params = Mapping[str, Tensor | None]
 Context = dict[str, Any]

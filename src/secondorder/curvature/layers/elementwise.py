@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..activations import ACTIVATIONS, activation_derivatives, activation_function
 from ..activations import unsupported_activation as _unsupported
 from ..pch_mode import modify_residual
-from .base import Context, Example, Params, Rule
+from .base import SECOND_DERIVATIVES, Context, Example, Params, Rule
 
 __all__ = ["ElementwiseRule"]
 
@@ -48,6 +48,9 @@ class ElementwiseRule(Rule):
         if type(module) in _FROM_OUTPUT:
             s = activation_function(module)(x)  # out of place, also for inplace=True
             return s, {"s": s}
+        if SECOND_DERIVATIVES.get():  # a second-order pass follows: f'' from the same sigmoid
+            out, d, d2 = activation_derivatives(module, x, second=True)
+            return out, {"d": d, "d2": d2}
         out, d, _ = activation_derivatives(module, x, second=False)
         return out, {"d": d}
 
@@ -93,6 +96,8 @@ class ElementwiseRule(Rule):
             d2 = torch.addcmul(d1, d1, s, value=-2)
         elif t is nn.Tanh:  # -2 s (1 - s^2)
             d2 = torch.addcmul(torch.ones_like(s), s, s, value=-1).mul_(s).mul_(-2)
+        elif "d2" in ctx:
+            d2 = ctx["d2"]
         else:
             d2 = activation_derivatives(module, x, second=True)[2]
         if d2 is None:
