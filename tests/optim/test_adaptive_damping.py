@@ -165,3 +165,20 @@ def test_an_overflowing_trial_is_rejected_before_it_reaches_the_parameters(name)
         opt.step(X.float(), y)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.diagnostics["accepted"] is False
+
+
+def test_warnings_point_at_the_callers_line():
+    model, loss_fn, X, y = problem()
+    opt = so.GaussNewton(model, loss_fn, damping=1e-6)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    pre = so.CurvaturePreconditioner(model, loss_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(X, y)  # rejected trials
+        opt.step(bad, y)  # a non-finite step
+        loss_fn(model(bad), y).backward()
+        pre.step()  # a non-finite gradient
+    kinds = {w.category for w in caught}
+    assert {RejectedStepWarning, so.NonFiniteStepWarning} <= kinds
+    assert all(w.filename == __file__ for w in caught), {(w.filename, w.lineno) for w in caught}

@@ -29,7 +29,6 @@ per-group step sizes, one curvature product).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 from torch import Tensor
 
 from .damping import levenberg_marquardt, reduction_ratio
+from .warn import warn_at_caller
 
 __all__ = ["REJECT_FACTOR", "RejectedStepWarning", "Trial", "adaptive_direction"]
 
@@ -134,11 +134,10 @@ def adaptive_direction(
             f"{predicted:+.3g}, rho {rho:.3g})"
         )
         kappa = min(kappa * REJECT_FACTOR, MAX_SCALE)
-        warnings.warn(
+        warn_at_caller(
             f"{type(opt).__name__}: step {state.get('step', 0)}: trial rejected: {reason}; "
             f"damping scale raised to {kappa:.3g}",
             RejectedStepWarning,
-            stacklevel=4,
         )
     state["damping_scale"] = kappa
     diag.update(

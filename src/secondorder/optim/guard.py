@@ -9,7 +9,6 @@ rejected: the parameters stay unchanged, the warm start is dropped, and the opti
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from ..curvature.model import FunctionalModel
 from ..linalg.errors import NonFiniteError
+from .warn import warn_at_caller
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "NonFiniteStepWarning", "all_finite", "vector_norm"]
 
@@ -141,7 +141,7 @@ class NonFiniteGuard:
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        warnings.warn(message, NonFiniteStepWarning, stacklevel=3)
+        warn_at_caller(message, NonFiniteStepWarning)
 
     def _on_reject(self, reason: str) -> None:
         """Hook: react to a rejected step (e.g. raise the damping)."""

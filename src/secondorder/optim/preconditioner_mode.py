@@ -30,7 +30,6 @@ and warns with the reason.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from ..linalg.status import SolverStatus
 from .closure import BatchRecorder
 from .curvatures import CURVATURES, build_curvature
 from .guard import NonFiniteStepWarning
+from .warn import warn_at_caller
 
 __all__ = ["CurvaturePreconditioner"]
 
@@ -177,11 +177,10 @@ class CurvaturePreconditioner:
         self.diagnostics["rejected"] += 1
         self.diagnostics["rejected_reason"] = reason
         self.state.pop("x0", None)
-        warnings.warn(
+        warn_at_caller(
             f"CurvaturePreconditioner: step {self.state['step']}: {reason}; .grad was left as "
             "the loop computed it",
             NonFiniteStepWarning,
-            stacklevel=3,
         )
         return self.diagnostics
 
