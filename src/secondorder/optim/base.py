@@ -468,8 +468,8 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         try:
             if norms:
                 with torch.no_grad():
-                    for b in batches:
-                        self.model(*b.inputs)
+                    for b in batches:  # a compiled model: the module underneath
+                        self.fmodel.model(*b.inputs)
                 stats_after = snapshot_running_stats(norms)
             loss = self._step_body(batches, **kw)
         except BaseException as err:
