@@ -91,7 +91,8 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
     r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
-        model: The ``nn.Module`` to train.
+        model: The ``nn.Module`` to train. Compiled by ``torch.compile``, the step's own passes
+            run the module underneath; a closure's call is recorded on the module given here.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         defaults: Default hyperparameters of the param groups.
         params: Parameters or param-group dicts (default: every trainable parameter of
