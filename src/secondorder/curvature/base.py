@@ -117,7 +117,9 @@ class CurvatureOperator(LinearOperator):
     """Base class of symmetric curvature operators over a model's trainable parameters.
 
     Args:
-        model: Any ``nn.Module``; it is called as ``model(*inputs)``.
+        model: Any ``nn.Module``; it is called as ``model(*inputs)``. A model compiled by
+            ``torch.compile`` is evaluated through the module underneath
+            (:func:`~secondorder.curvature.model.unwrap_compiled`).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` with reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches.
         params: Optional subset of the model's parameters (default: all with requires_grad).

@@ -157,6 +157,7 @@ class BlockDiagonalCurvature(LinearOperator):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.fmodel = FunctionalModel(model, params)
+        model = self.fmodel.model  # a compiled model's module underneath (unwrap_compiled)
         super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
         self.curvature = curvature
         self.loss_fn = loss_fn

@@ -19,6 +19,7 @@ tensor input (or of its targets) is its size.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,7 +38,28 @@ try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all vie
 except AttributeError:  # pragma: no cover - older or future torch without it
     _unflatten_views = None
 
-__all__ = ["Batch", "FunctionalModel", "as_batches"]
+__all__ = ["Batch", "FunctionalModel", "as_batches", "unwrap_compiled"]
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module underneath ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``).
+
+    A compiled module shares its ``Parameter`` objects, buffers and submodules with the module it
+    wraps; only its forward is compiled. Curvature products need derivatives that compiled
+    graphs do not provide (double backward), so every operator and optimizer evaluates the
+    module underneath. Any other module is returned as it is.
+
+    Args:
+        model: An ``nn.Module``, compiled or not.
+
+    Returns:
+        ``model._orig_mod`` (repeatedly, for a module compiled twice), else ``model``.
+    """
+    # no OptimizedModule can exist before torch._dynamo is imported: no import needed here
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    while compiled is not None and isinstance(model, compiled):
+        model = model._orig_mod
+    return model
 
 
 @dataclass(frozen=True)
@@ -175,8 +197,13 @@ class _ReIterable:
 class FunctionalModel:
     r"""A module seen as a function :math:`f(\theta, x)` of its flattened trainable parameters.
 
+    A module compiled by ``torch.compile`` is evaluated through the module underneath
+    (:func:`unwrap_compiled`): the same parameters, named without the wrapper's ``_orig_mod.``
+    prefix, and derivatives of every order. :attr:`model` is that module, :attr:`compiled` the
+    wrapper (``None`` for a module that was not compiled).
+
     Args:
-        model: Any ``nn.Module``.
+        model: Any ``nn.Module``, compiled or not.
         params: Optional subset of ``model``'s parameters to differentiate with respect to; by
             default every parameter with ``requires_grad``, in the order of
             ``model.named_parameters()``. Given ``params`` keep their order: the flat vector
@@ -191,7 +218,9 @@ class FunctionalModel:
     def __init__(self, model: nn.Module, params: Sequence[Tensor] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        self.model = model
+        inner = unwrap_compiled(model)
+        self.compiled: nn.Module | None = model if inner is not model else None
+        self.model = model = inner
         self._stand_ins = needs_twice_differentiable(model)
         named = list(model.named_parameters())  # tied parameters appear once
         chosen: list[tuple[str, Tensor]]

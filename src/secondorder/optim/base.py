@@ -91,7 +91,8 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
     r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
-        model: The ``nn.Module`` to train.
+        model: The ``nn.Module`` to train. Compiled by ``torch.compile``, the step's own passes
+            run the module underneath; a closure's call is recorded on the module given here.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         defaults: Default hyperparameters of the param groups.
         params: Parameters or param-group dicts (default: every trainable parameter of
@@ -468,8 +469,8 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         try:
             if norms:
                 with torch.no_grad():
-                    for b in batches:
-                        self.model(*b.inputs)
+                    for b in batches:  # a compiled model: the module underneath
+                        self.fmodel.model(*b.inputs)
                 stats_after = snapshot_running_stats(norms)
             loss = self._step_body(batches, **kw)
         except BaseException as err:

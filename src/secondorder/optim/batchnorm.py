@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_map
 
+from ..curvature.model import unwrap_compiled
 from ..curvature.running_stats import (
     restore_running_stats,
     running_stat_modules,
@@ -90,7 +91,8 @@ def update_bn(
     Args:
         data: An iterable of batches (a ``DataLoader``): ``(inputs, targets)`` pairs (the model
             is called as ``model(*inputs)`` when ``inputs`` is a tuple) or inputs alone.
-        model: The model.
+        model: The model (a compiled one is run through the module underneath, whose layers'
+            hooks see every call).
         device: Where to move each batch's tensors first (default: leave them).
 
     Raises:
@@ -105,6 +107,7 @@ def update_bn(
         >>> bool(torch.allclose(model[1].running_mean, h.mean(0)))
         True
     """
+    model = unwrap_compiled(model)
     layers = running_stat_modules(model, training_only=False)
     if not layers:
         return

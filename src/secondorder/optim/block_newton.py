@@ -35,7 +35,7 @@ from ..curvature.blockwise import (
     BlockDiagonalCurvature,
     sequential_blocks,
 )
-from ..curvature.model import Batch
+from ..curvature.model import Batch, unwrap_compiled
 from ..curvature.vocabulary import canonical_engine
 from ..linalg.block_cg import block_cg
 from ..linalg.status import SolverStatus
@@ -142,7 +142,7 @@ class BlockDiagonalNewtonCG(CurvatureOptimizer):
         check_cg_group(defaults)
         engine = canonical_engine(engine, ENGINES)
         if engine == "sequential":
-            sequential_blocks(model)  # raises for unsupported models, naming the layer
+            sequential_blocks(unwrap_compiled(model))  # raises naming an unsupported layer
         super().__init__(
             model,
             loss_fn,

@@ -167,9 +167,15 @@ def record_closure(model: nn.Module, loss_fn: Any, closure: Callable[[], Any]) -
             restore_running_stats(before)
     use = f"use {FORMS}"
     if recorder.calls != 1:
+        compiled = (
+            " (with torch.compile: the closure must call the module given to the optimizer, "
+            "compiled or not; hooks on the other one do not see the call)"
+            if recorder.calls == 0
+            else ""
+        )
         raise ValueError(
             f"step(closure): the closure called the optimizer's model {recorder.calls} times; "
-            f"expected exactly once. Use {FORMS}"
+            f"expected exactly once{compiled}. Use {FORMS}"
         )
     if isinstance(result, (tuple, list)) and len(result) == 2:
         returned, targets = result
