@@ -119,8 +119,10 @@ def adaptive_direction(
             state["damping_scale"] = min(kappa * REJECT_FACTOR, MAX_SCALE)
             return None
         predicted = _predicted(trial, grad, lr)
-        scale: Any = lr
-        f_new = float(opt.loss_along(trial.direction * scale, 1.0, batches))
+        if isinstance(lr, Tensor):  # per-group step sizes: the scaled direction itself
+            f_new = float(opt.loss_along(trial.direction * lr, 1.0, batches))
+        else:
+            f_new = float(opt.loss_along(trial.direction, lr, batches))
         rho = reduction_ratio(f0, f_new, predicted)
         diag.update(damping_scale=kappa, rho=rho, predicted_change=predicted, new_loss=f_new)
         if math.isfinite(f_new) and f_new <= f0:  # rho > 0, or a poor model but a decrease

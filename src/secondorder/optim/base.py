@@ -57,7 +57,7 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 from ..curvature.weighting import batch_weights
-from .closure import FORMS, record_closure
+from .closure import FORMS, MISSING, batch_of, record_closure
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
 from .groups import (
@@ -82,9 +82,6 @@ __all__ = [
     "check_positive",
     "vector_norm",
 ]
-
-
-_MISSING: Any = object()  # step() called without a batch
 
 
 class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
@@ -338,9 +335,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         return out
 
     # --------------------------------------------------------------------- helpers
-    @staticmethod
-    def _batch(inputs: Any, targets: Any) -> Batch:
-        return Batch(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), targets)
+    _batch = staticmethod(batch_of)
 
     def _curvature(
         self, kind: str, data: Any, *, generator: torch.Generator | None = None, **kw: Any
@@ -406,7 +401,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         return allreduce_sum([value], self.process_group)[0]
 
     # ----------------------------------------------------------------------- step
-    def step(self, inputs: Any = _MISSING, targets: Any = _MISSING) -> Tensor:  # type: ignore[override]
+    def step(self, inputs: Any = MISSING, targets: Any = MISSING) -> Tensor:  # type: ignore[override]
         """Take one training step on the batch ``(inputs, targets)``, or on a closure's batch.
 
         Args:
@@ -424,20 +419,20 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             ValueError: For an empty batch, a closure that does not reveal its batch, or a
                 hyperparameter made invalid in ``param_groups`` (nothing is touched then).
         """
-        if inputs is _MISSING or (callable(inputs) and not isinstance(inputs, (Tensor, nn.Module))):
-            if inputs is _MISSING or targets is not _MISSING:
+        if inputs is MISSING or (callable(inputs) and not isinstance(inputs, (Tensor, nn.Module))):
+            if inputs is MISSING or targets is not MISSING:
                 raise TypeError(
                     f"{type(self).__name__}.step: expected {FORMS}; got "
-                    + ("no arguments" if inputs is _MISSING else "a closure and targets")
+                    + ("no arguments" if inputs is MISSING else "a closure and targets")
                     + ". A curvature optimizer needs the batch: a step after loss.backward() "
                     "alone cannot be computed"
                 )
             return self._run_step([record_closure(self.model, self.loss_fn, inputs)])
-        if targets is _MISSING:
+        if targets is MISSING:
             raise TypeError(
                 f"{type(self).__name__}.step: got inputs but no targets; expected {FORMS}"
             )
-        return self._run_step([self._batch(inputs, targets)])
+        return self._run_step([batch_of(inputs, targets)])
 
     @staticmethod
     def _check_not_empty(batches: Sequence[Batch], what: str) -> None:

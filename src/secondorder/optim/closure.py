@@ -41,7 +41,16 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 
-__all__ = ["FORMS", "BatchRecorder", "record_closure"]
+__all__ = ["FORMS", "MISSING", "BatchRecorder", "batch_of", "record_closure"]
+
+MISSING: Any = object()
+"""Default of ``step``'s arguments: called without a batch."""
+
+
+def batch_of(inputs: Any, targets: Any) -> Batch:
+    """The batch ``(inputs, targets)``; the model is called as ``model(*inputs)`` for a tuple."""
+    return Batch(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), targets)
+
 
 FORMS = (
     "opt.step(inputs, targets), or opt.step(closure) with a closure that calls the optimizer's "

@@ -36,19 +36,16 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive
-from ..curvature.model import Batch
 from ..curvature.running_stats import frozen_running_stats
 from ..linalg.cg import cg
 from ..linalg.operator import Identity
 from ..linalg.status import SolverStatus
-from .closure import BatchRecorder
+from .closure import MISSING, BatchRecorder, batch_of
 from .curvatures import CURVATURES, build_curvature
 from .guard import NonFiniteStepWarning
 from .warn import warn_at_caller
 
 __all__ = ["CurvaturePreconditioner"]
-
-_MISSING: Any = object()
 
 
 class CurvaturePreconditioner:
@@ -110,7 +107,7 @@ class CurvaturePreconditioner:
         """Remove the hooks that read the batch from the loop."""
         self._recorder.detach()
 
-    def step(self, inputs: Any = _MISSING, targets: Any = _MISSING) -> dict[str, Any]:
+    def step(self, inputs: Any = MISSING, targets: Any = MISSING) -> dict[str, Any]:
         """Precondition ``.grad`` in place, on the recorded batch or on ``(inputs, targets)``.
 
         Returns:
@@ -119,16 +116,14 @@ class CurvaturePreconditioner:
         Raises:
             ValueError: If a parameter has no ``.grad`` or no batch can be found.
         """
-        if inputs is _MISSING:
+        if inputs is MISSING:
             batch = self._recorder.batch(
                 "call pre.step(inputs, targets) with the batch of the gradient instead"
             )
         else:
-            if targets is _MISSING:
+            if targets is MISSING:
                 raise TypeError("CurvaturePreconditioner.step: got inputs but no targets")
-            batch = Batch(
-                tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), targets
-            )
+            batch = batch_of(inputs, targets)
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
         if missing:
             raise ValueError(

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rule_cases import module_function, setup_rule
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
 from secondorder.curvature.layers import EXAMPLES, Example, Rule, rule_for
-from secondorder.curvature.twice_differentiable import TwiceDifferentiable
 
 DT = torch.float64
 K = 3
@@ -36,19 +36,7 @@ PER_SAMPLE |= {"batchnorm1d", "batchnorm1d_seq", "batchnorm2d", "batchnorm3d", "
 PER_SAMPLE |= {"layernorm_2d", "layernorm_nobias", "groupnorm1d", "groupnorm2d"}
 
 
-def _setup(example):
-    torch.manual_seed(0)
-    module = example.build().to(DT)
-    rule, why = rule_for(module)
-    assert rule is not None, why
-    x = torch.randn(*example.shape, dtype=DT)
-    params = {k: v.detach() for k, v in module._parameters.items() if v is not None}
-    return module, rule, x, params
-
-
-def _f(module, params, x):
-    with TwiceDifferentiable():
-        return functional_call(module, params, (x,))
+_setup, _f = setup_rule, module_function
 
 
 def _has_hooks(rule: Rule) -> bool:

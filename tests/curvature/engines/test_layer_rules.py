@@ -8,32 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
+from rule_cases import module_function, setup_rule
 
 from secondorder.curvature.layers import EXAMPLES, RULES, rule_for
-from secondorder.curvature.twice_differentiable import TwiceDifferentiable
 
 DT = torch.float64
 K = 3
 
 
-def _setup(example):
-    torch.manual_seed(0)
-    module = example.build().to(DT)
-    rule, why = rule_for(module)
-    assert rule is not None, why
-    x = torch.randn(*example.shape, dtype=DT)
-    params = {k: v.detach() for k, v in module._parameters.items() if v is not None}
-    return module, rule, x, params
-
-
-def _f(module, params, x):
-    # Hardsigmoid by its definition: torch's own backward multiplies by a float32 1/6
-    # buffers copied inside: a training-mode BatchNorm updates its running statistics in place,
-    # which torch.func refuses on a captured tensor
-    buffers = {k: b.clone() for k, b in module.named_buffers()}
-    with TwiceDifferentiable():
-        return functional_call(module, {**params, **buffers}, (x,))
+_setup, _f = setup_rule, module_function
 
 
 def test_every_rule_has_an_example():

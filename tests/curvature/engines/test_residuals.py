@@ -13,33 +13,22 @@ from unittest import mock
 
 import pytest
 import torch
-from torch.func import functional_call
+from rule_cases import module_function, setup_rule
 
-from secondorder.curvature.layers import EXAMPLES, rule_for
+from secondorder.curvature.layers import EXAMPLES
 from secondorder.curvature.layers.linear import LinearRule
 from secondorder.curvature.pch_mode import positive_curvature_mode
-from secondorder.curvature.twice_differentiable import TwiceDifferentiable
 
 DT = torch.float64
 K = 3
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-def _f(module, params, x):
-    # buffers copied inside: a training-mode BatchNorm updates its running statistics in place,
-    # which torch.func refuses on a captured tensor
-    buffers = {k: b.clone() for k, b in module.named_buffers()}
-    with TwiceDifferentiable():
-        return functional_call(module, {**params, **buffers}, (x,))
+_f = module_function
 
 
 def _setup(example):
-    torch.manual_seed(0)
-    module = example.build().to(DT)
-    rule, why = rule_for(module)
-    assert rule is not None, why
-    x = torch.randn(*example.shape, dtype=DT)
-    params = {k: v.detach() for k, v in module._parameters.items() if v is not None}
+    module, rule, x, params = setup_rule(example)
     out, ctx = rule.forward(module, x, params)
     delta = torch.randn_like(out)
     return module, rule, x, params, ctx, delta

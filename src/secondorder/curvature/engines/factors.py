@@ -32,6 +32,7 @@ from ..model import FunctionalModel
 from ..per_sample import coupling
 from .graph import GraphLinearization, graph_linearization
 from .memory import InPlaceActivationStep, PooledActivationStep
+from .step_base import accumulate
 from .steps import CatStep, ProductStep, ReshapeStep, RuleStep, SumStep
 from .trace import trace
 
@@ -222,13 +223,6 @@ def factor_linearization(
     return None, why
 
 
-def _output_node(lin: GraphLinearization) -> fx.Node:
-    graph = lin.steps[-1][0].graph
-    out = next(n for n in graph.nodes if n.op == "output").args[0]
-    assert isinstance(out, fx.Node)
-    return out
-
-
 def layer_cotangents(lin: GraphLinearization, cotangents: Tensor) -> list[LayerCotangents]:
     """Output cotangents of every layer step holding parameters, by one reverse pass.
 
@@ -242,7 +236,7 @@ def layer_cotangents(lin: GraphLinearization, cotangents: Tensor) -> list[LayerC
     Returns:
         One entry per layer step that the cotangents reach, in reverse order of the graph.
     """
-    cots: dict[fx.Node, Tensor] = {_output_node(lin): cotangents}
+    cots: dict[fx.Node, Tensor] = {lin.output_node: cotangents}
     found: list[LayerCotangents] = []
     with torch.no_grad():
         for node, step in reversed(lin.steps):
@@ -257,7 +251,7 @@ def layer_cotangents(lin: GraphLinearization, cotangents: Tensor) -> list[LayerC
                 continue
             for n, g in zip(step.inputs, step.vjp(u, [True] * len(step.inputs), {}, True)):
                 if g is not None:
-                    cots[n] = g if n not in cots else cots[n] + g
+                    cots[n] = accumulate(cots.get(n), g)
     return found
 
 

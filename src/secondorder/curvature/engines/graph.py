@@ -135,7 +135,7 @@ class GraphLinearization(Linearization):
                     self._evaluate(node)
         if not isinstance(out_node, fx.Node) or not isinstance(self._env.get(out_node), Tensor):
             raise _Unsupported("the model does not return one tensor")
-        self._out = out_node
+        self.output_node = out_node  # the node whose value is the model output
         self.z = self._env[out_node]
         # memory-saving rewrites (engines/memory.py): the products stay the same
         self._triples: dict[fx.Node, BottomTriple] = {}
@@ -353,13 +353,13 @@ class GraphLinearization(Linearization):
                 env[node] = step.jvp(tin, tangents, batched)
                 for n in self._last_use.get(k, ()):
                     env.pop(n, None)
-        return env.get(self._out)
+        return env.get(self.output_node)
 
     def _reverse(self, cotangent: Tensor, grads: dict[int, Tensor], batched: bool) -> None:
         requested = 0
         for i in grads:
             requested |= 1 << i
-        cots: dict[fx.Node, Any] = {self._out: cotangent}
+        cots: dict[fx.Node, Any] = {self.output_node: cotangent}
         with torch.no_grad():
             for node, step in reversed(self.steps):
                 u = cots.pop(node, None)

@@ -95,7 +95,7 @@ class GraphHessian:
         grads = {i: torch.zeros_like(leaf.detach()) for i, leaf in enumerate(lin.leaves)}
         self._rctx: list[Any] = [None] * len(lin.steps)
         self._owns = [False] * len(lin.steps)
-        cots: dict[fx.Node, Any] = {lin._out: terms.grad_output}
+        cots: dict[fx.Node, Any] = {lin.output_node: terms.grad_output}
         with torch.no_grad():
             for k in range(len(lin.steps) - 1, -1, -1):
                 node, step = lin.steps[k]
@@ -140,11 +140,11 @@ class GraphHessian:
                 env[node] = step.jvp(tin, tangents, batched)
                 for n in lin._last_use.get(k, ()):
                     env.pop(n, None)
-            dz = env.pop(lin._out, None)
+            dz = env.pop(lin.output_node, None)
             env.clear()
             cots: dict[fx.Node, Any] = {}
             if dz is not None:
-                cots[lin._out] = self.terms.hessian_matmat(dz)
+                cots[lin.output_node] = self.terms.hessian_matmat(dz)
             for node, step in reversed(lin.steps):
                 u, r = cots.pop(node, None), inject.pop(node, None)
                 if node in owned and isinstance(u, Tensor) and u.shape == r.shape:
