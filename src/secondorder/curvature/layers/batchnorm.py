@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
-from .norm import BatchNormEvalRule, _bn_stats
+from .norm import BatchNormEvalRule, _bn_stats, normalised_tangent
 
 __all__ = ["BatchNormRule", "BatchNormTrainRule"]
 
@@ -60,10 +60,8 @@ class BatchNormTrainRule(Rule):
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor, batched: bool) -> Tensor:
-        xhat = ctx["xhat"]
         dims = tuple(d + 1 for d in ctx["dims"]) if batched else ctx["dims"]
-        inner = (t * xhat).mean(dims, keepdim=True)
-        return (t - t.mean(dims, keepdim=True)).sub_(xhat * inner).mul_(ctx["r"])
+        return normalised_tangent(t, ctx["xhat"], ctx["r"], dims)
 
     def jvp(  # noqa: D102
         self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool

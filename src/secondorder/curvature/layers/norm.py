@@ -40,6 +40,17 @@ from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 __all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
 
 
+def normalised_tangent(t: Tensor, xhat: Tensor, r: Tensor, dims: tuple[int, ...]) -> Tensor:
+    r"""The derivative of standardisation over ``dims`` applied to ``t`` (forward or reverse).
+
+    :math:`r\,(t - \bar t - \hat x\, \overline{t \hat x})` with means over ``dims``,
+    :math:`\hat x` the standardised input and :math:`r` the inverse standard deviation; the
+    map is symmetric, so the same expression serves jvp and vjp.
+    """
+    inner = (t * xhat).mean(dims, keepdim=True)
+    return (t - t.mean(dims, keepdim=True)).sub_(xhat * inner).mul_(r)
+
+
 class BatchNormEvalRule(Rule):
     """Rule of ``nn.BatchNorm1d/2d/3d`` normalising by running statistics (module docstring)."""
 
@@ -171,9 +182,7 @@ class LayerNormRule(Rule):
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor) -> Tensor:
-        xhat, dims = ctx["xhat"], ctx["dims"]
-        inner = (t * xhat).mean(dims, keepdim=True)
-        return (t - t.mean(dims, keepdim=True)).sub_(xhat * inner).mul_(ctx["r"])
+        return normalised_tangent(t, ctx["xhat"], ctx["r"], ctx["dims"])
 
     def jvp(  # noqa: D102
         self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
