@@ -2,7 +2,8 @@ r"""Tracing a model for the graph engine: ``torch.fx`` with layers as leaves, ch
 
 :func:`trace` records the model's ``forward`` as an fx graph in which modules with a layer rule,
 torch's own modules and modules with hooks or an instance-level ``forward`` stay whole (leaves),
-and custom modules are traced through. A trace is refused (the caller falls back to whole-model
+and custom modules are traced through, as are torch's attention and transformer modules, by the
+forwards of :mod:`.decompose`. A trace is refused (the caller falls back to whole-model
 autograd) when fx cannot trace the model (data-dependent control flow), when the model or a
 global hook would be skipped, when a node is recorded with gradients disabled (``torch.no_grad()``
 in ``forward``: fx records no grad mode), when ``forward`` calls tensor gradient hooks, or when an
@@ -14,6 +15,7 @@ flag, hooks, plain attributes, which a trace bakes in), and retraced when it cha
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import rule_for
+from .decompose import decomposition
 from .ops import IN_PLACE
 
 __all__ = ["CACHE", "trace"]
@@ -60,7 +63,17 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if rule_for(m)[0] is not None or _hooked(m) or "forward" in vars(m):
             return True
+        if decomposition(m) is not None:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        f = decomposition(m)
+        if f is not None and rule_for(m)[0] is None:  # torch's attention modules, traced through
+            forward = functools.partial(f, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _mutated_input(node: fx.Node, model: nn.Module) -> Any:

@@ -28,6 +28,8 @@ _AVG = pooling.AveragePoolRule()
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: linear.LinearRule(),
+    # attention: the output projection of nn.MultiheadAttention (a Linear)
+    nn.modules.linear.NonDynamicallyQuantizableLinear: linear.LinearRule(),
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
     nn.Conv3d: _CONV,
@@ -64,6 +66,10 @@ EXAMPLES: list[Example] = [
     *elementwise.EXAMPLES,
     *reshape.EXAMPLES,
     *pooling.EXAMPLES,
+    # attention
+    Example(
+        lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(4, 3), (2, 3, 4), "mha_out_proj"
+    ),
 ]
 
 
