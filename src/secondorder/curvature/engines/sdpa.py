@@ -167,7 +167,7 @@ class AttentionStep(Step):
     def _unrepeat(self, t: Tensor) -> Tensor:
         if self.groups == 1:
             return t
-        return t.unflatten(-3, (-1, self.groups)).sum(-2)
+        return t.unflatten(-3, (-1, self.groups)).sum(-3)
 
     def _weights_out(self, p: Tensor | None) -> Tensor | None:
         if p is None or self.weights == "none":
