@@ -489,7 +489,13 @@ class _EncoderLayer(nn.Module):
     def __init__(self, norm_first: bool, activation: object) -> None:
         super().__init__()
         self.enc = nn.TransformerEncoderLayer(
-            4, 2, 6, 0.0, activation, batch_first=True, norm_first=norm_first  # type: ignore[arg-type]
+            4,
+            2,
+            6,
+            0.0,
+            activation,
+            batch_first=True,
+            norm_first=norm_first,  # type: ignore[arg-type]
         )
         self.out = nn.Linear(4, C)
 
@@ -538,8 +544,9 @@ class _SDPA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.emb(x)
         q, k, v = self.qkv(h).view(x.shape[0], 3, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        b = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.tanh(self.bias))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        a = sdpa(q, k, v, is_causal=True)
+        b = sdpa(q, k, v, attn_mask=torch.tanh(self.bias))
         o = (a + b).transpose(1, 2).reshape(x.shape[0], 3, 4)
         return self.out(torch.tanh(o @ self.emb.weight).mean(1))
 
