@@ -187,7 +187,7 @@ class LinearFnStep(Step):
         self.inputs, self.active = inputs, list(active)
         x, w, _ = values
         self.ctx = {"x": x, "w": w}
-        self.shapes = [v.shape if isinstance(v, Tensor) else None for v in values]
+        self.shapes: list[Any] = [v.shape if isinstance(v, Tensor) else () for v in values]
         self.linear = not (active[0] and active[1])
 
     def _split(self, tin: list[Any]) -> list[Any]:

@@ -195,7 +195,7 @@ def _evaluated(build: Callable[..., Step | None]) -> Callable[..., tuple[Step, A
 
 def _attention(node: Any, env_value: Callable[[Any], Any], active: Any, call: Any) -> Any:
     step = sdpa.build_attention(node, env_value, active, None)
-    return None if step is None else (step, step.value())
+    return None if not isinstance(step, sdpa.AttentionStep) else (step, step.value())
 
 
 #: kind -> ``build(node, env_value, active, call)`` returning ``(step, value)`` or None (the node

@@ -467,8 +467,8 @@ def build_attention(
             return None
     if a["is_causal"] and m is not None:
         return None  # PyTorch refuses it: autograd raises the same error
-    mask_active = active(a["attn_mask"])
-    if mask_active and not m.is_floating_point():
+    mask_active = isinstance(m, Tensor) and active(a["attn_mask"])
+    if mask_active and not m.is_floating_point():  # type: ignore[union-attr]
         return None
     mask = _additive(m, q.dtype, True)
     if a["is_causal"]:
@@ -486,5 +486,5 @@ def build_attention(
         float(scale),
         Heads(None, False),
         None,
-        m.shape if mask_active else None,
+        m.shape if isinstance(m, Tensor) and mask_active else None,
     )
