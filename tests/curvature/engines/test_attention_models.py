@@ -151,3 +151,36 @@ def test_options_without_decomposition_go_to_autograd() -> None:
     assert G.engine_info[0].autograd_nodes == ("att",)
     ref = so.GGN(model, CE, data, engine="autograd").to_dense()
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-12)
+
+
+def _roots() -> list[tuple[str, nn.Module, tuple[Tensor, ...]]]:
+    torch.manual_seed(0)
+    x, mem = torch.randn(3, 4, 8, dtype=DT), torch.randn(3, 5, 8, dtype=DT)
+    enc = nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True)
+    stack = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, 0.0, "gelu", norm_first=True),
+        2,
+        enable_nested_tensor=False,
+    )
+    dec = nn.TransformerDecoderLayer(8, 2, 16, 0.0, batch_first=True)
+    return [
+        ("encoder_layer_eval", enc.to(DT).eval(), (x,)),
+        ("encoder_stack_seq_first", stack.to(DT).train(), (x.transpose(0, 1),)),
+        ("decoder_layer", dec.to(DT), (x, mem)),
+    ]
+
+
+@pytest.mark.parametrize("case", _roots(), ids=lambda c: c[0])
+def test_torch_modules_as_the_whole_model(case: tuple[str, nn.Module, tuple[Tensor, ...]]) -> None:
+    """A transformer layer passed as the model itself is traced by its decomposition too."""
+    _, model, inputs = case
+    with torch.no_grad():
+        target = torch.randn_like(model(*inputs))
+    data = (inputs, target)
+    for make in (so.GGN, so.Hessian):
+        op = make(model, nn.MSELoss(), data)
+        dense = op.to_dense()
+        info = op.engine_info[0]
+        assert info.path == "graph" and info.autograd_nodes == (), info
+        ref = make(model, nn.MSELoss(), data, engine="autograd").to_dense()
+        torch.testing.assert_close(dense, ref, rtol=1e-9, atol=1e-12)

@@ -422,8 +422,12 @@ def test_dropout_is_left_to_autograd() -> None:
     """Attention with dropout is random: no closed-form step (the node goes to autograd)."""
     q = _N("q")
     vals = {"q": _r(1, 2, 3, 4)}
+
+    def env_value(a: Any) -> Any:
+        return vals[a.name] if isinstance(a, _N) else a
+
     node = _Node(F.scaled_dot_product_attention, (q, q, q), {"dropout_p": 0.2})
-    assert BUILDERS["attention"](node, lambda a: vals[a.name], lambda a: True, None) is None
+    assert BUILDERS["attention"](node, env_value, lambda a: isinstance(a, _N), None) is None
     node = _Node(sdpa.multi_head_attention, (q, q, q, None, None, 2, True, 0.1, False, False, True))
     vals = {"q": _r(2, 3, 4)}
-    assert BUILDERS["attention"](node, lambda a: vals[a.name], lambda a: True, None) is None
+    assert BUILDERS["attention"](node, env_value, lambda a: isinstance(a, _N), None) is None

@@ -188,7 +188,7 @@ def _encoder(
         output = mod(
             output,
             src_mask=mask,
-            is_causal=bool(is_causal),
+            is_causal=is_causal,  # type: ignore[arg-type]
             src_key_padding_mask=src_key_padding_mask,
         )
     if m.norm is not None:

@@ -423,25 +423,28 @@ def build_attention(
     """
     if node.target is multi_head_attention:
         a = _bind(node, _MHA_ARGS, {})
-        if a is None or len(a) != len(_MHA_ARGS) or a["dropout_p"] > 0.0:
+        if a is None or len(a) != len(_MHA_ARGS):
             return None
-        q, k, v = (env_value(a[n]) for n in ("q", "k", "v"))
-        if active(a["key_padding_mask"]) or active(a["attn_mask"]):
+        c = {n: env_value(x) for n, x in a.items()}  # the values (constants or tensors)
+        if c["dropout_p"] > 0.0 or active(a["key_padding_mask"]) or active(a["attn_mask"]):
             return None
+        q, k, v = c["q"], c["k"], c["v"]
         if q.ndim not in (2, 3) or k.ndim != q.ndim or v.ndim != q.ndim:
             return None
-        layout = Heads(a["num_heads"], swap=not a["batch_first"] and q.ndim == 3)
+        layout = Heads(c["num_heads"], swap=not c["batch_first"] and q.ndim == 3)
         qh, kh, vh = layout.split(q), layout.split(k), layout.split(v)
         mask = mha_mask(
             qh,
             kh,
-            env_value(a["attn_mask"]),
-            env_value(a["key_padding_mask"]),
-            a["num_heads"],
-            a["is_causal"],
-            a["need_weights"],
+            c["attn_mask"],
+            c["key_padding_mask"],
+            c["num_heads"],
+            bool(c["is_causal"]),
+            bool(c["need_weights"]),
         )
-        weights = ("mean" if a["average_weights"] else "all") if a["need_weights"] else "none"
+        weights = "none"
+        if c["need_weights"]:
+            weights = "mean" if c["average_weights"] else "all"
         acts = [active(a[n]) for n in ("q", "k", "v")] + [False]
         edges = [a[n] for n, x in zip(("q", "k", "v"), acts) if x]
         scale = 1.0 / math.sqrt(qh.shape[-1])
@@ -451,29 +454,31 @@ def build_attention(
         _SDPA_ARGS,
         {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None},
     )
-    if a is None or a.get("dropout_p", 0.0) != 0.0:
+    if a is None:
         return None
-    q, k, v = (env_value(a[n]) for n in ("query", "key", "value"))
-    m = env_value(a["attn_mask"])
+    c = {n: env_value(x) for n, x in a.items()}
+    if c["dropout_p"] != 0.0:
+        return None
+    q, k, v, m = c["query"], c["key"], c["value"], c["attn_mask"]
     if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.ndim < 2:
         return None
     if m is not None and not isinstance(m, Tensor):
         return None
-    gqa = bool(a.get("enable_gqa", False))
+    gqa = bool(c.get("enable_gqa", False))
     if q.shape[:-3] != k.shape[:-3] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         return None
     if q.ndim >= 3 and q.shape[-3] != k.shape[-3]:
         if not gqa or q.shape[-3] % k.shape[-3]:
             return None
-    if a["is_causal"] and m is not None:
+    if c["is_causal"] and m is not None:
         return None  # PyTorch refuses it: autograd raises the same error
     mask_active = isinstance(m, Tensor) and active(a["attn_mask"])
     if mask_active and not m.is_floating_point():  # type: ignore[union-attr]
         return None
     mask = _additive(m, q.dtype, True)
-    if a["is_causal"]:
+    if c["is_causal"]:
         mask = _causal(q.shape[-2], k.shape[-2], q)
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = c["scale"] if c["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     acts = [active(a[n]) for n in ("query", "key", "value")] + [mask_active]
     edges = [a[n] for n, x in zip(("query", "key", "value", "attn_mask"), acts) if x]
     return AttentionStep(

@@ -136,6 +136,23 @@ def _settings(m: nn.Module) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _trace_root(tracer: _Tracer, model: nn.Module) -> fx.Graph:
+    """``tracer.trace(model)``; a root attention module is traced by its decomposition.
+
+    fx traces ``type(root).forward``: for the root, the class is swapped, for the duration of the
+    trace only, for a subclass whose ``forward`` is the decomposition.
+    """
+    f = decomposition(model)
+    if f is None or rule_for(model)[0] is not None:
+        return tracer.trace(model)
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": f})
+    try:
+        return tracer.trace(model)
+    finally:
+        model.__class__ = cls
+
+
 def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
     """Trace ``model`` into an fx graph (once per model state), or say why it cannot be.
 
@@ -162,7 +179,7 @@ def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
         tracer = _Tracer()
         try:
             with torch.enable_grad():
-                graph = tracer.trace(model)
+                graph = _trace_root(tracer, model)
         except Exception as e:  # any tracing failure means: not traceable
             reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
         else:
