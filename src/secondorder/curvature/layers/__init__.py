@@ -28,8 +28,6 @@ _AVG = pooling.AveragePoolRule()
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: linear.LinearRule(),
-    # attention: the output projection of nn.MultiheadAttention (a Linear)
-    nn.modules.linear.NonDynamicallyQuantizableLinear: linear.LinearRule(),
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
     nn.Conv3d: _CONV,
@@ -55,6 +53,8 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.AdaptiveAvgPool2d: _AVG,
     nn.AdaptiveAvgPool3d: _AVG,
     **dict.fromkeys(ACTIVATIONS, _ACT),
+    # attention: the output projection of nn.MultiheadAttention (a Linear)
+    nn.modules.linear.NonDynamicallyQuantizableLinear: linear.LinearRule(),
 }
 
 #: modules and input shapes of the contract test, from every family's file
