@@ -192,6 +192,7 @@ class AttentionStep(Step):
         return t
 
     def _dp(self, dq: Tensor | None, dk: Tensor | None, dm: Tensor | None) -> Tensor | None:
+        """:math:`dP` (a new tensor) from the tangents of the scores' inputs."""
         ds: Tensor | None = None
         if dq is not None:
             ds = dq @ self.k.mT
@@ -200,12 +201,16 @@ class AttentionStep(Step):
             ds = term if ds is None else ds.add_(term)
         if ds is not None and self.scale != 1.0:
             ds = ds.mul_(self.scale)
-        if dm is not None:
-            ds = dm if ds is None else ds + dm
+        if dm is not None:  # a new tensor of the scores' shape either way
+            ds = dm + self.p.new_zeros(()).expand(self.p.shape) if ds is None else ds.add_(dm)
         if ds is None:
             return None
+        return self._softmax_pullback(ds)
+
+    def _softmax_pullback(self, g: Tensor) -> Tensor:
+        r""":math:`P \odot (g - \operatorname{rowsum}(P \odot g))`, overwriting ``g``."""
         p = self.p
-        return p * (ds - (p * ds).sum(-1, keepdim=True))
+        return g.sub_((p * g).sum(-1, keepdim=True)).mul_(p)
 
     def _cotangents(
         self, gq: Any, gk: Any, gv: Any, gm: Any, need: list[bool], batched: bool
@@ -241,7 +246,7 @@ class AttentionStep(Step):
         gp = None if go is None else go @ self.v.mT
         extra = self._weights_in(uw)
         if extra is not None:
-            gp = extra if gp is None else gp + extra
+            gp = extra.clone() if gp is None else gp.add_(extra)
         return go, gp
 
     def vjp(self, u: Any, need: list[bool], grads: Grads, batched: bool) -> list[Any]:  # noqa: D102
@@ -250,8 +255,7 @@ class AttentionStep(Step):
         gv = self.p.mT @ go if want.get(2) and go is not None else None
         gq = gk = gs = None
         if gp is not None and (want.get(0) or want.get(1) or want.get(3)):
-            p = self.p
-            gs = p * (gp - (p * gp).sum(-1, keepdim=True))
+            gs = self._softmax_pullback(gp)
             if want.get(0):
                 gq = (gs @ self.k).mul_(self.scale)
             if want.get(1):
@@ -285,16 +289,16 @@ class AttentionStep(Step):
         rgp = go @ dv.mT if dv is not None and go is not None else None
         rgs = None
         if dp is not None or rgp is not None:
-            inner = dp * rctx["gp"] if dp is not None else None
-            if rgp is not None:
-                inner = p * rgp if inner is None else inner.add_(p * rgp)
-            assert inner is not None
-            centred = -inner.sum(-1, keepdim=True)
-            if rgp is not None:
-                centred = rgp + centred
-            rgs = p * centred
             if dp is not None:
-                rgs = rgs.add_(dp * rctx["a"])
+                inner = dp * rctx["gp"]
+                if rgp is not None:
+                    inner.addcmul_(p, rgp)
+            else:
+                inner = p * rgp
+            rowsum = inner.sum(-1, keepdim=True)
+            rgs = rgp.sub_(rowsum).mul_(p) if rgp is not None else p * rowsum.neg_()
+            if dp is not None:
+                rgs.addcmul_(dp, rctx["a"])
         rq = rk = rv = None
         if want.get(0):
             if rgs is not None:
