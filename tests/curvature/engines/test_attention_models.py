@@ -184,3 +184,27 @@ def test_torch_modules_as_the_whole_model(case: tuple[str, nn.Module, tuple[Tens
         assert info.path == "graph" and info.autograd_nodes == (), info
         ref = make(model, nn.MSELoss(), data, engine="autograd").to_dense()
         torch.testing.assert_close(dense, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_changed_activation_is_retraced() -> None:
+    """The decomposition bakes the layer's activation function in: changing it retraces."""
+    torch.manual_seed(0)
+    model = _EncoderLayerModel()
+    data = (torch.randn(4, 3, 8, dtype=DT), torch.randint(0, 3, (4,)))
+    so.GGN(model, CE, data).to_dense()
+    model.enc.activation = F.gelu
+    G = so.GGN(model, CE, data)
+    dense = G.to_dense()
+    assert G.engine_info[0].autograd_nodes == ()
+    ref = so.GGN(model, CE, data, engine="autograd").to_dense()
+    torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-12)
+
+
+class _EncoderLayerModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True).to(DT)
+        self.out = nn.Linear(8, 3).to(DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(x).mean(1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import types
 import weakref
 from typing import Any
 
@@ -127,12 +128,16 @@ def _out_of_place(graph: fx.Graph) -> None:
             node.kwargs = {**node.kwargs, "inplace": False}
 
 
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, functools.partial)
+
+
 def _settings(m: nn.Module) -> tuple[tuple[str, str], ...]:
-    """The module's plain attributes: a trace bakes them in, so a change must retrace."""
+    """The module's plain attributes and functions: a trace bakes them in; a change retraces."""
     return tuple(
-        (k, repr(v))
+        (k, repr(v) if not isinstance(v, _FUNCTIONS) else f"function {id(v)}")
         for k, v in vars(m).items()
-        if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+        if not k.startswith("_")
+        and isinstance(v, (bool, int, float, str, tuple, type(None), *_FUNCTIONS))
     )
 
 
