@@ -294,7 +294,7 @@ class AttentionStep(Step):
                 if rgp is not None:
                     inner.addcmul_(p, rgp)
             else:
-                inner = p * rgp
+                inner = p * rgp  # type: ignore[operator]
             rowsum = inner.sum(-1, keepdim=True)
             rgs = rgp.sub_(rowsum).mul_(p) if rgp is not None else p * rowsum.neg_()
             if dp is not None:
