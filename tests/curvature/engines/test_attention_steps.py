@@ -384,18 +384,21 @@ def test_residual_matches_jvp_of_vjp(case: Case) -> None:
     for batched in (False, True):
         lead = (K,) if batched else ()
         tans = [torch.randn(*lead, *p.shape, dtype=DT) for p in primals]
+        edges = _edges(names, uniq, tans)
         got = (
             [None] * len(names)
             if rctx is None
-            else step.residual(
-                rctx, _edges(names, uniq, tans), [], [True] * len(names), {}, batched
-            )
+            else step.residual(rctx, edges, [], [True] * len(names), {}, batched)
         )
+        jv = step.jvp(edges, [], batched)  # as the Hessian product: after the residual
         for c in range(K if batched else 1):
             tc = tuple(t[c] if batched else t for t in tans)
             _, want = torch.func.jvp(pullback, primals, tc)
             gc = [None if g is None else (g[c] if batched else g) for g in got]
             _accumulate_and_check(names, uniq, gc, want)
+            _, want_jv = torch.func.jvp(f, primals, tc)
+            for g, w in zip(_flat(jv), _flat(want_jv)):
+                _close(g[c] if batched else g, w)
     if step.linear:
         assert rctx is None
 

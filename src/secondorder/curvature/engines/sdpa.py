@@ -60,6 +60,10 @@ def _align(t: Tensor, ndim: int, batched: bool) -> Tensor:
     return t.view(t.shape[0], *([1] * (ndim - t.ndim + 1)), *t.shape[1:])
 
 
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def _safe_softmax(s: Tensor) -> Tensor:
     p = torch.softmax(s, -1)
     dead = s.amax(-1, keepdim=True) == float("-inf")
@@ -152,6 +156,7 @@ class AttentionStep(Step):
         self.p = _safe_softmax(s)
         self.out = self.p @ v
         self.linear = not (active[0] or active[1] or active[3])
+        self._kept_dp: tuple[bool, list[Any], Tensor | None] | None = None
 
     def value(self) -> Any:
         """The node's output (with the weights for MHA's ``need_weights``)."""
@@ -229,7 +234,11 @@ class AttentionStep(Step):
     # -------------------------------------------------------------- products
     def jvp(self, tin: list[Any], tangents: Sequence[Tensor | None], batched: bool) -> Any:  # noqa: D102
         dq, dk, dv, dm = self._tangents(tin, batched)
-        dp = self._dp(dq, dk, dm)
+        kept, self._kept_dp = self._kept_dp, None
+        if kept is not None and kept[0] == batched and _same(kept[1], tin):
+            dp = kept[2]  # computed by the residual just before, from the same tangents
+        else:
+            dp = self._dp(dq, dk, dm)
         do = dp @ self.v if dp is not None else None
         if dv is not None:
             term = self.p @ dv
@@ -286,6 +295,7 @@ class AttentionStep(Step):
         go: Tensor | None = rctx["go"]
         p, gs0 = self.p, rctx["gs"]
         dp = self._dp(dq, dk, dm)
+        self._kept_dp = (batched, list(tin), dp)  # for the jvp of the same tangents that follows
         rgp = go @ dv.mT if dv is not None and go is not None else None
         rgs = None
         if dp is not None or rgp is not None:
