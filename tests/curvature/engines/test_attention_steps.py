@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from secondorder.curvature.attention import differentiable_attention
-from secondorder.curvature.engines import sdpa
+from secondorder.curvature.engines import mha, sdpa
 from secondorder.curvature.engines.ops import BUILDERS, op_kind
 
 DT = torch.float64
@@ -174,7 +174,7 @@ def _cases() -> list[Case]:
         )
     )
     # --- the attention of nn.MultiheadAttention's decomposition
-    mha = sdpa.multi_head_attention
+    mha_fn = mha.multi_head_attention
     pm, am = _N("pm"), _N("am")
     e = {"q": _r(2, 3, 4), "k": _r(2, 5, 4), "v": _r(2, 5, 4)}
     pad = torch.zeros(2, 5, dtype=torch.bool)
@@ -183,7 +183,7 @@ def _cases() -> list[Case]:
         out.append(
             Case(
                 f"mha_bf{bf:d}_w{weights:d}_avg{avg:d}",
-                mha,
+                mha_fn,
                 (q, k, v, None, pm, 2, bf, 0.0, False, weights, avg),
                 {
                     **(e if bf else {n: t.transpose(0, 1) for n, t in e.items()}),
@@ -196,7 +196,7 @@ def _cases() -> list[Case]:
     out.append(
         Case(
             "mha_3d_mask",
-            mha,
+            mha_fn,
             (q, k, v, am, None, 2, True, 0.0, False, False, True),
             {**e, "am": am3},
             ("q", "k", "v"),
@@ -207,7 +207,7 @@ def _cases() -> list[Case]:
     out.append(
         Case(
             "mha_causal",
-            mha,
+            mha_fn,
             (q, k, v, am, None, 2, True, 0.0, True, False, True),
             sq,
             ("q", "v"),
@@ -217,7 +217,7 @@ def _cases() -> list[Case]:
     out.append(
         Case(
             "mha_unbatched",
-            mha,
+            mha_fn,
             (q, k, v, None, None, 2, False, 0.0, False, True, True),
             un,
             ("q", "k", "v"),
@@ -431,6 +431,6 @@ def test_dropout_is_left_to_autograd() -> None:
 
     node = _Node(F.scaled_dot_product_attention, (q, q, q), {"dropout_p": 0.2})
     assert BUILDERS["attention"](node, env_value, lambda a: isinstance(a, _N), None) is None
-    node = _Node(sdpa.multi_head_attention, (q, q, q, None, None, 2, True, 0.1, False, False, True))
+    node = _Node(mha.multi_head_attention, (q, q, q, None, None, 2, True, 0.1, False, False, True))
     vals = {"q": _r(2, 3, 4)}
     assert BUILDERS["attention"](node, env_value, lambda a: isinstance(a, _N), None) is None

@@ -3,7 +3,7 @@ r"""Traceable forwards of torch's attention modules, so that the graph engine se
 ``torch.fx`` keeps torch's own modules whole; an ``nn.TransformerEncoderLayer`` would be one
 node differentiated by autograd. For the exact types below (not subclasses, no hooks, no
 instance-level ``forward``), :func:`decomposition` returns a forward written with ``F.linear``,
-``split``, :func:`~.sdpa.multi_head_attention` (one attention step of the graph) and the module's
+``split``, :func:`~.mha.multi_head_attention` (one attention step of the graph) and the module's
 own submodules (``LayerNorm``, ``Linear``, ``Dropout``, the activation), computing what torch's
 slow (composite) path computes:
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .sdpa import multi_head_attention
+from .mha import multi_head_attention
 
 __all__ = ["DECOMPOSITIONS", "decomposition"]
 

@@ -17,8 +17,8 @@ every other argument as a constant:
 - ``matmul``, ``linear_fn``, ``split`` (:mod:`.bilinear`): matrix products (``@``, ``matmul``,
   ``mm``, ``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``) and ``F.linear`` with any
   operand active, and ``split``/``chunk``/``unbind``;
-- ``attention`` (:mod:`.sdpa`): ``F.scaled_dot_product_attention`` without dropout and the
-  attention of ``nn.MultiheadAttention``'s decomposition (:mod:`.decompose`).
+- ``attention`` (:mod:`.sdpa`, :mod:`.mha`): ``F.scaled_dot_product_attention`` without dropout
+  and the attention of ``nn.MultiheadAttention``'s decomposition (:mod:`.decompose`).
 
 :data:`BUILDERS` makes the steps of the kinds defined outside :mod:`.steps`.
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import bilinear, sdpa
+from . import bilinear, mha, sdpa
 from .step_base import Step
 
 __all__ = ["BUILDERS", "FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
@@ -47,7 +47,7 @@ _PRODUCT_METHODS = {"mul", "div"}
 _CAT_FUNCS = {torch.cat, torch.concat}
 _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "unflatten"}
-_ATTENTION_FUNCS = {F.scaled_dot_product_attention, sdpa.multi_head_attention}
+_ATTENTION_FUNCS = {F.scaled_dot_product_attention, mha.multi_head_attention}
 _LINEAR_FUNCS = {
     operator.getitem,
     torch.permute,
@@ -194,7 +194,8 @@ def _evaluated(build: Callable[..., Step | None]) -> Callable[..., tuple[Step, A
 
 
 def _attention(node: Any, env_value: Callable[[Any], Any], active: Any, call: Any) -> Any:
-    step = sdpa.build_attention(node, env_value, active, None)
+    build = mha.build_mha if node.target is mha.multi_head_attention else sdpa.build_attention
+    step = build(node, env_value, active, None)
     return None if not isinstance(step, sdpa.AttentionStep) else (step, step.value())
 
 

@@ -31,7 +31,7 @@ Residual at the gradient cotangent :math:`\delta` (the derivative of the pullbac
 
 Memory: :math:`P` ``(*, H, L, S)``, as the forward. Grouped-query attention repeats the key and
 value heads (cotangents summed back per group). ``nn.MultiheadAttention``'s decomposition
-(:mod:`.decompose`) calls :func:`multi_head_attention` on the projections ``(N, L, E)`` (or
+(:mod:`.decompose`) calls :func:`~.mha.multi_head_attention` on the projections ``(N, L, E)`` (or
 ``(L, N, E)``, or unbatched ``(L, E)``); its step splits and merges the heads as views and may
 also return the attention weights (optionally averaged over the heads):
 :math:`\bar P` then gains the weights' cotangent. Attention with dropout is random: its node is
@@ -46,12 +46,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from ..layers.base import sum_to
 from .step_base import Grads, Step
 
-__all__ = ["AttentionStep", "build_attention", "mha_mask", "multi_head_attention"]
+__all__ = ["AttentionStep", "Heads", "additive_mask", "bind", "build_attention", "causal_mask"]
 
 
 def _align(t: Tensor, ndim: int, batched: bool) -> Tensor:
@@ -70,7 +69,7 @@ def _safe_softmax(s: Tensor) -> Tensor:
     return p.masked_fill(dead, 0.0) if bool(dead.any()) else p
 
 
-def _additive(mask: Tensor | None, dtype: torch.dtype, keep_true: bool) -> Tensor | None:
+def additive_mask(mask: Tensor | None, dtype: torch.dtype, keep_true: bool) -> Tensor | None:
     """A float additive mask; a boolean one marks kept (``keep_true``) or masked entries."""
     if mask is None or mask.is_floating_point():
         return mask
@@ -80,9 +79,10 @@ def _additive(mask: Tensor | None, dtype: torch.dtype, keep_true: bool) -> Tenso
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(drop, -math.inf)
 
 
-def _causal(L: int, S: int, like: Tensor) -> Tensor:
+def causal_mask(L: int, S: int, like: Tensor) -> Tensor:
+    """The additive mask of ``is_causal`` (top-left aligned, as PyTorch), ``(L, S)``."""
     keep = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
-    return _additive(keep, like.dtype, True)  # type: ignore[return-value]
+    return additive_mask(keep, like.dtype, True)  # type: ignore[return-value]
 
 
 class Heads:
@@ -327,90 +327,12 @@ class AttentionStep(Step):
         return self._cotangents(rq, rk, rv, rgs if want.get(3) else None, need, batched)
 
 
-# ----------------------------------------------------------------- MHA core function
-def mha_mask(
-    qh: Tensor,
-    kh: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    num_heads: int,
-    is_causal: bool,
-    need_weights: bool,
-) -> Tensor | None:
-    """The additive mask of ``nn.MultiheadAttention``'s slow path, broadcast to the scores.
-
-    ``qh``, ``kh``: the canonical queries and keys ``(N, H, L, d)`` (``(H, L, d)`` unbatched).
-    As ``F.multi_head_attention_forward``: boolean entries ``True`` are masked; ``is_causal`` is
-    honoured only without key padding and weights (else ``attn_mask`` is used, and must exist).
-
-    Raises:
-        RuntimeError: ``is_causal`` without ``attn_mask``, as PyTorch.
-    """
-    batched = qh.ndim == 4
-    L, S = qh.shape[-2], kh.shape[-2]
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint")
-    kpm = _additive(key_padding_mask, qh.dtype, False)
-    if is_causal and kpm is None and not need_weights:
-        mask: Tensor | None = _causal(L, S, qh)
-    else:
-        mask = _additive(attn_mask, qh.dtype, False)
-    if mask is not None and mask.ndim == 3:
-        mask = mask.view(-1, num_heads, L, S) if batched else mask.view(num_heads, L, S)
-    if kpm is not None:
-        kpm = kpm.view(-1, 1, 1, S) if batched else kpm.view(1, 1, S)
-        mask = kpm if mask is None else mask + kpm
-    return mask
-
-
-def multi_head_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    num_heads: int,
-    batch_first: bool,
-    dropout_p: float,
-    is_causal: bool,
-    need_weights: bool,
-    average_weights: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """The attention of ``nn.MultiheadAttention`` on projected ``q``, ``k``, ``v`` (eager).
-
-    Computes what ``F.multi_head_attention_forward`` computes between the input and the output
-    projections (heads split and merged, masks merged, dropout on the weights); the graph engine
-    replaces it by an :class:`AttentionStep` unless ``dropout_p > 0``.
-
-    Returns:
-        ``(output, weights)``: the output in the layout of ``q``; the weights ``(N, H, L, S)``
-        (averaged over the heads if ``average_weights``) or None without ``need_weights``.
-    """
-    layout = Heads(num_heads, swap=not batch_first and q.ndim == 3)
-    qh, kh, vh = layout.split(q), layout.split(k), layout.split(v)
-    mask = mha_mask(qh, kh, attn_mask, key_padding_mask, num_heads, is_causal, need_weights)
-    if not need_weights:
-        out = F.scaled_dot_product_attention(qh, kh, vh, mask, dropout_p)
-        return layout.merge(out), None
-    s = (qh * math.sqrt(1.0 / qh.shape[-1])) @ kh.mT
-    if mask is not None:
-        s = s + mask
-    p = torch.softmax(s, -1)
-    if dropout_p > 0.0:
-        p = F.dropout(p, dropout_p)
-    w = p.mean(-3) if average_weights else p
-    return layout.merge(p @ vh), w
-
-
 # ----------------------------------------------------------------- builders
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_MHA_ARGS = (
-    *("q", "k", "v", "attn_mask", "key_padding_mask", "num_heads", "batch_first", "dropout_p"),
-    *("is_causal", "need_weights", "average_weights"),
-)
 
 
-def _bind(node: Any, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
+def bind(node: Any, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """A node's arguments by name (``defaults`` for those not given), or None if unknown."""
     args = dict(zip(names, node.args))
     for k, v in node.kwargs.items():
         if k not in names or k in args:
@@ -422,11 +344,10 @@ def _bind(node: Any, names: Sequence[str], defaults: dict[str, Any]) -> dict[str
 def build_attention(
     node: Any, env_value: Callable[[Any], Any], active: Callable[[Any], bool], value: Any
 ) -> Step | None:
-    """The step of an attention node (``op_kind`` ``"attention"``), or None for autograd.
+    """The step of an ``F.scaled_dot_product_attention`` node, or None for autograd.
 
     Args:
-        node: An fx node calling ``F.scaled_dot_product_attention`` or
-            :func:`multi_head_attention`.
+        node: An fx node calling ``F.scaled_dot_product_attention``.
         env_value: The value of an argument (nodes looked up, constants as they are).
         active: Whether an argument node depends on the parameters.
         value: The node's output (its shape is checked against the step's).
@@ -435,35 +356,7 @@ def build_attention(
         An :class:`AttentionStep`, or None (dropout, an active boolean mask, shapes the step does
         not cover).
     """
-    if node.target is multi_head_attention:
-        a = _bind(node, _MHA_ARGS, {})
-        if a is None or len(a) != len(_MHA_ARGS):
-            return None
-        c = {n: env_value(x) for n, x in a.items()}  # the values (constants or tensors)
-        if c["dropout_p"] > 0.0 or active(a["key_padding_mask"]) or active(a["attn_mask"]):
-            return None
-        q, k, v = c["q"], c["k"], c["v"]
-        if q.ndim not in (2, 3) or k.ndim != q.ndim or v.ndim != q.ndim:
-            return None
-        layout = Heads(c["num_heads"], swap=not c["batch_first"] and q.ndim == 3)
-        qh, kh, vh = layout.split(q), layout.split(k), layout.split(v)
-        mask = mha_mask(
-            qh,
-            kh,
-            c["attn_mask"],
-            c["key_padding_mask"],
-            c["num_heads"],
-            bool(c["is_causal"]),
-            bool(c["need_weights"]),
-        )
-        weights = "none"
-        if c["need_weights"]:
-            weights = "mean" if c["average_weights"] else "all"
-        acts = [active(a[n]) for n in ("q", "k", "v")] + [False]
-        edges = [a[n] for n, x in zip(("q", "k", "v"), acts) if x]
-        scale = 1.0 / math.sqrt(qh.shape[-1])
-        return AttentionStep(edges, acts, qh, kh, vh, mask, scale, layout, weights)
-    a = _bind(
+    a = bind(
         node,
         _SDPA_ARGS,
         {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None},
@@ -489,9 +382,9 @@ def build_attention(
     mask_active = isinstance(m, Tensor) and active(a["attn_mask"])
     if mask_active and not m.is_floating_point():  # type: ignore[union-attr]
         return None
-    mask = _additive(m, q.dtype, True)
+    mask = additive_mask(m, q.dtype, True)
     if c["is_causal"]:
-        mask = _causal(q.shape[-2], k.shape[-2], q)
+        mask = causal_mask(q.shape[-2], k.shape[-2], q)
     scale = c["scale"] if c["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     acts = [active(a[n]) for n in ("query", "key", "value")] + [mask_active]
     edges = [a[n] for n, x in zip(("query", "key", "value", "attn_mask"), acts) if x]
