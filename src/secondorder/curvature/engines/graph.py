@@ -9,7 +9,9 @@ that depends on the parameters as a step (:mod:`.steps`) keeping what its produc
 
 - a module with a rule (:mod:`..layers`) by its rule; activations called as functions
   (``torch.relu``, ``F.silu``, ...) by the rule of their module (one activation table);
-- sums, products, concatenations, reshapes and other linear functions by op rules (:mod:`.ops`);
+- sums, products, concatenations, reshapes and other linear functions by op rules (:mod:`.ops`),
+  matrix products and splits (:mod:`.bilinear`) and attention (:mod:`.sdpa`; torch's attention
+  and transformer modules are traced through by :mod:`.decompose`);
 - any other node by autograd on that node alone
   (:class:`~secondorder.curvature.engines.steps.AutogradStep`).
 
