@@ -14,8 +14,9 @@ slow (composite) path computes:
   ``add_bias_kv``, ``add_zero_attn``;
 - ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``: ``norm_first`` either way,
   any activation, masks and causal hints passed to their attention;
-- ``nn.TransformerEncoder``: its layers, masks (``is_causal=None`` passes the mask itself, which
-  equals the causal hint where the mask is causal) and final norm.
+- ``nn.TransformerEncoder`` and ``nn.TransformerDecoder``: their layers, masks (a causal hint of
+  ``None`` passes the mask itself, which equals the causal hint where the mask is causal) and
+  final norm.
 
 The fused evaluation paths (``torch._transformer_encoder_layer_fwd``, the nested-tensor path of
 ``nn.TransformerEncoder``) compute the same function up to rounding; the library evaluates
@@ -196,11 +197,41 @@ def _encoder(
     return output
 
 
+def _decoder(
+    m: nn.TransformerDecoder,
+    tgt: Any,
+    memory: Any,
+    tgt_mask: Any = None,
+    memory_mask: Any = None,
+    tgt_key_padding_mask: Any = None,
+    memory_key_padding_mask: Any = None,
+    tgt_is_causal: bool | None = None,
+    memory_is_causal: bool = False,
+) -> Any:
+    """``nn.TransformerDecoder.forward`` on fx proxies."""
+    output = tgt
+    for mod in m.layers:
+        output = mod(
+            output,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+        )
+    if m.norm is not None:
+        output = m.norm(output)
+    return output
+
+
 DECOMPOSITIONS: dict[type[nn.Module], Callable[..., Any]] = {
     nn.MultiheadAttention: _mha,
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerDecoderLayer: _decoder_layer,
     nn.TransformerEncoder: _encoder,
+    nn.TransformerDecoder: _decoder,
 }
 
 
