@@ -167,11 +167,13 @@ def _roots() -> list[tuple[str, nn.Module, tuple[Tensor, ...]]]:
         nn.TransformerDecoderLayer(8, 2, 16, 0.0, "gelu", batch_first=True), 2, nn.LayerNorm(8)
     )
     causal = nn.Transformer.generate_square_subsequent_mask(4, dtype=DT)
+    full = nn.Transformer(8, 2, 1, 1, 16, 0.0, batch_first=True, norm_first=True)
     return [
         ("encoder_layer_eval", enc.to(DT).eval(), (x,)),
         ("encoder_stack_seq_first", stack.to(DT).train(), (x.transpose(0, 1),)),
         ("decoder_layer", dec.to(DT), (x, mem)),
         ("decoder_stack_causal", dec_stack.to(DT).eval(), (x, mem, causal)),
+        ("transformer", full.to(DT), (mem, x, None, causal)),
     ]
 
 

@@ -16,7 +16,7 @@ slow (composite) path computes:
   any activation, masks and causal hints passed to their attention;
 - ``nn.TransformerEncoder`` and ``nn.TransformerDecoder``: their layers, masks (a causal hint of
   ``None`` passes the mask itself, which equals the causal hint where the mask is causal) and
-  final norm.
+  final norm; ``nn.Transformer``: its encoder and decoder.
 
 The fused evaluation paths (``torch._transformer_encoder_layer_fwd``, the nested-tensor path of
 ``nn.TransformerEncoder``) compute the same function up to rounding; the library evaluates
@@ -226,12 +226,43 @@ def _decoder(
     return output
 
 
+def _transformer(
+    m: nn.Transformer,
+    src: Any,
+    tgt: Any,
+    src_mask: Any = None,
+    tgt_mask: Any = None,
+    memory_mask: Any = None,
+    src_key_padding_mask: Any = None,
+    tgt_key_padding_mask: Any = None,
+    memory_key_padding_mask: Any = None,
+    src_is_causal: bool | None = None,
+    tgt_is_causal: bool | None = None,
+    memory_is_causal: bool = False,
+) -> Any:
+    """``nn.Transformer.forward`` on fx proxies (its shape checks raise in the model itself)."""
+    memory = m.encoder(
+        src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+    )
+    return m.decoder(
+        tgt,
+        memory,
+        tgt_mask=tgt_mask,
+        memory_mask=memory_mask,
+        tgt_key_padding_mask=tgt_key_padding_mask,
+        memory_key_padding_mask=memory_key_padding_mask,
+        tgt_is_causal=tgt_is_causal,
+        memory_is_causal=memory_is_causal,
+    )
+
+
 DECOMPOSITIONS: dict[type[nn.Module], Callable[..., Any]] = {
     nn.MultiheadAttention: _mha,
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerDecoderLayer: _decoder_layer,
     nn.TransformerEncoder: _encoder,
     nn.TransformerDecoder: _decoder,
+    nn.Transformer: _transformer,
 }
 
 
