@@ -3,6 +3,10 @@
 A: the MLP 2-200-200-5 with SiLU of seed 000 on its 5-arm spiral (500 points).
 B: the sigmoid CNN with max-pooling of seed 001 on 64 random 28×28 images.
 C: an MLP 784-512-512-10 with ReLU on 256 random inputs.
+T: a transformer classifier: a Linear embedding of 32 random 16-dimensional tokens plus a learned
+   position embedding, 2 ``nn.TransformerEncoderLayer`` (d 64, 4 heads, feed-forward 256, ReLU,
+   dropout 0, training mode, default attention kernel), mean over the sequence, a Linear head to
+   10 classes; N = 32.
 
 All use ``nn.CrossEntropyLoss()`` (mean reduction). Each problem is built from its own
 seed inside ``torch.random.fork_rng``, so building one leaves the global RNG untouched
@@ -109,11 +113,48 @@ def _problem_c(seed: int = 2) -> Problem:
     return Problem("C", "MLP 784-512-512-10 ReLU, N=256", model, nn.CrossEntropyLoss(), X, y)
 
 
-PROBLEMS: dict[str, Callable[[], Problem]] = {"A": _problem_a, "B": _problem_b, "C": _problem_c}
+class _TransformerClassifier(nn.Module):
+    """Problem T's model (module docstring)."""
+
+    def __init__(self, d_in: int = 16, d: int = 64, heads: int = 4, ff: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(32, d))
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.embed(x) + self.pos)
+        return self.head(h.mean(1))
+
+
+def _problem_t(seed: int = 3) -> Problem:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _TransformerClassifier()
+        X = torch.randn(32, 32, 16)
+        y = torch.randint(0, 10, (32,))
+    return Problem(
+        "T",
+        "transformer 2x(d 64, 4 heads, ff 256), T=32, N=32",
+        model,
+        nn.CrossEntropyLoss(),
+        X,
+        y,
+    )
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "A": _problem_a,
+    "B": _problem_b,
+    "C": _problem_c,
+    "T": _problem_t,
+}
 
 
 def make_problem(name: str) -> Problem:
-    """Build problem ``"A"``, ``"B"`` or ``"C"``."""
+    """Build problem ``"A"``, ``"B"``, ``"C"`` or ``"T"``."""
     try:
         return PROBLEMS[name]()
     except KeyError:

@@ -444,3 +444,130 @@ def _freeze_middle(seq: nn.Sequential) -> nn.Sequential:
 
 # the small model each output kind uses in the loss x split block
 SMALL_MODEL = {"vec": "act_tanh", "seq": "conv1d", "logprob": "mlp_logsoftmax"}
+
+
+# ------------------------------------------------------- attention on the graph engine's fast path
+class _Attn(nn.Module):
+    """``nn.MultiheadAttention`` between two Linear layers, with the options of ``kind``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        cross = kind in ("cross", "cross_kdim")
+        kdim = 3 if kind == "cross_kdim" else None
+        self.inp = nn.Linear(4, 4)
+        self.mem = nn.Linear(4, kdim or 4) if cross else None
+        self.att = nn.MultiheadAttention(
+            4, 2, batch_first=kind != "float_mask", kdim=kdim, vdim=kdim, bias=kind != "cross"
+        )
+        self.out = nn.Linear(4, C)
+        if kind == "float_mask":
+            self.register_buffer("mask", torch.randn(3, 3))
+        if kind == "causal":
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(3) != 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        if self.kind == "causal":
+            a = self.att(h, h, h, attn_mask=self.mask, is_causal=True, need_weights=False)[0]
+        elif self.kind == "float_mask":  # sequence first
+            ht = h.transpose(0, 1)
+            a = self.att(ht, ht, ht, attn_mask=self.mask, need_weights=False)[0].transpose(0, 1)
+        elif self.kind == "padding":
+            pad = x[:, :, 0] > x[:, :1, 0]  # the first key is never padded
+            a = self.att(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        elif self.kind == "weights":
+            a, w = self.att(h, h, h, average_attn_weights=False)
+            a = a + w.sum(1) @ h
+        else:  # cross-attention: keys and values from another projection of the input
+            m = torch.sigmoid(self.mem(x.flip(1)))
+            a = self.att(h, m, m, need_weights=False)[0]
+        return self.out(a.mean(1))
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, norm_first: bool, activation: object) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(
+            4,
+            2,
+            6,
+            0.0,
+            activation,
+            batch_first=True,
+            norm_first=norm_first,  # type: ignore[arg-type]
+        )
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(x).mean(1))
+
+
+class _EncoderStack(nn.Module):
+    """Two encoder layers with a final norm, a causal mask and ``is_causal=True``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, 0.0, "gelu", batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, nn.LayerNorm(4), enable_nested_tensor=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(3))
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.enc(x, mask=self.mask, is_causal=True)[:, -1])
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem = nn.Linear(4, 4)
+        self.dec = nn.TransformerDecoderLayer(4, 2, 6, 0.0, batch_first=True, norm_first=True)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(3))
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mem = torch.tanh(self.mem(x))
+        return self.out(self.dec(x, mem, tgt_mask=self.mask, tgt_is_causal=True).mean(1))
+
+
+class _SDPA(nn.Module):
+    """``F.scaled_dot_product_attention`` called directly: heads by view/transpose, causal,
+    a float bias that depends on a parameter, and an output head tied to the input embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 4)
+        self.qkv = nn.Linear(4, 12)
+        self.bias = nn.Parameter(0.3 * torch.randn(3, 3))
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.emb(x)
+        q, k, v = self.qkv(h).view(x.shape[0], 3, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        a = sdpa(q, k, v, is_causal=True)
+        b = sdpa(q, k, v, attn_mask=torch.tanh(self.bias))
+        o = (a + b).transpose(1, 2).reshape(x.shape[0], 3, 4)
+        return self.out(torch.tanh(o @ self.emb.weight).mean(1))
+
+
+MODELS.update(
+    {
+        "attn_causal": ModelSpec(lambda: _Attn("causal").to(DT), _randn(3, 4)),
+        "attn_float_mask": ModelSpec(lambda: _Attn("float_mask").to(DT), _randn(3, 4)),
+        "attn_key_padding": ModelSpec(lambda: _Attn("padding").to(DT).eval(), _randn(3, 4)),
+        "attn_weights": ModelSpec(lambda: _Attn("weights").to(DT), _randn(3, 4)),
+        "attn_cross": ModelSpec(lambda: _Attn("cross").to(DT), _randn(3, 4)),
+        "attn_cross_kdim": ModelSpec(lambda: _Attn("cross_kdim").to(DT), _randn(3, 4)),
+        "encoder_train": ModelSpec(
+            lambda: _EncoderLayer(False, "gelu").to(DT).train(), _randn(3, 4)
+        ),
+        "encoder_eval": ModelSpec(lambda: _EncoderLayer(False, "relu").to(DT).eval(), _randn(3, 4)),
+        "encoder_norm_first": ModelSpec(
+            lambda: _EncoderLayer(True, nn.SiLU()).to(DT).train(), _randn(3, 4)
+        ),
+        "encoder_stack_causal": ModelSpec(lambda: _EncoderStack().to(DT), _randn(3, 4)),
+        "decoder_layer": ModelSpec(lambda: _Decoder().to(DT), _randn(3, 4)),
+        "sdpa_custom": ModelSpec(lambda: _SDPA().to(DT), _randn(3, 4)),
+    }
+)

@@ -137,7 +137,7 @@ class Twice(nn.Module):
 def test_module_called_twice() -> None:
     torch.manual_seed(0)
     nodes = _check(Twice().to(DT), *_data(4))
-    assert nodes == ["matmul"]  # the matrix product of two active values goes to autograd
+    assert nodes == []  # the matrix product of two active values has its op rule (bilinear.py)
 
 
 class LinearOps(nn.Module):
@@ -162,7 +162,7 @@ class LinearOps(nn.Module):
 
 def test_linear_functions_between_layers() -> None:
     torch.manual_seed(0)
-    assert _check(LinearOps().to(DT), *_data(4)) == ["matmul"]
+    assert _check(LinearOps().to(DT), *_data(4)) == []
 
 
 class Unsupported(nn.Module):

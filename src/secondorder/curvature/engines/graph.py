@@ -9,7 +9,9 @@ that depends on the parameters as a step (:mod:`.steps`) keeping what its produc
 
 - a module with a rule (:mod:`..layers`) by its rule; activations called as functions
   (``torch.relu``, ``F.silu``, ...) by the rule of their module (one activation table);
-- sums, products, concatenations, reshapes and other linear functions by op rules (:mod:`.ops`);
+- sums, products, concatenations, reshapes and other linear functions by op rules (:mod:`.ops`),
+  matrix products and splits (:mod:`.bilinear`) and attention (:mod:`.sdpa`; torch's attention
+  and transformer modules are traced through by :mod:`.decompose`);
 - any other node by autograd on that node alone
   (:class:`~secondorder.curvature.engines.steps.AutogradStep`).
 
@@ -44,7 +46,7 @@ from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
 from ..running_stats import frozen_running_stats
 from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
-from .ops import module_of, op_kind
+from .ops import BUILDERS, module_of, op_kind
 from .step_base import accumulate
 from .steps import (
     AutogradStep,
@@ -173,6 +175,9 @@ class GraphLinearization(Linearization):
 
         return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
 
+    def _value(self, a: Any) -> Any:
+        return self._env[a] if isinstance(a, fx.Node) else a
+
     def _param(self, name: str) -> int | None:
         return self._fmodel.alias.get(name)
 
@@ -292,6 +297,15 @@ class GraphLinearization(Linearization):
             return
         kind = op_kind(node, self._active)
         in_float = all(_is_float(self._env[n]) for n in inputs)
+        if kind in BUILDERS:  # steps of other modules (matrix products, attention, splits)
+            built = None
+            if in_float:
+                built = BUILDERS[kind](node, self._value, self._active, lambda: self._call(node))
+            if built is None:
+                self._autograd(node, inputs)
+            else:
+                self._add(node, built[0], built[1])
+            return
         value: Any = self._call(node) if kind is not None and in_float else None
         if kind is None or not in_float or not _is_float(value):
             self._autograd(node, inputs)

@@ -13,7 +13,14 @@ every other argument as a constant:
   by ``torch.vmap``), :math:`dx = f^\top u` by ``torch.func.vjp`` of :math:`f` (linear, so its
   pullback does not depend on the point);
 - ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ... by the layer rule
-  of the matching module (one activation table).
+  of the matching module (one activation table);
+- ``matmul``, ``linear_fn``, ``split`` (:mod:`.bilinear`): matrix products (``@``, ``matmul``,
+  ``mm``, ``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``) and ``F.linear`` with any
+  operand active, and ``split``/``chunk``/``unbind``;
+- ``attention`` (:mod:`.sdpa`, :mod:`.mha`): ``F.scaled_dot_product_attention`` without dropout
+  and the attention of ``nn.MultiheadAttention``'s decomposition (:mod:`.decompose`).
+
+:data:`BUILDERS` makes the steps of the kinds defined outside :mod:`.steps`.
 
 :func:`op_kind` returns the kind of a node, or ``None`` (the node is differentiated by autograd).
 """
@@ -28,15 +35,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
+from . import bilinear, mha, sdpa
+from .step_base import Step
+
+__all__ = ["BUILDERS", "FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
 
 _SUM_FUNCS = {operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg}
 _SUM_METHODS = {"add", "sub", "neg"}
 _PRODUCT_FUNCS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _PRODUCT_METHODS = {"mul", "div"}
 _CAT_FUNCS = {torch.cat, torch.concat}
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "unflatten"}
+_ATTENTION_FUNCS = {F.scaled_dot_product_attention, mha.multi_head_attention}
 _LINEAR_FUNCS = {
     operator.getitem,
     torch.permute,
@@ -140,6 +151,14 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
         return None if divides and active(args[1]) else "product"
     if target in _CAT_FUNCS:
         return "cat" if len(args) >= 1 and isinstance(args[0], (list, tuple)) else None
+    if target in bilinear.MATMUL_FUNCS or target in bilinear.ADD_MATMUL_FUNCS:
+        return "matmul"
+    if target is torch.einsum or (method and target in bilinear.MATMUL_METHODS):
+        return "matmul"
+    if target is F.linear:
+        return "linear_fn"
+    if target in _ATTENTION_FUNCS:
+        return "attention"
     entry = FUNCTION_MODULES.get(target) if not isinstance(target, str) or method else None
     if entry is not None and len(args) <= 1 + len(entry[1]) and set(kwargs) <= set(entry[1]):
         return "module"
@@ -151,8 +170,40 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
         return None
     if target in _RESHAPE_FUNCS or (method and target in _RESHAPE_METHODS):
         return "reshape"
+    if target in bilinear.SPLIT_FUNCS or (method and target in bilinear.SPLIT_METHODS):
+        return "split"
     if target in _LINEAR_FUNCS or (method and target in _LINEAR_METHODS):
         return "linear"
     if target is getattr and len(args) == 2 and args[1] in ("T", "mT"):
         return "linear"
     return None
+
+
+def _evaluated(build: Callable[..., Step | None]) -> Callable[..., tuple[Step, Any] | None]:
+    """A builder of a step whose node is evaluated as it is (``call()``)."""
+
+    def make(node: Any, env_value: Callable[[Any], Any], active: Any, call: Any) -> Any:
+        value = call()
+        leaves = value if isinstance(value, (tuple, list)) else (value,)
+        if not leaves or not all(_is_float(v) for v in leaves):
+            return None
+        step = build(node, env_value, active, value)
+        return None if step is None else (step, value)
+
+    return make
+
+
+def _attention(node: Any, env_value: Callable[[Any], Any], active: Any, call: Any) -> Any:
+    build = mha.build_mha if node.target is mha.multi_head_attention else sdpa.build_attention
+    step = build(node, env_value, active, None)
+    return None if not isinstance(step, sdpa.AttentionStep) else (step, step.value())
+
+
+#: kind -> ``build(node, env_value, active, call)`` returning ``(step, value)`` or None (the node
+#: goes to autograd); ``env_value`` maps an argument to its value, ``call()`` evaluates the node
+BUILDERS: dict[str, Callable[..., tuple[Step, Any] | None]] = {
+    "matmul": _evaluated(bilinear.build_bilinear),
+    "linear_fn": _evaluated(bilinear.build_linear_fn),
+    "split": _evaluated(bilinear.build_split),
+    "attention": _attention,
+}

@@ -69,7 +69,7 @@ def _owns_residual(step: Step) -> bool:
     """Whether the step's residual cotangents are new tensors (explicit rules, products)."""
     if isinstance(step, RuleStep):
         return type(step.rule).residual is not Rule.residual
-    return isinstance(step, ProductStep)
+    return isinstance(step, ProductStep) or bool(getattr(step, "owns_residual", False))
 
 
 class GraphHessian:

@@ -2,7 +2,8 @@ r"""Tracing a model for the graph engine: ``torch.fx`` with layers as leaves, ch
 
 :func:`trace` records the model's ``forward`` as an fx graph in which modules with a layer rule,
 torch's own modules and modules with hooks or an instance-level ``forward`` stay whole (leaves),
-and custom modules are traced through. A trace is refused (the caller falls back to whole-model
+and custom modules are traced through, as are torch's attention and transformer modules, by the
+forwards of :mod:`.decompose`. A trace is refused (the caller falls back to whole-model
 autograd) when fx cannot trace the model (data-dependent control flow), when the model or a
 global hook would be skipped, when a node is recorded with gradients disabled (``torch.no_grad()``
 in ``forward``: fx records no grad mode), when ``forward`` calls tensor gradient hooks, or when an
@@ -14,7 +15,9 @@ flag, hooks, plain attributes, which a trace bakes in), and retraced when it cha
 
 from __future__ import annotations
 
+import functools
 import operator
+import types
 import weakref
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import rule_for
+from .decompose import decomposition
 from .ops import IN_PLACE
 
 __all__ = ["CACHE", "trace"]
@@ -60,7 +64,17 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if rule_for(m)[0] is not None or _hooked(m) or "forward" in vars(m):
             return True
+        if decomposition(m) is not None:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        f = decomposition(m)
+        if f is not None and rule_for(m)[0] is None:  # torch's attention modules, traced through
+            forward = functools.partial(f, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _mutated_input(node: fx.Node, model: nn.Module) -> Any:
@@ -114,13 +128,34 @@ def _out_of_place(graph: fx.Graph) -> None:
             node.kwargs = {**node.kwargs, "inplace": False}
 
 
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, functools.partial)
+
+
 def _settings(m: nn.Module) -> tuple[tuple[str, str], ...]:
-    """The module's plain attributes: a trace bakes them in, so a change must retrace."""
+    """The module's plain attributes and functions: a trace bakes them in; a change retraces."""
     return tuple(
-        (k, repr(v))
+        (k, repr(v) if not isinstance(v, _FUNCTIONS) else f"function {id(v)}")
         for k, v in vars(m).items()
-        if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+        if not k.startswith("_")
+        and isinstance(v, (bool, int, float, str, tuple, type(None), *_FUNCTIONS))
     )
+
+
+def _trace_root(tracer: _Tracer, model: nn.Module) -> fx.Graph:
+    """``tracer.trace(model)``; a root attention module is traced by its decomposition.
+
+    fx traces ``type(root).forward``: for the root, the class is swapped, for the duration of the
+    trace only, for a subclass whose ``forward`` is the decomposition.
+    """
+    f = decomposition(model)
+    if f is None or rule_for(model)[0] is not None:
+        return tracer.trace(model)
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": f})
+    try:
+        return tracer.trace(model)
+    finally:
+        model.__class__ = cls
 
 
 def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
@@ -149,7 +184,7 @@ def trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
         tracer = _Tracer()
         try:
             with torch.enable_grad():
-                graph = tracer.trace(model)
+                graph = _trace_root(tracer, model)
         except Exception as e:  # any tracing failure means: not traceable
             reason = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})"
         else:

@@ -53,6 +53,8 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.AdaptiveAvgPool2d: _AVG,
     nn.AdaptiveAvgPool3d: _AVG,
     **dict.fromkeys(ACTIVATIONS, _ACT),
+    # attention: the output projection of nn.MultiheadAttention (a Linear)
+    nn.modules.linear.NonDynamicallyQuantizableLinear: linear.LinearRule(),
 }
 
 #: modules and input shapes of the contract test, from every family's file
@@ -64,6 +66,10 @@ EXAMPLES: list[Example] = [
     *elementwise.EXAMPLES,
     *reshape.EXAMPLES,
     *pooling.EXAMPLES,
+    # attention
+    Example(
+        lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(4, 3), (2, 3, 4), "mha_out_proj"
+    ),
 ]
 
 
