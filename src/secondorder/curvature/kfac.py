@@ -161,8 +161,10 @@ class KFAC(LinearOperator):
         }
 
     # ---------------------------------------------------------------- setup
-    def _columns(self, terms: LossTerms, weight: float) -> Tensor:
-        return output_columns(terms, weight, self.fisher, self.num_samples, self.generator)
+    def _columns(self, terms: LossTerms, weight: float, num_rows: int) -> Tensor:
+        return output_columns(
+            terms, weight, num_rows, self.fisher, self.num_samples, self.generator
+        )
 
     def _reduce(self, kron: dict[str, KronBlock], other: dict[int, OtherBlock]) -> None:
         """All-reduce every factor and block over the process group (in place)."""

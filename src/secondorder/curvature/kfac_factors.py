@@ -11,6 +11,9 @@ the matrix approximated:
   :math:`\hat y_{rk}` drawn from the model's predictive distribution;
 - ``"empirical"``: one column :math:`u = \sqrt{w_b s}\, \nabla \ell_r(y_r)`.
 
+(With several loss rows per sample, ``"exact"`` and ``"empirical"`` take one set of columns per
+row position, :func:`output_columns`.)
+
 **Factors.** A layer whose rule has a Kronecker form
 (:meth:`~.layers.Rule.kronecker_shared`: inputs :math:`a_{nt}` ``(N, T, d)``, output
 cotangents :math:`g_{knt}` ``(K, N, T, out)``, :math:`T` shared positions: sequence positions
@@ -109,20 +112,27 @@ class OtherBlock:
     value: Tensor
 
 
-Columns = Callable[[LossTerms, float], Tensor]
+Columns = Callable[[LossTerms, float, int], Tensor]
 
 
 def output_columns(
     terms: LossTerms,
     weight: float,
+    num_rows: int,
     fisher: str,
     num_samples: int,
     generator: torch.Generator | None,
 ) -> Tensor:
     """The output cotangent columns ``(K, *z.shape)`` of one batch (module docstring).
 
+    A sample with several loss rows (``P = R / N``: positions of a sequence) gets one set of
+    ``"exact"`` or ``"empirical"`` columns per row position ``j``, nonzero on its row ``j``
+    only, so that no cross terms between its rows enter (``K = P C'`` or ``P``). The
+    ``"mc"`` columns hold every row's draw at once: their cross terms vanish in expectation.
+
     Raises:
-        ValueError: If the loss has no likelihood (a generic callable, class weights).
+        ValueError: If the loss has no likelihood (a generic callable, class weights), or its
+            rows do not divide into the ``num_rows`` samples.
     """
     if not terms.has_likelihood:
         raise ValueError(
@@ -130,13 +140,25 @@ def output_columns(
             "nn.BCEWithLogitsLoss without class weights) to factor its Hessian"
         )
     ws = weight * terms.scale
-    if fisher == "exact":
-        S = terms.symmetric_factor()  # (R, C, C')
-        return terms.from_rows(S.permute(2, 0, 1)) * math.sqrt(ws)
     if fisher == "mc":
         g = terms.sampled_gradients(num_samples, generator)
         return g * math.sqrt(ws / num_samples)
-    return terms.from_rows(terms.per_row_gradients().unsqueeze(0)) * math.sqrt(ws)
+    if fisher == "exact":
+        S = terms.symmetric_factor()  # (R, C, C')
+    else:
+        S = terms.per_row_gradients().unsqueeze(-1)  # (R, C, 1)
+    R, C, Cp = S.shape
+    if R % num_rows != 0:
+        raise ValueError(
+            f"K-FAC: the loss has {R} rows for a batch of {num_rows} samples; expected a "
+            "multiple of the batch size, to assign rows to samples"
+        )
+    P = R // num_rows
+    if P == 1:
+        return terms.from_rows(S.permute(2, 0, 1)) * math.sqrt(ws)
+    eye = torch.eye(P, dtype=S.dtype, device=S.device)
+    cols = torch.einsum("npkc,jp->jcnpk", S.view(num_rows, P, C, Cp), eye)
+    return terms.from_rows(cols.reshape(P * Cp, R, C)) * math.sqrt(ws)
 
 
 def _layer_passes(
@@ -160,7 +182,7 @@ def _layer_passes(
                 f"each called once, and steps that keep the samples apart; here {why}"
             )
         terms = loss_terms(loss_fn, lin.z, batch.targets)
-        U = columns(terms, weight)
+        U = columns(terms, weight, batch.size)
         for c, chunk in enumerate(U.split(column_chunk(lin))):
             for layer in layer_cotangents(lin, chunk):
                 yield b, c == 0, layer
