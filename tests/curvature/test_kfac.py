@@ -427,15 +427,125 @@ def test_bad_inputs_raise_clear_errors():
         so.KFAC(model, lambda z, t: F.cross_entropy(z, t), (X, y), fisher="exact")
     with pytest.raises(ValueError, match="damping_floor"):
         so.KFAC(model, loss_fn, (X, y), damping_floor=-1.0)
-    enc = nn.Sequential(
-        nn.Linear(3, 8), nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True)
-    )
-    with pytest.raises(ValueError, match="TransformerEncoderLayer"):
-        so.KFAC(
-            enc.to(DT),
-            nn.MSELoss(),
-            (torch.randn(2, 4, 3, dtype=DT), torch.randn(2, 4, 8, dtype=DT)),
-        )
+    with pytest.raises(ValueError, match="more than once"):
+        so.KFAC(Twice().to(DT), loss_fn, (X, y))
     with pytest.raises(ValueError, match="samples"):  # BatchNorm in training mode mixes samples
         bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).to(DT)
         so.KFAC(bn, loss_fn, (X, y))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+class Attention(nn.Module):
+    """Hand-written attention: its matrix products have no per-sample rule (autograd engine)."""
+
+    def __init__(self, d: int = 6, T: int = 4, C: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.f1, self.f2 = nn.Linear(d, 8), nn.Linear(8, d)
+        self.head = nn.Linear(d * T, C)
+        self.d = d
+
+    def forward(self, x):
+        h = self.inp(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / math.sqrt(self.d), dim=-1)
+        h = self.ln(h + att @ self.v(h))
+        h = h + self.f2(torch.tanh(self.f1(h)))
+        return self.head(h.flatten(1))
+
+
+def refuse_graph(monkeypatch):
+    from secondorder.curvature import kfac_factors
+
+    monkeypatch.setattr(kfac_factors, "factor_linearization", lambda *a: (None, "forced"))
+
+
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC])
+@pytest.mark.parametrize("fisher", ["exact", "empirical", "mc"])
+@pytest.mark.parametrize(
+    "kind, loss_name, approx",
+    [
+        ("mlp", "ce", "expand"),
+        ("cnn2d", "mse", "reduce"),
+        ("seq", "mse", "reduce"),
+        ("seq", "bce", "expand"),
+        ("cnn1d", "ce", "expand"),
+    ],
+)
+def test_autograd_engine_equals_graph_engine(monkeypatch, cls, fisher, kind, loss_name, approx):
+    model, loss_fn, X, y = problem(kind, loss_name, 3)
+    data = [(X[:2], y[:2]), (X[2:], y[2:])]
+    kw = dict(fisher=fisher, approx=approx)
+    graph = cls(model, loss_fn, data, generator=torch.Generator().manual_seed(0), **kw)
+    assert graph.engine == "sequential"
+    refuse_graph(monkeypatch)
+    auto = cls(model, loss_fn, data, generator=torch.Generator().manual_seed(0), **kw)
+    assert auto.engine == "autograd" and auto.engine_reason == "forced"
+    assert auto.structure == graph.structure
+    assert rel_err(auto.to_dense(), graph.to_dense()) <= 1e-12
+
+
+@pytest.mark.parametrize("width", [4, 70])
+def test_autograd_engine_other_parameters_get_exact_diagonals(monkeypatch, width):
+    torch.manual_seed(0)
+    model = LNNet(width).to(DT)
+    X, y = torch.randn(5, 3, dtype=DT), torch.tensor([0, 1, 2, 1, 0])
+    graph = so.KFAC(model, nn.CrossEntropyLoss(), (X, y), fisher="exact").to_dense()
+    refuse_graph(monkeypatch)
+    K = so.KFAC(model, nn.CrossEntropyLoss(), (X, y), fisher="exact")
+    assert K.structure["ln.weight"] == K.structure["ln.bias"] == "diagonal"
+    D = K.to_dense()
+    sl = offsets(model)
+    ln = slice(sl["ln.weight"].start, sl["ln.bias"].stop)
+    assert rel_err(D[ln, ln], torch.diag(torch.diagonal(graph[ln, ln]))) <= 1e-12
+    rest = torch.ones(D.shape[0], dtype=torch.bool)
+    rest[ln] = False
+    assert rel_err(D[rest][:, rest], graph[rest][:, rest]) <= 1e-12
+
+
+@pytest.mark.parametrize("model_name", ["attention", "encoder"])
+def test_transformers_through_the_autograd_engine(model_name):
+    torch.manual_seed(0)
+    if model_name == "attention":
+        model = Attention().to(DT)
+    else:
+        model = nn.Sequential(
+            nn.Linear(3, 6),
+            nn.TransformerEncoderLayer(6, 2, 8, 0.0, batch_first=True),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ).to(DT)
+    X, y = torch.randn(3, 4, 3, dtype=DT), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    assert K.engine == "autograd"
+    G = so.GGN(model, loss_fn, (X, y)).to_dense()
+    D = K.to_dense()
+    sl = offsets(model)
+    for name, kind in K.structure.items():
+        if kind == "diagonal":  # exact
+            ref = torch.diag(torch.diagonal(G[sl[name], sl[name]]))
+            assert rel_err(D[sl[name], sl[name]], ref) <= 1e-10, name
+    head = "head" if model_name == "attention" else "3"
+    idx = torch.cat(
+        [torch.arange(sl[f"{head}.{n}"].start, sl[f"{head}.{n}"].stop) for n in ("weight", "bias")]
+    )
+    # the head sees inputs (N, d): with one sample its K-FAC block is the exact GGN block
+    K1 = so.KFAC(model, loss_fn, (X[:1], y[:1]), fisher="exact").to_dense()
+    G1 = so.GGN(model, loss_fn, (X[:1], y[:1])).to_dense()
+    assert rel_err(K1[idx][:, idx], G1[idx][:, idx]) <= 1e-10
+    assert set(K.structure.values()) == {"kronecker", "diagonal"}
+    if model_name == "encoder":  # projections inside nn.MultiheadAttention are read directly
+        assert K.structure["1.self_attn.in_proj_weight"] == "diagonal"
+        assert K.structure["1.linear1.weight"] == "kronecker"
+    v = torch.randn(K.shape[0], dtype=DT)
+    assert rel_err(K.inverse(1e-2) @ (K @ v + 1e-2 * v), v) <= 1e-10

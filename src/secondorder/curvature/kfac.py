@@ -36,7 +36,7 @@ from .kfac_factors import (
     OtherBlock,
     accumulate_corrections,
     accumulate_factors,
-    output_columns,
+    row_factor,
 )
 from .losses import LossTerms
 from .model import FunctionalModel, as_batches
@@ -129,9 +129,12 @@ class KFAC(LinearOperator):
         batches = list(as_batches(data))
         weights = batch_weights(loss_fn, batches, fm, process_group).weights(batches)
         state = generator.get_state() if generator is not None else None
+        info: dict[str, Any] = {}
         kron, other = accumulate_factors(
-            fm, loss_fn, batches, weights, self._columns, approx, self.factor_dtype
+            fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
         )
+        self.engine: str = info.get("engine", "sequential")
+        self.engine_reason: str | None = info.get("reason")
         self.num_data = global_count(sum(b.size for b in batches), process_group)
         self._reduce(kron, other)
         for block in kron.values():
@@ -140,7 +143,7 @@ class KFAC(LinearOperator):
             if generator is not None and state is not None:
                 generator.set_state(state)  # the same draws as the factors
             D = accumulate_corrections(
-                fm, loss_fn, batches, weights, self._columns, kron, self.factor_dtype
+                fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype
             )
             names = sorted(kron)
             reduced = allreduce_sum([D[n] for n in names], process_group)
@@ -161,10 +164,8 @@ class KFAC(LinearOperator):
         }
 
     # ---------------------------------------------------------------- setup
-    def _columns(self, terms: LossTerms, weight: float, num_rows: int) -> Tensor:
-        return output_columns(
-            terms, weight, num_rows, self.fisher, self.num_samples, self.generator
-        )
+    def _factor(self, terms: LossTerms, weight: float) -> tuple[Tensor, bool]:
+        return row_factor(terms, weight, self.fisher, self.num_samples, self.generator)
 
     def _reduce(self, kron: dict[str, KronBlock], other: dict[int, OtherBlock]) -> None:
         """All-reduce every factor and block over the process group (in place)."""

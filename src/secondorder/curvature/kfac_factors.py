@@ -53,7 +53,17 @@ from .engines.factors import LayerCotangents, column_chunk, factor_linearization
 from .losses import LossTerms, loss_terms
 from .model import Batch, FunctionalModel
 
-__all__ = ["APPROXES", "DENSE_MAX", "FISHERS", "KronBlock", "OtherBlock", "accumulate_factors"]
+__all__ = [
+    "APPROXES",
+    "DENSE_MAX",
+    "FISHERS",
+    "KronBlock",
+    "OtherBlock",
+    "accumulate_corrections",
+    "accumulate_factors",
+    "output_columns",
+    "row_factor",
+]
 
 FISHERS = ("mc", "exact", "empirical")
 APPROXES = ("expand", "reduce")
@@ -112,27 +122,23 @@ class OtherBlock:
     value: Tensor
 
 
-Columns = Callable[[LossTerms, float, int], Tensor]
+Factor = Callable[[LossTerms, float], tuple[Tensor, bool]]
 
 
-def output_columns(
+def row_factor(
     terms: LossTerms,
     weight: float,
-    num_rows: int,
     fisher: str,
     num_samples: int,
     generator: torch.Generator | None,
-) -> Tensor:
-    """The output cotangent columns ``(K, *z.shape)`` of one batch (module docstring).
+) -> tuple[Tensor, bool]:
+    """Scaled row factors ``(R, C, K)`` of one batch, and whether they are kept per row.
 
-    A sample with several loss rows (``P = R / N``: positions of a sequence) gets one set of
-    ``"exact"`` or ``"empirical"`` columns per row position ``j``, nonzero on its row ``j``
-    only, so that no cross terms between its rows enter (``K = P C'`` or ``P``). The
-    ``"mc"`` columns hold every row's draw at once: their cross terms vanish in expectation.
+    Column ``k`` of ``F_r`` is row ``r`` of :math:`u_k` (module docstring). ``"exact"`` and
+    ``"empirical"`` factors are kept per row (:func:`output_columns`), ``"mc"`` draws are not.
 
     Raises:
-        ValueError: If the loss has no likelihood (a generic callable, class weights), or its
-            rows do not divide into the ``num_rows`` samples.
+        ValueError: If the loss has no likelihood (a generic callable, class weights).
     """
     if not terms.has_likelihood:
         raise ValueError(
@@ -141,24 +147,36 @@ def output_columns(
         )
     ws = weight * terms.scale
     if fisher == "mc":
-        g = terms.sampled_gradients(num_samples, generator)
-        return g * math.sqrt(ws / num_samples)
+        g = terms.to_rows(terms.sampled_gradients(num_samples, generator))  # (M, R, C)
+        return g.permute(1, 2, 0) * math.sqrt(ws / num_samples), False
     if fisher == "exact":
-        S = terms.symmetric_factor()  # (R, C, C')
-    else:
-        S = terms.per_row_gradients().unsqueeze(-1)  # (R, C, 1)
-    R, C, Cp = S.shape
+        return terms.symmetric_factor() * math.sqrt(ws), True
+    return terms.per_row_gradients().unsqueeze(-1) * math.sqrt(ws), True
+
+
+def output_columns(terms: LossTerms, F: Tensor, per_row: bool, num_rows: int) -> Tensor:
+    """The output cotangent columns ``(K, *z.shape)`` of row factors ``F`` ``(R, C, K')``.
+
+    A sample with several loss rows (``P = R / N``: positions of a sequence) gets, ``per_row``,
+    one set of columns per row position ``j``, nonzero on its row ``j`` only, so that no cross
+    terms between its rows enter (``K = P K'``); otherwise (``"mc"``) every row's draw sits in
+    one column, whose cross terms vanish in expectation (``K = K'``).
+
+    Raises:
+        ValueError: If the rows do not divide into the ``num_rows`` samples.
+    """
+    R, C, Cp = F.shape
     if R % num_rows != 0:
         raise ValueError(
             f"K-FAC: the loss has {R} rows for a batch of {num_rows} samples; expected a "
             "multiple of the batch size, to assign rows to samples"
         )
     P = R // num_rows
-    if P == 1:
-        return terms.from_rows(S.permute(2, 0, 1)) * math.sqrt(ws)
-    eye = torch.eye(P, dtype=S.dtype, device=S.device)
-    cols = torch.einsum("npkc,jp->jcnpk", S.view(num_rows, P, C, Cp), eye)
-    return terms.from_rows(cols.reshape(P * Cp, R, C)) * math.sqrt(ws)
+    if P == 1 or not per_row:
+        return terms.from_rows(F.permute(2, 0, 1))
+    eye = torch.eye(P, dtype=F.dtype, device=F.device)
+    cols = torch.einsum("npkc,jp->jcnpk", F.reshape(num_rows, P, C, Cp), eye)
+    return terms.from_rows(cols.reshape(P * Cp, R, C))
 
 
 def _layer_passes(
@@ -166,26 +184,33 @@ def _layer_passes(
     loss_fn: Any,
     batches: Sequence[Batch],
     weights: Sequence[float],
-    columns: Columns,
+    factor: Factor,
+    info: dict[str, Any],
 ) -> Any:
-    """Yield ``(batch index, first chunk?, layer cotangents)`` for every batch and column chunk.
+    """Yield ``(first chunk?, layer cotangents)`` for every batch and column chunk.
 
-    Raises:
-        ValueError: Where the per-sample layer engine does not apply to a batch.
+    The per-sample graph engine serves where it applies; elsewhere
+    (:mod:`.kfac_autograd`) the layers come from autograd and one more item
+    ``(None, (diagonal, covered indices))`` carries the other parameters' exact diagonal.
+    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why.
     """
-    for b, (batch, weight) in enumerate(zip(batches, weights)):
+    from .kfac_autograd import autograd_layers  # it imports this module
+
+    for batch, weight in zip(batches, weights):
         lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
         if lin is None:
-            raise ValueError(
-                "K-FAC needs a traceable model whose selected parameters all sit in layers with "
-                "per-sample rules (nn.Linear, nn.Conv1d/nn.Conv2d with groups=1, norms, ...), "
-                f"each called once, and steps that keep the samples apart; here {why}"
-            )
+            info["engine"], info["reason"] = "autograd", why
+            layers, diag, covered = autograd_layers(fmodel, loss_fn, batch, factor, weight)
+            for layer in layers:
+                yield True, layer
+            yield None, (diag, covered)
+            continue
+        info.setdefault("engine", "sequential")
         terms = loss_terms(loss_fn, lin.z, batch.targets)
-        U = columns(terms, weight, batch.size)
+        U = output_columns(terms, *factor(terms, weight), batch.size)
         for c, chunk in enumerate(U.split(column_chunk(lin))):
             for layer in layer_cotangents(lin, chunk):
-                yield b, c == 0, layer
+                yield c == 0, layer
 
 
 def _kron_form(layer: LayerCotangents, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
@@ -204,9 +229,10 @@ def accumulate_factors(
     loss_fn: Any,
     batches: Sequence[Batch],
     weights: Sequence[float],
-    columns: Columns,
+    factor: Factor,
     approx: str,
     dtype: torch.dtype,
+    info: dict[str, Any],
 ) -> tuple[dict[str, KronBlock], dict[int, OtherBlock]]:
     r"""Sum the factors and the exact blocks over ``batches`` (module docstring).
 
@@ -221,7 +247,18 @@ def accumulate_factors(
     """
     kron: dict[str, KronBlock] = {}
     other: dict[int, OtherBlock] = {}
-    for _, first, layer in _layer_passes(fmodel, loss_fn, batches, weights, columns):
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, info):
+        if first is None:  # the autograd engine: exact diagonals of the other parameters
+            diag, covered = layer
+            for i in range(len(fmodel.params)):
+                if i not in covered:
+                    sl = slice(sum(fmodel.numels[:i]), sum(fmodel.numels[: i + 1]))
+                    part = diag[sl].to(dtype)
+                    if i in other:
+                        other[i].value.add_(part)
+                    else:
+                        other[i] = OtherBlock(i, "diagonal", part.clone())
+            continue
         form = _kron_form(layer, dtype)
         if form is not None:
             a, g = form
@@ -276,13 +313,15 @@ def accumulate_corrections(
     loss_fn: Any,
     batches: Sequence[Batch],
     weights: Sequence[float],
-    columns: Columns,
+    factor: Factor,
     kron: dict[str, KronBlock],
     dtype: torch.dtype,
 ) -> dict[str, Tensor]:
     r"""EKFAC's :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` per Kronecker block."""
     found: dict[str, Tensor] = {}
-    for _, _, layer in _layer_passes(fmodel, loss_fn, batches, weights, columns):
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, {}):
+        if first is None:
+            continue
         block = kron.get(layer.name)
         if block is None:
             continue
