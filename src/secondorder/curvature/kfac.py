@@ -48,10 +48,20 @@ __all__ = ["EKFAC", "KFAC", "KroneckerInverse"]
 class KFAC(LinearOperator):
     r"""K-FAC approximation of the GGN / Fisher of (model, loss, data) (module docstring).
 
+    **Engines.** Where the model is traceable, its selected parameters all sit in layers with
+    per-sample rules and its steps keep the samples apart
+    (:mod:`~secondorder.curvature.engines.factors`), one reverse pass of the output columns over
+    the graph engine's steps gives every layer's cotangents (``engine == "sequential"``). Any
+    other model whose samples do not interact (attention written with matrix products,
+    ``nn.TransformerEncoderLayer``, ...) goes through autograd
+    (:mod:`~secondorder.curvature.kfac_autograd`, ``engine == "autograd"``): Linear and
+    convolution modules called once per forward pass get Kronecker blocks, every other
+    parameter (e.g. ``nn.MultiheadAttention``'s projections, which it reads directly) its exact
+    diagonal.
+
     Args:
-        model: Any traceable ``nn.Module`` whose selected parameters all sit in layers with
-            per-sample rules and whose steps keep the samples apart (see
-            :mod:`~secondorder.curvature.engines.factors`); called as ``model(*inputs)``.
+        model: Any ``nn.Module`` whose samples do not interact (no BatchNorm with batch
+            statistics, no Dropout in training mode); called as ``model(*inputs)``.
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (no
             weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches; the factors sum over
@@ -72,11 +82,13 @@ class KFAC(LinearOperator):
 
     Attributes:
         structure: Parameter name -> ``"kronecker"``, ``"dense"`` or ``"diagonal"``.
+        engine: ``"sequential"`` or ``"autograd"`` (the last batch's); ``engine_reason`` says
+            why the graph engine did not serve (None if it did).
         blocks: The Kronecker blocks by graph node (:class:`~.kfac_factors.KronBlock`).
 
     Raises:
-        ValueError: For an unknown ``fisher`` or ``approx``, a loss without a likelihood, or a
-            model the per-sample layer engine does not support (the reason is named).
+        ValueError: For an unknown ``fisher`` or ``approx``, a loss without a likelihood, a
+            model whose samples interact, or a Kronecker layer called twice in one forward.
 
     Example:
         >>> import torch, secondorder as so

@@ -1,4 +1,4 @@
-r"""K-FAC's factors from one reverse pass of output cotangent columns over the graph engine.
+r"""K-FAC's factors from one reverse pass of output cotangent columns per batch.
 
 **Columns.** For one batch with weight :math:`w_b` (:mod:`.weighting`) and loss
 :math:`L_b = s \sum_r \ell_r` over rows :math:`r` (:mod:`.losses`), the ``K`` output cotangent
