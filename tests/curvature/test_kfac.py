@@ -549,3 +549,18 @@ def test_transformers_through_the_autograd_engine(model_name):
         assert K.structure["1.linear1.weight"] == "kronecker"
     v = torch.randn(K.shape[0], dtype=DT)
     assert rel_err(K.inverse(1e-2) @ (K @ v + 1e-2 * v), v) <= 1e-10
+
+
+@pytest.mark.parametrize("T, out, d", [(1, 5, 4), (2, 10, 10), (4, 3, 3)])  # outer, Gram, rows
+def test_ekfac_corrections_forms_agree(T, out, d):
+    from secondorder.curvature.kfac_factors import _add_rotated_squares
+
+    g = torch.Generator().manual_seed(0)
+    gr, ar = (
+        torch.randn(3, 5, T, out, generator=g, dtype=DT),
+        torch.randn(5, T, d, generator=g, dtype=DT),
+    )
+    total = torch.zeros(out, d, dtype=DT)
+    _add_rotated_squares(total, gr, ar)
+    ref = sum((gr[k, n].T @ ar[n]).square() for k in range(3) for n in range(5))
+    assert rel_err(total, ref) <= 1e-13

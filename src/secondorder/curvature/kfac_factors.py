@@ -331,12 +331,37 @@ def accumulate_corrections(
         _, qg, _, qa = block.eigh()
         ar = block.augment(a) @ qa  # (N, T, d~)
         gr = g @ qg  # (K, N, T, out)
-        K, N, T, out = gr.shape
-        step = max(1, _CHUNK_ELEMENTS // max(1, K * out * ar.shape[-1] + T * ar.shape[-1]))
         total = found.get(layer.name)
         if total is None:
-            total = found[layer.name] = ar.new_zeros(out, ar.shape[-1])
-        for s in range(0, N, step):
-            gam = torch.einsum("knto,ntd->knod", gr[:, s : s + step], ar[s : s + step])
-            total.add_(gam.square().sum((0, 1)))
+            total = found[layer.name] = ar.new_zeros(gr.shape[-1], ar.shape[-1])
+        _add_rotated_squares(total, gr, ar)
     return found
+
+
+def _add_rotated_squares(total: Tensor, gr: Tensor, ar: Tensor) -> None:
+    r"""``total += sum_{k,n} (sum_t gr_knt ar_nt^T)^2`` (``gr``: (K, N, T, out), ``ar``: (N, T, d)).
+
+    Without sharing (``T = 1``) the square of an outer product is the outer product of the
+    squares: :math:`\sum_n (\sum_k \tilde g_{kn}^{\odot 2}) (\tilde a_n^{\odot 2})^\top`, one
+    matrix product. With sharing, the Gram form
+    :math:`\sum_{n,s,t} (\sum_k \tilde g_{kns} \odot \tilde g_{knt})
+    (\tilde a_{ns} \odot \tilde a_{nt})^\top` where :math:`T^2 (out + d) < out\, d` (as
+    curvlinops chooses), else the per-sample cotangents, in chunks of samples.
+    """
+    K, N, T, out = gr.shape
+    d = ar.shape[-1]
+    if T == 1:
+        total.addmm_(gr.square().sum(0).reshape(N, out).T, ar.square().reshape(N, d))
+        return
+    gram = T * T * (out + d) < out * d
+    per = T * T * (K * out + d) if gram else K * out * d + T * d
+    step = max(1, _CHUNK_ELEMENTS // max(1, per))
+    for s in range(0, N, step):
+        g, a = gr[:, s : s + step], ar[s : s + step]
+        if gram:
+            gg = torch.einsum("knso,knto->nsto", g, g).reshape(-1, out)
+            aa = torch.einsum("nsd,ntd->nstd", a, a).reshape(-1, d)
+            total.addmm_(gg.T, aa)
+        else:
+            gam = torch.einsum("knto,ntd->knod", g, a)
+            total.add_(gam.square().sum((0, 1)))
