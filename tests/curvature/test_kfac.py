@@ -425,6 +425,8 @@ def test_bad_inputs_raise_clear_errors():
         so.KFAC(model, loss_fn, (X, y), params=[])
     with pytest.raises(ValueError, match="likelihood"):
         so.KFAC(model, lambda z, t: F.cross_entropy(z, t), (X, y), fisher="exact")
+    with pytest.raises(ValueError, match="factor_dtype"):
+        so.KFAC(model, loss_fn, (X, y), factor_dtype=torch.float16)
     with pytest.raises(ValueError, match="damping_floor"):
         so.KFAC(model, loss_fn, (X, y), damping_floor=-1.0)
     with pytest.raises(ValueError, match="more than once"):

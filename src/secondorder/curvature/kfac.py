@@ -127,6 +127,10 @@ class KFAC(LinearOperator):
             raise ValueError(f"num_samples applies to fisher='mc' only, got {num_samples}")
         if not (isinstance(damping_floor, (int, float)) and damping_floor >= 0):
             raise ValueError(f"damping_floor must be a number >= 0, got {damping_floor!r}")
+        if factor_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(
+                f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}"
+            )
         self.fmodel = fm = FunctionalModel(model, params)
         super().__init__((fm.dim, fm.dim), fm.dtype, fm.device)
         self.fisher, self.approx, self.num_samples = fisher, approx, num_samples
@@ -158,7 +162,10 @@ class KFAC(LinearOperator):
                 fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype
             )
             names = sorted(kron)
-            reduced = allreduce_sum([D[n] for n in names], process_group)
+            found = [
+                D.get(n, kron[n].A.new_zeros(kron[n].G.shape[0], kron[n].A.shape[0])) for n in names
+            ]
+            reduced = allreduce_sum(found, process_group)
             for n, d in zip(names, reduced):
                 kron[n].D = d
         self.blocks, self._other = kron, other
