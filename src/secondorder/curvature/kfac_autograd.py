@@ -63,6 +63,7 @@ def autograd_layers(
     batch: Batch,
     factor: Factor,
     weight: float,
+    diagonals: bool = True,
 ) -> tuple[list[LayerCotangents], Tensor, set[int]]:
     """The Kronecker layers' cotangents of one batch, and the other parameters' diagonals.
 
@@ -72,6 +73,7 @@ def autograd_layers(
         batch: The batch.
         factor: ``factor(terms, weight) -> (row factors (R, C, K), per_row)``.
         weight: The batch's weight.
+        diagonals: Whether to compute the other parameters' diagonals (else zeros).
 
     Returns:
         The layers (each with cotangents ``u`` of shape ``(K, *out)``), the exact diagonal of
@@ -148,6 +150,6 @@ def autograd_layers(
         layers.append(LayerCotangents(name, module, rule, ctx, own, u))
         covered |= set(own.values())
     diag = torch.zeros(fmodel.dim, dtype=fmodel.dtype, device=fmodel.device)
-    if len(covered) < len(fmodel.params):
+    if diagonals and len(covered) < len(fmodel.params):
         diag, _ = row_factor_diagonal(fmodel, loss_fn, batch, lambda _t: F, None, DiagonalInfo())
     return layers, diag, covered

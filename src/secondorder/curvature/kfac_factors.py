@@ -186,13 +186,15 @@ def _layer_passes(
     weights: Sequence[float],
     factor: Factor,
     info: dict[str, Any],
+    diagonals: bool = True,
 ) -> Any:
     """Yield ``(first chunk?, layer cotangents)`` for every batch and column chunk.
 
     The per-sample graph engine serves where it applies; elsewhere
     (:mod:`.kfac_autograd`) the layers come from autograd and one more item
     ``(None, (diagonal, covered indices))`` carries the other parameters' exact diagonal.
-    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why.
+    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why; ``diagonals=False``
+    skips the autograd engine's diagonals (EKFAC's second pass).
     """
     from .kfac_autograd import autograd_layers  # it imports this module
 
@@ -200,7 +202,9 @@ def _layer_passes(
         lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
         if lin is None:
             info["engine"], info["reason"] = "autograd", why
-            layers, diag, covered = autograd_layers(fmodel, loss_fn, batch, factor, weight)
+            layers, diag, covered = autograd_layers(
+                fmodel, loss_fn, batch, factor, weight, diagonals
+            )
             for layer in layers:
                 yield True, layer
             yield None, (diag, covered)
@@ -319,7 +323,7 @@ def accumulate_corrections(
 ) -> dict[str, Tensor]:
     r"""EKFAC's :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` per Kronecker block."""
     found: dict[str, Tensor] = {}
-    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, {}):
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, {}, False):
         if first is None:
             continue
         block = kron.get(layer.name)
