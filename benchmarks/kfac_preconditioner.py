@@ -8,8 +8,9 @@ after a few Gauss-Newton steps (seed 000's settings, as ``solvers.py``), ``so.cg
 * no preconditioner,
 * ``so.JacobiPreconditioner`` from the exact GGN diagonal (``so.ggn_diagonal``),
 * ``so.NystromPreconditioner`` of rank 25 and 50 (sketched from ``G``),
-* ``so.KFAC(..., fisher="exact" | "mc").inverse(λ)`` and ``so.EKFAC(..., fisher="exact")
-  .inverse(λ)``: :math:`M^{-1} = (K + \\lambda I)^{-1}`,
+* ``so.KFAC(..., fisher="exact" | "mc").inverse(μ)`` and ``so.EKFAC(..., fisher="exact")
+  .inverse(μ)``: :math:`M^{-1} = (K + \\mu I)^{-1}`, with the system's damping ``μ = λ`` and
+  with a heavier ``μ = 10λ, 100λ`` (the preconditioner's own damping),
 
 and reports iterations, the preconditioner's construction time, the solve time (products with
 ``G`` included) and their sum, median of ``--repeats`` runs each (interleaved by method).
@@ -46,9 +47,9 @@ def methods(model: Any, loss_fn: Any, data: Any, G: Any) -> dict[str, Callable[[
             G, rank, DAMPING, generator=torch.Generator().manual_seed(0)
         )
 
-    def kfac(cls: Any, fisher: str) -> Any:
+    def kfac(cls: Any, fisher: str, mu: float = DAMPING) -> Any:
         gen = torch.Generator().manual_seed(0)
-        return cls(model, loss_fn, data, fisher=fisher, generator=gen).inverse(DAMPING)
+        return cls(model, loss_fn, data, fisher=fisher, generator=gen).inverse(mu)
 
     return {
         "none": lambda: None,
@@ -60,6 +61,9 @@ def methods(model: Any, loss_fn: Any, data: Any, G: Any) -> dict[str, Callable[[
         "K-FAC exact": lambda: kfac(so.KFAC, "exact"),
         "K-FAC mc": lambda: kfac(so.KFAC, "mc"),
         "EKFAC exact": lambda: kfac(so.EKFAC, "exact"),
+        "K-FAC exact, μ=10λ": lambda: kfac(so.KFAC, "exact", 10 * DAMPING),
+        "K-FAC exact, μ=100λ": lambda: kfac(so.KFAC, "exact", 100 * DAMPING),
+        "EKFAC exact, μ=100λ": lambda: kfac(so.EKFAC, "exact", 100 * DAMPING),
     }
 
 
