@@ -600,3 +600,23 @@ def test_hessian_free_takes_kfac_as_preconditioner():
         last = opt.step(X, y)
     assert float(last) < float(first)
     assert opt.diagnostics["cg_iterations"] >= 1
+
+
+def test_a_layer_without_per_sample_rows_sends_the_model_to_autograd():
+    """Conv2d with groups=2 has no per-sample formula: its parameters get exact diagonals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 2, groups=2), nn.Flatten(), nn.Linear(16, 3)
+    ).to(DT)
+    X, y = torch.randn(3, 2, 5, 5, dtype=DT), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    for cls in (so.KFAC, so.EKFAC):
+        K = cls(model, loss_fn, (X, y), fisher="exact")
+        assert K.engine == "autograd"
+        assert K.structure["2.weight"] == K.structure["2.bias"] == "diagonal"
+        assert K.structure["0.weight"] == K.structure["4.weight"] == "kronecker"
+        D, G = K.to_dense(), so.GGN(model, loss_fn, (X, y)).to_dense()
+        sl = offsets(model)
+        for name in ("2.weight", "2.bias"):
+            ref = torch.diag(torch.diagonal(G[sl[name], sl[name]]))
+            assert rel_err(D[sl[name], sl[name]], ref) <= 1e-12

@@ -33,6 +33,7 @@ from .kfac_factors import (
     APPROXES,
     FISHERS,
     KronBlock,
+    NoPerSample,
     OtherBlock,
     accumulate_corrections,
     accumulate_factors,
@@ -146,11 +147,19 @@ class KFAC(LinearOperator):
         weights = batch_weights(loss_fn, batches, fm, process_group).weights(batches)
         state = generator.get_state() if generator is not None else None
         info: dict[str, Any] = {}
-        kron, other = accumulate_factors(
-            fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
-        )
+        try:
+            kron, other = accumulate_factors(
+                fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
+            )
+        except NoPerSample as why:  # a layer the graph engine cannot split: autograd throughout
+            if generator is not None and state is not None:
+                generator.set_state(state)
+            info = {"force": str(why)}
+            kron, other = accumulate_factors(
+                fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
+            )
         self.engine: str = info.get("engine", "sequential")
-        self.engine_reason: str | None = info.get("reason")
+        self.engine_reason: str | None = info.get("reason") or info.get("force")
         self.num_data = global_count(sum(b.size for b in batches), process_group)
         self._reduce(kron, other)
         for block in kron.values():
@@ -159,7 +168,7 @@ class KFAC(LinearOperator):
             if generator is not None and state is not None:
                 generator.set_state(state)  # the same draws as the factors
             D = accumulate_corrections(
-                fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype
+                fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype, info
             )
             names = sorted(kron)
             found = [

@@ -58,6 +58,7 @@ __all__ = [
     "DENSE_MAX",
     "FISHERS",
     "KronBlock",
+    "NoPerSample",
     "OtherBlock",
     "accumulate_corrections",
     "accumulate_factors",
@@ -69,6 +70,10 @@ FISHERS = ("mc", "exact", "empirical")
 APPROXES = ("expand", "reduce")
 DENSE_MAX = 64  # a parameter without Kronecker form and at most this many entries: dense block
 _CHUNK_ELEMENTS = 2**24  # per-sample cotangents held at once by the EKFAC correction
+
+
+class NoPerSample(Exception):
+    """A layer of the graph engine gives neither factors nor per-sample cotangents."""
 
 
 @dataclass
@@ -193,15 +198,19 @@ def _layer_passes(
     The per-sample graph engine serves where it applies; elsewhere
     (:mod:`.kfac_autograd`) the layers come from autograd and one more item
     ``(None, (diagonal, covered indices))`` carries the other parameters' exact diagonal.
-    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why; ``diagonals=False``
+    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why (``info["force"]``,
+    a reason, selects the autograd engine for every batch); ``diagonals=False``
     skips the autograd engine's diagonals (EKFAC's second pass).
     """
     from .kfac_autograd import autograd_layers  # it imports this module
 
     for batch, weight in zip(batches, weights):
-        lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
+        lin, why = None, info.get("force")
+        if why is None:
+            lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
         if lin is None:
-            info["engine"], info["reason"] = "autograd", why
+            info["engine"] = "autograd"
+            info.setdefault("reason", why)
             layers, diag, covered = autograd_layers(
                 fmodel, loss_fn, batch, factor, weight, diagonals
             )
@@ -300,9 +309,9 @@ def accumulate_factors(
                 sq = layer.squares()
                 part = None if sq is None else sq[name].reshape(-1).to(dtype)
                 kind = "diagonal"
-            if part is None:
-                raise ValueError(
-                    f"K-FAC: node {layer.name} ({type(layer.module).__name__}) has neither a "
+            if part is None:  # the autograd engine's exact diagonal serves instead
+                raise NoPerSample(
+                    f"node {layer.name} ({type(layer.module).__name__}) has neither a "
                     "Kronecker form nor per-sample cotangents for its inputs"
                 )
             if i in other:
@@ -320,10 +329,11 @@ def accumulate_corrections(
     factor: Factor,
     kron: dict[str, KronBlock],
     dtype: torch.dtype,
+    info: dict[str, Any],
 ) -> dict[str, Tensor]:
     r"""EKFAC's :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` per Kronecker block."""
     found: dict[str, Tensor] = {}
-    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, {}, False):
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, info, False):
         if first is None:
             continue
         block = kron.get(layer.name)
