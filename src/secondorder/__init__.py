@@ -6,7 +6,9 @@ preconditioners) <- ``curvature`` (Hessian, GGN, Fisher as operators) <- ``optim
 """
 
 from .curvature import (
+    EKFAC,
     GGN,
+    KFAC,
     PCH,
     BlockDiagonalCurvature,
     CurvatureOperator,
@@ -72,6 +74,8 @@ __all__ = [
     "Fisher",
     "FunctionalModel",
     "Hessian",
+    "EKFAC",
+    "KFAC",
     "LowRankGGN",
     "PCH",
     "BlockDiagonalCurvature",

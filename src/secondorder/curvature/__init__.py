@@ -6,6 +6,7 @@ from .diagonal import empirical_fisher_diagonal, ggn_diagonal, per_sample_gradie
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
+from .kfac import EKFAC, KFAC
 from .linearization import EngineInfo
 from .lowrank import LowRankGGN
 from .model import Batch, FunctionalModel, as_batches
@@ -23,6 +24,8 @@ __all__ = [
     "Fisher",
     "FunctionalModel",
     "Hessian",
+    "EKFAC",
+    "KFAC",
     "LowRankGGN",
     "as_batches",
     "empirical_fisher_diagonal",

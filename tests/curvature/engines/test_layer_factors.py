@@ -119,6 +119,18 @@ def test_per_sample_hooks_match_vmap_of_grad(example):
         torch.testing.assert_close(ref["weight"], outer, rtol=1e-10, atol=1e-12)
         if "bias" in params:
             torch.testing.assert_close(ref["bias"], U.transpose(0, 1), rtol=1e-10, atol=1e-12)
+    shared = rule.kronecker_shared(module, ctx, U)  # K-FAC: weight sum_t g_t a_t^T, bias sum_t g_t
+    if example.name.startswith(("linear", "conv", "c2d")):
+        assert shared is not None
+    if shared is not None:
+        a, g = shared
+        assert a.ndim == 3 and g.ndim == 4 and g.shape[1:3] == a.shape[:2]
+        w = torch.einsum("knto,ntd->nkod", g, a).reshape(ref["weight"].shape)
+        torch.testing.assert_close(w, ref["weight"], rtol=1e-10, atol=1e-12)
+        if "bias" in params:
+            torch.testing.assert_close(
+                g.sum(2).transpose(0, 1), ref["bias"], rtol=1e-10, atol=1e-12
+            )
 
 
 def test_chunked_squares_equal_the_whole(monkeypatch):

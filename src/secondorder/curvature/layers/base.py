@@ -89,6 +89,18 @@ class Rule:
         """
         return None
 
+    def kronecker_shared(
+        self, module: nn.Module, ctx: Context, u: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        r"""Inputs ``a`` ``(N, T, d)`` and cotangents ``g`` ``(K, N, T, out)`` of a shared weight.
+
+        With them sample :math:`n`'s weight cotangent (the weight viewed as ``(out, d)``) is
+        :math:`\sum_t g_{knt} a_{nt}^\top` and its bias cotangent :math:`\sum_t g_{knt}` (K-FAC's
+        expand/reduce forms). Default: :meth:`kronecker` with ``T = 1``; None if there is none.
+        """
+        x = self.kronecker(module, ctx)
+        return None if x is None else (x.unsqueeze(1), u.unsqueeze(2))
+
     def per_sample_param_vjp(
         self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor] | None:

@@ -94,6 +94,14 @@ class ConvRule(Rule):
             return None
         return _per_sample(module, ctx["x"], u, names)
 
+    def kronecker_shared(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        if not _per_sample_ok(module, ctx):
+            return None
+        K, N, out = u.shape[:3]  # patches (N, P, in k), cotangents (K, N, P, out)
+        return unfold(module, ctx["x"]).transpose(1, 2), u.reshape(K, N, out, -1).transpose(2, 3)
+
     def sq_param_vjp(  # noqa: D102
         self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor] | None:

@@ -38,6 +38,15 @@ class LinearRule(Rule):
         x: Tensor = ctx["x"]
         return x if x.ndim == 2 else None
 
+    def kronecker_shared(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        x: Tensor = ctx["x"]
+        if x.ndim < 2:
+            return None
+        N = x.shape[0]
+        return x.reshape(N, -1, x.shape[-1]), u.reshape(u.shape[0], N, -1, u.shape[-1])
+
     def per_sample_param_vjp(  # noqa: D102
         self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor] | None:

@@ -1,0 +1,381 @@
+r"""K-FAC's factors from one reverse pass of output cotangent columns per batch.
+
+**Columns.** For one batch with weight :math:`w_b` (:mod:`.weighting`) and loss
+:math:`L_b = s \sum_r \ell_r` over rows :math:`r` (:mod:`.losses`), the ``K`` output cotangent
+columns :math:`u_k` (shape ``(K, *z.shape)``) satisfy :math:`\sum_k J^\top u_k u_k^\top J = `
+the matrix approximated:
+
+- ``"exact"``: :math:`u_k = \sqrt{w_b s}\, S_{\cdot, k}` with :math:`S_r S_r^\top = \nabla^2
+  \ell_r` (the GGN, which equals the Fisher for these losses);
+- ``"mc"``: :math:`u_k = \sqrt{w_b s / M}\, \nabla \ell_r(\hat y_{rk})` for ``M`` targets
+  :math:`\hat y_{rk}` drawn from the model's predictive distribution;
+- ``"empirical"``: one column :math:`u = \sqrt{w_b s}\, \nabla \ell_r(y_r)`.
+
+(With several loss rows per sample, ``"exact"`` and ``"empirical"`` take one set of columns per
+row position, :func:`output_columns`.)
+
+**Factors.** A layer whose rule has a Kronecker form
+(:meth:`~.layers.Rule.kronecker_shared`: inputs :math:`a_{nt}` ``(N, T, d)``, output
+cotangents :math:`g_{knt}` ``(K, N, T, out)``, :math:`T` shared positions: sequence positions
+of a Linear layer, output pixels of a convolution) gets, with :math:`\tilde a = (a, 1)` when the
+bias is selected and :math:`N_{\mathrm{tot}}` samples over all batches (and ranks),
+
+.. math::
+    \text{expand:}\quad A = \frac{1}{N_{\mathrm{tot}}} \sum_n \frac1T \sum_t \tilde a_{nt}
+    \tilde a_{nt}^\top,\quad G = \sum_{k,n,t} g_{knt} g_{knt}^\top; \qquad
+    \text{reduce:}\quad A = \frac{1}{N_{\mathrm{tot}}} \sum_n \bar a_n \bar a_n^\top,\quad
+    G = \sum_{k,n} \hat g_{kn} \hat g_{kn}^\top,
+
+with :math:`\bar a_n = \frac1T \sum_t \tilde a_{nt}`, :math:`\hat g_{kn} = \sum_t g_{knt}`
+(Eschenhagen et al., 2023; the definitions of curvlinops with
+``separate_weight_and_bias=False``). The block of ``[W | b]`` (row-major, shape
+``(out, d + 1)``) is :math:`G \otimes A`. EKFAC keeps the eigenvectors :math:`Q_G, Q_A` and
+replaces the eigenvalues by :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` with
+the per-sample cotangents :math:`\Gamma_{kn} = \sum_t g_{knt} \tilde a_{nt}^\top`.
+
+Every other selected parameter (in a layer with per-sample rules but no Kronecker form, e.g.
+LayerNorm) gets its exact block :math:`\sum_{k,n} \gamma_{kn} \gamma_{kn}^\top` of the same
+matrix (:math:`\gamma_{kn}` its per-sample cotangents): dense up to :data:`DENSE_MAX` entries,
+else its diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engines.factors import LayerCotangents, column_chunk, factor_linearization, layer_cotangents
+from .losses import LossTerms, loss_terms
+from .model import Batch, FunctionalModel
+
+__all__ = [
+    "APPROXES",
+    "DENSE_MAX",
+    "FISHERS",
+    "KronBlock",
+    "NoPerSample",
+    "OtherBlock",
+    "accumulate_corrections",
+    "accumulate_factors",
+    "output_columns",
+    "row_factor",
+]
+
+FISHERS = ("mc", "exact", "empirical")
+APPROXES = ("expand", "reduce")
+DENSE_MAX = 64  # a parameter without Kronecker form and at most this many entries: dense block
+_CHUNK_ELEMENTS = 2**24  # per-sample cotangents held at once by the EKFAC correction
+
+
+class NoPerSample(Exception):
+    """A layer of the graph engine gives neither factors nor per-sample cotangents."""
+
+
+@dataclass
+class KronBlock:
+    """The Kronecker block of one layer's weight (and bias).
+
+    Attributes:
+        node: The graph node of the layer.
+        weight: Index of its weight in the flat parameter list, or None (not selected).
+        bias: Index of its bias, or None.
+        out: Output features (rows of the weight viewed as ``(out, d)``).
+        d: Input features ``d`` (columns of the weight; 0 without a selected weight).
+        A: Input factor ``(d~, d~)`` with ``d~ = d + [bias]`` (a sum until finished).
+        G: Output factor ``(out, out)``.
+        D: EKFAC's eigenvalues ``(out, d~)`` in the basis of ``G`` and ``A`` (or None).
+    """
+
+    node: str
+    weight: int | None
+    bias: int | None
+    out: int
+    d: int
+    A: Tensor
+    G: Tensor
+    D: Tensor | None = None
+    eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def augment(self, a: Tensor) -> Tensor:
+        """Inputs ``(N, T, d)`` -> ``(N, T, d~)`` (a column of ones for the bias)."""
+        if self.weight is None:
+            return a.new_ones(*a.shape[:-1], 1)
+        if self.bias is None:
+            return a
+        return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(eigenvalues of G, Q_G, eigenvalues of A, Q_A)``, eigenvalues clamped at 0."""
+        if self.eig is None:
+            lg, qg = torch.linalg.eigh(self.G)
+            la, qa = torch.linalg.eigh(self.A)
+            self.eig = (lg.clamp_min(0), qg, la.clamp_min(0), qa)
+        return self.eig
+
+
+@dataclass
+class OtherBlock:
+    """The exact ``"dense"`` ``(m, m)`` or ``"diagonal"`` ``(m,)`` block of one parameter."""
+
+    index: int
+    kind: str
+    value: Tensor
+
+
+Factor = Callable[[LossTerms, float], tuple[Tensor, bool]]
+
+
+def row_factor(
+    terms: LossTerms,
+    weight: float,
+    fisher: str,
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, bool]:
+    """Scaled row factors ``(R, C, K)`` of one batch, and whether they are kept per row.
+
+    Column ``k`` of ``F_r`` is row ``r`` of :math:`u_k` (module docstring). ``"exact"`` and
+    ``"empirical"`` factors are kept per row (:func:`output_columns`), ``"mc"`` draws are not.
+
+    Raises:
+        ValueError: If the loss has no likelihood (a generic callable, class weights).
+    """
+    if not terms.has_likelihood:
+        raise ValueError(
+            "K-FAC needs a loss with a likelihood (nn.CrossEntropyLoss, nn.MSELoss or "
+            "nn.BCEWithLogitsLoss without class weights) to factor its Hessian"
+        )
+    ws = weight * terms.scale
+    if fisher == "mc":
+        g = terms.to_rows(terms.sampled_gradients(num_samples, generator))  # (M, R, C)
+        return g.permute(1, 2, 0) * math.sqrt(ws / num_samples), False
+    if fisher == "exact":
+        return terms.symmetric_factor() * math.sqrt(ws), True
+    return terms.per_row_gradients().unsqueeze(-1) * math.sqrt(ws), True
+
+
+def output_columns(terms: LossTerms, F: Tensor, per_row: bool, num_rows: int) -> Tensor:
+    """The output cotangent columns ``(K, *z.shape)`` of row factors ``F`` ``(R, C, K')``.
+
+    A sample with several loss rows (``P = R / N``: positions of a sequence) gets, ``per_row``,
+    one set of columns per row position ``j``, nonzero on its row ``j`` only, so that no cross
+    terms between its rows enter (``K = P K'``); otherwise (``"mc"``) every row's draw sits in
+    one column, whose cross terms vanish in expectation (``K = K'``).
+
+    Raises:
+        ValueError: If the rows do not divide into the ``num_rows`` samples.
+    """
+    R, C, Cp = F.shape
+    if R % num_rows != 0:
+        raise ValueError(
+            f"K-FAC: the loss has {R} rows for a batch of {num_rows} samples; expected a "
+            "multiple of the batch size, to assign rows to samples"
+        )
+    P = R // num_rows
+    if P == 1 or not per_row:
+        return terms.from_rows(F.permute(2, 0, 1))
+    eye = torch.eye(P, dtype=F.dtype, device=F.device)
+    cols = torch.einsum("npkc,jp->jcnpk", F.reshape(num_rows, P, C, Cp), eye)
+    return terms.from_rows(cols.reshape(P * Cp, R, C))
+
+
+def _layer_passes(
+    fmodel: FunctionalModel,
+    loss_fn: Any,
+    batches: Sequence[Batch],
+    weights: Sequence[float],
+    factor: Factor,
+    info: dict[str, Any],
+    diagonals: bool = True,
+) -> Any:
+    """Yield ``(first chunk?, layer cotangents)`` for every batch and column chunk.
+
+    The per-sample graph engine serves where it applies; elsewhere
+    (:mod:`.kfac_autograd`) the layers come from autograd and one more item
+    ``(None, (diagonal, covered indices))`` carries the other parameters' exact diagonal.
+    ``info`` records the engine (``"sequential"`` or ``"autograd"``) and why (``info["force"]``,
+    a reason, selects the autograd engine for every batch); ``diagonals=False``
+    skips the autograd engine's diagonals (EKFAC's second pass).
+    """
+    from .kfac_autograd import autograd_layers  # it imports this module
+
+    for batch, weight in zip(batches, weights):
+        lin, why = None, info.get("force")
+        if why is None:
+            lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
+        if lin is None:
+            info["engine"] = "autograd"
+            info.setdefault("reason", why)
+            layers, diag, covered = autograd_layers(
+                fmodel, loss_fn, batch, factor, weight, diagonals
+            )
+            for layer in layers:
+                yield True, layer
+            yield None, (diag, covered)
+            continue
+        info.setdefault("engine", "sequential")
+        terms = loss_terms(loss_fn, lin.z, batch.targets)
+        U = output_columns(terms, *factor(terms, weight), batch.size)
+        for c, chunk in enumerate(U.split(column_chunk(lin))):
+            for layer in layer_cotangents(lin, chunk):
+                yield c == 0, layer
+
+
+def _kron_form(layer: LayerCotangents, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(a, g)`` of the layer in ``dtype``, or None without a Kronecker form."""
+    if not set(layer.params) <= {"weight", "bias"}:
+        return None
+    form = layer.rule.kronecker_shared(layer.module, layer.ctx, layer.u)
+    if form is None:
+        return None
+    a, g = form
+    return a.detach().to(dtype), g.detach().to(dtype)
+
+
+def accumulate_factors(
+    fmodel: FunctionalModel,
+    loss_fn: Any,
+    batches: Sequence[Batch],
+    weights: Sequence[float],
+    factor: Factor,
+    approx: str,
+    dtype: torch.dtype,
+    info: dict[str, Any],
+) -> tuple[dict[str, KronBlock], dict[int, OtherBlock]]:
+    r"""Sum the factors and the exact blocks over ``batches`` (module docstring).
+
+    ``A`` is returned as a sum over samples (divide by :math:`N_{\mathrm{tot}}` after any
+    all-reduce); everything else is final.
+
+    Returns:
+        Kronecker blocks by graph node, and the other parameters' blocks by index.
+
+    Raises:
+        ValueError: Where the engine does not apply, or a layer has no per-sample formula.
+    """
+    kron: dict[str, KronBlock] = {}
+    other: dict[int, OtherBlock] = {}
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, info):
+        if first is None:  # the autograd engine: exact diagonals of the other parameters
+            diag, covered = layer
+            for i in range(len(fmodel.params)):
+                if i not in covered:
+                    sl = slice(sum(fmodel.numels[:i]), sum(fmodel.numels[: i + 1]))
+                    part = diag[sl].to(dtype)
+                    if i in other:
+                        other[i].value.add_(part)
+                    else:
+                        other[i] = OtherBlock(i, "diagonal", part.clone())
+            continue
+        form = _kron_form(layer, dtype)
+        if form is not None:
+            a, g = form
+            block = kron.get(layer.name)
+            if block is None:
+                w, bias = layer.params.get("weight"), layer.params.get("bias")
+                out = g.shape[-1]
+                d = a.shape[-1] if w is not None else 0
+                dt = d + (bias is not None)
+                block = KronBlock(
+                    layer.name, w, bias, out, d, a.new_zeros(dt, dt), a.new_zeros(out, out)
+                )
+                kron[layer.name] = block
+            if first:  # the inputs are the same for every column chunk
+                at = block.augment(a)
+                if approx == "expand":
+                    flat = at.reshape(-1, at.shape[-1])
+                    block.A.addmm_(flat.T, flat, alpha=1.0 / at.shape[1])
+                else:
+                    mean = at.mean(1)
+                    block.A.addmm_(mean.T, mean)
+            gg = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(2).flatten(0, 1)
+            block.G.addmm_(gg.T, gg)
+            continue
+        rows = None
+        for name, i in layer.params.items():
+            numel = fmodel.numels[i]
+            if numel <= DENSE_MAX:
+                if rows is None:
+                    rows = layer.per_sample()
+                value = None if rows is None else rows[name].reshape(-1, numel).to(dtype)
+                part = None if value is None else value.T @ value
+                kind = "dense"
+            else:
+                sq = layer.squares()
+                part = None if sq is None else sq[name].reshape(-1).to(dtype)
+                kind = "diagonal"
+            if part is None:  # the autograd engine's exact diagonal serves instead
+                raise NoPerSample(
+                    f"node {layer.name} ({type(layer.module).__name__}) has neither a "
+                    "Kronecker form nor per-sample cotangents for its inputs"
+                )
+            if i in other:
+                other[i].value.add_(part)
+            else:
+                other[i] = OtherBlock(i, kind, part.detach().clone())
+    return kron, other
+
+
+def accumulate_corrections(
+    fmodel: FunctionalModel,
+    loss_fn: Any,
+    batches: Sequence[Batch],
+    weights: Sequence[float],
+    factor: Factor,
+    kron: dict[str, KronBlock],
+    dtype: torch.dtype,
+    info: dict[str, Any],
+) -> dict[str, Tensor]:
+    r"""EKFAC's :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` per Kronecker block."""
+    found: dict[str, Tensor] = {}
+    for first, layer in _layer_passes(fmodel, loss_fn, batches, weights, factor, info, False):
+        if first is None:
+            continue
+        block = kron.get(layer.name)
+        if block is None:
+            continue
+        form = _kron_form(layer, dtype)
+        assert form is not None
+        a, g = form
+        _, qg, _, qa = block.eigh()
+        ar = block.augment(a) @ qa  # (N, T, d~)
+        gr = g @ qg  # (K, N, T, out)
+        total = found.get(layer.name)
+        if total is None:
+            total = found[layer.name] = ar.new_zeros(gr.shape[-1], ar.shape[-1])
+        _add_rotated_squares(total, gr, ar)
+    return found
+
+
+def _add_rotated_squares(total: Tensor, gr: Tensor, ar: Tensor) -> None:
+    r"""``total += sum_{k,n} (sum_t gr_knt ar_nt^T)^2`` (``gr``: (K, N, T, out), ``ar``: (N, T, d)).
+
+    Without sharing (``T = 1``) the square of an outer product is the outer product of the
+    squares: :math:`\sum_n (\sum_k \tilde g_{kn}^{\odot 2}) (\tilde a_n^{\odot 2})^\top`, one
+    matrix product. With sharing, the Gram form
+    :math:`\sum_{n,s,t} (\sum_k \tilde g_{kns} \odot \tilde g_{knt})
+    (\tilde a_{ns} \odot \tilde a_{nt})^\top` where :math:`T^2 (out + d) < out\, d` (as
+    curvlinops chooses), else the per-sample cotangents, in chunks of samples.
+    """
+    K, N, T, out = gr.shape
+    d = ar.shape[-1]
+    if T == 1:
+        total.addmm_(gr.square().sum(0).reshape(N, out).T, ar.square().reshape(N, d))
+        return
+    gram = T * T * (out + d) < out * d
+    per = T * T * (K * out + d) if gram else K * out * d + T * d
+    step = max(1, _CHUNK_ELEMENTS // max(1, per))
+    for s in range(0, N, step):
+        g, a = gr[:, s : s + step], ar[s : s + step]
+        if gram:
+            gg = torch.einsum("knso,knto->nsto", g, g).reshape(-1, out)
+            aa = torch.einsum("nsd,ntd->nstd", a, a).reshape(-1, d)
+            total.addmm_(gg.T, aa)
+        else:
+            gam = torch.einsum("knto,ntd->knod", g, a)
+            total.add_(gam.square().sum((0, 1)))

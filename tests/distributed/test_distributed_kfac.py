@@ -1,0 +1,42 @@
+"""Data-parallel K-FAC and EKFAC on gloo equal the single-process full-batch operators."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # spawned processes import the jobs by name
+
+import kfac_jobs
+from worlds import run_world
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed not available"
+)
+
+
+def ok(results):
+    for status, value in results:
+        assert status == "ok", value
+    return [value for _, value in results]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_sharded_kfac_equals_full_batch():
+    results = ok(run_world(kfac_jobs.kfac_job, 2))
+    for case in kfac_jobs.CASES:
+        full = kfac_jobs.build(*case, lambda X, y: (X, y)).to_dense()
+        for r in results:
+            assert rel(r[case], full) <= 1e-12, case
+        assert torch.equal(results[0][case], results[1][case])
+
+
+def test_sharded_mc_kfac_is_the_same_on_every_rank():
+    (d0, x0), (d1, x1) = ok(run_world(kfac_jobs.kfac_mc_job, 2))
+    assert torch.equal(d0, d1) and torch.equal(x0, x1)
