@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
+from ..linalg.precision import autocast_disabled
 from .losses import LossTerms, supports_likelihood
 from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns
@@ -106,6 +107,9 @@ class LowRankGGN(GramSpectrum):
             matrix. ``"lapack"``: SciPy's tridiagonal reduction with eigenvectors only for the
             chosen directions (SciPy's OpenBLAS threads contend with torch's unless
             ``OPENBLAS_NUM_THREADS=1``; measurements in ``BENCHMARKS.md``).
+        dtype: The dtype of the columns and everything computed from them (default: float32 for
+            a bfloat16 or float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,
@@ -138,6 +142,7 @@ class LowRankGGN(GramSpectrum):
         generator: torch.Generator | None = None,
         engine: str = "auto",
         eigensolver: str = "auto",
+        dtype: torch.dtype | None = None,
     ) -> None:
         check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         self.eigensolver = eigensolver
@@ -148,20 +153,23 @@ class LowRankGGN(GramSpectrum):
             )
         check_int("mc_samples", mc_samples, 0, "0: exact factor")
         engine = canonical_engine(engine, ENGINES)
-        self.fmodel = FunctionalModel(model, params)
+        self.fmodel = FunctionalModel(model, params, dtype)
         self.loss_fn = loss_fn
         self.mc_samples = mc_samples
         if mc_samples > 0 and generator is None:
             generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
         self.generator = generator
-        batches = list(as_batches(data))
+        batches = [self.fmodel.cast_batch(b) for b in as_batches(data)]
         sizes = [b.size for b in batches]
         self.num_samples = sum(sizes)
         self._weights = batch_weights(loss_fn, batches, self.fmodel).weights(batches)
 
         built, why = None, None
         if engine != "autograd":
-            built, why = kron_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
+            with autocast_disabled():
+                built, why = kron_columns(
+                    self.fmodel, loss_fn, batches, self._weights, self._factor
+                )
         if built is None:
             if engine == "sequential":
                 raise ValueError(
@@ -171,7 +179,8 @@ class LowRankGGN(GramSpectrum):
                     f"that keep the samples apart and one loss row per sample; here {why}. "
                     "Use engine='autograd'"
                 )
-            built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
+            with autocast_disabled():
+                built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
             self.engine = "autograd"
         else:
             self.engine = "sequential"
