@@ -335,3 +335,29 @@ def test_solvers_on_a_bfloat16_model_run_in_float32():
     ev, _ = so.lanczos(G, 2)
     ev_ref = torch.linalg.eigvalsh(ref)[-2:]
     assert ev.dtype == torch.float32 and rel(ev, ev_ref) < 1e-4
+
+
+class Tied(nn.Module):
+    """Input and output embeddings tied to one parameter; integer inputs are not cast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, D)
+        self.out = nn.Linear(D, 7)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(idx))).mean(1)
+
+
+@pytest.mark.parametrize("op", ["ggn", "hessian"])
+def test_tied_parameters_stay_tied(op):
+    torch.manual_seed(0)
+    low = Tied().bfloat16()
+    exact = copy.deepcopy(low).double()
+    idx, y = torch.randint(0, 7, (N, T)), torch.randint(0, 7, (N,))
+    make, dense = OPERATORS[op]
+    C = make(low, (idx, y))
+    assert C.shape[0] == sum(p.numel() for p in low.parameters())  # the tied weight once
+    v = torch.randn(C.shape[0])
+    assert rel(C @ v, dense(exact, LOSS, (idx,), y) @ v.double()) < RTOL_F32

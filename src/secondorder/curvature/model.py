@@ -19,6 +19,7 @@ tensor input (or of its targets) is its size.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -259,8 +260,7 @@ class FunctionalModel:
     Raises:
         ValueError: If no trainable parameter remains, or ``params`` holds a tensor that is not
             a parameter of ``model`` or the same tensor twice.
-        TypeError: For a ``dtype`` that is not a real floating-point dtype, or a module that
-            cannot be copied to another dtype.
+        TypeError: For a ``dtype`` that is not a real floating-point dtype.
     """
 
     def __init__(
@@ -519,17 +519,40 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A deep copy of ``model`` with its floating-point parameters and buffers in ``dtype``."""
-    import copy
+    """A copy of ``model`` whose parameters and buffers are new tensors, floating ones in ``dtype``.
 
-    try:
-        clone = copy.deepcopy(model)
-    except Exception as err:
-        raise TypeError(
-            f"cannot evaluate {type(model).__name__} in {dtype}: copying the module failed "
-            f"({type(err).__name__}: {err}). Pass dtype equal to the parameters' dtype to "
-            "compute in it, or cast the model (model.float()) yourself"
-        ) from err
-    for p in clone.parameters():
-        p.grad = None  # the copy's gradients are never used
-    return clone.to(dtype)
+    Modules are copied shallowly (:func:`copy.copy`: the same class and attributes) with their
+    own parameter, buffer, submodule and hook dictionaries; shared submodules and tied
+    parameters stay shared, and hooks stay registered (as on the module itself, whose passes
+    they would see). Nothing else is copied: not the gradients, not whatever a hook holds.
+    """
+    modules: dict[int, nn.Module] = {}
+    tensors: dict[int, Tensor] = {}
+
+    def tensor(t: Tensor, parameter: bool) -> Tensor:
+        if id(t) not in tensors:
+            with torch.no_grad():
+                data = t.detach().to(dtype, copy=True) if t.is_floating_point() else t.clone()
+            tensors[id(t)] = nn.Parameter(data, t.requires_grad) if parameter else data
+        return tensors[id(t)]
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in modules:
+            return modules[id(m)]
+        new = copy.copy(m)
+        modules[id(m)] = new
+        state = new.__dict__
+        for key, value in list(state.items()):
+            if "hook" in key and isinstance(value, dict):
+                state[key] = type(value)(value)
+        state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        state["_parameters"] = {
+            k: None if p is None else tensor(p, True) for k, p in m._parameters.items()
+        }
+        state["_buffers"] = {
+            k: None if b is None else tensor(b, False) for k, b in m._buffers.items()
+        }
+        state["_modules"] = {k: None if c is None else module(c) for k, c in m._modules.items()}
+        return new
+
+    return module(model)
