@@ -252,12 +252,16 @@ def test_diagonals_and_low_rank():
 
 
 def test_buffers_and_mode_follow_the_module():
-    """The float32 copy reads the module's buffers and train/eval flag at every pass."""
+    """The float32 copy reads buffers, frozen parameters and train/eval flag at every pass."""
     _, low, exact, _, xl, x64, _ = problem("bn_mlp")
+    low[0].bias.requires_grad_(False)
     fm = FunctionalModel(low)
+    assert len(fm.params) == len(list(low.parameters())) - 1
     with torch.no_grad():
         low[1].running_mean.add_(0.25)
         exact[1].running_mean.copy_(low[1].running_mean)
+        low[0].bias.add_(0.5)
+        exact[0].bias.copy_(low[0].bias)
     out = fm(fm.values(), (xl,))
     assert out.dtype == torch.float32
     assert rel(out, exact(x64)) < RTOL_F32

@@ -389,15 +389,21 @@ class FunctionalModel:
         return [p.detach().to(self.dtype) for p in self.params]
 
     def refresh(self) -> None:
-        """Copy training flags and buffers of :attr:`source` into the cast copy :attr:`model`.
+        """Copy training flags, buffers and frozen parameters of :attr:`source` into :attr:`model`.
 
-        A no-op unless the model is evaluated in another dtype than its parameters'.
+        A no-op unless the model is evaluated in another dtype than its parameters' (the
+        trainable parameters' values come in with every pass).
         """
         if not self.mixed:
             return
+        trainable = {id(p) for p in self.params}
         with torch.no_grad():
             for src, dst in self._pairs:
                 dst.training = src.training
+                for name, p in src._parameters.items():
+                    held = dst._parameters.get(name)
+                    if p is not None and held is not None and id(p) not in trainable:
+                        held.copy_(p)
                 for name, buf in src._buffers.items():
                     held = dst._buffers.get(name)
                     if buf is None or held is None:

@@ -387,7 +387,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             alpha=scale,
         )
         if self.fmodel.mixed:  # the point the parameters would hold: rounded to their dtype
-            point = [t.to(p.dtype) for t, p in zip(point, self._param_list)]
+            point = tuple(t.to(p.dtype) for t, p in zip(point, self._param_list))
         return self._loss_of(point, batches)
 
     def _loss_of(self, tensors: Sequence[Tensor], batches: Sequence[Batch]) -> Tensor:
