@@ -365,3 +365,14 @@ def test_tied_parameters_stay_tied(op):
     assert C.shape[0] == sum(p.numel() for p in low.parameters())  # the tied weight once
     v = torch.randn(C.shape[0])
     assert rel(C @ v, dense(exact, LOSS, (idx,), y) @ v.double()) < RTOL_F32
+
+
+def test_low_rank_methods_under_autocast():
+    model, _, _, x, _, _, y = problem("mlp")
+    ref = LowRankGGN(model, LOSS, (x, y))
+    expected = (ref.eigvalsh(), ref.to_dense(), ref.directional_derivatives([0, 1])[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        L = LowRankGGN(model, LOSS, (x, y))
+        got = (L.eigvalsh(), L.to_dense(), L.directional_derivatives([0, 1])[0])
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and rel(a, b) < RTOL_F32

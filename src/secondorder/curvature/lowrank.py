@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
-from ..linalg.precision import autocast_disabled
+from ..linalg.precision import autocast_disabled, full_precision
 from .losses import LossTerms, supports_likelihood
 from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns
@@ -230,6 +230,7 @@ class LowRankGGN(GramSpectrum):
             raise ValueError(f"params: expected distinct parameters, at least one, got {block}")
         return tuple(block)
 
+    @full_precision
     def directional_derivatives(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -254,6 +255,7 @@ class LowRankGGN(GramSpectrum):
         lam, U = self._selected(indices, params)
         return self.derivatives_of_pairs(lam, U, params)
 
+    @full_precision
     def derivatives_of_pairs(
         self, lam: Tensor, U: Tensor, params: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -272,6 +274,7 @@ class LowRankGGN(GramSpectrum):
         lambdas = sq.new_zeros(self.num_samples, U.shape[1]).index_add_(0, self.column_sample, sq)
         return gammas, lambdas
 
+    @full_precision
     def factor_matmul(self, coeffs: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""Return :math:`V_{\mathrm{block}}\, c`, a combination of the columns of :math:`V`.
 
@@ -295,6 +298,7 @@ class LowRankGGN(GramSpectrum):
         out = torch.cat(parts, dim=1).T
         return out.reshape(-1) if coeffs.ndim == 1 else out
 
+    @full_precision
     def eigenvectors(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None = None
     ) -> Tensor:
@@ -322,6 +326,7 @@ class LowRankGGN(GramSpectrum):
         """
         return torch.cat([self._owner[i].gradient(i).reshape(-1) for i in self._block(params)])
 
+    @full_precision
     def factor(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """The matrix :math:`V` of the block, formed explicitly (for tests and small models).
 
@@ -334,6 +339,7 @@ class LowRankGGN(GramSpectrum):
         eye = torch.eye(self.num_columns, dtype=self.fmodel.dtype, device=self.fmodel.device)
         return self.factor_matmul(eye, params)
 
+    @full_precision
     def to_dense(self, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""The block's GGN :math:`V V^\top` as a dense matrix (for tests and small models).
 

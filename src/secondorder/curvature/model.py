@@ -401,9 +401,9 @@ class FunctionalModel:
             for src, dst in self._pairs:
                 dst.training = src.training
                 for name, p in src._parameters.items():
-                    held = dst._parameters.get(name)
-                    if p is not None and held is not None and id(p) not in trainable:
-                        held.copy_(p)
+                    copied = dst._parameters.get(name)
+                    if p is not None and copied is not None and id(p) not in trainable:
+                        copied.copy_(p)
                 for name, buf in src._buffers.items():
                     held = dst._buffers.get(name)
                     if buf is None or held is None:
