@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..linalg.operator import BlockDiagonal, LinearOperator
 from .linearization import EngineInfo
-from .model import Batch, FunctionalModel, as_batches
+from .model import Batch, FunctionalModel, as_batches, autocast_disabled
 from .vocabulary import canonical_engine
 from .weighting import BatchWeights, batch_weights
 
@@ -136,11 +136,20 @@ class CurvatureOperator(LinearOperator):
             one process). Each rank holds its shard of the data; every product, the loss and
             the gradient are all-reduced (one flat all-reduce each) and normalised by the global
             normaliser (:mod:`.weighting`), so every rank sees the operator of the global batch.
+        dtype: The dtype of the operator (:attr:`dtype`): of its vectors, its products, the
+            loss and the gradient. Default: float32 for a bfloat16 or float16 model, else the
+            parameters' dtype. In another dtype than the parameters', the model is evaluated
+            through a copy cast to ``dtype`` at the current parameter values, with the
+            batches' floating-point inputs and targets cast too
+            (:class:`~secondorder.curvature.model.FunctionalModel`): products are exact in
+            ``dtype`` at the low-precision parameters. Any enclosing ``torch.autocast`` is
+            switched off while the operator computes.
 
     Raises:
         ValueError: For empty data, a model without trainable parameters, bad arguments, data
             whose every target is ignored, or a generic loss callable that is neither a mean
             nor a sum over samples (:mod:`.weighting`).
+        TypeError: For a ``dtype`` that is not a real floating-point ``torch.dtype``.
     """
 
     SELF_ADJOINT = True
@@ -156,11 +165,27 @@ class CurvatureOperator(LinearOperator):
         check_deterministic: bool = True,
         engine: str = "auto",
         process_group: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         engine = canonical_engine(engine)
-        self.fmodel = FunctionalModel(model, params)
+        self.fmodel = FunctionalModel(model, params, dtype)
+        with autocast_disabled():
+            self._build_operator(
+                model, loss_fn, data, cache, check_deterministic, engine, process_group
+            )
+
+    def _build_operator(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        cache: bool | None,
+        check_deterministic: bool,
+        engine: str,
+        process_group: Any,
+    ) -> None:
         super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
         self.loss_fn = loss_fn
         self.engine = engine
@@ -181,7 +206,8 @@ class CurvatureOperator(LinearOperator):
             self.local_num_samples = self._weighting.local_samples
             self.num_samples = self._global_count(self.local_num_samples)
             weighted = [(b, self._weight(b)) for b in blist]
-            self._states = [(self._prepare(b), w) for b, w in weighted if w != 0.0]
+            cast = self.fmodel.cast_batch
+            self._states = [(self._prepare(cast(b)), w) for b, w in weighted if w != 0.0]
         else:
             self.local_num_samples = self._weighting.local_samples  # counted in the same pass
             self.num_samples = self._global_count(self.local_num_samples)
@@ -242,7 +268,7 @@ class CurvatureOperator(LinearOperator):
         for batch in self._batches:
             weight = self._weight(batch)
             if weight != 0.0:  # every target ignored: nothing to add (its own mean is 0/0)
-                yield self._prepare(batch), weight
+                yield self._prepare(self.fmodel.cast_batch(batch)), weight
 
     def _check_deterministic(self) -> None:
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -330,6 +356,10 @@ class CurvatureOperator(LinearOperator):
         Returns:
             The product in the same format as ``x``.
         """
+        with autocast_disabled():
+            return self._matvec_any(x)
+
+    def _matvec_any(self, x: Any) -> Any:
         if isinstance(x, (list, tuple)):
             if len(x) != len(self.fmodel.params):
                 raise ValueError(
@@ -365,6 +395,10 @@ class CurvatureOperator(LinearOperator):
         return self._gradient
 
     def _compute_loss_and_gradient(self) -> None:
+        with autocast_disabled():
+            self._loss_and_gradient()
+
+    def _loss_and_gradient(self) -> None:
         loss: Tensor | None = None
         grad: list[Tensor] | None = None
         for state, weight in self._iter_states():

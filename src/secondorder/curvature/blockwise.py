@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, finite_floats
 from ..linalg.operator import LinearOperator
+from ..linalg.precision import autocast_disabled
 from .base import allreduce_sum, global_count
 from .blockwise_layers import parameter_layers, sequential_blocks
 from .blockwise_pass import Pass, forward_pass
@@ -120,6 +121,9 @@ class BlockDiagonalCurvature(LinearOperator):
         process_group: ``torch.distributed`` group (``None``: one process); each rank holds
             its shard of the data, and block products, loss and gradient are all-reduced (one
             flat all-reduce per sweep) and normalised by the global normaliser (:mod:`.weighting`).
+        dtype: The dtype of the blocks' vectors and products (default: float32 for a bfloat16
+            or float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
 
     Raises:
         ValueError: For an unknown curvature or engine, an unsupported model or layer with
@@ -150,18 +154,24 @@ class BlockDiagonalCurvature(LinearOperator):
         params: Sequence[Tensor] | None = None,
         engine: str = "auto",
         process_group: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.process_group = process_group
         check_choice("curvature", curvature, CURVATURES)
         engine = canonical_engine(engine, NON_GRAPH_ENGINES)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        self.fmodel = FunctionalModel(model, params)
-        model = self.fmodel.model  # a compiled model's module underneath (unwrap_compiled)
+        self.fmodel = FunctionalModel(model, params, dtype)
         super().__init__((self.fmodel.dim, self.fmodel.dim), self.fmodel.dtype, self.fmodel.device)
+        with autocast_disabled():
+            self._build_blocks(curvature, loss_fn, data, engine)
+
+    def _build_blocks(self, curvature: str, loss_fn: Any, data: Any, engine: str) -> None:
+        # the module evaluated: the one under torch.compile's wrapper, or its cast copy
+        model = self.fmodel.model
         self.curvature = curvature
         self.loss_fn = loss_fn
-        batches = list(as_batches(data))
+        batches = [self.fmodel.cast_batch(b) for b in as_batches(data)]
         one_tensor = all(len(b.inputs) == 1 and isinstance(b.inputs[0], Tensor) for b in batches)
         if engine == "sequential" and not one_tensor:
             raise ValueError(
@@ -179,7 +189,8 @@ class BlockDiagonalCurvature(LinearOperator):
                 specs = None
         self.engine = "sequential" if specs is not None else "autograd"
         if specs is None:  # engine="autograd" is passed on; under "auto" GGN/Hessian choose
-            self._build_autograd(model, batches, "autograd" if engine == "autograd" else "auto")
+            engine = "autograd" if engine == "autograd" else "auto"
+            self._build_autograd(self.fmodel.source, batches, engine)
         else:
             self._build_sequential(specs, batches)
 
@@ -187,23 +198,18 @@ class BlockDiagonalCurvature(LinearOperator):
         """Blocks of a generic curvature operator (PCH: the Hessian with ``modify``)."""
         params = self.fmodel.params
         op: GGN | Hessian
-        pg = self.process_group
+        kw: dict[str, Any] = {
+            "params": params,
+            "process_group": self.process_group,
+            "dtype": self.dtype,
+        }
         if self.curvature == "ggn":
-            op = GGN(model, self.loss_fn, batches, params=params, process_group=pg, engine=engine)
+            op = GGN(model, self.loss_fn, batches, engine=engine, **kw)
         elif self.curvature == "hessian":
-            op = Hessian(
-                model, self.loss_fn, batches, params=params, process_group=pg, engine=engine
-            )
+            op = Hessian(model, self.loss_fn, batches, engine=engine, **kw)
         else:  # the PCH: the Hessian with every activation's residual modified
-            op = Hessian(
-                model,
-                self.loss_fn,
-                batches,
-                params=params,
-                process_group=pg,
-                engine=engine,
-                modify=self.curvature[len("pch_") :],
-            )
+            modify = self.curvature[len("pch_") :]
+            op = Hessian(model, self.loss_fn, batches, engine=engine, modify=modify, **kw)
         self._op = op
         self.IS_PSD = self.curvature == "ggn" and op.IS_PSD
         self._loss = op.loss

@@ -63,7 +63,7 @@ def forward_pass(
     Returns:
         The stored pass: layers, loss terms, residuals, per-block gradients and the loss.
     """
-    values = fmodel.parameter_dict([p.detach() for p in fmodel.params])
+    values = fmodel.parameter_dict(fmodel.values())
     second = curvature != "ggn"
     layers: list[Layer] = []
     x = batch.inputs[0]

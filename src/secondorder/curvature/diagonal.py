@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from .._checks import LIKELIHOOD_LOSSES, check_chunk_size
+from ..linalg.precision import full_precision
 from .base import allreduce_sum
 from .diagonal_paths import accumulate_squares, row_factor_diagonal, sample_chunks
 from .losses import supports_likelihood
@@ -134,6 +135,7 @@ def ggn_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -147,10 +149,12 @@ def ggn_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[True],
 ) -> tuple[Tensor, DiagonalInfo]: ...
 
 
+@full_precision
 def ggn_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -159,6 +163,7 @@ def ggn_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
+    dtype: torch.dtype | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""The exact diagonal of the generalised Gauss-Newton matrix (= exact Fisher) for core losses.
@@ -184,6 +189,9 @@ def ggn_diagonal(
             ``samples x columns x parameters`` below :math:`2^{22}` elements).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        dtype: The dtype the diagonal is computed in (default: float32 for a bfloat16 or
+            float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
         return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
             naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
             ``"batch"`` fallback) and why.
@@ -209,13 +217,13 @@ def ggn_diagonal(
     """
     _check_likelihood(loss_fn, "ggn_diagonal")
     check_chunk_size(chunk_size)
-    fmodel = FunctionalModel(model, params)
+    fmodel = FunctionalModel(model, params, dtype)
     info = DiagonalInfo()
     d = _combine(
         loss_fn,
         data,
         lambda b: row_factor_diagonal(
-            fmodel, loss_fn, b, lambda t: t.symmetric_factor(), chunk_size, info
+            fmodel, loss_fn, fmodel.cast_batch(b), lambda t: t.symmetric_factor(), chunk_size, info
         ),
         process_group,
     )
@@ -231,6 +239,7 @@ def empirical_fisher_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -244,10 +253,12 @@ def empirical_fisher_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[True],
 ) -> tuple[Tensor, DiagonalInfo]: ...
 
 
+@full_precision
 def empirical_fisher_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -256,6 +267,7 @@ def empirical_fisher_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
+    dtype: torch.dtype | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""The exact diagonal of the empirical Fisher, the scaled sum of squared per-row gradients.
@@ -278,6 +290,9 @@ def empirical_fisher_diagonal(
         chunk_size: Samples per vectorised call (default: automatic, see :func:`ggn_diagonal`).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        dtype: The dtype the diagonal is computed in (default: float32 for a bfloat16 or
+            float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
         return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
             naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
             ``"batch"`` fallback) and why.
@@ -291,13 +306,18 @@ def empirical_fisher_diagonal(
     """
     _check_likelihood(loss_fn, "empirical_fisher_diagonal")
     check_chunk_size(chunk_size)
-    fmodel = FunctionalModel(model, params)
+    fmodel = FunctionalModel(model, params, dtype)
     info = DiagonalInfo()
     d = _combine(
         loss_fn,
         data,
         lambda b: row_factor_diagonal(
-            fmodel, loss_fn, b, lambda t: t.per_row_gradients().unsqueeze(-1), chunk_size, info
+            fmodel,
+            loss_fn,
+            fmodel.cast_batch(b),
+            lambda t: t.per_row_gradients().unsqueeze(-1),
+            chunk_size,
+            info,
         ),
         process_group,
     )
@@ -313,6 +333,7 @@ def per_sample_gradient_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -326,10 +347,12 @@ def per_sample_gradient_diagonal(
     params: Sequence[Tensor] | None = ...,
     chunk_size: int | None = ...,
     process_group: Any = ...,
+    dtype: torch.dtype | None = ...,
     return_info: Literal[True],
 ) -> tuple[Tensor, DiagonalInfo]: ...
 
 
+@full_precision
 def per_sample_gradient_diagonal(
     model: nn.Module,
     loss_fn: Any,
@@ -338,6 +361,7 @@ def per_sample_gradient_diagonal(
     params: Sequence[Tensor] | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
+    dtype: torch.dtype | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, DiagonalInfo]:
     r"""Diagonal of the empirical Fisher of per-sample losses, for any loss callable.
@@ -366,6 +390,9 @@ def per_sample_gradient_diagonal(
         chunk_size: Samples per vectorised call (default: automatic).
         process_group: A ``torch.distributed`` process group (default: ``None``, one
             process); each rank passes its shard and gets the diagonal of the global batch.
+        dtype: The dtype the diagonal is computed in (default: float32 for a bfloat16 or
+            float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
         return_info: Also return a :class:`~secondorder.curvature.per_sample.DiagonalInfo`
             naming the path that ran on each batch (``"kronecker"``, ``"vmap"`` or the
             ``"batch"`` fallback) and why.
@@ -378,7 +405,7 @@ def per_sample_gradient_diagonal(
             non-scalar.
     """
     check_chunk_size(chunk_size)
-    fmodel = FunctionalModel(model, params)
+    fmodel = FunctionalModel(model, params, dtype)
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     info = DiagonalInfo()
 
@@ -392,7 +419,7 @@ def per_sample_gradient_diagonal(
         dims = sample_dims(batch.inputs, n)
         t = batch.targets
         tdim = 0 if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == n else None
-        params_ = [p.detach() for p in fmodel.params]
+        params_ = fmodel.values()
 
         def one_sample(inputs: tuple[Any, ...], target: Any) -> tuple[tuple[Tensor, ...], Any]:
             def loss(ps: list[Tensor]) -> tuple[Tensor, Any]:
@@ -434,5 +461,7 @@ def per_sample_gradient_diagonal(
         # _combine multiplies by N_b (mean) and divides by N: d = (1/N) sum_i
         return total / n if mean else total, 1.0
 
-    d = _combine(loss_fn, data, per_batch, process_group, by_samples=True)
+    d = _combine(
+        loss_fn, data, lambda b: per_batch(fmodel.cast_batch(b)), process_group, by_samples=True
+    )
     return (d, info) if return_info else d

@@ -79,7 +79,7 @@ def row_factor_diagonal(
         info.record("batch", coupled)
         return batch_factor_squares(fmodel, loss_fn, batch, factor, chunk_size)
     n = batch.size
-    params = [p.detach() for p in fmodel.params]
+    params = fmodel.values()
     lin = _factor_forward(fmodel, batch)  # the fast path's forward serves both
     if lin is not None:
         z = lin.z

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import LIKELIHOOD_LOSSES, check_choice, check_int
+from ..linalg.precision import autocast_disabled, full_precision
 from .losses import LossTerms, supports_likelihood
 from .lowrank_columns import drop_softmax_null_column
 from .lowrank_engines import explicit_columns, kron_columns
@@ -106,6 +107,9 @@ class LowRankGGN(GramSpectrum):
             matrix. ``"lapack"``: SciPy's tridiagonal reduction with eigenvectors only for the
             chosen directions (SciPy's OpenBLAS threads contend with torch's unless
             ``OPENBLAS_NUM_THREADS=1``; measurements in ``BENCHMARKS.md``).
+        dtype: The dtype of the columns and everything computed from them (default: float32 for
+            a bfloat16 or float16 model, else the parameters'; see
+            :class:`~secondorder.curvature.base.CurvatureOperator`).
 
     Raises:
         ValueError: For a loss without a likelihood, a bad ``mc_samples`` or ``engine``,
@@ -138,6 +142,7 @@ class LowRankGGN(GramSpectrum):
         generator: torch.Generator | None = None,
         engine: str = "auto",
         eigensolver: str = "auto",
+        dtype: torch.dtype | None = None,
     ) -> None:
         check_choice("eigensolver", eigensolver, EIGENSOLVERS)
         self.eigensolver = eigensolver
@@ -148,20 +153,23 @@ class LowRankGGN(GramSpectrum):
             )
         check_int("mc_samples", mc_samples, 0, "0: exact factor")
         engine = canonical_engine(engine, ENGINES)
-        self.fmodel = FunctionalModel(model, params)
+        self.fmodel = FunctionalModel(model, params, dtype)
         self.loss_fn = loss_fn
         self.mc_samples = mc_samples
         if mc_samples > 0 and generator is None:
             generator = torch.Generator(device=self.fmodel.device).manual_seed(0)
         self.generator = generator
-        batches = list(as_batches(data))
+        batches = [self.fmodel.cast_batch(b) for b in as_batches(data)]
         sizes = [b.size for b in batches]
         self.num_samples = sum(sizes)
         self._weights = batch_weights(loss_fn, batches, self.fmodel).weights(batches)
 
         built, why = None, None
         if engine != "autograd":
-            built, why = kron_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
+            with autocast_disabled():
+                built, why = kron_columns(
+                    self.fmodel, loss_fn, batches, self._weights, self._factor
+                )
         if built is None:
             if engine == "sequential":
                 raise ValueError(
@@ -171,7 +179,8 @@ class LowRankGGN(GramSpectrum):
                     f"that keep the samples apart and one loss row per sample; here {why}. "
                     "Use engine='autograd'"
                 )
-            built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
+            with autocast_disabled():
+                built = explicit_columns(self.fmodel, loss_fn, batches, self._weights, self._factor)
             self.engine = "autograd"
         else:
             self.engine = "sequential"
@@ -221,6 +230,7 @@ class LowRankGGN(GramSpectrum):
             raise ValueError(f"params: expected distinct parameters, at least one, got {block}")
         return tuple(block)
 
+    @full_precision
     def directional_derivatives(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -245,6 +255,7 @@ class LowRankGGN(GramSpectrum):
         lam, U = self._selected(indices, params)
         return self.derivatives_of_pairs(lam, U, params)
 
+    @full_precision
     def derivatives_of_pairs(
         self, lam: Tensor, U: Tensor, params: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -263,6 +274,7 @@ class LowRankGGN(GramSpectrum):
         lambdas = sq.new_zeros(self.num_samples, U.shape[1]).index_add_(0, self.column_sample, sq)
         return gammas, lambdas
 
+    @full_precision
     def factor_matmul(self, coeffs: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""Return :math:`V_{\mathrm{block}}\, c`, a combination of the columns of :math:`V`.
 
@@ -286,6 +298,7 @@ class LowRankGGN(GramSpectrum):
         out = torch.cat(parts, dim=1).T
         return out.reshape(-1) if coeffs.ndim == 1 else out
 
+    @full_precision
     def eigenvectors(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None = None
     ) -> Tensor:
@@ -313,6 +326,7 @@ class LowRankGGN(GramSpectrum):
         """
         return torch.cat([self._owner[i].gradient(i).reshape(-1) for i in self._block(params)])
 
+    @full_precision
     def factor(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """The matrix :math:`V` of the block, formed explicitly (for tests and small models).
 
@@ -325,6 +339,7 @@ class LowRankGGN(GramSpectrum):
         eye = torch.eye(self.num_columns, dtype=self.fmodel.dtype, device=self.fmodel.device)
         return self.factor_matmul(eye, params)
 
+    @full_precision
     def to_dense(self, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""The block's GGN :math:`V V^\top` as a dense matrix (for tests and small models).
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from .._checks import check_int
 from ..linalg.dense_eig import krylov_applies, top_eigh
 from ..linalg.lapack_tridiagonal import Tridiagonal
+from ..linalg.precision import full_precision
 from .lowrank_columns import Columns
 
 
@@ -71,6 +72,7 @@ class GramSpectrum:
                 entry["method"] = "lapack"
         return entry
 
+    @full_precision
     def leading_eigh(self, k: int, params: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         r"""The ``k`` largest eigenpairs :math:`(\lambda_j, u_j)` of the Gram matrix.
 
@@ -126,6 +128,7 @@ class GramSpectrum:
         """
         return self._entry(params).get("method")
 
+    @full_precision
     def gram(self, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""The Gram matrix :math:`V^\top V` of the block ``params``.
 
@@ -137,6 +140,7 @@ class GramSpectrum:
         """
         return self._entry(params)["gram"]
 
+    @full_precision
     def eigvalsh(self, params: Sequence[Tensor] | None = None) -> Tensor:
         r"""All eigenvalues of the Gram matrix in ascending order, shape ``(D,)``.
 
@@ -157,6 +161,7 @@ class GramSpectrum:
         """
         return self._spectrum(params)["evals"]
 
+    @full_precision
     def eigh(self, params: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         r"""Full eigendecomposition :math:`V^\top V = U \operatorname{diag}(\lambda) U^\top`.
 
@@ -202,6 +207,7 @@ class GramSpectrum:
             raise IndexError(f"eigenvalue indices must lie in [0, {D}), got {idx}")
         return idx
 
+    @full_precision
     def gram_eigenvectors(
         self, indices: Sequence[int] | Tensor, params: Sequence[Tensor] | None = None
     ) -> Tensor:

@@ -19,6 +19,7 @@ tensor input (or of its targets) is its size.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
+from ..linalg.precision import autocast_disabled
 from .attention import differentiable_attention
 from .twice_differentiable import TwiceDifferentiable, needs_twice_differentiable
 
@@ -38,7 +40,46 @@ try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all vie
 except AttributeError:  # pragma: no cover - older or future torch without it
     _unflatten_views = None
 
-__all__ = ["Batch", "FunctionalModel", "as_batches", "unwrap_compiled"]
+__all__ = [
+    "LOW_PRECISION",
+    "Batch",
+    "FunctionalModel",
+    "as_batches",
+    "compute_dtype",
+    "unwrap_compiled",
+]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Parameter dtypes whose curvature is computed in float32 by default."""
+
+
+def compute_dtype(param_dtype: torch.dtype, dtype: Any = None) -> torch.dtype:
+    """The dtype curvature products are computed in, for parameters of ``param_dtype``.
+
+    Args:
+        param_dtype: The dtype of the trainable parameters.
+        dtype: The user's choice, or None: float32 for bfloat16 and float16 parameters, else
+            the parameters' own dtype.
+
+    Returns:
+        A real floating-point dtype of at least 16 bits.
+
+    Raises:
+        TypeError: If ``dtype`` is not a ``torch.dtype`` or not a real floating-point one.
+    """
+    if dtype is None:
+        return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype: expected a torch.dtype such as torch.float32, got {type(dtype).__name__} "
+            f"{dtype!r}"
+        )
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise TypeError(
+            "dtype: expected a real floating-point dtype of at least 16 bits (torch.float32, "
+            f"torch.float64, torch.bfloat16, torch.float16), got {dtype}"
+        )
+    return dtype
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -209,18 +250,27 @@ class FunctionalModel:
             ``model.named_parameters()``. Given ``params`` keep their order: the flat vector
             (and every operator's rows and columns) lists them as given. Tied parameters count
             once.
+        dtype: The dtype the model is evaluated in and flat vectors are held in
+            (:func:`compute_dtype`; default float32 for bfloat16/float16 parameters, else the
+            parameters' dtype). When it differs from the parameters' dtype, :attr:`model` is a
+            copy of the module cast to ``dtype`` (:attr:`source` is the module itself): every
+            forward pass, linearisation and product runs in ``dtype`` at the values of the
+            module's parameters, whose trainable ones are read anew at every pass.
 
     Raises:
         ValueError: If no trainable parameter remains, or ``params`` holds a tensor that is not
             a parameter of ``model`` or the same tensor twice.
+        TypeError: For a ``dtype`` that is not a real floating-point dtype.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[Tensor] | None = None, dtype: Any = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         inner = unwrap_compiled(model)
         self.compiled: nn.Module | None = model if inner is not model else None
-        self.model = model = inner
+        self.model = model = self.source = inner
         self._stand_ins = needs_twice_differentiable(model)
         named = list(model.named_parameters())  # tied parameters appear once
         chosen: list[tuple[str, Tensor]]
@@ -263,17 +313,25 @@ class FunctionalModel:
         self.dim = sum(self.numels)
         # shape templates for the native unflatten (meta tensors: shapes without storage)
         self._shape_templates = [torch.empty(s, device="meta") for s in self.shapes]
-        self.dtype = self.params[0].dtype
+        self.param_dtype = self.params[0].dtype
+        self.dtype = compute_dtype(self.param_dtype, dtype)
         self.device = self.params[0].device
+        self.mixed = self.dtype != self.param_dtype
+        if self.mixed:
+            self.model = model = _cast_copy(model, self.dtype)
+            self._pairs = list(zip(self.source.modules(), model.modules()))
         chosen_ids = {id(p) for p in self.params}
         # every other parameter and buffer is passed as a constant
+        copied = dict(model.named_parameters())
         self._frozen = {
-            name: p.detach() for name, p in model.named_parameters() if id(p) not in chosen_ids
+            name: copied[name].detach()
+            for name, p in self.source.named_parameters()
+            if id(p) not in chosen_ids
         }
         # all names (tied duplicates included) of each chosen parameter, for module-wise engines
         self.alias: dict[str, int] = {}
         index = {id(p): i for i, p in enumerate(self.params)}
-        for name, p in model.named_parameters(remove_duplicate=False):
+        for name, p in self.source.named_parameters(remove_duplicate=False):
             if id(p) in index:
                 self.alias[name] = index[id(p)]
         # torch.func.functional_call leaves plain tensors in place of tied parameters (one
@@ -322,8 +380,67 @@ class FunctionalModel:
         return [part.view(*shape, k) for part, shape in zip(parts, self.shapes)]
 
     def current(self) -> Tensor:
-        """Return the current parameters as one flat vector (a copy)."""
-        return self.flatten([p.detach() for p in self.params])
+        """Return the current parameters as one flat vector (a copy, in :attr:`dtype`)."""
+        return self.flatten(self.values())
+
+    def values(self) -> list[Tensor]:
+        """The current parameters, detached, in :attr:`dtype` (views unless cast)."""
+        self.refresh()
+        return [p.detach().to(self.dtype) for p in self.params]
+
+    def refresh(self) -> None:
+        """Copy training flags, buffers and frozen parameters of :attr:`source` into :attr:`model`.
+
+        A no-op unless the model is evaluated in another dtype than its parameters' (the
+        trainable parameters' values come in with every pass).
+        """
+        if not self.mixed:
+            return
+        trainable = {id(p) for p in self.params}
+        with torch.no_grad():
+            for src, dst in self._pairs:
+                dst.training = src.training
+                for name, p in src._parameters.items():
+                    copied = dst._parameters.get(name)
+                    if p is not None and copied is not None and id(p) not in trainable:
+                        copied.copy_(p)
+                for name, buf in src._buffers.items():
+                    held = dst._buffers.get(name)
+                    if buf is None or held is None:
+                        dst._buffers[name] = None if buf is None else _cast(buf, self.dtype)
+                    elif held.shape != buf.shape or held.device != buf.device:
+                        dst._buffers[name] = _cast(buf, self.dtype)
+                    else:
+                        held.copy_(buf)
+
+    def cast_inputs(self, value: Any) -> Any:
+        """Floating-point tensors in ``value`` (any nesting) cast to :attr:`dtype`.
+
+        A no-op unless the model is evaluated in another dtype than its parameters'; integer
+        tensors (token ids, class labels) are left alone.
+
+        Args:
+            value: Inputs or targets of a batch.
+
+        Returns:
+            ``value`` with its floating-point tensors in :attr:`dtype`.
+        """
+        if not self.mixed:
+            return value
+        return tree_map(lambda t: _cast(t, self.dtype) if isinstance(t, Tensor) else t, value)
+
+    def cast_batch(self, batch: Batch) -> Batch:
+        """``batch`` with floating-point inputs and targets in :attr:`dtype` (:meth:`cast_inputs`).
+
+        Args:
+            batch: A batch.
+
+        Returns:
+            ``batch`` itself unless the model is evaluated in another dtype.
+        """
+        if not self.mixed:
+            return batch
+        return Batch(self.cast_inputs(batch.inputs), self.cast_inputs(batch.targets))
 
     def leaves(self, point: Tensor | None = None) -> list[Tensor]:
         """Return fresh leaf tensors (``requires_grad=True``) holding the parameters.
@@ -332,11 +449,13 @@ class FunctionalModel:
             point: A flat parameter vector to evaluate at; by default the module's current values.
 
         Returns:
-            One leaf per selected parameter; with no ``point`` they share the module's storage.
+            One leaf per selected parameter, in :attr:`dtype`; with no ``point`` they share the
+            module's storage unless cast.
         """
         if point is None:
-            return [p.detach().requires_grad_(True) for p in self.params]
-        return [t.detach().requires_grad_(True) for t in self.unflatten(point)]
+            return [t.requires_grad_(True) for t in self.values()]
+        self.refresh()
+        return [t.detach().to(self.dtype).requires_grad_(True) for t in self.unflatten(point)]
 
     # ------------------------------------------------------------- calling
     def parameter_dict(self, tensors: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -358,7 +477,9 @@ class FunctionalModel:
         Attention runs under :func:`~secondorder.curvature.attention.differentiable_attention`
         (the math kernel, no fused fast path), and functions without a second derivative in
         PyTorch under :class:`~secondorder.curvature.twice_differentiable.TwiceDifferentiable`
-        (models that hold them only), so that every derivative of the output exists.
+        (models that hold them only), so that every derivative of the output exists. Any
+        ``torch.autocast`` is switched off (:func:`autocast_disabled`); ``tensors`` and
+        floating-point inputs are cast to :attr:`dtype`.
 
         Args:
             tensors: Values of the selected parameters (in parameter shapes).
@@ -367,6 +488,10 @@ class FunctionalModel:
         Returns:
             The module's output.
         """
+        if self.mixed:
+            self.refresh()
+            tensors = [t.to(self.dtype) for t in tensors]
+            inputs = self.cast_inputs(inputs)
         try:
             with self.differentiable():
                 return functional_call(self.model, self.parameter_dict(tensors), inputs)
@@ -381,13 +506,59 @@ class FunctionalModel:
         It runs attention under
         :func:`~secondorder.curvature.attention.differentiable_attention`. For models that
         hold functions without a second derivative in PyTorch it also enters
-        :class:`~secondorder.curvature.twice_differentiable.TwiceDifferentiable`.
+        :class:`~secondorder.curvature.twice_differentiable.TwiceDifferentiable`. Any
+        ``torch.autocast`` is off inside (:func:`autocast_disabled`).
 
         Returns:
             The entered contexts, closed when the block exits.
         """
-        stack = ExitStack()
+        stack = autocast_disabled()
         stack.enter_context(differentiable_attention())
         if self._stand_ins:
             stack.enter_context(TwiceDifferentiable())
         return stack
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` if it is a real floating-point tensor, else ``t``."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are new tensors, floating ones in ``dtype``.
+
+    Modules are copied shallowly (:func:`copy.copy`: the same class and attributes) with their
+    own parameter, buffer, submodule and hook dictionaries; shared submodules and tied
+    parameters stay shared, and hooks stay registered (as on the module itself, whose passes
+    they would see). Nothing else is copied: not the gradients, not whatever a hook holds.
+    """
+    modules: dict[int, nn.Module] = {}
+    tensors: dict[int, Tensor] = {}
+
+    def tensor(t: Tensor, parameter: bool) -> Tensor:
+        if id(t) not in tensors:
+            with torch.no_grad():
+                data = t.detach().to(dtype, copy=True) if t.is_floating_point() else t.clone()
+            tensors[id(t)] = nn.Parameter(data, t.requires_grad) if parameter else data
+        return tensors[id(t)]
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in modules:
+            return modules[id(m)]
+        new = copy.copy(m)
+        modules[id(m)] = new
+        state = new.__dict__
+        for key, value in list(state.items()):
+            if "hook" in key and isinstance(value, dict):
+                state[key] = type(value)(value)
+        state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        state["_parameters"] = {
+            k: None if p is None else tensor(p, True) for k, p in m._parameters.items()
+        }
+        state["_buffers"] = {
+            k: None if b is None else tensor(b, False) for k, b in m._buffers.items()
+        }
+        state["_modules"] = {k: None if c is None else module(c) for k, c in m._modules.items()}
+        return new
+
+    return module(model)

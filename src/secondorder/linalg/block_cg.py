@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checks import residual_threshold
+from .precision import full_precision
 from .status import SolverStatus
 
 __all__ = ["BlockCGInfo", "block_cg"]
@@ -73,6 +74,7 @@ def _per_system(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
+@full_precision
 def block_cg(
     apply: Callable[[list[int], list[Tensor]], list[Tensor]],
     b: Sequence[Tensor] | Tensor,

@@ -33,6 +33,7 @@ from torch import Tensor
 from .cg_callbacks import CGState
 from .checks import _as_apply, _check_nonneg, _check_vector, residual_threshold
 from .operator import LinearOperator
+from .precision import full_precision
 from .status import SolverStatus
 
 __all__ = ["CGInfo", "CGStatus", "cg"]
@@ -141,6 +142,7 @@ def _wants_state(callback: Callable[..., Any]) -> bool:
 
 
 # ------------------------------------------------------------------------- cg
+@full_precision
 def cg(
     A: LinearOperator | Tensor | Callable[[Tensor], Tensor],
     b: Tensor,

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError
+from .precision import full_precision
 from .status import SolverStatus
 
 __all__ = ["TopEigh", "krylov_applies", "top_eigh"]
@@ -219,6 +220,7 @@ def _careful_block(
     return Qn, H, R, False  # pragma: no cover - the loop always returns
 
 
+@full_precision
 def top_eigh(
     A: Tensor,
     k: int,

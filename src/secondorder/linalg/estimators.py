@@ -33,6 +33,7 @@ from .checks import _check_int, _generator, _square_operator
 from .errors import NonFiniteError
 from .lanczos import lanczos_tridiag
 from .operator import LinearOperator
+from .precision import full_precision
 
 __all__ = [
     "diagonal_estimate",
@@ -131,6 +132,7 @@ def hutchinson_trace(
 ) -> tuple[float, float]: ...
 
 
+@full_precision
 def hutchinson_trace(
     A: Any,
     num_probes: int,
@@ -198,6 +200,7 @@ def hutchinson_trace(
     return estimate, stderr
 
 
+@full_precision
 def hutchpp_trace(
     A: Any,
     num_matvecs: int,
@@ -261,6 +264,7 @@ def hutchpp_trace(
 
 
 # ---------------------------------------------------------------- the diagonal
+@full_precision
 def diagonal_estimate(
     A: Any,
     num_probes: int,
@@ -315,6 +319,7 @@ def diagonal_estimate(
 
 
 # ---------------------------------------------------------- spectral density
+@full_precision
 def slq_nodes_weights(
     A: Any,
     *,
@@ -382,6 +387,7 @@ def slq_nodes_weights(
     )
 
 
+@full_precision
 def spectral_density(
     A: Any,
     *,

@@ -43,6 +43,7 @@ from .checks import _check_int, _check_start, _generator, _square_operator
 from .errors import NonFiniteError
 from .krylov import _randn
 from .operator import LinearOperator
+from .precision import full_precision
 from .status import SolverStatus
 from .thick_restart import _restarted_lanczos, _wanted
 from .tridiagonal import LanczosDecomposition, lanczos_tridiag
@@ -174,6 +175,7 @@ def lanczos(
 ) -> tuple[Tensor, Tensor, LanczosInfo]: ...
 
 
+@full_precision
 def lanczos(
     A: Any,
     k: int,
@@ -356,6 +358,7 @@ def _checked(
     return evals, evecs
 
 
+@full_precision
 def eigmax(
     A: Any,
     *,

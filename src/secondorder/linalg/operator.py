@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .precision import autocast_disabled
+
 __all__ = [
     "BlockDiagonal",
     "Dense",
@@ -86,8 +88,16 @@ class LinearOperator:
             raise ValueError(f"{what}: expected device {self.device}, got {x.device}")
 
     def matvec(self, x: Tensor) -> Tensor:
-        """Return ``A @ x`` for ``x`` of shape ``(n,)`` or ``(n, k)``, after checking it."""
+        """Return ``A @ x`` for ``x`` of shape ``(n,)`` or ``(n, k)``, after checking it.
+
+        The product is computed in the operator's dtype, also inside ``torch.autocast``
+        (:func:`~secondorder.linalg.precision.autocast_disabled`).
+        """
         self._check_input(x, self.shape[1], f"{type(self).__name__} @ x")
+        with autocast_disabled():
+            return self._apply_checked(x)
+
+    def _apply_checked(self, x: Tensor) -> Tensor:
         if x.ndim == 1:
             return self._matvec(x)
         if x.shape[1] == 0:  # no columns: nothing to apply (subclasses may not handle k = 0)
@@ -97,6 +107,10 @@ class LinearOperator:
     def rmatvec(self, x: Tensor) -> Tensor:
         """Return ``A.T @ x`` for ``x`` of shape ``(m,)`` or ``(m, k)``, after checking it."""
         self._check_input(x, self.shape[0], f"{type(self).__name__}.T @ x")
+        with autocast_disabled():
+            return self._rapply_checked(x)
+
+    def _rapply_checked(self, x: Tensor) -> Tensor:
         if x.ndim == 1:
             return self._rmatmat(x.unsqueeze(1)).squeeze(1)
         if x.shape[1] == 0:

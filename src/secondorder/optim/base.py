@@ -11,8 +11,13 @@ The contract implemented once, here, for every subclass:
   group before anything is touched);
   what evolves (step count, damping, CG warm start, random-generator state) lives in ``state``
   on the first parameter, so ``state_dict()``/``load_state_dict()`` round-trip exactly;
-- a subclass computes a *direction* ``d`` (flat, in the parameters' dtype and device) without
-  touching the parameters; the base applies ``theta_g <- theta_g + lr_g * d_g`` per group;
+- a subclass computes a *direction* ``d`` (flat, in the parameters' device and the compute
+  dtype ``self.fmodel.dtype``: the parameters' dtype, or float32 for bfloat16/float16
+  parameters) without touching the parameters; the base applies
+  ``theta_g <- theta_g + lr_g * d_g`` per group, rounding to the parameters' dtype only there
+  (``diagnostics["stalled_fraction"]``: the share of coordinates whose nonzero update
+  rounded away in bfloat16/float16). Inside ``torch.autocast`` the step's passes, products
+  and solves run with autocast switched off, in the compute dtype;
 - the non-finite guard: a NaN/Inf in the loss, the gradient, a curvature product or the
   direction leaves the parameters exactly as they were, marks the step rejected, lets the
   subclass react (raise its damping), warns with the reason on every rejection (counted in
@@ -57,6 +62,7 @@ from ..curvature.running_stats import (
     snapshot_running_stats,
 )
 from ..curvature.weighting import batch_weights
+from ..linalg.precision import autocast_disabled
 from .closure import FORMS, MISSING, batch_of, record_closure
 from .curvatures import CURVATURES, build_curvature
 from .distributed import check_ranks_agree
@@ -380,6 +386,8 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             self.fmodel.unflatten(direction),
             alpha=scale,
         )
+        if self.fmodel.mixed:  # the point the parameters would hold: rounded to their dtype
+            point = tuple(t.to(p.dtype) for t, p in zip(point, self._param_list))
         return self._loss_of(point, batches)
 
     def _loss_of(self, tensors: Sequence[Tensor], batches: Sequence[Batch]) -> Tensor:
@@ -465,9 +473,10 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             if norms:
                 with torch.no_grad():
                     for b in batches:  # a compiled model: the module underneath
-                        self.fmodel.model(*b.inputs)
+                        self.fmodel.source(*b.inputs)
                 stats_after = snapshot_running_stats(norms)
-            loss = self._step_body(batches, **kw)
+            with autocast_disabled():  # the step computes in self.fmodel.dtype
+                loss = self._step_body(batches, **kw)
         except BaseException as err:
             diag = self.diagnostics
             if diag.get("accepted", True):

@@ -106,11 +106,20 @@ class NonFiniteGuard:
                 self._reject("the scaled step lr * d is not finite")
                 return None
         self._before_update()
+        low = self.fmodel.param_dtype != self.fmodel.dtype  # the update is rounded when applied
+        before = [p.detach().clone() for p in self._param_list] if low else None
         if step is not None:
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(step))  # type: ignore[arg-type]
         else:
             assert not isinstance(lr, Tensor)
             torch._foreach_add_(self._param_list, self.fmodel.unflatten(direction), alpha=lr)
+        if before is not None:
+            moved = self.fmodel.flatten([(p != b) for p, b in zip(self._param_list, before)])
+            asked = (step if step is not None else direction) != 0
+            count = int(asked.sum())
+            self.diagnostics["stalled_fraction"] = (
+                float((asked & ~moved).sum()) / count if count else 0.0
+            )
         return norm
 
     def _with_momentum(self, direction: Tensor, norm: float) -> tuple[Tensor, float]:

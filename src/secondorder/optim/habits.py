@@ -68,8 +68,8 @@ class GradientHabits:
             return False
         with torch.no_grad():
             for p, g in zip(self.fmodel.params, self.fmodel.unflatten(grad)):
-                if p.grad is None or p.grad.shape != p.shape:
-                    p.grad = g.detach().clone()
+                if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                    p.grad = g.detach().to(p.dtype, copy=True)  # a float32 gradient rounded
                 else:
                     p.grad.copy_(g)
             clip = 1.0

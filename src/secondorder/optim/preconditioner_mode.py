@@ -39,6 +39,7 @@ from .._checks import check_choice, check_positive
 from ..curvature.running_stats import frozen_running_stats
 from ..linalg.cg import cg
 from ..linalg.operator import Identity
+from ..linalg.precision import autocast_disabled
 from ..linalg.status import SolverStatus
 from .closure import MISSING, BatchRecorder, batch_of
 from .curvatures import CURVATURES, build_curvature
@@ -116,6 +117,10 @@ class CurvaturePreconditioner:
         Raises:
             ValueError: If a parameter has no ``.grad`` or no batch can be found.
         """
+        with autocast_disabled():  # the solve runs in the curvature's dtype
+            return self._step(inputs, targets)
+
+    def _step(self, inputs: Any, targets: Any) -> dict[str, Any]:
         if inputs is MISSING:
             batch = self._recorder.batch(
                 "call pre.step(inputs, targets) with the batch of the gradient instead"
@@ -153,7 +158,8 @@ class CurvaturePreconditioner:
                 process_group=self.process_group,
                 **({"num_samples": self.num_samples} if self.curvature == "fisher_mc" else {}),
             )
-            A = C + Identity(C.shape[0], dtype=grad.dtype, device=grad.device) * self.damping
+            grad = grad.to(C.dtype)  # solved in float32 for bfloat16/float16 parameters
+            A = C + Identity(C.shape[0], dtype=C.dtype, device=grad.device) * self.damping
             x0 = self.state.get("x0") if self.warm_start else None
             d, info = cg(A, grad, x0, rtol=self.cg_rtol, maxiter=self.cg_maxiter)
         diag.update(cg_iterations=info.iterations, cg_residual=info.residual_norm)
@@ -164,7 +170,7 @@ class CurvaturePreconditioner:
             self.state["x0"] = d.detach().clone()
         with torch.no_grad():
             for p, part in zip(self.params, d.split([p.numel() for p in self.params])):
-                p.grad.copy_(part.view_as(p))  # type: ignore[union-attr]
+                p.grad.copy_(part.view_as(p))  # type: ignore[union-attr]  # rounded to p.dtype
         diag["accepted"] = True
         return diag
 
