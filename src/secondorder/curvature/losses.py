@@ -13,9 +13,11 @@ materialising any matrix:
 
 **Rows.** One row is one prediction: one position of one sample. For ``CrossEntropyLoss`` on
 outputs ``(N, C, *d)`` a row is every index except the class dimension 1 (``N prod(d)`` rows of
-``C`` entries); for ``MSELoss`` and ``BCEWithLogitsLoss`` on outputs ``(N, *d, D)`` a row is
-every index except the last (feature) dimension (``N prod(d)`` rows of ``D`` entries), so
-``(N, D)`` outputs give ``N`` rows and ``(N,)`` outputs ``N`` rows of one entry. The empirical
+``C`` entries), for :class:`~.sequence_loss.SequenceCrossEntropyLoss` on class-last logits
+``(N, *d, C)`` likewise every index except the last (one row per token); for ``MSELoss`` and
+``BCEWithLogitsLoss`` on outputs ``(N, *d, D)`` a row is every index except the last (feature)
+dimension (``N prod(d)`` rows of ``D`` entries), so ``(N, D)`` outputs give ``N`` rows and
+``(N,)`` outputs ``N`` rows of one entry. The empirical
 Fisher :math:`s \sum_r J_r^\top \nabla\ell_r \nabla\ell_r^\top J_r`, its diagonal, the
 Monte-Carlo Fisher and the low-rank GGN's factors all use these rows (as curvlinops does).
 
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .sequence_loss import SequenceCrossEntropyLoss, check_sequence_targets
 from .weighting import torch_loss_class
 
 __all__ = ["LossTerms", "check_targets", "loss_terms", "supports_likelihood"]
@@ -171,12 +174,17 @@ class _RowLoss(LossTerms):
 class _CrossEntropy(_RowLoss):
     r"""Softmax cross-entropy, :math:`\nabla^2\ell_r = t_r(\operatorname{diag}p_r - p_r p_r^\top)`.
 
-    :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows).
+    :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows). Classes lie
+    on dimension 1 (torch's ``CrossEntropyLoss``) or, with ``class_last``, on the last dimension
+    (:class:`~.sequence_loss.SequenceCrossEntropyLoss`); both give the same rows.
     """
 
-    def __init__(self, loss_fn: nn.CrossEntropyLoss, z: Tensor, targets: Tensor) -> None:
+    def __init__(
+        self, loss_fn: nn.CrossEntropyLoss, z: Tensor, targets: Tensor, class_last: bool = False
+    ) -> None:
         super().__init__(z)
-        self._classdim_last = z.ndim > 2
+        self._class_last = class_last
+        self._classdim_last = z.ndim > 2 and not class_last  # classes on dim 1 move last
         rows = self.to_rows(self.z)
         C = rows.shape[-1]
         logp = rows.log_softmax(-1)
@@ -201,6 +209,8 @@ class _CrossEntropy(_RowLoss):
         self.grad_output = self.from_rows(self._row_grad * self._scale)
 
     def to_rows(self, U: Tensor) -> Tensor:
+        if self._class_last:
+            return super().to_rows(U)
         if self.z.ndim == 1:  # unbatched (C,): one row
             return U.unsqueeze(-2)
         if not self._classdim_last:
@@ -209,6 +219,8 @@ class _CrossEntropy(_RowLoss):
         return U.movedim(lead + 1, -1).reshape(*U.shape[:lead], -1, self.z.shape[1])
 
     def from_rows(self, rows: Tensor) -> Tensor:
+        if self._class_last:
+            return super().from_rows(rows)
         if self.z.ndim == 1:
             return rows.squeeze(-2)
         if not self._classdim_last:
@@ -326,6 +338,10 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
     if cls is None or not isinstance(z, Tensor):
         return
     name = cls.__name__
+    if cls is SequenceCrossEntropyLoss:
+        check_sequence_targets(z, targets)
+        _check_class_range(name, loss_fn, targets, z.shape[-1])
+        return
     got = f"got {type(targets).__name__}"
     if isinstance(targets, Tensor):
         got = f"got shape {tuple(targets.shape)} and dtype {targets.dtype}"
@@ -346,13 +362,7 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
         if isinstance(targets, Tensor) and targets.dtype in (torch.int64, torch.uint8):
             if tuple(targets.shape) != index_shape:
                 raise ValueError(f"{name}: expected targets as {expected}; {got}")
-            keep = targets != loss_fn.ignore_index
-            kept = targets[keep]
-            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= C):
-                raise ValueError(
-                    f"{name}: class indices must lie in [0, {C}) or equal ignore_index="
-                    f"{loss_fn.ignore_index}; got values in [{int(kept.min())}, {int(kept.max())}]"
-                )
+            _check_class_range(name, loss_fn, targets, C)
             return
         if probs and isinstance(targets, Tensor) and targets.dtype.is_floating_point:
             if targets.shape == z.shape:
@@ -371,6 +381,18 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
         )
 
 
+def _check_class_range(name: str, loss_fn: Any, targets: Tensor, C: int) -> None:
+    """Refuse class indices outside ``[0, C)`` other than ``ignore_index``."""
+    if targets.dtype.is_floating_point:
+        return
+    kept = targets[targets != loss_fn.ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= C):
+        raise ValueError(
+            f"{name}: class indices must lie in [0, {C}) or equal ignore_index="
+            f"{loss_fn.ignore_index}; got values in [{int(kept.min())}, {int(kept.max())}]"
+        )
+
+
 def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
     """Whether ``loss_fn`` is a core loss with a known likelihood (for Fisher kinds).
 
@@ -379,14 +401,15 @@ def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
         targets: Optional targets of one batch (cross-entropy with class weights is generic).
 
     Returns:
-        True for ``CrossEntropyLoss`` (no class weights), ``MSELoss`` and ``BCEWithLogitsLoss``
-        (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or ``"sum"`` and torch's
-        own ``forward`` (a subclass overriding it gets False).
+        True for ``CrossEntropyLoss`` and
+        :class:`~.sequence_loss.SequenceCrossEntropyLoss` (no class weights), ``MSELoss`` and
+        ``BCEWithLogitsLoss`` (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or
+        ``"sum"`` and its own class's ``forward`` (a subclass overriding it gets False).
     """
     cls = torch_loss_class(loss_fn)  # a subclass with its own forward is generic
     if cls is None or getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
         return False
-    if cls is nn.CrossEntropyLoss:
+    if cls in (nn.CrossEntropyLoss, SequenceCrossEntropyLoss):
         return loss_fn.weight is None
     if cls is nn.MSELoss:
         return True
@@ -422,6 +445,8 @@ def loss_terms(loss_fn: Any, z: Tensor, targets: Any) -> LossTerms:
     if supports_likelihood(loss_fn) and isinstance(targets, Tensor):
         if type(loss_fn).forward is nn.CrossEntropyLoss.forward:
             return _CrossEntropy(loss_fn, z, targets)
+        if type(loss_fn).forward is SequenceCrossEntropyLoss.forward:
+            return _CrossEntropy(loss_fn, z, targets, class_last=True)
         if type(loss_fn).forward is nn.MSELoss.forward:
             return _MSE(loss_fn, z, targets)
         return _BCEWithLogits(loss_fn, z, targets)  # type: ignore[arg-type]
