@@ -263,3 +263,37 @@ def test_bad_inputs_are_refused() -> None:
     assert torch.allclose(G1, G2, rtol=1e-12, atol=1e-14)
     # torch's own mean over no token is nan; the loss class keeps torch's value
     assert torch.isnan(loss_fn(torch.randn(1, 2, V), torch.full((1, 2), -100)))
+
+
+@pytest.mark.parametrize("chunk_elements", [10, 100, 2**22])
+@pytest.mark.parametrize(
+    "loss_fn, shape, classes_last",
+    [
+        (nn.CrossEntropyLoss(ignore_index=1), (5, V, 3, 2), False),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), (6, V), False),
+        (so.SequenceCrossEntropyLoss(ignore_index=1), (5, 3, 2, V), True),
+        (so.SequenceCrossEntropyLoss(reduction="sum"), (5, 3, V), True),
+    ],
+    ids=["ce_dim1", "ce_2d", "seqce_4d", "seqce_sum"],
+)
+def test_output_hessian_in_chunks_of_samples(
+    chunk_elements: int, loss_fn: Any, shape: tuple[int, ...], classes_last: bool, monkeypatch: Any
+) -> None:
+    """The cross-entropy's output-Hessian product, in chunks of samples, against
+    ``jacrev(grad(loss))`` on the logits (dense float64), for one and for four columns."""
+    from torch.func import grad, jacrev
+
+    from secondorder.curvature import losses
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*shape, generator=g, dtype=DT)
+    tshape = shape[:-1] if classes_last else (shape[0], *shape[2:])
+    y = torch.randint(0, V, tshape, generator=g)
+    H = jacrev(grad(lambda zz: loss_fn(zz.view(shape), y)))(z.reshape(-1))
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+    terms = losses.loss_terms(loss_fn, z, y)
+    U = torch.randn(4, *shape, generator=g, dtype=DT)
+    got = terms.hessian_matmat(U)
+    want = (U.reshape(4, -1) @ H).reshape(U.shape)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(terms.hessian_matmat(U[0]), want[0], rtol=1e-12, atol=1e-14)

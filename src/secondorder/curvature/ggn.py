@@ -99,6 +99,8 @@ class GGN(CurvatureOperator):
         if fused is not None:
             return _GGNState(lin, fused)
         terms = loss_terms(self.loss_fn, lin.z, batch.targets)
+        if getattr(lin, "path", None) == "graph":  # its outputs serve only as a shape now
+            lin.z = terms.z  # (cross-entropy: a placeholder; the logits are freed)
         self._psd = self._psd and terms.is_psd
         return _GGNState(lin, terms)
 
@@ -126,7 +128,9 @@ class GGN(CurvatureOperator):
                 if batched
                 else state.lin.z.shape
             )
-        return state.lin.vjp(self._output_matmat(state, jv), indices, batched)
+        u = self._output_matmat(state, jv)
+        del jv  # not alive during the reverse pass
+        return state.lin.vjp(u, indices, batched)
 
     def _apply_into(
         self,
@@ -144,6 +148,7 @@ class GGN(CurvatureOperator):
         if jv is None:  # the tangent does not reach the outputs: nothing to add
             return
         u = self._output_matmat(state, jv)
+        del jv  # not alive during the reverse pass
         state.lin.vjp_into(u * weight if weight != 1.0 else u, out, indices)
 
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:

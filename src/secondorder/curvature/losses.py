@@ -47,6 +47,9 @@ from .weighting import torch_loss_class
 
 __all__ = ["LossTerms", "check_targets", "loss_terms", "supports_likelihood"]
 
+#: entries of U above which a cross-entropy Hessian product runs in chunks of samples
+_CHUNK_ELEMENTS = 2**20
+
 
 class LossTerms:
     r"""Output-space quantities of one batch's loss at outputs ``z`` (base class: autograd).
@@ -190,23 +193,46 @@ class _CrossEntropy(_RowLoss):
         logp = rows.log_softmax(-1)
         self.p = logp.exp()
         eps = float(loss_fn.label_smoothing)
+        self._eps, self._t_probs, self._y = eps, None, None  # the targets, for the gradients
         if targets.dtype.is_floating_point:  # class probabilities
             t = self.to_rows(targets.to(z.dtype))
             weight = t.sum(-1, keepdim=True)
             t = (1 - eps) * t + eps / C * weight
+            self._t_probs = t
+            total = -(t * logp).sum()
         else:
             y = targets.reshape(-1).long()  # uint8 indices too, as torch
             keep = y != loss_fn.ignore_index
             weight = keep.to(z.dtype).unsqueeze(-1)
-            t = F.one_hot(torch.where(keep, y, 0), C).to(z.dtype)
-            t = ((1 - eps) * t + eps / C) * weight
+            self._y = torch.where(keep, y, 0).unsqueeze(-1)  # (R, 1)
+            picked = logp.gather(-1, self._y)
+            total = -(((1 - eps) * picked + eps / C * logp.sum(-1, keepdim=True)) * weight).sum()
+        del logp
         self.row_weight = weight  # (R, 1)
         n_rows = float(weight.sum()) if not targets.dtype.is_floating_point else rows.shape[0]
         self._scale = 1.0 / max(n_rows, 1.0) if loss_fn.reduction == "mean" else 1.0
         self._row_scale = weight * self._scale  # (R, 1): t_r s
-        self.value = -(t * logp).sum() * self._scale
-        self._row_grad = self.p * weight - t
-        self.grad_output = self.from_rows(self._row_grad * self._scale)
+        self.value = total * self._scale
+        # from here on only the outputs' shape is needed (p is kept): a placeholder that holds
+        # no (R, C) storage, so an owner that drops its own reference frees the logits
+        self.z = self.z.new_zeros(()).expand(self.z.shape)
+
+    # the per-row gradients are built when asked for, not kept beside p: (R, C) entries each
+    def per_row_gradients(self) -> Tensor:
+        r"""Unreduced :math:`\nabla\ell_r = t_r p_r - y_r` (smoothed targets), shape (R, C)."""
+        g = self.p * self.row_weight
+        if self._t_probs is not None:
+            return g.sub_(self._t_probs)
+        assert self._y is not None
+        C = g.shape[-1]
+        if self._eps:
+            g.sub_(self.row_weight * (self._eps / C))
+        return g.scatter_add_(-1, self._y, self.row_weight * (self._eps - 1.0))
+
+    @property
+    def grad_output(self) -> Tensor:  # type: ignore[override]
+        r""":math:`\nabla_z L`, shape of ``z`` (built when asked for)."""
+        return self.from_rows(self.per_row_gradients().mul_(self._scale))
 
     def to_rows(self, U: Tensor) -> Tensor:
         if self._class_last:
@@ -234,10 +260,44 @@ class _CrossEntropy(_RowLoss):
         return (pu - self.p * pu.sum(-1, keepdim=True)) * self.row_weight
 
     def hessian_matmat(self, U: Tensor) -> Tensor:
+        lead = U.ndim - self.z.ndim
+        n = self.z.shape[0] if self.z.ndim >= 2 else 1
+        step = max(1, _CHUNK_ELEMENTS * n // max(1, U.numel()))  # samples per chunk
+        if step >= n:
+            return self.from_rows(self._row_product(self.to_rows(U), self.p, self._row_scale))
+        # large outputs: chunks of samples written into one result in U's layout, so no
+        # temporary of U's size besides the result (the rows of a sample are consecutive)
+        out = torch.empty_like(U)
+        per = self.p.shape[0] // n  # rows per sample
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            part = U[(slice(None),) * lead + (slice(a, b),)]
+            rows = self._chunk_rows(part, lead)
+            res = self._row_product(
+                rows, self.p[a * per : b * per], self._row_scale[a * per : b * per]
+            )
+            out[(slice(None),) * lead + (slice(a, b),)] = self._chunk_unrows(res, part.shape, lead)
+        return out
+
+    @staticmethod
+    def _row_product(rows: Tensor, p: Tensor, row_scale: Tensor) -> Tensor:
         # s t_r (p_r * u_r - p_r (p_r . u_r)) in four operations (the products' inner loop)
-        pu = self.p * self.to_rows(U)
-        out = torch.addcmul(pu, self.p, pu.sum(-1, keepdim=True), value=-1.0)
-        return self.from_rows(out.mul_(self._row_scale))
+        pu = p * rows
+        out = torch.addcmul(pu, p, pu.sum(-1, keepdim=True), value=-1.0)
+        return out.mul_(row_scale)
+
+    def _chunk_rows(self, part: Tensor, lead: int) -> Tensor:
+        """Rows ``(.., r, C)`` of ``part``, a slice of samples of a ``z``-shaped tensor."""
+        if self._classdim_last:  # classes on dim 1
+            part = part.movedim(lead + 1, -1)
+        return part.reshape(*part.shape[:lead], -1, part.shape[-1])
+
+    def _chunk_unrows(self, rows: Tensor, shape: torch.Size, lead: int) -> Tensor:
+        """Inverse of :meth:`_chunk_rows` for a slice of shape ``shape``."""
+        if not self._classdim_last:
+            return rows.reshape(shape)
+        moved = (*shape[:lead], shape[lead], *shape[lead + 2 :], shape[lead + 1])
+        return rows.reshape(moved).movedim(-1, lead + 1)
 
     def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         C = self.p.shape[-1]
