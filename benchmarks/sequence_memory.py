@@ -3,9 +3,13 @@
 The model: token and position embeddings (d 64), 2 pre-LayerNorm blocks (4 heads, causal
 ``F.scaled_dot_product_attention``, GELU feed-forward 4d), a final LayerNorm and a vocabulary
 head (32,000) tied to the token embedding or untied; N 8 sequences of T 64 tokens, float32, the
-last 8 tokens of every sequence padding (``ignore_index=-100``). The loss is
-``so.SequenceCrossEntropyLoss`` on the class-last logits (``--loss torch`` uses
-``nn.CrossEntropyLoss`` on ``logits.transpose(1, 2)`` instead, through the reference path).
+last 8 tokens of every sequence padding (``ignore_index=-100``). Three losses:
+
+- ``seq``: ``so.SequenceCrossEntropyLoss()`` on the class-last logits (the output Hessian in
+  closed form, keeping the probabilities);
+- ``seq_chunked``: ``so.SequenceCrossEntropyLoss(chunk_size=--chunk)``, the fused head path
+  (``curvature/fused_head.py``), which keeps nothing of ``N T V`` entries;
+- ``torch``: ``nn.CrossEntropyLoss()`` on ``logits.transpose(1, 2)``.
 
 Measured (each with ``_harness.peak_memory``: torch's profiler replays every CPU tensor
 allocation and free, the peak of the live tensor bytes on top of what was alive before; no
@@ -18,8 +22,10 @@ allocator slack, no Python objects):
   the product's own peak (the linearisation reused);
 - **build + product**: the larger of the build's peak and the product's footprint.
 
-Ratios are to the gradient's peak. The target: product footprint <= 1.5.
-``python benchmarks/sequence_memory.py [--vocab 32000] [--tied both] [--loss seq|torch|both]``.
+Ratios are to the gradient's peak. The target: product footprint <= 1.5. Times (median of
+``--repeats`` interleaved samples, ``_harness.time_interleaved``) are per product with the
+operator built, against ``torch.autograd.grad`` of the loss.
+``python benchmarks/sequence_memory.py [--vocab 32000] [--tied both] [--loss all] [--chunk 128]``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import time
 from typing import Any
 
 import torch
@@ -35,7 +40,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import secondorder as so
-from _harness import markdown_table, peak_memory  # type: ignore[import-not-found]
+from _harness import (  # type: ignore[import-not-found]
+    markdown_table,
+    peak_memory,
+    time_interleaved,
+)
 
 
 class Block(nn.Module):
@@ -93,7 +102,8 @@ def _problem(args: Any, tied: bool, loss: str) -> tuple[nn.Module, Any, Tensor, 
     y[:, -8:] = -100
     if loss == "torch":
         return Transposed(gpt), nn.CrossEntropyLoss(), x, y
-    return gpt, so.SequenceCrossEntropyLoss(), x, y
+    chunk = args.chunk if loss == "seq_chunked" else None
+    return gpt, so.SequenceCrossEntropyLoss(chunk_size=chunk), x, y
 
 
 def _mb(n: int) -> float:
@@ -111,19 +121,19 @@ def measure(args: Any, tied: bool, loss: str) -> dict[str, Any]:
     grad_usage, _ = peak_memory(gradient)
     for p in params:
         p.grad = None
-    t0 = time.perf_counter()
-    gradient()
-    t_grad = time.perf_counter() - t0
-    for p in params:
-        p.grad = None
     so.GGN(model, loss_fn, (x, y))  # first build: traces and checks the model
     gc.collect()
     build_usage, G = peak_memory(lambda: so.GGN(model, loss_fn, (x, y)))
     v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(1))
     prod_usage, Gv = peak_memory(lambda: G @ v)
-    t0 = time.perf_counter()
-    G @ v
-    t_prod = time.perf_counter() - t0
+
+    def grad_only() -> None:
+        torch.autograd.grad(loss_fn(model(x), y), params)
+
+    times = time_interleaved(
+        {"gradient": grad_only, "product": lambda: G @ v}, repeats=args.repeats, warmup=1
+    )
+    t_grad, t_prod = times["gradient"].quantile(0.5), times["product"].quantile(0.5)
     footprint = build_usage.retained + prod_usage.peak
     g = grad_usage.peak
     ntv = args.N * args.T * args.vocab * 4
@@ -137,7 +147,7 @@ def measure(args: Any, tied: bool, loss: str) -> dict[str, Any]:
         "product peak MiB": _mb(prod_usage.peak),
         "GGN·v / gradient": footprint / g,
         "build+product / gradient": max(build_usage.peak, footprint) / g,
-        "time GGN·v / gradient": t_prod / t_grad,
+        "time GGN·v / gradient (median)": t_prod / t_grad,
         "finite": bool(torch.isfinite(Gv).all()) and math.isfinite(float(Gv.norm())),
     }
 
@@ -152,12 +162,14 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=64)
     parser.add_argument("--N", type=int, default=8)
     parser.add_argument("--tied", choices=("yes", "no", "both"), default="both")
-    parser.add_argument("--loss", choices=("seq", "torch", "both"), default="both")
+    parser.add_argument("--loss", choices=("seq", "seq_chunked", "torch", "all"), default="all")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk (seq_chunked)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7, help="timing samples per quantity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ties = {"yes": [True], "no": [False], "both": [True, False]}[args.tied]
-    losses = {"seq": ["seq"], "torch": ["torch"], "both": ["seq", "torch"]}[args.loss]
+    losses = ["seq", "seq_chunked", "torch"] if args.loss == "all" else [args.loss]
     rows = [measure(args, tied, loss) for tied in ties for loss in losses]
     headers = list(rows[0])
     cells = [

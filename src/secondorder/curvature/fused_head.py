@@ -1,10 +1,11 @@
 r"""Fast path: a vocabulary head and the cross-entropy applied together, in chunks of rows.
 
-For a model whose last step is an ``nn.Linear`` head :math:`z = h W^\top + b` (``W`` tied to an
-input embedding or not) and :class:`~.sequence_loss.SequenceCrossEntropyLoss` with class-index
-targets, one GGN product of the graph engine (:mod:`.engines.graph`) would hold the tangent
-:math:`J v` of all :math:`R = N T` rows of :math:`V` logits, its image under the output
-Hessian, the logits and the probabilities: several ``(R, V)`` tensors. Here the head step is
+Taken where :class:`~.sequence_loss.SequenceCrossEntropyLoss` is given a ``chunk_size``
+(opt-in: it trades time for memory). For a model whose last step is an ``nn.Linear`` head
+:math:`z = h W^\top + b` (``W`` tied to an input embedding or not) and that loss with
+class-index targets, the reference path keeps the probabilities of all :math:`R = N T`
+rows of :math:`V` logits and each GGN product builds the tangent :math:`J v` and its image
+under the output Hessian, ``(R, V)`` tensors each. Here the head step is
 split off the linearisation (which then ends at :math:`h`), and for each chunk of rows
 :math:`c`
 
@@ -20,7 +21,8 @@ split off the linearisation (which then ends at :math:`h`), and for each chunk o
 body's reverse pass runs from :math:`\bar h`; the gradient is the same with
 :math:`u_c = s\,(t_c p_c - y_c)`. The logits are recomputed per chunk from :math:`h` and
 the stored row log-normalisers, so no tensor of ``R V`` entries is kept or built:
-at most ``chunk_size`` rows of ``V`` (``K`` columns) at a time. The head's own layer rule
+at most ``chunk_size`` rows of ``V`` (``K`` columns) at a time; the price is one more head
+matrix product (the logits) per chunk and product. The head's own layer rule
 computes :math:`dz_c` and the cotangents, so the products are the reference's
 (:class:`~.losses.LossTerms` on the full logits) up to rounding.
 """
@@ -43,19 +45,14 @@ from .weighting import torch_loss_class
 
 __all__ = ["FusedHead", "fused_head"]
 
-#: entries of one chunk's (columns x rows x V) tensors when the loss gives no chunk_size
-CHUNK_ELEMENTS = 2**22
-#: the fast path is taken wherever it applies (tests turn it off to compare with the reference)
-ENABLED = True
-
 
 def fused_head(lin: Any, loss_fn: Any, targets: Any) -> FusedHead | None:
     """Split the head off ``lin`` and return the fused head, or None where it does not apply.
 
     It applies to a :class:`~.engines.graph.GraphLinearization` whose last step is an
     ``nn.Linear`` on class-last outputs, with :class:`~.sequence_loss.SequenceCrossEntropyLoss`
-    (its own ``forward``, no class weights, reduction ``"mean"`` or ``"sum"``) and class-index
-    targets. ``lin`` is changed (it ends at the head's input) only where it applies.
+    (its own ``forward``, a ``chunk_size``, no class weights, reduction ``"mean"`` or ``"sum"``)
+    and class-index targets. ``lin`` is changed (it ends at the head's input) only where it applies.
 
     Args:
         lin: One batch's linearisation.
@@ -68,7 +65,7 @@ def fused_head(lin: Any, loss_fn: Any, targets: Any) -> FusedHead | None:
     Raises:
         ValueError: For targets the loss refuses (:func:`~.losses.check_targets`).
     """
-    if not ENABLED or torch_loss_class(loss_fn) is not SequenceCrossEntropyLoss:
+    if torch_loss_class(loss_fn) is not SequenceCrossEntropyLoss or loss_fn.chunk_size is None:
         return None
     if loss_fn.weight is not None or loss_fn.reduction not in ("mean", "sum"):
         return None
@@ -121,11 +118,11 @@ class FusedHead:
         count = float(self.keep.sum())
         self.scale = 1.0 / max(count, 1.0) if loss_fn.reduction == "mean" else 1.0
         self.eps = float(loss_fn.label_smoothing)
-        self.chunk_size = getattr(loss_fn, "chunk_size", None)
+        self.chunk_size: int = loss_fn.chunk_size
         R = self.h.shape[0]
         self.lse = h.new_empty(R)  # log-normaliser of every row
         total = h.new_zeros(())
-        for a, b in self._chunks(1):
+        for a, b in self._chunks():
             z = self._logits(a, b)
             lse = torch.logsumexp(z, -1)
             self.lse[a:b] = lse
@@ -135,9 +132,8 @@ class FusedHead:
         self.value = total * self.scale
 
     # ------------------------------------------------------------------ pieces
-    def _chunks(self, columns: int) -> list[tuple[int, int]]:
-        R = self.h.shape[0]
-        step = self.chunk_size or max(1, CHUNK_ELEMENTS // max(1, columns * self.V))
+    def _chunks(self) -> list[tuple[int, int]]:
+        R, step = self.h.shape[0], self.chunk_size
         return [(a, min(a + step, R)) for a in range(0, R, step)]
 
     def _logits(self, a: int, b: int) -> Tensor:
@@ -178,7 +174,7 @@ class FusedHead:
         lead = (K,) if batched else ()
         cot_h = self.h.new_zeros(*lead, *self.h.shape) if need_h else None
         head_grads = {i: g for i, g in grads.items() if i in self.step.params.values()}
-        for a, b in self._chunks(K):
+        for a, b in self._chunks():
             chunk = self._chunk_step(a, b)
             dz = None
             if tangents is not None:

@@ -32,9 +32,12 @@ naming the expected and the given shapes. A ``"mean"`` over a batch whose every 
 ignored is :math:`0/0`: torch returns ``nan``, and so does this loss; the curvature operators
 skip such a batch (weight 0) and refuse data whose every target is ignored.
 
-**Large vocabularies.** When the model ends with an ``nn.Linear`` head (tied to the input
-embedding or not), the GGN and the exact Fisher apply head and loss together, over chunks of
-``chunk_size`` rows (:mod:`.fused_head`), so no ``(N T, V)`` tangent is held in full.
+**Large vocabularies.** No curvature product forms a ``(V, V)`` matrix: the output Hessian
+:math:`s\,t(\operatorname{diag} p - p p^\top)` is applied in closed form, keeping the
+probabilities ``(N T, V)``. With a ``chunk_size`` and a model that ends with an ``nn.Linear``
+head (tied to the input embedding or not), the GGN and the exact Fisher apply head and loss
+together over chunks of ``chunk_size`` tokens (:mod:`.fused_head`): nothing of ``N T V``
+entries is kept or built, for one more head matrix product per chunk.
 """
 
 from __future__ import annotations
@@ -96,9 +99,9 @@ class SequenceCrossEntropyLoss(nn.CrossEntropyLoss):
         reduction: ``"mean"`` (over non-ignored tokens), ``"sum"`` or ``"none"`` (per token,
             shape ``(N, T)``; curvature needs a scalar).
         label_smoothing: As torch.
-        chunk_size: Rows (tokens) per chunk in the GGN's fused head products (default: as many
-            as keep a chunk's ``(rows, V)`` tensors under :math:`2^{22}` entries); it changes
-            the memory of curvature products, never their value.
+        chunk_size: Tokens per chunk in the fused head products of the GGN and the exact
+            Fisher (module docstring); None (default) keeps the probabilities instead. It
+            changes the memory and time of curvature products, not their value.
 
     Example:
         >>> import torch
