@@ -291,3 +291,37 @@ def test_output_hessian_in_chunks_of_samples(
     want = (U.reshape(4, -1) @ H).reshape(U.shape)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
     assert torch.allclose(terms.hessian_matmat(U[0]), want[0], rtol=1e-12, atol=1e-14)
+
+
+def test_per_sample_gradients_are_per_sequence() -> None:
+    """A sample is one sequence: its own mean over its tokens; padding only adds zero."""
+    model = _lm(True)
+    x, y = _data("tokens")  # sequence 1 is padding only
+    loss_fn = so.SequenceCrossEntropyLoss()
+    got = so.curvature.per_sample_gradient_diagonal(
+        model, loss_fn, [(x[:4], y[:4]), (x[4:], y[4:])]
+    )
+    params = list(model.parameters())
+    want = torch.zeros_like(got)
+    for i in range(N):
+        if (y[i] != -100).any():
+            g = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
+            want += torch.cat([t.reshape(-1) for t in g]).square()
+    assert torch.allclose(got, want / N, rtol=1e-12, atol=1e-15)
+    other = so.curvature.per_sample_gradient_diagonal(
+        Transposed(model), nn.CrossEntropyLoss(), (x, y)
+    )
+    assert torch.allclose(got, other, rtol=1e-12, atol=1e-15)
+
+
+def test_factors_of_vocabulary_size_squared_are_refused(monkeypatch: Any) -> None:
+    from secondorder.curvature import losses
+
+    monkeypatch.setattr(losses, "_FACTOR_ELEMENTS", 100)
+    model = _lm(True)
+    x, y = _data("tokens")
+    with pytest.raises(ValueError, match=r"\(rows, C, C\) = \(24, 5, 5\)"):
+        so.ggn_diagonal(model, so.SequenceCrossEntropyLoss(), (x, y))
+    with pytest.raises(ValueError, match="C backward passes per row"):
+        so.LowRankGGN(model, so.SequenceCrossEntropyLoss(), (x, y))
+    so.empirical_fisher_diagonal(model, so.SequenceCrossEntropyLoss(), (x, y))  # no factor

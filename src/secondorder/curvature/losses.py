@@ -49,6 +49,8 @@ __all__ = ["LossTerms", "check_targets", "loss_terms", "supports_likelihood"]
 
 #: entries of U above which a cross-entropy Hessian product runs in chunks of samples
 _CHUNK_ELEMENTS = 2**20
+#: entries above which the (R, C, C) symmetric factor of the cross-entropy is refused
+_FACTOR_ELEMENTS = 2**30
 
 
 class LossTerms:
@@ -309,6 +311,15 @@ class _CrossEntropy(_RowLoss):
         return self.from_rows((self.p - onehot) * self.row_weight)
 
     def symmetric_factor(self) -> Tensor:
+        R, C = self.p.shape
+        if R * C * C > _FACTOR_ELEMENTS:  # (R, C, C): O(N T V^2) for a language model
+            raise ValueError(
+                f"the symmetric factor of the cross-entropy's output Hessian has (rows, C, C) = "
+                f"({R}, {C}, {C}) entries, more than {_FACTOR_ELEMENTS}: exact diagonals and "
+                "the low-rank GGN's factors cost C backward passes per row at this number of "
+                "classes. Use products (GGN, Fisher(kind='exact' or 'mc')), a stochastic diagonal "
+                "(so.diagonal_estimate) or empirical_fisher_diagonal"
+            )
         sq = self.p.sqrt()
         return (torch.diag_embed(sq) - self.p.unsqueeze(-1) * sq.unsqueeze(-2)) * (
             self.row_weight.sqrt().unsqueeze(-1)

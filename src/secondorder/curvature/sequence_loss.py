@@ -23,7 +23,8 @@ One *sample* is one sequence: data are split into batches along ``N``, batch wei
 non-ignored tokens of each batch (:mod:`.weighting`), and per-sample gradients
 (:func:`~secondorder.curvature.diagonal.per_sample_gradient_diagonal`) are the gradients of this
 loss on one sequence (for ``"mean"``: that sequence's own mean over its tokens, as torch would
-compute it on a batch of one).
+compute it on a batch of one; a sequence of padding only adds a zero gradient, torch's
+gradient of its ``nan`` mean, and still counts in the number of samples).
 
 **Bad inputs.** Logits must have at least two dimensions with the vocabulary last; targets are
 class indices of shape ``logits.shape[:-1]`` and dtype ``torch.int64`` (or ``torch.uint8``), or
@@ -37,7 +38,9 @@ skip such a batch (weight 0) and refuse data whose every target is ignored.
 probabilities ``(N T, V)``. With a ``chunk_size`` and a model that ends with an ``nn.Linear``
 head (tied to the input embedding or not), the GGN and the exact Fisher apply head and loss
 together over chunks of ``chunk_size`` tokens (:mod:`.fused_head`): nothing of ``N T V``
-entries is kept or built, for one more head matrix product per chunk.
+entries is kept or built, for one more head matrix product per chunk. Exact diagonals and
+the low-rank GGN's factors need :math:`V` backward passes per token and an ``(N T, V, V)``
+factor: they are refused with a ``ValueError`` above :math:`2^{30}` entries.
 """
 
 from __future__ import annotations
