@@ -216,6 +216,9 @@ def row_losses(loss_fn: Any, z: Tensor, targets: Tensor) -> Tensor:
         A flat tensor of row losses.
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if type(loss_fn).__name__ == "SequenceCrossEntropyLoss":  # classes last -> dim 1
+            targets = targets.movedim(-1, 1) if targets.shape == z.shape else targets
+            z = z.movedim(-1, 1)
         rows = F.cross_entropy(
             z,
             targets,

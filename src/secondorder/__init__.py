@@ -19,6 +19,7 @@ from .curvature import (
     empirical_fisher_diagonal,
     ggn_diagonal,
 )
+from .curvature.sequence_loss import SequenceCrossEntropyLoss as SequenceCrossEntropyLoss
 from .linalg import (
     BlockDiagonal,
     CGInfo,

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from secondorder import SequenceCrossEntropyLoss
+
 from .models import DT, C, L
 
 
@@ -51,6 +53,27 @@ def _classes(
 
 def _probs(n: int, g: torch.Generator) -> Tensor:
     return torch.softmax(torch.randn(n, C, generator=g, dtype=DT), 1)
+
+
+def _padded(first_batch_ignored: bool) -> Callable[[int, torch.Generator], Tensor]:
+    """Tokens ``(n, L)``, each sequence padded with ``ignore_index=1`` after a random length
+    (at least 1); with ``first_batch_ignored`` samples 0-2 (the first batch of the unequal and
+    DataLoader splits) are padding only."""
+
+    def make(n: int, g: torch.Generator) -> Tensor:
+        y = torch.randint(0, C, (n, L), generator=g)
+        y[y == 1] = 2
+        lengths = torch.randint(1, L + 1, (n,), generator=g)
+        y[torch.arange(L) >= lengths[:, None]] = 1
+        if first_batch_ignored:
+            y[:3] = 1
+        return y
+
+    return make
+
+
+def _seq_probs(n: int, g: torch.Generator) -> Tensor:
+    return torch.softmax(torch.randn(n, L, C, generator=g, dtype=DT), -1)
 
 
 def _real(*shape: int) -> Callable[[int, torch.Generator], Tensor]:
@@ -100,6 +123,52 @@ LOSSES: dict[str, LossSpec] = {
         likelihood=True,
     ),
     "ce_subclass": LossSpec(DoubledCrossEntropy, _classes()),
+    # SequenceCrossEntropyLoss on class-last logits (N, L, C): reductions x padding patterns
+    "seqce": LossSpec(SequenceCrossEntropyLoss, _classes(L), out="seq_last", likelihood=True),
+    "seqce_sum": LossSpec(
+        lambda: SequenceCrossEntropyLoss(reduction="sum"),
+        _classes(L),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_pad": LossSpec(
+        lambda: SequenceCrossEntropyLoss(ignore_index=1),
+        _padded(False),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_pad_sum": LossSpec(
+        lambda: SequenceCrossEntropyLoss(ignore_index=1, reduction="sum"),
+        _padded(False),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_pad_batch": LossSpec(
+        lambda: SequenceCrossEntropyLoss(ignore_index=1),
+        _padded(True),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_smoothing": LossSpec(
+        lambda: SequenceCrossEntropyLoss(ignore_index=1, label_smoothing=0.2),
+        _padded(False),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_chunked": LossSpec(  # fused head products in chunks of 3 tokens (sequences split)
+        lambda: SequenceCrossEntropyLoss(ignore_index=1, chunk_size=3),
+        _padded(False),
+        out="seq_last",
+        likelihood=True,
+    ),
+    "seqce_probs": LossSpec(SequenceCrossEntropyLoss, _seq_probs, out="seq_last", likelihood=True),
+    "seqce_weight": LossSpec(
+        lambda: SequenceCrossEntropyLoss(
+            weight=torch.tensor([0.5, 1.0, 2.0], dtype=DT), ignore_index=1
+        ),
+        _padded(False),
+        out="seq_last",
+    ),
     "mse": LossSpec(nn.MSELoss, _real(C), likelihood=True),
     "mse_sum": LossSpec(lambda: nn.MSELoss(reduction="sum"), _real(C), likelihood=True),
     "mse_seq": LossSpec(nn.MSELoss, _real(C, L), out="seq", likelihood=True),
@@ -119,6 +188,6 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 # the loss each output kind uses in the layer x engine block
-DEFAULT_LOSS = {"vec": "ce", "seq": "ce_seq", "logprob": "nll"}
+DEFAULT_LOSS = {"vec": "ce", "seq": "ce_seq", "seq_last": "seqce_pad", "logprob": "nll"}
 
 __all__ = ["DEFAULT_LOSS", "LOSSES", "LossSpec", "F"]

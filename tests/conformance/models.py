@@ -1,9 +1,10 @@
 """Registry of tiny float64 models for the conformance matrix: one entry per layer or situation.
 
 Every model maps a batch of ``N`` samples to outputs of one kind (``ModelSpec.out``):
-``"vec"`` logits ``(N, 3)``, ``"seq"`` logits ``(N, 3, L)`` and ``"logprob"`` log-probabilities
-``(N, 3)``. The flags say which engines the model is meant for; the operators' ``applies``
-predicates read them. Adding an entry adds its tests.
+``"vec"`` logits ``(N, 3)``, ``"seq"`` logits ``(N, 3, L)``, ``"seq_last"`` class-last logits
+``(N, L, 3)`` (a language model's, for ``SequenceCrossEntropyLoss``) and ``"logprob"``
+log-probabilities ``(N, 3)``. The flags say which engines the model is meant for; the
+operators' ``applies`` predicates read them. Adding an entry adds its tests.
 """
 
 from __future__ import annotations
@@ -182,6 +183,41 @@ class DictInput(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.b(torch.tanh(self.a(batch["x"]) * batch["scale"]))
+
+
+class TinyLM(nn.Module):
+    """Tokens ``(N, L)`` in ``[0, C)`` -> class-last logits ``(N, L, C)``; head tied to the input
+    embedding (``tied=True``) or its own ``nn.Linear``; a residual block and a LayerNorm."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(C, 4)
+        self.mix = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, C, bias=not tied)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.emb(idx)
+        h = h + torch.tanh(self.mix(h))
+        return self.head(self.norm(h))
+
+
+class Transposed(nn.Module):
+    """Linear layers on ``(N, L, 4)`` whose logits are transposed to ``(N, C, L)`` for
+    ``nn.CrossEntropyLoss`` (the way to use torch's loss on a language model's logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x).transpose(1, 2)
+
+
+def _lm_tokens(n: int, g: torch.Generator) -> Tensor:
+    return torch.randint(0, C, (n, L), generator=g)
 
 
 def _frozen_first(seq: nn.Module) -> nn.Module:
@@ -432,6 +468,17 @@ MODELS.update(
         "transformer": ModelSpec(lambda: Encoder().to(DT).eval(), _randn(3, 4)),
         "embedding": ModelSpec(lambda: EmbeddingBag().to(DT), _tokens),
         "dict_input": ModelSpec(lambda: DictInput().to(DT), _dict_inputs),
+        # token-level cross-entropy (issue 15): class-last logits, and torch's transposed ones
+        "seq_last_mlp": ModelSpec(
+            lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT),
+            _randn(L, 4),
+            out="seq_last",
+            chain=True,
+            seq=True,
+        ),
+        "lm_tied": ModelSpec(lambda: TinyLM(tied=True).to(DT), _lm_tokens, out="seq_last"),
+        "lm_untied": ModelSpec(lambda: TinyLM(tied=False).to(DT), _lm_tokens, out="seq_last"),
+        "seq_transposed": ModelSpec(lambda: Transposed().to(DT), _randn(L, 4), out="seq"),
     }
 )
 
@@ -571,3 +618,10 @@ MODELS.update(
         "sdpa_custom": ModelSpec(lambda: _SDPA().to(DT), _randn(3, 4)),
     }
 )
+
+SMALL_MODEL = {
+    "vec": "act_tanh",
+    "seq": "conv1d",
+    "seq_last": "seq_last_mlp",
+    "logprob": "mlp_logsoftmax",
+}

@@ -11,7 +11,9 @@ from . import reference as ref
 from .models import DT, MODELS
 
 CHAINS = [
-    name for name, spec in MODELS.items() if spec.chain and spec.second_order and spec.out != "seq"
+    name
+    for name, spec in MODELS.items()
+    if spec.chain and spec.second_order and spec.out not in ("seq", "seq_last")
 ]
 
 

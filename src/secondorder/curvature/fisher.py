@@ -77,6 +77,7 @@ class Fisher(GGN):
                 f"got {loss_fn!r} (use GGN or Hessian for other losses)"
             )
         self.kind = kind
+        self._fuse_head = kind == "exact"  # the other kinds need the per-row loss terms
         self.num_samples_mc = num_samples
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         super().__init__(model, loss_fn, data, **kwargs)

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .factored import FactoredLinearization
+from .fused_head import FusedHead, fused_head
 from .jacobian_factors import check_jacobian_factors_option
 from .linearization import Linearization, linearize
-from .losses import LossTerms, loss_terms
+from .losses import loss_terms
 from .model import Batch
 
 __all__ = ["GGN"]
@@ -21,7 +22,7 @@ __all__ = ["GGN"]
 @dataclass
 class _GGNState:
     lin: Linearization | FactoredLinearization
-    terms: LossTerms
+    terms: Any  # LossTerms, or a FusedHead (the head and the loss applied in chunks)
     factor: Tensor | None = None  # (S, R, C) gradients for the Monte-Carlo/empirical Fisher
     factor_scale: float = 1.0
 
@@ -52,6 +53,11 @@ class GGN(CurvatureOperator):
             :class:`~secondorder.curvature.factored.FactoredLinearization`, factors built at
             the first product; a ``ValueError`` for a network that does not qualify). The
             retired ``"auto"`` means ``False``. Measured gains: ``BENCHMARKS.md``.
+
+    With :class:`~secondorder.SequenceCrossEntropyLoss` given a ``chunk_size`` and a model ending
+    in an ``nn.Linear`` head (the graph engine), products, loss and gradient apply head and loss
+    together over chunks of tokens (:mod:`~secondorder.curvature.fused_head`): no ``(N T, V)``
+    tensor is kept or built.
         **kwargs: Forwarded to :class:`CurvatureOperator` (``params``, ``cache``, ...).
 
     Example:
@@ -82,11 +88,19 @@ class GGN(CurvatureOperator):
         super().__init__(model, loss_fn, data, **kwargs)
         self.IS_PSD = self._psd
 
+    #: whether the vocabulary head may be fused with the loss (:mod:`.fused_head`)
+    _fuse_head = True
+
     def _prepare(self, batch: Batch) -> _GGNState:
         lin = linearize(
             self.fmodel, batch.inputs, self.fmodel.leaves(), self.engine, self.jacobian_factors
         )
+        fused = fused_head(lin, self.loss_fn, batch.targets) if self._fuse_head else None
+        if fused is not None:
+            return _GGNState(lin, fused)
         terms = loss_terms(self.loss_fn, lin.z, batch.targets)
+        if getattr(lin, "path", None) == "graph":  # its outputs serve only as a shape now
+            lin.z = terms.z  # (cross-entropy: a placeholder; the logits are freed)
         self._psd = self._psd and terms.is_psd
         return _GGNState(lin, terms)
 
@@ -100,6 +114,13 @@ class GGN(CurvatureOperator):
         indices: Sequence[int] | None,
         batched: bool,
     ) -> list[Tensor]:
+        if isinstance(state.terms, FusedHead):
+            idx = range(len(tangents)) if indices is None else indices
+            K = next(t.shape[0] for t in tangents if t is not None) if batched else None
+            leaves = state.lin.leaves
+            bufs = {i: leaves[i].new_zeros(*(K,) * batched, *leaves[i].shape) for i in idx}
+            state.terms.apply_into(tangents, bufs, batched)
+            return [bufs[i] for i in idx]
         jv = state.lin.jvp(tangents, batched)
         if jv is None:  # the requested tangent does not reach the outputs
             jv = state.lin.z.new_zeros(
@@ -107,7 +128,9 @@ class GGN(CurvatureOperator):
                 if batched
                 else state.lin.z.shape
             )
-        return state.lin.vjp(self._output_matmat(state, jv), indices, batched)
+        u = self._output_matmat(state, jv)
+        del jv  # not alive during the reverse pass
+        return state.lin.vjp(u, indices, batched)
 
     def _apply_into(
         self,
@@ -117,11 +140,18 @@ class GGN(CurvatureOperator):
         out: Sequence[Tensor],
         weight: float,
     ) -> None:
+        if isinstance(state.terms, FusedHead):
+            idx = range(len(tangents)) if indices is None else indices
+            state.terms.apply_into(tangents, dict(zip(idx, out)), False, weight)
+            return
         jv = state.lin.jvp(tangents, False)
         if jv is None:  # the tangent does not reach the outputs: nothing to add
             return
         u = self._output_matmat(state, jv)
+        del jv  # not alive during the reverse pass
         state.lin.vjp_into(u * weight if weight != 1.0 else u, out, indices)
 
     def _batch_loss_and_grad(self, state: Any) -> tuple[Tensor, list[Tensor]]:
+        if isinstance(state.terms, FusedHead):
+            return state.terms.loss_and_grad()
         return state.terms.value, state.lin.vjp(state.terms.grad_output)

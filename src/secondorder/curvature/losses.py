@@ -13,9 +13,11 @@ materialising any matrix:
 
 **Rows.** One row is one prediction: one position of one sample. For ``CrossEntropyLoss`` on
 outputs ``(N, C, *d)`` a row is every index except the class dimension 1 (``N prod(d)`` rows of
-``C`` entries); for ``MSELoss`` and ``BCEWithLogitsLoss`` on outputs ``(N, *d, D)`` a row is
-every index except the last (feature) dimension (``N prod(d)`` rows of ``D`` entries), so
-``(N, D)`` outputs give ``N`` rows and ``(N,)`` outputs ``N`` rows of one entry. The empirical
+``C`` entries), for :class:`~.sequence_loss.SequenceCrossEntropyLoss` on class-last logits
+``(N, *d, C)`` likewise every index except the last (one row per token); for ``MSELoss`` and
+``BCEWithLogitsLoss`` on outputs ``(N, *d, D)`` a row is every index except the last (feature)
+dimension (``N prod(d)`` rows of ``D`` entries), so ``(N, D)`` outputs give ``N`` rows and
+``(N,)`` outputs ``N`` rows of one entry. The empirical
 Fisher :math:`s \sum_r J_r^\top \nabla\ell_r \nabla\ell_r^\top J_r`, its diagonal, the
 Monte-Carlo Fisher and the low-rank GGN's factors all use these rows (as curvlinops does).
 
@@ -40,9 +42,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .sequence_loss import SequenceCrossEntropyLoss, check_sequence_targets
 from .weighting import torch_loss_class
 
 __all__ = ["LossTerms", "check_targets", "loss_terms", "supports_likelihood"]
+
+#: entries of U above which a cross-entropy Hessian product runs in chunks of samples
+_CHUNK_ELEMENTS = 2**20
+#: entries above which the (R, C, C) symmetric factor of the cross-entropy is refused
+_FACTOR_ELEMENTS = 2**30
 
 
 class LossTerms:
@@ -171,36 +179,66 @@ class _RowLoss(LossTerms):
 class _CrossEntropy(_RowLoss):
     r"""Softmax cross-entropy, :math:`\nabla^2\ell_r = t_r(\operatorname{diag}p_r - p_r p_r^\top)`.
 
-    :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows).
+    :math:`t_r = \sum_c y_{rc}` is 1 for class-index targets (0 for ignored rows). Classes lie
+    on dimension 1 (torch's ``CrossEntropyLoss``) or, with ``class_last``, on the last dimension
+    (:class:`~.sequence_loss.SequenceCrossEntropyLoss`); both give the same rows.
     """
 
-    def __init__(self, loss_fn: nn.CrossEntropyLoss, z: Tensor, targets: Tensor) -> None:
+    def __init__(
+        self, loss_fn: nn.CrossEntropyLoss, z: Tensor, targets: Tensor, class_last: bool = False
+    ) -> None:
         super().__init__(z)
-        self._classdim_last = z.ndim > 2
+        self._class_last = class_last
+        self._classdim_last = z.ndim > 2 and not class_last  # classes on dim 1 move last
         rows = self.to_rows(self.z)
         C = rows.shape[-1]
         logp = rows.log_softmax(-1)
         self.p = logp.exp()
         eps = float(loss_fn.label_smoothing)
+        self._eps, self._t_probs, self._y = eps, None, None  # the targets, for the gradients
         if targets.dtype.is_floating_point:  # class probabilities
             t = self.to_rows(targets.to(z.dtype))
             weight = t.sum(-1, keepdim=True)
             t = (1 - eps) * t + eps / C * weight
+            self._t_probs = t
+            total = -(t * logp).sum()
         else:
             y = targets.reshape(-1).long()  # uint8 indices too, as torch
             keep = y != loss_fn.ignore_index
             weight = keep.to(z.dtype).unsqueeze(-1)
-            t = F.one_hot(torch.where(keep, y, 0), C).to(z.dtype)
-            t = ((1 - eps) * t + eps / C) * weight
+            self._y = torch.where(keep, y, 0).unsqueeze(-1)  # (R, 1)
+            picked = logp.gather(-1, self._y)
+            total = -(((1 - eps) * picked + eps / C * logp.sum(-1, keepdim=True)) * weight).sum()
+        del logp
         self.row_weight = weight  # (R, 1)
         n_rows = float(weight.sum()) if not targets.dtype.is_floating_point else rows.shape[0]
         self._scale = 1.0 / max(n_rows, 1.0) if loss_fn.reduction == "mean" else 1.0
         self._row_scale = weight * self._scale  # (R, 1): t_r s
-        self.value = -(t * logp).sum() * self._scale
-        self._row_grad = self.p * weight - t
-        self.grad_output = self.from_rows(self._row_grad * self._scale)
+        self.value = total * self._scale
+        # from here on only the outputs' shape is needed (p is kept): a placeholder that holds
+        # no (R, C) storage, so an owner that drops its own reference frees the logits
+        self.z = self.z.new_zeros(()).expand(self.z.shape)
+
+    # the per-row gradients are built when asked for, not kept beside p: (R, C) entries each
+    def per_row_gradients(self) -> Tensor:
+        r"""Unreduced :math:`\nabla\ell_r = t_r p_r - y_r` (smoothed targets), shape (R, C)."""
+        g = self.p * self.row_weight
+        if self._t_probs is not None:
+            return g.sub_(self._t_probs)
+        assert self._y is not None
+        C = g.shape[-1]
+        if self._eps:
+            g.sub_(self.row_weight * (self._eps / C))
+        return g.scatter_add_(-1, self._y, self.row_weight * (self._eps - 1.0))
+
+    @property
+    def grad_output(self) -> Tensor:  # type: ignore[override]
+        r""":math:`\nabla_z L`, shape of ``z`` (built when asked for)."""
+        return self.from_rows(self.per_row_gradients().mul_(self._scale))
 
     def to_rows(self, U: Tensor) -> Tensor:
+        if self._class_last:
+            return super().to_rows(U)
         if self.z.ndim == 1:  # unbatched (C,): one row
             return U.unsqueeze(-2)
         if not self._classdim_last:
@@ -209,6 +247,8 @@ class _CrossEntropy(_RowLoss):
         return U.movedim(lead + 1, -1).reshape(*U.shape[:lead], -1, self.z.shape[1])
 
     def from_rows(self, rows: Tensor) -> Tensor:
+        if self._class_last:
+            return super().from_rows(rows)
         if self.z.ndim == 1:
             return rows.squeeze(-2)
         if not self._classdim_last:
@@ -222,10 +262,44 @@ class _CrossEntropy(_RowLoss):
         return (pu - self.p * pu.sum(-1, keepdim=True)) * self.row_weight
 
     def hessian_matmat(self, U: Tensor) -> Tensor:
+        lead = U.ndim - self.z.ndim
+        n = self.z.shape[0] if self.z.ndim >= 2 else 1
+        step = max(1, _CHUNK_ELEMENTS * n // max(1, U.numel()))  # samples per chunk
+        if step >= n:
+            return self.from_rows(self._row_product(self.to_rows(U), self.p, self._row_scale))
+        # large outputs: chunks of samples written into one result in U's layout, so no
+        # temporary of U's size besides the result (the rows of a sample are consecutive)
+        out = torch.empty_like(U)
+        per = self.p.shape[0] // n  # rows per sample
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            part = U[(slice(None),) * lead + (slice(a, b),)]
+            rows = self._chunk_rows(part, lead)
+            res = self._row_product(
+                rows, self.p[a * per : b * per], self._row_scale[a * per : b * per]
+            )
+            out[(slice(None),) * lead + (slice(a, b),)] = self._chunk_unrows(res, part.shape, lead)
+        return out
+
+    @staticmethod
+    def _row_product(rows: Tensor, p: Tensor, row_scale: Tensor) -> Tensor:
         # s t_r (p_r * u_r - p_r (p_r . u_r)) in four operations (the products' inner loop)
-        pu = self.p * self.to_rows(U)
-        out = torch.addcmul(pu, self.p, pu.sum(-1, keepdim=True), value=-1.0)
-        return self.from_rows(out.mul_(self._row_scale))
+        pu = p * rows
+        out = torch.addcmul(pu, p, pu.sum(-1, keepdim=True), value=-1.0)
+        return out.mul_(row_scale)
+
+    def _chunk_rows(self, part: Tensor, lead: int) -> Tensor:
+        """Rows ``(.., r, C)`` of ``part``, a slice of samples of a ``z``-shaped tensor."""
+        if self._classdim_last:  # classes on dim 1
+            part = part.movedim(lead + 1, -1)
+        return part.reshape(*part.shape[:lead], -1, part.shape[-1])
+
+    def _chunk_unrows(self, rows: Tensor, shape: torch.Size, lead: int) -> Tensor:
+        """Inverse of :meth:`_chunk_rows` for a slice of shape ``shape``."""
+        if not self._classdim_last:
+            return rows.reshape(shape)
+        moved = (*shape[:lead], shape[lead], *shape[lead + 2 :], shape[lead + 1])
+        return rows.reshape(moved).movedim(-1, lead + 1)
 
     def sampled_gradients(self, num_samples: int, generator: torch.Generator | None) -> Tensor:
         C = self.p.shape[-1]
@@ -237,6 +311,15 @@ class _CrossEntropy(_RowLoss):
         return self.from_rows((self.p - onehot) * self.row_weight)
 
     def symmetric_factor(self) -> Tensor:
+        R, C = self.p.shape
+        if R * C * C > _FACTOR_ELEMENTS:  # (R, C, C): O(N T V^2) for a language model
+            raise ValueError(
+                f"the symmetric factor of the cross-entropy's output Hessian has (rows, C, C) = "
+                f"({R}, {C}, {C}) entries, more than {_FACTOR_ELEMENTS}: exact diagonals and "
+                "the low-rank GGN's factors cost C backward passes per row at this number of "
+                "classes. Use products (GGN, Fisher(kind='exact' or 'mc')), a stochastic diagonal "
+                "(so.diagonal_estimate) or empirical_fisher_diagonal"
+            )
         sq = self.p.sqrt()
         return (torch.diag_embed(sq) - self.p.unsqueeze(-1) * sq.unsqueeze(-2)) * (
             self.row_weight.sqrt().unsqueeze(-1)
@@ -326,6 +409,10 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
     if cls is None or not isinstance(z, Tensor):
         return
     name = cls.__name__
+    if cls is SequenceCrossEntropyLoss:
+        check_sequence_targets(z, targets)
+        _check_class_range(name, loss_fn, targets, z.shape[-1])
+        return
     got = f"got {type(targets).__name__}"
     if isinstance(targets, Tensor):
         got = f"got shape {tuple(targets.shape)} and dtype {targets.dtype}"
@@ -346,13 +433,7 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
         if isinstance(targets, Tensor) and targets.dtype in (torch.int64, torch.uint8):
             if tuple(targets.shape) != index_shape:
                 raise ValueError(f"{name}: expected targets as {expected}; {got}")
-            keep = targets != loss_fn.ignore_index
-            kept = targets[keep]
-            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= C):
-                raise ValueError(
-                    f"{name}: class indices must lie in [0, {C}) or equal ignore_index="
-                    f"{loss_fn.ignore_index}; got values in [{int(kept.min())}, {int(kept.max())}]"
-                )
+            _check_class_range(name, loss_fn, targets, C)
             return
         if probs and isinstance(targets, Tensor) and targets.dtype.is_floating_point:
             if targets.shape == z.shape:
@@ -371,6 +452,18 @@ def check_targets(loss_fn: Any, z: Any, targets: Any) -> None:
         )
 
 
+def _check_class_range(name: str, loss_fn: Any, targets: Tensor, C: int) -> None:
+    """Refuse class indices outside ``[0, C)`` other than ``ignore_index``."""
+    if targets.dtype.is_floating_point:
+        return
+    kept = targets[targets != loss_fn.ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= C):
+        raise ValueError(
+            f"{name}: class indices must lie in [0, {C}) or equal ignore_index="
+            f"{loss_fn.ignore_index}; got values in [{int(kept.min())}, {int(kept.max())}]"
+        )
+
+
 def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
     """Whether ``loss_fn`` is a core loss with a known likelihood (for Fisher kinds).
 
@@ -379,14 +472,15 @@ def supports_likelihood(loss_fn: Any, targets: Any = None) -> bool:
         targets: Optional targets of one batch (cross-entropy with class weights is generic).
 
     Returns:
-        True for ``CrossEntropyLoss`` (no class weights), ``MSELoss`` and ``BCEWithLogitsLoss``
-        (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or ``"sum"`` and torch's
-        own ``forward`` (a subclass overriding it gets False).
+        True for ``CrossEntropyLoss`` and
+        :class:`~.sequence_loss.SequenceCrossEntropyLoss` (no class weights), ``MSELoss`` and
+        ``BCEWithLogitsLoss`` (no ``weight``/``pos_weight``), each with reduction ``"mean"`` or
+        ``"sum"`` and its own class's ``forward`` (a subclass overriding it gets False).
     """
     cls = torch_loss_class(loss_fn)  # a subclass with its own forward is generic
     if cls is None or getattr(loss_fn, "reduction", None) not in ("mean", "sum"):
         return False
-    if cls is nn.CrossEntropyLoss:
+    if cls in (nn.CrossEntropyLoss, SequenceCrossEntropyLoss):
         return loss_fn.weight is None
     if cls is nn.MSELoss:
         return True
@@ -422,6 +516,8 @@ def loss_terms(loss_fn: Any, z: Tensor, targets: Any) -> LossTerms:
     if supports_likelihood(loss_fn) and isinstance(targets, Tensor):
         if type(loss_fn).forward is nn.CrossEntropyLoss.forward:
             return _CrossEntropy(loss_fn, z, targets)
+        if type(loss_fn).forward is SequenceCrossEntropyLoss.forward:
+            return _CrossEntropy(loss_fn, z, targets, class_last=True)
         if type(loss_fn).forward is nn.MSELoss.forward:
             return _MSE(loss_fn, z, targets)
         return _BCEWithLogits(loss_fn, z, targets)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ loss (torch's ``forward``, unchanged)      normaliser :math:`D_b` of one batch
 ``CrossEntropyLoss``, ``NLLLoss``,         number of targets :math:`\ne` ``ignore_index``, or
 class-index targets                        with ``weight`` the sum of ``weight[y]`` over them
 ``CrossEntropyLoss``, class probabilities  number of positions (``targets.numel() / C``)
+``SequenceCrossEntropyLoss``               as ``CrossEntropyLoss`` (tokens, classes last)
 ``KLDivLoss(reduction="batchmean")``       ``targets.shape[0]``
 ``MSELoss``, ``L1Loss``, ``HuberLoss``,    number of elements, ``targets.numel()`` (targets
 ``SmoothL1Loss``, ``BCELoss``,             have the outputs' shape; ``label_smoothing`` and
@@ -52,10 +53,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .model import Batch
 from .running_stats import frozen_running_stats
+from .sequence_loss import SequenceCrossEntropyLoss
 
 __all__ = ["BatchWeights", "batch_normaliser", "batch_weights", "torch_loss_class"]
 
-_CLASS_INDEX: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.NLLLoss)
+# the library's own class-last cross-entropy first: it subclasses nn.CrossEntropyLoss
+_CLASS_INDEX: tuple[type[nn.Module], ...] = (
+    SequenceCrossEntropyLoss,
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+)
 _ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.MSELoss,
     nn.L1Loss,
@@ -76,7 +83,8 @@ _FOUND: weakref.WeakKeyDictionary[Any, tuple[Any, bool]] = weakref.WeakKeyDictio
 def torch_loss_class(loss_fn: Any) -> type[nn.Module] | None:
     """The torch loss class whose ``forward`` ``loss_fn`` runs unchanged, or None.
 
-    A subclass that overrides ``forward`` is a generic callable (None): its closed forms and
+    The library's :class:`~.sequence_loss.SequenceCrossEntropyLoss` counts as such a class. A
+    subclass that overrides ``forward`` is a generic callable (None): its closed forms and
     normaliser are unknown.
 
     Args:
@@ -125,7 +133,8 @@ def batch_normaliser(loss_fn: Any, targets: Any) -> float | None:
         )
     if cls in _CLASS_INDEX:
         if targets.dtype.is_floating_point:  # class probabilities, one row per position
-            C = targets.shape[1] if targets.ndim >= 2 else targets.numel()
+            class_dim = -1 if cls is SequenceCrossEntropyLoss else 1
+            C = targets.shape[class_dim] if targets.ndim >= 2 else targets.numel()
             return targets.numel() / max(C, 1)
         keep = targets != loss_fn.ignore_index
         weight = loss_fn.weight

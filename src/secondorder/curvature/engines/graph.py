@@ -159,6 +159,25 @@ class GraphLinearization(Linearization):
         # keep only what the products need: values of the nodes are dropped
         self._env = {}
 
+    def split_output_step(self) -> Step | None:
+        """Remove the last step when it computes the output from one input; return it.
+
+        The linearisation then ends at that step's input (``output_node`` and ``z`` become its
+        node and value; ``output_node`` is None when the input depends on no parameter), so a
+        caller can apply the removed step itself (:mod:`..fused_head`). None, and nothing
+        changed, when the output is not computed that way.
+        """
+        if not self.steps or self.steps[-1][0] is not self.output_node:
+            return None
+        node, step = self.steps[-1]
+        x = getattr(step, "ctx", {}).get("x")
+        if len(step.inputs) > 1 or not isinstance(x, Tensor) or node in self._triples:
+            return None
+        self.steps.pop()
+        self.output_node = step.inputs[0] if step.inputs else None  # type: ignore[assignment]
+        self.z = x
+        return step
+
     @property
     def batched_products(self) -> str:  # type: ignore[override]
         """``"loop"`` if a node differentiated by autograd loops over columns, else ``"vmap"``."""
