@@ -489,10 +489,6 @@ def _freeze_middle(seq: nn.Sequential) -> nn.Sequential:
     return seq
 
 
-# the small model each output kind uses in the loss x split block
-SMALL_MODEL = {"vec": "act_tanh", "seq": "conv1d", "logprob": "mlp_logsoftmax"}
-
-
 # ------------------------------------------------------- attention on the graph engine's fast path
 class _Attn(nn.Module):
     """``nn.MultiheadAttention`` between two Linear layers, with the options of ``kind``."""
@@ -619,6 +615,7 @@ MODELS.update(
     }
 )
 
+# the small model each output kind uses in the loss x split block
 SMALL_MODEL = {
     "vec": "act_tanh",
     "seq": "conv1d",
