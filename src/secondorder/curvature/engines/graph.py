@@ -225,7 +225,9 @@ class GraphLinearization(Linearization):
         }
         x = node.args[0] if node.args else None
         simple = len(node.args) == 1 and not node.kwargs and isinstance(x, fx.Node)
-        if rule is not None and simple and _is_float(self._env[x]):  # type: ignore[index]
+        if (
+            rule is not None and simple and (_is_float(self._env[x]) or not rule.float_input)  # type: ignore[index]
+        ):
             trainable = {n: i for n, i in own.items() if i is not None}
             if not trainable and not inputs:
                 self._env[node] = self._call_module(module, node)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..activations import ACTIVATIONS
-from . import batchnorm, conv, elementwise, linear, norm, pooling, reshape
+from . import batchnorm, conv, elementwise, embedding, linear, norm, pooling, reshape
 from .base import Example, Rule
 
 __all__ = ["EXAMPLES", "RULES", "Example", "Rule", "rule_for"]
@@ -53,6 +53,9 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.AdaptiveAvgPool2d: _AVG,
     nn.AdaptiveAvgPool3d: _AVG,
     **dict.fromkeys(ACTIVATIONS, _ACT),
+    # sequence layers (issue 15)
+    nn.Embedding: embedding.EmbeddingRule(),
+    nn.RMSNorm: norm.RMSNormRule(),
 }
 
 #: modules and input shapes of the contract test, from every family's file
@@ -64,6 +67,7 @@ EXAMPLES: list[Example] = [
     *elementwise.EXAMPLES,
     *reshape.EXAMPLES,
     *pooling.EXAMPLES,
+    *embedding.EXAMPLES,
 ]
 
 
