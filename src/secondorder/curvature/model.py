@@ -31,6 +31,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from .attention import differentiable_attention
+from .random_state import replay
 from .twice_differentiable import TwiceDifferentiable, needs_twice_differentiable
 
 try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
@@ -368,7 +369,7 @@ class FunctionalModel:
             The module's output.
         """
         try:
-            with self.differentiable():
+            with self.differentiable(), replay(inputs):  # one dropout mask per batch and step
                 return functional_call(self.model, self.parameter_dict(tensors), inputs)
         finally:
             for module, name, p in self._tied_slots:

@@ -104,9 +104,10 @@ def test_batched_columns(example):
 
 def test_refusals_name_the_reason():
     assert rule_for(torch.nn.GRU(2, 2))[0] is None
-    dropout = torch.nn.Dropout(0.5).train()
-    rule, why = rule_for(dropout)
-    assert rule is None and "random" in why
+    # Dropout in training mode has its rule (one fixed mask per forward pass, issue 15)
+    assert rule_for(torch.nn.Dropout(0.5).train())[0] is not None
+    assert rule_for(torch.nn.Embedding(4, 2, max_norm=1.0))[0] is None
+    assert "sparse" in rule_for(torch.nn.Embedding(4, 2, sparse=True))[1]
     # BatchNorm by batch statistics has its rule (training mode, or no running statistics)
     assert rule_for(torch.nn.BatchNorm1d(3).train())[0] is not None
     relu = torch.nn.ReLU()
@@ -114,5 +115,4 @@ def test_refusals_name_the_reason():
     assert rule_for(relu) == (None, "it has hooks")
     conv = torch.nn.Conv2d(1, 1, 2, padding="same")  # torch pads one side more
     assert "padding" in rule_for(conv)[1]
-    dropout = torch.nn.Dropout2d(0.5)  # training mode
-    assert "random" in rule_for(dropout)[1]
+    assert "scale_grad_by_freq" in rule_for(torch.nn.Embedding(4, 2, scale_grad_by_freq=True))[1]

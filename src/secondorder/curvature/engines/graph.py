@@ -42,6 +42,7 @@ from ..layers import rule_for
 from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
+from ..random_state import replay
 from ..running_stats import frozen_running_stats
 from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
 from .ops import module_of, op_kind
@@ -294,8 +295,10 @@ class GraphLinearization(Linearization):
             return
         kind = op_kind(node, self._active)
         in_float = all(_is_float(self._env[n]) for n in inputs)
-        value: Any = self._call(node) if kind is not None and in_float else None
-        if kind is None or not in_float or not _is_float(value):
+        # a module's function is evaluated once, by its rule (dropout draws its mask there)
+        call = kind is not None and kind != "module" and in_float
+        value: Any = self._call(node) if call else None
+        if kind is None or not in_float or (call and not _is_float(value)):
             self._autograd(node, inputs)
             return
         edges: list[Any] = [a for a in args if self._active(a)]
@@ -447,6 +450,16 @@ def graph_linearization(
         :class:`~secondorder.curvature.linearization.AutogradLinearization` with
         ``path == "autograd"`` and ``fallback_reason`` set.
     """
+    with replay(inputs):  # inside an optimizer step: the step's draw for this batch
+        return _graph_linearization(fmodel, inputs, leaves, cls)
+
+
+def _graph_linearization(
+    fmodel: FunctionalModel,
+    inputs: tuple[Any, ...],
+    leaves: list[Tensor],
+    cls: type[GraphLinearization] | None,
+) -> Linearization:
     model = fmodel.model
     graph, reason = trace(model)
     if graph is not None:

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers.reshape import dropout_module
+
 __all__ = ["FUNCTION_MODULES", "IN_PLACE", "module_of", "op_kind"]
 
 _SUM_FUNCS = {operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg}
@@ -88,6 +90,11 @@ FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = 
     F.max_pool1d: (nn.MaxPool1d, _POOL_ARGS),
     F.max_pool2d: (nn.MaxPool2d, _POOL_ARGS),
     F.max_pool3d: (nn.MaxPool3d, _POOL_ARGS),
+    # dropout: one fixed mask per forward pass (layers/reshape.py)
+    F.dropout: (dropout_module(nn.Dropout), ("p", "training", "inplace")),
+    F.dropout1d: (dropout_module(nn.Dropout1d), ("p", "training", "inplace")),
+    F.dropout2d: (dropout_module(nn.Dropout2d), ("p", "training", "inplace")),
+    F.dropout3d: (dropout_module(nn.Dropout3d), ("p", "training", "inplace")),
 }
 
 
@@ -132,7 +139,8 @@ def _plain_embedding(node: Any, active: Callable[[Any], bool]) -> bool:
     ``padding_idx`` is refused: PyTorch's forward and reverse derivatives disagree there.
     """
     args, kwargs = node.args, node.kwargs
-    if len(args) != 2 or any(_EMBEDDING_DEFAULTS.get(k, 0) != v for k, v in kwargs.items()):
+    options = {k: v for k, v in kwargs.items() if k != "norm_type"}  # used with max_norm only
+    if len(args) != 2 or any(_EMBEDDING_DEFAULTS.get(k, 0) != v for k, v in options.items()):
         return False
     return not (hasattr(args[0], "op") and active(args[0])) and hasattr(args[1], "op")
 

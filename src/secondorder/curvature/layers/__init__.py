@@ -23,6 +23,7 @@ _ACT = elementwise.ElementwiseRule()
 _CONV = conv.ConvRule()
 _BN = batchnorm.BatchNormRule()  # by the statistics the module uses (eval or batch)
 _RESHAPE = reshape.ReshapeRule()
+_DROPOUT = reshape.DropoutRule()  # one fixed mask per forward pass in training mode
 _MAX = pooling.MaxPoolRule()
 _AVG = pooling.AveragePoolRule()
 
@@ -39,10 +40,10 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Flatten: _RESHAPE,
     nn.Unflatten: _RESHAPE,
     nn.Identity: _RESHAPE,
-    nn.Dropout: _RESHAPE,
-    nn.Dropout1d: _RESHAPE,
-    nn.Dropout2d: _RESHAPE,
-    nn.Dropout3d: _RESHAPE,
+    nn.Dropout: _DROPOUT,
+    nn.Dropout1d: _DROPOUT,
+    nn.Dropout2d: _DROPOUT,
+    nn.Dropout3d: _DROPOUT,
     nn.MaxPool1d: _MAX,
     nn.MaxPool2d: _MAX,
     nn.MaxPool3d: _MAX,
