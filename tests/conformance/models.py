@@ -527,6 +527,18 @@ class EmbeddingPadding(nn.Module):
         return self.out(torch.tanh(h)).transpose(1, 2)
 
 
+class DeepRecurrent(nn.Module):
+    """Two bidirectional batch-first layers; every step's output to the head."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 2, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(x)[0]).transpose(1, 2)
+
+
 def _tokens_seq(vocab: int) -> Callable[[int, torch.Generator], Tensor]:
     return lambda n, g: torch.randint(0, vocab, (n, L), generator=g)
 
@@ -541,6 +553,8 @@ MODELS.update(
         "embedding_padding": ModelSpec(
             lambda: EmbeddingPadding().to(DT), _tokens_seq(7), out="seq"
         ),
+        "gru_deep": ModelSpec(lambda: DeepRecurrent(nn.GRU).to(DT), _randn(L, 3), out="seq"),
+        "lstm_deep": ModelSpec(lambda: DeepRecurrent(nn.LSTM).to(DT), _randn(L, 3), out="seq"),
         "rmsnorm": ModelSpec(lambda: RMSNormNet((3,), True, None).to(DT), _randn(2, 4)),
         "rmsnorm_2d": ModelSpec(lambda: RMSNormNet((2, 3), True, 1e-3).to(DT), _randn(2, 4)),
         "rmsnorm_plain": ModelSpec(lambda: RMSNormNet((2, 3), False, None).to(DT), _randn(2, 4)),

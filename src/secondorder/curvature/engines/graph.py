@@ -42,7 +42,7 @@ from ..layers import rule_for
 from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
-from ..random_state import replay
+from ..random_state import GeneratorState, replay
 from ..running_stats import frozen_running_stats
 from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
 from .ops import module_of, op_kind
@@ -265,13 +265,26 @@ class GraphLinearization(Linearization):
         module: nn.Module | None = None,
         params: Sequence[tuple[str, int]] = (),
     ) -> None:
+        # a later evaluation (the PCH's modified residual) runs after the values are dropped,
+        # and draws the random numbers of the first (a dropout inside the node)
+        held = {n: self._env[n] for n in node.all_input_nodes if n not in inputs}
+        start = GeneratorState.now(self._fmodel.device)
+        calls = [0]
+
         def call(values: list[Any], p_leaves: list[Tensor]) -> Any:
-            subst = dict(zip(inputs, values))
-            if module is None:
-                return self._call(node, subst)
-            args, kwargs = self._args(node, subst)
-            pdict = {n: p for (n, _), p in zip(params, p_leaves)}
-            return functional_call(module, pdict, args, kwargs)
+            subst = {**held, **dict(zip(inputs, values))}
+            later = GeneratorState.now(start.device) if calls[0] else None
+            calls[0] += 1
+            start.restore()
+            try:
+                if module is None:
+                    return self._call(node, subst)
+                args, kwargs = self._args(node, subst)
+                pdict = {n: p for (n, _), p in zip(params, p_leaves)}
+                return functional_call(module, pdict, args, kwargs)
+            finally:
+                if later is not None:
+                    later.restore()
 
         plist = [(i, self.leaves[i]) for _, i in params]
         step = AutogradStep(inputs, call, [self._env[n] for n in inputs], plist)
