@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import secondorder as so
-from secondorder.curvature.layers import rule_for
 from conformance import reference as ref
+from secondorder.curvature.layers import rule_for
 
 DT = torch.float64
 SEED = 7

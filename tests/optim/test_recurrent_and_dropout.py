@@ -24,8 +24,9 @@ from torch import Tensor, nn
 import secondorder as so
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "curvature"))
-from conformance import reference as ref  # noqa: E402
-from test_dropout_products import SEED, DropNet, masks_from  # noqa: E402
+from test_dropout_products import SEED, DropNet, masks_from
+
+from conformance import reference as ref
 
 DT = torch.float64
 
