@@ -142,12 +142,9 @@ class CurvaturePreconditioner:
         if not bool(torch.isfinite(grad).all()):
             return self._reject("the gradient is not finite")
         # the curvature of the network with the loop's own dropout masks (a recorded batch)
-        drawn = (batch.inputs, self._recorder.random_state) if inputs is MISSING else None
-        device = self.params[0].device
-        with (
-            frozen_running_stats(self.model),
-            one_draw_per_batch(device, drawn if drawn and drawn[1] else None),
-        ):
+        state = self._recorder.random_state if inputs is MISSING else None
+        drawn = (batch.inputs, state) if state is not None else None
+        with frozen_running_stats(self.model), one_draw_per_batch(self.params[0].device, drawn):
             C = build_curvature(
                 self.curvature,
                 self.model,
