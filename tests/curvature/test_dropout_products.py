@@ -199,3 +199,13 @@ def test_pch_products_are_deterministic():
     D = P.to_dense()
     torch.testing.assert_close(D, D.T, rtol=1e-10, atol=1e-12)
     assert torch.linalg.eigvalsh(D).min() > -1e-10
+
+
+def test_module_wise_block_engine_refuses_a_random_dropout_and_takes_an_inactive_one():
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3)).to(DT)
+    with pytest.raises(ValueError, match="Dropout in training mode"):
+        so.BlockDiagonalCurvature(net, nn.CrossEntropyLoss(), (X, y), engine="sequential")
+    B = so.BlockDiagonalCurvature(net.eval(), nn.CrossEntropyLoss(), (X, y), engine="sequential")
+    assert B.engine == "sequential"

@@ -25,7 +25,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .base import Context, Example, Params, Rule
 
-__all__ = ["DropoutRule", "ReshapeRule", "dropout_module"]
+__all__ = ["DropoutRule", "ReshapeRule", "dropout_module", "draws_mask"]
 
 #: the function each dropout module's forward calls
 _DROPOUT_FUNCTIONS: dict[type[nn.Module], Any] = {
@@ -82,6 +82,12 @@ class ReshapeRule(Rule):
         return None  # linear in its input (at the selected indices): no second-order term
 
 
+def draws_mask(module: nn.Module) -> bool:
+    """Whether ``module`` is a dropout layer in training mode with ``p > 0`` (it is random)."""
+    m: Any = module
+    return isinstance(module, _DropoutNd) and bool(module.training) and m.p > 0
+
+
 class DropoutRule(ReshapeRule):
     """Rule of ``nn.Dropout`` and ``nn.Dropout1d/2d/3d``: one fixed mask per forward pass."""
 
@@ -92,7 +98,7 @@ class DropoutRule(ReshapeRule):
 
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
-        if not (m.training and m.p > 0):
+        if not draws_mask(module):
             return super().forward(module, x, params)
         fn = _DROPOUT_FUNCTIONS[type(module)]
         mask = fn(torch.ones_like(x), m.p, True)  # the module's draw: 0 or 1/(1-p)
