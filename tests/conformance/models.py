@@ -615,6 +615,123 @@ MODELS.update(
     }
 )
 
+
+# ------------------------------------------------------- sequence layers (issue 15)
+class SeqLinear(nn.Module):
+    """Linear layers on (N, L, d) inputs, a sequence output (N, C, L)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x))).transpose(1, 2)
+
+
+class EmbeddingSeq(nn.Module):
+    """Embedding of tokens (N, L), Linear on (N, L, d), a sequence output (N, C, L)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, C)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(self.emb(idx)))).transpose(1, 2)
+
+
+class TiedLM(nn.Module):
+    """A language-model head tied to the input embedding (vocabulary C): logits h E^T."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(C, 4)
+        self.mix = nn.Linear(4, 4)
+        self.norm = nn.RMSNorm(4)
+        self.bias = nn.Parameter(0.1 * torch.randn(C))
+        self.head = head
+
+    def forward(self, idx: Tensor) -> Tensor:
+        e = self.emb(idx)
+        h = self.norm(e + torch.tanh(self.mix(e)))
+        if self.head == "matmul":
+            logits = h @ self.emb.weight.T
+        elif self.head == "linear":
+            logits = nn.functional.linear(h, self.emb.weight, self.bias)
+        else:  # F.embedding on the shared weight as well
+            logits = torch.tanh(nn.functional.embedding(idx, self.emb.weight)) @ self.emb.weight.T
+            logits = logits + h @ self.emb.weight.T
+        return logits.transpose(1, 2)
+
+
+class RMSNormNet(nn.Module):
+    """RMSNorm over one or two trailing dimensions, with and without a weight."""
+
+    def __init__(self, shape: tuple[int, ...], affine: bool, eps: float | None) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.norm = nn.RMSNorm(shape, eps=eps, elementwise_affine=affine)
+        self.out = nn.Linear(6, C)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)  # (N, 2, 3)
+        return self.out(torch.tanh(self.norm(h)).flatten(1))
+
+
+class EmbeddingPadding(nn.Module):
+    """padding_idx on the module and in F.embedding: those rows get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.other = nn.Parameter(torch.randn(7, 4))
+        self.out = nn.Linear(4, C)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.emb(idx) + nn.functional.embedding(idx, self.other, padding_idx=1)
+        return self.out(torch.tanh(h)).transpose(1, 2)
+
+
+class DeepRecurrent(nn.Module):
+    """Two bidirectional batch-first layers; every step's output to the head."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 2, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(x)[0]).transpose(1, 2)
+
+
+def _tokens_seq(vocab: int) -> Callable[[int, torch.Generator], Tensor]:
+    return lambda n, g: torch.randint(0, vocab, (n, L), generator=g)
+
+
+MODELS.update(
+    {
+        "linear_seq": ModelSpec(lambda: SeqLinear().to(DT), _randn(L, 4), out="seq"),
+        "embedding_seq": ModelSpec(lambda: EmbeddingSeq().to(DT), _tokens_seq(7), out="seq"),
+        "tied_lm_matmul": ModelSpec(lambda: TiedLM("matmul").to(DT), _tokens_seq(C), out="seq"),
+        "tied_lm_linear": ModelSpec(lambda: TiedLM("linear").to(DT), _tokens_seq(C), out="seq"),
+        "tied_lm_function": ModelSpec(lambda: TiedLM("function").to(DT), _tokens_seq(C), out="seq"),
+        "embedding_padding": ModelSpec(
+            lambda: EmbeddingPadding().to(DT), _tokens_seq(7), out="seq"
+        ),
+        "gru_deep": ModelSpec(lambda: DeepRecurrent(nn.GRU).to(DT), _randn(L, 3), out="seq"),
+        "lstm_deep": ModelSpec(lambda: DeepRecurrent(nn.LSTM).to(DT), _randn(L, 3), out="seq"),
+        "rmsnorm": ModelSpec(lambda: RMSNormNet((3,), True, None).to(DT), _randn(2, 4)),
+        "rmsnorm_2d": ModelSpec(lambda: RMSNormNet((2, 3), True, 1e-3).to(DT), _randn(2, 4)),
+        "rmsnorm_plain": ModelSpec(lambda: RMSNormNet((2, 3), False, None).to(DT), _randn(2, 4)),
+    }
+)
+
+
 # the small model each output kind uses in the loss x split block
 SMALL_MODEL = {
     "vec": "act_tanh",

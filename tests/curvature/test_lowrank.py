@@ -586,12 +586,16 @@ def test_conv_same_and_valid_padding_take_the_fast_engine():
 
 
 class FunctionalDropout(nn.Module):  # random, and no module tells: found on the traced graph
-    def __init__(self) -> None:
+    def __init__(self, mix: bool = True) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(4, 5), nn.Linear(5, C)
+        self.mix = mix
 
     def forward(self, x):
-        return self.b(nn.functional.dropout(torch.tanh(self.a(x)), 0.4, training=True))
+        h = nn.functional.dropout(torch.tanh(self.a(x)), 0.4, training=True)
+        if self.mix:  # mixes the samples: the fast engine refuses after its forward pass
+            h = h - h.mean(0, keepdim=True)
+        return self.b(h)
 
 
 def test_refused_fast_engine_leaves_the_random_state_to_the_fallback():
@@ -604,3 +608,11 @@ def test_refused_fast_engine_leaves_the_random_state_to_the_fallback():
     ref = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
     assert auto.engine == "autograd"
     assert rel_err(auto.to_dense(), ref.to_dense()) <= 1e-12
+    # without the mixing, F.dropout has a rule (one fixed mask): the fast engine serves it
+    model = FunctionalDropout(mix=False).to(DT)
+    torch.manual_seed(7)
+    fast = LowRankGGN(model, nn.MSELoss(), (x, y))
+    torch.manual_seed(7)
+    ref = LowRankGGN(model, nn.MSELoss(), (x, y), engine="autograd")
+    assert fast.engine != "autograd"
+    assert rel_err(fast.to_dense(), ref.to_dense()) <= 1e-12

@@ -28,7 +28,7 @@ from .layers.conv import padding as conv_padding
 from .layers.elementwise import ElementwiseRule
 from .layers.linear import LinearRule
 from .layers.pooling import AveragePoolRule, MaxPoolRule
-from .layers.reshape import ReshapeRule
+from .layers.reshape import DropoutRule, ReshapeRule, draws_mask
 from .model import FunctionalModel
 
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -50,6 +50,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return why
     if type(rule) not in LAYERS:
         return f"the engine has no layer for its rule ({type(rule).__name__})"
+    if draws_mask(module):
+        return "Dropout in training mode draws a new mask on every pass"
     return None
 
 
@@ -421,6 +423,7 @@ LAYERS: dict[type[Rule], type[Layer]] = {
     MaxPoolRule: _MaxPool,
     AveragePoolRule: _LinearParamFree,
     ReshapeRule: _Reshape,
+    DropoutRule: _Reshape,  # in eval mode or with p = 0 (a random one is refused)
 }
 
 

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..linalg.precision import autocast_disabled
 from .attention import differentiable_attention
+from .random_state import replay
 from .twice_differentiable import TwiceDifferentiable, needs_twice_differentiable
 
 try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
@@ -493,7 +494,7 @@ class FunctionalModel:
             tensors = [t.to(self.dtype) for t in tensors]
             inputs = self.cast_inputs(inputs)
         try:
-            with self.differentiable():
+            with self.differentiable(), replay(inputs):  # one dropout mask per batch and step
                 return functional_call(self.model, self.parameter_dict(tensors), inputs)
         finally:
             for module, name, p in self._tied_slots:

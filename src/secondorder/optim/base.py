@@ -56,6 +56,7 @@ from torch.optim import Optimizer
 from ..curvature import CurvatureOperator
 from ..curvature.base import allreduce_sum
 from ..curvature.model import Batch, FunctionalModel
+from ..curvature.random_state import one_draw_per_batch, replay
 from ..curvature.running_stats import (
     restore_running_stats,
     running_stat_modules,
@@ -470,13 +471,17 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         stats_before = snapshot_running_stats(norms) if norms else None
         stats_after = None
         try:
-            if norms:
-                with torch.no_grad():
-                    for b in batches:  # a compiled model: the module underneath
-                        self.fmodel.source(*b.inputs)
-                stats_after = snapshot_running_stats(norms)
-            with autocast_disabled():  # the step computes in self.fmodel.dtype
-                loss = self._step_body(batches, **kw)
+            # every pass of the step on a batch draws the same random numbers (one dropout
+            # mask per batch for the loss, the gradient and every product of the step)
+            with one_draw_per_batch(self.fmodel.device):
+                if norms:
+                    with torch.no_grad():
+                        for b in batches:  # a compiled model: the module underneath
+                            with replay(b.inputs):
+                                self.fmodel.source(*b.inputs)
+                    stats_after = snapshot_running_stats(norms)
+                with autocast_disabled():  # the step computes in self.fmodel.dtype
+                    loss = self._step_body(batches, **kw)
         except BaseException as err:
             diag = self.diagnostics
             if diag.get("accepted", True):

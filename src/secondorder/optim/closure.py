@@ -23,7 +23,8 @@ exactly once:
       opt.step(lambda: (model(x), y))
 
 Whatever the closure's own forward pass does to BatchNorm running statistics is undone; the step
-updates them once, as it does for ``step(inputs, targets)``.
+updates them once, as it does for ``step(inputs, targets)``. The random generators are set back
+to where the closure's model call started, so the step's passes draw the closure's dropout masks.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.model import Batch
+from ..curvature.random_state import GeneratorState
 from ..curvature.running_stats import (
     restore_running_stats,
     running_stat_modules,
@@ -77,6 +79,7 @@ class BatchRecorder:
         self.inputs: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] = {}
         self.output: Any = None
+        self.random_state: GeneratorState | None = None  # at the start of the last call
         self.losses: list[tuple[Any, Any]] = []  # (outputs, targets) of each loss call
         self._handles: list[Any] = []
 
@@ -102,6 +105,10 @@ class BatchRecorder:
         if torch.is_grad_enabled():
             self.calls += 1
             self.inputs, self.kwargs, self.losses = tuple(args), dict(kwargs), []
+            # where this pass's random numbers (dropout masks) start, to replay them
+            first = next(module.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+            self.random_state = GeneratorState.now(device)
 
     def _on_output(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if torch.is_grad_enabled():
@@ -174,6 +181,9 @@ def record_closure(model: nn.Module, loss_fn: Any, closure: Callable[[], Any]) -
         recorder.detach()
         if before is not None:
             restore_running_stats(before)
+    if recorder.calls == 1 and recorder.random_state is not None:
+        # the step's first pass on this batch draws what the closure's pass drew (dropout)
+        recorder.random_state.restore()
     use = f"use {FORMS}"
     if recorder.calls != 1:
         compiled = (

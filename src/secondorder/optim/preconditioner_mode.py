@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive
+from ..curvature.random_state import one_draw_per_batch
 from ..curvature.running_stats import frozen_running_stats
 from ..linalg.cg import cg
 from ..linalg.operator import Identity
@@ -145,7 +146,10 @@ class CurvaturePreconditioner:
         grad = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
         if not bool(torch.isfinite(grad).all()):
             return self._reject("the gradient is not finite")
-        with frozen_running_stats(self.model):
+        # the curvature of the network with the loop's own dropout masks (a recorded batch)
+        state = self._recorder.random_state if inputs is MISSING else None
+        drawn = (batch.inputs, state) if state is not None else None
+        with frozen_running_stats(self.model), one_draw_per_batch(self.params[0].device, drawn):
             C = build_curvature(
                 self.curvature,
                 self.model,

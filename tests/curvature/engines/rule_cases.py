@@ -18,7 +18,10 @@ def setup_rule(example):
     module = example.build().to(DT)
     rule, why = rule_for(module)
     assert rule is not None, why
-    x = torch.randn(*example.shape, dtype=DT)
+    if "indices" in example.extra:  # an index input (Embedding): not differentiable
+        x = torch.randint(0, example.extra["indices"], example.shape)
+    else:
+        x = torch.randn(*example.shape, dtype=DT)
     params = {k: v.detach() for k, v in module._parameters.items() if v is not None}
     return module, rule, x, params
 

@@ -27,13 +27,16 @@ MORE = [
     Example(lambda: nn.Conv2d(1, 2, 2, bias=False), (3, 1, 4, 4), "conv2d_nobias"),
     Example(lambda: nn.LayerNorm(4), (4,), "layernorm_1d_input"),
     Example(lambda: nn.Flatten(0, -1), (3, 4), "flatten_everything"),
+    Example(lambda: nn.Embedding(6, 3, padding_idx=2), (4, 5), "embedding_pad", {"indices": 6}),
 ]
 ALL = [*EXAMPLES, *MORE]
 # examples whose rule must give per-sample cotangents (the fast paths rely on them)
 PER_SAMPLE = {"linear", "linear_3d_nobias", "linear_4d", "linear_nobias", "conv1d", "conv2d"}
+PER_SAMPLE |= {"linear_seq", "linear_4d_bias"}
 PER_SAMPLE |= {"conv1d_sd", "c2d", "conv2d_nobias", "conv2d_same", "conv1d_same", "conv1d_valid"}
 PER_SAMPLE |= {"batchnorm1d", "batchnorm1d_seq", "batchnorm2d", "batchnorm3d", "layernorm"}
 PER_SAMPLE |= {"layernorm_2d", "layernorm_nobias", "groupnorm1d", "groupnorm2d"}
+PER_SAMPLE |= {"embedding", "embedding_seq", "embedding_pad", "rmsnorm", "rmsnorm_2d"}
 
 
 _setup, _f = setup_rule, module_function
@@ -50,6 +53,13 @@ def test_rowwise_only_where_the_jacobian_keeps_samples_apart(example):
     if not rule.rowwise(module, ctx):
         return
     assert out.ndim >= 1 and out.shape[0] == x.shape[0]
+    if not x.is_floating_point():  # indices: row n of the output reads row n of them only
+        for n in range(x.shape[0]):
+            other = x.clone()
+            other[n] = (other[n] + 1) % example.extra["indices"]
+            changed = (_f(module, params, other) != out).flatten(1).any(1)
+            assert changed[n] and changed.sum() == 1
+        return
     jac = jacrev(lambda x_: _f(module, params, x_))(x)  # (*out, *in)
     n = x.shape[0]
     J = jac.reshape(n, out[0].numel(), n, x[0].numel())

@@ -30,6 +30,9 @@ def test_forward_jvp_vjp(example):
     out, ctx = rule.forward(module, x, params)
     want = _f(module, params, x)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    if not x.is_floating_point():  # indices: products with the parameters only
+        _check_parameter_products(module, rule, ctx, x, params, want)
+        return
     dx = torch.randn_like(x)
     dp = {k: torch.randn_like(v) for k, v in params.items()}
     _, jv = torch.func.jvp(lambda x_, p_: _f(module, p_, x_), (x, params), (dx, dp))
@@ -52,12 +55,25 @@ def test_forward_jvp_vjp(example):
     assert rule.vjp(module, ctx, u, False, {}, False) is None
 
 
+def _check_parameter_products(module, rule, ctx, x, params, want):
+    """jvp and vjp of a module whose input is not differentiable (indices)."""
+    dp = {k: torch.randn_like(v) for k, v in params.items()}
+    _, jp = torch.func.jvp(lambda p_: _f(module, p_, x), (params,), (dp,))
+    torch.testing.assert_close(rule.jvp(module, ctx, None, dp, False), jp, rtol=1e-10, atol=1e-12)
+    u = torch.randn_like(want)
+    (gp,) = torch.func.vjp(lambda p_: _f(module, p_, x), params)[1](u)
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    assert rule.vjp(module, ctx, u, True, grads, False) is None
+    for k in params:
+        torch.testing.assert_close(grads[k], gp[k], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
 def test_batched_columns(example):
     """K columns at once equal K single products."""
     module, rule, x, params = _setup(example)
     out, ctx = rule.forward(module, x, params)
-    dX = torch.randn(K, *x.shape, dtype=DT)
+    dX = torch.randn(K, *x.shape, dtype=DT) if x.is_floating_point() else None
     dP = {k: torch.randn(K, *v.shape, dtype=DT) for k, v in params.items()}
     for dxs, dps in ((dX, dP), (dX, {}), (None, dP)):
         if dxs is None and not dps:
@@ -78,16 +94,20 @@ def test_batched_columns(example):
     for k in range(K):
         g1 = {n: torch.zeros_like(v) for n, v in params.items()}
         gx1 = rule.vjp(module, ctx, U[k], True, g1, False)
-        torch.testing.assert_close(gx[k], gx1, rtol=1e-10, atol=1e-12)
+        if gx is None:  # an index input has no cotangent
+            assert gx1 is None and not x.is_floating_point()
+        else:
+            torch.testing.assert_close(gx[k], gx1, rtol=1e-10, atol=1e-12)
         for n in params:
             torch.testing.assert_close(grads[n][k], g1[n], rtol=1e-10, atol=1e-12)
 
 
 def test_refusals_name_the_reason():
     assert rule_for(torch.nn.GRU(2, 2))[0] is None
-    dropout = torch.nn.Dropout(0.5).train()
-    rule, why = rule_for(dropout)
-    assert rule is None and "random" in why
+    # Dropout in training mode has its rule (one fixed mask per forward pass, issue 15)
+    assert rule_for(torch.nn.Dropout(0.5).train())[0] is not None
+    assert rule_for(torch.nn.Embedding(4, 2, max_norm=1.0))[0] is None
+    assert "sparse" in rule_for(torch.nn.Embedding(4, 2, sparse=True))[1]
     # BatchNorm by batch statistics has its rule (training mode, or no running statistics)
     assert rule_for(torch.nn.BatchNorm1d(3).train())[0] is not None
     relu = torch.nn.ReLU()
@@ -95,5 +115,4 @@ def test_refusals_name_the_reason():
     assert rule_for(relu) == (None, "it has hooks")
     conv = torch.nn.Conv2d(1, 1, 2, padding="same")  # torch pads one side more
     assert "padding" in rule_for(conv)[1]
-    dropout = torch.nn.Dropout2d(0.5)  # training mode
-    assert "random" in rule_for(dropout)[1]
+    assert "scale_grad_by_freq" in rule_for(torch.nn.Embedding(4, 2, scale_grad_by_freq=True))[1]

@@ -36,12 +36,19 @@ def _setup(example):
 
 def _reference(module, params, x, delta, dx, dp):
     """(r_x, r_theta): forward mode over the single module's pullback of delta."""
+    tp = {n: dp.get(n, torch.zeros_like(v)) for n, v in params.items()}
+    if not x.is_floating_point():  # indices: the parameters' pullback alone
+
+        def pullback_p(p_):
+            return torch.func.vjp(lambda q: _f(module, q, x), p_)[1](delta)[0]
+
+        _, rp = torch.func.jvp(pullback_p, (params,), (tp,))
+        return torch.zeros(x.shape, dtype=DT), rp
 
     def pullback(x_, p_):
         return torch.func.vjp(lambda a, q: _f(module, q, a), x_, p_)[1](delta)
 
     tx = dx if dx is not None else torch.zeros_like(x)
-    tp = {n: dp.get(n, torch.zeros_like(v)) for n, v in params.items()}
     _, (rx, rp) = torch.func.jvp(pullback, (x, params), (tx, tp))
     return rx, rp
 
@@ -61,7 +68,7 @@ def _ours(module, rule, ctx, x, params, delta, dx, dp, batched=False):
 def residual_errors(example):
     """Largest absolute error of the rule's residual over input/parameter tangent subsets."""
     module, rule, x, params, ctx, delta = _setup(example)
-    dx = torch.randn_like(x)
+    dx = torch.randn_like(x) if x.is_floating_point() else None
     dp = {k: torch.randn_like(v) for k, v in params.items()}
     worst = 0.0
     for tx, tp in ((dx, dp), (dx, {}), (None, dp)):
@@ -86,7 +93,7 @@ def test_residual_matches_jvp_of_vjp(example):
 def test_residual_batched_columns(example):
     """K columns at once equal K single residuals."""
     module, rule, x, params, ctx, delta = _setup(example)
-    dX = torch.randn(K, *x.shape, dtype=DT)
+    dX = torch.randn(K, *x.shape, dtype=DT) if x.is_floating_point() else None
     dP = {k: torch.randn(K, *v.shape, dtype=DT) for k, v in params.items()}
     for dxs, dps in ((dX, dP), (dX, {}), (None, dP)):
         if dxs is None and not dps:

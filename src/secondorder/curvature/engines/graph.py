@@ -44,6 +44,7 @@ from ..layers import rule_for
 from ..layers.reshape import ReshapeRule
 from ..linearization import AutogradLinearization, Linearization
 from ..model import FunctionalModel
+from ..random_state import GeneratorState, replay
 from ..running_stats import frozen_running_stats
 from .memory import BottomTriple, find_triples, in_place_activations, pool_activations
 from .ops import BUILDERS, module_of, op_kind
@@ -249,7 +250,9 @@ class GraphLinearization(Linearization):
         }
         x = node.args[0] if node.args else None
         simple = len(node.args) == 1 and not node.kwargs and isinstance(x, fx.Node)
-        if rule is not None and simple and _is_float(self._env[x]):  # type: ignore[index]
+        if (
+            rule is not None and simple and (_is_float(self._env[x]) or not rule.float_input)  # type: ignore[index]
+        ):
             trainable = {n: i for n, i in own.items() if i is not None}
             if not trainable and not inputs:
                 self._env[node] = self._call_module(module, node)
@@ -286,13 +289,26 @@ class GraphLinearization(Linearization):
         module: nn.Module | None = None,
         params: Sequence[tuple[str, int]] = (),
     ) -> None:
+        # a later evaluation (the PCH's modified residual) runs after the values are dropped,
+        # and draws the random numbers of the first (a dropout inside the node)
+        held = {n: self._env[n] for n in node.all_input_nodes if n not in inputs}
+        start = GeneratorState.now(self._fmodel.device)
+        calls = [0]
+
         def call(values: list[Any], p_leaves: list[Tensor]) -> Any:
-            subst = dict(zip(inputs, values))
-            if module is None:
-                return self._call(node, subst)
-            args, kwargs = self._args(node, subst)
-            pdict = {n: p for (n, _), p in zip(params, p_leaves)}
-            return functional_call(module, pdict, args, kwargs)
+            subst = {**held, **dict(zip(inputs, values))}
+            later = GeneratorState.now(start.device) if calls[0] else None
+            calls[0] += 1
+            start.restore()
+            try:
+                if module is None:
+                    return self._call(node, subst)
+                args, kwargs = self._args(node, subst)
+                pdict = {n: p for (n, _), p in zip(params, p_leaves)}
+                return functional_call(module, pdict, args, kwargs)
+            finally:
+                if later is not None:
+                    later.restore()
 
         plist = [(i, self.leaves[i]) for _, i in params]
         step = AutogradStep(inputs, call, [self._env[n] for n in inputs], plist)
@@ -325,8 +341,10 @@ class GraphLinearization(Linearization):
             else:
                 self._add(node, built[0], built[1])
             return
-        value: Any = self._call(node) if kind is not None and in_float else None
-        if kind is None or not in_float or not _is_float(value):
+        # a module's function is evaluated once, by its rule (dropout draws its mask there)
+        call = kind is not None and kind != "module" and in_float
+        value: Any = self._call(node) if call else None
+        if kind is None or not in_float or (call and not _is_float(value)):
             self._autograd(node, inputs)
             return
         edges: list[Any] = [a for a in args if self._active(a)]
@@ -478,6 +496,16 @@ def graph_linearization(
         :class:`~secondorder.curvature.linearization.AutogradLinearization` with
         ``path == "autograd"`` and ``fallback_reason`` set.
     """
+    with replay(inputs):  # inside an optimizer step: the step's draw for this batch
+        return _graph_linearization(fmodel, inputs, leaves, cls)
+
+
+def _graph_linearization(
+    fmodel: FunctionalModel,
+    inputs: tuple[Any, ...],
+    leaves: list[Tensor],
+    cls: type[GraphLinearization] | None,
+) -> Linearization:
     model = fmodel.model
     graph, reason = trace(model)
     if graph is not None:

@@ -9,7 +9,8 @@ every other argument as a constant:
 - ``cat``: concatenation, :math:`dy = [da, db]`, the cotangent split;
 - ``reshape``: ``view``, ``reshape``, ``flatten``, ``squeeze``, ``unsqueeze``, ``contiguous``;
 - ``linear``: any other function linear in its one active input (indexing, ``permute``,
-  ``transpose``, ``mean``, ``sum``, ``expand``, average pooling): :math:`dy = f(dx)` (columns
+  ``transpose``, ``mean``, ``sum``, ``expand``, average pooling, ``F.embedding`` in its
+  weight): :math:`dy = f(dx)` (columns
   by ``torch.vmap``), :math:`dx = f^\top u` by ``torch.func.vjp`` of :math:`f` (linear, so its
   pullback does not depend on the point);
 - ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ... by the layer rule
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers.reshape import dropout_module
 from . import bilinear, mha, sdpa
 from .step_base import Step
 
@@ -98,6 +100,11 @@ FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = 
     F.max_pool1d: (nn.MaxPool1d, _POOL_ARGS),
     F.max_pool2d: (nn.MaxPool2d, _POOL_ARGS),
     F.max_pool3d: (nn.MaxPool3d, _POOL_ARGS),
+    # dropout: one fixed mask per forward pass (layers/reshape.py)
+    F.dropout: (dropout_module(nn.Dropout), ("p", "training", "inplace")),
+    F.dropout1d: (dropout_module(nn.Dropout1d), ("p", "training", "inplace")),
+    F.dropout2d: (dropout_module(nn.Dropout2d), ("p", "training", "inplace")),
+    F.dropout3d: (dropout_module(nn.Dropout3d), ("p", "training", "inplace")),
 }
 
 
@@ -126,6 +133,26 @@ IN_PLACE: dict[Any, Any] = {
 
 def _is_float(value: Any) -> bool:
     return isinstance(value, Tensor) and value.is_floating_point()
+
+
+_EMBEDDING_DEFAULTS = {
+    "padding_idx": None,
+    "max_norm": None,
+    "scale_grad_by_freq": False,
+    "sparse": False,
+}
+
+
+def _plain_embedding(node: Any, active: Callable[[Any], bool]) -> bool:
+    """Whether a node is ``F.embedding(indices, weight)`` with constant indices and no option.
+
+    ``padding_idx`` is refused: PyTorch's forward and reverse derivatives disagree there.
+    """
+    args, kwargs = node.args, node.kwargs
+    options = {k: v for k, v in kwargs.items() if k != "norm_type"}  # used with max_norm only
+    if len(args) != 2 or any(_EMBEDDING_DEFAULTS.get(k, 0) != v for k, v in options.items()):
+        return False
+    return not (hasattr(args[0], "op") and active(args[0])) and hasattr(args[1], "op")
 
 
 def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
@@ -162,6 +189,8 @@ def op_kind(node: Any, active: Callable[[Any], bool]) -> str | None:
     entry = FUNCTION_MODULES.get(target) if not isinstance(target, str) or method else None
     if entry is not None and len(args) <= 1 + len(entry[1]) and set(kwargs) <= set(entry[1]):
         return "module"
+    if target is F.embedding:  # linear in the weight (its second argument)
+        return "linear" if _plain_embedding(node, active) else None
     if len(act_args) != 1 or any(
         hasattr(v, "op") and active(v) for v in kwargs.values()
     ):  # one active input, the others constants

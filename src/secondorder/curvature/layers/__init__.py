@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..activations import ACTIVATIONS
-from . import batchnorm, conv, elementwise, linear, norm, pooling, reshape
+from . import batchnorm, conv, elementwise, embedding, linear, norm, pooling, reshape
 from .base import Example, Rule
 
 __all__ = ["EXAMPLES", "RULES", "Example", "Rule", "rule_for"]
@@ -23,6 +23,7 @@ _ACT = elementwise.ElementwiseRule()
 _CONV = conv.ConvRule()
 _BN = batchnorm.BatchNormRule()  # by the statistics the module uses (eval or batch)
 _RESHAPE = reshape.ReshapeRule()
+_DROPOUT = reshape.DropoutRule()  # one fixed mask per forward pass in training mode
 _MAX = pooling.MaxPoolRule()
 _AVG = pooling.AveragePoolRule()
 
@@ -39,10 +40,10 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Flatten: _RESHAPE,
     nn.Unflatten: _RESHAPE,
     nn.Identity: _RESHAPE,
-    nn.Dropout: _RESHAPE,
-    nn.Dropout1d: _RESHAPE,
-    nn.Dropout2d: _RESHAPE,
-    nn.Dropout3d: _RESHAPE,
+    nn.Dropout: _DROPOUT,
+    nn.Dropout1d: _DROPOUT,
+    nn.Dropout2d: _DROPOUT,
+    nn.Dropout3d: _DROPOUT,
     nn.MaxPool1d: _MAX,
     nn.MaxPool2d: _MAX,
     nn.MaxPool3d: _MAX,
@@ -53,6 +54,9 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.AdaptiveAvgPool2d: _AVG,
     nn.AdaptiveAvgPool3d: _AVG,
     **dict.fromkeys(ACTIVATIONS, _ACT),
+    # sequence layers (issue 15)
+    nn.Embedding: embedding.EmbeddingRule(),
+    nn.RMSNorm: norm.RMSNormRule(),
     # attention: the output projection of nn.MultiheadAttention (a Linear)
     nn.modules.linear.NonDynamicallyQuantizableLinear: linear.LinearRule(),
 }
@@ -66,6 +70,7 @@ EXAMPLES: list[Example] = [
     *elementwise.EXAMPLES,
     *reshape.EXAMPLES,
     *pooling.EXAMPLES,
+    *embedding.EXAMPLES,
     # attention
     Example(
         lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(4, 3), (2, 3, 4), "mha_out_proj"

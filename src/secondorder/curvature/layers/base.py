@@ -67,6 +67,9 @@ Context = dict[str, Any]
 class Rule:
     """Base class of layer rules (module docstring); one instance serves every module of a type."""
 
+    #: whether the module's input must be a floating-point tensor (False: indices, Embedding)
+    float_input: bool = True
+
     def unsupported(self, module: nn.Module) -> str | None:
         """Why the rule cannot compute ``module`` exactly (an option it ignores), or None."""
         return None

@@ -184,4 +184,6 @@ def _per_sample(x: Tensor, u: Tensor, names: Sequence[str]) -> dict[str, Tensor]
 EXAMPLES = [
     Example(lambda: nn.Linear(4, 3), (5, 4), "linear"),
     Example(lambda: nn.Linear(4, 3, bias=False), (2, 3, 4), "linear_3d_nobias"),
+    Example(lambda: nn.Linear(4, 3), (3, 5, 4), "linear_seq"),
+    Example(lambda: nn.Linear(3, 2), (2, 3, 2, 3), "linear_4d_bias"),
 ]

@@ -18,12 +18,15 @@ over those entries, the Jacobian of :math:`\hat x` is symmetric,
 
 so the same map serves :math:`dx` from :math:`\gamma u` in the reverse product.
 **GroupNorm** applies it over each group of channels (and the spatial dimensions).
+**RMSNorm** scales without centring: with :math:`r = (\langle x^2\rangle + \epsilon)^{-1/2}`
+and :math:`\hat x = x r`, :math:`d\hat x = r\,(dx - \hat x \langle \hat x\, dx\rangle)`, again
+symmetric; :math:`y = \gamma \hat x`.
 
 Residuals (second-order terms): BatchNorm (eval) is bilinear in :math:`(x, \gamma)`, so with
 :math:`c = s\,\delta` (per channel :math:`s`), :math:`r_x = c\, d\gamma`,
 :math:`r_\gamma = \sum c\, dx`, :math:`r_\beta = 0`. LayerNorm and GroupNorm use the generic
-residual of :class:`~.base.Rule` (``torch.func``). BatchNorm by batch statistics and the
-registry's rule choosing by mode are in :mod:`.batchnorm`.
+residual of :class:`~.base.Rule` (``torch.func``), and so does RMSNorm. BatchNorm by batch
+statistics and the registry's rule choosing by mode are in :mod:`.batchnorm`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 
-__all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule"]
+__all__ = ["BatchNormEvalRule", "GroupNormRule", "LayerNormRule", "RMSNormRule"]
 
 
 def normalised_tangent(t: Tensor, xhat: Tensor, r: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -226,6 +229,64 @@ class LayerNormRule(Rule):
         return self._normalise(ctx, u * w if w is not None else u)
 
 
+class RMSNormRule(Rule):
+    """Rule of ``nn.RMSNorm`` (module docstring); factor hooks as LayerNorm's."""
+
+    rowwise = LayerNormRule.rowwise
+    per_sample_param_vjp = LayerNormRule.per_sample_param_vjp
+
+    def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
+        m: Any = module
+        w = params.get("weight")
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        eps = torch.finfo(x.dtype).eps if m.eps is None else m.eps
+        r = (x.square().mean(dims, keepdim=True) + eps).rsqrt()
+        out = F.rms_norm(x, m.normalized_shape, w, m.eps)
+        return out, {"xhat": x * r, "r": r, "w": w, "dims": dims}
+
+    @staticmethod
+    def _scaled(ctx: Context, t: Tensor) -> Tensor:
+        """``r (t - xhat <xhat t>)``: the derivative of ``x -> x r(x)`` (symmetric)."""
+        xhat, dims = ctx["xhat"], ctx["dims"]
+        inner = (t * xhat).mean(dims, keepdim=True)
+        return (t - xhat * inner).mul_(ctx["r"])
+
+    def jvp(  # noqa: D102
+        self, module: nn.Module, ctx: Context, dx: Tensor | None, dparams: Params, batched: bool
+    ) -> Tensor | None:
+        xhat, w = ctx["xhat"], ctx["w"]
+        dw = dparams.get("weight")
+        out = None
+        if dx is not None:
+            out = self._scaled(ctx, dx)
+            if w is not None:
+                out = out.mul_(w)
+        if dw is not None:
+            lead_ones = [1] * (xhat.ndim - len(ctx["dims"]))
+            view = dw.view(dw.shape[0], *lead_ones, *dw.shape[1:]) if batched else dw
+            term = xhat * view
+            out = term if out is None else out.add_(term)
+        return out
+
+    def vjp(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        u: Tensor,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        xhat, w = ctx["xhat"], ctx["w"]
+        gw = grads.get("weight")
+        if gw is not None:
+            lead = 1 if batched else 0
+            gw.add_((u * xhat).sum(tuple(range(lead, u.ndim - len(ctx["dims"])))))
+        if not need_input:
+            return None
+        return self._scaled(ctx, u * w if w is not None else u)
+
+
 class GroupNormRule(Rule):
     r"""Rule of ``nn.GroupNorm``: LayerNorm's map over each group of channels, affine per channel.
 
@@ -348,4 +409,7 @@ EXAMPLES = [
     Example(lambda: _ln(nn.GroupNorm(2, 4)), (3, 4, 5), "groupnorm1d"),
     Example(lambda: _ln(nn.GroupNorm(3, 6)), (2, 6, 2, 3), "groupnorm2d"),
     Example(lambda: nn.GroupNorm(1, 2, affine=False), (3, 2, 4), "groupnorm_plain"),
+    Example(lambda: _ln(nn.RMSNorm(5)), (3, 5), "rmsnorm"),
+    Example(lambda: _ln(nn.RMSNorm((3, 4), eps=1e-3)), (2, 5, 3, 4), "rmsnorm_2d"),
+    Example(lambda: nn.RMSNorm(4, elementwise_affine=False), (3, 2, 4), "rmsnorm_plain"),
 ]
