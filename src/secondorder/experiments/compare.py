@@ -107,7 +107,8 @@ def muon_with_adamw(
     Returns:
         ``[Muon, AdamW]``.
     """
-    hidden, rest = [], []
+    hidden: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (hidden if p.ndim == 2 and is_hidden(name) else rest).append(p)
     muon = torch.optim.Muon(
@@ -264,10 +265,14 @@ def sweep_adamw(
         diverged run counts as infinite) and one row per candidate.
     """
     sweep = []
+
+    def adamw(lr: float) -> Factory:
+        return lambda m: [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)]
+
     for lr in lrs:
         record, _ = train_for(
             f"AdamW sweep lr={lr:g}",
-            lambda m, lr=lr: [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)],
+            adamw(lr),
             workload,
             budget_s,
             max_steps=max_steps,
@@ -301,7 +306,7 @@ def summary_rows(
     Returns:
         The table.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, rec in runs.items():
         if "skipped" in rec:
             rows.append({"method": name, "note": f"skipped: {rec['skipped']}"})
@@ -359,8 +364,10 @@ def plot_comparison(
 
     def train_curves(x_key: str) -> dict[str, Any]:
         return {
-            name: (rec["train_time"] if x_key == "time" else list(range(1, rec["steps"] + 1)),
-                   rec["train_loss"])
+            name: (
+                rec["train_time"] if x_key == "time" else list(range(1, rec["steps"] + 1)),
+                rec["train_loss"],
+            )
             for name, rec in done.items()
         }
 

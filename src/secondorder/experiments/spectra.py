@@ -96,7 +96,7 @@ def _one(
     )
     trace = hutchpp_trace(
         A,
-        max(3, min(config.trace_matvecs, n)),
+        max(3, min(config.trace_matvecs, 3 * n)),  # 3n: an exact sketch of the range
         generator=torch.Generator(device=A.device).manual_seed(seed + 1),
     )
     grid, density = spectral_density(

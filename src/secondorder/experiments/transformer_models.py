@@ -174,9 +174,9 @@ class CharGPT(nn.Module):
         self.pos = nn.Parameter(0.02 * torch.randn(1, context, dim))
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        for block in self.blocks:  # GPT-2's scaled init of the residual projections
-            for layer in (block.proj, block.out):
-                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * depth))
+        for name, p in self.blocks.named_parameters():  # GPT-2's scaled residual projections
+            if name.endswith(("proj.weight", "out.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
 
     def forward(self, idx: Tensor) -> Tensor:
         """Map tokens ``(N, T)`` to logits in the layout :data:`LOGITS_LAYOUT`."""
@@ -204,7 +204,9 @@ def vit(*, seed: int | torch.Generator = 0, **kwargs: int) -> ViT:
         return ViT(**kwargs)
 
 
-def char_gpt(vocab: int, context: int, *, seed: int | torch.Generator = 0, **kwargs: int) -> CharGPT:
+def char_gpt(
+    vocab: int, context: int, *, seed: int | torch.Generator = 0, **kwargs: int
+) -> CharGPT:
     """Build a :class:`CharGPT` initialized from ``seed``.
 
     Args:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from ... import BlockDiagonalNewtonCG, GaussNewton, HessianFree, NaturalGradient
 from ..arguments import nonnegative_float, positive_float, positive_int
-from ..compare import Workload, muon_with_adamw, plot_comparison, summary_rows, sweep_adamw, train_for
+from ..compare import (
+    Workload,
+    muon_with_adamw,
+    plot_comparison,
+    summary_rows,
+    sweep_adamw,
+    train_for,
+)
 from ..report import markdown_table, write_markdown
 from ..spectra import SpectraConfig, curvature_spectra, plot_spectra
 
@@ -228,6 +235,7 @@ def run_comparison(
     plot_spectra(spectra, out / "spectra.png", title=f"{title}: Hessian and GGN spectral density")
     sweep_table = markdown_table(sweep, floatfmt=".4g", formats={"steps": "d"})
     skipped = [f"- {n}: {r['skipped']}" for n, r in runs.items() if "skipped" in r]
+    cap = "" if args.max_steps is None else f", at most {args.max_steps} steps"
     summary = "\n".join(
         [
             f"# {title}",
@@ -236,7 +244,7 @@ def run_comparison(
             "",
             f"Every method trains from the same initial weights on the same minibatches "
             f"(batch {args.batch_size}) for {budget_s:g} s of training wall-clock "
-            f"(evaluations excluded){'' if args.max_steps is None else f', at most {args.max_steps} steps'}. "
+            f"(evaluations excluded){cap}. "
             "Gauss-Newton and natural gradient run with the library's defaults (lr 1, adaptive "
             "Levenberg-Marquardt damping from 1, CG to rtol 1e-3 in at most 20 iterations); "
             "natural gradient with the Monte-Carlo Fisher (one sampled target per output, "

@@ -60,9 +60,7 @@ def _group_of(name: str) -> str:
     return "head"  # final norm and linear head
 
 
-def _evaluator(
-    splits: dict[str, tuple[Tensor, Tensor]], loss_fn: nn.Module
-) -> Any:
+def _evaluator(splits: dict[str, tuple[Tensor, Tensor]], loss_fn: nn.Module) -> Any:
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         x, y = splits[split]
         logits = torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
