@@ -49,11 +49,11 @@ class SpectraConfig:
     """
 
     top_k: int = 3
-    lanczos_maxiter: int = 60
+    lanczos_maxiter: int = 40
     lanczos_tol: float = 1e-2
-    trace_matvecs: int = 30
-    slq_probes: int = 3
-    slq_steps: int = 30
+    trace_matvecs: int = 24
+    slq_probes: int = 2
+    slq_steps: int = 24
 
 
 def layer_groups(model: nn.Module, group_of: Callable[[str], str]) -> dict[str, list[Tensor]]:
