@@ -367,3 +367,18 @@ def test_charlm_tiny_run(tmp_path):
             rec["evals"]["loss"][0] / math.log(2)
         )
     assert "pydoc_data" in summary and "Python Software Foundation" in summary
+
+
+def test_every_method_sees_the_same_minibatches():
+    from secondorder.experiments.studies import charlm
+
+    work, info = charlm.make_workload(quick=True, batch_size=4)
+    first, second = work.batches(), work.batches()
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(first), next(second)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert torch.equal(ya[:, :-1], xa[:, 1:])  # next-character targets
+    other = charlm.make_workload(quick=True, batch_size=4, seed=1)[0].batches()
+    assert not torch.equal(next(other)[0], next(work.batches())[0])
+    x, y = info["spectra_batch"]
+    assert x.shape == y.shape == (4, 32)

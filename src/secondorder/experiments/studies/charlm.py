@@ -82,35 +82,53 @@ def _evaluator(splits: dict[str, tuple[Tensor, Tensor]], loss_fn: nn.Module) -> 
     return evaluate
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the study and write its figures and summary to ``args.out``.
+def make_workload(
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    context: int | None = None,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+) -> tuple[Workload, dict[str, Any]]:
+    """Build the study's workload (also for benchmarks that train on it).
 
     Args:
-        args: Parsed command-line arguments.
+        seed: Seed of the initial weights and the minibatch order.
+        quick: Context 32 (unless given) and 64 evaluation windows per split.
+        batch_size: Windows per minibatch.
+        device: Where the model and the data live.
+        context: Window length (default 64; quick 32).
+        dim: Width of the residual stream.
+        depth: Blocks.
+        heads: Attention heads.
 
     Returns:
-        Every number of the study.
+        ``(workload, info)``; ``info`` holds ``spectra_batch`` (fixed validation windows),
+        ``header`` (summary lines), ``data`` (source, licence, sizes) and ``model``.
     """
-    device = torch.device(args.device)
-    context = args.context or (32 if args.quick else 64)
+    device = torch.device(device)
+    context = context or (32 if quick else 64)
     text = load_text()
-    max_windows = 64 if args.quick else None
+    max_windows = 64 if quick else None
     val = tuple(t.to(device) for t in eval_windows(text.val, context, max_windows))
     test = tuple(t.to(device) for t in eval_windows(text.test, context, max_windows))
     loss_fn = sequence_loss()
-    config = dict(dim=args.dim, depth=args.depth, heads=args.heads)
+    config = dict(dim=dim, depth=depth, heads=heads)
     vocab = len(text.vocab)
 
     def build() -> nn.Module:
-        return char_gpt(vocab, context, seed=args.seed, **config).to(device)
+        return char_gpt(vocab, context, seed=seed, **config).to(device)
 
     def batches() -> Any:
         loader = DataLoader(
             Windows(text.train, context),
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             shuffle=True,
             drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed),
+            generator=torch.Generator().manual_seed(seed),
         )
         return stream(loader, device)
 
@@ -122,32 +140,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bits_per_char",
         False,
     )
-    n_spectra = 4 if args.quick else 16
+    n_spectra = 4 if quick else 16
     params = sum(p.numel() for p in build().parameters())
     header = [
         f"Text: {text.source}. Source: {SOURCE}, shipped with every CPython; licence: "
         f"{LICENCE}. SHA-256 {text.sha256[:16]}...; {len(text.train)} training, "
         f"{len(text.val)} validation, {len(text.test)} test characters; evaluation on "
         f"{len(val[1])} validation and {len(test[1])} test windows of {context}.",
-        f"Model: character-level GPT, vocabulary {vocab}, context {context}, {args.depth} "
-        f"pre-norm blocks (causal scaled_dot_product_attention, {args.heads} heads, GELU MLP), "
-        f"width {args.dim}, learned positions, output layer tied to the embedding; "
+        f"Model: character-level GPT, vocabulary {vocab}, context {context}, {depth} "
+        f"pre-norm blocks (causal scaled_dot_product_attention, {heads} heads, GELU MLP), "
+        f"width {dim}, learned positions, output layer tied to the embedding; "
         f"{params} parameters. Uniform guessing would cost log2({vocab}) = "
         f"{math.log2(vocab):.2f} bits per character.",
     ]
-    results = run_comparison(
-        args,
-        workload,
-        title="Character-level GPT on the Python reference",
-        metric_label="bits per character",
-        metric_scale=1.0,
-        is_hidden=lambda name: name.startswith("blocks."),
-        group_of=_group_of,
-        spectra_batch=(val[0][:n_spectra], val[1][:n_spectra]),
-        header=header,
-        quick_budget=QUICK_BUDGET,
-        budget=BUDGET,
-    )
     data = {
         "source": text.source,
         "licence": text.licence,
@@ -156,4 +161,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "vocab": text.vocab,
         "split_chars": {"train": len(text.train), "val": len(text.val), "test": len(text.test)},
     }
-    return {"data": data, "model": {**config, "context": context, "parameters": params}, **results}
+    info = {
+        "spectra_batch": (val[0][:n_spectra], val[1][:n_spectra]),
+        "header": header,
+        "data": data,
+        "model": {**config, "context": context, "parameters": params},
+    }
+    return workload, info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the study and write its figures and summary to ``args.out``.
+
+    Args:
+        args: Parsed command-line arguments.
+
+    Returns:
+        Every number of the study.
+    """
+    workload, info = make_workload(
+        seed=args.seed,
+        quick=args.quick,
+        batch_size=args.batch_size,
+        device=args.device,
+        context=args.context,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+    )
+    results = run_comparison(
+        args,
+        workload,
+        title="Character-level GPT on the Python reference",
+        metric_label="bits per character",
+        metric_scale=1.0,
+        is_hidden=lambda name: name.startswith("blocks."),
+        group_of=_group_of,
+        spectra_batch=info["spectra_batch"],
+        header=info["header"],
+        quick_budget=QUICK_BUDGET,
+        budget=BUDGET,
+    )
+    return {"data": info["data"], "model": info["model"], **results}

