@@ -106,7 +106,14 @@ def muon_with_adamw(
 
     Returns:
         ``[Muon, AdamW]``.
+
+    Raises:
+        NotImplementedError: If this torch has no ``torch.optim.Muon`` (added in torch 2.9).
     """
+    if not hasattr(torch.optim, "Muon"):
+        raise NotImplementedError(
+            f"torch.optim.Muon needs torch >= 2.9, this is torch {torch.__version__}"
+        )
     hidden: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():

@@ -203,7 +203,7 @@ def run_comparison(
                 num_evals=args.evals,
                 show_progress=show,
             )
-        except (ValueError, TypeError) as err:  # an optimizer that refuses the model
+        except (ValueError, TypeError, NotImplementedError) as err:  # refuses the model
             runs[name] = {"skipped": f"{type(err).__name__}: {err}"}
     for name, rec in runs.items():
         if "skipped" not in rec and (rec["diverged"] or not math.isfinite(rec["final"]["loss"])):
