@@ -167,9 +167,10 @@ def train_for(
 
     Returns:
         ``(record, model)``: the record (``train_loss``, ``train_time``, ``evals`` with
-        ``step``, ``time`` and the metrics, ``final`` and ``test`` evaluations,
-        ``diagnostics`` of a curvature optimizer, ``warnings``, ``diverged``) and the
-        trained model.
+        ``step``, ``time`` and the metrics, ``final`` and ``test`` evaluations, for a
+        curvature optimizer its per-step ``diagnostics`` (damping, CG iterations, accepted,
+        rejected trials) with the totals ``rejected_trials`` and ``skipped_steps``,
+        ``warnings``, ``diverged``) and the trained model.
     """
     model = workload.build()
     model.train()
@@ -179,7 +180,12 @@ def train_for(
     elapsed = [0.0]
     losses: list[float] = []
     times: list[float] = []
-    diag: dict[str, list[Any]] = {"damping": [], "cg_iterations": [], "accepted": []}
+    diag: dict[str, list[Any]] = {
+        "damping": [],
+        "cg_iterations": [],
+        "accepted": [],
+        "rejections": [],
+    }
     evals: dict[str, list[float]] = {"step": [], "time": []}
 
     def evaluate(step: int) -> None:
@@ -239,7 +245,8 @@ def train_for(
     }
     if torch_opts is None:
         record["diagnostics"] = diag
-        record["rejected_steps"] = sum(1 for a in diag["accepted"] if a is False)
+        record["skipped_steps"] = sum(1 for a in diag["accepted"] if a is False)
+        record["rejected_trials"] = sum(int(r or 0) for r in diag["rejections"])
     return record, model
 
 
@@ -319,14 +326,22 @@ def summary_rows(
             rows.append({"method": name, "note": f"skipped: {rec['skipped']}"})
             continue
         final, test = rec["final"], rec["test"]
-        note = "diverged" if rec["diverged"] else ""
-        if rec.get("rejected_steps"):
-            note = f"{rec['rejected_steps']} rejected steps"
+        notes = ["diverged"] if rec["diverged"] else []
+        if rec.get("rejected_trials"):
+            notes.append(f"{rec['rejected_trials']} rejected trials")
+        if rec.get("skipped_steps"):
+            notes.append(f"{rec['skipped_steps']} skipped steps")
+        note = ", ".join(notes)
+        diag = rec.get("diagnostics") or {}
+        cg = [c for c in diag.get("cg_iterations", []) if isinstance(c, (int, float))]
+        damping = [d for d in diag.get("damping", []) if isinstance(d, (int, float))]
         rows.append(
             {
                 "method": name,
                 "steps": rec["steps"],
                 "median ms / step": rec["median_step_ms"],
+                "mean CG iterations": sum(cg) / len(cg) if cg else None,
+                "last damping": damping[-1] if damping else None,
                 "val loss": final.get("loss"),
                 f"val {label}": None if final.get(metric) is None else scale * final[metric],
                 f"test {label}": None if test.get(metric) is None else scale * test[metric],
