@@ -396,6 +396,9 @@ def plot_comparison(
     def panel(data: dict[str, Any], xlabel: str, ylabel: str, logy: bool = False) -> Any:
         def draw(ax: Any) -> None:
             draw_curves(ax, data, xlabel=xlabel, ylabel=ylabel, logy=logy)
+            if xlabel == "step":  # second-order methods take few steps: a log axis from 1
+                ax.set_xscale("symlog", linthresh=1.0)
+                ax.set_xlim(left=0.0)
             ax.legend(fontsize=7)
 
         return draw
