@@ -7,7 +7,8 @@
 2. trains every method from the same initial weights on the same minibatches for the same
    training wall-clock (``--budget``): AdamW at that learning rate, ``torch.optim.Muon`` on the
    hidden matrices with AdamW on the rest, and the library's :class:`~secondorder.GaussNewton`
-   and :class:`~secondorder.NaturalGradient` (default adaptive damping),
+   and :class:`~secondorder.NaturalGradient` (default adaptive damping; the natural gradient
+   with the Monte-Carlo Fisher, since for softmax cross-entropy the exact Fisher is the GGN),
    :class:`~secondorder.HessianFree` and :class:`~secondorder.BlockDiagonalNewtonCG`; a
    method whose optimizer refuses the model is skipped with the reason recorded;
 3. computes the Hessian and GGN spectra (:mod:`~secondorder.experiments.spectra`) of the
