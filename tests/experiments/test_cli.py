@@ -59,6 +59,8 @@ def test_registry_lists_all_studies():
         "mnist-mlp",
         "hessian-free",
         "directional",
+        "vit",
+        "charlm",
         "bench",
     ]
     assert cli.STUDIES["mnist-cnn"] == "secondorder.experiments.studies.mnist_cnn"

@@ -83,7 +83,16 @@ __all__ = ["STUDIES", "CLIError", "StudyNotFoundError", "build_parser", "load_st
 
 STUDIES: Mapping[str, str] = {
     name: "secondorder.experiments.studies." + name.replace("-", "_")
-    for name in ("spiral", "mnist-cnn", "mnist-mlp", "hessian-free", "directional", "bench")
+    for name in (
+        "spiral",
+        "mnist-cnn",
+        "mnist-mlp",
+        "hessian-free",
+        "directional",
+        "vit",
+        "charlm",
+        "bench",
+    )
 }
 """Study name -> module path. The modules are imported lazily, by name."""
 
