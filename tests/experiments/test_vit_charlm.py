@@ -138,20 +138,20 @@ def test_vit_shapes_and_seeding():
         vit(patch=5)
 
 
-def test_char_gpt_is_causal_tied_and_class_first():
+def test_char_gpt_is_causal_tied_and_class_last():
     model = char_gpt(11, 16, seed=0, dim=16, heads=2)
     idx = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(0))
     out = model(idx)
-    assert out.shape == (3, 11, 16)  # (N, V, T) for nn.CrossEntropyLoss
+    assert out.shape == (3, 16, 11)  # (N, T, V) for SequenceCrossEntropyLoss
     changed = idx.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 11
     out2 = model(changed)
-    assert torch.allclose(out[..., :10], out2[..., :10], atol=1e-6)  # the past ignores t=10
-    assert not torch.allclose(out[..., 10:], out2[..., 10:])
+    assert torch.allclose(out[:, :10], out2[:, :10], atol=1e-6)  # the past ignores t=10
+    assert not torch.allclose(out[:, 10:], out2[:, 10:])
     vocab_params = [p for p in model.parameters() if p.shape[0] == 11]
     assert len(vocab_params) == 1  # the output layer is the embedding
     target = torch.randint(0, 11, (3, 16))
-    manual = nn.functional.cross_entropy(out.transpose(1, 2).reshape(-1, 11), target.reshape(-1))
+    manual = nn.functional.cross_entropy(out.reshape(-1, 11), target.reshape(-1))
     assert torch.allclose(sequence_loss()(out, target), manual)
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 17, dtype=torch.long))

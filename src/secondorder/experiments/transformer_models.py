@@ -7,12 +7,8 @@ r"""Transformers of the experiments: a small vision transformer and a character-
 * :class:`CharGPT` -- token and learned position embeddings, pre-norm blocks of causal
   self-attention (:class:`CausalBlock`, ``F.scaled_dot_product_attention`` with
   ``is_causal=True``) and a GELU MLP, a final ``LayerNorm`` and an output layer tied to the
-  token embedding (:math:`z = h E^\top`): tokens ``(N, T)`` -> logits.
-
-The layout of the language model's logits is set in one place, :data:`LOGITS_LAYOUT`:
-``"class_first"`` returns ``(N, V, T)``, the layout ``nn.CrossEntropyLoss`` takes with
-targets ``(N, T)``; ``"class_last"`` returns ``(N, T, V)`` for a sequence loss that takes the
-classes last (:func:`sequence_loss` picks the matching loss).
+  token embedding (:math:`z = h E^\top`): tokens ``(N, T)`` -> logits ``(N, T, V)``, for
+  :class:`~secondorder.SequenceCrossEntropyLoss` (:func:`sequence_loss`).
 
 Builders take a ``seed`` (int or ``torch.Generator``) and initialize inside
 ``torch.random.fork_rng`` (as :mod:`.models`), so the weights depend only on the seed.
@@ -26,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..curvature.sequence_loss import SequenceCrossEntropyLoss
 from .models import _seeded
 
 __all__ = [
-    "LOGITS_LAYOUT",
     "CausalBlock",
     "CharGPT",
     "ViT",
@@ -38,22 +34,10 @@ __all__ = [
     "vit",
 ]
 
-LOGITS_LAYOUT = "class_first"
-"""Layout of :class:`CharGPT`'s logits: ``"class_first"`` (N, V, T) or ``"class_last"``."""
-
 
 def sequence_loss() -> nn.Module:
-    """Return the cross-entropy over every position that matches :data:`LOGITS_LAYOUT`.
-
-    Returns:
-        ``nn.CrossEntropyLoss()`` for ``(N, V, T)`` logits; for ``(N, T, V)`` logits the
-        library's class-last sequence loss (``secondorder.SequenceCrossEntropyLoss``).
-    """
-    if LOGITS_LAYOUT == "class_first":
-        return nn.CrossEntropyLoss()
-    import secondorder
-
-    return secondorder.SequenceCrossEntropyLoss()  # type: ignore[attr-defined]
+    """Return the cross-entropy over every position of ``(N, T, V)`` logits (mean over tokens)."""
+    return SequenceCrossEntropyLoss()
 
 
 class ViT(nn.Module):
@@ -179,15 +163,14 @@ class CharGPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Map tokens ``(N, T)`` to logits in the layout :data:`LOGITS_LAYOUT`."""
+        """Map tokens ``(N, T)`` to logits ``(N, T, V)``."""
         t = idx.shape[1]
         if t > self.context:
             raise ValueError(f"sequence length {t} exceeds the context {self.context}")
         h = self.tok(idx) + self.pos[:, :t]
         for block in self.blocks:
             h = block(h)
-        logits = F.linear(self.norm(h), self.tok.weight)  # tied: z = h E^T, (N, T, V)
-        return logits.transpose(1, 2) if LOGITS_LAYOUT == "class_first" else logits
+        return F.linear(self.norm(h), self.tok.weight)  # tied: z = h E^T
 
 
 def vit(*, seed: int | torch.Generator = 0, **kwargs: int) -> ViT:
