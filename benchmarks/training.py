@@ -360,6 +360,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="resnet,mlp,regression,vit,charlm")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--optimizers", default=None, help="comma-separated names to run (default: all)"
+    )
+    parser.add_argument("--scale", type=float, default=None, help="budget scale (default 1)")
     parser.add_argument("--quick", action="store_true", help="1 seed, a quarter of the budget")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", default=None)
@@ -374,7 +378,9 @@ def main() -> None:
     set_threads(args.threads)
     warnings.simplefilter("ignore")  # rejected trials warn; they are counted, not shown here
     seeds = 1 if args.quick else args.seeds
-    all_w = workloads(0.25 if args.quick else 1.0, args.workloads.split(","))
+    scale = args.scale if args.scale is not None else (0.25 if args.quick else 1.0)
+    all_w = workloads(scale, args.workloads.split(","))
+    chosen = None if args.optimizers is None else set(args.optimizers.split(","))
     out = [f"torch {torch.__version__}, {args.threads} threads, seeds {seeds}"]
     for name in args.workloads.split(","):
         w = all_w[name]
@@ -384,6 +390,7 @@ def main() -> None:
         results = {
             label: [run(w, make, seed) for seed in range(seeds)]
             for label, make in optimizers(w, lr).items()
+            if chosen is None or label.split(" (")[0] in chosen
         }
         better = "higher" if w.higher_is_better else "lower"
         out += [
