@@ -248,23 +248,27 @@ def reached(w: Workload, value: float) -> bool:
 def optimizers(w: Workload, adamw_lr: float) -> dict[str, Callable[[nn.Module], Any]]:
     """Optimizer factories for workload ``w`` (secondorder's with their defaults)."""
 
-    def muon(m: nn.Module) -> Any:
+    def hidden(m: nn.Module) -> list[nn.Parameter]:
         # the hidden weight matrices; embeddings, the output layer and the rest go to AdamW
         linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
         outer = {id(x.weight) for x in m.modules() if isinstance(x, nn.Embedding)}
         outer |= {id(linears[-1].weight)} if linears else set()
-        matrices = [p for p in m.parameters() if p.ndim == 2 and id(p) not in outer]
-        rest = [p for p in m.parameters() if p.ndim != 2 or id(p) in outer]
+        return [p for p in m.parameters() if p.ndim == 2 and id(p) not in outer]
+
+    def muon(m: nn.Module) -> Any:
+        matrices = hidden(m)
+        rest = [p for p in m.parameters() if all(p is not q for q in matrices)]
         return [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=adamw_lr)]
 
     out: dict[str, Callable[[nn.Module], Any]] = {
         f"AdamW (lr {adamw_lr:g})": lambda m: torch.optim.AdamW(m.parameters(), lr=adamw_lr),
-        "Muon + AdamW": muon,
         "GaussNewton": lambda m: so.GaussNewton(m, w.loss_fn),
         "NaturalGradient": lambda m: so.NaturalGradient(m, w.loss_fn),
         "HessianFree": lambda m: so.HessianFree(m, w.loss_fn),
         "BlockDiagonalNewtonCG": lambda m: so.BlockDiagonalNewtonCG(m, w.loss_fn),
     }
+    if hidden(w.make(0)):  # Muon applies (the ResNet's hidden weights are convolutions)
+        out["Muon + AdamW"] = muon
     if w.full_batch:
         out["L-BFGS"] = lambda m: torch.optim.LBFGS(
             m.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe"
