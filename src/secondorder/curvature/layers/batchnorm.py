@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
-from .norm import BatchNormEvalRule, _bn_stats, normalised_tangent
+from .norm import (
+    BatchNormEvalRule,
+    _bn_stats,
+    normalised_tangent,
+    standardised_prepare,
+    standardised_residual,
+)
 
 __all__ = ["BatchNormRule", "BatchNormTrainRule"]
 
@@ -38,8 +44,9 @@ class BatchNormTrainRule(Rule):
 
     so :math:`dy = \gamma\, d\hat x + \hat x\, d\gamma + d\beta` and
     :math:`dx = r\,(g - \langle g\rangle - \hat x \langle \hat x g\rangle)` with
-    :math:`g = \gamma u`. The forward pass is the module's own (through ``functional_call``),
-    so it updates the running statistics exactly as a plain forward does.
+    :math:`g = \gamma u`. The residual is LayerNorm's closed form over these entries
+    (:func:`~.norm.standardised_residual`). The forward pass is the module's own (through
+    ``functional_call``), so it updates the running statistics exactly as a plain forward does.
     """
 
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
@@ -100,6 +107,47 @@ class BatchNormTrainRule(Rule):
         if not need_input:
             return None
         return self._normalise(ctx, u * w if w is not None else u, batched)
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        w = ctx["w"]
+        g = delta * w if w is not None else delta
+        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"])
+        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        xhat = ctx["xhat"]
+        dims = tuple(d + 1 for d in ctx["dims"]) if batched else ctx["dims"]
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        rx = None
+        if dx is not None and (need_input or gw is not None):
+            rx, e = standardised_residual(dx, xhat, ctx["r"], dims, rctx, True, need_input)
+            if gw is not None:
+                gw.add_((rctx["dr"] * e).sum(dims))
+        if not need_input:
+            return None
+        if dw is not None:
+            g = channel_view(dw, xhat.ndim, 1, batched) * rctx["delta"]
+            term = self._normalise(ctx, g, batched)
+            rx = term if rx is None else rx.add_(term)
+        return rx
 
 
 class BatchNormRule(Rule):
