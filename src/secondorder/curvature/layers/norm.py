@@ -250,11 +250,11 @@ class LayerNormRule(Rule):
         m: Any = module
         w, b = params.get("weight"), params.get("bias")
         dims = tuple(range(-len(m.normalized_shape), 0))
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
-        xhat = (x - mean) * r
+        # xhat and r by the layer-norm kernel without affine (r: reduced dimensions kept), in
+        # x's dtype (GPUs return float32 statistics of half inputs); the output as the module's
+        xhat, _, r = torch.native_layer_norm(x, m.normalized_shape, None, None, m.eps)
         out = F.layer_norm(x, m.normalized_shape, w, b, m.eps)
-        return out, {"xhat": xhat, "r": r, "w": w, "dims": dims}
+        return out, {"xhat": xhat, "r": r.to(x.dtype), "w": w, "dims": dims}
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor) -> Tensor:
