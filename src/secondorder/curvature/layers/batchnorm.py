@@ -59,11 +59,13 @@ class BatchNormTrainRule(Rule):
         out = torch.func.functional_call(module, present, (x,))  # running statistics updated
         m: Any = module
         dims = tuple(d for d in range(x.ndim) if d != 1)
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
+        # xhat and 1/sigma per channel by the batch-norm kernel without affine or running
+        # statistics, in x's dtype
+        xhat, _, inv = torch.native_batch_norm(x, None, None, None, None, True, 0.0, m.eps)
+        r = channel_view(inv.to(x.dtype), x.ndim, 1, False)
         w = params.get("weight")
         wv = channel_view(w, x.ndim, 1, False) if w is not None else None
-        return out, {"xhat": (x - mean) * r, "r": r, "w": wv, "dims": dims}
+        return out, {"xhat": xhat, "r": r, "w": wv, "dims": dims}
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor, batched: bool) -> Tensor:

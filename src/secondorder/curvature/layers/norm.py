@@ -466,10 +466,11 @@ class GroupNormRule(Rule):
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
         w, b = params.get("weight"), params.get("bias")
-        xg = x.reshape(x.shape[0], m.num_groups, -1)
-        var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
-        ctx = {"xhat": (xg - mean) * r, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
+        n, c, g = x.shape[0], x.shape[1], m.num_groups
+        # xhat and r (N, G) by the group-norm kernel without affine, in x's dtype
+        xhat, _, r = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), g, m.eps)
+        xhat, r = xhat.reshape(n, g, -1), r.to(x.dtype).unsqueeze(-1)
+        ctx = {"xhat": xhat, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
         return F.group_norm(x, m.num_groups, w, b, m.eps), ctx
 
     @staticmethod
