@@ -291,8 +291,27 @@ class ReshapeStep(Step):
         return [u.reshape(*_lead(u, batched), *self.in_shape) if need[0] else None]
 
 
+def linear_pullback(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Any]:
+    r"""The pullback :math:`u \mapsto (f^\top u,)` of a function ``f`` linear in ``x``.
+
+    A linear map's pullback does not depend on the point, so it is built at a stand-in of
+    ``x``'s shape and dtype holding one stored zero (``expand``), not at ``x``: the pullback
+    (which keeps its output, a view of its input for ``transpose``, indexing, ...) then keeps
+    nothing of ``x`` alive. Where ``f`` cannot run on the stand-in (it writes into or ``view``\ s
+    its input) the pullback is built at ``x`` itself.
+    """
+    stand_in = x.new_zeros(()).expand(x.shape)
+    try:
+        return torch.func.vjp(f, stand_in)[1]
+    except RuntimeError:
+        return torch.func.vjp(f, x)[1]
+
+
 class LinearStep(Step):
-    """A function linear in its one active input: :math:`f(dx)` and the pullback of :math:`f`."""
+    """A function linear in its one active input: :math:`f(dx)` and the pullback of :math:`f`.
+
+    The pullback keeps nothing of the input's values (:func:`linear_pullback`).
+    """
 
     linear = True
 
@@ -300,7 +319,7 @@ class LinearStep(Step):
 
     def __init__(self, inputs: list[Any], f: Callable[[Tensor], Tensor], x: Tensor) -> None:
         self.inputs, self.f = inputs, f
-        self.pullback = torch.func.vjp(f, x)[1]
+        self.pullback = linear_pullback(f, x)
 
     def jvp(self, tin: list[Any], tangents: Sequence[Tensor | None], batched: bool) -> Any:  # noqa: D102
         t = tin[0]

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
-from .norm import BatchNormEvalRule, _bn_stats, normalised_tangent
+from .norm import (
+    BatchNormEvalRule,
+    _bn_stats,
+    normalised_tangent,
+    standardised_prepare,
+    standardised_residual,
+)
 
 __all__ = ["BatchNormRule", "BatchNormTrainRule"]
 
@@ -38,8 +44,9 @@ class BatchNormTrainRule(Rule):
 
     so :math:`dy = \gamma\, d\hat x + \hat x\, d\gamma + d\beta` and
     :math:`dx = r\,(g - \langle g\rangle - \hat x \langle \hat x g\rangle)` with
-    :math:`g = \gamma u`. The forward pass is the module's own (through ``functional_call``),
-    so it updates the running statistics exactly as a plain forward does.
+    :math:`g = \gamma u`. The residual is LayerNorm's closed form over these entries
+    (:func:`~.norm.standardised_residual`). The forward pass is the module's own (through
+    ``functional_call``), so it updates the running statistics exactly as a plain forward does.
     """
 
     def unsupported(self, module: nn.Module) -> str | None:  # noqa: D102
@@ -52,11 +59,13 @@ class BatchNormTrainRule(Rule):
         out = torch.func.functional_call(module, present, (x,))  # running statistics updated
         m: Any = module
         dims = tuple(d for d in range(x.ndim) if d != 1)
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
+        # xhat and 1/sigma per channel by the batch-norm kernel without affine or running
+        # statistics, in x's dtype
+        xhat, _, inv = torch.native_batch_norm(x, None, None, None, None, True, 0.0, m.eps)
+        r = channel_view(inv.to(x.dtype), x.ndim, 1, False)
         w = params.get("weight")
         wv = channel_view(w, x.ndim, 1, False) if w is not None else None
-        return out, {"xhat": (x - mean) * r, "r": r, "w": wv, "dims": dims}
+        return out, {"xhat": xhat, "r": r, "w": wv, "dims": dims}
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor, batched: bool) -> Tensor:
@@ -100,6 +109,47 @@ class BatchNormTrainRule(Rule):
         if not need_input:
             return None
         return self._normalise(ctx, u * w if w is not None else u, batched)
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        w = ctx["w"]
+        g = delta * w if w is not None else delta
+        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"])
+        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        xhat = ctx["xhat"]
+        dims = tuple(d + 1 for d in ctx["dims"]) if batched else ctx["dims"]
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        rx = None
+        if dx is not None and (need_input or gw is not None):
+            rx, e = standardised_residual(dx, xhat, ctx["r"], dims, rctx, True, need_input)
+            if gw is not None:
+                gw.add_((rctx["dr"] * e).sum(dims))
+        if not need_input:
+            return None
+        if dw is not None:
+            g = channel_view(dw, xhat.ndim, 1, batched) * rctx["delta"]
+            term = self._normalise(ctx, g, batched)
+            rx = term if rx is None else rx.add_(term)
+        return rx
 
 
 class BatchNormRule(Rule):

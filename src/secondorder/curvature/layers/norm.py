@@ -24,14 +24,27 @@ symmetric; :math:`y = \gamma \hat x`.
 
 Residuals (second-order terms): BatchNorm (eval) is bilinear in :math:`(x, \gamma)`, so with
 :math:`c = s\,\delta` (per channel :math:`s`), :math:`r_x = c\, d\gamma`,
-:math:`r_\gamma = \sum c\, dx`, :math:`r_\beta = 0`. LayerNorm and GroupNorm use the generic
-residual of :class:`~.base.Rule` (``torch.func``), and so does RMSNorm. BatchNorm by batch
-statistics and the registry's rule choosing by mode are in :mod:`.batchnorm`.
+:math:`r_\gamma = \sum c\, dx`, :math:`r_\beta = 0`.
+
+The standardisations (LayerNorm, GroupNorm, RMSNorm, BatchNorm by batch statistics) have closed
+forms (:func:`standardised_residual`). With :math:`g = \gamma\delta`,
+:math:`c = \langle \hat x g\rangle`, :math:`p = g - \langle g\rangle - \hat x c`,
+:math:`a = \langle \hat x\, dx\rangle` and :math:`e = dx - \langle dx\rangle - \hat x a`
+(so :math:`d\hat x = r e`; RMSNorm drops the means :math:`\langle g\rangle`,
+:math:`\langle dx\rangle`), differentiating :math:`J_x^\top g = r p` along :math:`dx` with
+:math:`dr = -r^2 a` gives
+
+.. math::
+    r_x = -r^2\,\big(a\, p + c\, e + \hat x\, \langle e\, g\rangle\big)
+    + J_{\hat x}^\top (d\gamma\, \delta), \qquad
+    r_\gamma = \textstyle\sum \delta\, r e, \qquad r_\beta = 0.
+
+BatchNorm by batch statistics and the registry's rule choosing by mode are in :mod:`.batchnorm`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +65,66 @@ def normalised_tangent(t: Tensor, xhat: Tensor, r: Tensor, dims: tuple[int, ...]
     """
     inner = (t * xhat).mean(dims, keepdim=True)
     return (t - t.mean(dims, keepdim=True)).sub_(xhat * inner).mul_(r)
+
+
+def standardised_prepare(
+    xhat: Tensor, g: Tensor, dims: tuple[int, ...], centre: bool = True
+) -> dict[str, Tensor]:
+    r"""What :func:`standardised_residual` needs at the scaled cotangent :math:`g = \gamma\delta`.
+
+    Args:
+        xhat: The standardised input.
+        g: :math:`\gamma \delta` (:math:`\delta` without an affine weight), shape of ``xhat``.
+        dims: The dimensions the statistics reduce over.
+        centre: Whether the mean is subtracted (False: RMSNorm).
+
+    Returns:
+        ``{"g", "c", "p"}``: :math:`g`, :math:`c = \langle\hat x g\rangle`,
+        :math:`p = g - \langle g\rangle - \hat x c` (module docstring).
+    """
+    c = (xhat * g).mean(dims, keepdim=True)
+    p = g - xhat * c
+    if centre:
+        p = p.sub_(g.mean(dims, keepdim=True))
+    return {"g": g, "c": c, "p": p}
+
+
+def standardised_residual(
+    dx: Tensor,
+    xhat: Tensor,
+    r: Tensor,
+    dims: tuple[int, ...],
+    rctx: Mapping[str, Tensor],
+    centre: bool = True,
+    need_input: bool = True,
+) -> tuple[Tensor | None, Tensor]:
+    r"""The input residual of :math:`\langle g, \hat x(x)\rangle` along ``dx``, and :math:`e`.
+
+    :math:`r_x = -r^2 (a p + c e + \hat x \langle e g\rangle)` with
+    :math:`a = \langle\hat x\, dx\rangle`, :math:`e = dx - \langle dx\rangle - \hat x a`
+    (module docstring); :math:`r e` is :math:`d\hat x`, which the weight's residual needs.
+
+    Args:
+        dx: The input tangent (``(K, *x.shape)`` with ``dims`` counted accordingly).
+        xhat: The standardised input.
+        r: The inverse standard deviation (reduced dimensions kept).
+        dims: The dimensions the statistics reduce over, in ``dx``'s numbering.
+        rctx: :func:`standardised_prepare`'s output.
+        centre: Whether the mean is subtracted (False: RMSNorm).
+        need_input: Whether :math:`r_x` is computed (False: ``None``).
+
+    Returns:
+        ``(r_x, e)``.
+    """
+    a = (xhat * dx).mean(dims, keepdim=True)
+    e = dx - xhat * a
+    if centre:
+        e = e.sub_(dx.mean(dims, keepdim=True))
+    if not need_input:
+        return None, e
+    q = (e * rctx["g"]).mean(dims, keepdim=True)
+    rx = (a * rctx["p"]).add_(e * rctx["c"]).add_(xhat * q).mul_(r.square().neg_())
+    return rx, e
 
 
 class BatchNormEvalRule(Rule):
@@ -177,11 +250,11 @@ class LayerNormRule(Rule):
         m: Any = module
         w, b = params.get("weight"), params.get("bias")
         dims = tuple(range(-len(m.normalized_shape), 0))
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
-        xhat = (x - mean) * r
+        # xhat and r by the layer-norm kernel without affine (r: reduced dimensions kept), in
+        # x's dtype (GPUs return float32 statistics of half inputs); the output as the module's
+        xhat, _, r = torch.native_layer_norm(x, m.normalized_shape, None, None, m.eps)
         out = F.layer_norm(x, m.normalized_shape, w, b, m.eps)
-        return out, {"xhat": xhat, "r": r, "w": w, "dims": dims}
+        return out, {"xhat": xhat, "r": r.to(x.dtype), "w": w, "dims": dims}
 
     @staticmethod
     def _normalise(ctx: Context, t: Tensor) -> Tensor:
@@ -227,6 +300,65 @@ class LayerNormRule(Rule):
         if not need_input:
             return None
         return self._normalise(ctx, u * w if w is not None else u)
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        w = ctx["w"]
+        g = delta * w if w is not None else delta
+        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"])
+        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        return _affine_residual(
+            self._normalise, ctx, rctx, dx, dparams, need_input, grads, batched, True
+        )
+
+
+def _affine_residual(
+    jac: Callable[[Context, Tensor], Tensor],
+    ctx: Context,
+    rctx: Context,
+    dx: Tensor | None,
+    dparams: Params,
+    need_input: bool,
+    grads: Mapping[str, Tensor],
+    batched: bool,
+    centre: bool,
+) -> Tensor | None:
+    """LayerNorm's and RMSNorm's residual (module docstring); ``jac`` is the Jacobian of xhat."""
+    xhat, r, dims = ctx["xhat"], ctx["r"], ctx["dims"]
+    gw, dw = grads.get("weight"), dparams.get("weight")
+    rx = None
+    if dx is not None and (need_input or gw is not None):
+        rx, e = standardised_residual(dx, xhat, r, dims, rctx, centre, need_input)
+        if gw is not None:
+            lead = 1 if batched else 0
+            gw.add_((rctx["dr"] * e).sum(tuple(range(lead, dx.ndim - len(dims)))))
+    if not need_input:
+        return None
+    if dw is not None:
+        lead_ones = [1] * (xhat.ndim - len(dims))
+        view = dw.view(dw.shape[0], *lead_ones, *dw.shape[1:]) if batched else dw
+        term = jac(ctx, view * rctx["delta"])
+        rx = term if rx is None else rx.add_(term)
+    return rx
 
 
 class RMSNormRule(Rule):
@@ -286,6 +418,35 @@ class RMSNormRule(Rule):
             return None
         return self._scaled(ctx, u * w if w is not None else u)
 
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        w = ctx["w"]
+        g = delta * w if w is not None else delta
+        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"], centre=False)
+        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        return _affine_residual(
+            self._scaled, ctx, rctx, dx, dparams, need_input, grads, batched, False
+        )
+
 
 class GroupNormRule(Rule):
     r"""Rule of ``nn.GroupNorm``: LayerNorm's map over each group of channels, affine per channel.
@@ -305,10 +466,11 @@ class GroupNormRule(Rule):
     def forward(self, module: nn.Module, x: Tensor, params: Params) -> tuple[Tensor, Context]:  # noqa: D102
         m: Any = module
         w, b = params.get("weight"), params.get("bias")
-        xg = x.reshape(x.shape[0], m.num_groups, -1)
-        var, mean = torch.var_mean(xg, -1, correction=0, keepdim=True)
-        r = (var + m.eps).rsqrt()
-        ctx = {"xhat": (xg - mean) * r, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
+        n, c, g = x.shape[0], x.shape[1], m.num_groups
+        # xhat and r (N, G) by the group-norm kernel without affine, in x's dtype
+        xhat, _, r = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), g, m.eps)
+        xhat, r = xhat.reshape(n, g, -1), r.to(x.dtype).unsqueeze(-1)
+        ctx = {"xhat": xhat, "r": r, "dims": (-1,), "shape": x.shape, "w": w}
         return F.group_norm(x, m.num_groups, w, b, m.eps), ctx
 
     @staticmethod
@@ -359,6 +521,52 @@ class GroupNormRule(Rule):
             return None
         g = u * channel_view(w, len(shape), 1, False) if w is not None else u
         return self._grouped(ctx, g, batched)
+
+    def prepare_residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        x: Tensor,
+        params: Params,
+        delta: Tensor,
+        modify: str | None = None,
+    ) -> Context | None:
+        xhat, w, r = ctx["xhat"], ctx["w"], ctx["r"]
+        g = delta * channel_view(w, delta.ndim, 1, False) if w is not None else delta
+        rctx = standardised_prepare(xhat, g.reshape(xhat.shape), ctx["dims"])
+        dr = (delta.reshape(xhat.shape) * r).reshape(delta.shape)
+        return {**rctx, "delta": delta, "dr": dr}
+
+    def residual(  # noqa: D102
+        self,
+        module: nn.Module,
+        ctx: Context,
+        rctx: Context,
+        dx: Tensor | None,
+        dparams: Params,
+        need_input: bool,
+        grads: Mapping[str, Tensor],
+        batched: bool,
+    ) -> Tensor | None:
+        xhat, shape = ctx["xhat"], ctx["shape"]
+        gw, dw = grads.get("weight"), dparams.get("weight")
+        lead = dx.shape[:1] if batched and dx is not None else ()
+        rx = None
+        if dx is not None and (need_input or gw is not None):
+            dxg = dx.reshape(*lead, *xhat.shape)
+            rxg, eg = standardised_residual(dxg, xhat, ctx["r"], (-1,), rctx, True, need_input)
+            if gw is not None:
+                n = len(lead)
+                dims = [d for d in range(n, dx.ndim) if d != n + 1]
+                gw.add_((rctx["dr"] * eg.reshape(*lead, *shape)).sum(dims))
+            rx = None if rxg is None else rxg.reshape(*lead, *shape)
+        if not need_input:
+            return None
+        if dw is not None:
+            g = channel_view(dw, len(shape), 1, batched) * rctx["delta"]
+            term = self._grouped(ctx, g, batched)
+            rx = term if rx is None else rx.add_(term)
+        return rx
 
 
 def _bn_stats(m: Any) -> Any:
