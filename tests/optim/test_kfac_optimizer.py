@@ -64,9 +64,7 @@ def ref_grad(model, loss_fn, X, y) -> torch.Tensor:
     return torch.cat([g[k].reshape(-1) for k in params])
 
 
-PLAIN = dict(
-    factor_decay=0.0, factor_every=1, inverse_every=1, kl_clip=None, adapt_damping=False
-)
+PLAIN = dict(factor_decay=0.0, factor_every=1, inverse_every=1, kl_clip=None, adapt_damping=False)
 
 
 @pytest.mark.parametrize("fisher", ["exact", "empirical", "mc"])
@@ -118,7 +116,12 @@ def test_running_averages_equal_the_hand_computed_average():
     twin = copy.deepcopy(model)
     beta = 0.8
     opt = so.KFACOptimizer(
-        model, loss_fn, fisher="exact", factor_decay=beta, factor_every=2, inverse_every=3,
+        model,
+        loss_fn,
+        fisher="exact",
+        factor_decay=beta,
+        factor_every=2,
+        inverse_every=3,
         adapt_damping=False,
     )
     batches = [(X[:6], y[:6]), (X[6:], y[6:]), (X[:4], y[:4]), (X[4:], y[4:])]
@@ -310,9 +313,10 @@ def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
     model, loss_fn, X, y = problem("cnn", "ce")
     twin = copy.deepcopy(model)
     kw = dict(factor_decay=0.5, inverse_every=2, fisher="exact")
-    pre = so.KFACPreconditioner(model, loss_fn, damping=0.1, **kw)
-    ref = so.KFACOptimizer(twin, loss_fn, lr=0.3, damping=0.1, kl_clip=None,
-                           adapt_damping=False, **kw)
+    pre = so.KFACPreconditioner(model, loss_fn, damping=0.1, kl_clip=0.01, lr=0.3, **kw)
+    ref = so.KFACOptimizer(
+        twin, loss_fn, lr=0.3, damping=0.1, kl_clip=0.01, adapt_damping=False, **kw
+    )
     sgd = torch.optim.SGD(model.parameters(), lr=0.3)
     for _ in range(3):
         sgd.zero_grad()
@@ -366,6 +370,8 @@ def test_bad_arguments(kw, match):
         ({"factor_decay": -0.1}, "factor_decay"),
         ({"inverse_every": 0}, "inverse_every"),
         ({"fisher": "x"}, "fisher"),
+        ({"kl_clip": -1.0}, "kl_clip"),
+        ({"lr": 0.0}, "lr"),
     ],
 )
 def test_preconditioner_bad_arguments(kw, match):

@@ -151,7 +151,8 @@ class KFACOptimizer(CurvatureOptimizer):
             factor_every,
             inverse_every,
         )
-        self.fisher, self.approx, self.num_samples, self.kl_clip = fisher, approx, num_samples, kl_clip
+        self.fisher, self.approx, self.num_samples = fisher, approx, num_samples
+        self.kl_clip = kl_clip
         self.adapt_damping, self.damping_every = bool(adapt_damping), damping_every
         self.damping_retries = damping_retries
         self.generator = generator
@@ -261,7 +262,9 @@ class KFACOptimizer(CurvatureOptimizer):
         state = self.global_state
         adapt = self.adapt_damping and (int(state["step"]) - 1) % self.damping_every == 0
         if adapt:
-            direction = adaptive_direction(self, loss, grad, batches, lambda k: self._solve(grad, k, True))
+            direction = adaptive_direction(
+                self, loss, grad, batches, lambda k: self._solve(grad, k, True)
+            )
         else:
             kappa = float(state.get("damping_scale", 1.0))
             trial = self._solve(grad, kappa if math.isfinite(kappa) and kappa > 0 else 1.0, False)

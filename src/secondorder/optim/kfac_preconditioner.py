@@ -6,7 +6,7 @@ with the running K-FAC factors of :class:`~secondorder.optim.kfac.KFACOptimizer`
 (:class:`~secondorder.optim.kfac_state.RunningKFAC`), then any ``torch.optim`` optimizer
 steps::
 
-    pre = so.KFACPreconditioner(model, loss_fn)
+    pre = so.KFACPreconditioner(model, loss_fn, lr=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in loader:
         opt.zero_grad()
@@ -52,6 +52,10 @@ class KFACPreconditioner:
         fisher: ``"mc"`` (default), ``"exact"`` or ``"empirical"``.
         approx: ``"expand"`` or ``"reduce"``.
         num_samples: Targets drawn per sample for ``"mc"``.
+        kl_clip: Scale the direction ``d`` by :math:`\nu = \min(1, \sqrt{\kappa /
+            (\mathrm{lr}^2 g^\top d)})` (kfac-pytorch's KL clipping; default 1e-3, None: off).
+        lr: The learning rate of the optimizer that follows, for ``kl_clip`` (default 0.1;
+            update it with the optimizer's schedule).
         generator: Random generator of ``"mc"`` (default: seeded with 0).
         params: The parameters to precondition (default: every trainable one).
         process_group: ``torch.distributed`` group (factors all-reduced; ``.grad`` must be
@@ -73,6 +77,8 @@ class KFACPreconditioner:
         fisher: str = "mc",
         approx: str = "expand",
         num_samples: int = 1,
+        kl_clip: float | None = 1e-3,
+        lr: float = 0.1,
         generator: torch.Generator | None = None,
         params: Any = None,
         process_group: Any = None,
@@ -80,6 +86,9 @@ class KFACPreconditioner:
         check_choice("fisher", fisher, FISHERS)
         check_choice("approx", approx, APPROXES)
         check_positive("damping", damping)
+        check_positive("lr", lr)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
         check_positive("factor_decay", factor_decay, allow_zero=True)
         if factor_decay >= 1:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
@@ -96,7 +105,7 @@ class KFACPreconditioner:
             inverse_every,
         )
         self.fisher, self.approx, self.num_samples = fisher, approx, num_samples
-        self.process_group = process_group
+        self.process_group, self.kl_clip, self.lr = process_group, kl_clip, float(lr)
         if fisher == "mc" and generator is None:
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
@@ -148,8 +157,9 @@ class KFACPreconditioner:
         run = self.running
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
-            with frozen_running_stats(self.model), batch_statistics_as_constants(
-                self.model, [batch]
+            with (
+                frozen_running_stats(self.model),
+                batch_statistics_as_constants(self.model, [batch]),
             ):
                 op = KFAC(
                     self.model,
@@ -168,7 +178,11 @@ class KFACPreconditioner:
         if invert:
             run.decompose()
         d = run.apply(grad, self.damping)
-        diag.update(factors_updated=update, inverted=invert, damping=self.damping)
+        nu, gd = 1.0, float(grad @ d)
+        if self.kl_clip is not None and gd > 0:
+            nu = min(1.0, (self.kl_clip / (self.lr * self.lr * gd)) ** 0.5)
+            d = d * nu
+        diag.update(factors_updated=update, inverted=invert, damping=self.damping, kl_scale=nu)
         if not bool(torch.isfinite(d).all()):
             return self._reject("the K-FAC direction is not finite")
         with torch.no_grad():
