@@ -43,7 +43,7 @@ def kfac_factories() -> dict[str, Factory]:
     """secondorder's K-FAC variants (``w``: the workload, for its loss)."""
     return {
         "KFAC": lambda m, w: so.KFACOptimizer(m, w.loss_fn),
-        "KFAC (factor_every=10)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, factor_every=10),
+        "KFAC (factor_every=1)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, factor_every=1),
         "KFACPreconditioner + SGD": lambda m, w: _preconditioned(m, w),
     }
 
