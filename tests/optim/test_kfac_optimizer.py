@@ -312,7 +312,7 @@ def test_batchnorm_statistics_are_constants_of_the_curvature():
 def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
     model, loss_fn, X, y = problem("cnn", "ce")
     twin = copy.deepcopy(model)
-    kw = dict(factor_decay=0.5, inverse_every=2, fisher="exact")
+    kw = dict(factor_decay=0.5, factor_every=1, inverse_every=2, fisher="exact")
     pre = so.KFACPreconditioner(model, loss_fn, damping=0.1, kl_clip=0.01, lr=0.3, **kw)
     ref = so.KFACOptimizer(
         twin, loss_fn, lr=0.3, damping=0.1, kl_clip=0.01, adapt_damping=False, **kw

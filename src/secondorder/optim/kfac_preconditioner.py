@@ -47,7 +47,7 @@ class KFACPreconditioner:
         loss_fn: Its loss (an ``nn.Module`` for the batch to be read from the loop).
         damping: :math:`\lambda > 0` (default 1e-2).
         factor_decay: Decay of the running factors in [0, 1) (default 0.95).
-        factor_every: Steps between factor updates (default 1).
+        factor_every: Steps between factor updates (default 10).
         inverse_every: Steps between eigendecompositions (default 10).
         fisher: ``"mc"`` (default), ``"exact"`` or ``"empirical"``.
         approx: ``"expand"`` or ``"reduce"``.
@@ -72,7 +72,7 @@ class KFACPreconditioner:
         *,
         damping: float = 1e-2,
         factor_decay: float = 0.95,
-        factor_every: int = 1,
+        factor_every: int = 10,
         inverse_every: int = 10,
         fisher: str = "mc",
         approx: str = "expand",
