@@ -174,6 +174,7 @@ def optimizers(w: Workload, adamw_lr: float) -> dict[str, Callable[[nn.Module], 
         "NaturalGradient": lambda m: so.NaturalGradient(m, w.loss_fn),
         "HessianFree": lambda m: so.HessianFree(m, w.loss_fn),
         "BlockDiagonalNewtonCG": lambda m: so.BlockDiagonalNewtonCG(m, w.loss_fn),
+        "KFAC": lambda m: so.KFACOptimizer(m, w.loss_fn),
     }
     if w.full_batch:
         out["L-BFGS"] = lambda m: torch.optim.LBFGS(

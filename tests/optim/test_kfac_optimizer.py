@@ -378,3 +378,21 @@ def test_preconditioner_bad_arguments(kw, match):
     model, loss_fn, _, _ = problem()
     with pytest.raises(ValueError, match=match):
         so.KFACPreconditioner(model, loss_fn, **kw)
+
+
+def test_freezing_and_casting_after_construction():
+    model, loss_fn, X, y = problem()
+    model.float()
+    opt = so.KFACOptimizer(model, loss_fn, **PLAIN)
+    opt.step(X.float(), y)
+    model[0].weight.requires_grad_(False)  # the flat vector changes: the factors start again
+    frozen = model[0].weight.detach().clone()
+    opt.step(X.float(), y)
+    assert torch.equal(model[0].weight, frozen)
+    assert sum(b["weight"] >= 0 for b in opt._running.blocks.values()) == 1
+    model[0].weight.requires_grad_(True)
+    model.double()
+    before = flat(model)
+    opt.step(X, y)
+    assert all(p.dtype == DT for p in model.parameters())
+    assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
