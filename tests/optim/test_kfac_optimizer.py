@@ -396,3 +396,28 @@ def test_freezing_and_casting_after_construction():
     opt.step(X, y)
     assert all(p.dtype == DT for p in model.parameters())
     assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_kfac_operator_autograd_engine_gives_the_same_factors(kind):
+    model, loss_fn, X, y = problem(kind, "ce")
+    auto = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    forced = so.KFAC(model, loss_fn, (X, y), fisher="exact", engine="autograd")
+    assert auto.engine == "sequential" and forced.engine == "autograd"
+    torch.testing.assert_close(forced.to_dense(), auto.to_dense(), rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="engine"):
+        so.KFAC(model, loss_fn, (X, y), engine="graph")
+
+
+def test_optimizer_skips_the_graph_engine_after_a_refusal():
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)
+    ).to(DT)
+    _, loss_fn, X, y = problem("cnn", "ce")
+    opt = so.KFACOptimizer(model, loss_fn, factor_every=1)
+    opt.step(X, y)
+    engine = opt._engine
+    opt.step(X, y)
+    assert opt.diagnostics["accepted"]
+    K = so.KFAC(model, loss_fn, (X, y))
+    assert engine == ("autograd" if K.engine == "autograd" else "auto")

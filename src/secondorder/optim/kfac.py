@@ -161,6 +161,7 @@ class KFACOptimizer(CurvatureOptimizer):
             rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
             self.generator = torch.Generator(device=self.fmodel.device).manual_seed(rank)
         self._running = self._new_running()
+        self._engine = "auto"
 
     def _new_running(self) -> RunningKFAC:
         dtype = torch.float64 if self.fmodel.dtype == torch.float64 else torch.float32
@@ -234,6 +235,7 @@ class KFACOptimizer(CurvatureOptimizer):
         run = self._running
         if run.numels != self.fmodel.numels:  # parameters frozen or added: start again
             run = self._running = self._new_running()
+            self._engine = "auto"
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
             with batch_statistics_as_constants(self.model, batches):
@@ -248,7 +250,10 @@ class KFACOptimizer(CurvatureOptimizer):
                     params=self.fmodel.params,
                     factor_dtype=run.dtype,
                     process_group=self.process_group,
+                    engine=self._engine,
                 )
+            if op.engine == "autograd" and not self.process_group:
+                self._engine = "autograd"  # the graph engine refused this model: skip its trace
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
         if invert:
