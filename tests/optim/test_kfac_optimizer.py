@@ -421,3 +421,21 @@ def test_optimizer_skips_the_graph_engine_after_a_refusal():
     assert opt.diagnostics["accepted"]
     K = so.KFAC(model, loss_fn, (X, y))
     assert engine == ("autograd" if K.engine == "autograd" else "auto")
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_predicted_change_is_the_kfac_quadratic_model(kl_clip):
+    model, loss_fn, X, y = problem("cnn", "mse")
+    lam, lr = 0.05, 0.8
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact").to_dense()
+    g = ref_grad(model, loss_fn, X, y)
+    M = K + lam * torch.eye(len(g), dtype=DT)
+    s = torch.linalg.solve(M, g)
+    nu = 1.0 if kl_clip is None else min(1.0, (kl_clip / (lr * lr * float(g @ s))) ** 0.5)
+    step = -lr * nu * s
+    expected = float(g @ step + 0.5 * step @ (M @ step))
+    kw = {**PLAIN, "adapt_damping": True, "kl_clip": kl_clip}
+    opt = so.KFACOptimizer(model, loss_fn, lr=lr, damping=lam, fisher="exact", **kw)
+    opt.step(X, y)
+    assert opt.diagnostics["predicted_change"] == pytest.approx(expected, rel=1e-9)
+    assert (nu < 1) == (kl_clip is not None)

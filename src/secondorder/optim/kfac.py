@@ -86,9 +86,10 @@ class KFACOptimizer(CurvatureOptimizer):
     002's MLP and the ResNet with BatchNorm of ``benchmarks/training.py`` (batches of 128 and
     64). ``damping`` trades the curvature against a gradient step of length
     ``lr / damping``; raise it (1e-1) when the loss is noisy or ``diagnostics["rejections"]``
-    grow, lower it (1e-3) for larger batches. ``lr`` and ``kl_clip`` bound the step; ``inverse_every`` and ``factor_every``
-    trade cost against fresh curvature. ``diagnostics`` report ``damping``, ``kl_scale``,
-    ``factors_updated``, ``inverted``, and under adaptation ``rho`` and ``rejections``.
+    grow, lower it (1e-3) for larger batches. ``lr`` and ``kl_clip`` bound the step;
+    ``inverse_every`` and ``factor_every`` trade cost against fresh curvature.
+    ``diagnostics`` report ``damping``, ``kl_scale``, ``factors_updated``, ``inverted``,
+    and under adaptation ``rho`` and ``rejections``.
 
     Raises:
         ValueError: For invalid hyperparameters, or groups with different ``damping``.
@@ -294,11 +295,12 @@ class KFACOptimizer(CurvatureOptimizer):
         if nu != 1.0:
             s = s * nu
 
-        def apply(v: Tensor) -> Tensor:
+        def apply(v: Tensor) -> Tensor:  # per-group lr: the model along lr * d (current factors)
             return run.apply(v, None) + lam * v
 
-        # q(-s) - q(0) = -g's + s'(K + lam) s / 2, with the current running factors
-        change = -nu * gs + 0.5 * float(s @ apply(s)) if model else math.nan
+        # the quadratic model of the last decomposition, K~ (whose damped inverse gave s):
+        # q(-nu s0) - q(0) = -nu g's0 + nu^2 s0'(K~ + lam) s0 / 2 = (nu^2 / 2 - nu) g's0
+        change = (0.5 * nu * nu - nu) * gs if model else math.nan
         return Trial(-s, change, apply)
 
     def _on_reject(self, reason: str) -> None:
