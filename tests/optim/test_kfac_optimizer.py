@@ -439,3 +439,50 @@ def test_predicted_change_is_the_kfac_quadratic_model(kl_clip):
     opt.step(X, y)
     assert opt.diagnostics["predicted_change"] == pytest.approx(expected, rel=1e-9)
     assert (nu < 1) == (kl_clip is not None)
+
+
+def test_max_grad_norm_clips_the_gradient_before_preconditioning():
+    model, loss_fn, X, y = problem()
+    lam = 0.1
+    g = ref_grad(model, loss_fn, X, y)
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    limit = 0.25 * float(g.norm())
+    expected = flat(model) - K.inverse(lam) @ (g * (limit / g.norm()))
+    opt = so.KFACOptimizer(
+        model, loss_fn, lr=1.0, damping=lam, fisher="exact", max_grad_norm=limit, **PLAIN
+    )
+    opt.step(X, y)
+    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+    assert opt.diagnostics["grad_clip"] == pytest.approx(0.25)
+
+
+def test_preconditioner_resume_is_bit_for_bit():
+    model, loss_fn, X, y = problem("mlp", "ce", n=16)
+
+    def pair(m):
+        return so.KFACPreconditioner(m, loss_fn, factor_every=2, inverse_every=3), (
+            torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        )
+
+    def train(m, pre, sgd, chunks):
+        for i in chunks:
+            xb, yb = X[i : i + 4], y[i : i + 4]
+            sgd.zero_grad()
+            loss_fn(m(xb), yb).backward()
+            pre.step()
+            sgd.step()
+
+    pre, sgd = pair(model)
+    train(model, pre, sgd, [0, 4, 8])
+    buf = io.BytesIO()
+    torch.save([model.state_dict(), pre.state_dict(), sgd.state_dict()], buf)
+    train(model, pre, sgd, [12, 0, 4, 8])
+    buf.seek(0)
+    m_state, p_state, s_state = torch.load(buf, weights_only=True)
+    model2 = problem("mlp", "ce", seed=7)[0]
+    model2.load_state_dict(m_state)
+    pre2, sgd2 = pair(model2)
+    pre2.load_state_dict(p_state)
+    sgd2.load_state_dict(s_state)
+    train(model2, pre2, sgd2, [12, 0, 4, 8])
+    assert torch.equal(flat(model), flat(model2))
