@@ -112,7 +112,8 @@ def step_cost(
 def time_to_target(
     w: Any, factories: dict[str, Factory], adamw_lr: float, seeds: int
 ) -> list[list[Any]]:
-    """Rows: name, seeds reached, median seconds and steps to target, final metric."""
+    """Rows: name, seeds reached, seconds to target per seed, median ratio to AdamW's time on
+    the seeds both reached, median steps to target over the seeds that reached, final metric."""
     import training
 
     def run(make: Callable[[nn.Module], Any], seed: int) -> dict[str, Any]:
@@ -129,21 +130,22 @@ def time_to_target(
     }
     for name, make in factories.items():
         entries[name] = lambda m, make=make: make(m, w)
-    base_time = math.nan
+    base: list[float] = []
     for name, make in entries.items():
         runs = [run(make, s) for s in range(seeds)]
-        hits = [r["hit"] for r in runs if r["hit"] is not None]
-        t = statistics.median(h[0] for h in hits) if len(hits) == len(runs) else math.nan
+        times = [r["hit"][0] if r["hit"] is not None else math.nan for r in runs]
         if name.startswith("AdamW"):
-            base_time = t
-        steps = statistics.median(h[1] for h in hits) if len(hits) == len(runs) else math.nan
+            base = times
+        hit = [t for t in times if not math.isnan(t)]
+        ratios = [t / b for t, b in zip(times, base) if not (math.isnan(t) or math.isnan(b))]
+        steps = [r["hit"][1] for r in runs if r["hit"] is not None]
         rows.append(
             [
                 name,
-                f"{len(hits)}/{len(runs)}",
-                "—" if math.isnan(t) else f"{t:.1f}",
-                "—" if math.isnan(t) else f"{t / base_time:.2f}",
-                "—" if math.isnan(steps) else f"{steps:.0f}",
+                f"{len(hit)}/{len(runs)}",
+                " ".join("—" if math.isnan(t) else f"{t:.1f}" for t in times),
+                f"{statistics.median(ratios):.2f}" if ratios else "—",
+                f"{statistics.median(steps):.0f}" if steps else "—",
                 f"{statistics.median(r['final'] for r in runs):.4f}",
             ]
         )
