@@ -60,7 +60,8 @@ class RunningKFAC:
     @property
     def ready(self) -> bool:
         """Whether factors and their eigendecompositions exist."""
-        return self.updates > 0 and all(b["eig"] is not None for b in self.blocks.values())
+        parts = [*self.blocks.values(), *self.other.values()]
+        return self.updates > 0 and all(b["eig"] is not None for b in parts)
 
     def update(self, op: Any, decay: float) -> None:
         """Average the factors of the operator ``op`` (a ``KFAC``) into the running ones.
