@@ -486,3 +486,16 @@ def test_preconditioner_resume_is_bit_for_bit():
     sgd2.load_state_dict(s_state)
     train(model2, pre2, sgd2, [12, 0, 4, 8])
     assert torch.equal(flat(model), flat(model2))
+
+
+def test_a_new_layout_is_decomposed_before_use():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    _, loss_fn, X, y = problem()
+    opt = so.KFACOptimizer(model, loss_fn, factor_every=1, inverse_every=10)
+    opt.step(X, y)
+    for m in (model[0], model[3]):
+        m.requires_grad_(False)  # only LayerNorm's parameters (no Kronecker block) remain
+    opt.step(X, y)
+    assert opt.diagnostics["accepted"] and opt.diagnostics["inverted"]
+    assert not opt._running.blocks and opt._running.other
