@@ -239,6 +239,11 @@ class KFACOptimizer(CurvatureOptimizer):
         if run.numels != self.fmodel.numels:  # parameters frozen or added: start again
             run = self._running = self._new_running()
             self._engine = "auto"
+        fresh = self._new_running()
+        if run.dtype != fresh.dtype or any(
+            b["A"].device != self.fmodel.device for b in run.blocks.values()
+        ):  # the model was cast or moved after construction: follow it
+            run.to(fresh.dtype, self.fmodel.device)
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
             with batch_statistics_as_constants(self.model, batches):

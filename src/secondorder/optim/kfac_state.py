@@ -163,6 +163,11 @@ class RunningKFAC:
                 y[sl] = xf[sl] / (o["eig"][0] + damping)
         return y.to(x.dtype)
 
+    def to(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move and cast every factor and decomposition (the model was moved or cast)."""
+        self.dtype = dtype
+        self.load(self.state(), device)
+
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
         """Plain data (tensors, ints, strings) for ``state_dict``."""
