@@ -269,6 +269,7 @@ def optimizers(w: Workload, adamw_lr: float) -> dict[str, Callable[[nn.Module], 
         "NaturalGradient": lambda m: so.NaturalGradient(m, w.loss_fn),
         "HessianFree": lambda m: so.HessianFree(m, w.loss_fn),
         "BlockDiagonalNewtonCG": lambda m: so.BlockDiagonalNewtonCG(m, w.loss_fn),
+        "KFACOptimizer": lambda m: so.KFACOptimizer(m, w.loss_fn),
     }
     if hidden(w.make(0)):  # Muon applies (the ResNet's hidden weights are convolutions)
         out["Muon + AdamW"] = muon

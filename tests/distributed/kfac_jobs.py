@@ -47,3 +47,34 @@ def kfac_mc_job(rank, world_size):
     op = so.EKFAC(model, loss_fn, data, generator=gen, process_group=dist.group.WORLD)
     v = torch.ones(op.shape[0], dtype=op.dtype)
     return op.to_dense(), op.inverse(1e-2) @ v
+
+
+def kfac_optimizer_run(data_of, pg=None, fisher="exact"):
+    """Three KFACOptimizer steps (adaptive damping, momentum) and a preconditioner step."""
+    model, loss_fn, X, y = problem("ce")
+    opt = so.KFACOptimizer(
+        model, loss_fn, fisher=fisher, damping_every=2, momentum=0.5, process_group=pg
+    )
+    for _ in range(3):
+        opt.step(*data_of(X, y))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    pre = so.KFACPreconditioner(model, loss_fn, fisher=fisher, process_group=pg)
+    Xs, ys = data_of(X, y)
+    opt.zero_grad()  # the optimizer left the batch gradient in .grad
+    loss = loss_fn(model(Xs), ys) * (len(Xs) / len(X))  # this rank's share of the mean
+    loss.backward()
+    for p in model.parameters():
+        if pg is not None:
+            dist.all_reduce(p.grad, group=pg)
+    pre.step(Xs, ys)
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return theta, grad
+
+
+def kfac_optimizer_job(rank, world_size):
+    """The optimizer on this rank's shard: (parameters after 3 steps, preconditioned grad)."""
+
+    def data_of(X, y):
+        return shard(X, rank, world_size), shard(y, rank, world_size)
+
+    return kfac_optimizer_run(data_of, dist.group.WORLD)

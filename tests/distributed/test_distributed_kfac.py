@@ -40,3 +40,11 @@ def test_sharded_kfac_equals_full_batch():
 def test_sharded_mc_kfac_is_the_same_on_every_rank():
     (d0, x0), (d1, x1) = ok(run_world(kfac_jobs.kfac_mc_job, 2))
     assert torch.equal(d0, d1) and torch.equal(x0, x1)
+
+
+def test_sharded_kfac_optimizer_equals_single_process():
+    results = ok(run_world(kfac_jobs.kfac_optimizer_job, 2))
+    theta, grad = kfac_jobs.kfac_optimizer_run(lambda X, y: (X, y))
+    for t, g in results:
+        assert rel(t, theta) <= 1e-12 and rel(g, grad) <= 1e-12
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

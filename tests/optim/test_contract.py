@@ -38,6 +38,10 @@ OPTIMIZERS = {
     "block_newton_ggn": ("BlockDiagonalNewtonCG", dict(lr=0.1, damping=1e-2, curvature="ggn")),
     "block_newton_pch": ("BlockDiagonalNewtonCG", dict(lr=0.1, damping=1e-2, curvature="pch_abs")),
     "directional": ("DirectionalDampedNewton", dict(lr=0.5)),
+    "kfac": (
+        "KFACOptimizer",
+        dict(lr=0.5, damping=1e-2, factor_every=1, inverse_every=2, kl_clip=None),
+    ),
 }
 IDS = list(OPTIMIZERS)
 

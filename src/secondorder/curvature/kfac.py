@@ -80,6 +80,9 @@ class KFAC(LinearOperator):
         damping_floor: The smallest damping :meth:`inverse` applies (absolute).
         process_group: A ``torch.distributed`` group whose ranks hold shards of the data; the
             factors are all-reduced, so every rank gets the full-data operator.
+        engine: ``"auto"`` (the graph engine where it serves, else autograd) or
+            ``"autograd"`` (skip the graph engine's attempt, e.g. for a model it refused
+            before); both give the same factors.
 
     Attributes:
         structure: Parameter name -> ``"kronecker"``, ``"dense"`` or ``"diagonal"``.
@@ -120,8 +123,10 @@ class KFAC(LinearOperator):
         factor_dtype: torch.dtype | None = None,
         damping_floor: float = 1e-10,
         process_group: Any = None,
+        engine: str = "auto",
     ) -> None:
         check_choice("fisher", fisher, FISHERS)
+        check_choice("engine", engine, ("auto", "autograd"))
         check_choice("approx", approx, APPROXES)
         check_int("num_samples", num_samples, 1)
         if fisher != "mc" and num_samples != 1:
@@ -147,6 +152,8 @@ class KFAC(LinearOperator):
         weights = batch_weights(loss_fn, batches, fm, process_group).weights(batches)
         state = generator.get_state() if generator is not None else None
         info: dict[str, Any] = {}
+        if engine == "autograd":  # skip the graph engine's trace (known not to serve)
+            info["force"] = "engine='autograd' was chosen"
         try:
             kron, other = accumulate_factors(
                 fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info

@@ -7,6 +7,8 @@ from .block_newton import BlockDiagonalNewtonCG
 from .damping import levenberg_marquardt, reduction_ratio
 from .directional import ConstantDamping, DirectionalDampedNewton, TopK, constant_damping, top_k
 from .hessian_free import HessianFree
+from .kfac import KFACOptimizer
+from .kfac_preconditioner import KFACPreconditioner
 from .linesearch import LineSearchInfo, armijo_backtracking
 from .newton_cg import GaussNewton, NaturalGradient, NewtonCG
 from .preconditioner_mode import CurvaturePreconditioner
@@ -19,6 +21,8 @@ __all__ = [
     "DirectionalDampedNewton",
     "GaussNewton",
     "HessianFree",
+    "KFACOptimizer",
+    "KFACPreconditioner",
     "LineSearchInfo",
     "NaturalGradient",
     "NewtonCG",

@@ -1,0 +1,315 @@
+r"""K-FAC as a torch.optim optimizer: running Kronecker factors, periodic inverses.
+
+Each layer with a Kronecker form (``nn.Linear``, ``nn.Conv1d/2d``; see
+:class:`~secondorder.curvature.KFAC`) has its block of the Fisher / GGN approximated by
+:math:`G \otimes A` with :math:`A = \mathbb E[\tilde a \tilde a^\top]` (the layer's inputs, with a
+one for the bias) and :math:`G = \mathbb E[g g^\top]` (the gradients of the loss with respect to
+its outputs, for targets drawn from the model by default). Every ``factor_every`` steps the
+factors of the step's batch enter exponential averages with decay ``factor_decay``
+(:class:`~secondorder.optim.kfac_state.RunningKFAC`); every ``inverse_every`` steps the averages
+are eigendecomposed, :math:`A = Q_A \Lambda_A Q_A^\top`, :math:`G = Q_G \Lambda_G Q_G^\top`.
+The step is, per layer (``V``: the gradient of ``[W | b]`` as an ``(out, d+1)`` matrix),
+
+.. math::
+    s = Q_G \big[(Q_G^\top V Q_A) \oslash (\lambda_G \lambda_A^\top + \lambda)\big] Q_A^\top
+    = \operatorname{mat}\big((G \otimes A + \lambda I)^{-1} \operatorname{vec} V\big),
+    \qquad \theta \leftarrow \theta - \mathrm{lr}\, \nu\, s,
+
+the exact inverse of the damped Kronecker block (kfac-pytorch's eigen form; not the factored
+Tikhonov :math:`(G + \sqrt\lambda I)^{-1} V (A + \sqrt\lambda I)^{-1}`). Parameters outside the
+Kronecker layers (BatchNorm's and LayerNorm's affine parameters, ...) get
+:math:`(B + \lambda I)^{-1}` of their running exact block ``B`` (dense for up to 64 entries, else
+diagonal). :math:`\nu = \min(1, \sqrt{\kappa_{\mathrm{KL}} / (\mathrm{lr}^2 g^\top s)})` with
+``kl_clip`` :math:`\kappa_{\mathrm{KL}}` (kfac-pytorch's KL clipping; 1 when ``kl_clip`` is None).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice
+from ..curvature.base import allreduce_sum
+from ..curvature.kfac import KFAC
+from ..curvature.kfac_factors import APPROXES, FISHERS
+from ..curvature.model import Batch
+from ..curvature.weighting import batch_weights
+from .adaptive import Trial, adaptive_direction
+from .base import CurvatureOptimizer, check_positive
+from .kfac_state import RunningKFAC, batch_statistics_as_constants
+
+__all__ = ["KFACOptimizer"]
+
+
+class KFACOptimizer(CurvatureOptimizer):
+    r"""K-FAC (Martens & Grosse, 2015) with running factors and periodic inverses (module doc).
+
+    Args:
+        model: The model to train (BatchNorm in training mode is allowed: for the curvature its
+            batch statistics are constants, :func:`~.kfac_state.batch_statistics_as_constants`).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
+        lr: Step size (default 0.3).
+        damping: :math:`\lambda`, added to every Kronecker block's eigenvalues (default 1e-2);
+            the smallest used under ``adapt_damping``. A param-group hyperparameter that must
+            be the same in every group.
+        factor_decay: :math:`\beta` of the running averages in [0, 1) (default 0.95; 0: the
+            last batch's factors only).
+        factor_every: Steps between factor updates (default 10: a factor pass costs about a
+            gradient on an MLP and several on a CNN whose layers the graph engine cannot split).
+        inverse_every: Steps between eigendecompositions (default 10).
+        fisher: ``"mc"`` (one target drawn from the model per sample, the default),
+            ``"exact"`` (K-FAC of the GGN) or ``"empirical"``.
+        approx: ``"expand"`` or ``"reduce"`` (weight sharing; see ``so.KFAC``).
+        num_samples: Targets drawn per sample for ``"mc"``.
+        kl_clip: Scale the step so that :math:`\mathrm{lr}^2 g^\top s \le` ``kl_clip``
+            (default 1e-2; None: no clipping).
+        adapt_damping: Levenberg-Marquardt on the reduction ratio of the K-FAC quadratic model
+            every ``damping_every`` steps (:mod:`~secondorder.optim.adaptive`): such a step is
+            taken only if the loss on the batch did not rise, else damping x10 and retried
+            (default True).
+        damping_every: Steps between damping adaptations (default 5; each costs a forward).
+        damping_retries: Retries of a rejected adapted step before it is skipped (default 3).
+        generator: Random generator of ``"mc"`` (its state travels in ``state_dict``; default:
+            seeded with the rank).
+        params: Parameters or param groups (own ``lr``, ``weight_decay``, ...).
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        process_group: ``torch.distributed`` group: gradients, losses and factors are
+            all-reduced, every rank takes the same step.
+        weight_decay: Decoupled weight decay (default 0).
+        max_grad_norm: Clip each group's gradient before preconditioning (default None).
+        momentum: Heavy-ball momentum on the step (default 0).
+
+    Tuning: the defaults (``lr=0.3``, ``damping=1e-2``, ``kl_clip=1e-2``) were chosen on seed
+    002's MLP and the ResNet with BatchNorm of ``benchmarks/training.py`` (batches of 128 and
+    64). ``damping`` trades the curvature against a gradient step of length
+    ``lr / damping``; raise it (1e-1) when the loss is noisy or ``diagnostics["rejections"]``
+    grow, lower it (1e-3) for larger batches. ``lr`` and ``kl_clip`` bound the step;
+    ``inverse_every`` and ``factor_every`` trade cost against fresh curvature.
+    ``diagnostics`` report ``damping``, ``kl_scale``, ``factors_updated``, ``inverted``,
+    and under adaptation ``rho`` and ``rejections``.
+
+    Raises:
+        ValueError: For invalid hyperparameters, or groups with different ``damping``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        lr: float = 0.3,
+        damping: float = 1e-2,
+        *,
+        factor_decay: float = 0.95,
+        factor_every: int = 10,
+        inverse_every: int = 10,
+        fisher: str = "mc",
+        approx: str = "expand",
+        num_samples: int = 1,
+        kl_clip: float | None = 1e-2,
+        adapt_damping: bool = True,
+        damping_every: int = 5,
+        damping_retries: int = 3,
+        generator: torch.Generator | None = None,
+        params: Any = None,
+        on_nonfinite: str = "skip",
+        process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        momentum: float = 0.0,
+    ) -> None:
+        check_choice("fisher", fisher, FISHERS)
+        check_choice("approx", approx, APPROXES)
+        for name, value in (
+            ("factor_every", factor_every),
+            ("inverse_every", inverse_every),
+            ("num_samples", num_samples),
+            ("damping_every", damping_every),
+        ):
+            check_positive(name, value, integer=True)
+        check_positive("damping_retries", damping_retries, allow_zero=True, integer=True)
+        check_positive("factor_decay", factor_decay, allow_zero=True)
+        if factor_decay >= 1:
+            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        if fisher != "mc" and num_samples != 1:
+            raise ValueError(f"num_samples applies to fisher='mc' only, got {num_samples}")
+        defaults = {"lr": lr, "damping": damping}
+        self._check_group(defaults)
+        super().__init__(
+            model,
+            loss_fn,
+            defaults,
+            params=params,
+            on_nonfinite=on_nonfinite,
+            process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            momentum=momentum,
+        )
+        self.factor_decay, self.factor_every, self.inverse_every = (
+            float(factor_decay),
+            factor_every,
+            inverse_every,
+        )
+        self.fisher, self.approx, self.num_samples = fisher, approx, num_samples
+        self.kl_clip = kl_clip
+        self.adapt_damping, self.damping_every = bool(adapt_damping), damping_every
+        self.damping_retries = damping_retries
+        self.generator = generator
+        if fisher == "mc" and generator is None:
+            rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
+            self.generator = torch.Generator(device=self.fmodel.device).manual_seed(rank)
+        self._running = self._new_running()
+        self._engine = "auto"
+
+    def _new_running(self) -> RunningKFAC:
+        dtype = torch.float64 if self.fmodel.dtype == torch.float64 else torch.float32
+        return RunningKFAC(self.fmodel.numels, dtype)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_positive("lr", group["lr"])
+        check_positive("damping", group["damping"], allow_zero=True)
+
+    def _check_groups(self) -> None:
+        super()._check_groups()
+        values = {float(g["damping"]) for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(
+                f"KFACOptimizer: every param group must have the same damping (it is added to "
+                f"Kronecker blocks that span groups), got {sorted(values)}"
+            )
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 - torch's docstring applies
+        out = super().state_dict()
+        out["kfac"] = self._running.state()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: groups, step counters, damping and the running factors.
+
+        Raises:
+            ValueError: For a state of another optimizer or model.
+        """
+        super().load_state_dict(state_dict)
+        running = self._new_running()
+        saved = state_dict.get("kfac")
+        if saved is not None:
+            running.load(saved, self.fmodel.device)
+        self._running = running
+
+    # ----------------------------------------------------------------- step
+    def _loss_and_grad(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+        """The loss on ``batches`` and its flat gradient (weighted as the operators)."""
+        fm = self.fmodel
+        weighting = batch_weights(self.loss_fn, batches, fm, self.process_group)
+        total: Tensor | None = None
+        with torch.enable_grad():
+            for b, w in zip(batches, weighting.weights(batches)):
+                if w == 0.0:
+                    continue
+                value = self.loss_fn(fm(fm.params, b.inputs), b.targets)
+                value = value * w if w != 1.0 else value
+                total = value if total is None else total + value
+            if total is None:
+                loss = torch.zeros((), dtype=fm.dtype, device=fm.device)
+                grad = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
+            else:
+                parts = torch.autograd.grad(total, fm.params, allow_unused=True)
+                grad = torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(fm.params, parts)
+                    ]
+                )
+                loss = total.detach()
+        if self.process_group is not None:
+            loss, grad = allreduce_sum([loss.reshape(1), grad], self.process_group)
+            loss = loss.reshape(())
+        return loss, grad
+
+    def _refresh(self, batches: list[Batch]) -> None:
+        """Update the running factors and decompose them, as the step count says."""
+        step = int(self.global_state["step"])
+        run = self._running
+        if run.numels != self.fmodel.numels:  # parameters frozen or added: start again
+            run = self._running = self._new_running()
+            self._engine = "auto"
+        fresh = self._new_running()
+        if run.dtype != fresh.dtype or any(
+            b["A"].device != self.fmodel.device for b in run.blocks.values()
+        ):  # the model was cast or moved after construction: follow it
+            run.to(fresh.dtype, self.fmodel.device)
+        update = run.updates == 0 or (step - 1) % self.factor_every == 0
+        if update:
+            with batch_statistics_as_constants(self.model, batches):
+                op = KFAC(
+                    self.model,
+                    self.loss_fn,
+                    batches,
+                    fisher=self.fisher,
+                    approx=self.approx,
+                    num_samples=self.num_samples,
+                    generator=self.generator,
+                    params=self.fmodel.params,
+                    factor_dtype=run.dtype,
+                    process_group=self.process_group,
+                    engine=self._engine,
+                )
+            if op.engine == "autograd" and not self.process_group:
+                self._engine = "autograd"  # the graph engine refused this model: skip its trace
+            run.update(op, self.factor_decay)
+        invert = not run.ready or (step - 1) % self.inverse_every == 0
+        if invert:
+            run.decompose()
+        self.diagnostics.update(factors_updated=update, inverted=invert)
+
+    def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
+        loss, grad = self._loss_and_grad(batches)
+        if not self._check_loss_and_gradient(loss, grad):
+            return loss, None
+        self._refresh(batches)
+        state = self.global_state
+        adapt = self.adapt_damping and (int(state["step"]) - 1) % self.damping_every == 0
+        if adapt:
+            direction = adaptive_direction(
+                self, loss, grad, batches, lambda k: self._solve(grad, k, True)
+            )
+        else:
+            kappa = float(state.get("damping_scale", 1.0))
+            trial = self._solve(grad, kappa if math.isfinite(kappa) and kappa > 0 else 1.0, False)
+            direction = None if trial is None else trial.direction
+        return loss, direction
+
+    def _solve(self, grad: Tensor, kappa: float, model: bool) -> Trial | None:
+        r"""The trial :math:`-\nu s`, :math:`s = (K + \kappa\lambda I)^{-1} g`, with its model."""
+        lam = float(self.param_groups[0]["damping"]) * kappa
+        run = self._running
+        s = run.apply(grad, lam)
+        gs = float(grad @ s)
+        lr = self._group_vector("lr")
+        lr_max = float(lr.max()) if isinstance(lr, Tensor) else lr
+        nu = 1.0
+        if self.kl_clip is not None and gs > 0:
+            nu = min(1.0, math.sqrt(self.kl_clip / (lr_max * lr_max * gs)))
+        self.diagnostics.update(damping=lam, kl_scale=nu)
+        if nu != 1.0:
+            s = s * nu
+
+        def apply(v: Tensor) -> Tensor:  # per-group lr: the model along lr * d (current factors)
+            return run.apply(v, None) + lam * v
+
+        # the quadratic model of the last decomposition, K~ (whose damped inverse gave s):
+        # q(-nu s0) - q(0) = -nu g's0 + nu^2 s0'(K~ + lam) s0 / 2 = (nu^2 / 2 - nu) g's0
+        change = (0.5 * nu * nu - nu) * gs if model else math.nan
+        return Trial(-s, change, apply)
+
+    def _on_reject(self, reason: str) -> None:
+        """A non-finite step raises the damping scale tenfold (as a rejected trial)."""
+        state = self.global_state
+        kappa = float(state.get("damping_scale", 1.0))
+        state["damping_scale"] = min((kappa if math.isfinite(kappa) else 1.0) * 10.0, 1e8)

@@ -1,0 +1,249 @@
+r"""Running K-FAC factors of an optimizer: averaging, eigendecompositions, damped inverse.
+
+The factors come from :class:`~secondorder.curvature.KFAC` built on one step's batch (its
+accumulation, nothing else); :class:`RunningKFAC` keeps their exponential averages as plain
+tensors (``state_dict``-ready),
+
+.. math::
+    A \leftarrow \beta A + (1 - \beta) A_{\text{batch}}, \qquad
+    G \leftarrow \beta G + (1 - \beta) G_{\text{batch}}
+
+(the first batch sets them; ``\beta`` = ``factor_decay``), and likewise each diagonal or dense
+block of a parameter outside the Kronecker layers. :meth:`RunningKFAC.decompose` computes
+:math:`A = Q_A \Lambda_A Q_A^\top`, :math:`G = Q_G \Lambda_G Q_G^\top` (and the dense blocks'),
+which :meth:`RunningKFAC.solve` uses until the next decomposition:
+
+.. math::
+    (G \otimes A + \lambda I)^{-1} \operatorname{vec} V
+    = \operatorname{vec}\big(Q_G \big[(Q_G^\top V Q_A) \oslash
+    (\lambda_G \lambda_A^\top + \lambda)\big] Q_A^\top\big)
+
+for the block ``V`` (``(out, d~)``: weight row-major then the bias column) of each layer.
+
+:func:`batch_statistics_as_constants` lets K-FAC see a model with BatchNorm in training mode:
+the batch's statistics (biased variance, as the forward pass normalises by) become running
+statistics of eval-mode layers for the curvature's passes, so the model computes the same
+function at the batch while its samples no longer interact; BatchNorm's affine parameters then
+get their exact (dense or diagonal) blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RunningKFAC", "batch_statistics_as_constants"]
+
+
+class RunningKFAC:
+    """Exponential averages of K-FAC factors and their eigendecompositions (module docstring).
+
+    Args:
+        numels: Entries of each parameter of the flat vector, in order.
+        dtype: dtype of the factors.
+    """
+
+    def __init__(self, numels: Sequence[int], dtype: torch.dtype) -> None:
+        self.numels = list(numels)
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.dtype = dtype
+        self.blocks: dict[str, dict[str, Any]] = {}
+        self.other: dict[int, dict[str, Any]] = {}
+        self.updates = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether factors and their eigendecompositions exist."""
+        parts = [*self.blocks.values(), *self.other.values()]
+        return self.updates > 0 and all(b["eig"] is not None for b in parts)
+
+    def update(self, op: Any, decay: float) -> None:
+        """Average the factors of the operator ``op`` (a ``KFAC``) into the running ones.
+
+        A layout that differs from the running one (another model or parameter selection)
+        starts the averages again from ``op``.
+        """
+        blocks = {
+            name: {
+                "weight": -1 if b.weight is None else b.weight,
+                "bias": -1 if b.bias is None else b.bias,
+                "out": b.out,
+                "d": b.d,
+                "A": b.A.to(self.dtype),
+                "G": b.G.to(self.dtype),
+            }
+            for name, b in op.blocks.items()
+        }
+        other = {i: {"kind": b.kind, "value": b.value.to(self.dtype)} for i, b in op._other.items()}
+        fresh = self.updates == 0 or self._layout(blocks, other) != self._layout(
+            self.blocks, self.other
+        )
+        if fresh:
+            for b in blocks.values():
+                b["eig"] = None
+            for o in other.values():
+                o["eig"] = None
+            self.blocks, self.other, self.updates = blocks, other, 0
+        else:
+            for name, b in blocks.items():
+                run = self.blocks[name]
+                run["A"].mul_(decay).add_(b["A"], alpha=1 - decay)
+                run["G"].mul_(decay).add_(b["G"], alpha=1 - decay)
+            for i, o in other.items():
+                self.other[i]["value"].mul_(decay).add_(o["value"], alpha=1 - decay)
+        self.updates += 1
+
+    @staticmethod
+    def _layout(blocks: dict[str, Any], other: dict[int, Any]) -> Any:
+        kron = sorted((n, b["weight"], b["bias"], b["out"], b["d"]) for n, b in blocks.items())
+        return kron, sorted((i, o["kind"], tuple(o["value"].shape)) for i, o in other.items())
+
+    def decompose(self) -> None:
+        """Eigendecompose every running factor (eigenvalues clamped at 0)."""
+        for b in self.blocks.values():
+            lg, qg = torch.linalg.eigh(b["G"])
+            la, qa = torch.linalg.eigh(b["A"])
+            b["eig"] = [lg.clamp_min(0), qg, la.clamp_min(0), qa]
+        for o in self.other.values():
+            if o["kind"] == "dense":
+                e, q = torch.linalg.eigh(o["value"])
+                o["eig"] = [e.clamp_min(0), q]
+            else:
+                o["eig"] = [o["value"].clamp_min(0)]
+
+    # ------------------------------------------------------------- products
+    def _gather(self, x: Tensor, b: dict[str, Any]) -> Tensor:
+        parts = []
+        if b["weight"] >= 0:
+            i = b["weight"]
+            parts.append(x[self.offsets[i] : self.offsets[i + 1]].reshape(b["out"], b["d"]))
+        if b["bias"] >= 0:
+            i = b["bias"]
+            parts.append(x[self.offsets[i] : self.offsets[i + 1]].reshape(b["out"], 1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _scatter(self, y: Tensor, b: dict[str, Any], v: Tensor) -> None:
+        if b["weight"] >= 0:
+            i = b["weight"]
+            y[self.offsets[i] : self.offsets[i + 1]] = v[:, : b["d"]].reshape(-1)
+        if b["bias"] >= 0:
+            i = b["bias"]
+            y[self.offsets[i] : self.offsets[i + 1]] = v[:, -1]
+
+    def apply(self, x: Tensor, damping: float | None) -> Tensor:
+        r"""``(K + damping I)^{-1} x`` from the last decomposition, or ``K x`` (damping None).
+
+        Parameters in no block (the operator never reached them) get ``x / damping`` (their
+        block is zero) or zero.
+        """
+        xf = x.to(self.dtype)
+        y = xf / damping if damping is not None else torch.zeros_like(xf)
+        for b in self.blocks.values():
+            v = self._gather(xf, b)
+            if damping is None:
+                out = b["G"] @ v @ b["A"]
+            else:
+                lg, qg, la, qa = b["eig"]
+                out = qg @ ((qg.T @ v @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+            self._scatter(y, b, out)
+        for i, o in self.other.items():
+            sl = slice(self.offsets[i], self.offsets[i + 1])
+            if damping is None:
+                y[sl] = o["value"] @ xf[sl] if o["kind"] == "dense" else o["value"] * xf[sl]
+            elif o["kind"] == "dense":
+                e, q = o["eig"]
+                y[sl] = q @ ((q.T @ xf[sl]) / (e + damping))
+            else:
+                y[sl] = xf[sl] / (o["eig"][0] + damping)
+        return y.to(x.dtype)
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move and cast every factor and decomposition (the model was moved or cast)."""
+        self.dtype = dtype
+        self.load(self.state(), device)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Plain data (tensors, ints, strings) for ``state_dict``."""
+        return {
+            "updates": self.updates,
+            "blocks": {n: dict(b) for n, b in self.blocks.items()},
+            "other": {int(i): dict(o) for i, o in self.other.items()},
+        }
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore :meth:`state` (tensors copied onto ``device`` in the factors' dtype)."""
+
+        def put(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device=device, dtype=self.dtype, copy=True)
+            if isinstance(v, list):
+                return [put(t) for t in v]
+            return v
+
+        self.updates = int(state["updates"])
+        self.blocks = {n: {k: put(v) for k, v in b.items()} for n, b in state["blocks"].items()}
+        self.other = {int(i): {k: put(v) for k, v in o.items()} for i, o in state["other"].items()}
+
+
+@contextmanager
+def batch_statistics_as_constants(model: nn.Module, batches: Sequence[Any]) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise by ``batches``' statistics as constants.
+
+    One forward pass without gradients over every batch records, per layer in training mode,
+    the mean and biased variance of its input (pooled over the batches); inside the block the
+    layers are in eval mode with those as running statistics. Everything is restored on exit.
+    With no such layer this does nothing.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.running_mean is not None
+        and m.running_var is not None
+    ]
+    if not layers:
+        yield
+        return
+    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen[module].append(args[0].detach())
+
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked) for m in layers]  # type: ignore[union-attr]
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*b.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for m, (rm, rv, nbt) in zip(layers, saved):  # the recording pass moved them: put them back
+        m.running_mean.copy_(rm)  # type: ignore[union-attr]
+        m.running_var.copy_(rv)  # type: ignore[union-attr]
+        if nbt is not None:
+            m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
+    try:
+        for m in layers:
+            x = torch.cat(seen[m]) if len(seen[m]) > 1 else seen[m][0]
+            dims = tuple(d for d in range(x.ndim) if d != 1)
+            var, mean = torch.var_mean(x, dims, correction=0)
+            m.running_mean.copy_(mean)  # type: ignore[union-attr]
+            m.running_var.copy_(var)  # type: ignore[union-attr]
+            m.eval()
+        yield
+    finally:
+        for m, (rm, rv, nbt) in zip(layers, saved):
+            m.train()
+            m.running_mean.copy_(rm)  # type: ignore[union-attr]
+            m.running_var.copy_(rv)  # type: ignore[union-attr]
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
