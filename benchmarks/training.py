@@ -18,10 +18,10 @@ is evaluated (every ``budget / 40`` s). The target is the median over seeds of t
 tuned AdamW ends its budget with (``--target adamw``, the default: who reaches tuned AdamW's
 quality first, and when), or the workload's preset target (``--target fixed``). Reported per
 optimizer, as the median over seeds: the wall-clock and steps until the target is first reached
-("—" if not within the budget), and the test metric at the end of the budget (equal wall-clock).
-The secondorder optimizers run with their defaults; torch's with the swept or documented
-settings. Muon takes the hidden weight matrices and AdamW the rest (embeddings, the output
-layer, convolutions, biases, norms), as its documentation recommends.
+("—" where the median seed did not reach it within the budget), and the test metric at the end
+of the budget (equal wall-clock). The secondorder optimizers run with their defaults; torch's
+with the swept or documented settings. Muon takes the hidden weight matrices and AdamW the rest
+(embeddings, the output layer, convolutions, biases, norms), as its documentation recommends.
 
 Usage::
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import statistics
 import time
@@ -353,20 +354,24 @@ def sweep_adamw(w: Workload) -> float:
 
 
 def table(w: Workload, results: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
-    """Rows: optimizer, reached (seeds), median time and steps to target, final metric."""
+    """Rows: optimizer, seeds reached, median time and steps to target, final metric.
+
+    The medians count a seed that did not reach the target as infinitely late ("—" where the
+    median is such a seed).
+    """
     rows = []
     for name, runs in results.items():
-        hits = [h for h in (hit(w, r) for r in runs) if h is not None]
-        t = f"{statistics.median(h[0] for h in hits):.2f}" if len(hits) == len(runs) else "—"
-        s = f"{statistics.median(h[1] for h in hits):.0f}" if len(hits) == len(runs) else "—"
-        finals = [r["final"] for r in runs]
+        hits = [hit(w, r) for r in runs]
+        times = [math.inf if h is None else h[0] for h in hits]
+        steps = [math.inf if h is None else h[1] for h in hits]
+        t, s = statistics.median_low(times), statistics.median_low(steps)
         rows.append(
             [
                 name,
-                f"{len(hits)}/{len(runs)}",
-                t,
-                s,
-                f"{statistics.median(finals):.4f}",
+                f"{sum(h is not None for h in hits)}/{len(runs)}",
+                "—" if math.isinf(t) else f"{t:.2f}",
+                "—" if math.isinf(s) else f"{s:.0f}",
+                f"{statistics.median(r['final'] for r in runs):.4f}",
                 f"{statistics.median(r['steps'] for r in runs):.0f}",
             ]
         )
@@ -384,6 +389,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, a quarter of the budget")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--json", default=None, help="write every run's metric trajectory here")
     parser.add_argument(
         "--target",
         choices=("adamw", "fixed"),
@@ -399,6 +405,7 @@ def main() -> None:
     all_w = workloads(scale, args.workloads.split(","))
     chosen = None if args.optimizers is None else set(args.optimizers.split(","))
     out = [f"torch {torch.__version__}, {args.threads} threads, seeds {seeds}"]
+    raw: dict[str, Any] = {}
     for name in args.workloads.split(","):
         w = all_w[name]
         lr = sweep_adamw(w)
@@ -412,6 +419,7 @@ def main() -> None:
         )
         if args.target == "adamw" and math.isfinite(adamw_final):
             w.target = adamw_final
+        raw[name] = {"target": w.target, "metric": w.metric, "runs": results}
         better = "higher" if w.higher_is_better else "lower"
         out += [
             "",
@@ -434,6 +442,9 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(out) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f)
 
 
 if __name__ == "__main__":
