@@ -53,12 +53,12 @@ class GGN(CurvatureOperator):
             :class:`~secondorder.curvature.factored.FactoredLinearization`, factors built at
             the first product; a ``ValueError`` for a network that does not qualify). The
             retired ``"auto"`` means ``False``. Measured gains: ``BENCHMARKS.md``.
+        **kwargs: Forwarded to :class:`CurvatureOperator` (``params``, ``cache``, ...).
 
     With :class:`~secondorder.SequenceCrossEntropyLoss` given a ``chunk_size`` and a model ending
     in an ``nn.Linear`` head (the graph engine), products, loss and gradient apply head and loss
     together over chunks of tokens (:mod:`~secondorder.curvature.fused_head`): no ``(N T, V)``
     tensor is kept or built.
-        **kwargs: Forwarded to :class:`CurvatureOperator` (``params``, ``cache``, ...).
 
     Example:
         >>> import torch, secondorder as so
