@@ -68,6 +68,8 @@ OPERATORS = {
     "block_ggn": lambda m, f, d: BlockDiagonalCurvature(m, f, d, curvature="ggn"),
     "block_hessian": lambda m, f, d: BlockDiagonalCurvature(m, f, d, curvature="hessian"),
     "block_pch": lambda m, f, d: BlockDiagonalCurvature(m, f, d, curvature="pch_abs"),
+    "kfac_exact": lambda m, f, d: so.KFAC(m, f, d, fisher="exact"),
+    "ekfac_empirical": lambda m, f, d: so.EKFAC(m, f, d, fisher="empirical"),
 }
 DIAGONALS = {
     "ggn_diagonal": ggn_diagonal,
