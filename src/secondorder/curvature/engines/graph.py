@@ -443,22 +443,6 @@ class GraphLinearization(Linearization):
         self._reverse(cotangent, dict(zip(idx, out)), False)
 
 
-class _RandomState:
-    """The default generators' state (CPU, and the parameters' CUDA device), to restore."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = None
-        if device.type == "cuda":
-            self.device = device
-            self.cuda = torch.cuda.get_rng_state(device)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
 def _reference_output(
     fmodel: FunctionalModel, leaves: list[Tensor], inputs: tuple[Any, ...]
 ) -> Any:
@@ -513,7 +497,7 @@ def _graph_linearization(
         # the model's own output first: its running statistics are restored before the graph's
         # forward pass saves them for its products, and so is the random state (a forward that
         # draws random numbers draws the same ones as without the check)
-        rng = _RandomState(fmodel.device)
+        rng = GeneratorState.now(fmodel.device)
         ref = None if verified else _reference_output(fmodel, leaves, inputs)
         rng.restore()
         try:

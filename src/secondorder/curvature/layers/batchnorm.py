@@ -26,9 +26,9 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 from .standardise import (
+    affine_prepare,
     normalised_tangent,
     per_channel_cotangents,
-    standardised_prepare,
     standardised_residual,
 )
 
@@ -228,10 +228,7 @@ class BatchNormTrainRule(Rule):
         delta: Tensor,
         modify: str | None = None,
     ) -> Context | None:
-        w = ctx["w"]
-        g = delta * w if w is not None else delta
-        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"])
-        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+        return affine_prepare(ctx, delta)
 
     def residual(  # noqa: D102
         self,

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from .base import Context, Example, Params, Rule, add_bias_tangent, channel_view
 from .standardise import (
+    affine_prepare,
     normalised_tangent,
     per_channel_cotangents,
     standardised_prepare,
@@ -121,10 +122,7 @@ class LayerNormRule(Rule):
         delta: Tensor,
         modify: str | None = None,
     ) -> Context | None:
-        w = ctx["w"]
-        g = delta * w if w is not None else delta
-        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"])
-        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+        return affine_prepare(ctx, delta)
 
     def residual(  # noqa: D102
         self,
@@ -238,10 +236,7 @@ class RMSNormRule(Rule):
         delta: Tensor,
         modify: str | None = None,
     ) -> Context | None:
-        w = ctx["w"]
-        g = delta * w if w is not None else delta
-        rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"], centre=False)
-        return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
+        return affine_prepare(ctx, delta, centre=False)
 
     def residual(  # noqa: D102
         self,

@@ -22,10 +22,12 @@ forms (:func:`standardised_residual`). With :math:`g = \gamma\delta`,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
 __all__ = [
+    "affine_prepare",
     "normalised_tangent",
     "per_channel_cotangents",
     "standardised_prepare",
@@ -65,6 +67,24 @@ def standardised_prepare(
     if centre:
         p = p.sub_(g.mean(dims, keepdim=True))
     return {"g": g, "c": c, "p": p}
+
+
+def affine_prepare(ctx: Mapping[str, Any], delta: Tensor, centre: bool = True) -> dict[str, Tensor]:
+    r"""A rule's residual context for :math:`y = \gamma \hat x + \beta` at the cotangent ``delta``.
+
+    Args:
+        ctx: The forward context: ``xhat``, ``r``, ``dims`` and ``w`` (:math:`\gamma` viewed
+            for broadcasting, or None).
+        delta: The output cotangent :math:`\delta`.
+        centre: Whether the mean is subtracted (False: RMSNorm).
+
+    Returns:
+        :func:`standardised_prepare`'s output with ``delta`` and ``dr`` (:math:`\delta r`).
+    """
+    w = ctx["w"]
+    g = delta * w if w is not None else delta
+    rctx = standardised_prepare(ctx["xhat"], g, ctx["dims"], centre)
+    return {**rctx, "delta": delta, "dr": delta * ctx["r"]}
 
 
 def standardised_residual(
