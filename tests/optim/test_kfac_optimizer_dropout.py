@@ -337,3 +337,25 @@ def test_preconditioner_batchnorm_after_dropout_uses_the_loops_masks():
     pre.remove()
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_closure_step_uses_the_closures_masks():
+    model, _, X = pair("dropnet")
+    loss_fn = nn.MSELoss()
+    y = targets("mse", model(X))
+    lr, lam = 0.7, 0.05
+    opt = so.KFACOptimizer(model, loss_fn, lr=lr, damping=lam, fisher="exact", **PLAIN)
+    torch.manual_seed(SEED)
+    fixed = twin("dropnet", model, X.shape[0])
+    K = so.KFAC(fixed, loss_fn, (X, y), fisher="exact")
+    expected = flat(model) - lr * (K.inverse(lam) @ gradient(fixed, loss_fn, X, y))
+    seen = {}
+
+    def closure():
+        loss = loss_fn(model(X), y)
+        seen["loss"] = loss.detach()
+        return loss
+
+    loss = opt.step(closure)
+    torch.testing.assert_close(seen["loss"], loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
