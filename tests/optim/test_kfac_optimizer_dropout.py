@@ -359,3 +359,21 @@ def test_closure_step_uses_the_closures_masks():
     loss = opt.step(closure)
     torch.testing.assert_close(seen["loss"], loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_preconditioner_on_a_compiled_loop_replays_its_masks():
+    """``aot_eager`` draws with the eager kernels: the loop's masks are replayed, accepted."""
+    model, _, X = pair("dropnet")
+    loss_fn = nn.MSELoss()
+    y = targets("mse", model(X))
+    compiled = torch.compile(model, backend="aot_eager")
+    pre = so.KFACPreconditioner(compiled, loss_fn, damping=0.05, kl_clip=None, fisher="exact")
+    torch.manual_seed(SEED)
+    fixed = twin("dropnet", model, X.shape[0])
+    loss_fn(compiled(X), y).backward()
+    assert pre.step()["accepted"]
+    pre.remove()
+    K = so.KFAC(fixed, loss_fn, (X, y), fisher="exact")
+    g = gradient(fixed, loss_fn, X, y)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, K.inverse(0.05) @ g, rtol=1e-10, atol=1e-12)

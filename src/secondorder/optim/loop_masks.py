@@ -7,7 +7,8 @@ from the generator state the loop's pass started from
 reproduces every mask drawn from the default generators in the same order by the same kernels.
 It does not where the loop's pass drew its numbers differently: a fused attention kernel
 (flash or memory-efficient ``scaled_dot_product_attention`` with dropout on CUDA, whose masks
-differ from those of the math kernel the library runs), or a generator of the model's own.
+differ from those of the math kernel the library runs), a compiled forward (inductor draws its
+own random numbers), or a generator of the model's own.
 :func:`check_loop_draw` compares the library's output at the replayed state with the loop's
 output, when the loop's pass drew any random number, and refuses a mismatch naming the random
 modules.
@@ -105,8 +106,9 @@ def check_loop_draw(
         f"{who}: the library's forward pass from the generator state of your loop's forward "
         f"pass does not reproduce its output ({gap}), so the curvature would belong to other "
         f"dropout masks than your .grad. Random here: {what}. Masks drawn by a fused attention "
-        "kernel (flash or memory-efficient scaled_dot_product_attention on CUDA) or from a "
-        "generator other than the default ones cannot be replayed; run the loop's forward "
-        "with the math kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), or set "
+        "kernel (flash or memory-efficient scaled_dot_product_attention on CUDA), by a "
+        "torch.compile'd forward (inductor's own random numbers) or from a generator other "
+        "than the default ones cannot be replayed; run the loop's forward with the math "
+        "kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) and uncompiled, or set "
         "that dropout to 0"
     )
