@@ -41,6 +41,7 @@ from .kfac_factors import (
 )
 from .losses import LossTerms
 from .model import FunctionalModel, as_batches
+from .random_state import one_draw_per_batch
 from .weighting import batch_weights
 
 __all__ = ["EKFAC", "KFAC", "KroneckerInverse"]
@@ -62,7 +63,11 @@ class KFAC(LinearOperator):
 
     Args:
         model: Any ``nn.Module`` whose samples do not interact (no BatchNorm with batch
-            statistics, no Dropout in training mode); called as ``model(*inputs)``.
+            statistics); called as ``model(*inputs)``. Dropout in training mode (modules,
+            ``F.dropout``, attention's ``dropout_p``) is linearised at one mask per batch, the
+            model's own draw: every pass over a batch (factors, other blocks, EKFAC's
+            corrections) replays it, so the operator is K-FAC of the network thinned by that
+            mask; the generators are left where one forward pass per batch leaves them.
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (no
             weights), reduction ``"mean"`` or ``"sum"``.
         data: One batch ``(inputs, targets)`` or an iterable of batches; the factors sum over
@@ -92,7 +97,8 @@ class KFAC(LinearOperator):
 
     Raises:
         ValueError: For an unknown ``fisher`` or ``approx``, a loss without a likelihood, a
-            model whose samples interact, or a Kronecker layer called twice in one forward.
+            model whose samples interact (BatchNorm with batch statistics), or a Kronecker
+            layer called twice in one forward.
 
     Example:
         >>> import torch, secondorder as so
@@ -149,41 +155,46 @@ class KFAC(LinearOperator):
         )
         self.process_group = process_group
         batches = list(as_batches(data))
-        weights = batch_weights(loss_fn, batches, fm, process_group).weights(batches)
-        state = generator.get_state() if generator is not None else None
-        info: dict[str, Any] = {}
-        if engine == "autograd":  # skip the graph engine's trace (known not to serve)
-            info["force"] = "engine='autograd' was chosen"
-        try:
-            kron, other = accumulate_factors(
-                fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
-            )
-        except NoPerSample as why:  # a layer the graph engine cannot split: autograd throughout
-            if generator is not None and state is not None:
-                generator.set_state(state)
-            info = {"force": str(why)}
-            kron, other = accumulate_factors(
-                fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
-            )
-        self.engine: str = info.get("engine", "sequential")
-        self.engine_reason: str | None = info.get("reason") or info.get("force")
-        self.num_data = global_count(sum(b.size for b in batches), process_group)
-        self._reduce(kron, other)
-        for block in kron.values():
-            block.A.div_(self.num_data)
-        if self._EIGENVALUE_CORRECTED:
-            if generator is not None and state is not None:
-                generator.set_state(state)  # the same draws as the factors
-            D = accumulate_corrections(
-                fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype, info
-            )
-            names = sorted(kron)
-            found = [
-                D.get(n, kron[n].A.new_zeros(kron[n].G.shape[0], kron[n].A.shape[0])) for n in names
-            ]
-            reduced = allreduce_sum(found, process_group)
-            for n, d in zip(names, reduced):
-                kron[n].D = d
+        # every pass on a batch (a generic loss's reduction check, factors, diagonals, EKFAC's
+        # corrections) replays one draw of the default generators: one dropout mask per batch
+        # (inside an optimizer step, the step's)
+        with one_draw_per_batch(fm.device):
+            weights = batch_weights(loss_fn, batches, fm, process_group).weights(batches)
+            state = generator.get_state() if generator is not None else None
+            info: dict[str, Any] = {}
+            if engine == "autograd":  # skip the graph engine's trace (known not to serve)
+                info["force"] = "engine='autograd' was chosen"
+            try:
+                kron, other = accumulate_factors(
+                    fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
+                )
+            except NoPerSample as why:  # a layer the graph engine cannot split: autograd
+                if generator is not None and state is not None:
+                    generator.set_state(state)
+                info = {"force": str(why)}
+                kron, other = accumulate_factors(
+                    fm, loss_fn, batches, weights, self._factor, approx, self.factor_dtype, info
+                )
+            self.engine: str = info.get("engine", "sequential")
+            self.engine_reason: str | None = info.get("reason") or info.get("force")
+            self.num_data = global_count(sum(b.size for b in batches), process_group)
+            self._reduce(kron, other)
+            for block in kron.values():
+                block.A.div_(self.num_data)
+            if self._EIGENVALUE_CORRECTED:
+                if generator is not None and state is not None:
+                    generator.set_state(state)  # the same draws as the factors
+                D = accumulate_corrections(
+                    fm, loss_fn, batches, weights, self._factor, kron, self.factor_dtype, info
+                )
+                names = sorted(kron)
+                found = [
+                    D.get(n, kron[n].A.new_zeros(kron[n].G.shape[0], kron[n].A.shape[0]))
+                    for n in names
+                ]
+                reduced = allreduce_sum(found, process_group)
+                for n, d in zip(names, reduced):
+                    kron[n].D = d
         self.blocks, self._other = kron, other
         self._offsets = [0]
         for numel in fm.numels:

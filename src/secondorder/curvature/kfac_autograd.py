@@ -15,8 +15,11 @@ parameters read directly such as ``nn.MultiheadAttention``'s ``in_proj_weight``,
 are never called as modules) get their exact diagonal
 :math:`\sum_r \sum_k (J_r^\top F_r[:, k])^{\odot 2}` from
 :func:`~.diagonal_paths.row_factor_diagonal` with the batch's columns. Models whose samples
-interact (BatchNorm with batch statistics, Dropout in training mode) are refused: the factors
-assume independent samples and a forward pass that can be repeated.
+interact (BatchNorm with batch statistics) are refused: the factors assume independent
+samples. Dropout in training mode (modules, ``F.dropout``, attention's ``dropout_p``) is
+allowed: the cotangents are those of the one forward pass, whose masks the diagonals' pass
+replays (the caller runs both in
+:func:`~secondorder.curvature.random_state.one_draw_per_batch`).
 """
 
 from __future__ import annotations
@@ -81,9 +84,10 @@ def autograd_layers(
         the indices of the parameters the layers cover.
 
     Raises:
-        ValueError: If the samples interact, or a hooked module is called more than once.
+        ValueError: If the samples interact (BatchNorm with batch statistics), or a hooked
+            module is called more than once.
     """
-    why = coupling(fmodel.model)
+    why = coupling(fmodel.model, dropout=False)  # dropout: one mask per batch, replayed
     if why is not None:
         raise ValueError(f"K-FAC needs samples that do not interact; here {why}")
     modules = _hooked_modules(fmodel)

@@ -207,7 +207,7 @@ def _layer_passes(
     for batch, weight in zip(batches, weights):
         lin, why = None, info.get("force")
         if why is None:
-            lin, why = factor_linearization(fmodel, batch.inputs, batch.size)
+            lin, why = factor_linearization(fmodel, batch.inputs, batch.size, True)  # masks
         if lin is None:
             info["engine"] = "autograd"
             info.setdefault("reason", why)

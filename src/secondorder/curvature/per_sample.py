@@ -90,7 +90,7 @@ class DiagonalInfo:
         self.reasons.append(reason)
 
 
-def coupling(model: nn.Module) -> str | None:
+def coupling(model: nn.Module, *, dropout: bool = True) -> str | None:
     """Why the samples of a batch interact in ``model``'s forward pass, or ``None``.
 
     Known couplings: BatchNorm using batch statistics (training mode, or no running
@@ -98,6 +98,9 @@ def coupling(model: nn.Module) -> str | None:
 
     Args:
         model: The module.
+        dropout: Whether Dropout in training mode counts. It does for paths that evaluate
+            samples alone (each would draw its own mask); a path that runs the whole batch
+            with one mask held fixed (K-FAC's reverse passes) keeps the samples apart.
 
     Returns:
         A description naming the first such submodule, or ``None``.
@@ -108,7 +111,12 @@ def coupling(model: nn.Module) -> str | None:
             module.training or not module.track_running_stats
         ):
             return f"{where} ({type(module).__name__}) normalises with batch statistics"
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+        if (
+            dropout
+            and isinstance(module, nn.modules.dropout._DropoutNd)
+            and module.training
+            and module.p > 0
+        ):
             return f"{where} ({type(module).__name__}) is in training mode with p={module.p}"
     return None
 

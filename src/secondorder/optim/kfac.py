@@ -49,7 +49,9 @@ class KFACOptimizer(CurvatureOptimizer):
 
     Args:
         model: The model to train (BatchNorm in training mode is allowed: for the curvature its
-            batch statistics are constants, :func:`~.kfac_state.batch_statistics_as_constants`).
+            batch statistics are constants, :func:`~.kfac_state.batch_statistics_as_constants`;
+            dropout in training mode: the factor pass replays the step's masks, those of its
+            loss and gradient).
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
         lr: Step size (default 0.3).
         damping: :math:`\lambda`, added to every Kronecker block's eigenvalues (default 1e-2);

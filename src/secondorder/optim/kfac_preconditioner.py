@@ -15,9 +15,12 @@ steps::
         opt.step()
 
 The batch is read from the loop (:class:`~secondorder.optim.closure.BatchRecorder`) or given,
-``pre.step(x, y)``. The damping is fixed (no loss at trial points to adapt it by). A NaN/Inf
-gradient or direction leaves ``.grad`` as the loop computed it, is counted in
-``diagnostics["rejected"]`` and warned about.
+``pre.step(x, y)``. With dropout in training mode, the factors of a recorded batch belong to
+the loop's own masks (the factor pass replays the generator state of the loop's forward pass,
+:func:`~secondorder.optim.loop_masks.check_loop_draw` refuses masks it cannot replay, e.g. of a
+fused attention kernel); with a given batch the factor pass draws masks of its own. The damping
+is fixed (no loss at trial points to adapt it by). A NaN/Inf gradient or direction leaves
+``.grad`` as the loop computed it, is counted in ``diagnostics["rejected"]`` and warned about.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from torch import nn
 from .._checks import check_choice, check_positive
 from ..curvature.kfac import KFAC
 from ..curvature.kfac_factors import APPROXES, FISHERS
+from ..curvature.model import Batch
+from ..curvature.random_state import one_draw_per_batch
 from ..curvature.running_stats import frozen_running_stats
 from .closure import MISSING, BatchRecorder, batch_of
 from .guard import NonFiniteStepWarning
 from .kfac_state import RunningKFAC, batch_statistics_as_constants
+from .loop_masks import check_loop_draw
 from .warn import warn_at_caller
 
 __all__ = ["KFACPreconditioner"]
@@ -157,22 +163,24 @@ class KFACPreconditioner:
         run = self.running
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
+            # the curvature of the network with the loop's own dropout masks (a recorded batch)
+            start = self._recorder.random_state if inputs is MISSING else None
+            drawn = (batch.inputs, start) if start is not None else None
             with (
                 frozen_running_stats(self.model),
-                batch_statistics_as_constants(self.model, [batch]),
+                one_draw_per_batch(self.params[0].device, drawn),
             ):
-                op = KFAC(
-                    self.model,
-                    self.loss_fn,
-                    [batch],
-                    fisher=self.fisher,
-                    approx=self.approx,
-                    num_samples=self.num_samples,
-                    generator=self.generator,
-                    params=self.params,
-                    factor_dtype=run.dtype,
-                    process_group=self.process_group,
-                )
+                if start is not None:
+                    check_loop_draw(
+                        self.model,
+                        self.params,
+                        batch,
+                        start,
+                        self._recorder.output,
+                        "KFACPreconditioner",
+                    )
+                with batch_statistics_as_constants(self.model, [batch]):
+                    op = self._factors(batch, run.dtype)
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
         if invert:
@@ -190,6 +198,21 @@ class KFACPreconditioner:
                 p.grad.copy_(part.view_as(p))  # type: ignore[union-attr]
         diag["accepted"] = True
         return diag
+
+    def _factors(self, batch: Batch, dtype: torch.dtype) -> KFAC:
+        """The K-FAC operator of ``batch`` (its factors enter the running averages)."""
+        return KFAC(
+            self.model,
+            self.loss_fn,
+            [batch],
+            fisher=self.fisher,
+            approx=self.approx,
+            num_samples=self.num_samples,
+            generator=self.generator,
+            params=self.params,
+            factor_dtype=dtype,
+            process_group=self.process_group,
+        )
 
     def _reject(self, reason: str) -> dict[str, Any]:
         self.diagnostics["rejected"] += 1

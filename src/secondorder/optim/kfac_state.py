@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.random_state import replay
+
 __all__ = ["RunningKFAC", "batch_statistics_as_constants"]
 
 
@@ -222,7 +224,8 @@ def batch_statistics_as_constants(model: nn.Module, batches: Sequence[Any]) -> I
     try:
         with torch.no_grad():
             for b in batches:
-                model(*b.inputs)
+                with replay(b.inputs):  # in a step: the step's dropout masks
+                    model(*b.inputs)
     finally:
         for h in handles:
             h.remove()

@@ -85,15 +85,16 @@ class LayerCotangents:
         return self.rule.kronecker(self.module, self.ctx)
 
 
-def _static_check(fmodel: FunctionalModel) -> str | None:
+def _static_check(fmodel: FunctionalModel, masks: bool = False) -> str | None:
     """Why the traced graph cannot serve (before any forward pass), or None.
 
     Refusing here keeps a model that cannot serve from running a forward pass that draws
-    random numbers or updates running statistics before its reference path runs.
+    random numbers or updates running statistics before its reference path runs. ``masks``:
+    Dropout in training mode is allowed (:func:`factor_linearization`).
     """
     if len(fmodel.alias) != len(fmodel.params):
         return "parameters are tied (one parameter under several names)"
-    coupled = coupling(fmodel.model)
+    coupled = coupling(fmodel.model, dropout=not masks)
     if coupled is not None:
         return coupled
     graph, reason = trace(fmodel.model)
@@ -186,7 +187,7 @@ def support(lin: GraphLinearization, num_samples: int, num_params: int) -> str |
 
 
 def factor_linearization(
-    fmodel: FunctionalModel, inputs: tuple[Any, ...], num_samples: int
+    fmodel: FunctionalModel, inputs: tuple[Any, ...], num_samples: int, masks: bool = False
 ) -> tuple[GraphLinearization | None, str | None]:
     """The graph linearisation of one batch where its per-sample layer cotangents are exact.
 
@@ -196,16 +197,22 @@ def factor_linearization(
     traced graph before any forward pass; where the forward pass runs and the steps refuse,
     the random state is restored.
 
+    With ``masks``, Dropout in training mode is allowed: its rule draws one mask for the whole
+    batch and holds it, so the linearisation keeps the samples apart; the caller must replay
+    that draw in every other pass it combines with this one
+    (:func:`~secondorder.curvature.random_state.one_draw_per_batch`).
+
     Args:
         fmodel: The model as a function of its parameters.
         inputs: Positional inputs of the batch.
         num_samples: The batch size.
+        masks: Whether Dropout in training mode (one fixed mask per batch) is allowed.
 
     Returns:
         ``(lin, None)``, or ``(None, reason)`` (checked on the traced graph first, so a model
         that cannot serve costs no forward pass in most cases).
     """
-    why = _static_check(fmodel)
+    why = _static_check(fmodel, masks)
     if why is not None:
         return None, why
     rng = torch.get_rng_state()  # a refused forward must not change what the fallback draws
