@@ -376,3 +376,16 @@ def test_low_rank_methods_under_autocast():
         got = (L.eigvalsh(), L.to_dense(), L.directional_derivatives([0, 1])[0])
     for a, b in zip(got, expected):
         assert a.dtype == torch.float32 and rel(a, b) < RTOL_F32
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC], ids=["kfac", "ekfac"])
+def test_kfac_factors_in_float32_on_a_bfloat16_model(name, cls):
+    """K-FAC of a bfloat16 model is the float32 K-FAC of the same function (it raised before)."""
+    _, low, exact, _, xl, x64, y = problem(name)
+    K = cls(low, LOSS, (xl, y), fisher="exact")
+    R = cls(exact, LOSS, (x64, y), fisher="exact")
+    assert K.dtype == torch.float32 and K.factor_dtype == torch.float32
+    v = torch.randn(K.shape[0])
+    assert rel(K @ v, R @ v.double()) < RTOL_F32
+    assert rel(K.inverse(1e-2) @ v, R.inverse(1e-2) @ v.double()) < RTOL_F32

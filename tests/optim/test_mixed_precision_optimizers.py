@@ -49,6 +49,7 @@ OPTIMIZERS = {
     "hessian_free": lambda m: so.HessianFree(m, LOSS),
     "block_newton": lambda m: so.BlockDiagonalNewtonCG(m, LOSS, lr=1.0, damping=1e-1),
     "directional": lambda m: so.DirectionalDampedNewton(m, LOSS),
+    "kfac": lambda m: so.KFACOptimizer(m, LOSS, lr=0.3, damping=1e-2),
 }
 
 
@@ -109,6 +110,43 @@ def test_autocast_step_equals_float32_step(name, opt_name, form):
     assert loss.dtype == torch.float32 and float(loss) == float(loss_ref)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert p.dtype == torch.float32 and torch.equal(p, q)
+
+
+class DropMLP(nn.Module):
+    """An MLP with dropout between its layers (train mode: a new mask on every forward pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 12), nn.Tanh(), nn.Dropout(0.5), nn.Linear(12, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_low_precision_dropout_step_uses_one_mask(opt_name):
+    """A bfloat16 step on a dropout model is the float32 step with the same (one) mask per step.
+
+    The float32 image of the model draws one mask per step for every pass (replayed by its
+    inputs); the bfloat16 model's passes run on float32 casts of its inputs, which must replay
+    the same draw as the inputs themselves.
+    """
+    torch.manual_seed(0)
+    low = DropMLP().bfloat16().train()
+    image = copy.deepcopy(low).float()
+    x, y = torch.randn(N, D).bfloat16(), torch.randint(0, 3, (N,))
+    opt, ref = OPTIMIZERS[opt_name](low), OPTIMIZERS[opt_name](image)
+    for step in range(2):
+        torch.manual_seed(10 + step)
+        loss = opt.step(x, y)
+        torch.manual_seed(10 + step)
+        loss_ref = ref.step(x.float(), y)
+        assert float(loss) == float(loss_ref)
+        assert opt.diagnostics["accepted"] == ref.diagnostics["accepted"]
+        with torch.no_grad():
+            for p, q in zip(low.parameters(), image.parameters()):
+                assert torch.equal(p, q.to(torch.bfloat16))
+                q.copy_(p)  # the next step starts from the point the bfloat16 model holds
 
 
 def test_updates_below_bfloat16_resolution_are_reported():

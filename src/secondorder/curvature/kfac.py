@@ -154,7 +154,7 @@ class KFAC(LinearOperator):
             torch.float64 if fm.dtype == torch.float64 else torch.float32
         )
         self.process_group = process_group
-        batches = list(as_batches(data))
+        batches = [fm.cast_batch(b) for b in as_batches(data)]
         # every pass on a batch (a generic loss's reduction check, factors, diagonals, EKFAC's
         # corrections) replays one draw of the default generators: one dropout mask per batch
         # (inside an optimizer step, the step's)

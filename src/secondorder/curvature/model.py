@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..linalg.precision import autocast_disabled
 from .attention import differentiable_attention
 from .low_precision import LOW_PRECISION, cast_copy, cast_tensor, compute_dtype
-from .random_state import replay
+from .random_state import alias, replay
 from .twice_differentiable import TwiceDifferentiable, needs_twice_differentiable
 
 try:  # torch's C++ helper behind torch._utils._unflatten_dense_tensors: all views in one call
@@ -396,7 +396,9 @@ class FunctionalModel:
         """
         if not self.mixed:
             return value
-        return tree_map(lambda t: cast_tensor(t, self.dtype) if isinstance(t, Tensor) else t, value)
+        cast = tree_map(lambda t: cast_tensor(t, self.dtype) if isinstance(t, Tensor) else t, value)
+        alias(cast, value)  # a pass on the cast copy is a pass on the batch (one dropout mask)
+        return cast
 
     def cast_batch(self, batch: Batch) -> Batch:
         """``batch`` with floating-point inputs and targets in :attr:`dtype` (:meth:`cast_inputs`).

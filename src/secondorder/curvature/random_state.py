@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["GeneratorState", "one_draw_per_batch", "replay"]
+__all__ = ["GeneratorState", "alias", "one_draw_per_batch", "replay"]
 
 
 @dataclass
@@ -56,6 +56,8 @@ class _Block:
     # batch key -> (the inputs, kept alive so their ids stay unique; state at the first start)
     starts: dict[tuple[int, ...], tuple[list[Tensor], GeneratorState]] = field(default_factory=dict)
     end: GeneratorState | None = None  # where the latest first pass left the generators
+    # id of a cast copy of some inputs -> (the copy, kept alive; the tensor it was cast from)
+    aliases: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 _BLOCK: ContextVar[_Block | None] = ContextVar("_BLOCK", default=None)
@@ -109,6 +111,7 @@ def replay(inputs: Any) -> Iterator[None]:
         yield
         return
     tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    tensors = [block.aliases[id(t)][1] if id(t) in block.aliases else t for t in tensors]
     key = tuple(id(t) for t in tensors)
     entry = block.starts.get(key)
     first = entry is None
@@ -121,3 +124,18 @@ def replay(inputs: Any) -> Iterator[None]:
     finally:
         if first:
             block.end = GeneratorState.now(block.device)
+
+
+def alias(copy: Any, original: Any) -> None:
+    """Passes on ``copy`` (inputs cast from ``original``, same structure) replay ``original``'s.
+
+    A low-precision model's passes run on float32 casts of its inputs, new tensors each time;
+    inside a block they are the same batch. Outside a block it does nothing.
+    """
+    block = _BLOCK.get()
+    if block is None:
+        return
+    for c, o in zip(tree_leaves(copy), tree_leaves(original)):
+        if isinstance(c, Tensor) and isinstance(o, Tensor) and c is not o:
+            root = block.aliases.get(id(o), (o, o))[1]  # a copy of a copy: the first original
+            block.aliases[id(c)] = (c, root)

@@ -210,22 +210,23 @@ class KFACOptimizer(CurvatureOptimizer):
         fm = self.fmodel
         weighting = batch_weights(self.loss_fn, batches, fm, self.process_group)
         total: Tensor | None = None
+        leaves = fm.leaves()  # in the compute dtype: a low-precision model's gradient unrounded
         with torch.enable_grad():
             for b, w in zip(batches, weighting.weights(batches)):
                 if w == 0.0:
                     continue
-                value = self.loss_fn(fm(fm.params, b.inputs), b.targets)
+                value = self.loss_fn(fm(leaves, b.inputs), b.targets)
                 value = value * w if w != 1.0 else value
                 total = value if total is None else total + value
             if total is None:
                 loss = torch.zeros((), dtype=fm.dtype, device=fm.device)
                 grad = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
             else:
-                parts = torch.autograd.grad(total, fm.params, allow_unused=True)
+                parts = torch.autograd.grad(total, leaves, allow_unused=True)
                 grad = torch.cat(
                     [
                         (torch.zeros_like(p) if g is None else g).reshape(-1)
-                        for p, g in zip(fm.params, parts)
+                        for p, g in zip(leaves, parts)
                     ]
                 )
                 loss = total.detach()
