@@ -154,7 +154,7 @@ def sample_jacobians(model, attn, X, names, batch_first):
             qkv = [t[0] if batch_first else t[:, 0] for t in seen[0]]
             shape = (1, *qkv[0].shape) if batch_first else (qkv[0].shape[0], 1, E)
 
-            def f(sub, delta):
+            def f(sub, delta, xn=xn):
                 with Probe(attn) as probe:
                     probe.delta = delta
                     return functional_call(model, {**params, **sub}, (xn,)).reshape(-1)
@@ -287,8 +287,9 @@ def test_attention_projections_equal_hand_built_kronecker(kind, batch_first, app
     torch.manual_seed(0)
     model = AttnNet(kind, batch_first).to(DT)
     X, y = data(3)
-    check_attention(model, model.attn, "attn", X, y, approx, kind == "self", kind == "cross",
-                    batch_first)
+    check_attention(
+        model, model.attn, "attn", X, y, approx, kind == "self", kind == "cross", batch_first
+    )
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -298,11 +299,21 @@ def test_transformer_layers_equal_hand_built_kronecker(batch_first, decoder):
     model = EncoderNet(batch_first, decoder).to(DT)
     X, y = data(3)
     layer = model.layer
-    K = check_attention(model, layer.self_attn, "layer.self_attn", X, y, "expand", True, False,
-                        batch_first)
+    K = check_attention(
+        model, layer.self_attn, "layer.self_attn", X, y, "expand", True, False, batch_first
+    )
     if decoder:
-        check_attention(model, layer.multihead_attn, "layer.multihead_attn", X, y, "expand",
-                        False, True, batch_first)
+        check_attention(
+            model,
+            layer.multihead_attn,
+            "layer.multihead_attn",
+            X,
+            y,
+            "expand",
+            False,
+            True,
+            batch_first,
+        )
     assert set(K.structure.values()) == {"kronecker", "diagonal"}
     assert {n for n, s in K.structure.items() if s == "diagonal"} == {
         n for n, _ in model.named_parameters() if ".norm" in n
@@ -348,8 +359,9 @@ def test_one_token_one_sample_exact_fisher_equals_ggn_blocks(kind):
         w, b = sl["attn.in_proj_weight"].start, sl["attn.in_proj_bias"].start
         rows = [(0, E3)] if kind == "self" else [(0, E), (E, E3)]
         for r0, r1 in rows:
-            pieces.append(torch.cat([torch.arange(w + r0 * E, w + r1 * E),
-                                     torch.arange(b + r0, b + r1)]))
+            pieces.append(
+                torch.cat([torch.arange(w + r0 * E, w + r1 * E), torch.arange(b + r0, b + r1)])
+            )
         for idx in pieces:
             assert rel_err(D[idx][:, idx], G[idx][:, idx]) <= 1e-10
 
@@ -462,4 +474,3 @@ def test_unbatched_and_unsupported_attention_keep_exact_diagonals():
     sl = offsets(model)
     for n in ("attn.in_proj_weight", "attn.out_proj.weight", "attn.bias_k"):
         assert rel_err(torch.diagonal(K.to_dense())[sl[n]], Gd[sl[n]]) <= 1e-10
-

@@ -163,7 +163,7 @@ def test_ekfac_diagonal_is_the_exact_block_in_the_eigenbasis(monkeypatch, fisher
 
         B = sampled_fisher(model, loss_fn, X, y, "mc")
     block = next(b for b in Ek.blocks.values() if b.transposed)
-    lg, qg, la, qa = block.eigh()
+    _, qg, la, qa = block.eigh()
     assert qa is None and torch.equal(la, block.A.clamp_min(0))
     Q = torch.kron(torch.eye(V, dtype=DT), qg.contiguous())  # (V, D) row-major: I_V ⊗ Q_G
     sl = offsets(model)["0.weight"]

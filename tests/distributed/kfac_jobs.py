@@ -106,8 +106,9 @@ def lm_kfac(data_of, pg=None):
     """{class: dense K-FAC / EKFAC} of the tiny LM, and three optimizer steps' parameters."""
     model, loss_fn, X, y = lm_problem()
     out = {
-        cls: getattr(so, cls)(model, loss_fn, data_of(X, y), fisher="exact", process_group=pg)
-        .to_dense()
+        cls: getattr(so, cls)(
+            model, loss_fn, data_of(X, y), fisher="exact", process_group=pg
+        ).to_dense()
         for cls in ("KFAC", "EKFAC")
     }
     opt = so.KFACOptimizer(model, loss_fn, fisher="exact", damping_every=2, process_group=pg)

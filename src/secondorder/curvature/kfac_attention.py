@@ -176,4 +176,3 @@ def getattr_path(m: nn.Module, path: str) -> Any:
     for part in path.split("."):
         m = getattr(m, part)
     return m
-

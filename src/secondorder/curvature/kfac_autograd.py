@@ -35,6 +35,7 @@ assume independent samples and a forward pass that can be repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -101,8 +102,10 @@ def _has_form(rule: Any) -> bool:
 def _hooked_modules(
     fmodel: FunctionalModel,
 ) -> list[tuple[str, nn.Module, Any, dict[str, int], int]]:
-    """``(name, module, rule, {param name: index}, sample dim)`` of modules with a Kronecker
-    form (sample dim 1: a Linear layer of a ``batch_first=False`` transformer layer)."""
+    """``(name, module, rule, {param name: index}, sample dim)`` of the Kronecker modules.
+
+    Sample dim 1: a Linear layer of a ``batch_first=False`` transformer layer.
+    """
     found = []
     seq_first = {
         f"{prefix}.{child}" if prefix else child
@@ -159,7 +162,7 @@ def _accepted(uses: list[_Use], fmodel: FunctionalModel, edges: list[int]) -> li
         bad = set()
         for i, sp in spans.items():
             sp.sort()
-            tiles = all(a[1] == b[0] for a, b in zip(sp, sp[1:]))
+            tiles = all(a[1] == b[0] for a, b in pairwise(sp))
             whole = sp[0][0] == 0 and sp[-1][1] == fmodel.numels[i]
             if not (tiles and whole and edges[i] == len(sp)):
                 bad.add(i)
@@ -293,7 +296,9 @@ def _uses(
         found.append(_Use(name, module, rule, own, x, out, sdim, {}))
     for p in pieces:
         ctx = {"x": p.x, "w": p.weight}
-        found.append(_Use(p.name, p.module, _LINEAR, p.params, p.x, p.out, p.batch_dim, p.rows, ctx))
+        found.append(
+            _Use(p.name, p.module, _LINEAR, p.params, p.x, p.out, p.batch_dim, p.rows, ctx)
+        )
     kept = []
     for use in found:
         if use.x.ndim == 0 or use.x.shape[0] != size:

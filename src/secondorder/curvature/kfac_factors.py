@@ -146,8 +146,10 @@ class KronBlock:
 
 
 def times_a(V: Tensor, A: Tensor | None, transpose: bool = False) -> Tensor:
-    """``V @ A`` (``V @ A.T`` if ``transpose``) for a 2-D ``A``; ``V * A`` for a diagonal (1-D)
-    one; ``V`` for None (the identity ``Q_A`` of a diagonal factor)."""
+    """``V @ A`` (``V @ A.T`` if ``transpose``) for a 2-D ``A``, ``V * A`` for a 1-D one.
+
+    ``A`` None is the identity (``Q_A`` of a diagonal factor): ``V`` itself.
+    """
     if A is None:
         return V
     if A.ndim == 1:
@@ -158,9 +160,11 @@ def times_a(V: Tensor, A: Tensor | None, transpose: bool = False) -> Tensor:
 def kron_solve(
     V: Tensor, eig: tuple[Tensor, Tensor, Tensor, Tensor | None], damping: float
 ) -> Tensor:
-    r""":math:`(G \otimes A + \lambda I)^{-1}` on ``V`` ``(..., out, d~)`` from ``eig``
-    (:meth:`KronBlock.eigh`): :math:`Q_G [(Q_G^\top V Q_A) \oslash (\lambda_G \lambda_A^\top +
-    \lambda)] Q_A^\top`."""
+    r""":math:`(G \otimes A + \lambda I)^{-1}` on ``V`` ``(..., out, d~)``.
+
+    From ``eig`` (:meth:`KronBlock.eigh`): :math:`Q_G [(Q_G^\top V Q_A) \oslash
+    (\lambda_G \lambda_A^\top + \lambda)] Q_A^\top`.
+    """
     lg, qg, la, qa = eig
     rot = times_a(qg.T @ V, qa)
     return qg @ times_a(rot / (lg[:, None] * la[None, :] + damping), qa, transpose=True)
@@ -277,8 +281,10 @@ def _layer_passes(
 def _kron_form(
     layer: LayerCotangents, dtype: torch.dtype, approx: str
 ) -> tuple[Tensor, Tensor, int | None] | None:
-    """``(a, g, None)`` of the layer in ``dtype``, ``(index, g, num)`` for one-hot inputs, or
-    None without a Kronecker form (one-hot inputs under ``"reduce"`` with ``T > 1``)."""
+    """``(a, g, None)`` of the layer in ``dtype``, or ``(index, g, num)`` for one-hot inputs.
+
+    None without a Kronecker form (and for one-hot inputs under ``"reduce"`` with ``T > 1``).
+    """
     if not set(layer.params) <= {"weight", "bias"}:
         return None
     form = layer.rule.kronecker_shared(layer.module, layer.ctx, layer.u)
@@ -394,7 +400,7 @@ def accumulate_factors(
                 other[i].value.add_(part)
             else:
                 other[i] = OtherBlock(i, kind, part.detach().clone())
-    both = {i for b in kron.values() for i in (b.weight, b.bias)} & set(other)
+    both = {i for b in kron.values() for i in (b.weight, b.bias) if i is not None} & set(other)
     if both:
         raise ValueError(
             f"K-FAC: parameter {fmodel.names[min(both)]} has a Kronecker form in some batches "
@@ -443,7 +449,7 @@ def _add_onehot_squares(total: Tensor, gr: Tensor, index: Tensor, num: int) -> N
     Sample :math:`n`'s column :math:`v` is the sum of its rows at the positions holding
     :math:`v`: one row per distinct ``(n, v)`` pair, never ``(N, num, out)``.
     """
-    K, N, T, out = gr.shape
+    K, N, _, out = gr.shape
     n = torch.arange(N, device=index.device).unsqueeze(1)
     rows = (n * num + index).reshape(-1)
     keep = index.reshape(-1) >= 0
