@@ -1,7 +1,9 @@
 r"""K-FAC and EKFAC: Kronecker-factored curvature as operators on the flat parameter vector.
 
 Per layer with a Kronecker form (:mod:`.kfac_factors`: ``nn.Linear`` on ``(N, d)`` or
-``(N, ..., d)`` inputs, ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``), the block of
+``(N, ..., d)`` inputs, ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``, the projections of
+``nn.MultiheadAttention`` (:mod:`.kfac_attention`), ``nn.Embedding`` with a diagonal ``A``
+applied as ``V * A``), the block of
 ``[W | b]`` (weight viewed row-major as ``(out, d)``, bias as an extra column) is
 
 .. math::
@@ -57,10 +59,13 @@ class KFAC(LinearOperator):
     the graph engine's steps gives every layer's cotangents (``engine == "sequential"``). Any
     other model whose samples do not interact (attention written with matrix products,
     ``nn.TransformerEncoderLayer``, ...) goes through autograd
-    (:mod:`~secondorder.curvature.kfac_autograd`, ``engine == "autograd"``): Linear and
-    convolution modules called once per forward pass get Kronecker blocks, every other
-    parameter (e.g. ``nn.MultiheadAttention``'s projections, which it reads directly) its exact
-    diagonal.
+    (:mod:`~secondorder.curvature.kfac_autograd`, ``engine == "autograd"``): Linear,
+    convolution and embedding modules called once per forward pass and the projections of
+    ``nn.MultiheadAttention`` (:mod:`~secondorder.curvature.kfac_attention`: the packed
+    ``in_proj_weight`` as one block for self-attention, row blocks where the query or the key
+    differ) get Kronecker blocks, every other parameter its exact diagonal.
+    ``nn.Embedding`` has a diagonal input factor (:mod:`~.kfac_factors`). A parameter used
+    twice (tied weights, a weight also read directly) keeps its exact diagonal.
 
     Args:
         model: Any ``nn.Module`` whose samples do not interact (no BatchNorm with batch
