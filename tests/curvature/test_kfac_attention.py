@@ -390,6 +390,7 @@ def test_recorded_attention_equals_the_module_and_falls_back_on_disagreement(mon
     )
     K = so.KFAC(model, nn.CrossEntropyLoss(), (X, y), fisher="exact")
     assert K.structure["attn.in_proj_weight"] == K.structure["attn.out_proj.weight"] == "diagonal"
+    assert K.structure["inp.weight"] == K.structure["head.weight"] == "kronecker"
     Gd = torch.diagonal(so.GGN(model, nn.CrossEntropyLoss(), (X, y)).to_dense())
     sl = offsets(model)
     span = slice(sl["attn.in_proj_weight"].start, sl["attn.out_proj.bias"].stop)

@@ -15,6 +15,7 @@ projection an ``F.linear`` whose input and output are recorded as a :class:`Piec
   with rows ``[0, E)``, ``[E, 2E)``, ``[2E, 3E)`` of ``in_proj_bias``;
 - ``out_proj``: one piece.
 
+Each call is checked against the module's own forward (without gradients; :attr:`agrees`).
 Each piece is a Linear map on the tokens, ``(N, T, d) -> (N, T, out)`` (``batch_first=False``
 layouts are read as ``(T, N, .)``), so it gets the Kronecker block of a Linear layer on
 sequences (:mod:`.kfac_factors`); the rows of a packed parameter form disjoint blocks. Unbatched
@@ -26,10 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .engines.decompose import decomposition
+from .engines.graph import _agrees
 from .engines.mha import multi_head_attention
 from .model import FunctionalModel
 
@@ -70,11 +73,13 @@ class AttentionRecorder:
     Attributes:
         pieces: The pieces of the last forward pass, in call order.
         modules: ``{module prefix: module}`` of the rerouted modules.
+        agrees: Whether every call reproduced the module's own output (and weights).
     """
 
     def __init__(self, fmodel: FunctionalModel) -> None:
         self.fmodel = fmodel
         self.pieces: list[Piece] = []
+        self.agrees = True
         self.modules: dict[str, nn.MultiheadAttention] = {}
         for prefix, m in fmodel.model.named_modules():
             if not isinstance(m, nn.MultiheadAttention) or decomposition(m) is None:
@@ -86,7 +91,7 @@ class AttentionRecorder:
                 self.modules[prefix] = m
 
     def __enter__(self) -> AttentionRecorder:
-        self.pieces = []
+        self.pieces, self.agrees = [], True
         for prefix, m in self.modules.items():
             m.forward = self._forward(prefix, m)  # type: ignore[method-assign]
         return self
@@ -166,6 +171,22 @@ class AttentionRecorder:
                 average_attn_weights,
             )
             y = linear(out, "out_proj.weight", 0, E, "out_proj.bias", 0, "out_proj")
+            with torch.no_grad():  # the module's own forward: the same function?
+                ref = nn.MultiheadAttention.forward(
+                    m,
+                    query,
+                    key,
+                    value,
+                    key_padding_mask=key_padding_mask,
+                    need_weights=need_weights,
+                    attn_mask=attn_mask,
+                    average_attn_weights=average_attn_weights,
+                    is_causal=is_causal,
+                )
+            same = _agrees(y.detach(), ref[0])
+            if need_weights:
+                same = same and weights is not None and _agrees(weights.detach(), ref[1])
+            self.agrees = self.agrees and same
             return y, (weights if need_weights else None)
 
         return forward

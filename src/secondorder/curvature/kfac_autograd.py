@@ -13,7 +13,8 @@ accumulated identically.
 Such a module must be called once per forward pass. ``nn.MultiheadAttention`` reads its
 projections directly; :class:`~.kfac_attention.AttentionRecorder` evaluates it by its composite
 forward with each projection (a row block of the packed ``in_proj_weight``, ``out_proj``)
-recorded as a Linear map, checked against the model's own output. Inputs are sample-major
+recorded as a Linear map, each call checked against the module's own output (else the
+forward pass is repeated without recording). Inputs are sample-major
 (``(N, ...)``); the Linear layers of a ``batch_first=False`` ``nn.TransformerEncoderLayer`` or
 ``nn.TransformerDecoderLayer`` are read as ``(T, N, d)``; a layer whose sample dimension does
 not have the batch's size gets no Kronecker block.
@@ -43,7 +44,6 @@ from torch import Tensor, nn
 
 from .diagonal_paths import row_factor_diagonal
 from .engines.factors import LayerCotangents
-from .engines.graph import _agrees
 from .kfac_attention import AttentionRecorder
 from .kfac_factors import Factor, output_columns
 from .layers import Rule, rule_for
@@ -201,34 +201,13 @@ def autograd_layers(
     if why is not None:
         raise ValueError(f"K-FAC needs samples that do not interact; here {why}")
     modules = _hooked_modules(fmodel)
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name, *_ in modules}
-    handles = []
-    for name, module, *_ in modules:
-
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
-            if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-                records[name].append((args[0].detach(), out))
-
-        handles.append(module.register_forward_hook(hook))
     recorder = AttentionRecorder(fmodel)
     leaves = fmodel.leaves()
-    try:
-        with torch.enable_grad(), recorder:
-            z = fmodel(leaves, batch.inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(z, Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(z).__name__}")
+    z, records = _forward(fmodel, batch, leaves, modules, recorder)
     pieces = recorder.pieces
-    if pieces:  # the composite attention must reproduce the model's own output
-        with torch.no_grad():
-            ref = fmodel([leaf.detach() for leaf in leaves], batch.inputs)
-        if not _agrees(z.detach(), ref):
-            pieces = []
-            with torch.enable_grad():
-                z = fmodel(leaves, batch.inputs)
-            records = {name: [] for name in records}
+    if not recorder.agrees:  # the composite attention must reproduce the module's output
+        recorder.modules, pieces = {}, []
+        z, records = _forward(fmodel, batch, leaves, modules, recorder)
     twice = [name for name, rec in records.items() if len(rec) > 1]
     names = [p.name for p in pieces]
     twice += [n for n in names if names.count(n) > 1]
@@ -274,6 +253,34 @@ def autograd_layers(
     if diagonals and len(covered) < len(fmodel.params):
         diag, _ = row_factor_diagonal(fmodel, loss_fn, batch, lambda _t: F, None, DiagonalInfo())
     return layers, diag, covered
+
+
+def _forward(
+    fmodel: FunctionalModel,
+    batch: Batch,
+    leaves: list[Tensor],
+    modules: list[tuple[str, nn.Module, Any, dict[str, int], int]],
+    recorder: AttentionRecorder,
+) -> tuple[Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
+    """The output at ``leaves`` with each hooked module's (input, output) recorded."""
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name, *_ in modules}
+    handles = []
+    for name, module, *_ in modules:
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+            if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                records[name].append((args[0].detach(), out))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad(), recorder:
+            z = fmodel(leaves, batch.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(z, Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(z).__name__}")
+    return z, records
 
 
 def _uses(
