@@ -398,10 +398,11 @@ def test_recorded_attention_equals_the_module_and_falls_back_on_disagreement(mon
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
-def test_ekfac_diagonal_in_the_eigenbasis_of_attention_blocks(fisher):
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_ekfac_diagonal_in_the_eigenbasis_of_attention_blocks(kind, fisher):
     """EKFAC's D on every projection block is diag(Q^T B Q) of the exact block B."""
     torch.manual_seed(0)
-    model = AttnNet("cross", False).to(DT)
+    model = AttnNet(kind, False).to(DT)
     X, y = data(3)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
@@ -430,7 +431,25 @@ def test_ekfac_diagonal_in_the_eigenbasis_of_attention_blocks(fisher):
         assert rel_err(D[idx][:, idx], Qf @ torch.diag(ref) @ Qf.T) <= 1e-10
         kb = Kf.blocks[name]
         assert rel_err(kb.G, block.G) <= 1e-12 and rel_err(kb.A, block.A) <= 1e-12
-    assert seen == 3  # q rows, k/v rows, out_proj
+    assert seen == (2 if kind == "self" else 3)  # in_proj (or q rows, k/v rows), out_proj
+
+
+@pytest.mark.parametrize("kind", ["self", "kdim"])
+def test_a_subset_of_the_projections_gives_the_sub_blocks(kind):
+    """Selecting weights without their biases (or one bias): the blocks restricted to them."""
+    torch.manual_seed(0)
+    model = AttnNet(kind, True).to(DT)
+    X, y = data(3)
+    loss_fn = nn.CrossEntropyLoss()
+    full = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    names = ["attn.out_proj.bias", "inp.weight"]
+    names += ["attn.in_proj_weight"] if kind == "self" else ["attn.k_proj_weight"]
+    named = dict(model.named_parameters())
+    sub = so.KFAC(model, loss_fn, (X, y), fisher="exact", params=[named[n] for n in names])
+    assert set(sub.structure.values()) == {"kronecker"}
+    sl = offsets(model)
+    idx = torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in sub.structure])
+    assert rel_err(sub.to_dense(), full.to_dense()[idx][:, idx]) <= 1e-12
 
 
 @pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC])
