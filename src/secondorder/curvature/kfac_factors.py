@@ -76,8 +76,10 @@ __all__ = [
     "OtherBlock",
     "accumulate_corrections",
     "accumulate_factors",
+    "kron_solve",
     "output_columns",
     "row_factor",
+    "times_a",
 ]
 
 FISHERS = ("mc", "exact", "empirical")
