@@ -1,6 +1,6 @@
 r"""so.KFAC / so.EKFAC side by side with curvlinops' KFACLinearOperator / EKFACLinearOperator.
 
-Two tables:
+Three tables:
 
 1. Agreement (float64, small models so that dense matrices fit): relative Frobenius difference
    of the dense matrices, and of the dense damped inverses, for an MLP, a CNN and a small
@@ -23,6 +23,24 @@ reduce factors are singular: the eigenbasis of a repeated (zero) eigenvalue is a
 per-sample cotangents :math:`\sum_t g_t a_t^\top` have components there (the averaged inputs span
 less than the individual positions), so the corrected eigenvalues depend on the basis chosen by
 each library's ``eigh``; every other combination agrees to rounding.
+
+3. A transformer from torch's modules (``nn.Embedding`` with ``padding_idx``,
+   ``nn.MultiheadAttention``, LayerNorm, MLP, head), block by block: curvlinops hooks
+   ``nn.Linear`` / ``nn.Conv2d`` modules only, so it refuses the embedding and ``in_proj_weight``
+   ("un-supported layers") and fails on ``out_proj`` (an ``nn.Linear`` that
+   ``F.multi_head_attention_forward`` reads without calling it: its hook never fires, a
+   ``KeyError``). It runs on the same function written with ``nn.Linear`` modules (a bias-free
+   Linear on one-hot rows for the embedding; q, k, v, o). Agreement (K-FAC, exact and empirical,
+   expand and reduce; EKFAC where the blocks are the same): f1, f2, head, ``out_proj`` vs o, and
+   (expand) the embedding's ``(V, d)`` block vs the one-hot Linear's ``(d, V)`` one, to 1e-15;
+   the packed ``in_proj`` of self-attention is one block ``G (3E x 3E) ⊗ A`` whose q, k, v
+   diagonal sub-blocks equal curvlinops' separate q, k, v blocks (same input, same ``A``), and
+   which in addition holds the q-k-v cross-covariances of the output cotangents (3e-2 – 5e-2 of
+   the block's norm here): a different definition, so EKFAC's eigenbasis (of the joint ``G``)
+   and its corrected eigenvalues differ there. Under ``reduce`` the keys' ``G`` vanishes in both
+   (softmax ignores a shift shared by all keys) and the embedding keeps its exact diagonal in
+   ours (the reduce input factor of one-hot rows is a dense ``V x V`` matrix), not curvlinops'
+   dense reduce block.
 
 Usage::
 
@@ -101,6 +119,157 @@ def small_problems(dtype: torch.dtype) -> dict[str, tuple]:
         torch.randn(64, 5, generator=g, dtype=dtype),
     )
     return problems
+
+
+class TorchLM(nn.Module):
+    """Embedding (padding 0) -> nn.MultiheadAttention (self) + LayerNorm -> MLP -> head."""
+
+    def __init__(self, V: int, d: int, T: int, C: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, d, padding_idx=0)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln = nn.LayerNorm(d)
+        self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d * T, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = self.ln(h + self.attn(h, h, h, need_weights=False)[0])
+        h = h + self.f2(torch.tanh(self.f1(h)))
+        return self.head(h.flatten(1))
+
+
+class LinearLM(nn.Module):
+    """:class:`TorchLM` written with nn.Linear modules only (curvlinops' layers): a bias-free
+    Linear on one-hot rows (zero at padding) for the embedding, q, k, v, o for the attention.
+    """
+
+    def __init__(self, lm: TorchLM) -> None:
+        super().__init__()
+        V, d = lm.emb.weight.shape
+        E = d
+        self.V, self.heads = V, lm.attn.num_heads
+        self.emb = nn.Linear(V, d, bias=False)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln, self.f1, self.f2, self.head = lm.ln, lm.f1, lm.f2, lm.head
+        with torch.no_grad():
+            self.emb.weight.copy_(lm.emb.weight.T)
+            W, b = lm.attn.in_proj_weight, lm.attn.in_proj_bias
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.copy_(W[i * E : (i + 1) * E])
+                lin.bias.copy_(b[i * E : (i + 1) * E])
+            self.o.weight.copy_(lm.attn.out_proj.weight)
+            self.o.bias.copy_(lm.attn.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        N, T, d = h.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(N, T, self.heads, -1).transpose(1, 2)
+
+        a = nn.functional.scaled_dot_product_attention(
+            heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        )
+        h = self.ln(h + self.o(a.transpose(1, 2).reshape(N, T, d)))
+        h = h + self.f2(torch.tanh(self.f1(h)))
+        return self.head(h.flatten(1))
+
+
+def one_hot(x: torch.Tensor, V: int, dtype: torch.dtype) -> torch.Tensor:
+    a = nn.functional.one_hot(x, V).to(dtype)
+    a[x == 0] = 0.0  # padding_idx 0: no gradient, a zero input row
+    return a
+
+
+def torch_transformer_agreement() -> list[list[object]]:
+    """so.KFAC / EKFAC on :class:`TorchLM` against curvlinops on :class:`LinearLM`, by block.
+
+    Rows: each block of ours with its curvlinops counterpart (the packed in-projection's
+    q, k, v diagonal sub-blocks; the embedding's ``(V, d)`` block against the one-hot Linear's
+    ``(d, V)`` block, permuted), and the part of ours curvlinops has no counterpart for.
+    """
+    V, d, T, C, N = 12, 8, 5, 4, 24
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    lm = TorchLM(V, d, T, C).double()
+    lin = LinearLM(lm).double()
+    X = torch.randint(0, V, (N, T), generator=g)
+    X[:4, -1] = 0
+    y = torch.randint(0, C, (N,), generator=g)
+    Xh = one_hot(X, V, torch.float64)
+    assert rel(lin(Xh), lm(X)) < 1e-13  # the same function
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in lm.named_parameters()]
+    sl, k = {}, 0
+    for n, p in lm.named_parameters():
+        sl[n] = torch.arange(k, k + p.numel())
+        k += p.numel()
+    lsl, k = {}, 0
+    lparams = kronecker_params(lin)
+    lnames = {id(p): n for n, p in lin.named_parameters()}
+    for p in lparams:
+        lsl[lnames[id(p)]] = torch.arange(k, k + p.numel())
+        k += p.numel()
+    emb_perm = sl["emb.weight"].view(V, d).T.reshape(-1)  # ours (V, d) read as (d, V)
+    E = d
+
+    def rowblock(i: int) -> torch.Tensor:
+        w = sl["attn.in_proj_weight"].view(3 * E, d)[i * E : (i + 1) * E].reshape(-1)
+        return torch.cat([w, sl["attn.in_proj_bias"][i * E : (i + 1) * E]])
+
+    pairs = {
+        "embedding (V, d) vs one-hot Linear": (emb_perm, lsl["emb.weight"]),
+        "in_proj rows q vs q": (rowblock(0), torch.cat([lsl["q.weight"], lsl["q.bias"]])),
+        "in_proj rows k vs k": (rowblock(1), torch.cat([lsl["k.weight"], lsl["k.bias"]])),
+        "in_proj rows v vs v": (rowblock(2), torch.cat([lsl["v.weight"], lsl["v.bias"]])),
+        "out_proj vs o": (
+            torch.cat([sl["attn.out_proj.weight"], sl["attn.out_proj.bias"]]),
+            torch.cat([lsl["o.weight"], lsl["o.bias"]]),
+        ),
+        "f1, f2, head": (
+            torch.cat([sl[n] for n in names if n.startswith(("f1", "f2", "head"))]),
+            torch.cat([lsl[n] for n in lsl if n.startswith(("f1", "f2", "head"))]),
+        ),
+    }
+    rows = []
+    eye = torch.eye(k, dtype=torch.float64)
+    for cls_name in ("KFAC", "EKFAC"):
+        for fisher in ("exact", "empirical"):
+            for approx in ("expand", "reduce"):
+                K = getattr(so, cls_name)(lm, loss_fn, (X, y), fisher=fisher, approx=approx)
+                P = peer(lin, loss_fn, Xh, y, lparams, cls_name, fisher, approx)
+                ours_d, peer_d = K.to_dense(), P @ eye
+                qkv = torch.cat([sl["attn.in_proj_weight"], sl["attn.in_proj_bias"]])
+                for label, (a, b) in pairs.items():
+                    note = ""
+                    if label.startswith("embedding"):
+                        note = K.structure["emb.weight"]
+                    if label.startswith("in_proj") and cls_name == "EKFAC":
+                        note = "eigenbasis of the 3E x 3E G"
+                    ref = peer_d[b][:, b]
+                    if ref.norm() < 1e-12 * peer_d.norm():
+                        note = "G = 0 (softmax ignores a shift of all keys)"
+                    scale = max(float(ref.norm()), 1e-12 * float(peer_d.norm()))
+                    diff = float((ours_d[a][:, a] - ref).norm()) / scale
+                    rows.append([cls_name, fisher, approx, label, note, f"{diff:.1e}"])
+                block = ours_d[qkv][:, qkv]
+                diag = torch.zeros_like(block)
+                for i in range(3):
+                    r = rowblock(i) - sl["attn.in_proj_weight"][0]
+                    diag[r[:, None], r[None, :]] = block[r[:, None], r[None, :]]
+                rows.append(
+                    [
+                        cls_name,
+                        fisher,
+                        approx,
+                        "in_proj q-k-v cross blocks (ours only)",
+                        "norm ÷ block norm",
+                        f"{(block - diag).norm() / block.norm():.1e}",
+                    ]
+                )
+                print(rows[-1], flush=True)
+    return rows
 
 
 def kronecker_params(model: nn.Module) -> list[torch.Tensor]:
@@ -254,6 +423,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--skip-torch-transformer", action="store_true")
     args = parser.parse_args()
     # idle OpenMP threads sleep instead of spinning (shared machine; see _harness)
     ensure_environment(
@@ -278,6 +448,21 @@ def main() -> None:
             agree,
         )
     )
+    if not args.skip_torch_transformer:
+        print()
+        print(
+            markdown_table(
+                [
+                    "operator",
+                    "fisher",
+                    "approx",
+                    "block",
+                    "note",
+                    "rel diff (÷ max(block, 1e-12 K))",
+                ],
+                torch_transformer_agreement(),
+            )
+        )
     if not args.skip_timings:
         rows = timings(args.repeats)
         print()

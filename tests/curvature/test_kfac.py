@@ -546,8 +546,9 @@ def test_transformers_through_the_autograd_engine(model_name):
     G1 = so.GGN(model, loss_fn, (X[:1], y[:1])).to_dense()
     assert rel_err(K1[idx][:, idx], G1[idx][:, idx]) <= 1e-10
     assert set(K.structure.values()) == {"kronecker", "diagonal"}
-    if model_name == "encoder":  # projections inside nn.MultiheadAttention are read directly
-        assert K.structure["1.self_attn.in_proj_weight"] == "diagonal"
+    if model_name == "encoder":  # the attention's projections: Kronecker blocks (recorded)
+        assert K.structure["1.self_attn.in_proj_weight"] == "kronecker"
+        assert K.structure["1.self_attn.out_proj.weight"] == "kronecker"
         assert K.structure["1.linear1.weight"] == "kronecker"
     v = torch.randn(K.shape[0], dtype=DT)
     assert rel_err(K.inverse(1e-2) @ (K @ v + 1e-2 * v), v) <= 1e-10

@@ -78,3 +78,48 @@ def kfac_optimizer_job(rank, world_size):
         return shard(X, rank, world_size), shard(y, rank, world_size)
 
     return kfac_optimizer_run(data_of, dist.group.WORLD)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding (padding 0) -> encoder layer -> head: attention and 1-D K-FAC factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(13, 4, padding_idx=0)
+        self.enc = torch.nn.TransformerEncoderLayer(4, 2, 6, 0.0, batch_first=True)
+        self.head = torch.nn.Linear(4, 13)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x))).transpose(1, 2)  # (N, V, T)
+
+
+def lm_problem():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 13, (8, 3), generator=g)
+    X[1, 2] = 0
+    return model, torch.nn.CrossEntropyLoss(), X, torch.randint(0, 13, (8, 3), generator=g)
+
+
+def lm_kfac(data_of, pg=None):
+    """{class: dense K-FAC / EKFAC} of the tiny LM, and three optimizer steps' parameters."""
+    model, loss_fn, X, y = lm_problem()
+    out = {
+        cls: getattr(so, cls)(
+            model, loss_fn, data_of(X, y), fisher="exact", process_group=pg
+        ).to_dense()
+        for cls in ("KFAC", "EKFAC")
+    }
+    opt = so.KFACOptimizer(model, loss_fn, fisher="exact", damping_every=2, process_group=pg)
+    for _ in range(3):
+        opt.step(*data_of(X, y))
+    out["theta"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return out
+
+
+def lm_kfac_job(rank, world_size):
+    def data_of(X, y):
+        return shard(X, rank, world_size), shard(y, rank, world_size)
+
+    return lm_kfac(data_of, dist.group.WORLD)

@@ -48,3 +48,13 @@ def test_sharded_kfac_optimizer_equals_single_process():
     for t, g in results:
         assert rel(t, theta) <= 1e-12 and rel(g, grad) <= 1e-12
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_sharded_attention_and_embedding_kfac_equal_single_process():
+    """Kronecker blocks of attention projections and a 1-D embedding factor, all-reduced."""
+    results = ok(run_world(kfac_jobs.lm_kfac_job, 2))
+    full = kfac_jobs.lm_kfac(lambda X, y: (X, y))
+    for key, ref in full.items():
+        for r in results:
+            assert rel(r[key], ref) <= 1e-12, key
+        assert torch.equal(results[0][key], results[1][key])

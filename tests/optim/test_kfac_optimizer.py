@@ -499,3 +499,73 @@ def test_a_new_layout_is_decomposed_before_use():
     opt.step(X, y)
     assert opt.diagnostics["accepted"] and opt.diagnostics["inverted"]
     assert not opt._running.blocks and opt._running.other
+
+
+class TinyTransformer(nn.Module):
+    """Embedding (padding 0) -> encoder layer -> cross-attention on its input -> head."""
+
+    def __init__(self, vocab: int = 11, d: int = 4, seq: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(d, 2, 6, 0.0, batch_first=True)
+        self.cross = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(seq * d, 3)
+
+    def forward(self, x):
+        e = self.emb(x)
+        h = self.enc(e)
+        h = h + self.cross(h, e, e, need_weights=False)[0]
+        return self.head(h.flatten(1))
+
+
+def transformer_problem(n=6, seed=0):
+    torch.manual_seed(seed)
+    model = TinyTransformer().to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randint(0, 11, (n, 3), generator=g)
+    X[0, 1] = 0
+    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_transformer_step_is_the_kfac_operators_damped_inverse_of_the_gradient(fisher):
+    """Attention projections and the embedding as Kronecker blocks (1-D input factor)."""
+    model, loss_fn, X, y = transformer_problem()
+    lam = 0.05
+    for _ in range(2):
+        before = flat(model)
+        K = so.KFAC(model, loss_fn, (X, y), fisher=fisher)
+        for name in ("emb.weight", "enc.self_attn.in_proj_weight", "cross.in_proj_weight"):
+            assert K.structure[name] == "kronecker"
+        assert any(b.A.ndim == 1 for b in K.blocks.values())
+        expected = before - 0.7 * (K.inverse(lam) @ ref_grad(model, loss_fn, X, y))
+        opt = so.KFACOptimizer(model, loss_fn, lr=0.7, damping=lam, fisher=fisher, **PLAIN)
+        opt.step(X, y)
+        torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_transformer_resume_with_a_diagonal_factor_is_bit_for_bit():
+    model, loss_fn, X, y = transformer_problem(n=12)
+
+    def make(m):
+        return so.KFACOptimizer(m, loss_fn, momentum=0.9, inverse_every=2, factor_decay=0.9)
+
+    opt = make(model)
+    batches = [(X[i : i + 3], y[i : i + 3]) for i in range(0, 12, 3)] * 2
+    for xb, yb in batches[:3]:
+        opt.step(xb, yb)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    assert any(b["A"].ndim == 1 for b in opt.state_dict()["kfac"]["blocks"].values())
+    for xb, yb in batches[3:]:
+        opt.step(xb, yb)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = transformer_problem(n=12, seed=5)[0]
+    model2.load_state_dict(saved["model"])
+    opt2 = make(model2)
+    opt2.load_state_dict(saved["opt"])
+    for xb, yb in batches[3:]:
+        opt2.step(xb, yb)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

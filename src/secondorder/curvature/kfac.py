@@ -1,7 +1,9 @@
 r"""K-FAC and EKFAC: Kronecker-factored curvature as operators on the flat parameter vector.
 
 Per layer with a Kronecker form (:mod:`.kfac_factors`: ``nn.Linear`` on ``(N, d)`` or
-``(N, ..., d)`` inputs, ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``), the block of
+``(N, ..., d)`` inputs, ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``, the projections of
+``nn.MultiheadAttention`` (:mod:`.kfac_attention`), ``nn.Embedding`` with a diagonal ``A``
+applied as ``V * A``), the block of
 ``[W | b]`` (weight viewed row-major as ``(out, d)``, bias as an extra column) is
 
 .. math::
@@ -37,7 +39,9 @@ from .kfac_factors import (
     OtherBlock,
     accumulate_corrections,
     accumulate_factors,
+    kron_solve,
     row_factor,
+    times_a,
 )
 from .losses import LossTerms
 from .model import FunctionalModel, as_batches
@@ -56,10 +60,13 @@ class KFAC(LinearOperator):
     the graph engine's steps gives every layer's cotangents (``engine == "sequential"``). Any
     other model whose samples do not interact (attention written with matrix products,
     ``nn.TransformerEncoderLayer``, ...) goes through autograd
-    (:mod:`~secondorder.curvature.kfac_autograd`, ``engine == "autograd"``): Linear and
-    convolution modules called once per forward pass get Kronecker blocks, every other
-    parameter (e.g. ``nn.MultiheadAttention``'s projections, which it reads directly) its exact
-    diagonal.
+    (:mod:`~secondorder.curvature.kfac_autograd`, ``engine == "autograd"``): Linear,
+    convolution and embedding modules called once per forward pass and the projections of
+    ``nn.MultiheadAttention`` (:mod:`~secondorder.curvature.kfac_attention`: the packed
+    ``in_proj_weight`` as one block for self-attention, row blocks where the query or the key
+    differ) get Kronecker blocks, every other parameter its exact diagonal.
+    ``nn.Embedding`` has a diagonal input factor (:mod:`~.kfac_factors`). A parameter used
+    twice (tied weights, a weight also read directly) keeps its exact diagonal.
 
     Args:
         model: Any ``nn.Module`` whose samples do not interact (no BatchNorm with batch
@@ -230,29 +237,45 @@ class KFAC(LinearOperator):
     def _slice(self, i: int) -> slice:
         return slice(self._offsets[i], self._offsets[i + 1])
 
+    def _rows(self, block: KronBlock) -> tuple[slice | None, slice | None]:
+        """The flat ranges of the block's weight rows and bias entries (None: not selected)."""
+        w = b = None
+        if block.weight is not None:
+            start = self._offsets[block.weight] + block.wrow * block.d
+            w = slice(start, start + block.out * block.d)
+        if block.bias is not None:
+            start = self._offsets[block.bias] + block.brow
+            b = slice(start, start + block.out)
+        return w, b
+
     def _gather(self, X: Tensor, block: KronBlock) -> Tensor:
         """The columns of ``X`` (``(n, k)``) on the block as ``(k, out, d~)``."""
         parts = []
         k = X.shape[1]
-        if block.weight is not None:
-            parts.append(X[self._slice(block.weight)].T.reshape(k, block.out, block.d))
-        if block.bias is not None:
-            parts.append(X[self._slice(block.bias)].T.reshape(k, block.out, 1))
+        w, b = self._rows(block)
+        if w is not None:
+            if block.transposed:  # stored (d, out)
+                parts.append(X[w].T.reshape(k, block.d, block.out).transpose(1, 2))
+            else:
+                parts.append(X[w].T.reshape(k, block.out, block.d))
+        if b is not None:
+            parts.append(X[b].T.reshape(k, block.out, 1))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _scatter(self, Y: Tensor, block: KronBlock, V: Tensor) -> None:
         k = V.shape[0]
-        if block.weight is not None:
-            Y[self._slice(block.weight)] = V[..., : block.d].reshape(k, -1).T
-        if block.bias is not None:
-            Y[self._slice(block.bias)] = V[..., -1].T
+        w, b = self._rows(block)
+        if w is not None:
+            Vw = V[..., : block.d]
+            Y[w] = (Vw.transpose(1, 2) if block.transposed else Vw).reshape(k, -1).T
+        if b is not None:
+            Y[b] = V[..., -1].T
 
     def _apply_block(self, block: KronBlock, V: Tensor, damping: float | None) -> Tensor:
         """``(G ⊗ A) V`` (``damping`` None) or ``(G ⊗ A + damping I)^{-1} V``."""
         if damping is None:
-            return block.G @ V @ block.A
-        lg, qg, la, qa = block.eigh()
-        return qg @ ((qg.T @ V @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+            return times_a(block.G @ V, block.A)
+        return kron_solve(V, block.eigh(), damping)
 
     def _apply(self, X: Tensor, damping: float | None) -> Tensor:
         Xf = X.to(self.factor_dtype)
@@ -311,7 +334,7 @@ class EKFAC(KFAC):
         _, qg, _, qa = block.eigh()
         assert block.D is not None
         D = block.D if damping is None else 1.0 / (block.D.clamp_min(0) + damping)
-        return qg @ ((qg.T @ V @ qa) * D) @ qa.T
+        return qg @ times_a(times_a(qg.T @ V, qa) * D, qa, transpose=True)
 
 
 class KroneckerInverse(LinearOperator):

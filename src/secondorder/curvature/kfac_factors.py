@@ -33,6 +33,20 @@ with :math:`\bar a_n = \frac1T \sum_t \tilde a_{nt}`, :math:`\hat g_{kn} = \sum_
 replaces the eigenvalues by :math:`D = \sum_{k,n} (Q_G^\top \Gamma_{kn} Q_A)^{\odot 2}` with
 the per-sample cotangents :math:`\Gamma_{kn} = \sum_t g_{knt} \tilde a_{nt}^\top`.
 
+**One-hot inputs** (:meth:`~.layers.Rule.kronecker_indices`, ``nn.Embedding``: the weight
+``(V, out)`` maps the one-hot rows :math:`e_{x_{nt}}`, zero at ``padding_idx``): the same
+definitions with :math:`a_{nt} = e_{x_{nt}}` make the expand factor diagonal,
+:math:`A = \operatorname{diag}(c) / (N_{\mathrm{tot}} T)` with :math:`c_v` the number of
+positions holding class :math:`v` (padding excluded), kept as the vector ``(V,)``; the weight's
+block (row-major ``(V, out)``) is :math:`A \otimes G`, applied as :math:`G V A` to its transpose
+``(out, V)``. EKFAC's :math:`Q_A` is the identity. Under ``"reduce"`` with shared positions
+(``T > 1``) the averaged one-hot rows make :math:`A` a dense ``V x V`` matrix: such a layer gets
+its exact diagonal instead.
+
+**Row blocks.** A parameter may hold several Kronecker blocks in disjoint row ranges (the packed
+``in_proj_weight`` of ``nn.MultiheadAttention`` with different query and key/value inputs):
+:attr:`KronBlock.wrow` and :attr:`KronBlock.brow` place a block's rows in its weight and bias.
+
 Every other selected parameter (in a layer with per-sample rules but no Kronecker form, e.g.
 LayerNorm) gets its exact block :math:`\sum_{k,n} \gamma_{kn} \gamma_{kn}^\top` of the same
 matrix (:math:`\gamma_{kn}` its per-sample cotangents): dense up to :data:`DENSE_MAX` entries,
@@ -62,8 +76,10 @@ __all__ = [
     "OtherBlock",
     "accumulate_corrections",
     "accumulate_factors",
+    "kron_solve",
     "output_columns",
     "row_factor",
+    "times_a",
 ]
 
 FISHERS = ("mc", "exact", "empirical")
@@ -86,9 +102,13 @@ class KronBlock:
         bias: Index of its bias, or None.
         out: Output features (rows of the weight viewed as ``(out, d)``).
         d: Input features ``d`` (columns of the weight; 0 without a selected weight).
-        A: Input factor ``(d~, d~)`` with ``d~ = d + [bias]`` (a sum until finished).
+        A: Input factor ``(d~, d~)`` with ``d~ = d + [bias]`` (a sum until finished), or its
+            diagonal ``(d,)`` for one-hot inputs (no bias).
         G: Output factor ``(out, out)``.
         D: EKFAC's eigenvalues ``(out, d~)`` in the basis of ``G`` and ``A`` (or None).
+        wrow: First row of the block in its weight (a row block of a packed weight).
+        brow: First entry of the block in its bias.
+        transposed: The weight is stored as ``(d, out)`` (``nn.Embedding``'s ``(V, out)``).
     """
 
     node: str
@@ -99,7 +119,10 @@ class KronBlock:
     A: Tensor
     G: Tensor
     D: Tensor | None = None
-    eig: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    wrow: int = 0
+    brow: int = 0
+    transposed: bool = False
+    eig: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     def augment(self, a: Tensor) -> Tensor:
         """Inputs ``(N, T, d)`` -> ``(N, T, d~)`` (a column of ones for the bias)."""
@@ -109,13 +132,44 @@ class KronBlock:
             return a
         return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
-    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(eigenvalues of G, Q_G, eigenvalues of A, Q_A)``, eigenvalues clamped at 0."""
+    def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(eigenvalues of G, Q_G, eigenvalues of A, Q_A)``, eigenvalues clamped at 0.
+
+        ``Q_A`` is None (the identity) where ``A`` is diagonal (1-D).
+        """
         if self.eig is None:
             lg, qg = torch.linalg.eigh(self.G)
-            la, qa = torch.linalg.eigh(self.A)
-            self.eig = (lg.clamp_min(0), qg, la.clamp_min(0), qa)
+            if self.A.ndim == 1:
+                self.eig = (lg.clamp_min(0), qg, self.A.clamp_min(0), None)
+            else:
+                la, qa = torch.linalg.eigh(self.A)
+                self.eig = (lg.clamp_min(0), qg, la.clamp_min(0), qa)
         return self.eig
+
+
+def times_a(V: Tensor, A: Tensor | None, transpose: bool = False) -> Tensor:
+    """``V @ A`` (``V @ A.T`` if ``transpose``) for a 2-D ``A``, ``V * A`` for a 1-D one.
+
+    ``A`` None is the identity (``Q_A`` of a diagonal factor): ``V`` itself.
+    """
+    if A is None:
+        return V
+    if A.ndim == 1:
+        return V * A
+    return V @ (A.T if transpose else A)
+
+
+def kron_solve(
+    V: Tensor, eig: tuple[Tensor, Tensor, Tensor, Tensor | None], damping: float
+) -> Tensor:
+    r""":math:`(G \otimes A + \lambda I)^{-1}` on ``V`` ``(..., out, d~)``.
+
+    From ``eig`` (:meth:`KronBlock.eigh`): :math:`Q_G [(Q_G^\top V Q_A) \oslash
+    (\lambda_G \lambda_A^\top + \lambda)] Q_A^\top`.
+    """
+    lg, qg, la, qa = eig
+    rot = times_a(qg.T @ V, qa)
+    return qg @ times_a(rot / (lg[:, None] * la[None, :] + damping), qa, transpose=True)
 
 
 @dataclass
@@ -226,15 +280,49 @@ def _layer_passes(
                 yield c == 0, layer
 
 
-def _kron_form(layer: LayerCotangents, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """``(a, g)`` of the layer in ``dtype``, or None without a Kronecker form."""
+def _kron_form(
+    layer: LayerCotangents, dtype: torch.dtype, approx: str
+) -> tuple[Tensor, Tensor, int | None] | None:
+    """``(a, g, None)`` of the layer in ``dtype``, or ``(index, g, num)`` for one-hot inputs.
+
+    None without a Kronecker form (and for one-hot inputs under ``"reduce"`` with ``T > 1``).
+    """
     if not set(layer.params) <= {"weight", "bias"}:
         return None
     form = layer.rule.kronecker_shared(layer.module, layer.ctx, layer.u)
-    if form is None:
+    if form is not None:
+        a, g = form
+        return a.detach().to(dtype), g.detach().to(dtype), None
+    onehot = layer.rule.kronecker_indices(layer.module, layer.ctx, layer.u)
+    if onehot is None or set(layer.params) != {"weight"}:
         return None
-    a, g = form
-    return a.detach().to(dtype), g.detach().to(dtype)
+    index, num, g = onehot
+    if approx == "reduce" and index.shape[1] > 1:  # A would be dense V x V
+        return None
+    return index, g.detach().to(dtype), num
+
+
+def _new_block(layer: LayerCotangents, a: Tensor, g: Tensor, num: int | None) -> KronBlock:
+    """An empty block for the layer's first form (``a``: inputs, or indices if ``num``)."""
+    w, bias = layer.params.get("weight"), layer.params.get("bias")
+    rows = getattr(layer, "rows", {})  # a row block of a packed parameter
+    out = g.shape[-1]
+    if num is not None:
+        A = g.new_zeros(num)
+        return KronBlock(layer.name, w, None, out, num, A, g.new_zeros(out, out), transposed=True)
+    d = a.shape[-1] if w is not None else 0
+    dt = d + (bias is not None)
+    return KronBlock(
+        layer.name,
+        w,
+        bias,
+        out,
+        d,
+        a.new_zeros(dt, dt),
+        a.new_zeros(out, out),
+        wrow=rows.get("weight", 0),
+        brow=rows.get("bias", 0),
+    )
 
 
 def accumulate_factors(
@@ -272,20 +360,16 @@ def accumulate_factors(
                     else:
                         other[i] = OtherBlock(i, "diagonal", part.clone())
             continue
-        form = _kron_form(layer, dtype)
+        form = _kron_form(layer, dtype, approx)
         if form is not None:
-            a, g = form
+            a, g, num = form
             block = kron.get(layer.name)
             if block is None:
-                w, bias = layer.params.get("weight"), layer.params.get("bias")
-                out = g.shape[-1]
-                d = a.shape[-1] if w is not None else 0
-                dt = d + (bias is not None)
-                block = KronBlock(
-                    layer.name, w, bias, out, d, a.new_zeros(dt, dt), a.new_zeros(out, out)
-                )
-                kron[layer.name] = block
-            if first:  # the inputs are the same for every column chunk
+                block = kron[layer.name] = _new_block(layer, a, g, num)
+            if first and num is not None:  # one-hot rows: diagonal counts (padding: -1)
+                hit = a[a >= 0]
+                block.A.add_(torch.bincount(hit, minlength=num).to(dtype), alpha=1.0 / a.shape[1])
+            elif first:  # the inputs are the same for every column chunk
                 at = block.augment(a)
                 if approx == "expand":
                     flat = at.reshape(-1, at.shape[-1])
@@ -318,6 +402,13 @@ def accumulate_factors(
                 other[i].value.add_(part)
             else:
                 other[i] = OtherBlock(i, kind, part.detach().clone())
+    both = {i for b in kron.values() for i in (b.weight, b.bias) if i is not None} & set(other)
+    if both:
+        raise ValueError(
+            f"K-FAC: parameter {fmodel.names[min(both)]} has a Kronecker form in some batches "
+            "and none in others (one-hot inputs under approx='reduce' with and without shared "
+            "positions); use approx='expand' or batches of one input shape"
+        )
     return kron, other
 
 
@@ -339,17 +430,35 @@ def accumulate_corrections(
         block = kron.get(layer.name)
         if block is None:
             continue
-        form = _kron_form(layer, dtype)
+        form = _kron_form(layer, dtype, "expand")
         assert form is not None
-        a, g = form
+        a, g, num = form
         _, qg, _, qa = block.eigh()
-        ar = block.augment(a) @ qa  # (N, T, d~)
         gr = g @ qg  # (K, N, T, out)
         total = found.get(layer.name)
         if total is None:
-            total = found[layer.name] = ar.new_zeros(gr.shape[-1], ar.shape[-1])
-        _add_rotated_squares(total, gr, ar)
+            total = found[layer.name] = gr.new_zeros(block.G.shape[0], block.A.shape[0])
+        if num is not None:  # Q_A = I
+            _add_onehot_squares(total, gr, a, num)
+        else:
+            _add_rotated_squares(total, gr, times_a(block.augment(a), qa))  # (N, T, d~)
     return found
+
+
+def _add_onehot_squares(total: Tensor, gr: Tensor, index: Tensor, num: int) -> None:
+    r"""``total += sum_{k,n} (sum_t gr_knt e_{x_nt}^T)^2`` (``total`` ``(out, num)``).
+
+    Sample :math:`n`'s column :math:`v` is the sum of its rows at the positions holding
+    :math:`v`: one row per distinct ``(n, v)`` pair, never ``(N, num, out)``.
+    """
+    K, N, _, out = gr.shape
+    n = torch.arange(N, device=index.device).unsqueeze(1)
+    rows = (n * num + index).reshape(-1)
+    keep = index.reshape(-1) >= 0
+    pairs, inverse = torch.unique(rows[keep], return_inverse=True)
+    acc = gr.new_zeros(K, pairs.numel(), out)
+    acc.index_add_(1, inverse, gr.reshape(K, -1, out)[:, keep])
+    total.T.index_add_(0, pairs % num, acc.square().sum(0))
 
 
 def _add_rotated_squares(total: Tensor, gr: Tensor, ar: Tensor) -> None:

@@ -18,7 +18,10 @@ which :meth:`RunningKFAC.solve` uses until the next decomposition:
     = \operatorname{vec}\big(Q_G \big[(Q_G^\top V Q_A) \oslash
     (\lambda_G \lambda_A^\top + \lambda)\big] Q_A^\top\big)
 
-for the block ``V`` (``(out, d~)``: weight row-major then the bias column) of each layer.
+for the block ``V`` (``(out, d~)``: weight row-major then the bias column) of each layer. A
+diagonal (1-D) ``A`` (one-hot inputs, ``nn.Embedding``) has :math:`Q_A = I`; a block may sit in
+rows of a packed parameter (``"wrow"``, ``"brow"``) or in a weight stored ``(d, out)``
+(``"transposed"``), as :class:`~secondorder.curvature.kfac_factors.KronBlock`.
 
 :func:`batch_statistics_as_constants` lets K-FAC see a model with BatchNorm in training mode:
 the batch's statistics (biased variance, as the forward pass normalises by) become running
@@ -36,9 +39,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.kfac_factors import kron_solve, times_a
 from ..curvature.random_state import replay
 
 __all__ = ["RunningKFAC", "batch_statistics_as_constants"]
+
+
+def _place(b: dict[str, Any]) -> tuple[int, int, bool]:
+    """``(wrow, brow, transposed)`` of a running block (states saved without them: defaults)."""
+    return int(b.get("wrow", 0)), int(b.get("brow", 0)), bool(b.get("transposed", False))
 
 
 class RunningKFAC:
@@ -77,6 +86,9 @@ class RunningKFAC:
                 "bias": -1 if b.bias is None else b.bias,
                 "out": b.out,
                 "d": b.d,
+                "wrow": b.wrow,
+                "brow": b.brow,
+                "transposed": b.transposed,
                 "A": b.A.to(self.dtype),
                 "G": b.G.to(self.dtype),
             }
@@ -103,13 +115,19 @@ class RunningKFAC:
 
     @staticmethod
     def _layout(blocks: dict[str, Any], other: dict[int, Any]) -> Any:
-        kron = sorted((n, b["weight"], b["bias"], b["out"], b["d"]) for n, b in blocks.items())
+        kron = sorted(
+            (n, b["weight"], b["bias"], b["out"], b["d"], *_place(b), b["A"].ndim)
+            for n, b in blocks.items()
+        )
         return kron, sorted((i, o["kind"], tuple(o["value"].shape)) for i, o in other.items())
 
     def decompose(self) -> None:
         """Eigendecompose every running factor (eigenvalues clamped at 0)."""
         for b in self.blocks.values():
             lg, qg = torch.linalg.eigh(b["G"])
+            if b["A"].ndim == 1:  # diagonal A: Q_A = I
+                b["eig"] = [lg.clamp_min(0), qg, b["A"].clamp_min(0), None]
+                continue
             la, qa = torch.linalg.eigh(b["A"])
             b["eig"] = [lg.clamp_min(0), qg, la.clamp_min(0), qa]
         for o in self.other.values():
@@ -120,23 +138,37 @@ class RunningKFAC:
                 o["eig"] = [o["value"].clamp_min(0)]
 
     # ------------------------------------------------------------- products
+    def _ranges(self, b: dict[str, Any]) -> tuple[slice | None, slice | None]:
+        """The flat ranges of the block's weight rows and bias entries."""
+        wrow, brow, _ = _place(b)
+        w = bias = None
+        if b["weight"] >= 0:
+            start = self.offsets[b["weight"]] + wrow * b["d"]
+            w = slice(start, start + b["out"] * b["d"])
+        if b["bias"] >= 0:
+            start = self.offsets[b["bias"]] + brow
+            bias = slice(start, start + b["out"])
+        return w, bias
+
     def _gather(self, x: Tensor, b: dict[str, Any]) -> Tensor:
         parts = []
-        if b["weight"] >= 0:
-            i = b["weight"]
-            parts.append(x[self.offsets[i] : self.offsets[i + 1]].reshape(b["out"], b["d"]))
-        if b["bias"] >= 0:
-            i = b["bias"]
-            parts.append(x[self.offsets[i] : self.offsets[i + 1]].reshape(b["out"], 1))
+        w, bias = self._ranges(b)
+        if w is not None:
+            if _place(b)[2]:  # stored (d, out)
+                parts.append(x[w].reshape(b["d"], b["out"]).T)
+            else:
+                parts.append(x[w].reshape(b["out"], b["d"]))
+        if bias is not None:
+            parts.append(x[bias].reshape(b["out"], 1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _scatter(self, y: Tensor, b: dict[str, Any], v: Tensor) -> None:
-        if b["weight"] >= 0:
-            i = b["weight"]
-            y[self.offsets[i] : self.offsets[i + 1]] = v[:, : b["d"]].reshape(-1)
-        if b["bias"] >= 0:
-            i = b["bias"]
-            y[self.offsets[i] : self.offsets[i + 1]] = v[:, -1]
+        w, bias = self._ranges(b)
+        if w is not None:
+            vw = v[:, : b["d"]]
+            y[w] = (vw.T if _place(b)[2] else vw).reshape(-1)
+        if bias is not None:
+            y[bias] = v[:, -1]
 
     def apply(self, x: Tensor, damping: float | None) -> Tensor:
         r"""``(K + damping I)^{-1} x`` from the last decomposition, or ``K x`` (damping None).
@@ -149,10 +181,9 @@ class RunningKFAC:
         for b in self.blocks.values():
             v = self._gather(xf, b)
             if damping is None:
-                out = b["G"] @ v @ b["A"]
+                out = times_a(b["G"] @ v, b["A"])
             else:
-                lg, qg, la, qa = b["eig"]
-                out = qg @ ((qg.T @ v @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+                out = kron_solve(v, b["eig"], damping)
             self._scatter(y, b, out)
         for i, o in self.other.items():
             sl = slice(self.offsets[i], self.offsets[i + 1])

@@ -141,6 +141,16 @@ def test_per_sample_hooks_match_vmap_of_grad(example):
             torch.testing.assert_close(
                 g.sum(2).transpose(0, 1), ref["bias"], rtol=1e-10, atol=1e-12
             )
+    onehot = rule.kronecker_indices(module, ctx, U)  # K-FAC: weight (num, out) sum_t e_x g_t^T
+    if example.name.startswith("embedding"):
+        assert onehot is not None and shared is None
+    if onehot is not None:
+        index, num, g = onehot
+        assert set(params) == {"weight"} and index.ndim == 2 and g.shape[1:3] == index.shape
+        a = torch.zeros(*index.shape, num + 1, dtype=DT)  # class num: the zero rows (-1)
+        a.scatter_(-1, index.where(index >= 0, num).unsqueeze(-1), 1.0)
+        w = torch.einsum("ntv,knto->nkvo", a[..., :num], g)
+        torch.testing.assert_close(w, ref["weight"], rtol=1e-10, atol=1e-12)
 
 
 def test_chunked_squares_equal_the_whole(monkeypatch):

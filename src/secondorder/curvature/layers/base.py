@@ -104,6 +104,19 @@ class Rule:
         x = self.kronecker(module, ctx)
         return None if x is None else (x.unsqueeze(1), u.unsqueeze(2))
 
+    def kronecker_indices(
+        self, module: nn.Module, ctx: Context, u: Tensor
+    ) -> tuple[Tensor, int, Tensor] | None:
+        r"""One-hot inputs of a shared weight stored transposed, ``(index, num, g)``, or None.
+
+        ``index`` ``(N, T)`` holds each position's class in ``range(num)`` (``-1``: a zero
+        input row, e.g. ``padding_idx``), ``g`` ``(K, N, T, out)`` the output cotangents; the
+        weight has shape ``(num, out)`` and sample :math:`n`'s weight cotangent is
+        :math:`\sum_t e_{x_{nt}} g_{knt}^\top` (an ``nn.Embedding``: a Linear map of the
+        one-hot rows without bias, its input factor diagonal). Default: None.
+        """
+        return None
+
     def per_sample_param_vjp(
         self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
     ) -> dict[str, Tensor] | None:

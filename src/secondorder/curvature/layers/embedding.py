@@ -17,8 +17,10 @@ the transposed Jacobian).
 
 Per-sample hooks (inputs ``(N, ...)``): sample :math:`n`'s weight cotangent scatters its own
 rows, :math:`G_{n,v} = \sum_{t:\, x_{nt} = v} u_{nt}`; its squares are summed without forming
-``(N, V, D)`` (one row per distinct ``(n, v)`` pair). The input factor of a Kronecker form would
-be the one-hot counts (diagonal, ``V`` wide); :meth:`~.base.Rule.kronecker` is not provided.
+``(N, V, D)`` (one row per distinct ``(n, v)`` pair). K-FAC's form
+(:meth:`~.base.Rule.kronecker_indices`): the map is :math:`y_{nt} = W^\top e_{x_{nt}}`, a
+bias-free Linear map of the one-hot rows (zero rows at ``padding_idx``), so the input factor is
+diagonal (token counts) and never formed as ``V x V``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ class EmbeddingRule(Rule):
 
     def rowwise(self, module: nn.Module, ctx: Context) -> bool:  # noqa: D102
         return bool(ctx["idx"].ndim >= 1)
+
+    def kronecker_indices(  # noqa: D102
+        self, module: nn.Module, ctx: Context, u: Tensor
+    ) -> tuple[Tensor, int, Tensor] | None:
+        idx: Tensor = ctx["idx"]
+        if idx.ndim < 1:
+            return None
+        N, pad = idx.shape[0], ctx["pad"]
+        index = idx.reshape(N, -1)
+        if pad is not None:
+            index = index.masked_fill(index == pad, -1)
+        return index, int(ctx["num"]), u.reshape(u.shape[0], N, -1, u.shape[-1])
 
     def per_sample_param_vjp(  # noqa: D102
         self, module: nn.Module, ctx: Context, u: Tensor, names: Sequence[str]
