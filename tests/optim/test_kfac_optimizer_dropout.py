@@ -25,7 +25,7 @@ import secondorder as so
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "curvature"))
 from test_dropout_products import DropNet
-from test_kfac_dropout import LOSSES, MODELS, SEED, pair, targets
+from test_kfac_dropout import LOSSES, MODELS, SEED, pair, targets, without_dropout
 
 from secondorder.curvature.layers import reshape as reshape_rules
 
@@ -162,10 +162,9 @@ def test_loss_gradient_factor_and_trial_passes_draw_one_mask(monkeypatch, engine
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_eval_mode_is_the_network_without_dropout(name):
     model, _, X = pair(name)
-    build, shape, masks = MODELS[name]
-    plain = build([torch.ones_like(m) for m in masks(shape[0])]).to(DT)
-    plain.load_state_dict(model.state_dict())
+    plain = without_dropout(name, model)
     model.eval()
+    plain.eval()
     loss_fn = nn.MSELoss()
     y = targets("mse", plain(X))
     opt = so.KFACOptimizer(model, loss_fn, lr=0.5, damping=0.05, fisher="exact", **PLAIN)
