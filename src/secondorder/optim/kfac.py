@@ -39,7 +39,7 @@ from ..curvature.model import Batch
 from ..curvature.weighting import batch_weights
 from .adaptive import Trial, adaptive_direction
 from .base import CurvatureOptimizer, check_positive
-from .kfac_state import RunningKFAC, batch_statistics_as_constants
+from .kfac_state import INVERSES, RunningKFAC, batch_statistics_as_constants
 
 __all__ = ["KFACOptimizer"]
 
@@ -81,6 +81,13 @@ class KFACOptimizer(CurvatureOptimizer):
         weight_decay: Decoupled weight decay (default 0).
         max_grad_norm: Clip each group's gradient before preconditioning (default None).
         momentum: Heavy-ball momentum on the step (default 0).
+        inverse: ``"eigen"`` (the exact damped inverse through eigendecompositions, module
+            docstring) or ``"cholesky"`` (factored Tikhonov damping,
+            :math:`(G + \tfrac{\sqrt\lambda}{\pi} I)^{-1} V (A + \pi\sqrt\lambda I)^{-1}`
+            with explicit inverses from Cholesky factorisations: cheaper to form and two
+            matrix products per layer and step instead of four; formed again when the
+            damping changes). A failed factorisation falls back to that block's
+            eigendecomposition, named in ``diagnostics["inverse_fallbacks"]``.
 
     Tuning: the defaults (``lr=0.3``, ``damping=1e-2``, ``kl_clip=1e-2``) were chosen on seed
     002's MLP and the ResNet with BatchNorm of ``benchmarks/training.py`` (batches of 128 and
@@ -119,8 +126,10 @@ class KFACOptimizer(CurvatureOptimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         momentum: float = 0.0,
+        inverse: str = "eigen",
     ) -> None:
         check_choice("fisher", fisher, FISHERS)
+        check_choice("inverse", inverse, INVERSES)
         check_choice("approx", approx, APPROXES)
         for name, value in (
             ("factor_every", factor_every),
@@ -156,7 +165,7 @@ class KFACOptimizer(CurvatureOptimizer):
             inverse_every,
         )
         self.fisher, self.approx, self.num_samples = fisher, approx, num_samples
-        self.kl_clip = kl_clip
+        self.kl_clip, self.inverse = kl_clip, inverse
         self.adapt_damping, self.damping_every = bool(adapt_damping), damping_every
         self.damping_retries = damping_retries
         self.generator = generator
@@ -168,7 +177,7 @@ class KFACOptimizer(CurvatureOptimizer):
 
     def _new_running(self) -> RunningKFAC:
         dtype = torch.float64 if self.fmodel.dtype == torch.float64 else torch.float32
-        return RunningKFAC(self.fmodel.numels, dtype)
+        return RunningKFAC(self.fmodel.numels, dtype, self.inverse)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_positive("lr", group["lr"])
@@ -265,8 +274,17 @@ class KFACOptimizer(CurvatureOptimizer):
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
         if invert:
-            run.decompose()
+            run.decompose(self._damping())
         self.diagnostics.update(factors_updated=update, inverted=invert)
+        if invert and self.inverse == "cholesky":
+            self.diagnostics["inverse_fallbacks"] = list(run.fallbacks)
+
+    def _damping(self, kappa: float | None = None) -> float:
+        """The damping at the scale ``kappa`` (default: the state's, as the next step uses)."""
+        if kappa is None:
+            kappa = float(self.global_state.get("damping_scale", 1.0))
+        kappa = kappa if math.isfinite(kappa) and kappa > 0 else 1.0
+        return float(self.param_groups[0]["damping"]) * kappa
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss, grad = self._loss_and_grad(batches)
@@ -280,15 +298,21 @@ class KFACOptimizer(CurvatureOptimizer):
                 self, loss, grad, batches, lambda k: self._solve(grad, k, True)
             )
         else:
-            kappa = float(state.get("damping_scale", 1.0))
-            trial = self._solve(grad, kappa if math.isfinite(kappa) and kappa > 0 else 1.0, False)
+            trial = self._solve(grad, None, False)
             direction = None if trial is None else trial.direction
         return loss, direction
 
-    def _solve(self, grad: Tensor, kappa: float, model: bool) -> Trial | None:
-        r"""The trial :math:`-\nu s`, :math:`s = (K + \kappa\lambda I)^{-1} g`, with its model."""
-        lam = float(self.param_groups[0]["damping"]) * kappa
+    def _solve(self, grad: Tensor, kappa: float | None, model: bool) -> Trial | None:
+        r"""The trial :math:`-\nu s`, :math:`s = (K + \kappa\lambda I)^{-1} g`, with its model.
+
+        ``"cholesky"``: ``K + κλI`` stands for the factored damping, and inverses at another
+        damping than the last inversion's are formed again first (a damping adaptation).
+        """
+        lam = self._damping(kappa)
         run = self._running
+        if self.inverse == "cholesky" and lam != run.inv_damping:
+            run.decompose(lam)
+            self.diagnostics.update(inverted=True, inverse_fallbacks=list(run.fallbacks))
         s = run.apply(grad, lam)
         gs = float(grad @ s)
         lr = self._group_vector("lr")
@@ -301,7 +325,7 @@ class KFACOptimizer(CurvatureOptimizer):
             s = s * nu
 
         def apply(v: Tensor) -> Tensor:  # per-group lr: the model along lr * d (current factors)
-            return run.apply(v, None) + lam * v
+            return run.model(v, lam)
 
         # the quadratic model of the last decomposition, K~ (whose damped inverse gave s):
         # q(-nu s0) - q(0) = -nu g's0 + nu^2 s0'(K~ + lam) s0 / 2 = (nu^2 / 2 - nu) g's0

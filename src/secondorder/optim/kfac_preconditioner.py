@@ -33,7 +33,7 @@ from ..curvature.kfac_factors import APPROXES, FISHERS
 from ..curvature.running_stats import frozen_running_stats
 from .closure import MISSING, BatchRecorder, batch_of
 from .guard import NonFiniteStepWarning
-from .kfac_state import RunningKFAC, batch_statistics_as_constants
+from .kfac_state import INVERSES, RunningKFAC, batch_statistics_as_constants
 from .warn import warn_at_caller
 
 __all__ = ["KFACPreconditioner"]
@@ -60,6 +60,8 @@ class KFACPreconditioner:
         params: The parameters to precondition (default: every trainable one).
         process_group: ``torch.distributed`` group (factors all-reduced; ``.grad`` must be
             averaged over the ranks already, as DDP does).
+        inverse: ``"eigen"`` or ``"cholesky"`` (factored Tikhonov damping with explicit
+            inverses, formed again when ``damping`` changes; see ``KFACOptimizer``).
 
     Raises:
         ValueError: For an invalid hyperparameter.
@@ -82,8 +84,10 @@ class KFACPreconditioner:
         generator: torch.Generator | None = None,
         params: Any = None,
         process_group: Any = None,
+        inverse: str = "eigen",
     ) -> None:
         check_choice("fisher", fisher, FISHERS)
+        check_choice("inverse", inverse, INVERSES)
         check_choice("approx", approx, APPROXES)
         check_positive("damping", damping)
         check_positive("lr", lr)
@@ -114,7 +118,7 @@ class KFACPreconditioner:
         if not self.params:
             raise ValueError("KFACPreconditioner: no trainable parameter")
         dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        self.running = RunningKFAC([p.numel() for p in self.params], dtype)
+        self.running = RunningKFAC([p.numel() for p in self.params], dtype, inverse)
         self.state: dict[str, Any] = {"step": 0}
         self.diagnostics: dict[str, Any] = {"rejected": 0}
         self._recorder = BatchRecorder(model, loss_fn).attach()
@@ -175,8 +179,11 @@ class KFACPreconditioner:
                 )
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
-        if invert:
-            run.decompose()
+        if invert or (run.inverse == "cholesky" and self.damping != run.inv_damping):
+            invert = True
+            run.decompose(self.damping)
+            if run.inverse == "cholesky":
+                diag["inverse_fallbacks"] = list(run.fallbacks)
         d = run.apply(grad, self.damping)
         nu, gd = 1.0, float(grad @ d)
         if self.kl_clip is not None and gd > 0:
@@ -216,7 +223,7 @@ class KFACPreconditioner:
         if gen_state is not None and self.generator is not None:
             self.generator.set_state(gen_state)
         saved = state.pop("kfac", None)
-        running = RunningKFAC(self.running.numels, self.running.dtype)
+        running = RunningKFAC(self.running.numels, self.running.dtype, self.running.inverse)
         if saved is not None:
             running.load(saved, self.params[0].device)
         self.running = running
