@@ -342,3 +342,19 @@ def test_bad_inverse_is_refused():
         so.KFACOptimizer(model, loss_fn, inverse="lu")
     with pytest.raises(ValueError, match="inverse"):
         so.KFACPreconditioner(model, loss_fn, inverse="inv")
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_operator_inverse_cholesky_is_the_factored_damping_inverse(kind):
+    model, loss_fn, X, y = problem(kind, "ce")
+    lam = 0.05
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    M = dense_damped(model, K, lam)[0]
+    inv = K.inverse(lam, method="cholesky")
+    torch.testing.assert_close(inv.to_dense(), torch.linalg.inv(M), rtol=1e-9, atol=1e-10)
+    assert inv.fallbacks == []
+    exact = K.inverse(lam).to_dense()  # the default stays the exact damped inverse
+    torch.testing.assert_close(exact @ (K.to_dense() + lam * torch.eye(len(M), dtype=DT)),
+                               torch.eye(len(M), dtype=DT), rtol=1e-8, atol=1e-9)  # fmt: skip
+    with pytest.raises(ValueError, match="method"):
+        so.EKFAC(model, loss_fn, (X, y), fisher="exact").inverse(lam, method="cholesky")
