@@ -113,14 +113,9 @@ def step_once(w: Any, model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tens
 
 
 def batches(w: Any, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` mini-batches of the workload's training set."""
-    g = torch.Generator().manual_seed(seed)
-    X, y = w.train
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, X.shape[0], (w.batch_size,), generator=g)
-        out.append((X[idx], y[idx]))
-    return out
+    """The first ``n`` mini-batches of the workload's stream for ``seed``."""
+    stream = w.batches(seed)
+    return [next(stream) for _ in range(n)]
 
 
 def step_cost(
