@@ -49,6 +49,12 @@ def kfac_factories() -> dict[str, Factory]:
     return {
         "KFAC (eigen)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, inverse="eigen"),
         "KFAC (cholesky)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, inverse="cholesky"),
+        "KFAC (cholesky) damping=3e-3": lambda m, w: so.KFACOptimizer(
+            m, w.loss_fn, damping=3e-3, inverse="cholesky"
+        ),
+        "KFAC (cholesky) damping=1e-3": lambda m, w: so.KFACOptimizer(
+            m, w.loss_fn, damping=1e-3, inverse="cholesky"
+        ),
         "KFAC (factor_every=1)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, factor_every=1),
         "KFACPreconditioner + SGD": lambda m, w: _preconditioned(m, w, "eigen"),
         "KFACPreconditioner (cholesky) + SGD": lambda m, w: _preconditioned(m, w, "cholesky"),

@@ -48,7 +48,7 @@ class KFACPreconditioner:
         damping: :math:`\lambda > 0` (default 1e-2).
         factor_decay: Decay of the running factors in [0, 1) (default 0.95).
         factor_every: Steps between factor updates (default 10).
-        inverse_every: Steps between eigendecompositions (default 10).
+        inverse_every: Steps between eigendecompositions or inversions (default 10).
         fisher: ``"mc"`` (default), ``"exact"`` or ``"empirical"``.
         approx: ``"expand"`` or ``"reduce"``.
         num_samples: Targets drawn per sample for ``"mc"``.
