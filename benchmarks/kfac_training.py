@@ -86,7 +86,9 @@ class _Floor:
         self.params = [p for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-3)
         x, y = batches(w, 1)[0]
+        m.eval()  # BatchNorm on running statistics: any factors of these shapes serve here
         op = so.KFAC(m, w.loss_fn, (x, y), params=self.params)
+        m.train()
         self.run = RunningKFAC([p.numel() for p in self.params], torch.float32, inverse)
         self.run.update(op, 0.95)
         self.run.decompose(1e-2)
