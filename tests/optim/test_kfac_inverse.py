@@ -358,3 +358,15 @@ def test_operator_inverse_cholesky_is_the_factored_damping_inverse(kind):
                                torch.eye(len(M), dtype=DT), rtol=1e-8, atol=1e-9)  # fmt: skip
     with pytest.raises(ValueError, match="method"):
         so.EKFAC(model, loss_fn, (X, y), fisher="exact").inverse(lam, method="cholesky")
+
+
+@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+def test_operator_products_of_noncontiguous_blocks_of_vectors(method):
+    model, loss_fn, X, y = problem("cnn", "mse")
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    V = torch.randn(3, K.shape[0], dtype=DT).T  # (n, 3), not contiguous
+    inv = K.inverse(0.05, method=method)
+    torch.testing.assert_close(inv @ V, inv.to_dense() @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(K @ V, K.to_dense() @ V, rtol=1e-10, atol=1e-12)
+    v = V[:, 1]  # a strided vector
+    torch.testing.assert_close(inv @ v, inv.to_dense() @ v, rtol=1e-10, atol=1e-12)

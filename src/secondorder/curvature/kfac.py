@@ -236,9 +236,11 @@ class KFAC(LinearOperator):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _scatter(self, Y: Tensor, block: KronBlock, V: Tensor) -> None:
+        """Write ``V`` (``(k, out, d~)``) into the block's rows of ``Y`` (contiguous ``(n, k)``)."""
         k = V.shape[0]
-        if block.weight is not None:
-            Y[self._slice(block.weight)] = V[..., : block.d].reshape(k, -1).T
+        if block.weight is not None:  # one strided copy (an assignment of the transpose is slow)
+            rows = Y[self._slice(block.weight)].view(block.out, block.d, k)
+            rows.copy_(V[..., : block.d].permute(1, 2, 0))
         if block.bias is not None:
             Y[self._slice(block.bias)] = V[..., -1].T
 
@@ -251,7 +253,7 @@ class KFAC(LinearOperator):
 
     def _apply(self, X: Tensor, damping: float | None) -> Tensor:
         Xf = X.to(self.factor_dtype)
-        Y = torch.zeros_like(Xf)
+        Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
         for block in self.blocks.values():
             self._scatter(Y, block, self._apply_block(block, self._gather(Xf, block), damping))
         for i, blk in self._other.items():
@@ -316,7 +318,7 @@ class KFAC(LinearOperator):
 
     def _apply_inverses(self, X: Tensor, inverses: dict[str, Any]) -> Tensor:
         Xf = X.to(self.factor_dtype)
-        Y = torch.zeros_like(Xf)
+        Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
         for name, block in self.blocks.items():
             gi, ai = inverses[name]
             V = apply_right(apply_left(gi, self._gather(Xf, block)), ai)
