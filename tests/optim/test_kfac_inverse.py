@@ -370,3 +370,17 @@ def test_operator_products_of_noncontiguous_blocks_of_vectors(method):
     torch.testing.assert_close(K @ V, K.to_dense() @ V, rtol=1e-10, atol=1e-12)
     v = V[:, 1]  # a strided vector
     torch.testing.assert_close(inv @ v, inv.to_dense() @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_damped_inverse_of_an_indefinite_factor_clamps_its_eigenvalues(dtype):
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0)))
+    e = torch.tensor([-0.5, 0.0, 1e-3, 1.0, 4.0])
+    F = ((q * e) @ q.T).to(dtype)
+    inv, ok = damped_inverse(F, 0.1)
+    assert not ok and inv.dtype == dtype
+    expected = (q / (e.clamp_min(0) + 0.1)) @ q.T
+    torch.testing.assert_close(inv, expected.to(dtype), rtol=1e-4, atol=1e-4)
+    inv, ok = damped_inverse(F, 1.0)  # positive definite once damped: the Cholesky path
+    assert ok
+    torch.testing.assert_close(inv, torch.linalg.inv(F + torch.eye(5, dtype=dtype)))
