@@ -49,16 +49,22 @@ def kfac_mc_job(rank, world_size):
     return op.to_dense(), op.inverse(1e-2) @ v
 
 
-def kfac_optimizer_run(data_of, pg=None, fisher="exact"):
+def kfac_optimizer_run(data_of, pg=None, fisher="exact", inverse="eigen"):
     """Three KFACOptimizer steps (adaptive damping, momentum) and a preconditioner step."""
     model, loss_fn, X, y = problem("ce")
     opt = so.KFACOptimizer(
-        model, loss_fn, fisher=fisher, damping_every=2, momentum=0.5, process_group=pg
+        model,
+        loss_fn,
+        fisher=fisher,
+        damping_every=2,
+        momentum=0.5,
+        process_group=pg,
+        inverse=inverse,
     )
     for _ in range(3):
         opt.step(*data_of(X, y))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    pre = so.KFACPreconditioner(model, loss_fn, fisher=fisher, process_group=pg)
+    pre = so.KFACPreconditioner(model, loss_fn, fisher=fisher, process_group=pg, inverse=inverse)
     Xs, ys = data_of(X, y)
     opt.zero_grad()  # the optimizer left the batch gradient in .grad
     loss = loss_fn(model(Xs), ys) * (len(Xs) / len(X))  # this rank's share of the mean
@@ -123,3 +129,12 @@ def lm_kfac_job(rank, world_size):
         return shard(X, rank, world_size), shard(y, rank, world_size)
 
     return lm_kfac(data_of, dist.group.WORLD)
+
+
+def kfac_optimizer_cholesky_job(rank, world_size):
+    """As ``kfac_optimizer_job`` with ``inverse="cholesky"``."""
+
+    def data_of(X, y):
+        return shard(X, rank, world_size), shard(y, rank, world_size)
+
+    return kfac_optimizer_run(data_of, dist.group.WORLD, inverse="cholesky")

@@ -42,9 +42,11 @@ def test_sharded_mc_kfac_is_the_same_on_every_rank():
     assert torch.equal(d0, d1) and torch.equal(x0, x1)
 
 
-def test_sharded_kfac_optimizer_equals_single_process():
-    results = ok(run_world(kfac_jobs.kfac_optimizer_job, 2))
-    theta, grad = kfac_jobs.kfac_optimizer_run(lambda X, y: (X, y))
+@pytest.mark.parametrize("inverse", ["eigen", "cholesky"])
+def test_sharded_kfac_optimizer_equals_single_process(inverse):
+    job = {"eigen": kfac_jobs.kfac_optimizer_job, "cholesky": kfac_jobs.kfac_optimizer_cholesky_job}
+    results = ok(run_world(job[inverse], 2))
+    theta, grad = kfac_jobs.kfac_optimizer_run(lambda X, y: (X, y), inverse=inverse)
     for t, g in results:
         assert rel(t, theta) <= 1e-12 and rel(g, grad) <= 1e-12
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

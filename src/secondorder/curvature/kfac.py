@@ -17,7 +17,9 @@ blocks of different layers (and parameters) are zero. :attr:`KFAC.structure` nam
 parameter's kind. :meth:`KFAC.inverse` applies :math:`(G \otimes A + \lambda I)^{-1}
 = (Q_G \otimes Q_A) \operatorname{diag}(1 / (\lambda_G \lambda_A^\top + \lambda))
 (Q_G \otimes Q_A)^\top` (EKFAC: :math:`1 / (D + \lambda)`) from the factors'
-eigendecompositions.
+eigendecompositions; ``inverse(damping, method="cholesky")`` applies the factored Tikhonov
+damping instead, :math:`(G + \delta_G I)^{-1} V (A + \delta_A I)^{-1}` with explicit inverses
+(:mod:`.kron_inverse`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ from .kfac_factors import (
     row_factor,
     times_a,
 )
+from .kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
 from .losses import LossTerms
 from .model import FunctionalModel, as_batches
 from .random_state import one_draw_per_batch
 from .weighting import batch_weights
 
-__all__ = ["EKFAC", "KFAC", "KroneckerInverse"]
+__all__ = ["EKFAC", "KFAC", "METHODS", "KroneckerInverse"]
+
+METHODS = ("eigen", "cholesky")
+"""Ways :meth:`KFAC.inverse` inverts (exact damping by eigendecompositions; factored damping)."""
 
 
 class KFAC(LinearOperator):
@@ -263,11 +269,15 @@ class KFAC(LinearOperator):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _scatter(self, Y: Tensor, block: KronBlock, V: Tensor) -> None:
+        """Write ``V`` (``(k, out, d~)``) into the block's rows of ``Y`` (contiguous ``(n, k)``)."""
         k = V.shape[0]
         w, b = self._rows(block)
-        if w is not None:
+        if w is not None:  # one strided copy (an assignment of the transpose is slow)
             Vw = V[..., : block.d]
-            Y[w] = (Vw.transpose(1, 2) if block.transposed else Vw).reshape(k, -1).T
+            if block.transposed:  # stored (d, out)
+                Y[w].view(block.d, block.out, k).copy_(Vw.permute(2, 1, 0))
+            else:
+                Y[w].view(block.out, block.d, k).copy_(Vw.permute(1, 2, 0))
         if b is not None:
             Y[b] = V[..., -1].T
 
@@ -279,7 +289,7 @@ class KFAC(LinearOperator):
 
     def _apply(self, X: Tensor, damping: float | None) -> Tensor:
         Xf = X.to(self.factor_dtype)
-        Y = torch.zeros_like(Xf)
+        Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
         for block in self.blocks.values():
             self._scatter(Y, block, self._apply_block(block, self._gather(Xf, block), damping))
         for i, blk in self._other.items():
@@ -297,24 +307,62 @@ class KFAC(LinearOperator):
     def _matmat(self, X: Tensor) -> Tensor:
         return self._apply(X, None)
 
-    def inverse(self, damping: float) -> KroneckerInverse:
+    def inverse(self, damping: float, method: str = "eigen") -> KroneckerInverse:
         r"""The operator :math:`(K + \lambda I)^{-1}` with :math:`\lambda` = ``damping``.
 
-        Applied block by block through the eigendecompositions of the factors (computed once,
-        in ``factor_dtype``); :math:`\lambda` is raised to ``damping_floor`` if smaller.
+        ``method="eigen"`` (the default): exact, applied block by block through the
+        eigendecompositions of the factors (computed once, in ``factor_dtype``).
+        ``method="cholesky"`` (K-FAC only): each Kronecker block damped as
+        :math:`(G + \tfrac{\sqrt\lambda}{\pi} I) \otimes (A + \pi\sqrt\lambda I)`
+        (Martens & Grosse's factored Tikhonov damping, :mod:`.kron_inverse`; not
+        :math:`G \otimes A + \lambda I`) and inverted through explicit inverses of the damped
+        factors, two matrix products per block; the other blocks get
+        :math:`(B + \lambda I)^{-1}`. :math:`\lambda` is raised to ``damping_floor`` if smaller.
 
         Args:
             damping: :math:`\lambda \ge 0`.
+            method: ``"eigen"`` or ``"cholesky"``.
 
         Returns:
             A symmetric positive definite :class:`KroneckerInverse`.
 
         Raises:
-            ValueError: If ``damping`` is negative or not a number.
+            ValueError: If ``damping`` is negative or not a number, or for an unknown
+                ``method`` (``"cholesky"`` on EKFAC, whose blocks are not Kronecker products).
         """
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
             raise ValueError(f"damping must be a number >= 0, got {damping!r}")
-        return KroneckerInverse(self, max(float(damping), self.damping_floor))
+        check_choice("method", method, ("eigen",) if self._EIGENVALUE_CORRECTED else METHODS)
+        return KroneckerInverse(self, max(float(damping), self.damping_floor), method)
+
+    def _factored_inverses(self, damping: float) -> tuple[dict[str, Any], list[str]]:
+        """Explicit inverses of every damped factor and other block (``method="cholesky"``)."""
+        out: dict[str, Any] = {}
+        failed: list[str] = []
+        for name, block in self.blocks.items():
+            dg, da = factored_damping(block.A, block.G, damping)
+            gi, ok_g = damped_inverse(block.G, dg)
+            ai, ok_a = damped_inverse(block.A, da)
+            failed += [f"{name}.{f}" for f, ok in (("G", ok_g), ("A", ok_a)) if not ok]
+            out[name] = (gi, ai)
+        for i, blk in self._other.items():
+            inv, ok = damped_inverse(blk.value, damping)
+            out[str(i)] = inv
+            if not ok:
+                failed.append(str(i))
+        return out, failed
+
+    def _apply_inverses(self, X: Tensor, inverses: dict[str, Any]) -> Tensor:
+        Xf = X.to(self.factor_dtype)
+        Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
+        for name, block in self.blocks.items():
+            gi, ai = inverses[name]
+            V = apply_right(apply_left(gi, self._gather(Xf, block)), ai)
+            self._scatter(Y, block, V)
+        for i in self._other:
+            sl, inv = self._slice(i), inverses[str(i)]
+            Y[sl] = inv @ Xf[sl] if inv.ndim == 2 else inv[:, None] * Xf[sl]
+        return Y.to(self.dtype)
 
 
 class EKFAC(KFAC):
@@ -338,17 +386,29 @@ class EKFAC(KFAC):
 
 
 class KroneckerInverse(LinearOperator):
-    r""":math:`(K + \lambda I)^{-1}` of a :class:`KFAC` or :class:`EKFAC` (see ``inverse``)."""
+    r""":math:`(K + \lambda I)^{-1}` of a :class:`KFAC` or :class:`EKFAC` (see ``inverse``).
+
+    Attributes:
+        fallbacks: With ``method="cholesky"``, the factors (``"layer.G"``, ``"layer.A"``) and
+            other blocks (parameter index) whose Cholesky factorisation failed, after the first
+            product; their inverses came from the eigendecomposition, eigenvalues clamped at 0.
+    """
 
     SELF_ADJOINT = True
     IS_PSD = True
 
-    def __init__(self, parent: KFAC, damping: float) -> None:
+    def __init__(self, parent: KFAC, damping: float, method: str = "eigen") -> None:
         super().__init__(parent.shape, parent.dtype, parent.device)
-        self.parent, self.damping = parent, damping
+        self.parent, self.damping, self.method = parent, damping, method
+        self._inverses: dict[str, Any] | None = None
+        self.fallbacks: list[str] = []
 
     def _matmat(self, X: Tensor) -> Tensor:
-        return self.parent._apply(X, self.damping)
+        if self.method == "eigen":
+            return self.parent._apply(X, self.damping)
+        if self._inverses is None:
+            self._inverses, self.fallbacks = self.parent._factored_inverses(self.damping)
+        return self.parent._apply_inverses(X, self._inverses)
 
 
 def _dense_eigh(blk: OtherBlock) -> tuple[Tensor, Tensor]:

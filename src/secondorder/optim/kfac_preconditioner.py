@@ -38,7 +38,7 @@ from ..curvature.random_state import one_draw_per_batch
 from ..curvature.running_stats import frozen_running_stats
 from .closure import MISSING, BatchRecorder, batch_of
 from .guard import NonFiniteStepWarning
-from .kfac_state import RunningKFAC, batch_statistics_as_constants
+from .kfac_state import INVERSES, RunningKFAC, batch_statistics_as_constants
 from .loop_masks import check_loop_draw
 from .warn import warn_at_caller
 
@@ -54,7 +54,7 @@ class KFACPreconditioner:
         damping: :math:`\lambda > 0` (default 1e-2).
         factor_decay: Decay of the running factors in [0, 1) (default 0.95).
         factor_every: Steps between factor updates (default 10).
-        inverse_every: Steps between eigendecompositions (default 10).
+        inverse_every: Steps between eigendecompositions or inversions (default 10).
         fisher: ``"mc"`` (default), ``"exact"`` or ``"empirical"``.
         approx: ``"expand"`` or ``"reduce"``.
         num_samples: Targets drawn per sample for ``"mc"``.
@@ -66,6 +66,8 @@ class KFACPreconditioner:
         params: The parameters to precondition (default: every trainable one).
         process_group: ``torch.distributed`` group (factors all-reduced; ``.grad`` must be
             averaged over the ranks already, as DDP does).
+        inverse: ``"eigen"`` or ``"cholesky"`` (factored Tikhonov damping with explicit
+            inverses, formed again when ``damping`` changes; see ``KFACOptimizer``).
 
     Raises:
         ValueError: For an invalid hyperparameter.
@@ -88,8 +90,10 @@ class KFACPreconditioner:
         generator: torch.Generator | None = None,
         params: Any = None,
         process_group: Any = None,
+        inverse: str = "eigen",
     ) -> None:
         check_choice("fisher", fisher, FISHERS)
+        check_choice("inverse", inverse, INVERSES)
         check_choice("approx", approx, APPROXES)
         check_positive("damping", damping)
         check_positive("lr", lr)
@@ -120,7 +124,7 @@ class KFACPreconditioner:
         if not self.params:
             raise ValueError("KFACPreconditioner: no trainable parameter")
         dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        self.running = RunningKFAC([p.numel() for p in self.params], dtype)
+        self.running = RunningKFAC([p.numel() for p in self.params], dtype, inverse)
         self.state: dict[str, Any] = {"step": 0}
         self.diagnostics: dict[str, Any] = {"rejected": 0}
         self._recorder = BatchRecorder(model, loss_fn).attach()
@@ -183,8 +187,11 @@ class KFACPreconditioner:
                     op = self._factors(batch, run.dtype)
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
-        if invert:
-            run.decompose()
+        if invert or (run.inverse == "cholesky" and self.damping != run.inv_damping):
+            invert = True
+            run.decompose(self.damping)
+            if run.inverse == "cholesky":
+                diag["inverse_fallbacks"] = list(run.fallbacks)
         d = run.apply(grad, self.damping)
         nu, gd = 1.0, float(grad @ d)
         if self.kl_clip is not None and gd > 0:
@@ -239,7 +246,7 @@ class KFACPreconditioner:
         if gen_state is not None and self.generator is not None:
             self.generator.set_state(gen_state)
         saved = state.pop("kfac", None)
-        running = RunningKFAC(self.running.numels, self.running.dtype)
+        running = RunningKFAC(self.running.numels, self.running.dtype, self.running.inverse)
         if saved is not None:
             running.load(saved, self.params[0].device)
         self.running = running

@@ -23,6 +23,19 @@ diagonal (1-D) ``A`` (one-hot inputs, ``nn.Embedding``) has :math:`Q_A = I`; a b
 rows of a packed parameter (``"wrow"``, ``"brow"``) or in a weight stored ``(d, out)``
 (``"transposed"``), as :class:`~secondorder.curvature.kfac_factors.KronBlock`.
 
+With ``inverse="cholesky"``, :meth:`RunningKFAC.decompose` instead forms the explicit inverses of
+the factors under factored Tikhonov damping (:mod:`~secondorder.curvature.kron_inverse`) at the
+damping given, and :meth:`RunningKFAC.solve` is two matrix products per layer,
+
+.. math::
+    \big((G + \delta_G I) \otimes (A + \delta_A I)\big)^{-1} \operatorname{vec} V
+    = \operatorname{vec}\big((G + \delta_G I)^{-1} V (A + \delta_A I)^{-1}\big),
+    \qquad \delta_G = \sqrt\lambda / \pi,\ \delta_A = \pi \sqrt\lambda;
+
+the other blocks get :math:`(B + \lambda I)^{-1}` explicitly. A product at another damping
+inverts again first. :meth:`RunningKFAC.model` applies the damped matrix whose inverse
+:meth:`RunningKFAC.apply` applies, for the optimizer's quadratic model.
+
 :func:`batch_statistics_as_constants` lets K-FAC see a model with BatchNorm in training mode:
 the batch's statistics (biased variance, as the forward pass normalises by) become running
 statistics of eval-mode layers for the curvature's passes, so the model computes the same
@@ -39,10 +52,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.kfac_factors import kron_solve, times_a
+from ..curvature.kfac_factors import kron_solve
+from ..curvature.kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
 from ..curvature.random_state import replay
 
-__all__ = ["RunningKFAC", "batch_statistics_as_constants"]
+__all__ = ["INVERSES", "RunningKFAC", "batch_statistics_as_constants"]
+
+INVERSES = ("eigen", "cholesky")
+"""How :class:`RunningKFAC` inverts: eigendecompositions (exact damping) or explicit inverses."""
 
 
 def _place(b: dict[str, Any]) -> tuple[int, int, bool]:
@@ -51,14 +68,23 @@ def _place(b: dict[str, Any]) -> tuple[int, int, bool]:
 
 
 class RunningKFAC:
-    """Exponential averages of K-FAC factors and their eigendecompositions (module docstring).
+    r"""Exponential averages of K-FAC factors and their eigendecompositions (module docstring).
 
     Args:
         numels: Entries of each parameter of the flat vector, in order.
         dtype: dtype of the factors.
+        inverse: ``"eigen"`` (:math:`(G \otimes A + \lambda I)^{-1}` through
+            eigendecompositions) or ``"cholesky"`` (explicit inverses of the factors under
+            factored Tikhonov damping; module docstring).
+
+    Attributes:
+        inv_damping: The damping of the explicit inverses (``"cholesky"``; None before any).
+        fallbacks: Blocks whose last inversion needed the eigendecomposition (a failed or
+            non-finite Cholesky factorisation): ``"layer.G"``, ``"layer.A"`` or a parameter
+            index.
     """
 
-    def __init__(self, numels: Sequence[int], dtype: torch.dtype) -> None:
+    def __init__(self, numels: Sequence[int], dtype: torch.dtype, inverse: str = "eigen") -> None:
         self.numels = list(numels)
         self.offsets = [0]
         for n in self.numels:
@@ -67,11 +93,20 @@ class RunningKFAC:
         self.blocks: dict[str, dict[str, Any]] = {}
         self.other: dict[int, dict[str, Any]] = {}
         self.updates = 0
+        self.inverse = inverse
+        self.inv_damping: float | None = None
+        self.fallbacks: list[str] = []
 
     @property
     def ready(self) -> bool:
-        """Whether factors and their eigendecompositions exist."""
+        """Whether factors and their eigendecompositions (or inverses) exist."""
         parts = [*self.blocks.values(), *self.other.values()]
+        if self.inverse == "cholesky":
+            return (
+                self.updates > 0
+                and self.inv_damping is not None
+                and all(b.get("inv") is not None for b in parts)
+            )
         return self.updates > 0 and all(b["eig"] is not None for b in parts)
 
     def update(self, op: Any, decay: float) -> None:
@@ -99,11 +134,10 @@ class RunningKFAC:
             self.blocks, self.other
         )
         if fresh:
-            for b in blocks.values():
-                b["eig"] = None
-            for o in other.values():
-                o["eig"] = None
+            for part in (*blocks.values(), *other.values()):
+                part["eig"] = part["inv"] = None
             self.blocks, self.other, self.updates = blocks, other, 0
+            self.inv_damping = None
         else:
             for name, b in blocks.items():
                 run = self.blocks[name]
@@ -121,8 +155,20 @@ class RunningKFAC:
         )
         return kron, sorted((i, o["kind"], tuple(o["value"].shape)) for i, o in other.items())
 
-    def decompose(self) -> None:
-        """Eigendecompose every running factor (eigenvalues clamped at 0)."""
+    def decompose(self, damping: float | None = None) -> None:
+        """Eigendecompose the factors, or invert them at ``damping`` (``"cholesky"``).
+
+        ``"eigen"``: every running factor and dense block, eigenvalues clamped at 0.
+        ``"cholesky"``: the explicit inverses under factored damping (module docstring).
+
+        Raises:
+            ValueError: With ``inverse="cholesky"`` and no ``damping``.
+        """
+        if self.inverse == "cholesky":
+            if damping is None:
+                raise ValueError('RunningKFAC.decompose: inverse="cholesky" needs the damping')
+            self._invert(float(damping))
+            return
         for b in self.blocks.values():
             lg, qg = torch.linalg.eigh(b["G"])
             if b["A"].ndim == 1:  # diagonal A: Q_A = I
@@ -136,6 +182,22 @@ class RunningKFAC:
                 o["eig"] = [e.clamp_min(0), q]
             else:
                 o["eig"] = [o["value"].clamp_min(0)]
+
+    def _invert(self, damping: float) -> None:
+        """Explicit inverses of the damped factors and blocks at ``damping`` (``"cholesky"``)."""
+        failed: list[str] = []
+        for name, b in self.blocks.items():
+            dg, da = factored_damping(b["A"], b["G"], damping)
+            gi, ok_g = damped_inverse(b["G"], dg)
+            ai, ok_a = damped_inverse(b["A"], da)
+            failed += [f"{name}.{f}" for f, ok in (("G", ok_g), ("A", ok_a)) if not ok]
+            b["inv"], b["delta"] = [gi, ai], [dg, da]
+        for i, o in self.other.items():
+            inv, ok = damped_inverse(o["value"], damping)
+            o["inv"] = [inv]
+            if not ok:
+                failed.append(str(i))
+        self.inv_damping, self.fallbacks = damping, failed
 
     # ------------------------------------------------------------- products
     def _ranges(self, b: dict[str, Any]) -> tuple[slice | None, slice | None]:
@@ -173,15 +235,21 @@ class RunningKFAC:
     def apply(self, x: Tensor, damping: float | None) -> Tensor:
         r"""``(K + damping I)^{-1} x`` from the last decomposition, or ``K x`` (damping None).
 
-        Parameters in no block (the operator never reached them) get ``x / damping`` (their
-        block is zero) or zero.
+        With ``inverse="cholesky"`` the damped matrix is the factored one (module docstring);
+        inverses at another damping are formed again first. Parameters in no block (the
+        operator never reached them) get ``x / damping`` (their block is zero) or zero.
         """
+        if damping is not None and self.inverse == "cholesky" and damping != self.inv_damping:
+            self._invert(float(damping))
         xf = x.to(self.dtype)
         y = xf / damping if damping is not None else torch.zeros_like(xf)
         for b in self.blocks.values():
             v = self._gather(xf, b)
             if damping is None:
-                out = times_a(b["G"] @ v, b["A"])
+                out = apply_right(apply_left(b["G"], v), b["A"])
+            elif self.inverse == "cholesky":
+                gi, ai = b["inv"]
+                out = apply_right(apply_left(gi, v), ai)
             else:
                 out = kron_solve(v, b["eig"], damping)
             self._scatter(y, b, out)
@@ -189,11 +257,39 @@ class RunningKFAC:
             sl = slice(self.offsets[i], self.offsets[i + 1])
             if damping is None:
                 y[sl] = o["value"] @ xf[sl] if o["kind"] == "dense" else o["value"] * xf[sl]
+            elif self.inverse == "cholesky":
+                inv = o["inv"][0]
+                y[sl] = inv @ xf[sl] if inv.ndim == 2 else inv * xf[sl]
             elif o["kind"] == "dense":
                 e, q = o["eig"]
                 y[sl] = q @ ((q.T @ xf[sl]) / (e + damping))
             else:
                 y[sl] = xf[sl] / (o["eig"][0] + damping)
+        return y.to(x.dtype)
+
+    def model(self, x: Tensor, damping: float) -> Tensor:
+        r"""The damped matrix whose inverse :meth:`apply` applies at ``damping``, times ``x``.
+
+        ``"eigen"``: :math:`(K + \lambda I) x`; ``"cholesky"``: the factored damping of the
+        last inversion, :math:`(G + \delta_G I) V (A + \delta_A I)` per layer and
+        :math:`(B + \lambda I) x` elsewhere (with the running factors, which are those of the
+        inversion unless factors were updated in between).
+        """
+        if self.inverse != "cholesky":
+            return self.apply(x, None) + damping * x
+        if damping != self.inv_damping:
+            self._invert(float(damping))
+        xf = x.to(self.dtype)
+        y = damping * xf
+        for b in self.blocks.values():
+            v = self._gather(xf, b)
+            dg, da = b["delta"]
+            gv = apply_left(b["G"], v) + dg * v
+            self._scatter(y, b, apply_right(gv, b["A"]) + da * gv)
+        for i, o in self.other.items():
+            sl = slice(self.offsets[i], self.offsets[i + 1])
+            value = o["value"]
+            y[sl] = (value @ xf[sl] if value.ndim == 2 else value * xf[sl]) + damping * xf[sl]
         return y.to(x.dtype)
 
     def to(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -206,6 +302,8 @@ class RunningKFAC:
         """Plain data (tensors, ints, strings) for ``state_dict``."""
         return {
             "updates": self.updates,
+            "inverse": self.inverse,
+            "inv_damping": self.inv_damping,
             "blocks": {n: dict(b) for n, b in self.blocks.items()},
             "other": {int(i): dict(o) for i, o in self.other.items()},
         }
@@ -221,6 +319,9 @@ class RunningKFAC:
             return v
 
         self.updates = int(state["updates"])
+        saved = state.get("inv_damping")
+        same = state.get("inverse", "eigen") == self.inverse
+        self.inv_damping = float(saved) if saved is not None and same else None
         self.blocks = {n: {k: put(v) for k, v in b.items()} for n, b in state["blocks"].items()}
         self.other = {int(i): {k: put(v) for k, v in o.items()} for i, o in state["other"].items()}
 
