@@ -384,3 +384,83 @@ def test_damped_inverse_of_an_indefinite_factor_clamps_its_eigenvalues(dtype):
     inv, ok = damped_inverse(F, 1.0)  # positive definite once damped: the Cholesky path
     assert ok
     torch.testing.assert_close(inv, torch.linalg.inv(F + torch.eye(5, dtype=dtype)))
+
+
+class TinyLM(nn.Module):
+    """Embedding (1-D input factor, stored transposed) -> encoder layer (packed in_proj rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x))).transpose(1, 2)  # (N, V, T)
+
+
+def placed_indices(model: nn.Module, b) -> torch.Tensor:
+    """Flat indices of a block's ``[W | b]`` entries, row-major ``(out, d~)``: its rows of a
+    packed weight (``wrow``, ``brow``) and a weight stored ``(d, out)`` (``transposed``)."""
+    params = list(model.parameters())
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    cols = []
+    if b.weight is not None:
+        o = offsets[b.weight]
+        if b.transposed:
+            cols.append(torch.arange(o, o + b.d * b.out).reshape(b.d, b.out).T)
+        else:
+            start = o + b.wrow * b.d
+            cols.append(torch.arange(start, start + b.out * b.d).reshape(b.out, b.d))
+    if b.bias is not None:
+        start = offsets[b.bias] + b.brow
+        cols.append(torch.arange(start, start + b.out).reshape(b.out, 1))
+    return torch.cat(cols, dim=1).reshape(-1)
+
+
+def lm_problem():
+    torch.manual_seed(0)
+    model = TinyLM().to(DT)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 11, (6, 3), generator=g)
+    X[1, 2] = 0  # a padding token
+    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 11, (6, 3), generator=g)
+
+
+def test_cholesky_on_embedding_and_attention_blocks_is_the_factored_damping_solve():
+    """Row blocks of a packed weight, a transposed weight and a 1-D factor: the operator's and
+    the optimizer's explicit inverses equal the dense factored-damping solve."""
+    model, loss_fn, X, y = lm_problem()
+    lam, lr = 0.05, 0.7
+    K = so.KFAC(model, loss_fn, (X, y), fisher="exact")
+    kinds = {b.A.ndim for b in K.blocks.values()}
+    assert kinds == {1, 2} and any(b.wrow or b.transposed for b in K.blocks.values())
+    # the index map is right: it rebuilds the operator's own dense Kronecker blocks
+    dense = K.to_dense()
+    M = lam * torch.eye(K.shape[0], dtype=DT)
+    for b in K.blocks.values():
+        A = b.A.to(DT)
+        A = torch.diag(A) if A.ndim == 1 else A
+        G = b.G.to(DT)
+        idx = placed_indices(model, b)
+        torch.testing.assert_close(dense[idx[:, None], idx[None, :]], torch.kron(G, A))
+        pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+        r = math.sqrt(lam)
+        eye_g, eye_a = torch.eye(G.shape[0], dtype=DT), torch.eye(A.shape[0], dtype=DT)
+        M[idx[:, None], idx[None, :]] = torch.kron(G + r / pi * eye_g, A + r * pi * eye_a)
+    offsets = [0]
+    for p in model.parameters():
+        offsets.append(offsets[-1] + p.numel())
+    for i, o in K._other.items():
+        sl = slice(offsets[i], offsets[i + 1])
+        B = o.value.to(DT) if o.kind == "dense" else torch.diag(o.value.to(DT).clamp_min(0))
+        M[sl, sl] = B + lam * torch.eye(B.shape[0], dtype=DT)
+    g = ref_grad(model, loss_fn, X, y)
+    want = torch.linalg.solve(M, g)
+    torch.testing.assert_close(K.inverse(lam, method="cholesky") @ g, want, rtol=1e-9, atol=1e-12)
+    before = flat(model)
+    opt = so.KFACOptimizer(model, loss_fn, lr=lr, damping=lam, fisher="exact", **PLAIN)
+    opt.step(X, y)
+    torch.testing.assert_close(flat(model), before - lr * want, rtol=1e-9, atol=1e-12)
