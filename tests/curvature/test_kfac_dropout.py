@@ -111,6 +111,9 @@ def encoder(masks: list[Tensor] | None = None) -> nn.Module:
     return Encoder() if masks is None else FixedEncoder(masks)
 
 
+encoder.specs = Encoder.specs  # type: ignore[attr-defined]
+
+
 class Attention(nn.Module):
     """``F.scaled_dot_product_attention`` with ``dropout_p=0.2`` in training mode."""
 
