@@ -260,6 +260,22 @@ def _assert_same_off_null_space(K: so.KFAC, R: so.KFAC) -> None:
     torch.testing.assert_close(P @ K.to_dense() @ P, P @ R.to_dense() @ P, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC], ids=["kfac", "ekfac"])
+def test_attention_without_dropout_before_dropout_modules(cls):
+    """Attention's output keeps the module's memory layout: ``dropout1`` draws the same mask."""
+    model, fixed, X = pair("encoder")
+    model.self_attn.dropout = 0.0
+    specs = Encoder.specs(X.shape[0])
+    fixed.masks = [torch.ones(specs[0][0], dtype=DT), *draws(SEED, specs[1:])]
+    loss_fn = nn.MSELoss()
+    y = targets("mse", fixed(X))
+    torch.manual_seed(SEED)
+    torch.testing.assert_close(model(X), fixed(X), rtol=1e-13, atol=1e-14)
+    torch.manual_seed(SEED)
+    K = _build(cls, model, loss_fn, (X, y), "exact", "auto")
+    _assert_same(K, _build(cls, fixed, loss_fn, (X, y), "exact", "auto"))
+
+
 def _masks_of_forward(n: int) -> list[Tensor]:
     """The masks DropNet's forward draws on a batch of ``n`` from the current state."""
     one = torch.ones((), dtype=DT)
