@@ -314,3 +314,51 @@ def test_options_it_does_not_decompose_keep_exact_diagonals():
     )
     D = _exact_diagonal(model, loss_fn, X, y)
     torch.testing.assert_close(K.to_dense().diagonal()[keep], D[keep], rtol=1e-10, atol=1e-12)
+
+
+class Decoder(nn.Module):
+    """Linear -> ``nn.TransformerDecoderLayer`` (dropout 0.1, sequence-first) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mem = nn.Linear(3, E), nn.Linear(3, E)
+        self.layer = nn.TransformerDecoderLayer(E, H, 6)  # dropout=0.1, batch_first=False
+        self.head = nn.Linear(T * E, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, m = self.inp(x).transpose(0, 1), self.mem(x.flip(1)).transpose(0, 1)
+        return self.head(self.layer(h, m, tgt_mask=causal(T)).transpose(0, 1).flatten(1))
+
+
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC], ids=["kfac", "ekfac"])
+def test_every_pass_of_a_decoder_layer_draws_the_forward_passs_masks(monkeypatch, cls):
+    """Both attentions get Kronecker blocks; every pass draws the dropout modules' masks of
+    one forward pass (the recorded attention leaves the generators where the module does)."""
+    torch.manual_seed(0)
+    model = Decoder().to(DT).train()
+    X = torch.randn(4, T, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    y = torch.randint(0, C, (4,), generator=torch.Generator().manual_seed(4))
+    masks: list[Tensor] = []
+    original = F.dropout
+
+    def recorded(x, p=0.5, training=True, inplace=False):
+        out = original(x, p, training, inplace)
+        if training and p > 0:
+            masks.append(out != 0)
+        return out
+
+    monkeypatch.setattr(F, "dropout", recorded)
+    torch.manual_seed(SEED)
+    model(X)
+    after, once = torch.get_rng_state(), list(masks)
+    assert len(once) == 4  # dropout1, dropout2, the feed-forward's dropout, dropout3
+    masks.clear()
+    torch.manual_seed(SEED)
+    K = cls(model, nn.CrossEntropyLoss(), (X, y), fisher="exact")
+    assert torch.equal(torch.get_rng_state(), after)
+    passes = len(masks) // len(once)
+    assert passes >= 2 and len(masks) == passes * len(once)  # recorded pass, diagonals (EKFAC)
+    for i, m in enumerate(masks):
+        assert torch.equal(m, once[i % len(once)])
+    attn = {k: v for k, v in K.structure.items() if "attn." in k}
+    assert len(attn) == 8 and set(attn.values()) == {"kronecker"}
