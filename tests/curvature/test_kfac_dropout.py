@@ -8,8 +8,9 @@ The reference is K-FAC of that network written by hand (``masks`` multiplied in)
 engines; the masks come from ``F.dropout`` on tensors of ones drawn in the forward's order.
 Models: nn.Dropout / nn.Dropout1d / F.dropout (``DropNet``), a sequence MLP, an
 ``nn.TransformerEncoderLayer`` with its default ``dropout=0.1`` (attention weights, both
-residual branches and the feed-forward block), and ``F.scaled_dot_product_attention`` with
-``dropout_p > 0`` in a custom forward.
+residual branches and the feed-forward block; its attention projections get Kronecker blocks,
+compared with those of Linear modules in the hand-written twin), and
+``F.scaled_dot_product_attention`` with ``dropout_p > 0`` in a custom forward.
 """
 
 from __future__ import annotations
@@ -56,39 +57,61 @@ class SeqNet(nn.Module):
 
 
 class Encoder(nn.TransformerEncoderLayer):
-    """``nn.TransformerEncoderLayer(dropout=0.1)``; with ``masks``, its forward by hand.
+    """``nn.TransformerEncoderLayer(4, 2, 6, dropout=0.1, batch_first=True)``, post-norm, ReLU."""
 
-    The hand-written forward is the post-norm layer with ReLU: attention with the mask on the
-    attention weights (where the math kernel of ``scaled_dot_product_attention`` applies it),
-    then the masks of ``dropout1`` (drawn in the memory order of attention's output, which is
-    ``(T, N, E)``), of the feed-forward ``dropout`` and of ``dropout2``. The
-    attention parameters are read directly in both, so both get the same blocks.
-    """
-
-    def __init__(self, masks: list[Tensor] | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__(4, 2, dim_feedforward=6, batch_first=True)  # dropout=0.1 (default)
-        self.masks = masks
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if self.masks is None:
-            return super().forward(x)
-        m = self.masks
-        N, T, E = x.shape
-        H = self.self_attn.num_heads
-        q, k, v = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias).chunk(
-            3, -1
-        )
-        q, k, v = (t.reshape(N, T, H, E // H).transpose(1, 2) for t in (q, k, v))
-        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(E // H), -1) * m[0]
-        a = (w @ v).transpose(1, 2).reshape(N, T, E)
-        a = F.linear(a, self.self_attn.out_proj.weight, self.self_attn.out_proj.bias)
-        x = self.norm1(x + a * m[1].transpose(0, 1))  # drawn on attention's (T, N, E) layout
-        f = self.linear2(torch.relu(self.linear1(x)) * m[2])
-        return self.norm2(x + f * m[3])
 
     @staticmethod
     def specs(n: int) -> list[tuple[tuple[int, ...], float]]:
         return [((n, 2, 3, 3), 0.1), ((3, n, 4), 0.1), ((n, 3, 6), 0.1), ((n, 3, 4), 0.1)]
+
+
+class FixedEncoder(nn.Module):
+    """:class:`Encoder` by hand with fixed ``masks``, its attention projections Linear modules.
+
+    Attention with the mask on the attention weights (where the math kernel of
+    ``scaled_dot_product_attention`` applies it), then the masks of ``dropout1`` (drawn in the
+    memory order of attention's output, which is ``(T, N, E)``), of the feed-forward ``dropout``
+    and of ``dropout2``. The packed in-projection is ``qkv`` (a Linear ``E -> 3E``) and the
+    out-projection ``out``, called as modules: their blocks are those of Linear layers on
+    sequences, built by the module hooks of the autograd engine, not by the attention recorder.
+    The parameters are in the layer's order (the same flat vector); :meth:`load_state_dict`
+    reads the layer's names.
+    """
+
+    def __init__(self, masks: list[Tensor]) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 4)
+        self.linear1, self.linear2 = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.norm1, self.norm2 = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.masks = masks
+
+    def load_state_dict(self, state, *args, **kwargs):  # type: ignore[override]
+        def rename(key: str) -> str:
+            for old, new in (("self_attn.in_proj_", "qkv."), ("self_attn.out_proj.", "out.")):
+                key = key.replace(old, new)
+            return key
+
+        return super().load_state_dict({rename(k): v for k, v in state.items()}, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.masks
+        N, T, E = x.shape
+        q, k, v = (t.reshape(N, T, 2, E // 2).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(E // 2), -1) * m[0]
+        a = self.out((w @ v).transpose(1, 2).reshape(N, T, E))
+        x = self.norm1(x + a * m[1].transpose(0, 1))  # drawn on attention's (T, N, E) layout
+        f = self.linear2(torch.relu(self.linear1(x)) * m[2])
+        return self.norm2(x + f * m[3])
+
+
+def encoder(masks: list[Tensor] | None = None) -> nn.Module:
+    """:class:`Encoder`, or with ``masks`` its fixed-mask twin :class:`FixedEncoder`."""
+    return Encoder() if masks is None else FixedEncoder(masks)
+
+
+encoder.specs = Encoder.specs  # type: ignore[attr-defined]
 
 
 class Attention(nn.Module):
@@ -122,7 +145,7 @@ def _dropnet_masks(n: int) -> list[Tensor]:
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], Callable[[int], list]]] = {
     "dropnet": (DropNet, (6, 4), _dropnet_masks),
     "sequence": (SeqNet, (5, 4, 3), lambda n: draws(SEED, SeqNet.specs(n))),
-    "encoder": (Encoder, (8, 3, 4), lambda n: draws(SEED, Encoder.specs(n))),
+    "encoder": (encoder, (8, 3, 4), lambda n: draws(SEED, Encoder.specs(n))),
     "sdpa": (Attention, (3, 3, 4), lambda n: draws(SEED, Attention.specs(n))),
 }
 
@@ -162,13 +185,18 @@ def test_the_references_are_the_models_draw(name):
     torch.testing.assert_close(model(X), fixed(X), rtol=1e-13, atol=1e-14)
 
 
+ATTENTION = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+
+
 def _build(cls, model, loss_fn, data, fisher, engine, approx="expand"):
     gen = torch.Generator().manual_seed(11) if fisher == "mc" else None
     return cls(model, loss_fn, data, fisher=fisher, engine=engine, approx=approx, generator=gen)
 
 
 def _assert_same(K: so.KFAC, R: so.KFAC) -> None:
-    assert K.structure == R.structure
+    assert list(K.structure.values()) == list(R.structure.values())  # the same flat order
+    if any(name.startswith("self_attn.") for name in K.structure):  # attention with dropout
+        assert {K.structure[f"self_attn.{n}"] for n in ATTENTION} == {"kronecker"}
     torch.testing.assert_close(K.to_dense(), R.to_dense(), rtol=1e-10, atol=1e-12)
     v = torch.randn(K.shape[0], dtype=DT)
     torch.testing.assert_close(K.inverse(1e-2) @ v, R.inverse(1e-2) @ v, rtol=1e-10, atol=1e-12)
@@ -199,7 +227,53 @@ def test_sampled_and_empirical_kfac_are_the_fixed_mask_networks(name, cls, fishe
     y = targets("mse", fixed(X))
     torch.manual_seed(SEED)
     K = _build(cls, model, loss_fn, (X, y), fisher, "auto", approx)
-    _assert_same(K, _build(cls, fixed, loss_fn, (X, y), fisher, "auto", approx))
+    R = _build(cls, fixed, loss_fn, (X, y), fisher, "auto", approx)
+    if name == "encoder" and cls is so.EKFAC and approx == "reduce":
+        _assert_same_off_null_space(K, R)
+    else:
+        _assert_same(K, R)
+
+
+def _assert_same_off_null_space(K: so.KFAC, R: so.KFAC) -> None:
+    """EKFAC equal to the reference's off the null space of the packed block's ``G``.
+
+    Under ``"reduce"`` the key rows of the packed in-projection have ``G = 0`` (softmax ignores
+    a shift shared by all keys, so the summed key cotangents vanish): EKFAC's eigenbasis is
+    arbitrary in ``null(G) (x) R^d~`` (set by rounding), and so is its matrix there. Elsewhere it
+    is defined; ``P = I - N N^T`` removes those directions (``N``: ``u (x) e_j`` for ``G``'s null
+    vectors ``u``, in the flat layout of weight ``(3E, E)`` then bias ``(3E,)``).
+    """
+    assert list(K.structure.values()) == list(R.structure.values())
+    assert {K.structure[f"self_attn.{n}"] for n in ATTENTION} == {"kronecker"}
+    k, r = K.blocks["self_attn.in_proj_weight[0:12]"], R.blocks["qkv"]
+    torch.testing.assert_close(k.G, r.G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(k.A, r.A, rtol=1e-10, atol=1e-12)
+    e, q = torch.linalg.eigh(r.G)
+    null = q[:, e <= 1e-12 * e.max()]  # (3E, E): the key rows
+    assert null.shape[1] == 4
+    out, d = r.G.shape[0], r.A.shape[0] - 1
+    N = torch.zeros(K.shape[0], null.shape[1] * (d + 1), dtype=DT)
+    for j in range(d + 1):  # column u (x) e_j: weight entries o * d + j, then the bias o
+        rows = torch.arange(out) * d + j if j < d else out * d + torch.arange(out)
+        N[rows, j * null.shape[1] : (j + 1) * null.shape[1]] = null
+    P = torch.eye(K.shape[0], dtype=DT) - N @ N.T
+    torch.testing.assert_close(P @ K.to_dense() @ P, P @ R.to_dense() @ P, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC], ids=["kfac", "ekfac"])
+def test_attention_without_dropout_before_dropout_modules(cls):
+    """Attention's output keeps the module's memory layout: ``dropout1`` draws the same mask."""
+    model, fixed, X = pair("encoder")
+    model.self_attn.dropout = 0.0
+    specs = Encoder.specs(X.shape[0])
+    fixed.masks = [torch.ones(specs[0][0], dtype=DT), *draws(SEED, specs[1:])]
+    loss_fn = nn.MSELoss()
+    y = targets("mse", fixed(X))
+    torch.manual_seed(SEED)
+    torch.testing.assert_close(model(X), fixed(X), rtol=1e-13, atol=1e-14)
+    torch.manual_seed(SEED)
+    K = _build(cls, model, loss_fn, (X, y), "exact", "auto")
+    _assert_same(K, _build(cls, fixed, loss_fn, (X, y), "exact", "auto"))
 
 
 def _masks_of_forward(n: int) -> list[Tensor]:
