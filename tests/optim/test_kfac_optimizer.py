@@ -308,6 +308,26 @@ def test_batchnorm_statistics_are_constants_of_the_curvature():
     torch.testing.assert_close(model[1].running_mean, 0.9 * running_before + 0.1 * mean)
 
 
+def _running(model):
+    ends = ("running_mean", "running_var", "num_batches_tracked")
+    return [b.clone() for n, b in model.named_buffers() if n.endswith(ends)]
+
+
+def test_running_statistics_move_as_one_plain_forward_pass():
+    """The gradient's forward pass moves BatchNorm's statistics (no separate plain pass)."""
+    model, loss_fn, X, y = problem("bn", "ce", n=10)
+    model.train()
+    twin = copy.deepcopy(model)
+    opt = so.KFACOptimizer(model, loss_fn, factor_every=2, damping_every=2)
+    for _ in range(4):
+        with torch.no_grad():
+            twin.load_state_dict(model.state_dict())
+            twin(X)
+        opt.step(X, y)
+        for got, want in zip(_running(model), _running(twin)):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
     model, loss_fn, X, y = problem("cnn", "ce")

@@ -95,6 +95,8 @@ class KFACOptimizer(CurvatureOptimizer):
         ValueError: For invalid hyperparameters, or groups with different ``damping``.
     """
 
+    _STATS_FROM_FIRST_PASS = True  # _loss_and_grad's forward moves BatchNorm's statistics
+
     def __init__(
         self,
         model: nn.Module,
@@ -208,13 +210,16 @@ class KFACOptimizer(CurvatureOptimizer):
         fm = self.fmodel
         weighting = batch_weights(self.loss_fn, batches, fm, self.process_group)
         total: Tensor | None = None
+        weights = weighting.weights(batches)
         with torch.enable_grad():
-            for b, w in zip(batches, weighting.weights(batches)):
+            for b, w in zip(batches, weights):
                 if w == 0.0:
                     continue
                 value = self.loss_fn(fm(fm.params, b.inputs), b.targets)
                 value = value * w if w != 1.0 else value
                 total = value if total is None else total + value
+            # this forward pass moved the running statistics as the plain pass would have
+            self._record_running_stats(batches, all(w != 0.0 for w in weights))
             if total is None:
                 loss = torch.zeros((), dtype=fm.dtype, device=fm.device)
                 grad = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
