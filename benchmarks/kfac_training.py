@@ -176,7 +176,7 @@ def main(extra: dict[str, Factory] | None = None, argv: list[str] | None = None)
         lr = 1e-3
         if args.mode == "target":  # AdamW's best lr, and its final metric as the target
             lr = training.sweep_adamw(w)
-            final = training.run(w, lambda m: torch.optim.AdamW(m.parameters(), lr=lr), 0)
+            final = training.run(w, lambda m, lr=lr: torch.optim.AdamW(m.parameters(), lr=lr), 0)
             if math.isfinite(final["final"]):
                 w.target = final["final"]
         if args.mode == "step":

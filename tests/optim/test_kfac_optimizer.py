@@ -328,6 +328,45 @@ def test_running_statistics_move_as_one_plain_forward_pass():
             assert torch.equal(got, want)
 
 
+def test_batchnorm_statistics_come_from_the_gradients_forward_pass(monkeypatch):
+    """Factor steps take BatchNorm's batch statistics from the gradient's forward pass: no
+    extra forward, and the same steps as with the statistics' own forward pass."""
+    from contextlib import contextmanager
+
+    from secondorder.optim import kfac as kfac_module
+    from secondorder.optim import kfac_state
+
+    model, loss_fn, X, y = problem("bn", "ce", n=10)
+    model.train()
+    twin = copy.deepcopy(model)
+    calls = []
+    original = kfac_state.recorded_batchnorm_inputs
+
+    @contextmanager
+    def counted(m):
+        calls.append(m)
+        with original(m) as seen:
+            yield seen
+
+    monkeypatch.setattr(kfac_state, "recorded_batchnorm_inputs", counted)  # its own pass only
+    kw = dict(lr=0.5, damping=0.1, factor_every=1, fisher="exact")
+    opt = so.KFACOptimizer(model, loss_fn, **kw)
+    for _ in range(3):
+        opt.step(X, y)
+    assert not calls
+
+    @contextmanager
+    def nothing(m):
+        yield {}
+
+    monkeypatch.setattr(kfac_module, "recorded_batchnorm_inputs", nothing)
+    ref = so.KFACOptimizer(twin, loss_fn, **kw)
+    for _ in range(3):
+        ref.step(X, y)
+    assert len(calls) == 3
+    torch.testing.assert_close(flat(model), flat(twin), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
     model, loss_fn, X, y = problem("cnn", "ce")

@@ -25,6 +25,7 @@ diagonal). :math:`\nu = \min(1, \sqrt{\kappa_{\mathrm{KL}} / (\mathrm{lr}^2 g^\t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -39,7 +40,7 @@ from ..curvature.model import Batch
 from ..curvature.weighting import batch_weights
 from .adaptive import Trial, adaptive_direction
 from .base import CurvatureOptimizer, check_positive
-from .kfac_state import RunningKFAC, batch_statistics_as_constants
+from .kfac_state import RunningKFAC, batch_statistics_as_constants, recorded_batchnorm_inputs
 
 __all__ = ["KFACOptimizer"]
 
@@ -206,12 +207,18 @@ class KFACOptimizer(CurvatureOptimizer):
 
     # ----------------------------------------------------------------- step
     def _loss_and_grad(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
-        """The loss on ``batches`` and its flat gradient (weighted as the operators)."""
+        """The loss on ``batches`` and its flat gradient (weighted as the operators).
+
+        On a step that updates the factors, BatchNorm's inputs are recorded on the way
+        (``self._bn_inputs``, for :func:`~.kfac_state.batch_statistics_as_constants`).
+        """
         fm = self.fmodel
         weighting = batch_weights(self.loss_fn, batches, fm, self.process_group)
         total: Tensor | None = None
         weights = weighting.weights(batches)
-        with torch.enable_grad():
+        record = recorded_batchnorm_inputs(self.model) if self._updates_factors() else None
+        with torch.enable_grad(), record or contextlib.nullcontext() as seen:
+            self._bn_inputs = seen
             for b, w in zip(batches, weights):
                 if w == 0.0:
                     continue
@@ -237,10 +244,20 @@ class KFACOptimizer(CurvatureOptimizer):
             loss = loss.reshape(())
         return loss, grad
 
+    def _updates_factors(self) -> bool:
+        """Whether this step updates the running factors."""
+        run, step = self._running, int(self.global_state["step"])
+        return (
+            run.numels != self.fmodel.numels
+            or run.updates == 0
+            or (step - 1) % self.factor_every == 0
+        )
+
     def _refresh(self, batches: list[Batch]) -> None:
         """Update the running factors and decompose them, as the step count says."""
         step = int(self.global_state["step"])
         run = self._running
+        seen, self._bn_inputs = getattr(self, "_bn_inputs", None), None
         if run.numels != self.fmodel.numels:  # parameters frozen or added: start again
             run = self._running = self._new_running()
             self._engine = "auto"
@@ -251,7 +268,7 @@ class KFACOptimizer(CurvatureOptimizer):
             run.to(fresh.dtype, self.fmodel.device)
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
-            with batch_statistics_as_constants(self.model, batches):
+            with batch_statistics_as_constants(self.model, batches, seen):
                 op = KFAC(
                     self.model,
                     self.loss_fn,
@@ -276,6 +293,7 @@ class KFACOptimizer(CurvatureOptimizer):
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss, grad = self._loss_and_grad(batches)
         if not self._check_loss_and_gradient(loss, grad):
+            self._bn_inputs = None
             return loss, None
         self._refresh(batches)
         state = self.global_state
