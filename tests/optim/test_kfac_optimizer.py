@@ -558,3 +558,16 @@ def test_a_new_layout_is_decomposed_before_use():
     opt.step(X, y)
     assert opt.diagnostics["accepted"] and opt.diagnostics["inverted"]
     assert not opt._running.blocks and opt._running.other
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (6, 2, 3, 3), (2, 2, 2, 2, 2), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_statistics_equal_var_mean(shape, dtype):
+    from secondorder.optim.kfac_state import _batch_statistics
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 + 0.5
+    var, mean = torch.var_mean(x, tuple(d for d in range(x.ndim) if d != 1), correction=0)
+    got_mean, got_var = _batch_statistics(x)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got_mean, mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_var, var, rtol=tol, atol=tol)
