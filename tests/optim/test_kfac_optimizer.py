@@ -313,7 +313,8 @@ def _running(model):
     return [b.clone() for n, b in model.named_buffers() if n.endswith(ends)]
 
 
-def test_running_statistics_move_as_one_plain_forward_pass():
+@pytest.mark.parametrize("form", ["batch", "closure"])
+def test_running_statistics_move_as_one_plain_forward_pass(form):
     """The gradient's forward pass moves BatchNorm's statistics (no separate plain pass)."""
     model, loss_fn, X, y = problem("bn", "ce", n=10)
     model.train()
@@ -323,7 +324,10 @@ def test_running_statistics_move_as_one_plain_forward_pass():
         with torch.no_grad():
             twin.load_state_dict(model.state_dict())
             twin(X)
-        opt.step(X, y)
+        if form == "batch":
+            opt.step(X, y)
+        else:
+            opt.step(lambda: loss_fn(model(X), y))
         for got, want in zip(_running(model), _running(twin)):
             assert torch.equal(got, want)
 
