@@ -523,7 +523,7 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
                 starting parameters; if not, the plain pass runs now (call this before any
                 parameter moves).
         """
-        norms, self._stats_pending = self._stats_pending, None
+        norms, self._stats_pending = getattr(self, "_stats_pending", None), None
         if norms is None:
             return
         if ran:
