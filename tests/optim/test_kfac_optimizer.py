@@ -575,3 +575,67 @@ def test_batch_statistics_equal_var_mean(shape, dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(got_mean, mean, rtol=tol, atol=tol)
     torch.testing.assert_close(got_var, var, rtol=tol, atol=tol)
+
+
+class _ResNet(nn.Module):
+    """benchmarks/training.py's ResNet layout, smaller: BatchNorm in training mode, functional
+    ReLU, max- and adaptive average pooling, two residual sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.short = nn.Conv2d(3, 4, 1, stride=2, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(nn.functional.relu(self.bn0(self.stem(x))), 2)
+        h = nn.functional.relu(h + self.bn1(self.conv1(h)))
+        h = nn.functional.relu(self.bn2(self.conv2(h)) + self.short(h))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_resnet_factors_come_from_the_graph_engine(monkeypatch):
+    """The ResNet's factor passes run on the per-sample graph engine, not autograd, and each
+    step is the damped inverse of the operator built with the batch's statistics frozen."""
+    from secondorder.curvature import kfac_autograd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autograd engine ran")
+
+    monkeypatch.setattr(kfac_autograd, "autograd_layers", refuse)
+    torch.manual_seed(0)
+    model = _ResNet().to(DT).train()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    loss_fn, lam = nn.CrossEntropyLoss(), 0.1
+    frozen = copy.deepcopy(model).eval()  # normalising by the batch's statistics
+    for name, m in frozen.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            var, mean = torch.var_mean(_input_of(model, name, X), (0, 2, 3), correction=0)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    K = so.KFAC(frozen, loss_fn, (X, y), fisher="exact")
+    assert K.engine == "sequential"
+    probe = copy.deepcopy(model)
+    loss_fn(probe(X), y).backward()
+    gvec = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+    expected = flat(model) - K.inverse(lam) @ gvec
+    opt = so.KFACOptimizer(model, loss_fn, lr=1.0, damping=lam, fisher="exact", **PLAIN)
+    opt.step(X, y)
+    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+
+
+def _input_of(model: nn.Module, name: str, X: torch.Tensor) -> torch.Tensor:
+    """The input of submodule ``name`` in a forward pass of a copy of ``model`` (train mode)."""
+    twin = copy.deepcopy(model)
+    got = []
+    handle = twin.get_submodule(name).register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    with torch.no_grad():
+        twin(X)
+    handle.remove()
+    return got[0]
