@@ -77,8 +77,13 @@ def step_once(w: Any, model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tens
 
 def batches(w: Any, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` mini-batches of the workload's training set."""
-    stream = w.batches(seed)
-    return [next(stream) for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    X, y = w.train
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, X.shape[0], (w.batch_size,), generator=g)
+        out.append((X[idx], y[idx]))
+    return out
 
 
 def step_cost(
@@ -171,14 +176,12 @@ def main(extra: dict[str, Factory] | None = None, argv: list[str] | None = None)
         keep = set(args.only.split(","))
         factories = {k: v for k, v in factories.items() if k in keep}
     out = [f"torch {torch.__version__}, 1 thread, host shared with other jobs (loaded)"]
-    all_w = training.workloads(args.budget_scale, args.workloads.split(","))
-    for name, w in all_w.items():
-        lr = 1e-3
-        if args.mode == "target":  # AdamW's best lr, and its final metric as the target
-            lr = training.sweep_adamw(w)
-            final = training.run(w, lambda m, lr=lr: torch.optim.AdamW(m.parameters(), lr=lr), 0)
-            if math.isfinite(final["final"]):
-                w.target = final["final"]
+    all_w = training.workloads(args.budget_scale)
+    for name in args.workloads.split(","):
+        w = all_w[name]
+        lr, final = training.sweep_adamw(w) if args.mode == "target" else (1e-3, math.nan)
+        if args.mode == "target" and math.isfinite(final):
+            w.target = final
         if args.mode == "step":
             rows = step_cost(w, factories, lr, args.cycle, args.repeats)
             header = ["optimizer", "ms / step", "× AdamW"]
