@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curvature.random_state import replay
+
 __all__ = ["RunningKFAC", "batch_statistics_as_constants"]
 
 
@@ -263,7 +265,8 @@ def batch_statistics_as_constants(
     if seen is None or any(len(seen.get(m, ())) != len(batches) for m in layers):
         with recorded_batchnorm_inputs(model) as seen, torch.no_grad():
             for b in batches:
-                model(*b.inputs)
+                with replay(b.inputs):  # in a step: the step's dropout masks
+                    model(*b.inputs)
         for m, (rm, rv, nbt) in zip(layers, saved):  # the recording pass moved them: put them back
             m.running_mean.copy_(rm)  # type: ignore[union-attr]
             m.running_var.copy_(rv)  # type: ignore[union-attr]
