@@ -639,3 +639,28 @@ def _input_of(model: nn.Module, name: str, X: torch.Tensor) -> torch.Tensor:
         twin(X)
     handle.remove()
     return got[0]
+
+
+@pytest.mark.parametrize("kind", ["bn", "cnn", "subset", "float32"])
+def test_plain_forward_equals_the_functional_call(monkeypatch, kind):
+    """The loss pass calls the module itself (FunctionalModel.call_own): the same steps, bit for
+    bit, as through functional_call."""
+    from secondorder.curvature.model import FunctionalModel
+
+    def run(plain: bool):
+        if not plain:
+            monkeypatch.setattr(FunctionalModel, "call_own", lambda fm, inp: fm(fm.params, inp))
+        model, loss_fn, X, y = problem("cnn" if kind == "cnn" else "bn")
+        model.train()
+        kw: dict = {}
+        if kind == "subset":
+            kw["params"] = list(model[-1].parameters())
+        if kind == "float32":
+            model, X = model.float(), X.float()
+        opt = so.KFACOptimizer(model, loss_fn, factor_every=2, damping_every=2, **kw)
+        losses = [opt.step(X, y) for _ in range(4)]
+        monkeypatch.undo()
+        return flat(model), torch.stack(losses)
+
+    got, want = run(True), run(False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

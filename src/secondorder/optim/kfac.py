@@ -222,7 +222,7 @@ class KFACOptimizer(CurvatureOptimizer):
             for b, w in zip(batches, weights):
                 if w == 0.0:
                     continue
-                value = self.loss_fn(fm(fm.params, b.inputs), b.targets)
+                value = self.loss_fn(fm.call_own(b.inputs), b.targets)
                 value = value * w if w != 1.0 else value
                 total = value if total is None else total + value
             # this forward pass moved the running statistics as the plain pass would have
