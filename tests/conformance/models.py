@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 DT = torch.float64
 C = 3  # number of classes / output features
@@ -115,6 +116,24 @@ class Residual(nn.Module):
         h = self.inp(x)
         h = h + torch.tanh(self.hidden(h) + self.shift) * self.frozen
         return self.out(torch.sigmoid(h))
+
+
+class FunctionalResNet(nn.Module):
+    """Conv, eval-mode BatchNorm, a residual sum and the functional pools of a ResNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(2)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.max_pool2d(F.relu(self.bn0(self.stem(x))), 2)
+        h = torch.tanh(h + self.bn1(self.conv(h)))
+        h = F.avg_pool2d(h, 2, stride=1) + 0.5 * F.adaptive_avg_pool2d(h, 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, (2, 1)), 1))
 
 
 class Tied(nn.Module):
@@ -461,6 +480,9 @@ MODELS.update(
             chain=True,
         ),
         "residual": ModelSpec(lambda: Residual().to(DT), _randn(4)),
+        "resnet_functional": ModelSpec(
+            lambda: _bn_stats(FunctionalResNet().to(DT)).eval(), _randn(1, 6, 6)
+        ),
         "tied": ModelSpec(lambda: Tied().to(DT), _randn(4)),
         "gru": ModelSpec(lambda: Recurrent(nn.GRU).to(DT), _randn(3, 3)),
         "lstm": ModelSpec(lambda: Recurrent(nn.LSTM).to(DT), _randn(3, 3)),

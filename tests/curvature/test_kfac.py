@@ -621,3 +621,79 @@ def test_a_layer_without_per_sample_rows_sends_the_model_to_autograd():
         for name in ("2.weight", "2.bias"):
             ref = torch.diag(torch.diagonal(G[sl[name], sl[name]]))
             assert rel_err(D[sl[name], sl[name]], ref) <= 1e-12
+
+
+class SmallResNet(nn.Module):
+    """The benchmark ResNet's layout (functional ReLU and pools, BatchNorm, two residual sums)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.short = nn.Conv2d(3, 4, 1, stride=2, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn0(self.stem(x))), 2)
+        h = F.relu(h + self.bn1(self.conv1(h)))
+        h = F.relu(self.bn2(self.conv2(h)) + self.short(h))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def small_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallResNet().to(DT).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("cls", [so.KFAC, so.EKFAC])
+@pytest.mark.parametrize("fisher, approx", [("exact", "expand"), ("mc", "reduce")])
+def test_resnet_graph_engine_equals_autograd_engine(monkeypatch, cls, fisher, approx):
+    """Functional pools and eval-mode BatchNorm: the graph engine serves, as autograd would.
+
+    The Kronecker blocks agree; BatchNorm's parameters get their exact dense block from the
+    graph engine (equal to the GGN's block for ``"exact"``) and its diagonal from autograd.
+    """
+    model = small_resnet()
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 1, 8, 8, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    data = [(X[:2], y[:2]), (X[2:], y[2:])]
+    kw = dict(fisher=fisher, approx=approx)
+    graph = cls(model, loss_fn, data, generator=torch.Generator().manual_seed(0), **kw)
+    assert graph.engine == "sequential", graph.engine_reason
+    refuse_graph(monkeypatch)
+    auto = cls(model, loss_fn, data, generator=torch.Generator().manual_seed(0), **kw)
+    assert auto.engine == "autograd"
+    bn = [n for n in graph.structure if n.startswith("bn")]
+    assert {graph.structure[n] for n in bn} == {"dense"}
+    assert {auto.structure[n] for n in bn} == {"diagonal"}
+    assert all(
+        graph.structure[n] == auto.structure[n] == "kronecker"
+        for n in graph.structure
+        if n not in bn
+    )
+    G, A = graph.to_dense(), auto.to_dense()
+    sl = offsets(model)
+    mask = torch.zeros(G.shape[0], dtype=torch.bool)
+    for n in bn:
+        mask[sl[n]] = True
+    assert rel_err(A[~mask][:, ~mask], G[~mask][:, ~mask]) <= 1e-10
+    assert rel_err(torch.diagonal(A)[mask], torch.diagonal(G)[mask]) <= 1e-10
+    assert (A[mask][:, mask] - torch.diag(torch.diagonal(A)[mask])).abs().max() == 0
+    if fisher == "exact":  # the dense blocks are the GGN's (a reference built another way)
+        ggn = so.GGN(model, loss_fn, data).to_dense()
+        for n in bn:  # one block per parameter
+            assert rel_err(G[sl[n], sl[n]], ggn[sl[n], sl[n]]) <= 1e-10

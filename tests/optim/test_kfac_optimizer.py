@@ -308,6 +308,69 @@ def test_batchnorm_statistics_are_constants_of_the_curvature():
     torch.testing.assert_close(model[1].running_mean, 0.9 * running_before + 0.1 * mean)
 
 
+def _running(model):
+    ends = ("running_mean", "running_var", "num_batches_tracked")
+    return [b.clone() for n, b in model.named_buffers() if n.endswith(ends)]
+
+
+@pytest.mark.parametrize("form", ["batch", "closure"])
+def test_running_statistics_move_as_one_plain_forward_pass(form):
+    """The gradient's forward pass moves BatchNorm's statistics (no separate plain pass)."""
+    model, loss_fn, X, y = problem("bn", "ce", n=10)
+    model.train()
+    twin = copy.deepcopy(model)
+    opt = so.KFACOptimizer(model, loss_fn, factor_every=2, damping_every=2)
+    for _ in range(4):
+        with torch.no_grad():
+            twin.load_state_dict(model.state_dict())
+            twin(X)
+        if form == "batch":
+            opt.step(X, y)
+        else:
+            opt.step(lambda: loss_fn(model(X), y))
+        for got, want in zip(_running(model), _running(twin)):
+            assert torch.equal(got, want)
+
+
+def test_batchnorm_statistics_come_from_the_gradients_forward_pass(monkeypatch):
+    """Factor steps take BatchNorm's batch statistics from the gradient's forward pass: no
+    extra forward, and the same steps as with the statistics' own forward pass."""
+    from contextlib import contextmanager
+
+    from secondorder.optim import kfac as kfac_module
+    from secondorder.optim import kfac_state
+
+    model, loss_fn, X, y = problem("bn", "ce", n=10)
+    model.train()
+    twin = copy.deepcopy(model)
+    calls = []
+    original = kfac_state.recorded_batchnorm_inputs
+
+    @contextmanager
+    def counted(m):
+        calls.append(m)
+        with original(m) as seen:
+            yield seen
+
+    monkeypatch.setattr(kfac_state, "recorded_batchnorm_inputs", counted)  # its own pass only
+    kw = dict(lr=0.5, damping=0.1, factor_every=1, fisher="exact")
+    opt = so.KFACOptimizer(model, loss_fn, **kw)
+    for _ in range(3):
+        opt.step(X, y)
+    assert not calls
+
+    @contextmanager
+    def nothing(m):
+        yield {}
+
+    monkeypatch.setattr(kfac_module, "recorded_batchnorm_inputs", nothing)
+    ref = so.KFACOptimizer(twin, loss_fn, **kw)
+    for _ in range(3):
+        ref.step(X, y)
+    assert len(calls) == 3
+    torch.testing.assert_close(flat(model), flat(twin), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
     model, loss_fn, X, y = problem("cnn", "ce")
@@ -569,3 +632,105 @@ def test_transformer_resume_with_a_diagonal_factor_is_bit_for_bit():
         opt2.step(xb, yb)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (6, 2, 3, 3), (2, 2, 2, 2, 2), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_statistics_equal_var_mean(shape, dtype):
+    from secondorder.optim.kfac_state import _batch_statistics
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 + 0.5
+    var, mean = torch.var_mean(x, tuple(d for d in range(x.ndim) if d != 1), correction=0)
+    got_mean, got_var = _batch_statistics(x)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got_mean, mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_var, var, rtol=tol, atol=tol)
+
+
+class _ResNet(nn.Module):
+    """benchmarks/training.py's ResNet layout, smaller: BatchNorm in training mode, functional
+    ReLU, max- and adaptive average pooling, two residual sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.short = nn.Conv2d(3, 4, 1, stride=2, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(nn.functional.relu(self.bn0(self.stem(x))), 2)
+        h = nn.functional.relu(h + self.bn1(self.conv1(h)))
+        h = nn.functional.relu(self.bn2(self.conv2(h)) + self.short(h))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_resnet_factors_come_from_the_graph_engine(monkeypatch):
+    """The ResNet's factor passes run on the per-sample graph engine, not autograd, and each
+    step is the damped inverse of the operator built with the batch's statistics frozen."""
+    from secondorder.curvature import kfac_autograd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autograd engine ran")
+
+    monkeypatch.setattr(kfac_autograd, "autograd_layers", refuse)
+    torch.manual_seed(0)
+    model = _ResNet().to(DT).train()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    loss_fn, lam = nn.CrossEntropyLoss(), 0.1
+    frozen = copy.deepcopy(model).eval()  # normalising by the batch's statistics
+    for name, m in frozen.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            var, mean = torch.var_mean(_input_of(model, name, X), (0, 2, 3), correction=0)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    K = so.KFAC(frozen, loss_fn, (X, y), fisher="exact")
+    assert K.engine == "sequential"
+    probe = copy.deepcopy(model)
+    loss_fn(probe(X), y).backward()
+    gvec = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+    expected = flat(model) - K.inverse(lam) @ gvec
+    opt = so.KFACOptimizer(model, loss_fn, lr=1.0, damping=lam, fisher="exact", **PLAIN)
+    opt.step(X, y)
+    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+
+
+def _input_of(model: nn.Module, name: str, X: torch.Tensor) -> torch.Tensor:
+    """The input of submodule ``name`` in a forward pass of a copy of ``model`` (train mode)."""
+    twin = copy.deepcopy(model)
+    got = []
+    handle = twin.get_submodule(name).register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    with torch.no_grad():
+        twin(X)
+    handle.remove()
+    return got[0]
+
+
+@pytest.mark.parametrize("kind", ["bn", "cnn", "subset", "float32"])
+def test_plain_forward_equals_the_functional_call(monkeypatch, kind):
+    """The loss pass calls the module itself (FunctionalModel.call_own): the same steps, bit for
+    bit, as through functional_call."""
+    from secondorder.curvature.model import FunctionalModel
+
+    def run(plain: bool):
+        if not plain:
+            monkeypatch.setattr(FunctionalModel, "call_own", lambda fm, inp: fm(fm.params, inp))
+        model, loss_fn, X, y = problem("cnn" if kind == "cnn" else "bn")
+        model.train()
+        kw: dict = {}
+        if kind == "subset":
+            kw["params"] = list(model[-1].parameters())
+        if kind == "float32":
+            model, X = model.float(), X.float()
+        opt = so.KFACOptimizer(model, loss_fn, factor_every=2, damping_every=2, **kw)
+        losses = [opt.step(X, y) for _ in range(4)]
+        monkeypatch.undo()
+        return flat(model), torch.stack(losses)
+
+    got, want = run(True), run(False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

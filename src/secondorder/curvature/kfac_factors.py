@@ -125,11 +125,16 @@ class KronBlock:
     eig: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     def augment(self, a: Tensor) -> Tensor:
-        """Inputs ``(N, T, d)`` -> ``(N, T, d~)`` (a column of ones for the bias)."""
+        """Inputs ``(N, T, d)`` -> ``(N, T, d~)`` (a column of ones for the bias).
+
+        A transposed view (convolution patches, ``(N, d, T)`` in memory) stays one.
+        """
         if self.weight is None:
             return a.new_ones(*a.shape[:-1], 1)
         if self.bias is None:
             return a
+        if _transposed(a):
+            return torch.cat([a.mT, a.new_ones(*a.shape[:-2], 1, a.shape[-2])], dim=-2).mT
         return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
 
     def eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -372,13 +377,11 @@ def accumulate_factors(
             elif first:  # the inputs are the same for every column chunk
                 at = block.augment(a)
                 if approx == "expand":
-                    flat = at.reshape(-1, at.shape[-1])
-                    block.A.addmm_(flat.T, flat, alpha=1.0 / at.shape[1])
+                    _add_gram(block.A, at, 1.0 / at.shape[1])
                 else:
                     mean = at.mean(1)
                     block.A.addmm_(mean.T, mean)
-            gg = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(2).flatten(0, 1)
-            block.G.addmm_(gg.T, gg)
+            _add_gram(block.G, g if approx == "expand" else g.sum(2))
             continue
         rows = None
         for name, i in layer.params.items():
@@ -410,6 +413,27 @@ def accumulate_factors(
             "positions); use approx='expand' or batches of one input shape"
         )
     return kron, other
+
+
+def _transposed(x: Tensor) -> bool:
+    """Whether ``x`` (at least 2-D) is a transposed view of a contiguous tensor."""
+    return x.ndim >= 2 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _add_gram(total: Tensor, x: Tensor, alpha: float = 1.0) -> None:
+    r"""``total += alpha X^T X`` with ``X = x.reshape(-1, d)`` (``x``: ``(..., d)``).
+
+    A transposed view ``x`` (``(..., d, T)`` in memory: convolution patches and output
+    cotangents) is gathered as ``(d, ...)`` in runs of ``T`` contiguous entries, not by a
+    strided copy of every entry.
+    """
+    d = x.shape[-1]
+    if _transposed(x):
+        f = x.movedim(-1, 0).reshape(d, -1)
+        total.addmm_(f, f.T, alpha=alpha)
+    else:
+        flat = x.reshape(-1, d)
+        total.addmm_(flat.T, flat, alpha=alpha)
 
 
 def accumulate_corrections(

@@ -471,6 +471,16 @@ class FunctionalModel:
                 if module._parameters.get(name) is not p:
                     module._parameters[name] = p
 
+    def call_own(self, inputs: tuple[Any, ...]) -> Any:
+        """``self(self.params, inputs)`` by a plain call (no ``functional_call``).
+
+        Where the selected parameters are the module's own: not :attr:`mixed`, none tied.
+        """
+        if self.mixed or self._tied_slots:
+            return self(self.params, inputs)
+        with self.differentiable(), replay(inputs):  # as __call__
+            return self.model(*inputs)
+
     def differentiable(self) -> ExitStack:
         """A ``with`` block in which every derivative of the model's forward exists.
 

@@ -176,6 +176,11 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             params_ = [p for g in self.param_groups for p in g["params"]]
             check_ranks_agree(params_, process_group, type(self).__name__)
 
+    _STATS_FROM_FIRST_PASS: ClassVar[bool] = False
+    """The subclass's first pass of a step runs every batch in training mode at the starting
+    parameters and calls :meth:`_record_running_stats` after it: that pass moves the running
+    statistics exactly as the plain pass would, which is then skipped."""
+
     _WARM_START_KEYS: ClassVar[tuple[str, ...]] = ()
     """State entries holding a flat vector carried from step to step (a CG warm start): reset
     by a rejected step and when the trainable parameters change."""
@@ -470,18 +475,23 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
         norms = [m for m in self._norm_layers if m.training]
         stats_before = snapshot_running_stats(norms) if norms else None
         stats_after = None
+        self._stats_pending: list[nn.Module] | None = None
+        self._stats_recorded: Any = None
         try:
             # every pass of the step on a batch draws the same random numbers (one dropout
             # mask per batch for the loss, the gradient and every product of the step)
             with one_draw_per_batch(self.fmodel.device):
-                if norms:
-                    with torch.no_grad():
-                        for b in batches:  # a compiled model: the module underneath
-                            with replay(b.inputs):
-                                self.fmodel.source(*b.inputs)
-                    stats_after = snapshot_running_stats(norms)
+                if norms and self._STATS_FROM_FIRST_PASS and not self.fmodel.mixed:
+                    self._stats_pending = norms  # recorded by the subclass's first pass
+                elif norms:
+                    stats_after = self._running_stats_pass(batches, norms)
                 with autocast_disabled():  # the step computes in self.fmodel.dtype
                     loss = self._step_body(batches, **kw)
+                if self._stats_pending is not None:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the running statistics were not recorded"
+                    )
+                stats_after = self._stats_recorded if stats_after is None else stats_after
         except BaseException as err:
             diag = self.diagnostics
             if diag.get("accepted", True):
@@ -495,6 +505,31 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             restore_running_stats(stats_after if accepted else stats_before)
         self.diagnostics["time"] = time.perf_counter() - start
         return loss
+
+    def _running_stats_pass(self, batches: Sequence[Batch], norms: list[nn.Module]) -> Any:
+        """One plain forward pass per batch (it moves the running statistics); their snapshot."""
+        with torch.no_grad():
+            for b in batches:  # a compiled model: the module underneath
+                with replay(b.inputs):
+                    self.fmodel.source(*b.inputs)
+        return snapshot_running_stats(norms)
+
+    def _record_running_stats(self, batches: Sequence[Batch], ran: bool) -> None:
+        """After the first pass of a step (``_STATS_FROM_FIRST_PASS``): snapshot the statistics.
+
+        Args:
+            batches: The step's batches.
+            ran: Whether that pass ran the model in training mode on every batch at the
+                starting parameters; if not, the plain pass runs now (call this before any
+                parameter moves).
+        """
+        norms, self._stats_pending = getattr(self, "_stats_pending", None), None
+        if norms is None:
+            return
+        if ran:
+            self._stats_recorded = snapshot_running_stats(norms)
+        else:
+            self._stats_recorded = self._running_stats_pass(batches, norms)
 
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         """Return (loss before the step, flat direction or None if rejected). Subclass hook."""

@@ -34,6 +34,7 @@ diagonal). :math:`\nu = \min(1, \sqrt{\kappa_{\mathrm{KL}} / (\mathrm{lr}^2 g^\t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -48,7 +49,12 @@ from ..curvature.model import Batch
 from ..curvature.weighting import batch_weights
 from .adaptive import Trial, adaptive_direction
 from .base import CurvatureOptimizer, check_positive
-from .kfac_state import INVERSES, RunningKFAC, batch_statistics_as_constants
+from .kfac_state import (
+    INVERSES,
+    RunningKFAC,
+    batch_statistics_as_constants,
+    recorded_batchnorm_inputs,
+)
 
 __all__ = ["KFACOptimizer"]
 
@@ -114,6 +120,8 @@ class KFACOptimizer(CurvatureOptimizer):
     Raises:
         ValueError: For invalid hyperparameters, or groups with different ``damping``.
     """
+
+    _STATS_FROM_FIRST_PASS = True  # _loss_and_grad's forward moves BatchNorm's statistics
 
     def __init__(
         self,
@@ -226,18 +234,30 @@ class KFACOptimizer(CurvatureOptimizer):
 
     # ----------------------------------------------------------------- step
     def _loss_and_grad(self, batches: list[Batch]) -> tuple[Tensor, Tensor]:
-        """The loss on ``batches`` and its flat gradient (weighted as the operators)."""
+        """The loss on ``batches`` and its flat gradient (weighted as the operators).
+
+        On a step that updates the factors, BatchNorm's inputs are recorded on the way
+        (``self._bn_inputs``, for :func:`~.kfac_state.batch_statistics_as_constants`).
+        """
         fm = self.fmodel
         weighting = batch_weights(self.loss_fn, batches, fm, self.process_group)
         total: Tensor | None = None
-        leaves = fm.leaves()  # in the compute dtype: a low-precision model's gradient unrounded
-        with torch.enable_grad():
-            for b, w in zip(batches, weighting.weights(batches)):
+        weights = weighting.weights(batches)
+        # a low-precision model: float32 leaves (its gradient unrounded); else the parameters
+        # themselves, by a plain call of the module
+        leaves = fm.leaves() if fm.mixed else fm.params
+        record = recorded_batchnorm_inputs(self.model) if self._updates_factors() else None
+        with torch.enable_grad(), record or contextlib.nullcontext() as seen:
+            self._bn_inputs = seen
+            for b, w in zip(batches, weights):
                 if w == 0.0:
                     continue
-                value = self.loss_fn(fm(leaves, b.inputs), b.targets)
+                z = fm(leaves, b.inputs) if fm.mixed else fm.call_own(b.inputs)
+                value = self.loss_fn(z, b.targets)
                 value = value * w if w != 1.0 else value
                 total = value if total is None else total + value
+            # this forward pass moved the running statistics as the plain pass would have
+            self._record_running_stats(batches, all(w != 0.0 for w in weights))
             if total is None:
                 loss = torch.zeros((), dtype=fm.dtype, device=fm.device)
                 grad = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
@@ -255,10 +275,20 @@ class KFACOptimizer(CurvatureOptimizer):
             loss = loss.reshape(())
         return loss, grad
 
+    def _updates_factors(self) -> bool:
+        """Whether this step updates the running factors."""
+        run, step = self._running, int(self.global_state["step"])
+        return (
+            run.numels != self.fmodel.numels
+            or run.updates == 0
+            or (step - 1) % self.factor_every == 0
+        )
+
     def _refresh(self, batches: list[Batch]) -> None:
         """Update the running factors and decompose them, as the step count says."""
         step = int(self.global_state["step"])
         run = self._running
+        seen, self._bn_inputs = getattr(self, "_bn_inputs", None), None
         if run.numels != self.fmodel.numels:  # parameters frozen or added: start again
             run = self._running = self._new_running()
             self._engine = "auto"
@@ -269,7 +299,7 @@ class KFACOptimizer(CurvatureOptimizer):
             run.to(fresh.dtype, self.fmodel.device)
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
-            with batch_statistics_as_constants(self.model, batches):
+            with batch_statistics_as_constants(self.model, batches, seen):
                 op = KFAC(
                     self.model,
                     self.loss_fn,
@@ -303,6 +333,7 @@ class KFACOptimizer(CurvatureOptimizer):
     def _compute_direction(self, batches: list[Batch], **kw: Any) -> tuple[Tensor, Tensor | None]:
         loss, grad = self._loss_and_grad(batches)
         if not self._check_loss_and_gradient(loss, grad):
+            self._bn_inputs = None
             return loss, None
         self._refresh(batches)
         state = self.global_state

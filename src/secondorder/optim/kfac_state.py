@@ -326,16 +326,8 @@ class RunningKFAC:
         self.other = {int(i): {k: put(v) for k, v in o.items()} for i, o in state["other"].items()}
 
 
-@contextmanager
-def batch_statistics_as_constants(model: nn.Module, batches: Sequence[Any]) -> Iterator[None]:
-    """BatchNorm layers in training mode normalise by ``batches``' statistics as constants.
-
-    One forward pass without gradients over every batch records, per layer in training mode,
-    the mean and biased variance of its input (pooled over the batches); inside the block the
-    layers are in eval mode with those as running statistics. Everything is restored on exit.
-    With no such layer this does nothing.
-    """
-    layers = [
+def _batchnorm_in_training(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
         m
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -343,34 +335,79 @@ def batch_statistics_as_constants(model: nn.Module, batches: Sequence[Any]) -> I
         and m.running_mean is not None
         and m.running_var is not None
     ]
-    if not layers:
-        yield
-        return
-    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}
+
+
+def _batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of ``x`` over every dimension but the channels' (dimension 1).
+
+    By BatchNorm's own kernel (momentum 1 into fresh buffers: the mean, and the unbiased
+    variance rescaled), a fraction of ``torch.var_mean``'s cost over the strided dimensions.
+    """
+    n = x.numel() // max(1, x.shape[1])
+    if x.dtype not in (torch.float32, torch.float64) or n < 2:
+        dims = tuple(d for d in range(x.ndim) if d != 1)
+        var, mean = torch.var_mean(x, dims, correction=0)
+        return mean, var
+    mean = x.new_zeros(x.shape[1])
+    var = x.new_ones(x.shape[1])
+    torch.batch_norm(x, None, None, mean, var, True, 1.0, 0.0, False)
+    return mean, var.mul_((n - 1) / n)
+
+
+@contextmanager
+def recorded_batchnorm_inputs(model: nn.Module) -> Iterator[dict[nn.Module, list[Tensor]]]:
+    """Record the input of every BatchNorm layer in training mode, one entry per forward pass.
+
+    Yields:
+        Layer -> its inputs (detached), for :func:`batch_statistics_as_constants`.
+    """
+    seen: dict[nn.Module, list[Tensor]] = {m: [] for m in _batchnorm_in_training(model)}
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         seen[module].append(args[0].detach())
 
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked) for m in layers]  # type: ignore[union-attr]
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles = [m.register_forward_pre_hook(hook) for m in seen]
     try:
-        with torch.no_grad():
-            for b in batches:
-                with replay(b.inputs):  # in a step: the step's dropout masks
-                    model(*b.inputs)
+        yield seen
     finally:
         for h in handles:
             h.remove()
-    for m, (rm, rv, nbt) in zip(layers, saved):  # the recording pass moved them: put them back
-        m.running_mean.copy_(rm)  # type: ignore[union-attr]
-        m.running_var.copy_(rv)  # type: ignore[union-attr]
-        if nbt is not None:
-            m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
+
+
+@contextmanager
+def batch_statistics_as_constants(
+    model: nn.Module,
+    batches: Sequence[Any],
+    seen: dict[nn.Module, list[Tensor]] | None = None,
+) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise by ``batches``' statistics as constants.
+
+    Per layer in training mode, the mean and biased variance of its input (pooled over the
+    batches) are taken from ``seen`` (:func:`recorded_batchnorm_inputs` around a forward pass
+    over ``batches`` at the current parameters) where it holds one input per batch for every
+    such layer, else from one forward pass without gradients over every batch; inside the block
+    the layers are in eval mode with those as running statistics. Everything is restored on
+    exit. With no such layer this does nothing.
+    """
+    layers = _batchnorm_in_training(model)
+    if not layers:
+        yield
+        return
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked) for m in layers]  # type: ignore[union-attr]
+    if seen is None or any(len(seen.get(m, ())) != len(batches) for m in layers):
+        with recorded_batchnorm_inputs(model) as seen, torch.no_grad():
+            for b in batches:
+                with replay(b.inputs):  # in a step: the step's dropout masks
+                    model(*b.inputs)
+        for m, (rm, rv, nbt) in zip(layers, saved):  # the recording pass moved them: put them back
+            m.running_mean.copy_(rm)  # type: ignore[union-attr]
+            m.running_var.copy_(rv)  # type: ignore[union-attr]
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
     try:
         for m in layers:
             x = torch.cat(seen[m]) if len(seen[m]) > 1 else seen[m][0]
-            dims = tuple(d for d in range(x.ndim) if d != 1)
-            var, mean = torch.var_mean(x, dims, correction=0)
+            mean, var = _batch_statistics(x)
             m.running_mean.copy_(mean)  # type: ignore[union-attr]
             m.running_var.copy_(var)  # type: ignore[union-attr]
             m.eval()

@@ -9,12 +9,13 @@ every other argument as a constant:
 - ``cat``: concatenation, :math:`dy = [da, db]`, the cotangent split;
 - ``reshape``: ``view``, ``reshape``, ``flatten``, ``squeeze``, ``unsqueeze``, ``contiguous``;
 - ``linear``: any other function linear in its one active input (indexing, ``permute``,
-  ``transpose``, ``mean``, ``sum``, ``expand``, average pooling, ``F.embedding`` in its
-  weight): :math:`dy = f(dx)` (columns
+  ``transpose``, ``mean``, ``sum``, ``expand``, average pooling with options given as graph
+  values, ``F.embedding`` in its weight): :math:`dy = f(dx)` (columns
   by ``torch.vmap``), :math:`dx = f^\top u` by ``torch.func.vjp`` of :math:`f` (linear, so its
   pullback does not depend on the point);
-- ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ... by the layer rule
-  of the matching module (one activation table);
+- ``module``: ``torch.relu``, ``F.silu``, ``x.tanh()``, ``F.max_pool2d``, ``F.avg_pool2d``,
+  ``F.adaptive_avg_pool2d``, ... by the layer rule of the matching module (one activation
+  table; the rule also tells the per-sample engines that the step keeps samples apart);
 - ``matmul``, ``linear_fn``, ``split`` (:mod:`.bilinear`): matrix products (``@``, ``matmul``,
   ``mm``, ``bmm``, ``addmm``, ``baddbmm``, two-operand ``einsum``) and ``F.linear`` with any
   operand active, and ``split``/``chunk``/``unbind``;
@@ -79,9 +80,17 @@ _LINEAR_METHODS = {
 }
 
 _POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_ARGS = (
+    "kernel_size",
+    "stride",
+    "padding",
+    "ceil_mode",
+    "count_include_pad",
+    "divisor_override",
+)
 
 #: functions and methods computed by the rule of a module: (module factory, argument names after
-#: the input, in order); activations of the table and max-pooling
+#: the input, in order); activations of the table, max- and average pooling
 FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     torch.relu: (nn.ReLU, ()),
     F.relu: (nn.ReLU, ("inplace",)),
@@ -100,6 +109,13 @@ FUNCTION_MODULES: dict[Any, tuple[Callable[..., nn.Module], tuple[str, ...]]] = 
     F.max_pool1d: (nn.MaxPool1d, _POOL_ARGS),
     F.max_pool2d: (nn.MaxPool2d, _POOL_ARGS),
     F.max_pool3d: (nn.MaxPool3d, _POOL_ARGS),
+    # average pooling: linear, by its rule (which says it keeps batched samples apart)
+    F.avg_pool1d: (nn.AvgPool1d, _AVG_ARGS[:-1]),
+    F.avg_pool2d: (nn.AvgPool2d, _AVG_ARGS),
+    F.avg_pool3d: (nn.AvgPool3d, _AVG_ARGS),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)),
     # dropout: one fixed mask per forward pass (layers/reshape.py)
     F.dropout: (dropout_module(nn.Dropout), ("p", "training", "inplace")),
     F.dropout1d: (dropout_module(nn.Dropout1d), ("p", "training", "inplace")),
