@@ -371,9 +371,12 @@ def test_batchnorm_statistics_come_from_the_gradients_forward_pass(monkeypatch):
     torch.testing.assert_close(flat(model), flat(twin), rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "bn"])
 @pytest.mark.parametrize("recorded", [True, False])
-def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
-    model, loss_fn, X, y = problem("cnn", "ce")
+def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded, kind):
+    """Also with BatchNorm (dense exact blocks from the graph engine, which the loop's hooks
+    kept away before: the preconditioner got the autograd engine's diagonals)."""
+    model, loss_fn, X, y = problem(kind, "ce")
     twin = copy.deepcopy(model)
     kw = dict(factor_decay=0.5, factor_every=1, inverse_every=2, fisher="exact")
     pre = so.KFACPreconditioner(model, loss_fn, damping=0.1, kl_clip=0.01, lr=0.3, **kw)
@@ -389,6 +392,10 @@ def test_preconditioner_mode_gives_sgd_the_optimizers_step(recorded):
         sgd.step()
         ref.step(X, y)
         torch.testing.assert_close(flat(model), flat(twin), rtol=1e-10, atol=1e-12)
+    kinds = sorted(o["kind"] for o in pre.running.other.values())
+    assert kinds == sorted(o["kind"] for o in ref._running.other.values())
+    assert kinds == (["dense", "dense"] if kind == "bn" else [])
+    assert len(pre._recorder._handles) == 3  # the loop's hooks are back
     state = pre.state_dict()
     assert state["step"] == 3 and "kfac" in state
 

@@ -40,6 +40,29 @@ def test_sgd_on_preconditioned_gradients_is_the_newton_step(curvature, recorded)
         torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-9, atol=1e-11)
 
 
+def test_the_curvature_sees_the_model_without_the_loops_hooks(monkeypatch):
+    """The recorder's hooks are off while the curvature is built (a hooked model cannot be
+    traced by the graph engine) and back on for the loop's next call."""
+    from secondorder.optim import preconditioner_mode
+
+    model, loss_fn, X, y = make_problem()
+    pre = so.CurvaturePreconditioner(model, loss_fn, damping=0.5)
+    seen = []
+    build = preconditioner_mode.build_curvature
+
+    def spy(kind, m, *args, **kw):
+        seen.append(len(m._forward_hooks) + len(m._forward_pre_hooks))
+        return build(kind, m, *args, **kw)
+
+    monkeypatch.setattr(preconditioner_mode, "build_curvature", spy)
+    for _ in range(2):
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+        assert pre.step()["accepted"]
+    assert seen == [0, 0]
+    assert len(model._forward_hooks) == 1 and len(model._forward_pre_hooks) == 1
+
+
 def test_evaluation_passes_do_not_replace_the_training_batch():
     model, loss_fn, X, y = make_problem()
     pre = so.CurvaturePreconditioner(model, loss_fn, damping=0.1)

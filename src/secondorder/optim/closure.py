@@ -29,7 +29,8 @@ to where the closure's model call started, so the step's passes draw the closure
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,13 +88,34 @@ class BatchRecorder:
         """Register the hooks (and forget what was recorded)."""
         self.detach()
         self.calls, self.inputs, self.kwargs, self.output, self.losses = 0, None, {}, None, []
+        self._register()
+        return self
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Switch the hooks off inside; what was recorded is kept.
+
+        The library's own passes are not the loop's calls, and a model without hooks can be
+        traced by the graph engine.
+
+        Yields:
+            Nothing; the hooks are registered again on exit if they were.
+        """
+        attached = bool(self._handles)
+        self.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self._register()
+
+    def _register(self) -> None:
         self._handles = [
             self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
             self.model.register_forward_hook(self._on_output, with_kwargs=True),
         ]
         if isinstance(self.loss_fn, nn.Module):
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._on_loss))
-        return self
 
     def detach(self) -> None:
         """Remove the hooks."""

@@ -171,6 +171,7 @@ class KFACPreconditioner:
             start = self._recorder.random_state if inputs is MISSING else None
             drawn = (batch.inputs, start) if start is not None else None
             with (
+                self._recorder.paused(),
                 frozen_running_stats(self.model),
                 one_draw_per_batch(self.params[0].device, drawn),
             ):

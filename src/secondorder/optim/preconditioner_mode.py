@@ -149,7 +149,11 @@ class CurvaturePreconditioner:
         # the curvature of the network with the loop's own dropout masks (a recorded batch)
         state = self._recorder.random_state if inputs is MISSING else None
         drawn = (batch.inputs, state) if state is not None else None
-        with frozen_running_stats(self.model), one_draw_per_batch(self.params[0].device, drawn):
+        with (
+            self._recorder.paused(),
+            frozen_running_stats(self.model),
+            one_draw_per_batch(self.params[0].device, drawn),
+        ):
             C = build_curvature(
                 self.curvature,
                 self.model,
