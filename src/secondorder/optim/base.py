@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..curvature import CurvatureOperator
-from ..curvature.base import allreduce_sum
 from ..curvature.model import Batch, FunctionalModel
 from ..curvature.random_state import one_draw_per_batch, replay
 from ..curvature.running_stats import (
@@ -62,7 +61,6 @@ from ..curvature.running_stats import (
     running_stat_modules,
     snapshot_running_stats,
 )
-from ..curvature.weighting import batch_weights
 from ..linalg.precision import autocast_disabled
 from .closure import FORMS, MISSING, batch_of, record_closure
 from .curvatures import CURVATURES, build_curvature
@@ -76,6 +74,7 @@ from .groups import (
 )
 from .guard import NonFiniteError, NonFiniteGuard, NonFiniteStepWarning, all_finite, vector_norm
 from .habits import GradientHabits
+from .losses_at import TrialLosses
 from .state import META_KEY, settle_loaded_state, validate_state_dict
 
 __all__ = [
@@ -91,7 +90,7 @@ __all__ = [
 ]
 
 
-class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
+class CurvatureOptimizer(TrialLosses, GradientHabits, NonFiniteGuard, Optimizer):
     r"""Base class: holds the model and loss, the flat parameter view, diagnostics and the guard.
 
     Args:
@@ -358,63 +357,6 @@ class CurvatureOptimizer(GradientHabits, NonFiniteGuard, Optimizer):
             kind, self.model, self.loss_fn, data, self.fmodel.params, generator=generator, **kw
         )
 
-    @torch.no_grad()
-    def loss_at(self, theta: Tensor, batches: Sequence[Batch]) -> Tensor:
-        """The loss at the flat parameters ``theta`` on ``batches`` (weighted as the operators).
-
-        Args:
-            theta: Flat parameter vector (the model's parameters are not modified).
-            batches: The data.
-
-        Returns:
-            The loss (a 0-dim tensor).
-        """
-        return self._loss_of(self.fmodel.unflatten(theta), batches)
-
-    @torch.no_grad()
-    def loss_along(self, direction: Tensor, scale: float, batches: Sequence[Batch]) -> Tensor:
-        r"""The loss at :math:`\theta + \mathrm{scale} \cdot d` on ``batches``.
-
-        :math:`\theta` are the current parameters, which are not modified. The trial point
-        is built parameter by parameter (one batched add), without a flat copy of
-        :math:`\theta`.
-
-        Args:
-            direction: Flat direction :math:`d`, shape ``(dim,)``.
-            scale: The step length along it.
-            batches: The data.
-
-        Returns:
-            The loss (a 0-dim tensor).
-        """
-        point = torch._foreach_add(
-            self._param_list,  # type: ignore[arg-type]
-            self.fmodel.unflatten(direction),
-            alpha=scale,
-        )
-        if self.fmodel.mixed:  # the point the parameters would hold: rounded to their dtype
-            point = tuple(t.to(p.dtype) for t, p in zip(point, self._param_list))
-        return self._loss_of(point, batches)
-
-    def _loss_of(self, tensors: Sequence[Tensor], batches: Sequence[Batch]) -> Tensor:
-        """The loss at the parameter values ``tensors`` (in parameter shapes) on ``batches``."""
-        weighting = batch_weights(self.loss_fn, batches, self.fmodel, self.process_group)
-        loss: Tensor | None = None
-        for b, w in zip(batches, weighting.weights(batches)):
-            if w == 0.0:  # every target ignored (its own mean is 0/0)
-                continue
-            value = self.loss_fn(self.fmodel(tensors, b.inputs), b.targets)
-            value = value * w if w != 1.0 else value
-            loss = value if loss is None else loss + value
-        if loss is None:  # every batch of this rank has weight 0
-            loss = torch.zeros((), dtype=self.fmodel.dtype, device=self.fmodel.device)
-        return self._allreduce_sum(loss.detach())
-
-    def _allreduce_sum(self, value: Tensor) -> Tensor:
-        """Sum a tensor over the process group (identity with one process)."""
-        return allreduce_sum([value], self.process_group)[0]
-
-    # ----------------------------------------------------------------------- step
     def step(self, inputs: Any = MISSING, targets: Any = MISSING) -> Tensor:  # type: ignore[override]
         """Take one training step on the batch ``(inputs, targets)``, or on a closure's batch.
 
