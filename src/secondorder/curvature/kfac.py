@@ -33,17 +33,14 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int
 from ..linalg.operator import LinearOperator
 from .base import allreduce_sum, global_count
+from .kfac_blocks import KronBlock, OtherBlock, kron_solve, times_a
 from .kfac_factors import (
     APPROXES,
     FISHERS,
-    KronBlock,
     NoPerSample,
-    OtherBlock,
     accumulate_corrections,
     accumulate_factors,
-    kron_solve,
     row_factor,
-    times_a,
 )
 from .kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
 from .losses import LossTerms
@@ -106,7 +103,7 @@ class KFAC(LinearOperator):
         structure: Parameter name -> ``"kronecker"``, ``"dense"`` or ``"diagonal"``.
         engine: ``"sequential"`` or ``"autograd"`` (the last batch's); ``engine_reason`` says
             why the graph engine did not serve (None if it did).
-        blocks: The Kronecker blocks by graph node (:class:`~.kfac_factors.KronBlock`).
+        blocks: The Kronecker blocks by graph node (:class:`~.kfac_blocks.KronBlock`).
 
     Raises:
         ValueError: For an unknown ``fisher`` or ``approx``, a loss without a likelihood, a

@@ -21,7 +21,7 @@ which :meth:`RunningKFAC.solve` uses until the next decomposition:
 for the block ``V`` (``(out, d~)``: weight row-major then the bias column) of each layer. A
 diagonal (1-D) ``A`` (one-hot inputs, ``nn.Embedding``) has :math:`Q_A = I`; a block may sit in
 rows of a packed parameter (``"wrow"``, ``"brow"``) or in a weight stored ``(d, out)``
-(``"transposed"``), as :class:`~secondorder.curvature.kfac_factors.KronBlock`.
+(``"transposed"``), as :class:`~secondorder.curvature.kfac_blocks.KronBlock`.
 
 With ``inverse="cholesky"``, :meth:`RunningKFAC.decompose` instead forms the explicit inverses of
 the factors under factored Tikhonov damping (:mod:`~secondorder.curvature.kron_inverse`) at the
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.kfac_factors import kron_solve
+from ..curvature.kfac_blocks import kron_solve
 from ..curvature.kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
 from ..curvature.random_state import replay
 
