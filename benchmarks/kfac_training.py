@@ -56,6 +56,10 @@ def kfac_factories() -> dict[str, Factory]:
             m, w.loss_fn, damping=1e-3, inverse="cholesky"
         ),
         "KFAC (factor_every=1)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, factor_every=1),
+        "KFAC (factor_every=20)": lambda m, w: so.KFACOptimizer(m, w.loss_fn, factor_every=20),
+        "KFAC (factor_every=20 damping_every=10)": lambda m, w: so.KFACOptimizer(
+            m, w.loss_fn, factor_every=20, damping_every=10
+        ),
         "KFACPreconditioner + SGD": lambda m, w: _preconditioned(m, w, "eigen"),
         "KFACPreconditioner (cholesky) + SGD": lambda m, w: _preconditioned(m, w, "cholesky"),
         "floor: AdamW + apply (eigen)": lambda m, w: _Floor(m, w, "eigen"),
