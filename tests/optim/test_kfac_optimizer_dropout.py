@@ -336,9 +336,9 @@ def test_preconditioner_batchnorm_after_dropout_uses_the_loops_masks():
     loss_fn, lam = nn.CrossEntropyLoss(), 0.1
     pre = so.KFACPreconditioner(model, loss_fn, damping=lam, kl_clip=None, fisher="exact")
     torch.manual_seed(SEED)
-    # the recorder's hooks keep the graph engine off the model: BatchNorm's parameters get
-    # the autograd engine's diagonal blocks
-    want = _bn_reference(model, X, y, loss_fn, lam, engine="autograd")
+    # the recorder's hooks are off during the factor pass: the graph engine serves the model
+    # and BatchNorm's parameters get dense exact blocks, as in KFACOptimizer
+    want = _bn_reference(model, X, y, loss_fn, lam)
     loss_fn(model(X), y).backward()
     pre.step()
     pre.remove()
