@@ -263,33 +263,6 @@ def test_param_groups_step_and_model_use_the_factored_matrix():
     assert opt.diagnostics["predicted_change"] == pytest.approx(expected, rel=1e-9)
 
 
-def test_resume_is_bit_for_bit():
-    model, loss_fn, X, y = problem("mlp", "ce", n=16)
-
-    def make(m):
-        return so.KFACOptimizer(
-            m, loss_fn, momentum=0.9, inverse_every=3, damping_every=2, inverse="cholesky"
-        )
-
-    opt = make(model)
-    batches = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)] * 2
-    for xb, yb in batches[:4]:
-        opt.step(xb, yb)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    for xb, yb in batches[4:]:
-        opt.step(xb, yb)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    model2 = problem("mlp", "ce", n=16, seed=5)[0]
-    model2.load_state_dict(saved["model"])
-    opt2 = make(model2)
-    opt2.load_state_dict(saved["opt"])
-    for xb, yb in batches[4:]:
-        opt2.step(xb, yb)
-    assert torch.equal(flat(model), flat(model2))
-
-
 def test_preconditioner_cholesky_gives_sgd_the_optimizers_step_and_resumes():
     model, loss_fn, X, y = problem("cnn", "ce", n=16)
     twin = copy.deepcopy(model)

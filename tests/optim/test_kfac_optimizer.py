@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,9 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev
 
 import secondorder as so
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "curvature"))
+from test_kfac import SmallResNet
 
 DT = torch.float64
 
@@ -151,31 +156,45 @@ def test_running_averages_equal_the_hand_computed_average():
         assert torch.equal(qa, eig_at[name])  # kept between decompositions
 
 
-def test_resume_is_bit_for_bit():
-    model, loss_fn, X, y = problem("mlp", "ce", n=16)
-
-    def make(m):
-        return so.KFACOptimizer(m, loss_fn, momentum=0.9, inverse_every=3, damping_every=2)
-
+def resumed_equals_uninterrupted(make, problem_of, batches, split):
+    """Train on ``batches``, and from a checkpoint after ``split`` steps in a fresh model and
+    optimizer (``make(model)``; ``problem_of(seed)`` builds the model): the same parameters."""
+    model = problem_of(0)
     opt = make(model)
-    batches = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)] * 2
-    for xb, yb in batches[:3]:
+    for xb, yb in batches[:split]:
         opt.step(xb, yb)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    for xb, yb in batches[3:]:
+    for xb, yb in batches[split:]:
         opt.step(xb, yb)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    model2 = problem("mlp", "ce", n=16, seed=5)[0]
+    model2 = problem_of(5)
     model2.load_state_dict(saved["model"])
     opt2 = make(model2)
     opt2.load_state_dict(saved["opt"])
-    for xb, yb in batches[3:]:
+    for xb, yb in batches[split:]:
         opt2.step(xb, yb)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
-    assert opt2.global_state["step"] == opt.global_state["step"] == 8
+    assert opt2.global_state["step"] == opt.global_state["step"] == len(batches)
+    return saved["opt"]
+
+
+@pytest.mark.parametrize("split", [3, 4])  # resumed at a decomposition step, and between two
+@pytest.mark.parametrize("inverse", ["eigen", "cholesky"])
+def test_resume_is_bit_for_bit(inverse, split):
+    _, loss_fn, X, y = problem("mlp", "ce", n=16)
+
+    def make(m):
+        return so.KFACOptimizer(
+            m, loss_fn, momentum=0.9, inverse_every=3, damping_every=2, inverse=inverse
+        )
+
+    batches = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)] * 2
+    resumed_equals_uninterrupted(
+        make, lambda seed: problem("mlp", "ce", n=16, seed=seed)[0], batches, split
+    )
 
 
 def test_load_state_dict_refuses_another_optimizer():
@@ -615,30 +634,16 @@ def test_transformer_step_is_the_kfac_operators_damped_inverse_of_the_gradient(f
 
 
 def test_transformer_resume_with_a_diagonal_factor_is_bit_for_bit():
-    model, loss_fn, X, y = transformer_problem(n=12)
+    _, loss_fn, X, y = transformer_problem(n=12)
 
     def make(m):
         return so.KFACOptimizer(m, loss_fn, momentum=0.9, inverse_every=2, factor_decay=0.9)
 
-    opt = make(model)
     batches = [(X[i : i + 3], y[i : i + 3]) for i in range(0, 12, 3)] * 2
-    for xb, yb in batches[:3]:
-        opt.step(xb, yb)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    assert any(b["A"].ndim == 1 for b in opt.state_dict()["kfac"]["blocks"].values())
-    for xb, yb in batches[3:]:
-        opt.step(xb, yb)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    model2 = transformer_problem(n=12, seed=5)[0]
-    model2.load_state_dict(saved["model"])
-    opt2 = make(model2)
-    opt2.load_state_dict(saved["opt"])
-    for xb, yb in batches[3:]:
-        opt2.step(xb, yb)
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
+    saved = resumed_equals_uninterrupted(
+        make, lambda seed: transformer_problem(n=12, seed=seed)[0], batches, 3
+    )
+    assert any(b["A"].ndim == 1 for b in saved["kfac"]["blocks"].values())
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (6, 2, 3, 3), (2, 2, 2, 2, 2), (1, 3)])
@@ -654,28 +659,6 @@ def test_batch_statistics_equal_var_mean(shape, dtype):
     torch.testing.assert_close(got_var, var, rtol=tol, atol=tol)
 
 
-class _ResNet(nn.Module):
-    """benchmarks/training.py's ResNet layout, smaller: BatchNorm in training mode, functional
-    ReLU, max- and adaptive average pooling, two residual sums."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 3, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(3)
-        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(3)
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.short = nn.Conv2d(3, 4, 1, stride=2, bias=False)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = nn.functional.max_pool2d(nn.functional.relu(self.bn0(self.stem(x))), 2)
-        h = nn.functional.relu(h + self.bn1(self.conv1(h)))
-        h = nn.functional.relu(self.bn2(self.conv2(h)) + self.short(h))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
-
-
 def test_resnet_factors_come_from_the_graph_engine(monkeypatch):
     """The ResNet's factor passes run on the per-sample graph engine, not autograd, and each
     step is the damped inverse of the operator built with the batch's statistics frozen."""
@@ -686,7 +669,7 @@ def test_resnet_factors_come_from_the_graph_engine(monkeypatch):
 
     monkeypatch.setattr(kfac_autograd, "autograd_layers", refuse)
     torch.manual_seed(0)
-    model = _ResNet().to(DT).train()
+    model = SmallResNet().to(DT).train()
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(6, 1, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
     loss_fn, lam = nn.CrossEntropyLoss(), 0.1
