@@ -170,3 +170,37 @@ def test_state_dict_round_trip_with_warm_start():
     b.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+class KernelDropout(nn.Module):
+    """Dropout whose draw depends on the attention kernel flags, as a fused kernel's does: the
+    same number of uniforms as in the loop, in another order under the library's math kernel."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return h
+        if torch._C._get_flash_sdp_enabled():
+            u = torch.rand(h.shape[::-1], dtype=h.dtype).T
+        else:
+            u = torch.rand(h.shape, dtype=h.dtype)
+        return h * (u >= self.p) / (1 - self.p)
+
+
+def test_masks_the_library_cannot_replay_are_refused():
+    """A loop whose masks the library's passes would not reproduce: refused, not mixed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), KernelDropout(0.3), nn.Linear(6, 3))
+    X, y = torch.randn(8, 4), torch.randn(8, 3)
+    loss_fn = nn.MSELoss()
+    pre = so.CurvaturePreconditioner(model, loss_fn, damping=0.5)
+    loss_fn(model(X), y).backward()
+    with pytest.raises(ValueError, match=r"CurvaturePreconditioner.*does not reproduce"):
+        pre.step()
+    model[2] = nn.Dropout(0.3)  # a mask the library replays: accepted
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    assert pre.step()["accepted"]

@@ -45,6 +45,7 @@ from ..linalg.status import SolverStatus
 from .closure import MISSING, BatchRecorder, batch_of
 from .curvatures import CURVATURES, build_curvature
 from .guard import NonFiniteStepWarning
+from .loop_masks import check_loop_draw
 from .warn import warn_at_caller
 
 __all__ = ["CurvaturePreconditioner"]
@@ -154,6 +155,15 @@ class CurvaturePreconditioner:
             frozen_running_stats(self.model),
             one_draw_per_batch(self.params[0].device, drawn),
         ):
+            if state is not None:  # the loop's masks must be the ones the library replays
+                check_loop_draw(
+                    self.model,
+                    self.params,
+                    batch,
+                    state,
+                    self._recorder.output,
+                    "CurvaturePreconditioner",
+                )
             C = build_curvature(
                 self.curvature,
                 self.model,
