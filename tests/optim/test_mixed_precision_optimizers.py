@@ -40,7 +40,12 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(D, 12), nn.Tanh(), nn.Linear(12, 3))
 
 
-MODELS = {"transformer": lambda: Encoder().eval(), "mlp": mlp}
+def bn_mlp() -> nn.Module:
+    """BatchNorm in training mode (K-FAC takes the batch's statistics as constants)."""
+    return nn.Sequential(nn.Linear(D, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3))
+
+
+MODELS = {"transformer": lambda: Encoder().eval(), "mlp": mlp, "bn_mlp": bn_mlp}
 
 OPTIMIZERS = {
     "gauss_newton": lambda m: so.GaussNewton(m, LOSS, lr=1.0, damping=1e-2, cg_maxiter=10),

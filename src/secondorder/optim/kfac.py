@@ -299,7 +299,7 @@ class KFACOptimizer(CurvatureOptimizer):
             run.to(fresh.dtype, self.fmodel.device)
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
-            with batch_statistics_as_constants(self.model, batches, seen):
+            with batch_statistics_as_constants(self.model, batches, seen, self.fmodel):
                 op = KFAC(
                     self.model,
                     self.loss_fn,

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ..curvature.kfac_blocks import kron_solve
 from ..curvature.kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
+from ..curvature.model import FunctionalModel
 from ..curvature.random_state import replay
 
 __all__ = ["INVERSES", "RunningKFAC", "batch_statistics_as_constants"]
@@ -379,6 +380,7 @@ def batch_statistics_as_constants(
     model: nn.Module,
     batches: Sequence[Any],
     seen: dict[nn.Module, list[Tensor]] | None = None,
+    fmodel: FunctionalModel | None = None,
 ) -> Iterator[None]:
     """BatchNorm layers in training mode normalise by ``batches``' statistics as constants.
 
@@ -387,14 +389,20 @@ def batch_statistics_as_constants(
     over ``batches`` at the current parameters) where it holds one input per batch for every
     such layer, else from one forward pass without gradients over every batch; inside the block
     the layers are in eval mode with those as running statistics. Everything is restored on
-    exit. With no such layer this does nothing.
+    exit. With no such layer this does nothing. For a model evaluated in another dtype
+    (``fmodel`` mixed: a bfloat16 model's float32 evaluation) that pass is the evaluation's,
+    and the statistics stay in its dtype inside the block (not rounded to the buffers').
     """
     layers = _batchnorm_in_training(model)
     if not layers:
         yield
         return
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked) for m in layers]  # type: ignore[union-attr]
-    if seen is None or any(len(seen.get(m, ())) != len(batches) for m in layers):
+    mixed = fmodel is not None and fmodel.mixed
+    if mixed:
+        assert fmodel is not None
+        seen = _evaluation_inputs(fmodel, layers, batches)
+    elif seen is None or any(len(seen.get(m, ())) != len(batches) for m in layers):
         with recorded_batchnorm_inputs(model) as seen, torch.no_grad():
             for b in batches:
                 with replay(b.inputs):  # in a step: the step's dropout masks
@@ -404,18 +412,40 @@ def batch_statistics_as_constants(
             m.running_var.copy_(rv)  # type: ignore[union-attr]
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
+    held = [(m._buffers["running_mean"], m._buffers["running_var"]) for m in layers]
     try:
         for m in layers:
             x = torch.cat(seen[m]) if len(seen[m]) > 1 else seen[m][0]
             mean, var = _batch_statistics(x)
-            m.running_mean.copy_(mean)  # type: ignore[union-attr]
-            m.running_var.copy_(var)  # type: ignore[union-attr]
+            if mixed:  # the evaluation copies the buffers as they are: in its dtype
+                m._buffers["running_mean"], m._buffers["running_var"] = mean, var
+            else:
+                m.running_mean.copy_(mean)  # type: ignore[union-attr]
+                m.running_var.copy_(var)  # type: ignore[union-attr]
             m.eval()
         yield
     finally:
-        for m, (rm, rv, nbt) in zip(layers, saved):
+        for m, (rm, rv, nbt), (hm, hv) in zip(layers, saved, held):
             m.train()
+            m._buffers["running_mean"], m._buffers["running_var"] = hm, hv
             m.running_mean.copy_(rm)  # type: ignore[union-attr]
             m.running_var.copy_(rv)  # type: ignore[union-attr]
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
+
+
+def _evaluation_inputs(
+    fmodel: FunctionalModel, layers: Sequence[nn.Module], batches: Sequence[Any]
+) -> dict[nn.Module, list[Tensor]]:
+    """The inputs of ``layers`` (modules of ``fmodel.source``) in ``fmodel``'s evaluation.
+
+    One pass without gradients per batch at the current parameters, in ``fmodel.dtype``; the
+    evaluation's own running statistics are refreshed from the source at its next pass.
+    """
+    fmodel.refresh()
+    copy_of = {id(src): dst for src, dst in fmodel._pairs}
+    with recorded_batchnorm_inputs(fmodel.model) as seen, torch.no_grad():
+        values = fmodel.values()
+        for b in batches:
+            fmodel(values, b.inputs)
+    return {m: seen[copy_of[id(m)]] for m in layers}
