@@ -192,3 +192,21 @@ def test_preconditioner_mode(dtype):
     assert pre_ref.step(x.to(dtype).float(), y)["accepted"]
     for p, q in zip(low.parameters(), image.parameters()):
         assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kfac_preconditioner_with_batchnorm(dtype):
+    """The batch statistics K-FAC takes as constants come from the float32 evaluation: the
+    preconditioned gradient is the float32 twin's, rounded."""
+    _, low, x, y = problem("bn_mlp", dtype)
+    image = copy.deepcopy(low).float()
+    pre = so.KFACPreconditioner(low, LOSS, damping=1e-2)
+    pre_ref = so.KFACPreconditioner(image, LOSS, damping=1e-2)
+    LOSS(low(x.to(dtype)), y).backward()
+    LOSS(image(x.to(dtype).float()), y).backward()
+    for p, q in zip(low.parameters(), image.parameters()):  # the loop's gradients differ:
+        q.grad.copy_(p.grad)  # give the float32 twin the low-precision one
+    assert pre.step(x.to(dtype), y)["accepted"]
+    assert pre_ref.step(x.to(dtype).float(), y)["accepted"]
+    for p, q in zip(low.parameters(), image.parameters()):
+        assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad.to(dtype))

@@ -33,7 +33,8 @@ from torch import nn
 from .._checks import check_choice, check_positive
 from ..curvature.kfac import KFAC
 from ..curvature.kfac_factors import APPROXES, FISHERS
-from ..curvature.model import Batch
+from ..curvature.low_precision import LOW_PRECISION
+from ..curvature.model import Batch, FunctionalModel
 from ..curvature.random_state import one_draw_per_batch
 from ..curvature.running_stats import frozen_running_stats
 from .closure import MISSING, BatchRecorder, batch_of
@@ -184,7 +185,10 @@ class KFACPreconditioner:
                         self._recorder.output,
                         "KFACPreconditioner",
                     )
-                with batch_statistics_as_constants(self.model, [batch]):
+                # a low-precision model: its batch statistics from the float32 evaluation
+                low = self.params[0].dtype in LOW_PRECISION
+                fm = FunctionalModel(self.model, self.params) if low else None
+                with batch_statistics_as_constants(self.model, [batch], None, fm):
                     op = self._factors(batch, run.dtype)
             run.update(op, self.factor_decay)
         invert = not run.ready or (step - 1) % self.inverse_every == 0
@@ -193,6 +197,7 @@ class KFACPreconditioner:
             run.decompose(self.damping)
             if run.inverse == "cholesky":
                 diag["inverse_fallbacks"] = list(run.fallbacks)
+        grad = grad.to(run.dtype)  # a low-precision gradient: the direction in float32
         d = run.apply(grad, self.damping)
         nu, gd = 1.0, float(grad @ d)
         if self.kl_clip is not None and gd > 0:
