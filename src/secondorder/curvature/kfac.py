@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_int
 from ..linalg.operator import LinearOperator
 from .base import allreduce_sum, global_count
-from .kfac_blocks import KronBlock, OtherBlock, kron_solve, times_a
+from .kfac_blocks import BlockLayout, KronBlock, OtherBlock, kron_solve, times_a
 from .kfac_factors import (
     APPROXES,
     FISHERS,
@@ -42,7 +42,7 @@ from .kfac_factors import (
     accumulate_factors,
     row_factor,
 )
-from .kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
+from .kron_inverse import damped_inverse, factored_damping
 from .losses import LossTerms
 from .model import FunctionalModel, as_batches
 from .random_state import one_draw_per_batch
@@ -240,43 +240,17 @@ class KFAC(LinearOperator):
     def _slice(self, i: int) -> slice:
         return slice(self._offsets[i], self._offsets[i + 1])
 
-    def _rows(self, block: KronBlock) -> tuple[slice | None, slice | None]:
-        """The flat ranges of the block's weight rows and bias entries (None: not selected)."""
-        w = b = None
-        if block.weight is not None:
-            start = self._offsets[block.weight] + block.wrow * block.d
-            w = slice(start, start + block.out * block.d)
-        if block.bias is not None:
-            start = self._offsets[block.bias] + block.brow
-            b = slice(start, start + block.out)
-        return w, b
-
-    def _gather(self, X: Tensor, block: KronBlock) -> Tensor:
-        """The columns of ``X`` (``(n, k)``) on the block as ``(k, out, d~)``."""
-        parts = []
-        k = X.shape[1]
-        w, b = self._rows(block)
-        if w is not None:
-            if block.transposed:  # stored (d, out)
-                parts.append(X[w].T.reshape(k, block.d, block.out).transpose(1, 2))
-            else:
-                parts.append(X[w].T.reshape(k, block.out, block.d))
-        if b is not None:
-            parts.append(X[b].T.reshape(k, block.out, 1))
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def _scatter(self, Y: Tensor, block: KronBlock, V: Tensor) -> None:
-        """Write ``V`` (``(k, out, d~)``) into the block's rows of ``Y`` (contiguous ``(n, k)``)."""
-        k = V.shape[0]
-        w, b = self._rows(block)
-        if w is not None:  # one strided copy (an assignment of the transpose is slow)
-            Vw = V[..., : block.d]
-            if block.transposed:  # stored (d, out)
-                Y[w].view(block.d, block.out, k).copy_(Vw.permute(2, 1, 0))
-            else:
-                Y[w].view(block.out, block.d, k).copy_(Vw.permute(1, 2, 0))
-        if b is not None:
-            Y[b] = V[..., -1].T
+    def _layout(self, block: KronBlock) -> BlockLayout:
+        return BlockLayout.of(
+            self._offsets,
+            block.weight,
+            block.bias,
+            block.out,
+            block.d,
+            block.wrow,
+            block.brow,
+            block.transposed,
+        )
 
     def _apply_block(self, block: KronBlock, V: Tensor, damping: float | None) -> Tensor:
         """``(G ⊗ A) V`` (``damping`` None) or ``(G ⊗ A + damping I)^{-1} V``."""
@@ -288,7 +262,8 @@ class KFAC(LinearOperator):
         Xf = X.to(self.factor_dtype)
         Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
         for block in self.blocks.values():
-            self._scatter(Y, block, self._apply_block(block, self._gather(Xf, block), damping))
+            layout = self._layout(block)
+            layout.scatter(Y, self._apply_block(block, layout.gather(Xf), damping))
         for i, blk in self._other.items():
             sl = self._slice(i)
             if blk.kind == "diagonal":
@@ -354,8 +329,8 @@ class KFAC(LinearOperator):
         Y = torch.zeros(Xf.shape, dtype=Xf.dtype, device=Xf.device)  # contiguous
         for name, block in self.blocks.items():
             gi, ai = inverses[name]
-            V = apply_right(apply_left(gi, self._gather(Xf, block)), ai)
-            self._scatter(Y, block, V)
+            layout = self._layout(block)
+            layout.scatter(Y, times_a(gi @ layout.gather(Xf), ai))
         for i in self._other:
             sl, inv = self._slice(i), inverses[str(i)]
             Y[sl] = inv @ Xf[sl] if inv.ndim == 2 else inv[:, None] * Xf[sl]

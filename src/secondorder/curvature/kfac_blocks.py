@@ -10,12 +10,20 @@ How the factors are accumulated is :mod:`.kfac_factors`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["KronBlock", "OtherBlock", "kron_solve", "times_a", "transposed_view"]
+__all__ = [
+    "BlockLayout",
+    "KronBlock",
+    "OtherBlock",
+    "kron_solve",
+    "times_a",
+    "transposed_view",
+]
 
 
 def transposed_view(x: Tensor) -> bool:
@@ -115,3 +123,70 @@ class OtherBlock:
     index: int
     kind: str
     value: Tensor
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a Kronecker block's ``[W | b]`` (``(out, d~)``) lies in the flat parameter vector.
+
+    Attributes:
+        weight: Flat range of the block's weight entries (rows ``wrow`` to ``wrow + out`` of a
+            weight viewed ``(rows, d)``, or all of one stored ``(d, out)``), or None.
+        bias: Flat range of its bias entries, or None.
+        out: Output features.
+        d: Input features.
+        transposed: The weight is stored ``(d, out)``.
+    """
+
+    weight: slice | None
+    bias: slice | None
+    out: int
+    d: int
+    transposed: bool
+
+    @classmethod
+    def of(
+        cls,
+        offsets: Sequence[int],
+        weight: int | None,
+        bias: int | None,
+        out: int,
+        d: int,
+        wrow: int = 0,
+        brow: int = 0,
+        transposed: bool = False,
+    ) -> BlockLayout:
+        """The layout from parameter indices into ``offsets`` (their flat starts)."""
+        w = b = None
+        if weight is not None:
+            start = offsets[weight] + wrow * d
+            w = slice(start, start + out * d)
+        if bias is not None:
+            start = offsets[bias] + brow
+            b = slice(start, start + out)
+        return cls(w, b, out, d, transposed)
+
+    def gather(self, X: Tensor) -> Tensor:
+        """The columns of ``X`` (``(n, k)``) on the block as ``(k, out, d~)``."""
+        parts = []
+        k = X.shape[1]
+        if self.weight is not None:
+            if self.transposed:
+                parts.append(X[self.weight].T.reshape(k, self.d, self.out).transpose(1, 2))
+            else:
+                parts.append(X[self.weight].T.reshape(k, self.out, self.d))
+        if self.bias is not None:
+            parts.append(X[self.bias].T.reshape(k, self.out, 1))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def scatter(self, Y: Tensor, V: Tensor) -> None:
+        """Write ``V`` (``(k, out, d~)``) into the block's rows of ``Y`` (contiguous ``(n, k)``)."""
+        k = V.shape[0]
+        if self.weight is not None:  # one strided copy (an assignment of the transpose is slow)
+            Vw = V[..., : self.d]
+            if self.transposed:
+                Y[self.weight].view(self.d, self.out, k).copy_(Vw.permute(2, 1, 0))
+            else:
+                Y[self.weight].view(self.out, self.d, k).copy_(Vw.permute(1, 2, 0))
+        if self.bias is not None:
+            Y[self.bias] = V[..., -1].T

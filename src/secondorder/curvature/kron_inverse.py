@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["apply_left", "apply_right", "damped_inverse", "factored_damping"]
+__all__ = ["damped_inverse", "factored_damping"]
 
 
 def _mean_diagonal(F: Tensor) -> float:
@@ -70,13 +70,3 @@ def damped_inverse(F: Tensor, delta: float) -> tuple[Tensor, bool]:
             return inv, True
     e, q = torch.linalg.eigh(F)
     return (q / (e.clamp_min(0) + delta)) @ q.T, False
-
-
-def apply_left(M: Tensor, V: Tensor) -> Tensor:
-    """``M @ V`` for a matrix ``M``, ``M[:, None] * V`` for a diagonal one (``V``: ``(n, k)``)."""
-    return M @ V if M.ndim == 2 else M[:, None] * V
-
-
-def apply_right(V: Tensor, M: Tensor) -> Tensor:
-    """``V @ M`` for a matrix ``M``, ``V * M`` for a diagonal one (``V``: ``(k, n)``)."""
-    return V @ M if M.ndim == 2 else V * M

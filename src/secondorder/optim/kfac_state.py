@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.kfac_blocks import kron_solve
-from ..curvature.kron_inverse import apply_left, apply_right, damped_inverse, factored_damping
+from ..curvature.kfac_blocks import BlockLayout, kron_solve, times_a
+from ..curvature.kron_inverse import damped_inverse, factored_damping
 from ..curvature.model import FunctionalModel
 from ..curvature.random_state import replay
 
@@ -201,37 +201,19 @@ class RunningKFAC:
         self.inv_damping, self.fallbacks = damping, failed
 
     # ------------------------------------------------------------- products
-    def _ranges(self, b: dict[str, Any]) -> tuple[slice | None, slice | None]:
-        """The flat ranges of the block's weight rows and bias entries."""
-        wrow, brow, _ = _place(b)
-        w = bias = None
-        if b["weight"] >= 0:
-            start = self.offsets[b["weight"]] + wrow * b["d"]
-            w = slice(start, start + b["out"] * b["d"])
-        if b["bias"] >= 0:
-            start = self.offsets[b["bias"]] + brow
-            bias = slice(start, start + b["out"])
-        return w, bias
+    def _placement(self, b: dict[str, Any]) -> BlockLayout:
+        wrow, brow, transposed = _place(b)
+        weight = b["weight"] if b["weight"] >= 0 else None
+        bias = b["bias"] if b["bias"] >= 0 else None
+        return BlockLayout.of(self.offsets, weight, bias, b["out"], b["d"], wrow, brow, transposed)
 
     def _gather(self, x: Tensor, b: dict[str, Any]) -> Tensor:
-        parts = []
-        w, bias = self._ranges(b)
-        if w is not None:
-            if _place(b)[2]:  # stored (d, out)
-                parts.append(x[w].reshape(b["d"], b["out"]).T)
-            else:
-                parts.append(x[w].reshape(b["out"], b["d"]))
-        if bias is not None:
-            parts.append(x[bias].reshape(b["out"], 1))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        """The block's entries of the flat ``x`` as ``(out, d~)``."""
+        return self._placement(b).gather(x[:, None])[0]
 
     def _scatter(self, y: Tensor, b: dict[str, Any], v: Tensor) -> None:
-        w, bias = self._ranges(b)
-        if w is not None:
-            vw = v[:, : b["d"]]
-            y[w] = (vw.T if _place(b)[2] else vw).reshape(-1)
-        if bias is not None:
-            y[bias] = v[:, -1]
+        """Write ``v`` (``(out, d~)``) into the block's entries of the flat ``y``."""
+        self._placement(b).scatter(y[:, None], v[None])
 
     def apply(self, x: Tensor, damping: float | None) -> Tensor:
         r"""``(K + damping I)^{-1} x`` from the last decomposition, or ``K x`` (damping None).
@@ -247,10 +229,10 @@ class RunningKFAC:
         for b in self.blocks.values():
             v = self._gather(xf, b)
             if damping is None:
-                out = apply_right(apply_left(b["G"], v), b["A"])
+                out = times_a(b["G"] @ v, b["A"])
             elif self.inverse == "cholesky":
                 gi, ai = b["inv"]
-                out = apply_right(apply_left(gi, v), ai)
+                out = times_a(gi @ v, ai)
             else:
                 out = kron_solve(v, b["eig"], damping)
             self._scatter(y, b, out)
@@ -285,8 +267,8 @@ class RunningKFAC:
         for b in self.blocks.values():
             v = self._gather(xf, b)
             dg, da = b["delta"]
-            gv = apply_left(b["G"], v) + dg * v
-            self._scatter(y, b, apply_right(gv, b["A"]) + da * gv)
+            gv = b["G"] @ v + dg * v
+            self._scatter(y, b, times_a(gv, b["A"]) + da * gv)
         for i, o in self.other.items():
             sl = slice(self.offsets[i], self.offsets[i + 1])
             value = o["value"]
