@@ -35,12 +35,10 @@ from ..curvature.kfac import KFAC
 from ..curvature.kfac_factors import APPROXES, FISHERS
 from ..curvature.low_precision import LOW_PRECISION
 from ..curvature.model import Batch, FunctionalModel
-from ..curvature.random_state import one_draw_per_batch
-from ..curvature.running_stats import frozen_running_stats
 from .closure import MISSING, BatchRecorder, batch_of
 from .guard import NonFiniteStepWarning
 from .kfac_state import INVERSES, RunningKFAC, batch_statistics_as_constants
-from .loop_masks import check_loop_draw
+from .loop_masks import loop_batch_block
 from .warn import warn_at_caller
 
 __all__ = ["KFACPreconditioner"]
@@ -169,22 +167,10 @@ class KFACPreconditioner:
         update = run.updates == 0 or (step - 1) % self.factor_every == 0
         if update:
             # the curvature of the network with the loop's own dropout masks (a recorded batch)
-            start = self._recorder.random_state if inputs is MISSING else None
-            drawn = (batch.inputs, start) if start is not None else None
-            with (
-                self._recorder.paused(),
-                frozen_running_stats(self.model),
-                one_draw_per_batch(self.params[0].device, drawn),
+            recorded = inputs is MISSING
+            with loop_batch_block(
+                self._recorder, self.model, self.params, batch, recorded, "KFACPreconditioner"
             ):
-                if start is not None:
-                    check_loop_draw(
-                        self.model,
-                        self.params,
-                        batch,
-                        start,
-                        self._recorder.output,
-                        "KFACPreconditioner",
-                    )
                 # a low-precision model: its batch statistics from the float32 evaluation
                 low = self.params[0].dtype in LOW_PRECISION
                 fm = FunctionalModel(self.model, self.params) if low else None

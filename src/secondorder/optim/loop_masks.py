@@ -16,6 +16,8 @@ modules.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,9 +26,11 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from ..curvature.model import Batch, FunctionalModel
 from ..curvature.per_sample import outputs_agree
-from ..curvature.random_state import GeneratorState
+from ..curvature.random_state import GeneratorState, one_draw_per_batch
+from ..curvature.running_stats import frozen_running_stats
+from .closure import BatchRecorder
 
-__all__ = ["check_loop_draw", "random_modules"]
+__all__ = ["check_loop_draw", "loop_batch_block", "random_modules"]
 
 
 def random_modules(model: nn.Module) -> list[str]:
@@ -112,3 +116,31 @@ def check_loop_draw(
         "kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) and uncompiled, or set "
         "that dropout to 0"
     )
+
+
+@contextmanager
+def loop_batch_block(
+    recorder: BatchRecorder,
+    model: nn.Module,
+    params: list[Tensor],
+    batch: Batch,
+    recorded: bool,
+    who: str,
+) -> Iterator[None]:
+    """The block in which a preconditioner builds the curvature of the loop's batch.
+
+    The loop's recording hooks are off (:meth:`~.closure.BatchRecorder.paused`), running
+    statistics frozen, and every pass on ``batch`` draws one set of masks: for a ``recorded``
+    batch the loop's own (:func:`check_loop_draw` refuses masks that cannot be replayed),
+    else masks of its own.
+    """
+    start = recorder.random_state if recorded else None
+    drawn = (batch.inputs, start) if start is not None else None
+    with (
+        recorder.paused(),
+        frozen_running_stats(model),
+        one_draw_per_batch(params[0].device, drawn),
+    ):
+        if start is not None:
+            check_loop_draw(model, params, batch, start, recorder.output, who)
+        yield

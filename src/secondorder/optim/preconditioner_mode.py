@@ -36,8 +36,6 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive
-from ..curvature.random_state import one_draw_per_batch
-from ..curvature.running_stats import frozen_running_stats
 from ..linalg.cg import cg
 from ..linalg.operator import Identity
 from ..linalg.precision import autocast_disabled
@@ -45,7 +43,7 @@ from ..linalg.status import SolverStatus
 from .closure import MISSING, BatchRecorder, batch_of
 from .curvatures import CURVATURES, build_curvature
 from .guard import NonFiniteStepWarning
-from .loop_masks import check_loop_draw
+from .loop_masks import loop_batch_block
 from .warn import warn_at_caller
 
 __all__ = ["CurvaturePreconditioner"]
@@ -148,22 +146,10 @@ class CurvaturePreconditioner:
         if not bool(torch.isfinite(grad).all()):
             return self._reject("the gradient is not finite")
         # the curvature of the network with the loop's own dropout masks (a recorded batch)
-        state = self._recorder.random_state if inputs is MISSING else None
-        drawn = (batch.inputs, state) if state is not None else None
-        with (
-            self._recorder.paused(),
-            frozen_running_stats(self.model),
-            one_draw_per_batch(self.params[0].device, drawn),
+        recorded = inputs is MISSING
+        with loop_batch_block(
+            self._recorder, self.model, self.params, batch, recorded, "CurvaturePreconditioner"
         ):
-            if state is not None:  # the loop's masks must be the ones the library replays
-                check_loop_draw(
-                    self.model,
-                    self.params,
-                    batch,
-                    state,
-                    self._recorder.output,
-                    "CurvaturePreconditioner",
-                )
             C = build_curvature(
                 self.curvature,
                 self.model,
